@@ -1,0 +1,382 @@
+"""Coupled channel groups: which tensor axes share one channel index space, and which may shrink.
+
+Channel analysis is a dataflow problem over *slots*, a slot being one axis of one value (a weight, a bias,
+an activation). Per-op axis rules (``analysis.axis_rules``) declare that two slots are the same index space
+(an elementwise Add, a MatMul's output columns and its weight's columns), that one slot is a segment of
+another (Concat, Split, Slice), that a pair of slots is contracted by the op (MatMul's K, Conv's input
+channels: the only places where a channel may end), or that a slot is blocked (reductions, graph outputs,
+ops without a rule). Slots joined by "same" links form a *class*; classes joined by segments form a
+*group*. A channel of a group is removable when every contraction that consumes it sees a zero on at least
+one side: a zero weight row or an input that is provably zero for that channel.
+
+Removing a channel deletes its index from every slot of the group, so the graph changes only at the
+contractions, where the channel contributed zero. That is why the pass built on this is exact.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+__all__ = ["ChannelAnalysis", "ChannelGroup", "Slot", "analyze_channels"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One axis of one value."""
+
+    value: ir.Value
+    axis: int
+
+    def __repr__(self) -> str:
+        return f"{self.value.name}[{self.axis}]"
+
+    @property
+    def is_const(self) -> bool:
+        return self.value.const_value is not None
+
+    def __hash__(self) -> int:
+        return hash((id(self.value), self.axis))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Slot) and other.value is self.value and other.axis == self.axis
+
+
+@dataclass
+class Contraction:
+    """A node that sums over a channel: the channel ends here (MatMul K, Gemm K, Conv input channels)."""
+
+    node: ir.Node
+    lhs: Slot
+    rhs: Slot
+
+
+@dataclass
+class Fixup:
+    """A constant that carries a width (Reshape target, Split sizes, Slice bounds, Conv groups)."""
+
+    kind: str  # "width" | "split" | "slice" | "groups" | "gather"
+    node: ir.Node
+    slot: Slot  # the slot whose kept indices decide the new value
+    data: dict = field(default_factory=dict)
+
+
+@dataclass
+class ChannelGroup:
+    """Channels shared by a set of slots; ``channels`` lists, per atom, the (slot-class, index) pairs."""
+
+    id: str
+    classes: list[list[Slot]]
+    width: int
+    atoms: list[list[tuple[int, int]]]  # atom -> [(class index, channel index in that class)]
+    contractions: list[Contraction]
+    fixups: list[Fixup]
+    blocked: list[tuple[Slot, str, str]]  # (slot, node name, reason)
+    zero_atoms: list[int] = field(default_factory=list)
+
+    @property
+    def prunable(self) -> bool:
+        return not self.blocked and bool(self.contractions)
+
+    @property
+    def slots(self) -> list[Slot]:
+        return [slot for cls in self.classes for slot in cls]
+
+    def summary(self) -> dict:
+        """A JSON-friendly description for ``inspect`` and the report."""
+        return {
+            "group": self.id,
+            "width": self.width,
+            "zero_channels": len(self.zero_atoms),
+            "prunable": self.prunable,
+            "weights": sorted({s.value.name for s in self.slots if s.is_const}),
+            "tensors": [repr(s) for s in self.slots][:64],
+            "num_tensors": len(self.slots),
+            "contractions": [c.node.name for c in self.contractions],
+            "blocked": [
+                {"tensor": repr(slot), "node": node, "reason": reason} for slot, node, reason in self.blocked[:5]
+            ],
+        }
+
+
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent: dict = {}
+
+    def find(self, item):
+        self.parent.setdefault(item, item)
+        root = item
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[item] != root:
+            self.parent[item], item = root, self.parent[item]
+        return root
+
+    def union(self, a, b) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[rb] = ra
+
+
+class RuleContext:
+    """What an axis rule can say about one node. Every slot of the node must be linked, ended or blocked."""
+
+    def __init__(self, analysis: ChannelAnalysis, node: ir.Node) -> None:
+        self.analysis = analysis
+        self.node = node
+        self.touched: set[Slot] = set()
+
+    # -- helpers for rules -------------------------------------------------------------------------------
+    @staticmethod
+    def rank(value: ir.Value | None) -> int | None:
+        if value is None or value.shape is None:
+            return None
+        return len(value.shape)
+
+    @staticmethod
+    def dim(value: ir.Value, axis: int) -> int | str | None:
+        if value.shape is None:
+            return None
+        d = value.shape[axis]
+        if isinstance(d, int):
+            return d
+        return getattr(d, "value", None)
+
+    def slot(self, value: ir.Value, axis: int) -> Slot:
+        rank = self.rank(value)
+        assert rank is not None
+        return Slot(value, axis % rank)
+
+    # -- declarations ---------------------------------------------------------------------------------------
+    def same(self, a: Slot, b: Slot) -> None:
+        self.touched.update((a, b))
+        self.analysis._same.union(a, b)
+
+    def segment(self, part: Slot, whole: Slot, offset: int) -> None:
+        """``part[j]`` is ``whole[offset + j]``."""
+        self.touched.update((part, whole))
+        self.analysis._segments.append((part, whole, offset))
+
+    def contract(self, lhs: Slot, rhs: Slot) -> None:
+        self.same(lhs, rhs)
+        self.analysis._contractions.append(Contraction(self.node, lhs, rhs))
+
+    def block(self, slot: Slot, reason: str) -> None:
+        self.touched.add(slot)
+        self.analysis._blocked.append((slot, self.node.name or self.node.op_type, reason))
+
+    def fixup(self, kind: str, slot: Slot, **data) -> None:
+        self.analysis._fixups.append(Fixup(kind, self.node, slot, data))
+
+    def link_elementwise(self, inputs: Iterable[ir.Value | None], output: ir.Value) -> bool:
+        """Numpy broadcasting: aligned axes of equal width are one channel space; width-1 axes broadcast."""
+        out_rank = self.rank(output)
+        if out_rank is None:
+            return False
+        for value in inputs:
+            if value is None:
+                continue
+            rank = self.rank(value)
+            if rank is None:
+                return False
+            for axis in range(rank):
+                out_axis = out_rank - rank + axis
+                d_in, d_out = self.dim(value, axis), self.dim(output, out_axis)
+                if d_in == 1 and d_out != 1:
+                    self.touched.add(Slot(value, axis))  # broadcast: carries no channel
+                    continue
+                self.same(Slot(value, axis), Slot(output, out_axis))
+        return True
+
+
+class ChannelAnalysis:
+    """Runs the axis rules over a graph and builds :class:`ChannelGroup` objects."""
+
+    def __init__(self, model: ir.Model) -> None:
+        self.model = model
+        self._same = _UnionFind()
+        self._segments: list[tuple[Slot, Slot, int]] = []
+        self._contractions: list[Contraction] = []
+        self._blocked: list[tuple[Slot, str, str]] = []
+        self._fixups: list[Fixup] = []
+        self._zero_cache: dict[Slot, np.ndarray] = {}
+        self.groups: list[ChannelGroup] = []
+
+    # -- building -------------------------------------------------------------------------------------------
+    def run(self) -> ChannelAnalysis:
+        from prune2deploy.analysis.axis_rules import RULES
+
+        graph = self.model.graph
+        for value in graph.inputs:
+            self._block_value(value, "<graph input>", "graph inputs keep their shape")
+        for value in graph.outputs:
+            self._block_value(value, "<graph output>", "graph outputs keep their shape")
+        for node in graph:
+            ctx = RuleContext(self, node)
+            rule = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+            if rule is None:
+                reason = f"no axis rule for op {node.domain + '::' if node.domain else ''}{node.op_type}"
+            else:
+                try:
+                    reason = rule(ctx, node)
+                except Exception as exc:  # a rule bug must not produce a wrong graph: block instead
+                    log.debug("axis rule %s failed on %s", node.op_type, node.name, exc_info=True)
+                    reason = f"axis rule for {node.op_type} failed: {exc}"
+            if reason:
+                for value in [*node.inputs, *node.outputs]:
+                    self._block_value(value, node.name or node.op_type, reason, ctx)
+                continue
+            for value in [*node.inputs, *node.outputs]:
+                if value is None or ctx.rank(value) is None:
+                    continue
+                for axis in range(ctx.rank(value)):
+                    if Slot(value, axis) not in ctx.touched:
+                        ctx.block(Slot(value, axis), f"{node.op_type} does not map axis {axis} of '{value.name}'")
+        self._build_groups()
+        return self
+
+    def _block_value(
+        self, value: ir.Value | None, node_name: str, reason: str, ctx: RuleContext | None = None
+    ) -> None:
+        if value is None or value.shape is None:
+            return
+        for axis in range(len(value.shape)):
+            self._blocked.append((Slot(value, axis), node_name, reason))
+
+    def _build_groups(self) -> None:
+        for slot, _, _ in self._blocked:
+            self._same.find(slot)
+        classes: dict[Slot, list[Slot]] = defaultdict(list)
+        all_slots: set[Slot] = set(self._same.parent)
+        for part, whole, _ in self._segments:
+            all_slots.update((part, whole))
+        for slot in all_slots:
+            classes[self._same.find(slot)].append(slot)
+        # Classes joined by segment links form one group.
+        groups_uf = _UnionFind()
+        for root in classes:
+            groups_uf.find(root)
+        for part, whole, _ in self._segments:
+            groups_uf.union(self._same.find(part), self._same.find(whole))
+        members: dict[Slot, list[Slot]] = defaultdict(list)
+        for root in classes:
+            members[groups_uf.find(root)].append(root)
+        blocked_by_root: dict[Slot, list] = defaultdict(list)
+        for slot, node, reason in self._blocked:
+            blocked_by_root[self._same.find(slot)].append((slot, node, reason))
+        contractions_by_root: dict[Slot, list[Contraction]] = defaultdict(list)
+        for contraction in self._contractions:
+            contractions_by_root[self._same.find(contraction.lhs)].append(contraction)
+        fixups_by_root: dict[Slot, list[Fixup]] = defaultdict(list)
+        for fixup in self._fixups:
+            fixups_by_root[self._same.find(fixup.slot)].append(fixup)
+        segments_by_group: dict[Slot, list] = defaultdict(list)
+        for seg in self._segments:
+            segments_by_group[groups_uf.find(self._same.find(seg[0]))].append(seg)
+
+        for group_root, roots in members.items():
+            class_slots = [sorted(classes[r], key=repr) for r in roots]
+            blocked = [b for r in roots for b in blocked_by_root.get(r, [])]
+            contractions = [c for r in roots for c in contractions_by_root.get(r, [])]
+            if not contractions:
+                continue  # nothing ends here: no channel to remove (spatial axes, sequence axes, ...)
+            # A value without a shape cannot be blocked axis by axis when a rule fails on it (the rule's
+            # blocks are silently lost), so a channel that reaches one cannot be followed: block the group.
+            for cls in class_slots:
+                for slot in cls:
+                    if slot.value.shape is None:
+                        producer = slot.value.producer()
+                        reason = f"'{slot.value.name}' has no shape (run shape inference first)"
+                        blocked.append((slot, producer.name if producer is not None else "", reason))
+            widths = []
+            for cls in class_slots:
+                dims = {RuleContext.dim(s.value, s.axis) for s in cls}
+                dims.discard(None)
+                width = next(iter(dims)) if len(dims) == 1 else None
+                if not isinstance(width, int):
+                    blocked.append((cls[0], "", f"channel width is not static or not consistent: {sorted(map(str, dims))}"))
+                    width = 0
+                widths.append(width)
+            root_index = {r: i for i, r in enumerate(roots)}
+            atoms = self._atoms(roots, widths, segments_by_group.get(group_root, []), root_index)
+            group = ChannelGroup(
+                id=self._group_name(contractions, class_slots),
+                classes=class_slots,
+                width=max(widths) if widths else 0,
+                atoms=atoms,
+                contractions=contractions,
+                fixups=[f for r in roots for f in fixups_by_root.get(r, [])],
+                blocked=blocked,
+            )
+            if not group.blocked and all(widths):
+                group.zero_atoms = self._zero_atoms(group, roots, root_index)
+            self.groups.append(group)
+        self.groups.sort(key=lambda g: g.id)
+
+    def _atoms(self, roots, widths, segments, root_index) -> list[list[tuple[int, int]]]:
+        if len(roots) == 1:
+            return [[(0, i)] for i in range(widths[0])]
+        uf = _UnionFind()
+        for ci, width in enumerate(widths):
+            for i in range(width):
+                uf.find((ci, i))
+        for part, whole, offset in segments:
+            cp, cw = root_index[self._same.find(part)], root_index[self._same.find(whole)]
+            for j in range(widths[cp]):
+                uf.union((cw, offset + j), (cp, j))
+        grouped: dict = defaultdict(list)
+        for ci, width in enumerate(widths):
+            for i in range(width):
+                grouped[uf.find((ci, i))].append((ci, i))
+        return sorted(grouped.values(), key=lambda members: members[0])
+
+    @staticmethod
+    def _group_name(contractions: list[Contraction], class_slots: list[list[Slot]]) -> str:
+        from prune2deploy.analysis.scopes import module_of
+
+        modules = sorted({module_of(c.node) for c in contractions} - {""})
+        if modules:
+            return modules[0] if len(modules) == 1 else f"{modules[0]} (+{len(modules) - 1})"
+        return repr(class_slots[0][0])
+
+    # -- zero detection -------------------------------------------------------------------------------------
+    def zero_mask(self, slot: Slot) -> np.ndarray | None:
+        """Boolean per channel: provably zero for every input. ``None`` when the width is unknown."""
+        from prune2deploy.analysis.zero_rules import zero_mask
+
+        if slot not in self._zero_cache:
+            self._zero_cache[slot] = zero_mask(self, slot)
+        return self._zero_cache[slot]
+
+    def _zero_atoms(self, group: ChannelGroup, roots, root_index) -> list[int]:
+        # A channel index is removable in a class if every contraction of that class sees a zero side.
+        removable_per_class: list[np.ndarray] = []
+        for ci, root in enumerate(roots):
+            width = RuleContext.dim(group.classes[ci][0].value, group.classes[ci][0].axis)
+            ok = np.ones(int(width), dtype=bool)
+            for contraction in group.contractions:
+                if self._same.find(contraction.lhs) != root:
+                    continue
+                lhs, rhs = self.zero_mask(contraction.lhs), self.zero_mask(contraction.rhs)
+                side = np.zeros_like(ok)
+                if lhs is not None:
+                    side |= lhs
+                if rhs is not None:
+                    side |= rhs
+                ok &= side
+            removable_per_class.append(ok)
+        return [
+            a for a, members in enumerate(group.atoms) if all(removable_per_class[ci][i] for ci, i in members)
+        ]
+
+
+def analyze_channels(model: ir.Model) -> ChannelAnalysis:
+    """Builds the channel groups of ``model`` (which must carry value shapes)."""
+    return ChannelAnalysis(model).run()

@@ -1,0 +1,213 @@
+"""Which channels of a tensor are provably zero for every input.
+
+A weight slot is zero at channel c when every entry with index c on that axis is zero. An activation slot
+is zero when its producer maps zeros to zeros at c: a MatMul whose weight column c is zero, a ReLU of a
+zero, a product with a zero factor, a sum of zeros. Ops without a rule answer "not zero", which is always
+safe: it can only keep a channel that could have gone.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx_ir as ir
+
+from prune2deploy.analysis.channels import RuleContext, Slot
+
+if TYPE_CHECKING:
+    from prune2deploy.analysis.channels import ChannelAnalysis
+
+__all__ = ["const_zero_mask", "zero_mask"]
+
+# f(0) == 0 for these, so a zero channel stays zero.
+_ZERO_PRESERVING = set(
+    ["Relu", "LeakyRelu", "Gelu", "Erf", "Tanh", "HardSwish", "Elu", "Selu", "Celu", "Softsign", "Mish", "Neg", "Abs", "Sqrt", "Sin", "Floor", "Ceil", "Round", "Sign", "Identity", "Cast", "Dropout", "ThresholdedRelu", "IsNaN", "IsInf", "Transpose", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Expand", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Resize", "Upsample", "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2", "ReduceL1", "ReduceSumSquare"]
+)
+
+
+# Ops that move axes around: the input axis is found through the channel classes, not by alignment.
+_LAYOUT = set(
+    ["Reshape", "Unsqueeze", "Squeeze", "Flatten", "Expand", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Resize", "Upsample", "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2", "ReduceL1", "ReduceSumSquare"]
+)
+
+
+def const_zero_mask(value: ir.Value, axis: int) -> np.ndarray:
+    array = value.const_value.numpy()
+    other = tuple(a for a in range(array.ndim) if a != axis)
+    return np.all(array == 0, axis=other) if other else array == 0
+
+
+def _all_zero_const(value: ir.Value | None) -> bool:
+    return value is not None and value.const_value is not None and not np.any(value.const_value.numpy())
+
+
+def _width(slot: Slot) -> int | None:
+    d = RuleContext.dim(slot.value, slot.axis)
+    return d if isinstance(d, int) else None
+
+
+def _linked_input(analysis: ChannelAnalysis, value: ir.Value | None, out: Slot) -> Slot | None:
+    """The axis of ``value`` that is the same channel space as ``out`` (None if broadcast or absent)."""
+    if value is None or value.shape is None:
+        return None
+    root = analysis._same.find(out)
+    found = [
+        Slot(value, axis)
+        for axis in range(len(value.shape))
+        if Slot(value, axis) in analysis._same.parent and analysis._same.find(Slot(value, axis)) == root
+    ]
+    return found[0] if len(found) == 1 else None  # two axes in one class: ambiguous, answer "not zero"
+
+
+def _aligned(value: ir.Value | None, out: Slot, width: int) -> Slot | None:
+    """Numpy-broadcast alignment of an elementwise operand with an output axis."""
+    if value is None or value.shape is None or out.value.shape is None:
+        return None
+    axis = out.axis - (len(out.value.shape) - len(value.shape))
+    if axis < 0 or RuleContext.dim(value, axis) != width:
+        return None
+    return Slot(value, axis)
+
+
+def _operand(
+    analysis: ChannelAnalysis, value: ir.Value | None, out: Slot, width: int, *, elementwise: bool = True
+) -> np.ndarray:
+    """Zero mask of the operand's slot that feeds ``out``; a broadcast operand is zero only if all-zero."""
+    linked = _aligned(value, out, width) if elementwise else _linked_input(analysis, value, out)
+    if linked is not None:
+        mask = analysis.zero_mask(linked)
+        if mask is not None and mask.shape == (width,):
+            return mask
+        return np.zeros(width, dtype=bool)
+    return np.full(width, _all_zero_const(value))
+
+
+def zero_mask(analysis: ChannelAnalysis, slot: Slot) -> np.ndarray | None:
+    width = _width(slot)
+    if width is None:
+        return None
+    if slot.value.const_value is not None:
+        return const_zero_mask(slot.value, slot.axis)
+    node = slot.value.producer()
+    none = np.zeros(width, dtype=bool)
+    if node is None or node.domain not in ("", "ai.onnx"):
+        return none
+    op = node.op_type
+    inputs = list(node.inputs)
+    try:
+        if op in ("MatMul", "Gemm", "Conv"):
+            return _contraction_output(analysis, node, slot, width)
+        if op == "BatchNormalization":
+            return _batchnorm(analysis, node, slot, width)
+        if op in ("Add", "Sub", "Max", "Min"):
+            return _operand(analysis, inputs[0], slot, width) & _operand(analysis, inputs[1], slot, width)
+        if op == "Where":
+            return _operand(analysis, inputs[1], slot, width) & _operand(analysis, inputs[2], slot, width)
+        if op == "Mul":
+            return _operand(analysis, inputs[0], slot, width) | _operand(analysis, inputs[1], slot, width)
+        if op == "Div":
+            denominator = inputs[1]
+            if denominator.const_value is not None and not np.all(denominator.const_value.numpy() != 0):
+                return none
+            return _operand(analysis, inputs[0], slot, width)
+        if op == "Pow":
+            exponent = inputs[1].const_value
+            if exponent is None or not np.all(exponent.numpy() > 0):
+                return none
+            return _operand(analysis, inputs[0], slot, width)
+        if op == "Clip":
+            bounds = [v.const_value.numpy() if v is not None and v.const_value is not None else None for v in inputs[1:3]]
+            lo = bounds[0] if len(bounds) > 0 else None
+            hi = bounds[1] if len(bounds) > 1 else None
+            if (lo is not None and np.any(lo > 0)) or (hi is not None and np.any(hi < 0)):
+                return none
+            return _operand(analysis, inputs[0], slot, width)
+        if op == "Concat":
+            return _concat(analysis, node, slot, width)
+        if op in ("Split", "Slice"):
+            for part, whole, offset in analysis._segments:
+                if part == slot:
+                    mask = analysis.zero_mask(whole)
+                    return none if mask is None else mask[offset : offset + width]
+            return _operand(analysis, inputs[0], slot, width)
+        if op == "Gather":
+            return _operand(analysis, inputs[0], slot, width, elementwise=False)
+        if op == "Transpose":
+            perm = node.attributes.get("perm")
+            rank = len(inputs[0].shape)
+            perm = list(perm.value) if perm is not None else list(reversed(range(rank)))
+            mask = analysis.zero_mask(Slot(inputs[0], perm[slot.axis]))
+            return none if mask is None else mask
+        if op in _ZERO_PRESERVING:
+            elementwise = op not in _LAYOUT
+            return _operand(analysis, inputs[0], slot, width, elementwise=elementwise)
+    except (AttributeError, IndexError, ValueError):
+        return none
+    return none
+
+
+def _contraction_output(analysis: ChannelAnalysis, node: ir.Node, slot: Slot, width: int) -> np.ndarray:
+    """MatMul/Gemm/Conv: zero where the producing weight column (and bias) is zero."""
+    inputs = list(node.inputs)
+    bias = inputs[2] if len(inputs) > 2 else None
+    none = np.zeros(width, dtype=bool)
+
+    def mask_of(value: ir.Value, axis: int) -> np.ndarray:
+        mask = analysis.zero_mask(Slot(value, axis))
+        return none if mask is None or mask.shape != (width,) else mask
+
+    if node.op_type == "Conv":
+        if slot.axis != 1:
+            return none
+        weight_zero = mask_of(inputs[1], 0)
+        group = node.attributes.get("group")
+        if group is not None and group.value > 1:  # depthwise: a zero input channel also gives zero
+            weight_zero = weight_zero | mask_of(inputs[0], 1)
+        bias_zero = np.ones(width, dtype=bool) if bias is None else mask_of(bias, 0)
+        return weight_zero & bias_zero
+    a, b = inputs[0], inputs[1]
+    rank_out = len(slot.value.shape)
+    if node.op_type == "MatMul":
+        if slot.axis == rank_out - 1:
+            return mask_of(b, len(b.shape) - 1)
+        if slot.axis == rank_out - 2:
+            return mask_of(a, len(a.shape) - 2)
+        return none
+    trans_a = node.attributes.get("transA")
+    trans_b = node.attributes.get("transB")
+    if slot.axis == 1:
+        product = mask_of(b, 0 if trans_b is not None and trans_b.value else 1)
+    else:
+        product = mask_of(a, 1 if trans_a is not None and trans_a.value else 0)
+    if bias is not None:
+        product = product & _operand(analysis, bias, slot, width)
+    return product
+
+
+def _batchnorm(analysis: ChannelAnalysis, node: ir.Node, slot: Slot, width: int) -> np.ndarray:
+    x, scale, b, mean, var = node.inputs[:5]
+    if slot.axis != 1:
+        return np.zeros(width, dtype=bool)
+    eps = node.attributes.get("epsilon")
+    eps = 1e-5 if eps is None else eps.value
+    s, bb, mu, v = (t.const_value.numpy().astype(np.float64) for t in (scale, b, mean, var))
+    shift = bb - mu * s / np.sqrt(v + eps)
+    by_params = (s == 0) & (bb == 0)
+    by_input = _operand(analysis, x, slot, width) & (shift == 0)
+    return by_params | by_input
+
+
+def _concat(analysis: ChannelAnalysis, node: ir.Node, slot: Slot, width: int) -> np.ndarray:
+    pieces = [(part, offset) for part, whole, offset in analysis._segments if whole == slot]
+    if pieces:
+        result = np.zeros(width, dtype=bool)
+        for part, offset in pieces:
+            mask = analysis.zero_mask(part)
+            if mask is not None:
+                result[offset : offset + len(mask)] = mask
+        return result
+    result = np.ones(width, dtype=bool)
+    for value in node.inputs:
+        result &= _operand(analysis, value, slot, width)
+    return result

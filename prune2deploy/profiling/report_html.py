@@ -1,0 +1,478 @@
+"""report.json rendered as one self-contained HTML page for people.
+
+The page needs nothing but itself (styles inline, plots as base64 PNG), so it can be attached to an
+issue, mailed, or archived as a CI artifact and still open years later. Sections the compile did not
+compute say so rather than disappear, so a reader can tell "not measured" from "forgot to look".
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+__all__ = ["render_html"]
+
+log = logging.getLogger(__name__)
+
+_KNOWN = {
+    "schema_version",
+    "tool",
+    "input",
+    "options",
+    "passes",
+    "model",
+    "per_layer",
+    "groups",
+    "verification",
+    "latency",
+    "speedup",
+    "predictions",
+    "ops",
+    "sparsity",
+    "quality",
+}
+
+_STYLE = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0; color: #222; }
+main { max-width: 1100px; margin: 0 auto; padding: 1rem 2rem 3rem; }
+h1 { margin-bottom: 0.2rem; } h2 { border-bottom: 1px solid #ddd; padding-bottom: 0.2rem; margin-top: 2rem; }
+table { border-collapse: collapse; margin: 0.5rem 0; font-size: 0.9rem; }
+th, td { border: 1px solid #ddd; padding: 0.25rem 0.6rem; text-align: right; vertical-align: top; }
+th { background: #f5f5f5; } td.text, th.text { text-align: left; }
+.ok { color: #1b7f3b; font-weight: 600; } .bad { color: #b3261e; font-weight: 600; }
+.empty { color: #777; font-style: italic; } .muted { color: #777; }
+figure { margin: 1rem 0; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
+figcaption { color: #555; font-size: 0.85rem; }
+pre { background: #f7f7f7; padding: 0.6rem; overflow-x: auto; font-size: 0.85rem; }
+ul.summary li { margin: 0.2rem 0; }
+"""
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _num(value: Any) -> str:
+    """Integers with separators, floats to 4 significant digits, booleans as yes/no, None as a dash."""
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return _e(value)
+
+
+def _pct_change(before: float | None, after: float | None) -> str:
+    if not before or after is None:
+        return ""
+    return f"{(after - before) / before * 100:+.1f}%"
+
+
+def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]], text_cols: Sequence[int] = (0,)) -> str:
+    """An HTML table; cells are escaped unless already wrapped as ``_Raw``."""
+    head = "".join(
+        f'<th class="{"text" if i in text_cols else ""}">{_e(h)}</th>' for i, h in enumerate(headers)
+    )
+    body = []
+    for row in rows:
+        cells = []
+        for i, cell in enumerate(row):
+            content = cell.html if isinstance(cell, _Raw) else (_e(cell) if i in text_cols else _num(cell))
+            cells.append(f'<td class="{"text" if i in text_cols else ""}">{content}</td>')
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+class _Raw:
+    """Markup that a table cell should not escape (built from escaped parts)."""
+
+    def __init__(self, markup: str) -> None:
+        self.html = markup
+
+
+def _verdict(ok: bool | None, yes: str, no: str) -> _Raw:
+    if ok is None:
+        return _Raw('<span class="muted">—</span>')
+    return _Raw(f'<span class="ok">{_e(yes)}</span>' if ok else f'<span class="bad">{_e(no)}</span>')
+
+
+def _section(section_id: str, title: str, body: str | None) -> str:
+    content = body if body else '<p class="empty">Not computed for this run.</p>'
+    return f'<section id="{_e(section_id)}"><h2>{_e(title)}</h2>{content}</section>'
+
+
+def _figure(png: bytes | None, img_id: str, alt: str, caption: str) -> str:
+    if png is None:
+        return ""
+    data = base64.b64encode(png).decode("ascii")
+    return (
+        f'<figure><img id="{_e(img_id)}" alt="{_e(alt)}" src="data:image/png;base64,{data}">'
+        f"<figcaption>{_e(caption)}</figcaption></figure>"
+    )
+
+
+def _plot(draw: Callable[..., bytes | None], *args: Any) -> bytes | None:
+    """Draws a plot, or None when matplotlib is missing (the tables still carry every number)."""
+    try:
+        return draw(*args)
+    except ImportError:
+        log.warning(
+            "matplotlib is not installed: the HTML report has tables but no plots (pip install matplotlib)"
+        )
+        return None
+
+
+def _json_block(value: Any) -> str:
+    return f"<pre>{_e(json.dumps(value, indent=2, sort_keys=True, default=str))}</pre>"
+
+
+def _details(entry: dict[str, Any], skip: set[str]) -> str:
+    rest = {k: v for k, v in entry.items() if k not in skip}
+    text = ", ".join(f"{k}={json.dumps(v, default=str)}" for k, v in rest.items())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _summary(report: dict[str, Any]) -> str:
+    items = []
+    source = report.get("input", {})
+    sha = source.get("sha256")
+    items.append(
+        f"<li>Input: <code>{_e(source.get('path', '?'))}</code> ({_e(source.get('kind', '?'))})"
+        + (f', sha256 <code title="{_e(sha)}">{_e(sha[:12])}…</code>' if sha else "")
+        + "</li>"
+    )
+    tool = report.get("tool", {})
+    libraries = ", ".join(f"{_e(k)} {_e(v)}" for k, v in sorted((tool.get("libraries") or {}).items()))
+    items.append(
+        f"<li>Tool: {_e(tool.get('name', '?'))} {_e(tool.get('version', '?'))}"
+        + (f' <span class="muted">({libraries})</span>' if libraries else "")
+        + "</li>"
+    )
+    model = report.get("model") or {}
+    ref, new = model.get("reference") or {}, model.get("compiled") or {}
+    for key, label in (("params", "Parameters"), ("flops", "FLOPs"), ("nodes", "Nodes")):
+        if key in ref and key in new:
+            items.append(
+                f"<li>{label}: {_num(ref[key])} → {_num(new[key])} "
+                f"<strong>{_e(_pct_change(ref[key], new[key]))}</strong></li>"
+            )
+    verification = report.get("verification")
+    if verification and "passed" in verification:
+        kind = "exact" if verification.get("exact") else "approximate"
+        items.append(
+            f"<li>Verification ({kind}): {_verdict(verification['passed'], 'passed', 'FAILED').html}</li>"
+        )
+    groups = report.get("groups")
+    if groups and "total" in groups:
+        blocked = len(groups.get("blocked") or [])
+        items.append(
+            f"<li>Channel groups: {_num(groups.get('prunable'))} of {_num(groups['total'])} prunable"
+            + (f", {blocked} blocked (see below)" if blocked else "")
+            + "</li>"
+        )
+    speedups = report.get("speedup") or []
+    if speedups:
+        best = max(speedups, key=lambda r: r["measured"])
+        items.append(
+            f"<li>Best measured speedup: <strong>{best['measured']:.2f}×</strong> on {_e(best['engine'])} at "
+            f"{_e(_shape(best))}" + (f" (ideal {best['ideal']:.2f}×)" if best.get("ideal") else "") + "</li>"
+        )
+    predictions = [p for p in report.get("predictions") or [] if p.get("speedup")]
+    if predictions:
+        best = max(predictions, key=lambda r: r["speedup"])
+        items.append(
+            f"<li>Best predicted speedup: <strong>{best['speedup']:.2f}×</strong> on {_e(best['gpu'])} "
+            f"{_e(best['precision'])} at {_e(_shape(best))}</li>"
+        )
+    return '<ul class="summary">' + "".join(items) + "</ul>"
+
+
+def _shape(row: dict[str, Any]) -> str:
+    seq = row.get("seq")
+    return f"batch {row['batch']}" if seq is None else f"batch {row['batch']}, seq {seq}"
+
+
+def _passes(rows: list[dict[str, Any]]) -> str | None:
+    if not rows:
+        return None
+    return _table(
+        ["#", "pass", "exact", "what it did"],
+        (
+            [
+                i + 1,
+                r["pass"],
+                _verdict(r.get("exact"), "exact", "approximate"),
+                _details(r, {"pass", "exact"}),
+            ]
+            for i, r in enumerate(rows)
+        ),
+        text_cols=(1, 3),
+    )
+
+
+def _groups(groups: dict[str, Any] | None) -> str | None:
+    if not groups:
+        return None
+    parts = [
+        f"<p>{_num(groups.get('prunable'))} of {_num(groups.get('total'))} channel groups are prunable.</p>"
+    ]
+    blocked = groups.get("blocked") or []
+    if blocked:
+        parts.append("<p>Groups left unpruned because an op's channel semantics could not be proven:</p>")
+        parts.append(
+            _table(
+                ["group", "node", "op", "reason"],
+                ([b.get("group"), b.get("node") or "", b.get("op") or "", b.get("reason")] for b in blocked),
+                text_cols=(0, 1, 2, 3),
+            )
+        )
+    return "".join(parts)
+
+
+def _verification(verification: dict[str, Any] | None) -> str | None:
+    if not verification:
+        return None
+    parts = [
+        _table(
+            ["exact", "passed", "tolerance", "feeds"],
+            [
+                [
+                    _verdict(verification.get("exact"), "exact", "approximate"),
+                    _verdict(verification.get("passed"), "passed", "FAILED"),
+                    verification.get("tolerance"),
+                    ", ".join(verification.get("feeds") or []),
+                ]
+            ],
+            text_cols=(3,),
+        )
+    ]
+    outputs = verification.get("outputs") or {}
+    if outputs:
+        extra = sorted({k for v in outputs.values() for k in v} - {"max_abs", "max_rel", "scale"})
+        columns = ["max_abs", "max_rel", "scale", *extra]
+        parts.append(
+            _table(
+                ["output", *columns], ([name, *(v.get(c) for c in columns)] for name, v in outputs.items())
+            )
+        )
+    return "".join(parts)
+
+
+def _per_layer(rows: list[dict[str, Any]]) -> str | None:
+    from prune2deploy.profiling.report_plots import MAX_LAYERS, per_layer_png
+
+    if not rows:
+        return None
+    shown = min(len(rows), MAX_LAYERS)
+    caption = "Parameters and FLOPs per layer before and after compilation"
+    if len(rows) > MAX_LAYERS:
+        caption += f" ({shown} largest of {len(rows)} layers; the table lists all)"
+    figure = _figure(
+        _plot(per_layer_png, rows),
+        "plot-per-layer",
+        "Bar chart of parameters and FLOPs per layer, before and after compilation",
+        caption,
+    )
+    table = _table(
+        ["layer", "params before", "params after", "change", "FLOPs before", "FLOPs after", "change"],
+        (
+            [
+                r["layer"],
+                r["params_before"],
+                r["params_after"],
+                _pct_change(r["params_before"], r["params_after"]),
+                r["flops_before"],
+                r["flops_after"],
+                _pct_change(r["flops_before"], r["flops_after"]),
+            ]
+            for r in rows
+        ),
+        text_cols=(0, 3, 6),
+    )
+    return figure + table
+
+
+def _latency(rows: list[dict[str, Any]]) -> str | None:
+    from prune2deploy.profiling.report_plots import latency_png
+
+    if not rows:
+        return None
+    figure = _figure(
+        _plot(latency_png, rows),
+        "plot-latency",
+        "Bar chart of median latency, reference versus compiled, per engine, batch and sequence length",
+        "Measured median latency (reference and compiled timed interleaved in one run); whiskers reach p90",
+    )
+    columns = ["median_ms", "p90_ms", "p99_ms", "mean_ms", "runs", "throughput", "peak_rss_mb"]
+    table = _table(
+        [
+            "engine",
+            "model",
+            "batch",
+            "seq",
+            "median ms",
+            "p90 ms",
+            "p99 ms",
+            "mean ms",
+            "runs",
+            "samples/s",
+            "peak RSS MB",
+        ],
+        ([r["engine"], r["model"], r["batch"], r.get("seq"), *(r.get(c) for c in columns)] for r in rows),
+        text_cols=(0, 1),
+    )
+    return figure + table
+
+
+def _speedup(rows: list[dict[str, Any]]) -> str | None:
+    from prune2deploy.profiling.report_plots import speedup_png
+
+    if not rows:
+        return None
+    figure = _figure(
+        _plot(speedup_png, rows),
+        "plot-speedup",
+        "Bar chart of measured speedup next to the ideal speedup per engine and shape",
+        "Measured speedup (reference median / compiled median) against the ideal from the FLOP reduction",
+    )
+
+    def achieved(r: dict[str, Any]) -> str:
+        return f"{r['measured'] / r['ideal'] * 100:.0f}%" if r.get("ideal") else "—"
+
+    table = _table(
+        ["engine", "batch", "seq", "measured ×", "ideal ×", "of ideal"],
+        ([r["engine"], r["batch"], r.get("seq"), r["measured"], r.get("ideal"), achieved(r)] for r in rows),
+        text_cols=(0, 5),
+    )
+    return figure + table
+
+
+def _predictions(rows: list[dict[str, Any]]) -> str | None:
+    from prune2deploy.profiling.report_plots import predictions_png
+
+    if not rows:
+        return None
+    figure = _figure(
+        _plot(predictions_png, rows),
+        "plot-predictions",
+        "Horizontal bar chart of predicted latency per target GPU, reference versus compiled",
+        "Roofline-predicted latency per target GPU; diamonds mark measurements where a device was present",
+    )
+    table = _table(
+        ["GPU", "precision", "batch", "seq", "reference ms", "compiled ms", "speedup ×", "measured ms"],
+        (
+            [
+                r["gpu"],
+                r["precision"],
+                r["batch"],
+                r.get("seq"),
+                r.get("reference_ms"),
+                r["compiled_ms"],
+                r.get("speedup"),
+                r.get("measured_ms"),
+            ]
+            for r in rows
+        ),
+        text_cols=(0, 1),
+    )
+    return figure + table
+
+
+def _ops(breakdowns: dict[str, dict[str, Any]] | None, top: int = 15) -> str | None:
+    """Time per op type side by side for every profiled model, and the slowest nodes of each."""
+    if not breakdowns:
+        return None
+    names = list(breakdowns)
+    per_model = {name: {r["op_type"]: r for r in b.get("by_op_type", [])} for name, b in breakdowns.items()}
+    first = per_model[names[0]]
+    ops = sorted(
+        {op for table in per_model.values() for op in table},
+        key=lambda op: (-first.get(op, {}).get("ms_per_run", 0.0), op),
+    )
+    ratio = len(names) == 2
+
+    def cells(op: str) -> list[Any]:
+        row: list[Any] = [op]
+        for name in names:
+            entry = per_model[name].get(op)
+            row += [entry["ms_per_run"], entry.get("calls_per_run")] if entry else [None, None]
+        if ratio:
+            a, b = (per_model[n].get(op, {}).get("ms_per_run") for n in names)
+            row.append(f"{a / b:.2f}×" if a and b else "—")
+        return row
+
+    headers = ["op type"]
+    for name in names:
+        headers += [f"{name} ms/run", f"{name} calls"]
+    if ratio:
+        headers.append(f"{names[0]} / {names[1]}")
+    summary = "".join(
+        f"<li>{_e(name)}: {_num(b.get('model_run_ms'))} ms per run, "
+        f"{_num(b.get('kernel_ms'))} ms in kernels, {_num(b.get('runs'))} profiled runs</li>"
+        for name, b in breakdowns.items()
+    )
+    parts = [
+        f"<ul>{summary}</ul>",
+        _table(headers, (cells(op) for op in ops), text_cols=(0, len(headers) - 1) if ratio else (0,)),
+    ]
+    for name, b in breakdowns.items():
+        nodes = b.get("top_nodes") or []
+        if nodes:
+            parts.append(f"<h3>Slowest nodes: {_e(name)}</h3>")
+            parts.append(
+                _table(
+                    ["node", "op type", "ms/run", "share"],
+                    (
+                        [n["node"], n.get("op_type", ""), n["ms_per_run"], f"{n.get('share', 0) * 100:.1f}%"]
+                        for n in nodes[:top]
+                    ),
+                    text_cols=(0, 1, 3),
+                )
+            )
+    return "".join(parts)
+
+
+def render_html(report: dict[str, Any]) -> str:
+    """A self-contained HTML page for ``report`` (a report.json dict; see report.schema.json).
+
+    Plots are drawn with matplotlib when it is installed and embedded as ``<img>`` elements with ids
+    ``plot-per-layer``, ``plot-latency``, ``plot-speedup`` and ``plot-predictions``; without matplotlib the
+    page keeps every table. All text from the report is HTML-escaped.
+    """
+    source = report.get("input", {})
+    title = f"prune2deploy report — {source.get('path', 'model')}"
+    sections = [
+        _section("summary", "Summary", _summary(report)),
+        _section("passes", "Passes", _passes(report.get("passes") or [])),
+        _section("groups", "Channel groups", _groups(report.get("groups"))),
+        _section("verification", "Verification", _verification(report.get("verification"))),
+        _section("per-layer", "Per-layer size", _per_layer(report.get("per_layer") or [])),
+        _section("latency", "Measured latency", _latency(report.get("latency") or [])),
+        _section("speedup", "Speedup against ideal", _speedup(report.get("speedup") or [])),
+        _section("predictions", "Predicted latency per GPU", _predictions(report.get("predictions") or [])),
+    ]
+    if report.get("ops"):
+        sections.append(_section("ops", "Time per op type (ONNX Runtime profiler)", _ops(report["ops"])))
+    for key, heading in (("sparsity", "Sparsity"), ("quality", "Quality")):
+        if report.get(key):
+            sections.append(_section(key, heading, _json_block(report[key])))
+    sections.append(_section("options", "Options", _json_block(report.get("options", {}))))
+    extra = {k: v for k, v in report.items() if k not in _KNOWN}
+    if extra:
+        sections.append(_section("more", "More", _json_block(extra)))
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{_e(title)}</title><style>{_STYLE}</style></head>\n"
+        f"<body><main><h1>prune2deploy report</h1>"
+        f'<p class="muted">{_e(source.get("path", ""))}</p>\n'
+        + "\n".join(sections)
+        + "\n</main></body></html>\n"
+    )

@@ -1,0 +1,393 @@
+"""The pruning entry point: scores → choices → masks + plan, written atomically to an output folder.
+
+:func:`prune_module` works in memory on a loaded module (tests, benchmarks, the API); :func:`prune_model`
+loads a model, calibrates, prunes and writes ``masks.safetensors`` + ``plan.yaml``. The CLI's
+``prune2deploy prune`` calls :func:`prune_model` only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from prune2deploy.errors import ConfigError, OutputExistsError
+from prune2deploy.io import atomic_write_bytes
+from prune2deploy.pruning.calibration import CalibrationData, load_calibration
+from prune2deploy.pruning.criteria import (
+    ELEMENT_CRITERIA,
+    Statistics,
+    check_criterion,
+    collect_statistics,
+    element_score_fn,
+)
+from prune2deploy.pruning.plan import (
+    HEAD_GROUPINGS,
+    STRUCTURE_KEYS,
+    LayerChoice,
+    Plan,
+    Selection,
+    dump_plan,
+)
+from prune2deploy.pruning.selection import (
+    global_keep_counts,
+    kept_count,
+    round_half_up,
+    round_width,
+    select_heads,
+    top_units,
+)
+from prune2deploy.pruning.sparsity import COMPARISON_GROUPS, nm_mask, unstructured_mask
+from prune2deploy.pruning.structures import ModelStructure, detect_structure, family_masks, unit_scores
+
+__all__ = ["MASKS_FILE", "PLAN_FILE", "PruneResult", "prune_model", "prune_module", "validate_options"]
+
+log = logging.getLogger(__name__)
+
+MASKS_FILE = "masks.safetensors"
+PLAN_FILE = "plan.yaml"
+
+
+@dataclass
+class PruneResult:
+    """Where the masks and plan went, the plan itself and a few counts for the CLI's summary."""
+
+    out_dir: Path
+    masks_path: Path
+    plan_path: Path
+    plan: Plan
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def validate_options(
+    criterion: str,
+    structures: Mapping[str, float],
+    *,
+    round_to: int | None,
+    nm: tuple[int, int] | None,
+    head_grouping: str,
+) -> None:
+    """Checks every option that does not need the model, so that bad input fails before a long load."""
+    for key, ratio in structures.items():
+        if key not in STRUCTURE_KEYS:
+            raise ConfigError(f"structures: unknown '{key}'; choose from {', '.join(STRUCTURE_KEYS)}")
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
+            raise ConfigError(f"structures.{key}: ratio must be a number in [0, 1), got {ratio!r}")
+    if nm is not None:
+        if len(nm) != 2 or not 0 < int(nm[0]) < int(nm[1]):
+            raise ConfigError(f"nm: needs N:M with 0 < N < M, got {nm!r}")
+        if "unstructured" in structures:
+            raise ConfigError("choose either unstructured sparsity or N:M, not both")
+    if round_to is not None and (isinstance(round_to, bool) or int(round_to) < 1):
+        raise ConfigError(f"round_to: must be a positive integer, got {round_to!r}")
+    if head_grouping not in HEAD_GROUPINGS:
+        raise ConfigError(f"head_grouping: must be one of {', '.join(HEAD_GROUPINGS)}, got '{head_grouping}'")
+    if not any(v > 0 for v in structures.values()) and nm is None:
+        raise ConfigError("nothing to prune: give at least one structure ratio or an N:M pattern")
+    check_criterion(criterion, _names(structures, nm), task=None)
+
+
+def _names(structures: Mapping[str, float], nm) -> list[str]:
+    return [k for k, v in structures.items() if v > 0] + (["nm"] if nm else [])
+
+
+def _method(structures: Mapping[str, float], nm) -> str:
+    parts = []
+    if any(structures.get(k, 0) > 0 for k in ("mlp", "heads", "hidden")):
+        parts.append("width")
+    if structures.get("layers", 0) > 0:
+        parts.append("depth")
+    if structures.get("unstructured", 0) > 0:
+        parts.append("unstructured")
+    if nm:
+        parts.append(f"{nm[0]}:{nm[1]}")
+    return "+".join(parts) or "none"
+
+
+class _Scorer:
+    """Unit scores for one family, from element scores or from the measured statistics."""
+
+    def __init__(self, criterion: str, structure: ModelStructure, stats: Statistics) -> None:
+        self.criterion, self.structure, self.stats = criterion, structure, stats
+        self.element = element_score_fn(criterion, structure, stats) if criterion in ELEMENT_CRITERIA else None
+
+    def mlp(self, layer) -> torch.Tensor:
+        if self.element:
+            return unit_scores(self.structure.mlp_family(layer), self.element)
+        return self.stats.mlp[layer.index]
+
+    def heads(self, layer) -> torch.Tensor:
+        if self.element:
+            return unit_scores(self.structure.head_family(layer), self.element)
+        return self.stats.heads[layer.index]
+
+    def hidden(self) -> torch.Tensor:
+        if self.element:
+            return unit_scores(self.structure.hidden_family(), self.element)
+        return self.stats.hidden
+
+
+def _counts(scores: dict[int, torch.Tensor], ratio: float, per_layer: bool, round_to, width: int) -> dict[int, int]:
+    if per_layer:
+        return {i: kept_count(width, ratio, round_to) for i in scores}
+    return {i: round_width(c, width, round_to) for i, c in global_keep_counts(scores, ratio).items()}
+
+
+def prune_module(
+    module: nn.Module,
+    *,
+    criterion: str,
+    structures: Mapping[str, float],
+    per_layer: bool = True,
+    round_to: int | None = None,
+    nm: tuple[int, int] | None = None,
+    calibration: CalibrationData | None = None,
+    head_grouping: str = "free",
+    task: str = "causal-lm",
+    batch_size: int = 4,
+    seq_agg: str = "mean",
+    batch_agg: str = "l2",
+    structure: ModelStructure | None = None,
+) -> tuple[Plan, dict[str, torch.Tensor]]:
+    """Scores and chooses structures of a loaded module; returns the plan and the masks (not written).
+
+    Args:
+        module: a transformers model (Llama-style decoder or BERT-style encoder); it is not modified.
+        criterion: magnitude, wanda, taylor, minitron or michel (see :mod:`.criteria`).
+        structures: fraction to remove per structure: ``unstructured``, ``mlp`` (neurons), ``heads``,
+            ``hidden`` (channels) and ``layers`` (depth; plan only, no mask).
+        per_layer: the same ratio in every layer; otherwise one global ranking across layers.
+        round_to: kept MLP and hidden widths become multiples of this (heads are not rounded).
+        nm: an N:M pattern along the input dimension of every Linear in the blocks.
+        calibration: token windows; required by every criterion except magnitude without layer pruning.
+        head_grouping: free, uniform or whole-group (see :func:`.selection.select_heads`).
+        task: causal-lm or encoder (gradient criteria need causal-lm).
+        batch_size: calibration windows per forward pass.
+        seq_agg, batch_agg: Minitron's aggregation over sequence and batch (mean or l2).
+        structure: a precomputed :func:`detect_structure` result.
+    """
+    structures = {k: float(v) for k, v in structures.items()}
+    validate_options(criterion, structures, round_to=round_to, nm=nm, head_grouping=head_grouping)
+    names = _names(structures, nm)
+    check_criterion(criterion, names, task=task)
+    structure = structure or detect_structure(module)
+    batches = calibration.batches(batch_size) if calibration is not None else []
+    stats = collect_statistics(
+        module,
+        structure,
+        batches,
+        criterion=criterion,
+        structures=names,
+        seq_agg=seq_agg,
+        batch_agg=batch_agg,
+    )
+    scorer = _Scorer(criterion, structure, stats)
+    masks: dict[str, torch.Tensor] = {}
+    choices = {layer.index: LayerChoice(layer.index) for layer in structure.layers}
+
+    ratio = structures.get("mlp", 0.0)
+    if ratio > 0:
+        scores = {layer.index: scorer.mlp(layer) for layer in structure.layers}
+        width = structure.layers[0].intermediate
+        counts = _counts(scores, ratio, per_layer, round_to, width)
+        for layer in structure.layers:
+            sel = Selection.from_kept(top_units(scores[layer.index], counts[layer.index]), width)
+            choices[layer.index].mlp = sel
+            family_masks(structure, structure.mlp_family(layer), sel.removed, masks)
+
+    ratio = structures.get("heads", 0.0)
+    if ratio > 0:
+        scores = {layer.index: scorer.heads(layer) for layer in structure.layers}
+        width = structure.layers[0].num_heads
+        counts = _counts(scores, ratio, per_layer, None, width)
+        for layer in structure.layers:
+            kept, kv_removed = select_heads(scores[layer.index], counts[layer.index], layer.num_kv_heads, head_grouping)
+            choice = choices[layer.index]
+            choice.heads = Selection.from_kept(kept, width)
+            family_masks(structure, structure.head_family(layer), choice.heads.removed, masks)
+            if layer.num_kv_heads < layer.num_heads:
+                kv_kept = [g for g in range(layer.num_kv_heads) if g not in kv_removed]
+                choice.kv_heads = Selection.from_kept(kv_kept, layer.num_kv_heads)
+                family_masks(structure, structure.kv_family(layer), kv_removed, masks)
+
+    hidden = None
+    ratio = structures.get("hidden", 0.0)
+    if ratio > 0:
+        scores = scorer.hidden()
+        hidden = Selection.from_kept(top_units(scores, kept_count(structure.hidden, ratio, round_to)), structure.hidden)
+        family_masks(structure, structure.hidden_family(), hidden.removed, masks)
+
+    dropped: list[int] = []
+    ratio = structures.get("layers", 0.0)
+    if ratio > 0:
+        n_drop = min(structure.num_layers - 1, round_half_up(structure.num_layers * ratio))
+        order = torch.sort(stats.layers, stable=True).indices[:n_drop]
+        dropped = sorted(int(i) for i in order)
+
+    sparsity = _weight_sparsity(criterion, structure, stats, structures.get("unstructured", 0.0), nm, masks)
+
+    masks = {name: mask.contiguous() for name, mask in masks.items() if bool((mask == 0).any())}
+    plan = Plan(
+        method=_method(structures, nm),
+        criterion=criterion,
+        ratios=dict(structures),
+        per_layer=per_layer,
+        round_to=round_to,
+        nm=tuple(nm) if nm else None,
+        head_grouping=head_grouping,
+        calibration=calibration.info() if calibration is not None and batches else None,
+        model=_model_info(module, structure, task),
+        hidden=hidden,
+        dropped_layers=dropped,
+        layers=[c for c in choices.values() if c.mlp or c.heads or c.kv_heads],
+        sparsity=sparsity,
+        options={
+            "batch_size": batch_size,
+            "seq_agg": seq_agg,
+            "batch_agg": batch_agg,
+            "layer_criterion": "block-importance",
+        },
+    )
+    if stats.layers is not None:
+        plan.options["block_importance"] = [round(float(v), 6) for v in stats.layers]
+    return plan, masks
+
+
+def _weight_sparsity(criterion, structure, stats, ratio, nm, masks) -> dict | None:
+    if not ratio and not nm:
+        return None
+    score = element_score_fn(criterion, structure, stats)
+    group = COMPARISON_GROUPS[criterion]
+    params = structure.linear_weights()
+    zeros = total = 0
+    for name in params:
+        scores = score(name)
+        if name in masks:
+            scores = scores * masks[name]  # structurally removed weights count towards the sparsity
+        new = nm_mask(scores, *nm) if nm else unstructured_mask(scores, ratio, group=group)
+        masks[name] = new if name not in masks else masks[name] * new
+        zeros += int((masks[name] == 0).sum())
+        total += masks[name].numel()
+    return {
+        "kind": f"{nm[0]}:{nm[1]}" if nm else "unstructured",
+        "ratio": ratio if not nm else round(1 - nm[0] / nm[1], 6),
+        "comparison": "n:m groups along the input dimension" if nm else group,
+        "params": len(params),
+        "achieved": round(zeros / max(total, 1), 6),
+    }
+
+
+def _model_info(module: nn.Module, structure: ModelStructure, task: str) -> dict[str, Any]:
+    first = structure.layers[0]
+    return {
+        "class": type(module).__name__,
+        "arch": structure.arch,
+        "task": task,
+        "num_layers": structure.num_layers,
+        "hidden_size": structure.hidden,
+        "num_heads": first.num_heads,
+        "num_kv_heads": first.num_kv_heads,
+        "head_dim": first.head_dim,
+        "intermediate_size": first.intermediate,
+    }
+
+
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not overwrite and (out_dir.is_file() or any(out_dir.iterdir())):
+        raise OutputExistsError(f"{out_dir}: exists and is not empty; pass overwrite=True (--overwrite)")
+
+
+def prune_model(
+    source,
+    *,
+    criterion: str,
+    structures: Mapping[str, float],
+    per_layer: bool = True,
+    round_to: int | None = None,
+    nm: tuple[int, int] | None = None,
+    calibration: Path | str | None = None,
+    num_samples: int = 24,
+    seq_len: int = 128,
+    out_dir: Path | str,
+    overwrite: bool = False,
+    head_grouping: str = "free",
+    batch_size: int = 4,
+    seq_agg: str = "mean",
+    batch_agg: str = "l2",
+    tokenizer=None,
+    task: str | None = None,
+) -> PruneResult:
+    """Loads ``source``, prunes it and writes ``masks.safetensors`` and ``plan.yaml`` into ``out_dir``.
+
+    Args:
+        source: a model folder, a ``.gguf`` file, a bundled name (``smollm2-135m``, ``minilm-l6``), an
+            :class:`~prune2deploy.frontends.hf.HFModel` or a transformers module (then pass ``tokenizer``
+            for text calibration and ``task``).
+        calibration: text or ids file; None uses the bundled text (magnitude-only runs use no data).
+        out_dir: output folder; an existing non-empty one is refused unless ``overwrite``.
+        The other arguments are those of :func:`prune_module`.
+
+    Raises:
+        ConfigError: an invalid option (before anything is loaded).
+        OutputExistsError: ``out_dir`` is not empty and ``overwrite`` is False.
+    """
+    from safetensors.torch import save
+
+    from prune2deploy.frontends.hf import HFModel, load_hf_model
+
+    structures = {k: float(v) for k, v in structures.items()}
+    validate_options(criterion, structures, round_to=round_to, nm=nm, head_grouping=head_grouping)
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir, overwrite)
+    if isinstance(source, nn.Module):
+        module, label = source, type(source).__name__
+        task = task or ("causal-lm" if hasattr(source, "lm_head") else "encoder")
+    else:
+        loaded = source if isinstance(source, HFModel) else load_hf_model(source, task=task)
+        module, tokenizer, task = loaded.module, tokenizer or loaded.tokenizer, task or loaded.task
+        label = str(source) if not isinstance(source, HFModel) else str(loaded.source)
+    names = _names(structures, nm)
+    check_criterion(criterion, names, task=task)
+    needs_data = criterion != "magnitude" or structures.get("layers", 0) > 0
+    calib = None
+    if needs_data:
+        vocab = getattr(getattr(module, "config", None), "vocab_size", None)
+        calib = load_calibration(
+            calibration, tokenizer=tokenizer, num_samples=num_samples, seq_len=seq_len, vocab_size=vocab
+        )
+    plan, masks = prune_module(
+        module,
+        criterion=criterion,
+        structures=structures,
+        per_layer=per_layer,
+        round_to=round_to,
+        nm=nm,
+        calibration=calib,
+        head_grouping=head_grouping,
+        task=task,
+        batch_size=batch_size,
+        seq_agg=seq_agg,
+        batch_agg=batch_agg,
+    )
+    plan.model["source"] = label
+    data = save(masks, metadata={"format": "pt", "producer": "prune2deploy", "criterion": criterion})
+    masks_path, plan_path = out_dir / MASKS_FILE, out_dir / PLAN_FILE
+    atomic_write_bytes(masks_path, data)
+    plan.masks = {"file": MASKS_FILE, "sha256": hashlib.sha256(data).hexdigest(), "tensors": len(masks)}
+    dump_plan(plan, plan_path)
+    zeros = sum(int((m == 0).sum()) for m in masks.values())
+    summary = {
+        "method": plan.method,
+        "masked_tensors": len(masks),
+        "zeroed_weights": zeros,
+        "dropped_layers": plan.dropped_layers,
+        "calibration_sha256": plan.calibration["sha256"] if plan.calibration else None,
+    }
+    log.info("pruned %s with %s: %s", label, criterion, summary)
+    return PruneResult(out_dir=out_dir, masks_path=masks_path, plan_path=plan_path, plan=plan, summary=summary)

@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+import pytest
+from onnx import TensorProto, helper
+
+from prune2deploy.analysis.cost import model_cost
+from prune2deploy.analysis.shapes import concrete_shapes, input_shapes
+from prune2deploy.errors import BadInputError
+from tests.analysis.graphs import matmul_model, to_ir
+
+
+def test_input_shapes_from_batch_seq_and_explicit(rng):
+    model = matmul_model(rng.standard_normal((8, 4)))
+    assert input_shapes(model, None, 3, 5) == {"X": (3, 5, 8)}
+    assert input_shapes(model, {"X": [2, 9, 8]}, 3, 5) == {"X": (2, 9, 8)}
+    with pytest.raises(BadInputError, match="rank 3"):
+        input_shapes(model, {"X": [2, 8]}, 1, 1)
+    info = concrete_shapes(model, batch=3, seq=5)
+    assert (info.shapes["Y"], info.source, info.unknown) == ((3, 5, 4), "inference", ())
+    assert info.shapes["W"] == (8, 4)
+
+
+def test_onnxruntime_fallback_for_data_dependent_shapes():
+    nodes = [
+        helper.make_node("NonZero", ["X"], ["idx"], name="nz"),
+        helper.make_node("Cast", ["idx"], ["Y"], name="cast", to=TensorProto.FLOAT),
+    ]
+    x = helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", 4])
+    y = helper.make_tensor_value_info("Y", TensorProto.FLOAT, [2, "nnz"])
+    model = to_ir(nodes, [x], [y], {})
+    info = concrete_shapes(model, batch=3, fallback=False)
+    assert info.unknown == ("idx", "Y")
+    info = concrete_shapes(model, batch=3)
+    assert info.source == "inference+onnxruntime"
+    assert info.shapes["idx"] == (2, 12)  # random normal feeds have no zeros
+    cast = model_cost(model, batch=3).nodes[1]
+    assert (cast.flops, cast.bytes_read, cast.bytes_written) == (24, 24 * 8, 24 * 4)
+    skipped = model_cost(model, batch=3, fallback_max_bytes=-1)
+    assert skipped.unknown == ("idx", "Y")
+    assert not skipped.nodes[1].shapes_known

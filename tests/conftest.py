@@ -1,0 +1,22 @@
+"""Shared fixtures: seeded generators and a session cache folder for exported models."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """Exports shared across tests of one session (exports of real models take tens of seconds)."""
+    return tmp_path_factory.mktemp("p2d-cache")

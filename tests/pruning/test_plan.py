@@ -1,0 +1,93 @@
+"""Plan YAML round trip and validation errors that name the field."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import yaml
+
+from prune2deploy.errors import BadInputError, ConfigError
+from prune2deploy.pruning.plan import dump_plan, load_plan, plan_to_dict
+from prune2deploy.pruning.prune import prune_module
+
+
+@pytest.fixture
+def plan_file(tiny_llama, llama_calib, tmp_path):
+    plan, _ = prune_module(
+        tiny_llama,
+        criterion="wanda",
+        structures={"mlp": 0.25, "heads": 0.5, "hidden": 0.25, "layers": 0.5},
+        calibration=llama_calib,
+        round_to=8,
+        nm=(2, 4),
+    )
+    path = tmp_path / "plan.yaml"
+    dump_plan(plan, path)
+    return plan, path
+
+
+def test_round_trip(plan_file):
+    plan, path = plan_file
+    loaded = load_plan(path)
+    assert loaded == plan
+    assert loaded.calibration["sha256"] == plan.calibration["sha256"] and len(loaded.calibration["sha256"]) == 64
+    assert loaded.nm == (2, 4) and loaded.method == "width+depth+2:4"
+    assert loaded.layers[0].mlp.width == 48 and len(loaded.layers[0].mlp.kept) == 40  # 36 rounded to 40
+    assert loaded.hidden.width == 32 and len(loaded.dropped_layers) == 1
+    text = path.read_text()
+    assert "kept: [" in text  # index lists stay on one line
+
+
+def _edit(path, change):
+    data = yaml.safe_load(path.read_text())
+    change(data)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (lambda d: d["ratios"].__setitem__("mlp", 1.5), "ratios.mlp"),
+        (lambda d: d.pop("criterion"), "criterion"),
+        (lambda d: d.__setitem__("criterion", "obd"), "criterion"),
+        (lambda d: d.__setitem__("nm", [4, 2]), "nm"),
+        (lambda d: d.__setitem__("round_to", 0), "round_to"),
+        (lambda d: d.__setitem__("version", 7), "version"),
+        (lambda d: d["layers"][1]["mlp"]["kept"].append(0), "layers[1].mlp.kept"),
+        (lambda d: d["layers"][0]["mlp"]["removed"].pop(), "layers[0].mlp"),
+        (lambda d: d["layers"][0]["mlp"].__setitem__("kept", "all"), "layers[0].mlp.kept"),
+        (lambda d: d["layers"][0].__setitem__("layer", 9), "layers[0].layer"),
+        (lambda d: d.__setitem__("dropped_layers", [5]), "dropped_layers[0]"),
+        (lambda d: d["calibration"].__setitem__("sha256", "abc"), "calibration.sha256"),
+        (lambda d: d.__setitem__("per_layer", "yes"), "per_layer"),
+        (lambda d: d["hidden"].__setitem__("width", 31), "hidden.width"),
+    ],
+)
+def test_validation_names_the_field(plan_file, change, field):
+    _, path = plan_file
+    _edit(path, change)
+    with pytest.raises(ConfigError, match=re.escape(f"field '{field}'")):
+        load_plan(path)
+
+
+def test_gqa_consistency_is_validated(plan_file):
+    plan, path = plan_file
+    data = plan_to_dict(plan)
+    layer = data["layers"][0]
+    layer["heads"] = {"width": 4, "kept": [0, 1], "removed": [2, 3]}  # group 1 (heads 2, 3) empty
+    layer["kv_heads"] = {"width": 2, "kept": [0, 1], "removed": []}
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=r"layers\[0\].kv_heads.kept.*keeps kv head 1"):
+        load_plan(path)
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(BadInputError, match="not found"):
+        load_plan(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("a: [1, 2")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_plan(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_plan(tmp_path / "list.yaml")

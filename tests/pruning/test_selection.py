@@ -1,0 +1,69 @@
+"""Ratios, rounding, global ranking and GQA head choices against hand-worked examples."""
+
+from __future__ import annotations
+
+import torch
+
+from prune2deploy.pruning.prune import prune_module
+from prune2deploy.pruning.selection import global_keep_counts, kept_count, round_width, select_heads
+
+from .conftest import make_llama
+
+
+def test_kept_counts_and_rounding():
+    assert kept_count(1536, 0.5, 64) == 768
+    assert kept_count(100, 0.3) == 70
+    assert kept_count(100, 0.3, 8) == 72  # 70 / 8 = 8.75 -> 9 multiples
+    assert kept_count(100, 0.97, 16) == 16  # never below one multiple
+    assert round_width(5, 4, 8) == 4  # a multiple larger than the width cannot apply
+    assert kept_count(9, 0.99) == 1
+
+
+def test_global_ranking_by_hand():
+    scores = {0: torch.tensor([1.0, 2.0, 3.0, 4.0]), 1: torch.tensor([10.0, 20.0, 30.0, 40.0])}
+    assert global_keep_counts(scores, 0.25) == {0: 2, 1: 4}
+    assert global_keep_counts(scores, 0.5) == {0: 1, 1: 4}  # layer 0 would empty; it keeps one
+
+
+def test_gqa_head_choices_by_hand():
+    scores = torch.tensor([9.0, 8.0, 7.0, 1.0, 2.0, 3.0, 6.0, 5.0, 4.0])  # 9 heads, 3 kv groups of 3
+    assert select_heads(scores, 3, 3, "free") == ([0, 1, 2], [1, 2])
+    assert select_heads(scores, 6, 3, "free") == ([0, 1, 2, 6, 7, 8], [1])
+    assert select_heads(scores, 3, 3, "uniform") == ([0, 5, 6], [])  # best head of every group
+    assert select_heads(scores, 6, 3, "uniform") == ([0, 1, 4, 5, 6, 7], [])
+    assert select_heads(scores, 3, 3, "whole-group") == ([0, 1, 2], [1, 2])  # group sums 24, 6, 15
+    assert select_heads(scores, 5, 3, "whole-group") == ([0, 1, 2, 6, 7, 8], [1])
+    assert select_heads(scores, 4, 9, "uniform") == ([0, 1, 2, 6], [3, 4, 5, 7, 8])  # MHA: free choice
+
+
+def test_per_layer_and_global_mlp_widths():
+    model = make_llama(layers=2, intermediate=64)
+    with torch.no_grad():  # layer 1's MLP is ten times smaller: global ranking shrinks it first
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            getattr(model.model.layers[1].mlp, name).weight.mul_(0.1)
+    plan, _ = prune_module(model, criterion="magnitude", structures={"mlp": 0.5}, round_to=8)
+    assert [len(c.mlp.kept) for c in plan.layers] == [32, 32]
+    plan, _ = prune_module(model, criterion="magnitude", structures={"mlp": 0.5}, per_layer=False, round_to=8)
+    widths = [len(c.mlp.kept) for c in plan.layers]
+    assert widths[0] == 64 and widths[1] == 8 and all(w % 8 == 0 for w in widths)
+
+
+def test_depth_drops_the_lowest_block_importance():
+    model = make_llama(layers=4)
+    with torch.no_grad():
+        for index in (1, 2):  # blocks 1 and 2 barely change the residual stream
+            model.model.layers[index].self_attn.o_proj.weight.mul_(1e-3)
+            model.model.layers[index].mlp.down_proj.weight.mul_(1e-3)
+    ids = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(0))
+    from prune2deploy.pruning.calibration import CalibrationData, tokens_sha256
+
+    plan, masks = prune_module(
+        model,
+        criterion="magnitude",
+        structures={"layers": 0.5},
+        calibration=CalibrationData(ids, "t", tokens_sha256(ids)),
+    )
+    assert plan.dropped_layers == [1, 2]
+    assert masks == {}  # depth is plan-only
+    bi = plan.options["block_importance"]
+    assert max(bi[1], bi[2]) < min(bi[0], bi[3])
