@@ -26,7 +26,7 @@ from prune2deploy.errors import BadInputError, OutputExistsError, P2DError, Veri
 from prune2deploy.io import atomic_write_json, sha256_file
 from prune2deploy.spec import CompileOptions
 
-__all__ = ["CompileResult", "compile", "inspect", "load_source", "predict", "profile"]
+__all__ = ["CompileResult", "compile", "inspect", "load_source", "predict", "profile", "prune"]
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ def compile(
     from prune2deploy.frontends.onnx import save_onnx
     from prune2deploy.verify import load_feeds, verify_models
 
-    options = (options or CompileOptions()).validate()
+    options = _resolve_plan((options or CompileOptions()).validate())
     say = progress or (lambda _msg: None)
     out_dir = Path(out_dir)
     staging = _prepare_out_dir(out_dir, options.overwrite)
@@ -291,6 +291,30 @@ def compile(
             " This is a bug: please report it."
         )
     return result
+
+
+def _resolve_plan(options: CompileOptions) -> CompileOptions:
+    """A plan brings its mask file (next to it); dropped layers need the layer pass and are refused until then."""
+    if options.plan is None:
+        return options
+    from prune2deploy.pruning.plan import load_plan
+
+    plan = load_plan(options.plan)
+    if options.masks is None and plan.masks and plan.masks.get("file"):
+        options.masks = options.plan.parent / plan.masks["file"]
+    if plan.dropped_layers and "remove-layers" not in options.passes:
+        raise P2DError(
+            f"{options.plan}: the plan drops layers {plan.dropped_layers}, which needs the remove-layers pass; "
+            "add it to --passes"
+        )
+    return options
+
+
+def prune(source: Any, out_dir: Path | str, **kwargs: Any):
+    """Scores a dense model and writes ``masks.safetensors`` + ``plan.yaml`` (see pruning.prune_model)."""
+    from prune2deploy.pruning.prune import prune_model
+
+    return prune_model(source, out_dir=out_dir, **kwargs)
 
 
 def _input_record(loaded: Source) -> dict[str, Any]:

@@ -50,6 +50,7 @@ def _compile_options(args: argparse.Namespace):
     data: dict[str, Any] = load_config(args.config) if args.config else {}
     overrides = {
         "masks": args.masks,
+        "plan": args.plan,
         "multiple_of": args.multiple_of,
         "engine": args.engine,
         "precision": args.precision,
@@ -155,6 +156,49 @@ def cmd_demo(args: argparse.Namespace) -> int:
         masks.unlink(missing_ok=True)
     _print_compile(result.report, out)
     print(f"  report: {out}/report.html  ·  inspect with: prune2deploy inspect {out}/model.onnx")
+    return 0
+
+
+def _ratios(args: argparse.Namespace) -> dict[str, float]:
+    names = ("unstructured", "mlp", "heads", "hidden", "layers")
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from prune2deploy import api
+    from prune2deploy.errors import ConfigError
+    from prune2deploy.spec import CompileOptions
+
+    nm = None
+    if args.nm:
+        try:
+            n, m = (int(x) for x in args.nm.split(":"))
+        except ValueError as exc:
+            raise ConfigError(f"--nm takes N:M such as 2:4, not '{args.nm}'") from exc
+        nm = (n, m)
+    say = _progress(args.quiet)
+    say(f"scoring {args.model} with {args.criterion}")
+    result = api.prune(
+        args.model,
+        args.out,
+        criterion=args.criterion,
+        structures=_ratios(args),
+        per_layer=not args.global_,
+        round_to=args.round_to,
+        nm=nm,
+        calibration=args.calibration,
+        num_samples=args.samples,
+        seq_len=args.seq_len,
+        overwrite=args.overwrite,
+        head_grouping=args.head_grouping,
+    )
+    print(f"masks → {result.masks_path}\nplan  → {result.plan_path}")
+    for key, value in result.summary.items():
+        print(f"  {key}: {value}")
+    if args.compile:
+        options = CompileOptions(plan=result.plan_path, overwrite=args.overwrite, profile=not args.no_profile)
+        compiled = api.compile(args.model, Path(args.out) / "compiled", options, progress=say)
+        _print_compile(compiled.report, Path(args.out) / "compiled")
     return 0
 
 
@@ -325,6 +369,25 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--overwrite", action="store_true")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_demo)
+
+    q = sub.add_parser("prune", help="score a dense model and write masks + plan (criteria from the papers)")
+    q.add_argument("model", help="HF folder, .gguf, or bundled model name")
+    q.add_argument("--out", required=True, help="folder for masks.safetensors and plan.yaml")
+    q.add_argument("--criterion", default="magnitude", choices=["magnitude", "wanda", "taylor", "minitron", "michel"])
+    for name in ("unstructured", "mlp", "heads", "hidden", "layers"):
+        q.add_argument(f"--{name}", type=float, metavar="RATIO", help=f"fraction of {name} to remove")
+    q.add_argument("--nm", help="N:M pattern along the input dimension, e.g. 2:4")
+    q.add_argument("--global", dest="global_", action="store_true", help="rank globally instead of per layer")
+    q.add_argument("--round-to", type=int, help="round kept widths to a multiple (8, 16, 64)")
+    q.add_argument("--head-grouping", default="free", choices=["free", "uniform", "whole-group"])
+    q.add_argument("--calibration", type=Path, help="text or token-id file (default: bundled text)")
+    q.add_argument("--samples", type=int, default=24)
+    q.add_argument("--seq-len", type=int, default=128)
+    q.add_argument("--compile", action="store_true", help="then compile with the masks into OUT/compiled")
+    q.add_argument("--no-profile", action="store_true")
+    q.add_argument("--overwrite", action="store_true")
+    q.add_argument("--quiet", action="store_true")
+    q.set_defaults(func=cmd_prune)
 
     i = sub.add_parser("inspect", help="channel groups of an ONNX model, prunable or not and why")
     i.add_argument("model", type=Path)

@@ -26,6 +26,7 @@ class CompileOptions:
 
     Attributes:
         masks: safetensors mask file keyed by torch parameter name.
+        plan: a plan YAML written by ``prune2deploy prune``; its mask file is used when ``masks`` is unset.
         detect_zeros: prune what is already zero in the weights (always true when no masks are given).
         passes: pipeline, from :data:`PASS_NAMES`.
         multiple_of: round kept channel widths up to a multiple (keeps zero channels; exact).
@@ -43,6 +44,7 @@ class CompileOptions:
     """
 
     masks: Path | None = None
+    plan: Path | None = None
     detect_zeros: bool = True
     passes: list[str] = field(default_factory=lambda: ["remove-channels"])
     multiple_of: int = 1
@@ -80,6 +82,8 @@ class CompileOptions:
             raise ConfigError("tolerance must be between 0 and 1")
         if self.masks is not None:
             self.masks = Path(self.masks)
+        if self.plan is not None:
+            self.plan = Path(self.plan)
         self.feeds = [Path(f) for f in self.feeds]
         return self
 

@@ -105,7 +105,7 @@ def test_hf_folder_and_onnx_file_with_masks(tmp_path, rng):
     """A saved HF folder (masks applied in torch) and its ONNX (masks mapped through metadata) agree."""
     module = tiny_llama()
     module.save_pretrained(tmp_path / "hf")
-    masks, kept = llama_mlp_masks(module, 0.25, rng)
+    masks, _ = llama_mlp_masks(module, 0.25, rng)
     save_masks(masks, tmp_path / "m.safetensors")
     before = sha256_file(tmp_path / "hf")
     hf_result = api.compile(tmp_path / "hf", tmp_path / "a", CompileOptions(masks=tmp_path / "m.safetensors", **FAST))
@@ -135,7 +135,7 @@ def test_mask_errors_are_clear(tmp_path, rng):
     with pytest.raises(MaskError, match="names no parameter"):
         api.compile(module, tmp_path / "o2", CompileOptions(masks=tmp_path / "missing.safetensors", **FAST))
     save_masks({"model.norm.weight": np.full(64, 0.5, np.float32)}, tmp_path / "frac.safetensors")
-    with pytest.raises(MaskError, match="other than 0 and 1"):
+    with pytest.raises(MaskError, match=r"other than 0 and 1"):
         api.compile(module, tmp_path / "o3", CompileOptions(masks=tmp_path / "frac.safetensors", **FAST))
     assert not any(p.name.startswith(".o") for p in tmp_path.iterdir())  # no half-written staging folders
 
@@ -144,7 +144,7 @@ def test_bad_inputs(tmp_path):
     corrupt = tmp_path / "bad.onnx"
     corrupt.write_bytes(b"this is not a protobuf" * 10)
     digest = sha256_file(corrupt)
-    with pytest.raises(BadInputError, match="bad.onnx: not a valid ONNX model"):
+    with pytest.raises(BadInputError, match=r"bad\.onnx: not a valid ONNX model"):
         api.compile(corrupt, tmp_path / "out", CompileOptions(**FAST))
     assert sha256_file(corrupt) == digest
     with pytest.raises(BadInputError, match="no such"):

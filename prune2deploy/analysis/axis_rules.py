@@ -321,13 +321,22 @@ def _reshape(ctx: RuleContext, node: ir.Node) -> str | None:
                 syms.append(str(d))
         return result
 
+    def suffixes(dims):
+        return prefixes(dims[::-1])[::-1]
+
+    # An axis of equal width is intact when everything before it has the same size, or everything after it
+    # does (the latter maps the channel axis of [B*S, C] <-> [B, S, C] when the batch symbols differ).
     in_pre, out_pre = prefixes(in_dims), prefixes(out_dims)
+    in_suf, out_suf = suffixes(in_dims), suffixes(out_dims)
     mapped: dict[int, int] = {}
     for i, d in enumerate(in_dims):
-        if d is None or in_pre[i] is None:
+        if d is None or (in_pre[i] is None and in_suf[i] is None):
             continue
         for j, e in enumerate(out_dims):
-            if e == d and out_pre[j] == in_pre[i] and j not in mapped.values():
+            intact = (in_pre[i] is not None and out_pre[j] == in_pre[i]) or (
+                in_suf[i] is not None and out_suf[j] == in_suf[i]
+            )
+            if e == d and intact and j not in mapped.values():
                 mapped[i] = j
                 break
     for i in range(rx):

@@ -218,6 +218,10 @@ class ChannelAnalysis:
             self._block_value(value, "<graph input>", "graph inputs keep their shape")
         for value in graph.outputs:
             self._block_value(value, "<graph output>", "graph outputs keep their shape")
+        for node in ir.traversal.RecursiveGraphIterator(graph):
+            if node.graph is not graph:  # a subgraph (If/Loop/Scan body) may read outer values by name
+                for value in node.inputs:
+                    self._block_value(value, node.name or node.op_type, "read inside a subgraph (If/Loop/Scan)")
         for node in graph:
             ctx = RuleContext(self, node)
             rule = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None

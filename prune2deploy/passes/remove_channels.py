@@ -161,19 +161,30 @@ class RemoveChannelsPass(P2DPass):
         return value
 
     def _width_edit(self, model: ir.Model, fixup: Fixup, old: int, new: int):
-        shape: ir.Value = fixup.data["shape"]
-        index: int = fixup.data["index"]
         node = fixup.node
+        # The node's current target, not the one the analysis saw: an earlier group may have rewritten
+        # another entry of the same Reshape/Expand, and that edit must be kept.
+        shape: ir.Value = node.inputs[1]
+        index: int = fixup.data["index"]
+        if fixup.data.get("expand"):
+            # Expand broadcasts numpy-style: a target shorter than the output aligns to the right, and an
+            # output axis left of the target takes the input's (already sliced) width.
+            index -= len(node.outputs[0].shape) - self._target_length(node, shape)
+            if index < 0:
+                return None
         if shape.const_value is not None:
             array = shape.const_value.numpy().copy()
             if array[index] in (0, -1) or (fixup.data.get("expand") and array[index] == 1):
                 return None
             if array[index] != old:
                 raise _Unfixable(f"{node.name}: shape entry {index} is {array[index]}, expected {old}")
-            array[index] = new
 
             def edit() -> None:
-                node.replace_input_with(1, self._new_const(model, array, shape.name or "shape"))
+                # Read the target again: an edit of this same group may have rewritten another entry
+                # (a tensor with two axes in one group), and that change must be kept.
+                current = node.inputs[1].const_value.numpy().copy()
+                current[index] = new
+                node.replace_input_with(1, self._new_const(model, current, shape.name or "shape"))
 
             return edit
         producer = shape.producer()
@@ -197,13 +208,14 @@ class RemoveChannelsPass(P2DPass):
             return None
         if array[entry] != old:
             raise _Unfixable(f"{node.name}: shape entry {index} is {array[entry]}, expected {old}")
-        array[entry] = new
 
         def edit_concat() -> None:
-            # Clone the Concat for this node alone: the original may feed other Reshapes.
-            new_piece = self._new_const(model, array, piece.name or "shape_piece")
-            pieces = list(producer.inputs)
-            pieces[piece_index] = new_piece
+            # Clone the Concat for this node alone: the original may feed other Reshapes. Start from the
+            # node's current Concat, which an earlier edit of this group may already have cloned.
+            pieces = list(node.inputs[1].producer().inputs)
+            current = pieces[piece_index].const_value.numpy().copy()
+            current[entry] = new
+            pieces[piece_index] = self._new_const(model, current, piece.name or "shape_piece")
             clone = ir.node("Concat", pieces, attributes={"axis": 0}, name=f"{producer.name}_p2d{self._counter}")
             clone.outputs[0].name = f"{shape.name}_p2d{self._counter}"
             clone.outputs[0].shape = shape.shape
@@ -213,14 +225,25 @@ class RemoveChannelsPass(P2DPass):
 
         return edit_concat
 
+    @staticmethod
+    def _target_length(node: ir.Node, shape: ir.Value) -> int:
+        length = shape.shape[0] if shape.shape is not None and len(shape.shape) == 1 else None
+        if shape.const_value is not None:
+            length = shape.const_value.numpy().size
+        if not isinstance(length, int):
+            raise _Unfixable(f"{node.name}: target shape of unknown length")
+        return length
+
     def _slice_edit(self, model: ir.Model, fixup: Fixup, new_start: int, new_end: int):
         node, k = fixup.node, fixup.data["k"]
-        starts, ends = fixup.data["starts"], fixup.data["ends"]
-        s = starts.const_value.numpy().copy()
-        e = ends.const_value.numpy().copy()
-        s[k], e[k] = new_start, new_end
+        starts, ends = node.inputs[1], node.inputs[2]
 
         def edit() -> None:
+            # Current bounds, read when the edit is made: keep the edits of earlier groups and of this
+            # group's other axes.
+            s = node.inputs[1].const_value.numpy().copy()
+            e = node.inputs[2].const_value.numpy().copy()
+            s[k], e[k] = new_start, new_end
             node.replace_input_with(1, self._new_const(model, s, starts.name or "starts"))
             node.replace_input_with(2, self._new_const(model, e, ends.name or "ends"))
 
@@ -237,6 +260,9 @@ class RemoveChannelsPass(P2DPass):
         array = np.asarray(sizes, dtype=np.int64)
 
         def edit() -> None:
+            if "split" in node.attributes:  # opset < 13: the sizes are an attribute, not an input
+                node.attributes["split"] = ir.AttrInt64s("split", array.tolist())
+                return
             split = self._new_const(model, array, "split")
             if len(node.inputs) > 1:
                 node.replace_input_with(1, split)

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import ShapeInferencePass
 import pytest
 from onnx import helper
 
@@ -210,7 +211,7 @@ def _mlp_graph(op_nodes, *, hidden: int = 10, with_shapes: bool = True, extra_in
     }
     model = helper_model(nodes, [tensor_info("X", ["N", 6])], [tensor_info("Y", ["N", 3])], inits)
     if with_shapes:
-        ir.passes.common.ShapeInferencePass()(model)
+        ShapeInferencePass()(model)
     return model
 
 
@@ -314,7 +315,7 @@ def _gemm_chain(*, with_shapes: bool) -> ir.Model:
     }
     model = helper_model(nodes, [tensor_info("X", ["N", 6])], [tensor_info("Y", ["N", 3])], inits)
     if with_shapes:
-        ir.passes.common.ShapeInferencePass()(model)
+        ShapeInferencePass()(model)
     return model
 
 
@@ -346,6 +347,6 @@ def test_conv_without_shapes_is_blocked_with_a_clear_reason():
     assert not any(g.prunable for g in analysis.groups)
     reasons = {r for g in analysis.groups for _, _, r in g.blocked} | {r for _, _, r in analysis._blocked}
     assert not any("non-constant weight" in r for r in reasons), reasons
-    ir.passes.common.ShapeInferencePass()(model)
+    ShapeInferencePass()(model)
     (group,) = [g for g in analyze_channels(model).groups if g.width == 8]
     assert group.prunable

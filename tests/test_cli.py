@@ -1,0 +1,112 @@
+"""The CLI: exit codes 0 / 1 / 2, readable summaries, and --json for machines."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from prune2deploy import api
+from prune2deploy.cli import main
+from prune2deploy.io import sha256_file
+from prune2deploy.spec import CompileOptions
+from tests.models import llama_mlp_masks, save_masks, tiny_llama
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tmp_path_factory):
+    """An exported tiny Llama (unmasked) and a mask file for it."""
+    import numpy as np
+
+    folder = tmp_path_factory.mktemp("cli")
+    module = tiny_llama()
+    api.compile(module, folder / "export", CompileOptions(profile=False))
+    masks, kept = llama_mlp_masks(module, 0.5, np.random.default_rng(0))
+    save_masks(masks, folder / "masks.safetensors")
+    return folder / "export" / "reference.onnx", folder / "masks.safetensors", kept
+
+
+def test_compile_inspect_verify_predict(tiny_onnx, tmp_path, capsys):
+    model, masks, kept = tiny_onnx
+    digest = sha256_file(model)
+    out = tmp_path / "build"
+    assert main(["compile", str(model), "--masks", str(masks), "--out", str(out), "--no-profile", "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "verification PASSED" in text and f"channels_removed={2 * 96 - sum(kept.values())}" in text
+    assert sha256_file(model) == digest
+
+    assert main(["inspect", str(out / "model.onnx"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    widths = sorted(g["width"] for g in info["groups"] if g["prunable"])
+    assert widths == sorted(kept.values())
+    assert main(["inspect", str(model)]) == 0
+    table = capsys.readouterr().out
+    assert "prunable" in table and "ReduceMean reduces over this axis" in table  # why the residual stream is blocked
+
+    assert main(["verify", str(out / "model.onnx"), "--reference", str(out / "reference.onnx")]) == 0
+    assert "PASSED" in capsys.readouterr().out
+
+    assert main(["predict", str(out / "model.onnx"), "--against", str(model), "--gpu", "a100", "l4"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("A100") or "a100" in line.lower() for line in lines)
+
+
+def test_exit_codes_for_bad_input(tiny_onnx, tmp_path, capsys):
+    model, _, _ = tiny_onnx
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x00garbage")
+    assert main(["compile", str(bad), "--out", str(tmp_path / "o"), "--no-profile", "--quiet"]) == 2
+    assert "bad.onnx: not a valid ONNX model" in capsys.readouterr().err
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("x")
+    assert main(["compile", str(model), "--out", str(tmp_path / "taken"), "--no-profile", "--quiet"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["compile", str(model), "--out", str(tmp_path / "o2"), "--passes", "nope", "--quiet"]) == 2
+    assert "unknown pass" in capsys.readouterr().err
+    assert main(["predict", str(model), "--gpu", "not-a-gpu"]) == 2
+
+
+def test_verify_fails_with_exit_1(tiny_onnx, tmp_path, capsys):
+    import numpy as np
+    import onnx_ir as ir
+
+    model, _, _ = tiny_onnx
+    broken = ir.load(str(model))
+    weight = next(v for v in broken.graph.initializers.values() if v.const_value is not None and len(v.shape) == 2)
+    weight.const_value = ir.tensor(weight.const_value.numpy() * np.float32(1.5), name=weight.name)
+    ir.save(broken, str(tmp_path / "broken.onnx"))
+    assert main(["verify", str(tmp_path / "broken.onnx"), "--reference", str(model)]) == 1
+    assert "FAILED" in capsys.readouterr().out
+
+
+def test_prune_then_compile_round_trip(tmp_path, capsys):
+    """`prune --compile`: the plan's kept MLP widths are exactly the compiled widths, verified exact."""
+    import onnx_ir as ir
+
+    from prune2deploy.analysis.scopes import module_of
+    from prune2deploy.pruning.plan import load_plan
+
+    tiny_llama().save_pretrained(tmp_path / "hf")
+    out = tmp_path / "pruned"
+    code = main(
+        [
+            "prune",
+            str(tmp_path / "hf"),
+            "--out",
+            str(out),
+            "--mlp",
+            "0.5",
+            "--round-to",
+            "8",
+            "--compile",
+            "--no-profile",
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    assert "verification PASSED" in capsys.readouterr().out
+    plan = load_plan(out / "plan.yaml")
+    kept = [len(layer.mlp.kept) for layer in plan.layers]
+    model = ir.load(str(out / "compiled" / "model.onnx"))
+    widths = [n.inputs[1].shape[0] for n in model.graph if n.op_type == "MatMul" and module_of(n).endswith("down_proj")]
+    assert widths == kept and all(w % 8 == 0 and w < 96 for w in widths)
