@@ -423,6 +423,7 @@ def _profile_section(reference_bytes: bytes, model_path: Path, options: CompileO
         threads=options.threads,
         reference="reference",
         budget_s=options.profile_budget_s,
+        min_runs=5,  # the median of at least five runs, whatever the budget
     )
     return latency_sections(rows, ideal=ideal)
 

@@ -234,6 +234,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             ]
         )
     print(_table(rows, ["group", "width", "zero", "prunable", "tensors", "blocked by"]))
+    if args.tensors:
+        for g in info["groups"]:
+            print(f"\n{g['group']} (width {g['width']}): weights {', '.join(g['weights']) or '-'}")
+            shown = ", ".join(g["tensors"])
+            more = g["num_tensors"] - len(g["tensors"])
+            print(f"  axes: {shown}" + (f" … (+{more})" if more > 0 else ""))
+            for b in g["blocked"]:
+                print(f"  blocked: {b['tensor']} at {b['node']}: {b['reason']}")
     return 0
 
 
@@ -391,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("inspect", help="channel groups of an ONNX model, prunable or not and why")
     i.add_argument("model", type=Path)
+    i.add_argument("--tensors", action="store_true", help="list each group's tensor axes and blocking nodes")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_inspect)
 

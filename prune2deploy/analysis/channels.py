@@ -305,7 +305,8 @@ class ChannelAnalysis:
                 dims.discard(None)
                 width = next(iter(dims)) if len(dims) == 1 else None
                 if not isinstance(width, int):
-                    blocked.append((cls[0], "", f"channel width is not static or not consistent: {sorted(map(str, dims))}"))
+                    reason = f"channel width is not static or not consistent: {sorted(map(str, dims))}"
+                    blocked.append((cls[0], "", reason))
                     width = 0
                 widths.append(width)
             root_index = {r: i for i, r in enumerate(roots)}
@@ -322,6 +323,14 @@ class ChannelAnalysis:
             if not group.blocked and all(widths):
                 group.zero_atoms = self._zero_atoms(group, roots, root_index)
             self.groups.append(group)
+        # Ids key the pass records: groups whose contractions share a module (two MLP layers written in one
+        # module, attention projections) are told apart by their contraction nodes, which no two groups share.
+        counts: dict[str, int] = defaultdict(int)
+        for group in self.groups:
+            counts[group.id] += 1
+        for group in self.groups:
+            if counts[group.id] > 1:
+                group.id = f"{group.id} [{', '.join(sorted(c.node.name for c in group.contractions))}]"
         self.groups.sort(key=lambda g: g.id)
 
     def _atoms(self, roots, widths, segments, root_index) -> list[list[tuple[int, int]]]:

@@ -26,14 +26,13 @@ the fallback for small models); nodes whose shapes stay unknown are costed as lo
 
 from __future__ import annotations
 
-import ast
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import onnx_ir as ir
 
+from prune2deploy.analysis import scopes
 from prune2deploy.analysis.nm import NM_OPS, is_nm, nm_eligibility
 from prune2deploy.analysis.shapes import ShapeInfo, concrete_shapes
 from prune2deploy.feeds import feed_specs
@@ -49,11 +48,10 @@ __all__ = [
     "compare_layers",
     "layer_of",
     "model_cost",
-    "name_scopes",
     "param_count",
 ]
 
-SCOPE_KEY = "pkg.torch.onnx.name_scopes"
+SCOPE_KEY = scopes.SCOPE_KEY
 SPARSITY_KEY = "p2d.sparsity"
 UNSCOPED = "(unscoped)"
 
@@ -88,7 +86,6 @@ _REDUCE_OPS = frozenset(
     }
 )  # fmt: skip
 _POOL_OPS = frozenset({"MaxPool", "AveragePool", "LpPool"})
-_LAYER_RE = re.compile(r"\.\d+$")
 
 
 @dataclass(frozen=True)
@@ -219,38 +216,13 @@ class ModelCost:
         }
 
 
-def name_scopes(node: ir.Node) -> list[str]:
-    """The exporter's module scopes of a node, outermost first, the traced op's name last.
-
-    Empty for nodes without (or with unreadable) metadata. The exporter's placeholder for nodes made
-    outside any module (symbolic sizes) is dropped.
-    """
-    raw = node.metadata_props.get(SCOPE_KEY)
-    if not raw:
-        return []
-    try:
-        scopes = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        return []
-    if not isinstance(scopes, (list, tuple)):
-        return []
-    return [s for s in scopes if isinstance(s, str) and s and not s.startswith("_empty_nn_module_stack")]
-
-
 def layer_of(node: ir.Node) -> str:
-    """The layer a node belongs to, from the exporter's ``pkg.torch.onnx.name_scopes`` metadata.
+    """The layer a node's cost and parameters are reported under.
 
-    The outermost scope that ends in a number (``model.layers.3``) is the layer, so everything inside a
-    decoder block groups together; otherwise the innermost module (``model.lm_head``). Nodes without the
-    metadata (hand-built graphs, passes' new nodes) are :data:`UNSCOPED`.
+    The outermost numbered module (``model.layers.3``), else the innermost module (``lm_head``), else
+    :data:`UNSCOPED` for nodes without the exporter's metadata (hand-built graphs, passes' new nodes).
     """
-    scopes = name_scopes(node)
-    for scope in scopes:
-        if _LAYER_RE.search(scope):
-            return scope
-    # The last entry names the traced op (``linear_3``), not a module.
-    modules = scopes[:-1] if len(scopes) > 1 else scopes
-    return modules[-1] if modules else UNSCOPED
+    return scopes.layer_of(node) or scopes.module_of(node) or UNSCOPED
 
 
 def _is_float(dtype: ir.DataType | None) -> bool:

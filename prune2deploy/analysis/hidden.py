@@ -125,7 +125,9 @@ class _Walker:
         if id(value) in self.in_stream:
             return
         if _last_dim(value) != self.stream.width:
-            self.block(value.producer(), f"'{value.name}' joins the hidden stream but its last dim is {_last_dim(value)}")
+            self.block(
+                value.producer(), f"'{value.name}' joins the hidden stream but its last dim is {_last_dim(value)}"
+            )
             return
         self.in_stream.add(id(value))
         self.stream.values.append(value)

@@ -14,7 +14,7 @@ import onnx_ir as ir
 __all__ = ["SCOPE_KEY", "layer_of", "module_of", "name_scopes", "strip_prefix"]
 
 SCOPE_KEY = "pkg.torch.onnx.name_scopes"
-_LAYER = re.compile(r"^(.*\.(?:layers|layer|h|blocks|block|encoder\.layer|decoder\.layers)\.\d+)(?:\.|$)")
+_NUMBERED = re.compile(r"\.\d+$")
 
 
 def name_scopes(node: ir.Node) -> list[str]:
@@ -26,21 +26,26 @@ def name_scopes(node: ir.Node) -> list[str]:
         scopes = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
         return []
-    return [s for s in scopes if isinstance(s, str)]
+    if not isinstance(scopes, (list, tuple)):
+        return []
+    # The exporter's placeholder for nodes made outside any module (symbolic sizes) is not a scope.
+    return [s for s in scopes if isinstance(s, str) and s and not s.startswith("_empty_nn_module_stack")]
 
 
 def module_of(node: ir.Node) -> str:
     """The innermost module that owns ``node`` (the last scope entry is the op's own name)."""
-    scopes = [s for s in name_scopes(node)[:-1] if s]
+    scopes = name_scopes(node)[:-1]  # the last entry names the traced op (``linear_3``), not a module
     return scopes[-1] if scopes else ""
 
 
 def layer_of(node: ir.Node) -> str:
-    """The numbered block (e.g. ``model.layers.3``) that owns ``node``, or ``""``."""
-    for scope in reversed(name_scopes(node)):
-        match = _LAYER.match(scope)
-        if match:
-            return match.group(1)
+    """The outermost numbered module (e.g. ``model.layers.3``) that owns ``node``, or ``""``.
+
+    Outermost, so that everything inside a decoder block (its attention, its MLP) groups together.
+    """
+    for scope in name_scopes(node)[:-1]:
+        if _NUMBERED.search(scope):
+            return scope
     return ""
 
 

@@ -95,7 +95,17 @@ class RemoveChannelsPass(P2DPass):
             if len(kept) >= target:
                 break
             kept.append(atom)
-        return sorted(kept)
+        # min_width holds for every tensor, not only the widest: a Concat input or a Split/Slice part whose
+        # channels are all zero would otherwise become a width-0 tensor.
+        kept_set = set(kept)
+        for ci in range(len(group.classes)):
+            members = [a for a in range(len(group.atoms)) if any(c == ci for c, _ in group.atoms[a])]
+            need = min(self.min_width, len({i for a in members for c, i in group.atoms[a] if c == ci}))
+            for atom in members:
+                if len({i for a in kept_set for c, i in group.atoms[a] if c == ci}) >= need:
+                    break
+                kept_set.add(atom)
+        return sorted(kept_set)
 
     @staticmethod
     def _kept_per_class(group: ChannelGroup, kept_atoms: list[int]) -> list[list[int]]:
@@ -136,7 +146,9 @@ class RemoveChannelsPass(P2DPass):
             old, new = RuleDim.width(fixup.slot), len(kept[ci])
             if fixup.kind == "groups":
                 node = fixup.node
-                edits.append(lambda node=node, new=new: node.attributes.__setitem__("group", ir.AttrInt64("group", new)))
+                edits.append(
+                    lambda node=node, new=new: node.attributes.__setitem__("group", ir.AttrInt64("group", new))
+                )
             elif fixup.kind == "width":
                 edits.append(self._width_edit(model, fixup, old, new))
             elif fixup.kind == "slice":
@@ -190,12 +202,13 @@ class RemoveChannelsPass(P2DPass):
         producer = shape.producer()
         if producer is None or producer.op_type != "Concat":
             raise _Unfixable(f"{node.name}: the target shape is computed at run time; cannot rewrite the width")
-        offset = 0
-        for piece_index, piece in enumerate(producer.inputs):
+        offset, piece_index = 0, -1
+        for position, piece in enumerate(producer.inputs):
             length = piece.shape[0] if piece.shape is not None and len(piece.shape) == 1 else None
             if not isinstance(length, int):
                 raise _Unfixable(f"{producer.name}: shape piece of unknown length")
             if offset <= index < offset + length:
+                piece_index = position
                 break
             offset += length
         else:

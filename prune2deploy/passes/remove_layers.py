@@ -87,7 +87,8 @@ class RemoveLayersPass(P2DPass):
                     not_removed.append({"layer": layer.name, "reason": layer.reason})
                     continue
                 zero = all(block.zero for block in layer.blocks)
-                replace_value(model.graph, layer.stream_out, layer.stream_in)
+                # Read the incoming stream now, not at analysis time: an earlier removal may have rewired it.
+                replace_value(model.graph, layer.stream_out, layer.blocks[0].residual)
                 removed_layers.append(layer.name)
                 if not zero:
                     approximate_layers.append(layer.name)
@@ -128,9 +129,7 @@ class RemoveLayersPass(P2DPass):
         for entry in self.layers:
             if isinstance(entry, str) and not entry.isdigit():
                 if entry not in names:
-                    raise BadInputError(
-                        f"remove-layers: no layer '{entry}' in the model; layers are {_span(found)}"
-                    )
+                    raise BadInputError(f"remove-layers: no layer '{entry}' in the model; layers are {_span(found)}")
                 planned.add(entry)
                 continue
             index = int(entry)

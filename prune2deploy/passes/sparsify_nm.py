@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from prune2deploy.analysis.cost import SPARSITY_KEY, model_cost, name_scopes
+from prune2deploy.analysis.cost import SPARSITY_KEY, model_cost
 from prune2deploy.analysis.nm import NM_OPS, nm_eligibility, nm_mask, nm_violations
+from prune2deploy.analysis.scopes import name_scopes
 from prune2deploy.errors import ConfigError
 from prune2deploy.passes.base import P2DPass, PassResult
 

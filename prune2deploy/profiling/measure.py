@@ -176,7 +176,8 @@ def measure_side_by_side(
 
     The loop stops when, after ``min_runs`` repetitions, every model's median is known to ``rel_ci``
     (see :func:`median_ci`); or at ``max_runs``; or when the timed phase has used ``budget_s`` of the clock,
-    whichever comes first (the budget can end the loop before ``min_runs``, never before one run).
+    whichever comes first; ``min_runs`` always complete, since a median of fewer runs than asked for is not
+    what the caller wanted (the budget bounds the extra runs spent on stability).
 
     Args:
         models: name -> (runner, feeds), in the order they should be interleaved.
@@ -223,7 +224,7 @@ def measure_side_by_side(
         if done >= min_runs and all(_stable(times[name], rel_ci) for name in names):
             reason = "stable"
             break
-        if t1 - start >= budget_s and done < max_runs:
+        if t1 - start >= budget_s and min_runs <= done < max_runs:
             reason = "budget"
             log.info("budget of %.1f s used after %d runs; medians may be less precise", budget_s, done)
             break

@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes.common import ShapeInferencePass
 import pytest
 from onnx import helper
+from onnx_ir.passes.common import ShapeInferencePass
 
 from prune2deploy.analysis.channels import analyze_channels
 from tests.channel_models import (

@@ -109,15 +109,20 @@ def test_stops_as_soon_as_the_median_is_stable():
     assert stats.peak_rss_mb is None  # no warm-up, no memory sampling
 
 
-def test_budget_ends_the_loop_before_min_runs():
+def test_budget_ends_the_loop_after_min_runs():
     clock = FakeClock()
     runner = FakeRunner("m", [1.0, 2.0], clock, [])  # alternating: never stable at rel_ci=0
-    stats = measure_latency(
-        runner, _feeds(), warmup=0, min_runs=50, max_runs=100, budget_s=3.5, rel_ci=0.0, clock=clock
-    )
+    stats = measure_latency(runner, _feeds(), warmup=0, min_runs=2, max_runs=100, budget_s=3.5, rel_ci=0.0, clock=clock)
     assert (stats.runs, stats.stop_reason) == (3, "budget")  # 1 + 2 + 1 = 4 s >= 3.5 s
     assert stats.times_ms == pytest.approx((1000.0, 2000.0, 1000.0))
     assert stats.median_ms == pytest.approx(1000.0)
+
+
+def test_min_runs_complete_even_past_the_budget():
+    clock = FakeClock()
+    runner = FakeRunner("m", [1.0, 2.0], clock, [])
+    stats = measure_latency(runner, _feeds(), warmup=0, min_runs=6, max_runs=100, budget_s=0.5, rel_ci=0.0, clock=clock)
+    assert (stats.runs, stats.stop_reason) == (6, "budget")
 
 
 def test_median_ci_uses_order_statistics():

@@ -1,0 +1,274 @@
+"""Rewrite one proven attention block to a new head layout: which query heads, which kv heads, which map.
+
+Both head passes reduce to this: ``remove-heads`` keeps a subset of query heads and the kv heads they
+read; ``regroup-gqa`` permutes query heads and replaces the kv heads by pooled ones. The rewrite
+
+- takes the chosen query columns of the q projection (and bias) and the matching output-projection rows,
+- installs the new K and V columns (and biases; fused QKV weights and Split sizes included),
+- rewrites every constant that carries a head count (split/merge Reshape targets, the GQA Expand/Reshape
+  targets) on a *clone*, since the exporter shares these small constants between layers and roles,
+- expresses the query → kv map: a uniform map keeps the ``Unsqueeze → Expand → Reshape`` repeat with new
+  counts; any other map becomes a ``Gather`` over the kv-head axis (replacing the repeat, or inserted at
+  the MHA meeting points), which is exact for uneven groups,
+- updates the static head width of every head tensor the proof found, including past/present caches.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from prune2deploy.analysis.attention import AttentionBlock, shape_entries
+
+__all__ = ["HeadLayout", "apply_head_layout", "head_columns", "uniform_group_size"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class HeadLayout:
+    """The block after the rewrite.
+
+    Attributes:
+        q_heads: original query heads to keep, in their new order.
+        k_weight, v_weight: new key/value projection columns, ``[in, kv_heads' * head_dim]``.
+        k_bias, v_bias: new biases (``None`` when the block has none).
+        mapping: new query head ``i`` reads new kv head ``mapping[i]``.
+    """
+
+    q_heads: list[int]
+    k_weight: np.ndarray
+    v_weight: np.ndarray
+    k_bias: np.ndarray | None
+    v_bias: np.ndarray | None
+    mapping: list[int]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return max(self.mapping) + 1 if self.mapping else 0
+
+
+def head_columns(heads: Sequence[int], head_dim: int) -> np.ndarray:
+    """Column (or row) indices of ``heads`` in a ``[.., heads * head_dim]`` layout."""
+    return (np.asarray(heads, dtype=np.int64)[:, None] * head_dim + np.arange(head_dim)).reshape(-1)
+
+
+def uniform_group_size(mapping: Sequence[int], num_kv: int) -> int | None:
+    """``r`` when ``mapping[i] == i // r`` (what an Expand repeat expresses), else ``None``."""
+    if not mapping or num_kv == 0 or len(mapping) % num_kv:
+        return None
+    r = len(mapping) // num_kv
+    return r if all(m == i // r for i, m in enumerate(mapping)) else None
+
+
+class _Editor:
+    """Creates fresh constants and clones shape vectors; never changes a value other nodes may read."""
+
+    def __init__(self, model: ir.Model, tag: str) -> None:
+        self.model = model
+        self.tag = tag
+        self.counter = 0
+        self.replaced: list[ir.Value] = []
+
+    def fresh_name(self, base: str) -> str:
+        graph = self.model.graph
+        while True:
+            self.counter += 1
+            name = f"{base}_{self.tag}{self.counter}"
+            if name not in graph.initializers:
+                return name
+
+    def const(self, array: np.ndarray, base: str, like: ir.Value | None = None) -> ir.Value:
+        name = self.fresh_name(base or "const")
+        dtype = like.dtype if like is not None and like.dtype is not None else None
+        if dtype is not None:
+            array = array.astype(dtype.numpy(), copy=False)
+        tensor = ir.tensor(np.ascontiguousarray(array), name=name)
+        value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype))
+        value.const_value = tensor
+        self.model.graph.register_initializer(value)
+        return value
+
+    def set_input(self, node: ir.Node, index: int, array: np.ndarray) -> None:
+        old = node.inputs[index]
+        self.replaced.append(old)
+        node.replace_input_with(index, self.const(array, old.name or "w", like=old))
+
+    def set_shape_entries(self, node: ir.Node, index: int, changes: dict[int, int]) -> None:
+        """Rewrites entries of ``node``'s shape input on a private copy (constant or Concat of pieces)."""
+        changes = {k: v for k, v in changes.items() if v is not None}
+        if not changes:
+            return
+        target = node.inputs[index]
+        array = ir.convenience.get_const_tensor(target)
+        if array is not None:
+            new = array.numpy().copy().reshape(-1)
+            for entry, value in changes.items():
+                new[entry] = value
+            self.replaced.append(target)
+            node.replace_input_with(index, self.const(new, target.name or "shape", like=target))
+            return
+        concat = target.producer()
+        pieces = list(concat.inputs)
+        offset = 0
+        for p_index, piece in enumerate(list(pieces)):
+            length = int(piece.shape[0])
+            local = {e - offset: v for e, v in changes.items() if offset <= e < offset + length}
+            if local:
+                data = ir.convenience.get_const_tensor(piece)
+                if data is None:  # the analysis only proves targets whose head entries are constant
+                    raise RuntimeError(f"{concat.name}: shape piece {p_index} is not constant")
+                new = data.numpy().copy().reshape(-1)
+                for entry, value in local.items():
+                    new[entry] = value
+                pieces[p_index] = self.const(new, piece.name or "shape_piece", like=piece)
+            offset += length
+        clone = ir.node("Concat", pieces, attributes={"axis": 0}, name=self.fresh_name(concat.name or "concat"))
+        clone.outputs[0].name = self.fresh_name(target.name or "shape")
+        clone.outputs[0].shape = target.shape
+        clone.outputs[0].type = target.type
+        self.model.graph.insert_before(node, clone)
+        node.replace_input_with(index, clone.outputs[0])
+
+    def gather(self, data: ir.Value, indices: Sequence[int], axis: int, before: ir.Node, like: ir.Value) -> ir.Value:
+        index_value = self.const(np.asarray(indices, dtype=np.int64), "head_map")
+        node = ir.node("Gather", [data, index_value], attributes={"axis": axis}, name=self.fresh_name("head_gather"))
+        out = node.outputs[0]
+        out.name = self.fresh_name(f"{data.name}_heads")
+        out.type = like.type
+        if like.shape is not None:
+            dims = list(like.shape)
+            dims[axis] = len(indices)
+            out.shape = ir.Shape(dims)
+        self.model.graph.insert_before(before, node)
+        return out
+
+    def drop_unused(self) -> None:
+        graph = self.model.graph
+        for value in self.replaced:
+            if value.name in graph.initializers and not list(value.uses()) and not value.is_graph_input():
+                if not value.is_graph_output():
+                    graph.initializers.pop(value.name)
+
+
+def _set_dim(value: ir.Value, axis: int, width: int) -> None:
+    if value.shape is None:
+        return
+    dims = list(value.shape)
+    dims[axis] = width
+    value.shape = ir.Shape(dims)
+
+
+def apply_head_layout(model: ir.Model, block: AttentionBlock, layout: HeadLayout, *, tag: str = "heads") -> dict:
+    """Rewrites ``block`` to ``layout``; returns what changed (for the pass record).
+
+    The block must come from a fresh :func:`~prune2deploy.analysis.attention.analyze_attention` of this
+    model (the proof's node and value references are used directly).
+    """
+    edit = _Editor(model, tag)
+    d = block.head_dim
+    new_h, new_k = len(layout.q_heads), layout.num_kv_heads
+    q_cols = head_columns(layout.q_heads, d)
+    q, k, v, o = (block.projections[r] for r in "qkvo")
+    q_weight = q.weight_array()[:, q.offset : q.offset + q.width][:, q_cols]
+    q_bias = None if q.bias is None else q.bias_array()[q.offset : q.offset + q.width][q_cols]
+    if (layout.k_bias is None) != (k.bias is None) or (layout.v_bias is None) != (v.bias is None):
+        raise ValueError("the new layout's biases do not match the block's")
+
+    new_parts = {"q": (q_weight, q_bias), "k": (layout.k_weight, layout.k_bias), "v": (layout.v_weight, layout.v_bias)}
+    fused = q.split is not None
+    if fused:
+        # One weight for all roles: rebuild it in Split order and rewrite the Split sizes.
+        order = sorted("qkv", key=lambda r: block.projections[r].offset)
+        weight = np.concatenate([new_parts[r][0] for r in order], axis=1)
+        edit.set_input(q.matmul, 1, weight)
+        if q.bias is not None:
+            edit.set_input(q.bias_add, list(q.bias_add.inputs).index(q.bias), np.concatenate([new_parts[r][1] for r in order]))
+        # The Split's outputs are in offset order, so its sizes follow ``order`` too.
+        sizes = np.asarray([new_parts[r][0].shape[1] for r in order], dtype=np.int64)
+        split = q.split
+        if len(split.inputs) > 1 and split.inputs[1] is not None:
+            edit.set_input(split, 1, sizes)
+        else:
+            split.resize_inputs(2)
+            split.replace_input_with(1, edit.const(sizes, "split"))
+            split.attributes.pop("num_outputs", None)
+        _set_dim(q.matmul.outputs[0], -1, weight.shape[1])
+        if q.bias_add is not None:
+            _set_dim(q.bias_add.outputs[0], -1, weight.shape[1])
+        for role in "qkv":
+            proj = block.projections[role]
+            _set_dim(proj.split.outputs[proj.split_index], -1, new_parts[role][0].shape[1])
+    else:
+        for role in "qkv":
+            proj = block.projections[role]
+            weight, bias = new_parts[role]
+            edit.set_input(proj.matmul, 1, weight)
+            _set_dim(proj.matmul.outputs[0], -1, weight.shape[1])
+            if proj.bias is not None:
+                edit.set_input(proj.bias_add, list(proj.bias_add.inputs).index(proj.bias), bias)
+                _set_dim(proj.bias_add.outputs[0], -1, weight.shape[1])
+    edit.set_input(o.matmul, 1, o.weight_array()[head_columns(layout.q_heads, d)])
+
+    # Head counts baked into the split / merge Reshape targets (-1 stays -1).
+    for role, split in block.splits.items():
+        entries = shape_entries(split.node.inputs[1])
+        count = new_h if role == "q" else new_k
+        if entries[split.head_entry] != -1:
+            edit.set_shape_entries(split.node, 1, {split.head_entry: count})
+    merge_entries = shape_entries(block.merge.inputs[1])
+    if merge_entries[block.merge_entry] != -1:
+        edit.set_shape_entries(block.merge, 1, {block.merge_entry: new_h * d})
+    _set_dim(block.merge.outputs[0], -1, new_h * d)
+
+    # The query → kv map.
+    rep = uniform_group_size(layout.mapping, new_k)
+    gathers = 0
+    for repeat in block.repeats:
+        if rep is not None:
+            target = shape_entries(repeat.expand.inputs[1])
+            a = repeat.axis
+            changes = {a + 1: rep}
+            if target[a] == block.num_kv_heads and target[a] != 1:
+                changes[a] = new_k
+            edit.set_shape_entries(repeat.expand, 1, changes)
+            if shape_entries(repeat.reshape.inputs[1])[a] != -1:
+                edit.set_shape_entries(repeat.reshape, 1, {a: new_h})
+            _set_dim(repeat.unsqueeze.outputs[0], a, new_k)
+            _set_dim(repeat.expand.outputs[0], a, new_k)
+            _set_dim(repeat.expand.outputs[0], a + 1, rep)
+        else:
+            old = repeat.reshape.outputs[0]
+            new = edit.gather(repeat.unsqueeze.inputs[0], layout.mapping, repeat.axis, repeat.reshape, like=old)
+            old.replace_all_uses_with(new)
+            for node in (repeat.reshape, repeat.expand, repeat.unsqueeze):
+                if not any(list(out.uses()) for out in node.outputs):
+                    model.graph.remove(node, safe=True)
+            gathers += 1
+    for gather in block.gathers:
+        edit.set_input(gather.node, 1, np.asarray(layout.mapping, dtype=np.int64))
+    if block.joins and not (rep == 1 and new_h == new_k):
+        for join in block.joins:
+            data = join.node.inputs[join.index]
+            new = edit.gather(data, layout.mapping, join.axis, join.node, like=data)
+            join.node.replace_input_with(join.index, new)
+            gathers += 1
+
+    # Static head widths of every head tensor (graph inputs/outputs of a KV cache included).
+    for tensor in block.tensors:
+        if tensor.merged:
+            continue
+        _set_dim(tensor.value, tensor.axis, new_h if tensor.space == "q" else new_k)
+    edit.drop_unused()
+    return {
+        "heads_before": block.num_heads,
+        "heads_after": new_h,
+        "kv_heads_before": block.num_kv_heads,
+        "kv_heads_after": new_k,
+        "gathers": gathers,
+        "cache_changed": bool(block.cache_inputs) and new_k != block.num_kv_heads,
+    }

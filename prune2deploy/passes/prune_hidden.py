@@ -1,0 +1,287 @@
+"""Narrow the hidden (residual-stream, embedding) width: drop channels from every tensor that carries it.
+
+Which channels: those that every source leaves zero (``analysis.hidden``: embedding columns, writer output
+columns and biases, LayerNorm scale and bias), or an explicit list from a width plan (Minitron-style).
+What changes: embedding and position-embedding columns, writer output columns (o_proj, down_proj, ...),
+reader input rows (q/k/v, gate/up, lm_head, a tied head included: it reads the stream like any other
+reader), norm scales and biases, per-channel constants. Every constant is sliced as a new tensor for the
+one input that reads it, so a tensor the exporter shared with an unaffected node is never edited.
+Graph outputs keep their shape: a hidden-width output is padded back (Pad + Gather), dropped channels
+filled with zero, or with the LayerNorm bias when a LayerNorm produced the output.
+
+RMSNorm exactness. With ``d`` channels of which the dropped ``d - d'`` are zero in the stream,
+``mean_d(x²) = (d'/d) · mean_d'(x²)``, so the reference norm
+
+    y = w · x / sqrt(mean_d(x²) + eps)
+      = w · x / sqrt((d'/d) · (mean_d'(x²) + eps · d/d'))
+      = (w · sqrt(d/d')) · x / sqrt(mean_d'(x²) + eps · d/d')
+
+is an RMSNorm over the kept channels with ``eps' = eps · d/d'`` and ``w' = w · sqrt(d/d')``: the pass
+rewrites both, and the result is exact (float rounding aside). Where the exported pattern is not the
+plain ``ReduceMean → Add(eps) → Sqrt → Reciprocal → Mul(x) → Mul(w)`` chain, the same correction is made
+by multiplying the ReduceMean's output by ``d'/d``, also exact.
+
+LayerNorm is not exact: its mean and variance over ``d'`` channels differ from those over ``d`` in a way
+no eps or scale change recovers, so a LayerNorm model is reported ``exact: false`` and verification
+measures the error. Dropping channels that are not zero (a plan) is approximate for any norm; the norms are
+then left uncorrected (``rescale_norms=None``), the usual choice of width pruning.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+
+import numpy as np
+import onnx_ir as ir
+
+from prune2deploy.analysis.hidden import ConstUse, HiddenStream, analyze_hidden
+from prune2deploy.errors import BadInputError
+from prune2deploy.passes.base import P2DPass, PassResult
+
+__all__ = ["PruneHiddenPass"]
+
+log = logging.getLogger(__name__)
+
+
+class PruneHiddenPass(P2DPass):
+    """Removes hidden channels: the provably zero ones, or those a plan lists.
+
+    Args:
+        channels: hidden channel indices to drop (a plan); ``None`` drops the detected zero channels.
+        min_width: keep at least this many channels.
+        rescale_norms: correct RMSNorm for the narrower mean (eps and scale). ``None`` (default) does it
+            when every dropped channel is zero in the stream, the case where it makes the model exact.
+    """
+
+    name = "prune-hidden"
+    exact = True
+
+    def __init__(
+        self, channels: Iterable[int] | None = None, *, min_width: int = 1, rescale_norms: bool | None = None
+    ) -> None:
+        super().__init__()
+        self.channels = None if channels is None else sorted({int(c) for c in channels})
+        self.min_width = max(1, min_width)
+        self.rescale_norms = rescale_norms
+        self._counter = 0
+
+    def __repr__(self) -> str:
+        plan = "detect-zero" if self.channels is None else f"{len(self.channels)} planned"
+        return f"PruneHiddenPass(channels={plan}, min_width={self.min_width})"
+
+    def call(self, model: ir.Model) -> PassResult:
+        stream = analyze_hidden(model)
+        if not stream.ok:
+            log.info("prune-hidden: hidden stream left unchanged: %s", stream.reason)
+            self.add_record(width_before=stream.width, width_after=stream.width, removed=0, skipped=stream.reason)
+            return PassResult(model, modified=False)
+        width = stream.width
+        zero = set(stream.zero_channels())
+        if self.channels is None:
+            drop = sorted(zero)
+        else:
+            bad = [c for c in self.channels if not 0 <= c < width]
+            if bad:
+                raise BadInputError(f"prune-hidden: channels {bad[:5]} out of range for hidden width {width}")
+            drop = list(self.channels)
+        drop = drop[: max(0, width - self.min_width)]
+        if not drop:
+            self.add_record(width_before=width, width_after=width, removed=0, zero_channels=len(zero))
+            return PassResult(model, modified=False)
+        keep = np.asarray([c for c in range(width) if c not in set(drop)], dtype=np.int64)
+        all_zero = set(drop) <= zero
+        rescale = all_zero if self.rescale_norms is None else self.rescale_norms
+        layernorms = [n.name for n, kind in stream.reductions if kind == "layernorm"]
+
+        scales: dict[tuple[int, int], float] = {}
+        norms = {"rms_folded": 0, "rms_mean_scaled": 0, "rms_uncorrected": 0}
+        means = [n for n, kind in stream.reductions if kind == "mean"]
+        for node in means:
+            if not rescale:
+                norms["rms_uncorrected"] += 1
+            elif self._fold_rms(model, node, stream, width, len(keep), scales):
+                norms["rms_folded"] += 1
+            else:
+                self._scale_mean(model, node, len(keep) / width)
+                norms["rms_mean_scaled"] += 1
+        fills = self._output_fills(stream, drop)
+        for key, use in stream.consts.items():
+            self._slice_const(model, use, keep, scales.get(key, 1.0))
+        for value in stream.values:
+            dims = list(value.shape)
+            dims[-1] = len(keep)
+            value.shape = ir.Shape(dims)
+        restored = [v.name for v in stream.outputs]
+        for value in stream.outputs:
+            self._restore_output(model, value, keep, width, fills[value.name])
+
+        exact = all_zero and not layernorms and (rescale or not means)
+        reasons = []
+        if not all_zero:
+            reasons.append(f"{len(set(drop) - zero)} dropped channels are not zero in the stream")
+        if layernorms:
+            reasons.append(f"{len(layernorms)} LayerNorms now average over {len(keep)} of {width} channels")
+        if means and not rescale:
+            reasons.append("RMSNorms left uncorrected")
+        if not exact:
+            log.warning("prune-hidden is approximate here: %s", "; ".join(reasons))
+        self.add_record(
+            exact=exact,
+            inexact_because=reasons,
+            width_before=width,
+            width_after=len(keep),
+            removed=len(drop),
+            removed_channels=[int(c) for c in drop],
+            zero_channels=len(zero),
+            tensors_sliced=len(stream.consts),
+            embeddings=[u.value.name for u in stream.uses("embedding")],
+            writers=len(stream.uses("writer")),
+            readers=len(stream.uses("reader")),
+            norms=norms,
+            layernorms=len(layernorms),
+            outputs_restored=restored,
+        )
+        return PassResult(model, modified=True)
+
+    # -- constants --------------------------------------------------------------------------------------------
+    def _new_initializer(self, model: ir.Model, array: np.ndarray, base: str) -> ir.Value:
+        self._counter += 1
+        name = f"{base}_h{self._counter}"
+        while name in model.graph.initializers:
+            self._counter += 1
+            name = f"{base}_h{self._counter}"
+        value = ir.Value(
+            name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype))
+        )
+        value.const_value = ir.tensor(np.ascontiguousarray(array), name=name)
+        model.graph.register_initializer(value)
+        return value
+
+    def _slice_const(self, model: ir.Model, use: ConstUse, keep: np.ndarray, scale: float) -> None:
+        old = use.value
+        array = old.const_value.numpy()
+        for axis in sorted(use.axes):
+            array = np.take(array, keep, axis=axis)
+        if scale != 1.0:
+            array = (array.astype(np.float64) * scale).astype(array.dtype)
+        use.node.replace_input_with(use.index, self._new_initializer(model, array, old.name or "hidden"))
+
+    # -- RMSNorm ----------------------------------------------------------------------------------------------
+    def _fold_rms(
+        self, model: ir.Model, mean: ir.Node, stream: HiddenStream, width: int, kept: int, scales: dict
+    ) -> bool:
+        """Rewrites eps and the norm scale of one ``ReduceMean → Add(eps) → Sqrt → 1/· → Mul → Mul(w)``."""
+        add = _only_consumer(mean.outputs[0], "Add")
+        if add is None:
+            return False
+        eps_index = next((i for i, v in enumerate(add.inputs) if v is not mean.outputs[0]), None)
+        eps = add.inputs[eps_index] if eps_index is not None else None
+        if eps is None or eps.const_value is None or eps.const_value.numpy().size != 1:
+            return False
+        sqrt = _only_consumer(add.outputs[0], "Sqrt")
+        if sqrt is None:
+            return False
+        normalizers: list[ir.Node] = []
+        recip = _only_consumer(sqrt.outputs[0], "Reciprocal")
+        if recip is not None:
+            normalizers = [u.node for u in recip.outputs[0].uses()]
+            if not all(n.op_type == "Mul" for n in normalizers):
+                return False
+        else:
+            normalizers = [u.node for u in sqrt.outputs[0].uses()]
+            if not all(u.node.op_type == "Div" and u.idx == 1 for u in sqrt.outputs[0].uses()):
+                return False
+        keys = []
+        for normalizer in normalizers:
+            scale_node = _only_consumer(normalizer.outputs[0], "Mul")
+            if scale_node is None:
+                return False
+            key = next(
+                ((id(scale_node), i) for i in range(2) if (id(scale_node), i) in stream.consts),
+                None,
+            )
+            if key is None or stream.consts[key].role != "per-channel":
+                return False
+            keys.append(key)
+        if not keys or any(k in scales for k in keys):
+            return False
+        ratio = width / kept
+        array = eps.const_value.numpy()
+        add.replace_input_with(eps_index, self._new_initializer(model, (array * ratio).astype(array.dtype), "eps"))
+        for key in keys:
+            scales[key] = math.sqrt(ratio)
+        return True
+
+    def _scale_mean(self, model: ir.Model, mean: ir.Node, factor: float) -> None:
+        """mean_d(x²) = (d'/d) · mean_d'(x²): multiply the narrower mean back to the reference value."""
+        out = mean.outputs[0]
+        uses = list(out.uses())
+        dtype = out.dtype.numpy() if out.dtype is not None else np.float32
+        const = self._new_initializer(model, np.asarray(factor, dtype=dtype), "mean_scale")
+        mul = ir.node("Mul", [out, const], name=f"{mean.name}__hidden_scale")
+        mul.outputs[0].name = f"{out.name}__hidden_scaled"
+        mul.outputs[0].shape, mul.outputs[0].type = out.shape, out.type
+        model.graph.insert_after(mean, mul)
+        for use in uses:
+            use.node.replace_input_with(use.idx, mul.outputs[0])
+
+    # -- graph outputs ----------------------------------------------------------------------------------------
+    @staticmethod
+    def _output_fills(stream: HiddenStream, drop: list[int]) -> dict[str, np.ndarray]:
+        """Value of each dropped channel in a restored output: the producing LayerNorm's bias, else zero."""
+        fills = {}
+        for value in stream.outputs:
+            fill = np.zeros(stream.width, dtype=np.float32)
+            producer = value.producer()
+            if producer is not None and producer.op_type == "LayerNormalization" and len(producer.inputs) > 2:
+                bias = producer.inputs[2]
+                if bias is not None and bias.const_value is not None:
+                    fill[drop] = bias.const_value.numpy()[drop]
+            fills[value.name] = fill
+        return fills
+
+    def _restore_output(self, model: ir.Model, value: ir.Value, keep: np.ndarray, width: int, fill) -> None:
+        """Pads a narrowed graph output back to ``width`` channels in their original order."""
+        graph = model.graph
+        rank = len(value.shape)
+        dropped = np.setdiff1d(np.arange(width), keep)
+        position = np.empty(width, dtype=np.int64)
+        position[keep] = np.arange(len(keep))
+        position[dropped] = len(keep) + np.arange(len(dropped))
+        pads = np.zeros(2 * rank, dtype=np.int64)
+        pads[2 * rank - 1] = len(dropped)
+        name = value.name
+        value.name = f"{name}__narrow"
+        pad = ir.node("Pad", [value, self._new_initializer(model, pads, "pads")], name=f"{name}__pad")
+        gather = ir.node(
+            "Gather",
+            [pad.outputs[0], self._new_initializer(model, position, "order")],
+            attributes={"axis": rank - 1},
+            name=f"{name}__order",
+        )
+        nodes = [pad, gather]
+        result = gather.outputs[0]
+        dtype = value.dtype.numpy() if value.dtype is not None else np.float32
+        if np.any(fill):
+            add = ir.node(
+                "Add", [result, self._new_initializer(model, fill.astype(dtype), "fill")], name=f"{name}__fill"
+            )
+            nodes.append(add)
+            result = add.outputs[0]
+        dims = list(value.shape)
+        dims[-1] = width
+        for node in nodes:
+            node.outputs[0].shape, node.outputs[0].type = ir.Shape(dims), value.type
+            node.outputs[0].name = f"{name}__{node.op_type.lower()}"
+        result.name = name
+        graph.extend(nodes)
+        graph.outputs[next(i for i, v in enumerate(graph.outputs) if v is value)] = result
+
+
+def _only_consumer(value: ir.Value, op_type: str) -> ir.Node | None:
+    uses = list(value.uses())
+    if len(uses) != 1 or value.is_graph_output() or uses[0].node.op_type != op_type:
+        return None
+    return uses[0].node

@@ -1,0 +1,217 @@
+"""remove-heads: zero heads in the graph, run the pass, check the new head counts and that ORT outputs match."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from prune2deploy.passes.remove_heads import RemoveHeadsPass
+from prune2deploy.verify import EXACT_TOLERANCE, verify_models
+from tests.attention_models import blocks_by_name, copy, decoder_feeds, fresh, fresh_fused, run, zero_heads
+
+LLAMA = [f"model.layers.{i}.self_attn" for i in range(2)]
+BERT = [f"encoder.layer.{i}.attention.self" for i in range(2)]
+
+
+def _remove(model: ir.Model, **options) -> dict:
+    pass_ = RemoveHeadsPass(**options)
+    pass_(model)
+    onnx.checker.check_model(ir.to_proto(model))
+    return pass_.record
+
+
+def _assert_exact(reference: ir.Model, compiled: ir.Model) -> float:
+    verification = verify_models(reference, compiled, exact=True)
+    assert verification.passed, verification.outputs
+    assert verification.worst <= EXACT_TOLERANCE
+    return verification.worst
+
+
+def _counts(model: ir.Model) -> dict[str, tuple[int, int]]:
+    return {name: (b.num_heads, b.num_kv_heads) for name, b in blocks_by_name(model).items()}
+
+
+def test_gqa_uneven_and_whole_group():
+    """Layer 0 loses one head of group 0 (Gather map), layer 1 loses all of group 1 (kv head goes)."""
+    model = fresh("llama-gqa")
+    zero_heads(model, {LLAMA[0]: [1], LLAMA[1]: [2, 3]}, "o")
+    reference = copy(model)
+    record = _remove(model)
+    assert record["heads_removed"] == 3 and record["kv_heads_removed"] == 1 and record["exact"]
+    assert record["per_block"][LLAMA[0]]["gathers"] == 2  # K and V map [0, 1, 1] → [0, 0, 1]
+    assert record["per_block"][LLAMA[1]]["gathers"] == 0  # uniform: the Expand repeat is kept
+    blocks = blocks_by_name(model)
+    assert _counts(model) == {LLAMA[0]: (3, 2), LLAMA[1]: (2, 1)}
+    assert blocks[LLAMA[0]].kv_map == [0, 1, 1]
+    assert blocks[LLAMA[0]].projections["q"].weight.const_value.shape == (64, 48)
+    assert blocks[LLAMA[0]].projections["o"].weight.const_value.shape == (48, 64)
+    assert blocks[LLAMA[1]].projections["k"].weight.const_value.shape == (64, 16)
+    _assert_exact(reference, model)
+
+
+def test_gqa_zero_value_head():
+    model = fresh("llama-gqa")
+    zero_heads(model, {LLAMA[0]: [0]}, "v")  # kv head 0: query heads 0 and 1 contribute nothing
+    reference = copy(model)
+    record = _remove(model)
+    assert record["per_block"][LLAMA[0]]["removed_heads"] == [0, 1]
+    assert _counts(model) == {LLAMA[0]: (2, 1), LLAMA[1]: (4, 2)}
+    _assert_exact(reference, model)
+
+
+def test_gqa_one_head_from_each_group_keeps_uniform_repeat():
+    model = fresh("llama-gqa")
+    zero_heads(model, {LLAMA[0]: [0, 3]}, "o")
+    reference = copy(model)
+    record = _remove(model)
+    assert record["per_block"][LLAMA[0]]["gathers"] == 0  # [1, 2] read kv [0, 1]: repeat 1
+    assert _counts(model)[LLAMA[0]] == (2, 2)
+    _assert_exact(reference, model)
+
+
+def test_mha_llama():
+    model = fresh("llama-mha")
+    zero_heads(model, {LLAMA[0]: [0, 2], LLAMA[1]: [3]}, "o")
+    reference = copy(model)
+    record = _remove(model)
+    assert record["kv_heads_removed"] == 3  # MHA: each query head has its own kv head
+    assert _counts(model) == {LLAMA[0]: (2, 2), LLAMA[1]: (3, 3)}
+    assert all(c["gathers"] == 0 for c in record["per_block"].values())
+    _assert_exact(reference, model)
+
+
+@pytest.mark.parametrize("where", ["o", "v"])
+def test_bert_with_biases(where):
+    model = fresh("bert")
+    zero_heads(model, {BERT[0]: [1, 2], BERT[1]: [0]}, where)
+    reference = copy(model)
+    record = _remove(model)
+    assert _counts(model) == {BERT[0]: (2, 2), BERT[1]: (3, 3)}
+    block = blocks_by_name(model)[BERT[0]]
+    assert block.projections["q"].bias.const_value.shape == (32,)
+    assert block.projections["v"].bias.const_value.shape == (32,)
+    assert record["heads_removed"] == 3
+    _assert_exact(reference, model)
+
+
+def test_fused_qkv_split_sizes():
+    model = fresh_fused()
+    zero_heads(model, {"attn": [2, 3]}, "o")
+    reference = copy(model)
+    _remove(model)
+    (block,) = blocks_by_name(model).values()
+    assert (block.num_heads, block.num_kv_heads) == (2, 1)
+    assert [(p.offset, p.width) for p in (block.projections[r] for r in "qkv")] == [(0, 16), (16, 8), (24, 8)]
+    assert block.projections["q"].weight.const_value.shape == (32, 32)
+    _assert_exact(reference, model)
+
+
+def test_min_heads_keeps_one():
+    model = fresh("llama-gqa")
+    zero_heads(model, {LLAMA[0]: [0, 1, 2, 3]}, "o")
+    reference = copy(model)
+    record = _remove(model)
+    assert record["per_block"][LLAMA[0]]["removed_heads"] == [1, 2, 3]
+    assert _counts(model)[LLAMA[0]] == (1, 1)
+    _assert_exact(reference, model)
+
+
+def test_zero_queries_are_not_removed():
+    model = fresh("llama-gqa")
+    zero_heads(model, {LLAMA[0]: [0]}, "q")
+    record = _remove(model)
+    assert record["heads_removed"] == 0 and not record["per_block"]
+
+
+def test_unsupported_block_is_left_alone():
+    model = fresh("llama-gqa")
+    zero_heads(model, {LLAMA[0]: [1], LLAMA[1]: [1]}, "o")
+    model.graph.outputs.append(blocks_by_name(model)[LLAMA[0]].splits["q"].node.outputs[0])
+    reference = copy(model)
+    record = _remove(model)
+    assert list(record["per_block"]) == [LLAMA[1]]
+    assert "carries query heads" in record["unsupported"][LLAMA[0]][0]
+    _assert_exact(reference, model)
+
+
+def test_shared_shape_constants_are_cloned():
+    """The view target Concat and the repeat constants are shared by layers: the untouched layer keeps them."""
+    model = fresh("llama-gqa")
+    before = blocks_by_name(model)[LLAMA[1]]
+    targets = [before.repeats[0].expand.inputs[1], before.splits["q"].node.inputs[1]]
+    zero_heads(model, {LLAMA[0]: [2, 3]}, "o")
+    _remove(model)
+    after = blocks_by_name(model)[LLAMA[1]]
+    assert [after.repeats[0].expand.inputs[1], after.splits["q"].node.inputs[1]] == targets
+    assert _counts(model)[LLAMA[1]] == (4, 2)
+
+
+# -- KV-cache graph ---------------------------------------------------------------------------------------
+
+
+def _past(kv_heads: list[int], length: int, rng: np.random.Generator, layers: int = 2) -> dict[str, np.ndarray]:
+    return {
+        f"past_key_values.{i}.{kind}": rng.standard_normal((2, kv_heads[i], length, 16)).astype(np.float32)
+        for i in range(layers)
+        for kind in ("key", "value")
+    }
+
+
+def test_kv_cache_shrinks_with_removed_kv_head(rng):
+    model = fresh("llama-gqa-kv")
+    zero_heads(model, {LLAMA[0]: [2, 3]}, "o")
+    reference = copy(model)
+    record = _remove(model)
+    assert record["per_block"][LLAMA[0]]["cache_changed"]
+    inputs = {v.name: v.shape for v in model.graph.inputs}
+    assert inputs["past_key_values.0.key"][1] == 1 and inputs["past_key_values.1.key"][1] == 2
+    ids = rng.integers(0, 128, (2, 3))
+    past = _past([2, 2], 5, rng)
+    want = run(reference, decoder_feeds(ids, past, 5))
+    pruned_past = dict(past)
+    for kind in ("key", "value"):
+        pruned_past[f"past_key_values.0.{kind}"] = past[f"past_key_values.0.{kind}"][:, :1]
+    got = run(model, decoder_feeds(ids, pruned_past, 5))
+    np.testing.assert_allclose(got["logits"], want["logits"], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(got["present.0.key"], want["present.0.key"][:, :1], atol=1e-6)
+    np.testing.assert_allclose(got["present.1.value"], want["present.1.value"], atol=1e-6)
+
+
+def test_kv_cache_interface_kept_on_request(rng):
+    model = fresh("llama-gqa-kv")
+    zero_heads(model, {LLAMA[0]: [2, 3]}, "o")
+    reference = copy(model)
+    record = _remove(model, allow_cache_change=False)
+    assert record["per_block"][LLAMA[0]]["heads_after"] == 2
+    assert record["per_block"][LLAMA[0]]["kv_heads_after"] == 2
+    ids = rng.integers(0, 128, (2, 3))
+    feeds = decoder_feeds(ids, _past([2, 2], 4, rng), 4)
+    want, got = run(reference, feeds), run(model, feeds)
+    for name, array in want.items():
+        np.testing.assert_allclose(got[name], array, atol=1e-5, rtol=1e-5)
+
+
+# -- SmolLM2-135M (9 query / 3 kv heads, 30 layers) ------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_smollm2_remove_heads_exact(rng):
+    try:
+        model = fresh("smollm2")
+    except Exception as exc:  # the bundled model package is optional
+        pytest.skip(f"SmolLM2 not available: {exc}")
+    names = list(blocks_by_name(model))
+    assert len(names) == 30
+    plan = {names[0]: [0, 1, 2], names[5]: [4], names[17]: [1, 5, 7, 8]}
+    zero_heads(model, plan, "o")
+    zero_heads(model, {names[29]: [1]}, "v")  # kv head 1 serves query heads 3, 4, 5
+    reference = copy(model)
+    record = _remove(model)
+    counts = _counts(model)
+    assert counts[names[0]] == (6, 2) and counts[names[5]] == (8, 3)
+    assert counts[names[17]] == (5, 3) and counts[names[29]] == (6, 2) and counts[names[1]] == (9, 3)
+    assert record["heads_removed"] == 3 + 1 + 4 + 3
+    worst = verify_models(reference, model, exact=True, shapes=((2, 7),)).worst
+    assert worst <= EXACT_TOLERANCE
