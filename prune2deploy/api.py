@@ -464,7 +464,9 @@ def inspect(model: Path | str | ir.Model) -> dict[str, Any]:
     ir_model = model if isinstance(model, ir.Model) else load_onnx(Path(model))
     analysis = analyze_channels(ir_model)
     total, _ = param_count(ir_model)
-    groups = [g.summary() for g in analysis.groups]
+    # Batch and sequence axes also meet contractions (attention's QKᵀ); they have no static width and are
+    # not channels, so they are left out of what a person reads.
+    groups = [g.summary() for g in analysis.groups if g.width > 0]
     return {
         "model": str(model) if not isinstance(model, ir.Model) else "<in-memory>",
         "params": total,

@@ -225,7 +225,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         )
         rows.append(
             [
-                g["group"],
+                g["label"],
                 g["width"],
                 g["zero_channels"] if g["prunable"] else "-",
                 "yes" if g["prunable"] else "no",
@@ -236,7 +236,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(_table(rows, ["group", "width", "zero", "prunable", "tensors", "blocked by"]))
     if args.tensors:
         for g in info["groups"]:
-            print(f"\n{g['group']} (width {g['width']}): weights {', '.join(g['weights']) or '-'}")
+            print(f"\n{g['label']} (width {g['width']}): weights {', '.join(g['weights']) or '-'}")
             shown = ", ".join(g["tensors"])
             more = g["num_tensors"] - len(g["tensors"])
             print(f"  axes: {shown}" + (f" … (+{more})" if more > 0 else ""))

@@ -75,7 +75,10 @@ def copy(model: ir.Model) -> ir.Model:
 
 def _replace(model: ir.Model, node: ir.Node, index: int, array: np.ndarray) -> None:
     old = node.inputs[index]
-    value = ir.Value(name=f"{old.name}_zeroed", shape=ir.Shape(array.shape), type=old.type)
+    name = f"{old.name}_zeroed"
+    while name in model.graph.initializers:
+        name += "_"
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=old.type)
     value.const_value = ir.tensor(np.ascontiguousarray(array), name=value.name)
     model.graph.register_initializer(value)
     node.replace_input_with(index, value)

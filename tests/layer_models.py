@@ -122,7 +122,7 @@ def matmul_weights(model: ir.Model, scope: str) -> list[tuple[ir.Node, ir.Value]
 
 
 def _set(value: ir.Value, array: np.ndarray) -> None:
-    value.const_value = ir.tensor(np.ascontiguousarray(array), name=value.name)
+    value.const_value = ir.tensor(np.array(array, order="C"), name=value.name)
 
 
 def zero_module(model: ir.Model, scope: str, *, bias: float | None = 0.0) -> None:

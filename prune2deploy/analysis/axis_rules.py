@@ -43,8 +43,15 @@ def _ints(node: ir.Node, name: str, default=None):
 
 # -- elementwise ------------------------------------------------------------------------------------------
 
-_UNARY = ["Relu", "LeakyRelu", "Gelu", "Erf", "Tanh", "Sigmoid", "HardSigmoid", "HardSwish", "Elu", "Selu", "Celu", "Softplus", "Softsign", "Mish", "Exp", "Log", "Neg", "Abs", "Sqrt", "Reciprocal", "Sin", "Cos", "Floor", "Ceil", "Round", "Sign", "Identity", "Cast", "Dropout", "Clip", "IsNaN", "IsInf", "Not", "ThresholdedRelu", "PRelu"]
-_BINARY = ["Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Where", "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor", "Mod"]
+_UNARY = [
+    "Relu", "LeakyRelu", "Gelu", "Erf", "Tanh", "Sigmoid", "HardSigmoid", "HardSwish", "Elu", "Selu", "Celu",
+    "Softplus", "Softsign", "Mish", "Exp", "Log", "Neg", "Abs", "Sqrt", "Reciprocal", "Sin", "Cos", "Floor", "Ceil",
+    "Round", "Sign", "Identity", "Cast", "Dropout", "Clip", "IsNaN", "IsInf", "Not", "ThresholdedRelu", "PRelu"
+]
+_BINARY = [
+    "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Where", "Equal", "Less", "Greater", "LessOrEqual",
+    "GreaterOrEqual", "And", "Or", "Xor", "Mod"
+]
 
 
 @axis_rule(*_UNARY)

@@ -82,6 +82,32 @@ class ChannelGroup:
     zero_atoms: list[int] = field(default_factory=list)
 
     @property
+    def label(self) -> str:
+        """For people: "writer → reader" (the id alone names only the module that reads the channels)."""
+        from prune2deploy.analysis.scopes import module_of
+
+        contraction_nodes = {id(c.node) for c in self.contractions}
+        writers = sorted(
+            {
+                module_of(use.node)
+                for slot in self.slots
+                if slot.is_const
+                for use in slot.value.uses()
+                if id(use.node) not in contraction_nodes
+            }
+            - {""}
+        )
+        if not writers:
+            return self.id
+        writer_parts, reader_parts = writers[0].split("."), self.id.split(".")
+        common = 0
+        while common < min(len(writer_parts), len(reader_parts)) - 1 and writer_parts[common] == reader_parts[common]:
+            common += 1
+        reader = ".".join(reader_parts[common:])
+        more = f" (+{len(writers) - 1})" if len(writers) > 1 else ""
+        return f"{writers[0]}{more} → {reader}"
+
+    @property
     def prunable(self) -> bool:
         return not self.blocked and bool(self.contractions)
 
@@ -93,6 +119,7 @@ class ChannelGroup:
         """A JSON-friendly description for ``inspect`` and the report."""
         return {
             "group": self.id,
+            "label": self.label,
             "width": self.width,
             "zero_channels": len(self.zero_atoms),
             "prunable": self.prunable,

@@ -22,13 +22,23 @@ __all__ = ["const_zero_mask", "zero_mask"]
 
 # f(0) == 0 for these, so a zero channel stays zero.
 _ZERO_PRESERVING = set(
-    ["Relu", "LeakyRelu", "Gelu", "Erf", "Tanh", "HardSwish", "Elu", "Selu", "Celu", "Softsign", "Mish", "Neg", "Abs", "Sqrt", "Sin", "Floor", "Ceil", "Round", "Sign", "Identity", "Cast", "Dropout", "ThresholdedRelu", "IsNaN", "IsInf", "Transpose", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Expand", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Resize", "Upsample", "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2", "ReduceL1", "ReduceSumSquare"]
+    [
+        "Relu", "LeakyRelu", "Gelu", "Erf", "Tanh", "HardSwish", "Elu", "Selu", "Celu", "Softsign", "Mish", "Neg",
+        "Abs", "Sqrt", "Sin", "Floor", "Ceil", "Round", "Sign", "Identity", "Cast", "Dropout", "ThresholdedRelu",
+        "IsNaN", "IsInf", "Transpose", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Expand", "MaxPool", "AveragePool",
+        "GlobalAveragePool", "GlobalMaxPool", "Resize", "Upsample", "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin",
+        "ReduceL2", "ReduceL1", "ReduceSumSquare"
+    ]
 )
 
 
 # Ops that move axes around: the input axis is found through the channel classes, not by alignment.
 _LAYOUT = set(
-    ["Reshape", "Unsqueeze", "Squeeze", "Flatten", "Expand", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Resize", "Upsample", "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2", "ReduceL1", "ReduceSumSquare"]
+    [
+        "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Expand", "MaxPool", "AveragePool", "GlobalAveragePool",
+        "GlobalMaxPool", "Resize", "Upsample", "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2",
+        "ReduceL1", "ReduceSumSquare"
+    ]
 )
 
 
@@ -117,7 +127,9 @@ def zero_mask(analysis: ChannelAnalysis, slot: Slot) -> np.ndarray | None:
                 return none
             return _operand(analysis, inputs[0], slot, width)
         if op == "Clip":
-            bounds = [v.const_value.numpy() if v is not None and v.const_value is not None else None for v in inputs[1:3]]
+            bounds = [
+                v.const_value.numpy() if v is not None and v.const_value is not None else None for v in inputs[1:3]
+            ]
             lo = bounds[0] if len(bounds) > 0 else None
             hi = bounds[1] if len(bounds) > 1 else None
             if (lo is not None and np.any(lo > 0)) or (hi is not None and np.any(hi < 0)):

@@ -38,6 +38,7 @@ class HeadLayout:
         k_weight, v_weight: new key/value projection columns, ``[in, kv_heads' * head_dim]``.
         k_bias, v_bias: new biases (``None`` when the block has none).
         mapping: new query head ``i`` reads new kv head ``mapping[i]``.
+        head_dim: unchanged head width (gives the kv head count from the new columns).
     """
 
     q_heads: list[int]
@@ -46,10 +47,11 @@ class HeadLayout:
     k_bias: np.ndarray | None
     v_bias: np.ndarray | None
     mapping: list[int]
+    head_dim: int
 
     @property
     def num_kv_heads(self) -> int:
-        return max(self.mapping) + 1 if self.mapping else 0
+        return self.k_weight.shape[1] // self.head_dim
 
 
 def head_columns(heads: Sequence[int], head_dim: int) -> np.ndarray:

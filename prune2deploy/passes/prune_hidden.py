@@ -67,6 +67,12 @@ class PruneHiddenPass(P2DPass):
         self.rescale_norms = rescale_norms
         self._counter = 0
 
+    @classmethod
+    def from_mask(cls, keep: np.ndarray, **options) -> PruneHiddenPass:
+        """A plan given as a keep-mask over the hidden width (1/True = keep), the form mask files use."""
+        keep = np.asarray(keep).reshape(-1)
+        return cls(channels=np.flatnonzero(keep == 0).tolist(), **options)
+
     def __repr__(self) -> str:
         plan = "detect-zero" if self.channels is None else f"{len(self.channels)} planned"
         return f"PruneHiddenPass(channels={plan}, min_width={self.min_width})"
@@ -155,7 +161,7 @@ class PruneHiddenPass(P2DPass):
         value = ir.Value(
             name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype))
         )
-        value.const_value = ir.tensor(np.ascontiguousarray(array), name=name)
+        value.const_value = ir.tensor(np.array(array, order="C"), name=name)  # ascontiguousarray makes 0-d 1-d
         model.graph.register_initializer(value)
         return value
 

@@ -76,7 +76,8 @@ def permutation_layout(block: AttentionBlock, order: list[int]) -> HeadLayout:
         return weight, None if bias is None else bias[projection.offset : projection.offset + projection.width]
 
     (k_weight, k_bias), (v_weight, v_bias) = full(k), full(v)
-    return HeadLayout(list(order), k_weight, v_weight, k_bias, v_bias, [block.kv_of(h) for h in order])
+    mapping = [block.kv_of(h) for h in order]
+    return HeadLayout(list(order), k_weight, v_weight, k_bias, v_bias, mapping, block.head_dim)
 
 
 def regroup_layout(
@@ -118,6 +119,7 @@ def regroup_layout(
         k_bias=None if kb_new is None else kb_new.reshape(-1),
         v_bias=None if vb_new is None else vb_new.reshape(-1),
         mapping=mapping,
+        head_dim=d,
     )
     stats = {
         "k_weight_rel_error": error(k_per_q, k_new),

@@ -38,7 +38,7 @@ def removal_layout(block: AttentionBlock, keep: list[int]) -> HeadLayout:
 
     (k_weight, k_bias), (v_weight, v_bias) = take(k), take(v)
     mapping = [kv_keep.index(block.kv_of(h)) for h in keep]
-    return HeadLayout(keep, k_weight, v_weight, k_bias, v_bias, mapping)
+    return HeadLayout(keep, k_weight, v_weight, k_bias, v_bias, mapping, d)
 
 
 class RemoveHeadsPass(P2DPass):
@@ -105,4 +105,4 @@ class RemoveHeadsPass(P2DPass):
     def _keep_all_kv(block: AttentionBlock, keep: list[int]) -> HeadLayout:
         full = removal_layout(block, list(range(block.num_heads)))
         mapping = [block.kv_of(h) for h in keep]
-        return HeadLayout(keep, full.k_weight, full.v_weight, full.k_bias, full.v_bias, mapping)
+        return HeadLayout(keep, full.k_weight, full.v_weight, full.k_bias, full.v_bias, mapping, block.head_dim)

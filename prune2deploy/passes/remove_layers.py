@@ -96,7 +96,9 @@ class RemoveLayersPass(P2DPass):
             if not self.detect_zero:
                 continue
             for block in layer.blocks:
-                if block.zero:
+                if block.reason:
+                    not_removed.append({"layer": layer.name, "add": block.add.name, "reason": block.reason})
+                elif block.zero:
                     self._bypass(model.graph, block)
                     bypassed.append(block.scope)
                 elif block.constant:

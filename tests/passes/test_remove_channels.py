@@ -1135,3 +1135,39 @@ def test_split_part_fully_zero(use_split, rng):
     assert record["channels_removed"] == 3
     assert model.graph.initializers["W"].const_value.shape == (6, 9)
     assert_same_outputs(reference, model, rng)
+
+
+def _zero_atoms_of(group, atoms, slots) -> None:
+    for ci, cls in enumerate(group.classes):
+        index = sorted({i for a in atoms for c, i in group.atoms[a] if c == ci})
+        for slot in cls:
+            if slot in slots and slot.is_const:
+                data = slot.value.const_value.numpy().copy()
+                cut = [slice(None)] * data.ndim
+                cut[slot.axis] = index
+                data[tuple(cut)] = 0
+                slot.value.const_value = ir.tensor(data, name=slot.value.name)
+
+
+@pytest.mark.parametrize("name", ["mlps", "cnns"])
+@pytest.mark.parametrize("side", ["consumer", "producer"])
+def test_every_prunable_group_at_once(name, side, rng):
+    """All groups of a zoo pruned in one run, zeros on the reading side (the contractions' constant
+    operands) or on the writing side (every other constant of the group: weights, biases, BN, scales)."""
+    model = fresh(name)
+    analysis = analyze_channels(model)
+    chosen = {}
+    for group in (g for g in analysis.groups if g.prunable):
+        atoms = sorted(rng.choice(len(group.atoms), max(1, len(group.atoms) // 3), replace=False).tolist())
+        readers = {s for c in group.contractions for s in (c.lhs, c.rhs)}
+        writers = {s for s in group.slots if s not in readers and s.value not in {r.value for r in readers}}
+        _zero_atoms_of(group, atoms, readers if side == "consumer" else writers)
+        chosen[group.id] = len(atoms)
+    reference = snapshot(model)
+    record = _prune(model).record
+    if side == "consumer":  # every chosen channel is removable from its readers alone
+        assert {k: v["removed"] for k, v in record["per_group"].items()} == chosen
+    else:  # sigmoid does not map zero to zero; everything else in the zoos does
+        removed = {k: v["removed"] for k, v in record["per_group"].items()}
+        assert removed == {k: v for k, v in chosen.items() if not k.startswith("sigmoid.")}
+    assert_same_outputs(reference, model, rng)

@@ -185,6 +185,8 @@ def test_branch_not_ending_in_a_projection_is_left_alone():
     assert not mlp["removable"] and "not a linear projection" in mlp["blocked_by"]
     record = _remove(model)
     assert record["sub_blocks_removed"] == [] and record["layers_after"] == 2
+    assert [entry["layer"] for entry in record["not_removed"]] == ["model.layers.0"]
+    assert "not a linear projection" in record["not_removed"][0]["reason"]
 
 
 @pytest.mark.slow
