@@ -36,6 +36,21 @@ def _tiny_llama(kv_heads: int):
     return LlamaForCausalLM(config).eval()
 
 
+def _tiny_gpt2():
+    """GPT-2: fused c_attn (Conv1D → flatten, Gemm, unflatten, Split), c_proj Gemm, non-zero biases."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)
+    module = GPT2LMHeadModel(config).eval()
+    with torch.no_grad():  # zero biases would be folded away by the exporter
+        for name, param in module.named_parameters():
+            if name.endswith("attn.c_attn.bias") or name.endswith("attn.c_proj.bias"):
+                param.normal_(0, 0.1)
+    return module
+
+
 @functools.cache
 def _exported(name: str) -> bytes:
     from prune2deploy.frontends.torch import export_module, hf_export_spec
@@ -57,6 +72,8 @@ def _exported(name: str) -> bytes:
 
         module = tiny_bert()
         task, vocab = "encoder", 100
+    elif name == "gpt2":
+        module, task, vocab = _tiny_gpt2(), "causal-lm", 128
     else:
         module = _tiny_llama(TINY_HEADS[name][1])
         task, vocab = "causal-lm", 128
@@ -65,7 +82,8 @@ def _exported(name: str) -> bytes:
 
 
 def fresh(name: str) -> ir.Model:
-    """A new copy of an exported model: ``llama-gqa``, ``llama-mha``, ``bert``, ``llama-gqa-kv``, ``smollm2``."""
+    """A new copy of an exported model: ``llama-gqa``, ``llama-mha``, ``bert``, ``gpt2``, ``llama-gqa-kv``,
+    ``smollm2``."""
     return ir.from_proto(onnx.ModelProto.FromString(_exported(name)))
 
 
@@ -118,9 +136,7 @@ def run(model: ir.Model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return dict(zip(names, session.run(names, feeds), strict=True))
 
 
-def decoder_feeds(
-    ids: np.ndarray, past: dict[str, np.ndarray], past_len: int
-) -> dict[str, np.ndarray]:
+def decoder_feeds(ids: np.ndarray, past: dict[str, np.ndarray], past_len: int) -> dict[str, np.ndarray]:
     """Feeds of one KV-cache step: ``ids`` after ``past_len`` cached tokens."""
     batch, seq = ids.shape
     feeds = {

@@ -172,13 +172,17 @@ class Projection:
     width: int = 0
     split: ir.Node | None = None
     split_index: int = 0
+    transposed: bool = False  # Gemm transB=1: the weight is stored [out, in]
+    unflatten: ir.Node | None = None  # Gemm's [N, out] -> [.., out] Reshape (its target carries the width)
 
     @property
     def module(self) -> str:
         return module_of(self.matmul)
 
     def weight_array(self) -> np.ndarray:
-        return _const(self.weight)
+        """The weight as ``[in, out]`` whatever its storage."""
+        array = _const(self.weight)
+        return array.T if self.transposed else array
 
     def bias_array(self) -> np.ndarray | None:
         return None if self.bias is None else _const(self.bias)
@@ -306,32 +310,73 @@ def _role_of(module: str) -> str | None:
     return None
 
 
+def _gemm_weight(node: ir.Node) -> tuple[ir.Value, bool] | None:
+    """``(weight, transposed)`` of a plain ``Gemm(x, W[, c])`` (alpha = beta = 1, no transA), else None."""
+    alpha, beta = _ints_attr(node, "alpha", 1.0), _ints_attr(node, "beta", 1.0)
+    if alpha != 1.0 or beta != 1.0 or _ints_attr(node, "transA", 0):
+        return None
+    weight = node.inputs[1]
+    if _const(weight) is None or _rank(weight) != 2:
+        return None
+    return weight, bool(_ints_attr(node, "transB", 0))
+
+
+def _single_reader(value: ir.Value) -> bool:
+    return len(list(value.uses())) == 1 and not value.is_graph_output()
+
+
 def _projection_behind(value: ir.Value) -> tuple[Projection | None, str]:
-    """Walks back from a split Reshape's input to ``MatMul(x, W) [+ b] [→ Split]``."""
+    """Walks back from a split Reshape's input to the projection.
+
+    Recognised: ``MatMul(x, W) [+ b]`` and ``Reshape(Gemm(x2d, W[, b]), [.., out])`` (GPT-2 style), each
+    optionally followed by a Split of fused q/k/v along the last axis.
+    """
     node = value.producer()
     split, split_index = None, 0
     if node is not None and node.op_type == "Split":
         split, split_index = node, list(node.outputs).index(value)
         value = node.inputs[0]
         node = value.producer()
+    unflatten = None
+    if node is not None and node.op_type == "Reshape" and _rank(node.inputs[0]) == 2:
+        entries, out = shape_entries(node.inputs[1]), node.outputs[0]
+        width = _static(node.inputs[0].shape[-1])
+        if entries is None or width is None or entries[-1] != width or _static(out.shape[-1]) != width:
+            return None, f"{node.name}: the [N, out] -> [.., out] Reshape does not keep the last axis"
+        if not _single_reader(node.inputs[0]):
+            return None, f"{node.name}: the projection output has other readers"
+        unflatten, value = node, node.inputs[0]
+        node = value.producer()
     bias_add = bias = None
-    if node is not None and node.op_type == "Add":
-        consts = [i for i, v in enumerate(node.inputs) if _const(v) is not None]
-        if len(consts) == 1 and _rank(node.inputs[consts[0]]) == 1:
-            bias_add, bias = node, node.inputs[consts[0]]
-            node = node.inputs[1 - consts[0]].producer()
-    if node is None or node.op_type != "MatMul":
-        return None, "the projection is not MatMul(x, constant weight) [+ bias]"
-    weight = node.inputs[1]
-    if _const(weight) is None or _rank(weight) != 2:
-        return None, f"{node.name}: the projection weight is not a constant matrix"
+    transposed = False
+    if node is not None and node.op_type == "Gemm" and unflatten is not None:
+        found = _gemm_weight(node)
+        if found is None:
+            return None, f"{node.name}: Gemm with alpha/beta/transA, or a non-constant weight"
+        weight, transposed = found
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            bias_add, bias = node, node.inputs[2]
+            if _const(bias) is None or _rank(bias) != 1:
+                return None, f"{node.name}: the Gemm bias is not a constant vector"
+    else:
+        if node is not None and node.op_type == "Add":
+            consts = [i for i, v in enumerate(node.inputs) if _const(v) is not None]
+            if len(consts) == 1 and _rank(node.inputs[consts[0]]) == 1:
+                bias_add, bias = node, node.inputs[consts[0]]
+                if not _single_reader(bias_add.outputs[0]):
+                    return None, f"{bias_add.name}: the biased projection output has other readers"
+                node = node.inputs[1 - consts[0]].producer()
+        if node is None or node.op_type != "MatMul":
+            return None, "the projection is not MatMul(x, constant weight) [+ bias] or Gemm"
+        weight = node.inputs[1]
+        if _const(weight) is None or _rank(weight) != 2:
+            return None, f"{node.name}: the projection weight is not a constant matrix"
     # The projection output must feed only the head split (it changes width with the heads).
-    out = node.outputs[0]
-    if len(list(out.uses())) != 1 or out.is_graph_output():
+    if not _single_reader(node.outputs[0]):
         return None, f"{node.name}: the projection output has other readers"
-    if bias_add is not None and (len(list(bias_add.outputs[0].uses())) != 1 or bias_add.outputs[0].is_graph_output()):
-        return None, f"{bias_add.name}: the biased projection output has other readers"
-    projection = Projection(role="", matmul=node, weight=weight, bias_add=bias_add, bias=bias)
+    projection = Projection(
+        role="", matmul=node, weight=weight, bias_add=bias_add, bias=bias, transposed=transposed, unflatten=unflatten
+    )
     if split is not None:
         sizes = _split_sizes(split)
         if sizes is None:
@@ -339,7 +384,7 @@ def _projection_behind(value: ir.Value) -> tuple[Projection | None, str]:
         projection.split, projection.split_index = split, split_index
         projection.offset, projection.width = sum(sizes[:split_index]), sizes[split_index]
     else:
-        projection.width = int(_const(weight).shape[1])
+        projection.width = int(projection.weight_array().shape[1])
     return projection, ""
 
 
@@ -498,7 +543,9 @@ class _Tracer:
             axes = sorted(int(a) % rank for a in axes.reshape(-1))
             if first.axis in axes:
                 raise _Blocked("squeezes the head axis")
-            self._mark(node.outputs[0], _Axis(first.axis - sum(a < first.axis for a in axes), first.space, first.sources))
+            self._mark(
+                node.outputs[0], _Axis(first.axis - sum(a < first.axis for a in axes), first.space, first.sources)
+            )
         elif op == "Reshape":
             self._reshape(node, traced, first)
         elif op == "Gather":
@@ -669,7 +716,7 @@ class _Tracer:
         rank, out_rank = _rank(data), _rank(out)
         entries = shape_entries(node.inputs[1])
         # (1) merge (heads, head_dim) before the output projection
-        if first.space == "q" and out_rank == rank - 1 and first.axis == rank - 2 and entries is not None:
+        if first.space == "q" and out_rank is not None and 2 <= out_rank < rank and first.axis == rank - 2 and entries:
             return self._merge(node, first, entries)
         # (2) the exporter's transpose trick: [b, h, s, d] -> [-1, s, d] (batch and heads folded into axis 0)
         pieces = self._concat_pieces(node.inputs[1])
@@ -699,12 +746,12 @@ class _Tracer:
             origin = first.merged_from
             pieces = self._concat_pieces(node.inputs[1])
             lead = _shape_slice_of(pieces[0]) if pieces else None
-            if lead is not None and lead[0] is origin and lead[1] in (0, _INT64_MIN) and lead[2] in (-2, 2):
-                if _rank(node.outputs[0]) == _rank(origin):
-                    info = self.heads[origin]
-                    self.shape_targets.add(node)
-                    self._mark(node.outputs[0], _Axis(info.axis, info.space, info.sources))
-                    return
+            restores = lead is not None and lead[0] is origin and lead[1] in (0, _INT64_MIN) and lead[2] in (-2, 2)
+            if restores and _rank(node.outputs[0]) == _rank(origin):
+                info = self.heads[origin]
+                self.shape_targets.add(node)
+                self._mark(node.outputs[0], _Axis(info.axis, info.space, info.sources))
+                return
         raise _Blocked("reads the folded batch×heads axis")
 
     @staticmethod
@@ -715,28 +762,43 @@ class _Tracer:
         return list(producer.inputs)
 
     def _merge(self, node: ir.Node, first: _Axis, entries: list) -> None:
+        """The Reshape that merges (heads, head_dim) into the last axis before the output projection.
+
+        Either the leading axes stay as they are (``[b, s, H, d] -> [b, s, H*d or -1]``) or the last entry
+        is the constant ``H*d``, which makes each output row one (leading index)'s full (H, d) block in
+        row-major order whatever the leading entries are (``[b, s, H, d] -> [-1, H*d]`` before a Gemm).
+        """
         data, out = node.inputs[0], node.outputs[0]
         block = self.block
-        rank = _rank(data)
+        rank, out_rank = _rank(data), _rank(out)
         if first.sources != frozenset("qkv"):
             raise _Blocked("the merged heads are not the attention output (q, k and v)")
-        if not all(_same_dim(data.shape[i], out.shape[i]) for i in range(rank - 2)):
-            raise _Blocked("the head merge also changes other axes")
         width = block.num_heads * block.head_dim
-        if entries[-1] not in (-1, width) or _static(out.shape[-1]) != width:
+        same_leading = out_rank == rank - 1 and all(_same_dim(data.shape[i], out.shape[i]) for i in range(rank - 2))
+        if _static(out.shape[-1]) != width or not (entries[-1] == width or (same_leading and entries[-1] == -1)):
             raise _Blocked(f"the head merge target {entries} is not [.., heads × head_dim]")
         uses = list(out.uses())
-        if len(uses) != 1 or uses[0].node.op_type != "MatMul" or uses[0].idx != 0 or out.is_graph_output():
+        if len(uses) != 1 or uses[0].idx != 0 or out.is_graph_output():
             raise _Blocked("the merged heads feed something other than one output projection")
         matmul = uses[0].node
-        weight = matmul.inputs[1]
+        transposed = False
+        if matmul.op_type == "Gemm" and out_rank == 2:
+            found = _gemm_weight(matmul)
+            if found is None:
+                raise _Blocked(f"{matmul.name}: Gemm with alpha/beta/transA, or a non-constant weight")
+            weight, transposed = found
+        elif matmul.op_type == "MatMul":
+            weight = matmul.inputs[1]
+        else:
+            raise _Blocked(f"{matmul.name}: the output projection is a {matmul.op_type}, not MatMul or Gemm")
+        projection = Projection("o", matmul, weight, width=width, transposed=transposed)
         array = _const(weight)
-        if array is None or array.ndim != 2 or array.shape[0] != width:
+        if array is None or array.ndim != 2 or projection.weight_array().shape[0] != width:
             raise _Blocked(f"{matmul.name}: the output projection weight is not a constant [{width}, out] matrix")
         if block.merge is not None:
             raise _Blocked("two head merges")
         block.merge, block.merge_entry = node, len(entries) - 1
-        block.projections["o"] = Projection("o", matmul, weight, width=width)
+        block.projections["o"] = projection
         self.handled.add(node)
 
     def _check_shape_readers(self) -> None:
@@ -776,8 +838,10 @@ class _Tracer:
             return [(node.outputs[0], dependent)]
         if op == "Slice" and index == 0 and length is not None:
             bounds = [_const(v) if v is not None else None for v in node.inputs[1:5]]
-            if bounds[0] is not None and bounds[1] is not None and all(
-                b is None or b.reshape(-1).tolist() in ([0], [1]) for b in bounds[2:3]
+            if (
+                bounds[0] is not None
+                and bounds[1] is not None
+                and all(b is None or b.reshape(-1).tolist() in ([0], [1]) for b in bounds[2:3])
             ):
                 step = 1 if len(bounds) < 4 or bounds[3] is None else int(bounds[3].reshape(-1)[0])
                 picked = list(range(length))[slice(int(bounds[0][0]), int(bounds[1][0]), step)]
@@ -818,16 +882,20 @@ def analyze_attention(model: ir.Model) -> AttentionAnalysis:
         key = _block_key(node)
         block = candidates.setdefault(key, AttentionBlock(name=key, layer=layer_of(node)))
         if projection is None:
-            log.debug("%s: not a head split (%s)", node.name, why)
+            block.reasons.append(f"{node.name} splits heads but {why}")
             continue
         role = _role_of(projection.module)
         if role == "qkv":
-            role = "qkv"[projection.split_index] if projection.split is not None and projection.split_index < 3 else None
+            role = (
+                "qkv"[projection.split_index] if projection.split is not None and projection.split_index < 3 else None
+            )
         if role is None:
             block.reasons.append(f"{node.name}: projection module '{projection.module}' is not q, k or v by name")
             continue
         if role in block.splits:
-            block.reasons.append(f"two {role} projections ({block.projections[role].matmul.name}, {projection.matmul.name})")
+            block.reasons.append(
+                f"two {role} projections ({block.projections[role].matmul.name}, {projection.matmul.name})"
+            )
             continue
         n, d, entry = found
         projection.role = role
@@ -842,7 +910,7 @@ def analyze_attention(model: ir.Model) -> AttentionAnalysis:
         block.head_dim = head_dim
     blocks = []
     for block in candidates.values():
-        if not block.splits:
+        if not block.splits and not block.reasons:
             continue
         missing = [r for r in "qkv" if r not in block.splits]
         if missing:

@@ -56,6 +56,7 @@ class HiddenStream:
     outputs: list[ir.Value] = field(default_factory=list)
     blocked: list[tuple[str, str]] = field(default_factory=list)  # (node name, reason)
     sources: list[tuple[str, np.ndarray]] = field(default_factory=list)  # (what, zero mask over channels)
+    transposes: list[ir.Node] = field(default_factory=list)  # Transpose(constant) weights: reshape outputs
 
     @property
     def ok(self) -> bool:
@@ -284,35 +285,57 @@ class _Walker:
         self.source(f"{node.name} (LayerNorm scale and bias)", zero)
         self.stream.reductions.append((node, "layernorm"))
 
-    def _weight(self, node: ir.Node) -> np.ndarray | None:
+    def _weight(self, node: ir.Node) -> tuple[np.ndarray, ir.Node, int, list[int]] | None:
+        """(weight as the node sees it, node and input holding the constant, perm from seen to stored axes).
+
+        A weight may be a Transpose of a constant that the exporter did not fold (SmolLM2's tied head:
+        ``MatMul(x, Transpose(embed_tokens))``); the constant is then sliced under the Transpose.
+        """
         weight = node.inputs[1]
+        if weight is not None and weight.const_value is None:
+            producer = weight.producer()
+            if (
+                producer is not None
+                and producer.op_type == "Transpose"
+                and producer.inputs[0].const_value is not None
+                and len(producer.inputs[0].const_value.shape) == 2
+                and len(list(weight.uses())) == 1
+                and not weight.is_graph_output()
+            ):
+                perm_attr = producer.attributes.get("perm")
+                perm = [int(p) for p in perm_attr.value] if perm_attr is not None else [1, 0]
+                self.stream.transposes.append(producer)
+                return producer.inputs[0].const_value.numpy().transpose(perm), producer, 0, perm
         if weight is None or weight.const_value is None or len(weight.const_value.shape) != 2:
             self.block(node, f"{node.op_type} with a run-time or non-2-D weight touches the hidden stream")
             return None
-        return weight.const_value.numpy()
+        return weight.const_value.numpy(), node, 1, [0, 1]
 
     def reader(self, node: ir.Node) -> None:
         if node.op_type == "Gemm" and _int_attr(node, "transA", 0):
             self.block(node, "Gemm with transA reads the hidden stream")
             return
-        if self._weight(node) is None:
+        found = self._weight(node)
+        if found is None:
             return
+        _, holder, index, perm = found
         axis = 1 if node.op_type == "Gemm" and _int_attr(node, "transB", 0) else 0
-        self.const(node, 1, axis, "reader")
+        self.const(holder, index, perm[axis], "reader")
 
     def writer(self, node: ir.Node) -> None:
-        weight = self._weight(node)
-        if weight is None:
+        found = self._weight(node)
+        if found is None:
             return
+        weight, holder, index, perm = found
         if node.op_type == "MatMul":
-            self.const(node, 1, 1, "writer")
+            self.const(holder, index, perm[1], "writer")
             self.source(f"{node.name} weight", _column_zero(weight, 1))
             return
         if _int_attr(node, "transA", 0) and len(node.outputs[0].shape or ()) != 2:
             self.block(node, "Gemm writer with an unexpected layout")
             return
         axis = 0 if _int_attr(node, "transB", 0) else 1
-        self.const(node, 1, axis, "writer")
+        self.const(holder, index, perm[axis], "writer")
         zero = _column_zero(weight, axis)
         bias = node.inputs[2] if len(node.inputs) > 2 else None
         if bias is not None:

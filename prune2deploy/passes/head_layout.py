@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from prune2deploy.analysis.attention import AttentionBlock, shape_entries
+from prune2deploy.analysis.attention import AttentionBlock, Projection, shape_entries
 
 __all__ = ["HeadLayout", "apply_head_layout", "head_columns", "uniform_group_size"]
 
@@ -95,6 +95,10 @@ class _Editor:
         self.model.graph.register_initializer(value)
         return value
 
+    def set_weight(self, projection: Projection, array: np.ndarray) -> None:
+        """Installs an ``[in, out]`` weight in the projection's own storage order."""
+        self.set_input(projection.matmul, 1, array.T if projection.transposed else array)
+
     def set_input(self, node: ir.Node, index: int, array: np.ndarray) -> None:
         old = node.inputs[index]
         self.replaced.append(old)
@@ -152,9 +156,13 @@ class _Editor:
     def drop_unused(self) -> None:
         graph = self.model.graph
         for value in self.replaced:
-            if value.name in graph.initializers and not list(value.uses()) and not value.is_graph_input():
-                if not value.is_graph_output():
-                    graph.initializers.pop(value.name)
+            unused = not list(value.uses()) and not value.is_graph_input() and not value.is_graph_output()
+            if unused and graph.initializers.get(value.name) is value:
+                graph.initializers.pop(value.name)
+
+
+def _static_width(value: ir.Value) -> int:
+    return int(value.shape[-1])
 
 
 def _set_dim(value: ir.Value, axis: int, width: int) -> None:
@@ -187,9 +195,11 @@ def apply_head_layout(model: ir.Model, block: AttentionBlock, layout: HeadLayout
         # One weight for all roles: rebuild it in Split order and rewrite the Split sizes.
         order = sorted("qkv", key=lambda r: block.projections[r].offset)
         weight = np.concatenate([new_parts[r][0] for r in order], axis=1)
-        edit.set_input(q.matmul, 1, weight)
+        edit.set_weight(q, weight)
         if q.bias is not None:
-            edit.set_input(q.bias_add, list(q.bias_add.inputs).index(q.bias), np.concatenate([new_parts[r][1] for r in order]))
+            edit.set_input(
+                q.bias_add, list(q.bias_add.inputs).index(q.bias), np.concatenate([new_parts[r][1] for r in order])
+            )
         # The Split's outputs are in offset order, so its sizes follow ``order`` too.
         sizes = np.asarray([new_parts[r][0].shape[1] for r in order], dtype=np.int64)
         split = q.split
@@ -209,12 +219,20 @@ def apply_head_layout(model: ir.Model, block: AttentionBlock, layout: HeadLayout
         for role in "qkv":
             proj = block.projections[role]
             weight, bias = new_parts[role]
-            edit.set_input(proj.matmul, 1, weight)
+            edit.set_weight(proj, weight)
             _set_dim(proj.matmul.outputs[0], -1, weight.shape[1])
             if proj.bias is not None:
                 edit.set_input(proj.bias_add, list(proj.bias_add.inputs).index(proj.bias), bias)
                 _set_dim(proj.bias_add.outputs[0], -1, weight.shape[1])
-    edit.set_input(o.matmul, 1, o.weight_array()[head_columns(layout.q_heads, d)])
+    edit.set_weight(o, o.weight_array()[head_columns(layout.q_heads, d)])
+    # Gemm projections: the [N, out] -> [.., out] Reshape after them carries the (fused) width.
+    for proj in {id(p.unflatten): p for p in (q, k, v)}.values():
+        if proj.unflatten is not None:
+            width = _static_width(proj.matmul.outputs[0])
+            entries = shape_entries(proj.unflatten.inputs[1])
+            if entries[-1] != -1:
+                edit.set_shape_entries(proj.unflatten, 1, {len(entries) - 1: width})
+            _set_dim(proj.unflatten.outputs[0], -1, width)
 
     # Head counts baked into the split / merge Reshape targets (-1 stays -1).
     for role, split in block.splits.items():

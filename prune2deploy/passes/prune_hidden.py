@@ -35,6 +35,7 @@ from collections.abc import Iterable
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from prune2deploy.analysis.hidden import ConstUse, HiddenStream, analyze_hidden
 from prune2deploy.errors import BadInputError
@@ -53,15 +54,24 @@ class PruneHiddenPass(P2DPass):
         min_width: keep at least this many channels.
         rescale_norms: correct RMSNorm for the narrower mean (eps and scale). ``None`` (default) does it
             when every dropped channel is zero in the stream, the case where it makes the model exact.
+        allow_inexact: change the model even when the result is approximate (a LayerNorm model). ``None``
+            (default): only when ``channels`` is given, since a plan is an explicit request to approximate;
+            zero detection alone never turns an exact pipeline into an approximate one.
     """
 
     name = "prune-hidden"
     exact = True
 
     def __init__(
-        self, channels: Iterable[int] | None = None, *, min_width: int = 1, rescale_norms: bool | None = None
+        self,
+        channels: Iterable[int] | None = None,
+        *,
+        min_width: int = 1,
+        rescale_norms: bool | None = None,
+        allow_inexact: bool | None = None,
     ) -> None:
         super().__init__()
+        self.allow_inexact = channels is not None if allow_inexact is None else allow_inexact
         self.channels = None if channels is None else sorted({int(c) for c in channels})
         self.min_width = max(1, min_width)
         self.rescale_norms = rescale_norms
@@ -96,14 +106,21 @@ class PruneHiddenPass(P2DPass):
         if not drop:
             self.add_record(width_before=width, width_after=width, removed=0, zero_channels=len(zero))
             return PassResult(model, modified=False)
-        keep = np.asarray([c for c in range(width) if c not in set(drop)], dtype=np.int64)
-        all_zero = set(drop) <= zero
+        dropped = set(drop)
+        keep = np.asarray([c for c in range(width) if c not in dropped], dtype=np.int64)
+        all_zero = dropped <= zero
         rescale = all_zero if self.rescale_norms is None else self.rescale_norms
         layernorms = [n.name for n, kind in stream.reductions if kind == "layernorm"]
+        means = [n for n, kind in stream.reductions if kind == "mean"]
+        exact = all_zero and not layernorms and (rescale or not means)
+        if not exact and not self.allow_inexact:
+            reason = "the result would be approximate" + (" (LayerNorm)" if layernorms else "")
+            log.info("prune-hidden: %d zero channels left in place: %s", len(drop), reason)
+            self.add_record(width_before=width, width_after=width, removed=0, zero_channels=len(zero), skipped=reason)
+            return PassResult(model, modified=False)
 
         scales: dict[tuple[int, int], float] = {}
         norms = {"rms_folded": 0, "rms_mean_scaled": 0, "rms_uncorrected": 0}
-        means = [n for n, kind in stream.reductions if kind == "mean"]
         for node in means:
             if not rescale:
                 norms["rms_uncorrected"] += 1
@@ -115,6 +132,11 @@ class PruneHiddenPass(P2DPass):
         fills = self._output_fills(stream, drop)
         for key, use in stream.consts.items():
             self._slice_const(model, use, keep, scales.get(key, 1.0))
+        for node in stream.transposes:  # a constant sliced under a Transpose: its output narrows too
+            perm = node.attributes.get("perm")
+            perm = [int(p) for p in perm.value] if perm is not None else [1, 0]
+            stored = node.inputs[0].const_value.shape
+            node.outputs[0].shape = ir.Shape([stored[p] for p in perm])
         for value in stream.values:
             dims = list(value.shape)
             dims[-1] = len(keep)
@@ -123,14 +145,14 @@ class PruneHiddenPass(P2DPass):
         for value in stream.outputs:
             self._restore_output(model, value, keep, width, fills[value.name])
 
-        exact = all_zero and not layernorms and (rescale or not means)
         reasons = []
         if not all_zero:
-            reasons.append(f"{len(set(drop) - zero)} dropped channels are not zero in the stream")
+            reasons.append(f"{len(dropped - zero)} dropped channels are not zero in the stream")
         if layernorms:
             reasons.append(f"{len(layernorms)} LayerNorms now average over {len(keep)} of {width} channels")
         if means and not rescale:
             reasons.append("RMSNorms left uncorrected")
+        RemoveUnusedNodesPass()(model)  # the unsliced originals are unused now
         if not exact:
             log.warning("prune-hidden is approximate here: %s", "; ".join(reasons))
         self.add_record(

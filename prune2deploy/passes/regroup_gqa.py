@@ -145,9 +145,7 @@ class RegroupGQAPass(P2DPass):
     name = "regroup-gqa"
     exact = False
 
-    def __init__(
-        self, groups: int | Mapping[str, int], *, grouping: str = "adjacent", method: str = "mean"
-    ) -> None:
+    def __init__(self, groups: int | Mapping[str, int], *, grouping: str = "adjacent", method: str = "mean") -> None:
         super().__init__()
         if grouping not in GROUPINGS:
             raise ValueError(f"grouping must be one of {GROUPINGS}, not {grouping!r}")
@@ -187,8 +185,14 @@ class RegroupGQAPass(P2DPass):
             changes = apply_head_layout(model, block, layout, tag="gqa")
             changes.update(stats)
             per_block[block.name] = changes
-            log.info("%s: %d → %d kv heads (K error %.3g, V error %.3g)", block.name, block.num_kv_heads, groups,
-                     stats["k_weight_rel_error"], stats["v_weight_rel_error"])
+            log.info(
+                "%s: %d → %d kv heads (K error %.3g, V error %.3g)",
+                block.name,
+                block.num_kv_heads,
+                groups,
+                stats["k_weight_rel_error"],
+                stats["v_weight_rel_error"],
+            )
         self.add_record(
             blocks_total=len(self.analysis.blocks),
             blocks_changed=len(per_block),

@@ -87,9 +87,16 @@ class RemoveHeadsPass(P2DPass):
             changes = apply_head_layout(model, block, layout, tag="rh")
             changes["removed_heads"] = sorted(set(range(block.num_heads)) - set(keep))
             changes["why"] = {str(h): block.zero_heads[h] for h in changes["removed_heads"]}
+            changes["kept_zero_heads"] = sorted(set(keep) & set(block.zero_heads))  # min_heads
             per_block[block.name] = changes
-            log.info("%s: %d → %d heads, %d → %d kv heads", block.name, block.num_heads, len(keep),
-                     block.num_kv_heads, layout.num_kv_heads)
+            log.info(
+                "%s: %d → %d heads, %d → %d kv heads",
+                block.name,
+                block.num_heads,
+                len(keep),
+                block.num_kv_heads,
+                layout.num_kv_heads,
+            )
         self.add_record(
             blocks_total=len(self.analysis.blocks),
             blocks_supported=len(self.analysis.supported),

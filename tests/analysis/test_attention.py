@@ -22,9 +22,7 @@ def test_llama_gqa_blocks():
         assert (block.num_heads, block.num_kv_heads, block.head_dim) == (4, 2, 16)
         assert block.kv_map == [0, 0, 1, 1]
         assert [r.n_rep for r in block.repeats] == [2, 2] and not block.joins
-        assert {p.module for p in block.projections.values()} == {
-            f"{block.name}.{r}_proj" for r in "qkvo"
-        }
+        assert {p.module for p in block.projections.values()} == {f"{block.name}.{r}_proj" for r in "qkvo"}
         assert block.zero_heads == {}
         assert block.projections["q"].weight.const_value.shape == (64, 64)
         assert block.projections["k"].weight.const_value.shape == (64, 32)
@@ -145,3 +143,29 @@ def test_head_tensors_have_consistent_widths(name):
             dim = tensor.value.shape[tensor.axis]
             if isinstance(dim, int):
                 assert dim == (block.num_heads if tensor.space == "q" else block.num_kv_heads)
+
+
+def test_gpt2_gemm_projections():
+    blocks = analyze_attention(fresh("gpt2")).blocks
+    assert [b.name for b in blocks] == ["transformer.h.0.attn", "transformer.h.1.attn"]
+    block = blocks[0]
+    assert block.supported, block.reasons
+    assert block.projections["q"].matmul.op_type == "Gemm" and block.projections["q"].unflatten is not None
+    assert block.projections["o"].matmul.op_type == "Gemm"
+    assert block.merge.outputs[0].shape[-1] == 64 and len(block.merge.outputs[0].shape) == 2  # [-1, H*d]
+
+
+def test_unrecognised_projection_is_reported():
+    """A head split whose projection is not understood is listed with the reason, not silently skipped."""
+    model = fresh("llama-gqa")
+    block = analyze_attention(model).blocks[0]
+    matmul = block.projections["k"].matmul
+    weight = matmul.inputs[1]
+    identity = ir.node("Identity", [weight], name="runtime_weight")
+    identity.outputs[0].name = "k_weight_runtime"
+    identity.outputs[0].shape, identity.outputs[0].type = weight.shape, weight.type
+    model.graph.insert_before(matmul, identity)
+    matmul.replace_input_with(1, identity.outputs[0])
+    blocks = analyze_attention(model).blocks
+    assert not blocks[0].supported and blocks[1].supported
+    assert any("not a constant matrix" in reason for reason in blocks[0].reasons)

@@ -28,7 +28,7 @@ def _kv_heads(model: ir.Model) -> list[int]:
     return [b.num_kv_heads for b in analyze_attention(model).blocks]
 
 
-@pytest.mark.parametrize("name", ["llama-gqa", "bert", "fused"])
+@pytest.mark.parametrize("name", ["llama-gqa", "bert", "fused", "gpt2"])
 def test_groups_equal_heads_is_unchanged(name):
     """G = H: every query head gets its own copy of the kv head it read, so outputs do not move."""
     model = fresh_fused() if name == "fused" else fresh(name)
@@ -102,8 +102,11 @@ def test_bert_biases_pooled_and_mha_gets_gather():
     changes = record["per_block"][block.name]
     assert changes["kv_heads_after"] == 2 and changes["gathers"] == 2  # MHA had no repeat to edit
     new = analyze_attention(model).blocks[0]
-    np.testing.assert_allclose(new.projections["v"].bias_array(), np.concatenate(
-        [(bias[:16] + bias[16:32]) / 2, (bias[32:48] + bias[48:]) / 2]), rtol=1e-6)
+    np.testing.assert_allclose(
+        new.projections["v"].bias_array(),
+        np.concatenate([(bias[:16] + bias[16:32]) / 2, (bias[32:48] + bias[48:]) / 2]),
+        rtol=1e-6,
+    )
     assert new.kv_map == [0, 0, 1, 1]
 
 
@@ -160,3 +163,16 @@ def test_smollm2_three_to_one(rng):
     expanded = copy(reference)
     _regroup(expanded, 9)
     assert verify_models(reference, expanded, exact=True, shapes=((2, 7),)).worst <= EXACT_TOLERANCE
+
+
+def test_gpt2_fused_gemm_regroup():
+    """MHA with a fused Gemm: the Split sizes and the unflatten width follow the pooled kv heads."""
+    model = fresh("gpt2")
+    reference = copy(model)
+    record = _regroup(model, 2)
+    assert record["kv_heads_after"] == 4 and all(c["gathers"] == 2 for c in record["per_block"].values())
+    block = analyze_attention(model).blocks[0]
+    assert [(block.projections[r].offset, block.projections[r].width) for r in "qkv"] == [(0, 64), (64, 32), (96, 32)]
+    assert block.projections["q"].weight.const_value.shape == (64, 128)
+    verification = verify_models(reference, model, exact=False)
+    assert 0 < verification.worst < 10 and verification.outputs["logits"]["cosine"] > 0.5

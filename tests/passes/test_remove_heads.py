@@ -96,6 +96,24 @@ def test_bert_with_biases(where):
     _assert_exact(reference, model)
 
 
+@pytest.mark.parametrize("where", ["o", "v"])
+def test_gpt2_gemm_fused_qkv_with_biases(where):
+    """GPT-2: flatten → Gemm(c_attn, bias) → unflatten → Split, then a [-1, H*d] merge into the c_proj Gemm."""
+    model = fresh("gpt2")
+    names = list(blocks_by_name(model))
+    assert names == ["transformer.h.0.attn", "transformer.h.1.attn"]
+    zero_heads(model, {names[0]: [0, 3], names[1]: [2]}, where)
+    reference = copy(model)
+    record = _remove(model)
+    assert record["heads_removed"] == 3
+    block = blocks_by_name(model)[names[0]]
+    assert (block.num_heads, block.num_kv_heads) == (2, 2)
+    assert block.projections["q"].unflatten is not None and block.projections["q"].bias is not None
+    assert block.projections["q"].weight.const_value.shape == (64, 96)  # fused [in, 3 × 2 heads × 16]
+    assert block.projections["o"].weight.const_value.shape == (32, 64)
+    _assert_exact(reference, model)
+
+
 def test_fused_qkv_split_sizes():
     model = fresh_fused()
     zero_heads(model, {"attn": [2, 3]}, "o")
@@ -215,3 +233,32 @@ def test_smollm2_remove_heads_exact(rng):
     assert record["heads_removed"] == 3 + 1 + 4 + 3
     worst = verify_models(reference, model, exact=True, shapes=((2, 7),)).worst
     assert worst <= EXACT_TOLERANCE
+
+
+def test_composes_with_remove_channels():
+    """The compile pipeline's order (un-share, remove-channels, remove-heads, re-share) stays exact."""
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    from prune2deploy.passes.remove_channels import RemoveChannelsPass
+    from prune2deploy.passes.sharing import reshare_initializers, unshare_initializers
+
+    model = fresh("llama-gqa")
+    zero_heads(model, {LLAMA[0]: [1], LLAMA[1]: [0, 1]}, "o")
+    for node in model.graph:  # 20 dead MLP neurons per layer: zero rows of down_proj
+        if node.op_type == "MatMul" and "mlp.down_proj" in str(node.metadata_props):
+            weight = node.inputs[1].const_value.numpy().copy()
+            weight[:20] = 0
+            value = ir.Value(name=f"{node.inputs[1].name}_dead", shape=ir.Shape(weight.shape), type=node.inputs[1].type)
+            value.const_value = ir.tensor(weight, name=value.name)
+            model.graph.register_initializer(value)
+            node.replace_input_with(1, value)
+    reference = copy(model)
+    unshare_initializers(model)
+    channels = RemoveChannelsPass()
+    channels(model)
+    record = _remove(model)
+    reshare_initializers(model)
+    RemoveUnusedNodesPass()(model)
+    assert channels.record["channels_removed"] == 40 and record["heads_removed"] == 3
+    assert _counts(model) == {LLAMA[0]: (3, 2), LLAMA[1]: (2, 1)}
+    _assert_exact(reference, model)
