@@ -467,8 +467,18 @@ def inspect(model: Path | str | ir.Model) -> dict[str, Any]:
     # Batch and sequence axes also meet contractions (attention's QKᵀ); they have no static width and are
     # not channels, so they are left out of what a person reads.
     groups = [g.summary() for g in analysis.groups if g.width > 0]
+    from prune2deploy.passes.sparsify_nm import SparsifyNMPass
+
+    check = SparsifyNMPass(mode="check", compute_cost=True)  # check mode reads, never writes
+    check(ir_model)
+    sparsity = {k: v for k, v in check.record.items() if k not in ("pass", "exact", "weights")}
+    sparsity["weights"] = [
+        {k: w[k] for k in ("node", "initializer", "op", "shape", "eligible", "reason", "already_nm")}
+        for w in check.record["weights"]
+    ]
     return {
         "model": str(model) if not isinstance(model, ir.Model) else "<in-memory>",
+        "sparsity_2_4": sparsity,
         "params": total,
         "nodes": len(ir_model.graph),
         "groups": groups,
@@ -485,8 +495,12 @@ def profile(
     seqs: list[int] = (128,),
     threads: int | None = None,
     budget_s: float = 10.0,
+    ops: bool = False,
 ) -> list[dict]:
-    """Measures latency on ONNX Runtime CPU, side by side with ``against`` in the same run."""
+    """Measures latency on ONNX Runtime CPU, side by side with ``against`` in the same run.
+
+    With ``ops``, also ONNX Runtime's per-op-type and slowest-node breakdown at the first grid point.
+    """
     from prune2deploy.profiling.measure import compare_models
 
     for path in (model, against):
@@ -496,7 +510,18 @@ def profile(
     if against is not None:
         models = {"reference": Path(against), **models}
     grid = [(b, s) for b in batches for s in seqs]
-    return compare_models(models, grid, threads=threads, reference="reference" if against else None, budget_s=budget_s)
+    rows = compare_models(
+        models, grid, threads=threads, reference="reference" if against else None, budget_s=budget_s, min_runs=5
+    )
+    if ops:
+        from prune2deploy.feeds import random_feeds
+        from prune2deploy.frontends.onnx import load_onnx
+        from prune2deploy.profiling.ort_ops import ort_op_breakdown
+
+        for name, path in models.items():
+            feeds = random_feeds(load_onnx(path), batch=grid[0][0], seq=grid[0][1])
+            rows.append({"kind": "ops", "model": name, **ort_op_breakdown(path, feeds, threads=threads)})
+    return rows
 
 
 def predict(

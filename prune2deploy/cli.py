@@ -234,6 +234,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             ]
         )
     print(_table(rows, ["group", "width", "zero", "prunable", "tensors", "blocked by"]))
+    sp = info["sparsity_2_4"]
+    reasons: dict[str, int] = {}
+    for w in sp["weights"]:
+        if not w["eligible"]:
+            reasons[w["reason"]] = reasons.get(w["reason"], 0) + 1
+    print(
+        f"\n2:4 sparsity: {sp['eligible']} of {sp['nodes']} MatMul/Gemm/Conv weights eligible, "
+        f"{sp['already_nm']} already 2:4 ({100 * sp['sparse_flops_fraction']:.1f}% of their FLOPs)"
+    )
+    for reason, count in sorted(reasons.items(), key=lambda kv: -kv[1]):
+        print(f"  not eligible ({count}): {reason}")
     if args.tensors:
         for g in info["groups"]:
             print(f"\n{g['label']} (width {g['width']}): weights {', '.join(g['weights']) or '-'}")
@@ -249,7 +260,13 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from prune2deploy import api
 
     rows = api.profile(
-        args.model, against=args.against, batches=args.batch, seqs=args.seq, threads=args.threads, budget_s=args.budget
+        args.model,
+        against=args.against,
+        batches=args.batch,
+        seqs=args.seq,
+        threads=args.threads,
+        budget_s=args.budget,
+        ops=args.ops,
     )
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -272,6 +289,14 @@ def cmd_profile(args: argparse.Namespace) -> int:
     for r in rows:
         if r.get("kind") == "speedup":
             print(f"speedup at batch {r['batch']} seq {r['seq']}: {r['measured']:.2f}x")
+    for r in rows:
+        if r.get("kind") == "ops":
+            print(f"\n{r['model']}: ONNX Runtime time per op type (ms per run, first grid point)")
+            table = [
+                [o["op_type"], f"{o['calls_per_run']:g}", f"{o['ms_per_run']:.3f}", f"{100 * o['share']:.1f}%"]
+                for o in r["by_op_type"][:12]
+            ]
+            print(_table(table, ["op", "calls", "ms", "share"]))
     return 0
 
 
@@ -410,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq", type=int, nargs="+", default=[128])
     p.add_argument("--threads", type=int)
     p.add_argument("--budget", type=float, default=10.0, help="seconds per grid point at most")
+    p.add_argument("--ops", action="store_true", help="also ONNX Runtime's per-op-type breakdown")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_profile)
 

@@ -927,7 +927,28 @@ def analyze_attention(model: ir.Model) -> AttentionAnalysis:
         else:
             log.info("attention block %s not supported: %s", block.name, "; ".join(block.reasons))
         blocks.append(block)
+    blocks += _unmatched_softmax(model, blocks)
     return AttentionAnalysis(blocks)
+
+
+def _unmatched_softmax(model: ir.Model, blocks: list[AttentionBlock]) -> list[AttentionBlock]:
+    """Attention the analysis did not even find (no head-split Reshapes) is reported, not ignored.
+
+    A Softmax over a rank ≥ 3 tensor that no proven block covers, in a module no block is named after, is
+    listed as an unsupported block so that ``inspect`` shows it (classifier softmaxes are rank 2).
+    """
+    covered = {t.value for b in blocks for t in b.tensors}
+    named = {b.name for b in blocks}
+    extra: dict[str, AttentionBlock] = {}
+    for node in model.graph:
+        if node.op_type != "Softmax" or node.outputs[0] in covered or (_rank(node.inputs[0]) or 0) < 3:
+            continue
+        key = _block_key(node)
+        if key in named:
+            continue
+        block = extra.setdefault(key, AttentionBlock(name=key, layer=layer_of(node)))
+        block.reasons.append(f"{node.name}: Softmax with no recognised q/k/v head-split Reshapes around it")
+    return list(extra.values())
 
 
 def _find_zero_heads(block: AttentionBlock) -> None:

@@ -173,12 +173,28 @@ def _set_dim(value: ir.Value, axis: int, width: int) -> None:
     value.shape = ir.Shape(dims)
 
 
+def _check_layout(block: AttentionBlock, layout: HeadLayout) -> None:
+    """Refuses a layout that cannot describe this block (a caller bug must not produce a wrong graph)."""
+    if not block.supported:
+        raise ValueError(f"{block.name} is not a supported attention block: {block.reasons}")
+    heads = layout.q_heads
+    if not heads or len(set(heads)) != len(heads) or not all(0 <= h < block.num_heads for h in heads):
+        raise ValueError(f"{block.name}: query heads {heads} are not distinct heads of 0..{block.num_heads - 1}")
+    if layout.head_dim != block.head_dim or layout.k_weight.shape[1] % block.head_dim:
+        raise ValueError(f"{block.name}: new K columns do not hold whole heads of {block.head_dim}")
+    if layout.v_weight.shape != layout.k_weight.shape:
+        raise ValueError(f"{block.name}: new K and V weights differ in shape")
+    if len(layout.mapping) != len(heads) or not all(0 <= m < layout.num_kv_heads for m in layout.mapping):
+        raise ValueError(f"{block.name}: query → kv map {layout.mapping} does not fit {layout.num_kv_heads} kv heads")
+
+
 def apply_head_layout(model: ir.Model, block: AttentionBlock, layout: HeadLayout, *, tag: str = "heads") -> dict:
     """Rewrites ``block`` to ``layout``; returns what changed (for the pass record).
 
     The block must come from a fresh :func:`~prune2deploy.analysis.attention.analyze_attention` of this
     model (the proof's node and value references are used directly).
     """
+    _check_layout(block, layout)
     edit = _Editor(model, tag)
     d = block.head_dim
     new_h, new_k = len(layout.q_heads), layout.num_kv_heads

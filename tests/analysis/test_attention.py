@@ -169,3 +169,18 @@ def test_unrecognised_projection_is_reported():
     blocks = analyze_attention(model).blocks
     assert not blocks[0].supported and blocks[1].supported
     assert any("not a constant matrix" in reason for reason in blocks[0].reasons)
+
+
+def test_attention_without_head_splits_is_reported():
+    """A rank-4 Softmax that no proven block covers shows up as an unsupported block with the reason."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Softmax", ["scores"], ["probs"], axis=-1, name="lonely_softmax")],
+        "g",
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["b", 4, "s", "s"])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["b", 4, "s", "s"])],
+    )
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    (block,) = analyze_attention(model).blocks
+    assert not block.supported and "lonely_softmax" in block.reasons[0]

@@ -68,7 +68,7 @@ def test_similarity_recovers_scrambled_groups():
     for changes in record["per_block"].values():
         assert changes["order"] == [0, 2, 1, 3] and changes["permuted"]
         assert changes["k_weight_rel_error"] == 0 and changes["v_weight_rel_error"] == 0
-        assert changes["gathers"] == 0  # contiguous groups: back to an Expand-style uniform map
+        assert changes["gathers"] == 0  # no new Gather: the existing ones get the uniform indices
     assert [b.kv_map for b in analyze_attention(model).blocks] == [[0, 0, 1, 1]] * 2
     assert verify_models(reference, model, exact=True).worst <= EXACT_TOLERANCE
 
@@ -176,3 +176,14 @@ def test_gpt2_fused_gemm_regroup():
     assert block.projections["q"].weight.const_value.shape == (64, 128)
     verification = verify_models(reference, model, exact=False)
     assert 0 < verification.worst < 10 and verification.outputs["logits"]["cosine"] > 0.5
+
+
+def test_bad_layout_is_refused_before_any_edit():
+    model = fresh("llama-gqa")
+    block = analyze_attention(model).blocks[0]
+    layout = permutation_layout(block, [0, 1, 2, 3])
+    layout.mapping = [0, 0, 1, 2]  # kv head 2 does not exist
+    before = ir.to_proto(model).SerializeToString()
+    with pytest.raises(ValueError, match="does not fit"):
+        apply_head_layout(model, block, layout)
+    assert ir.to_proto(model).SerializeToString() == before
