@@ -271,7 +271,12 @@ def _chain(layer: Layer) -> None:
         layer.reason = f"'{block.add.name}' does not continue the residual chain of '{layer.blocks[0].add.name}'"
         return
     norm = _single_norm_consumer(previous, layer.name)
-    layer.stream_out = norm.outputs[0] if norm is not None else previous
+    out = norm.outputs[0] if norm is not None else previous
+    inside = [u.node.name for u in out.uses() if layer_of(u.node) == layer.name]
+    if inside:  # e.g. parallel attention + MLP (x + attn(x) + mlp(x)): the last Add found is not the exit
+        layer.reason = f"the layer's last residual output is read inside the layer ({inside[0]})"
+        return
+    layer.stream_out = out
 
 
 def layer_summary(model: ir.Model) -> list[dict]:

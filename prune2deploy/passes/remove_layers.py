@@ -82,10 +82,9 @@ class RemoveLayersPass(P2DPass):
         removed_layers, bypassed, folded = [], [], []
         approximate_layers = []
         for layer in found:
-            if layer.name in planned:
-                if layer.reason:
-                    not_removed.append({"layer": layer.name, "reason": layer.reason})
-                    continue
+            if layer.name in planned and layer.reason:  # refused as a whole; its exact removals still apply
+                not_removed.append({"layer": layer.name, "reason": layer.reason})
+            elif layer.name in planned:
                 zero = all(block.zero for block in layer.blocks)
                 # Read the incoming stream now, not at analysis time: an earlier removal may have rewired it.
                 replace_value(model.graph, layer.stream_out, layer.blocks[0].residual)

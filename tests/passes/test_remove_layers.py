@@ -217,3 +217,24 @@ def test_smollm2_depth_plan_reports_agreement():
     feeds = ids_feeds(49152, batch=2, seq=32, seed=1)
     metrics = lm_metrics(run(reference, feeds)["logits"], run(model, feeds)["logits"])
     assert np.isfinite(metrics["kl"]) and 0 < metrics["kl"] < 5 and metrics["top1"] > 0.2, metrics
+
+
+def test_parallel_blocks_are_not_dropped_by_plan():
+    """GPT-J-style parallel layer (x + attn(x) + mlp(x)): the exit is not the last residual Add found, so a
+    depth plan must refuse the layer (with the reason) rather than cut it at the wrong value."""
+    model = fresh("llama")
+    layer = find_layers(model)[0]
+    attn_add, mlp_add = (block.add for block in layer.blocks)
+    x, h = attn_add.inputs[0], attn_add.outputs[0]
+    for use in list(h.uses()):  # the MLP's norm reads x instead of h
+        if use.node is not mlp_add:
+            use.node.replace_input_with(use.idx, x)
+    zero_module(model, "model.layers.0.self_attn.o_proj")
+    reference = snapshot(model)
+    (row, _) = layer_summary(model)
+    assert not row["droppable_by_plan"] and "read inside the layer" in row["blocked_by"]
+    assert len(row["sub_blocks"]) == 1 and row["sub_blocks"][0]["zero"]
+    record = _remove(model, layers=[0])
+    assert record["layers_removed"] == [] and record["not_removed"][0]["layer"] == "model.layers.0"
+    assert record["exact"] and record["sub_blocks_removed"] == ["model.layers.0.self_attn"]  # exact part still runs
+    _assert_same(reference, model, LLAMA_FEEDS)
