@@ -144,7 +144,23 @@ def _build_pipeline(options: CompileOptions) -> list:
 
     pipeline = []
     for name in options.passes:
-        if name == "remove-channels":
+        if name == "remove-layers":
+            from prune2deploy.passes.remove_layers import RemoveLayersPass
+
+            pipeline.append(RemoveLayersPass(layers=options.drop_layers))
+        elif name == "prune-hidden":
+            from prune2deploy.passes.prune_hidden import PruneHiddenPass
+
+            pipeline.append(PruneHiddenPass(channels=options.drop_hidden))
+        elif name == "remove-heads":
+            from prune2deploy.passes.remove_heads import RemoveHeadsPass
+
+            pipeline.append(RemoveHeadsPass(min_heads=options.min_heads))
+        elif name == "regroup-gqa":
+            from prune2deploy.passes.regroup_gqa import RegroupGQAPass
+
+            pipeline.append(RegroupGQAPass(options.kv_heads, grouping=options.gqa_grouping, method=options.gqa_method))
+        elif name == "remove-channels":
             pipeline.append(RemoveChannelsPass(multiple_of=options.multiple_of))
         elif name == "sparsify-2:4":
             from prune2deploy.passes.sparsify_nm import SparsifyNMPass
@@ -294,7 +310,7 @@ def compile(
 
 
 def _resolve_plan(options: CompileOptions) -> CompileOptions:
-    """A plan brings its mask file (next to it); dropped layers need the layer pass and are refused until then."""
+    """A plan brings its mask file (next to it), its depth plan and its hidden-channel plan."""
     if options.plan is None:
         return options
     from prune2deploy.pruning.plan import load_plan
@@ -302,12 +318,13 @@ def _resolve_plan(options: CompileOptions) -> CompileOptions:
     plan = load_plan(options.plan)
     if options.masks is None and plan.masks and plan.masks.get("file"):
         options.masks = options.plan.parent / plan.masks["file"]
-    if plan.dropped_layers and "remove-layers" not in options.passes:
-        raise P2DError(
-            f"{options.plan}: the plan drops layers {plan.dropped_layers}, which needs the remove-layers pass; "
-            "add it to --passes"
-        )
-    return options
+    if plan.dropped_layers:
+        options.drop_layers = list(plan.dropped_layers)
+        options.passes = [*options.passes, "remove-layers"]
+    if plan.hidden is not None and list(plan.hidden.removed):
+        options.drop_hidden = [int(c) for c in plan.hidden.removed]
+        options.passes = [*options.passes, "prune-hidden"]
+    return options.validate()
 
 
 def prune(source: Any, out_dir: Path | str, **kwargs: Any):
@@ -476,8 +493,13 @@ def inspect(model: Path | str | ir.Model) -> dict[str, Any]:
         {k: w[k] for k in ("node", "initializer", "op", "shape", "eligible", "reason", "already_nm")}
         for w in check.record["weights"]
     ]
+    from prune2deploy.analysis.attention import analyze_attention
+    from prune2deploy.analysis.blocks import layer_summary
+
     return {
         "model": str(model) if not isinstance(model, ir.Model) else "<in-memory>",
+        "layers": layer_summary(ir_model),
+        "attention": analyze_attention(ir_model).summary(),
         "sparsity_2_4": sparsity,
         "params": total,
         "nodes": len(ir_model.graph),

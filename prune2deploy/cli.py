@@ -45,7 +45,7 @@ def _table(rows: list[list[Any]], header: list[str]) -> str:
 
 
 def _compile_options(args: argparse.Namespace):
-    from prune2deploy.spec import CompileOptions, load_config
+    from prune2deploy.spec import DEFAULT_PASSES, CompileOptions, load_config
 
     data: dict[str, Any] = load_config(args.config) if args.config else {}
     overrides = {
@@ -61,14 +61,28 @@ def _compile_options(args: argparse.Namespace):
         "threads": args.threads,
         "tolerance": args.tolerance,
         "passes": args.passes.split(",") if args.passes else None,
+        "drop_layers": [int(x) if x.strip().isdigit() else x.strip() for x in args.drop_layers.split(",")]
+        if args.drop_layers
+        else None,
+        "drop_hidden": [int(x) for x in args.drop_hidden.split(",")] if args.drop_hidden else None,
+        "kv_heads": args.regroup_gqa,
+        "gqa_grouping": args.gqa_grouping,
+        "gqa_method": args.gqa_method,
+        "min_heads": args.min_heads,
     }
     data.update({k: v for k, v in overrides.items() if v is not None})
     if args.overwrite:
         data["overwrite"] = True
     if args.no_profile:
         data["profile"] = False
-    if args.sparse_2_4 and "sparsify-2:4" not in data.get("passes", ["remove-channels"]):
-        data["passes"] = [*data.get("passes", ["remove-channels"]), "sparsify-2:4"]
+    for flag, name in (
+        (args.sparse_2_4, "sparsify-2:4"),
+        (args.drop_layers, "remove-layers"),
+        (args.drop_hidden, "prune-hidden"),
+        (args.regroup_gqa, "regroup-gqa"),
+    ):
+        if flag and name not in data.get("passes", list(DEFAULT_PASSES)):
+            data["passes"] = [*data.get("passes", list(DEFAULT_PASSES)), name]
     return CompileOptions.from_dict(data, source=str(args.config or "command line"))
 
 
@@ -234,6 +248,44 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             ]
         )
     print(_table(rows, ["group", "width", "zero", "prunable", "tensors", "blocked by"]))
+    layer_rows = []
+    for layer in info.get("layers", []):
+        subs = " ".join(f"{b['kind']}{'=0' if b['zero'] else ''}" for b in layer["sub_blocks"])
+        why = layer["blocked_by"] or next((b["blocked_by"] for b in layer["sub_blocks"] if b["blocked_by"]), "")
+        layer_rows.append(
+            [
+                layer["layer"],
+                subs,
+                "yes" if layer["removable"] else "no",
+                layer["hidden_width"],
+                layer["zero_hidden_channels"],
+                why[:60],
+            ]
+        )
+    if layer_rows:
+        print("\nlayers (residual blocks):")
+        print(_table(layer_rows, ["layer", "sub-blocks", "removable", "hidden", "zero hidden", "why not"]))
+    attention_rows = []
+    for block in info.get("attention", []):
+        zero = ",".join(block["zero_heads"]) or "-"
+        why = "; ".join(block["reasons"])[:60] if not block["supported"] else ""
+        attention_rows.append(
+            [
+                block["layer"] or block["block"],
+                block["heads"],
+                block["kv_heads"],
+                block["head_dim"],
+                block["gqa"] or "-",
+                zero,
+                "yes" if block["supported"] else "no",
+                why,
+            ]
+        )
+    if attention_rows:
+        print("\nattention:")
+        print(
+            _table(attention_rows, ["layer", "heads", "kv heads", "head_dim", "kv map", "zero heads", "ok", "why not"])
+        )
     sp = info["sparsity_2_4"]
     reasons: dict[str, int] = {}
     for w in sp["weights"]:
@@ -373,13 +425,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     c.add_argument("--masks", type=Path, help="safetensors of 0/1 masks keyed by torch parameter name")
     c.add_argument(
+        "--plan", type=Path, help="plan.yaml from `prune2deploy prune` (brings masks and layer/hidden plans)"
+    )
+    c.add_argument(
         "--detect-zeros",
         action="store_true",
         help="prune channels already zero in the weights (always on; the flag documents intent)",
     )
     c.add_argument("--config", type=Path, help="YAML/TOML/JSON file of compile options (flags override it)")
-    c.add_argument("--passes", help="comma-separated pipeline (default remove-channels)")
+    c.add_argument(
+        "--passes", help="comma-separated pipeline (default: remove-layers,remove-channels,remove-heads,prune-hidden)"
+    )
     c.add_argument("--sparse-2-4", action="store_true", help="append the sparsify-2:4 pass")
+    c.add_argument("--drop-layers", help="depth plan: layer indices or scopes to remove, e.g. 3,7 (approximate)")
+    c.add_argument("--drop-hidden", help="width plan: residual-stream channel indices to remove")
+    c.add_argument("--regroup-gqa", type=int, metavar="KV_HEADS", help="regroup attention to N kv heads (1 = MQA)")
+    c.add_argument("--gqa-grouping", choices=["adjacent", "similarity"], help="how query heads are grouped")
+    c.add_argument("--gqa-method", choices=["mean", "first"], help="mean-pool a group's K/V heads, or keep the first")
+    c.add_argument("--min-heads", type=int, help="remove-heads keeps at least this many heads per layer")
     c.add_argument("--multiple-of", type=int, help="round kept widths up to a multiple (exact)")
     c.add_argument("--engine", choices=["onnxruntime", "tensorrt", "tensorrt-rtx", "torch"])
     c.add_argument("--precision", choices=["fp32", "fp16", "bf16"])

@@ -14,10 +14,21 @@ from typing import Any
 
 from prune2deploy.errors import ConfigError
 
-__all__ = ["PASS_NAMES", "CompileOptions", "load_config"]
+__all__ = ["DEFAULT_PASSES", "PASS_NAMES", "CompileOptions", "load_config"]
 
 #: Passes that `compile` can run, in pipeline order.
-PASS_NAMES = ("remove-channels", "sparsify-2:4", "convert-precision")
+PASS_NAMES = (
+    "remove-layers",
+    "remove-channels",
+    "remove-heads",
+    "prune-hidden",
+    "regroup-gqa",
+    "sparsify-2:4",
+    "convert-precision",
+)
+
+#: The exact structural passes: each removes only what contributes nothing, and does nothing otherwise.
+DEFAULT_PASSES = ("remove-layers", "remove-channels", "remove-heads", "prune-hidden")
 
 
 @dataclass
@@ -28,8 +39,16 @@ class CompileOptions:
         masks: safetensors mask file keyed by torch parameter name.
         plan: a plan YAML written by ``prune2deploy prune``; its mask file is used when ``masks`` is unset.
         detect_zeros: prune what is already zero in the weights (always true when no masks are given).
-        passes: pipeline, from :data:`PASS_NAMES`.
+        passes: pipeline, from :data:`PASS_NAMES` (run in that order); default :data:`DEFAULT_PASSES`.
         multiple_of: round kept channel widths up to a multiple (keeps zero channels; exact).
+        drop_layers: depth plan for ``remove-layers``: layer indices or scopes removed even if non-zero
+            (approximate; zero branches are removed exactly without being listed).
+        drop_hidden: width plan for ``prune-hidden``: residual-stream channels to remove (exact when they
+            are zero and the norms are RMSNorm; None removes only channels detected as zero).
+        min_heads: ``remove-heads`` keeps at least this many query heads per layer.
+        kv_heads / gqa_grouping / gqa_method: ``regroup-gqa`` target kv heads per layer, how query heads are
+            grouped (``adjacent`` as in Ainslie et al. 2023, or ``similarity``), and how a group's K/V heads
+            become one (``mean``, the paper's, or ``first``, its baseline).
         sparsity: ``impose`` 2:4 on eligible weights or only ``check`` them (pass ``sparsify-2:4``).
         precision: ``fp16``/``bf16`` for ``convert-precision`` and engines; ``fp32`` otherwise.
         engine: ``onnxruntime`` (default), ``tensorrt``, ``tensorrt-rtx`` or ``torch``.
@@ -46,8 +65,14 @@ class CompileOptions:
     masks: Path | None = None
     plan: Path | None = None
     detect_zeros: bool = True
-    passes: list[str] = field(default_factory=lambda: ["remove-channels"])
+    passes: list[str] = field(default_factory=lambda: list(DEFAULT_PASSES))
     multiple_of: int = 1
+    drop_layers: list[int | str] = field(default_factory=list)
+    drop_hidden: list[int] | None = None
+    min_heads: int = 1
+    kv_heads: int | None = None
+    gqa_grouping: str = "adjacent"
+    gqa_method: str = "mean"
     sparsity: str = "impose"
     precision: str = "fp32"
     engine: str = "onnxruntime"
@@ -68,6 +93,14 @@ class CompileOptions:
         for name in self.passes:
             if name not in PASS_NAMES:
                 raise ConfigError(f"unknown pass '{name}'; choose from {', '.join(PASS_NAMES)}")
+        # Passes always run in pipeline order: layers first (less to analyse), precision last.
+        self.passes = sorted(dict.fromkeys(self.passes), key=PASS_NAMES.index)
+        if self.gqa_grouping not in ("adjacent", "similarity"):
+            raise ConfigError(f"gqa_grouping must be 'adjacent' or 'similarity', not '{self.gqa_grouping}'")
+        if self.gqa_method not in ("mean", "first"):
+            raise ConfigError(f"gqa_method must be 'mean' or 'first', not '{self.gqa_method}'")
+        if "regroup-gqa" in self.passes and (self.kv_heads is None or self.kv_heads < 1):
+            raise ConfigError("the regroup-gqa pass needs kv_heads (--kv-heads N): kv heads per layer after regrouping")
         if self.sparsity not in ("impose", "check"):
             raise ConfigError(f"sparsity must be 'impose' or 'check', not '{self.sparsity}'")
         if self.precision not in ("fp32", "fp16", "bf16"):

@@ -92,3 +92,8 @@ def save_masks(masks: dict[str, np.ndarray], path) -> None:
     from safetensors.numpy import save_file
 
     save_file({k: np.ascontiguousarray(v) for k, v in masks.items()}, str(path))
+
+
+def pass_record(report: dict, name: str) -> dict:
+    """The record of one pass in a compile report."""
+    return next(r for r in report["passes"] if r["pass"] == name)

@@ -13,7 +13,7 @@ from prune2deploy import api
 from prune2deploy.errors import BadInputError, MaskError, OutputExistsError
 from prune2deploy.io import sha256_file
 from prune2deploy.spec import CompileOptions
-from tests.models import TinyResNet, llama_mlp_masks, save_masks, tiny_bert, tiny_llama
+from tests.models import TinyResNet, llama_mlp_masks, pass_record, save_masks, tiny_bert, tiny_llama
 
 FAST = {"profile": False}
 
@@ -34,7 +34,7 @@ def test_llama_masks_file_removes_mlp_channels_exactly(tmp_path, rng):
     assert (64, kept[0]) in widths and (kept[0], 64) in widths  # gate/up [64, k], down [k, 64]
     assert result.report["verification"]["passed"]
     assert result.report["verification"]["outputs"]["logits"]["max_rel"] < 1e-5
-    record = result.report["passes"][0]
+    record = pass_record(result.report, "remove-channels")
     assert record["channels_removed"] == sum(96 - k for k in kept.values())
     assert result.report["model"]["compiled"]["params"] < result.report["model"]["reference"]["params"]
     for name in ("model.onnx", "reference.onnx", "report.json", "report.html", "manifest.json"):
@@ -53,7 +53,7 @@ def test_bert_with_biases_and_layernorm(tmp_path, rng):
             layer.intermediate.dense.weight[drop] = 0
             layer.intermediate.dense.bias[drop] = 0  # GELU(0) = 0: the neuron is dead
     result = api.compile(module, tmp_path / "out", CompileOptions(**FAST))
-    assert result.report["passes"][0]["channels_removed"] == 60
+    assert pass_record(result.report, "remove-channels")["channels_removed"] == 60
     assert (64, 50) in _matmul_widths(tmp_path / "out" / "model.onnx")
     assert all(o["max_rel"] < 1e-5 for o in result.report["verification"]["outputs"].values())
 
@@ -65,7 +65,7 @@ def test_bias_alone_keeps_channel(tmp_path):
         module.encoder.layer[0].intermediate.dense.weight[:10] = 0
         module.encoder.layer[0].intermediate.dense.bias[:10] = 0.5
     result = api.compile(module, tmp_path / "out", CompileOptions(**FAST))
-    assert result.report["passes"][0]["channels_removed"] == 0
+    assert pass_record(result.report, "remove-channels")["channels_removed"] == 0
     assert result.report["verification"]["passed"]
 
 
@@ -79,7 +79,7 @@ def test_torch_prune_module(tmp_path):
         mask[:, :40] = 0
         prune.custom_from_mask(layer.mlp.down_proj, "weight", mask)
     result = api.compile(module, tmp_path / "out", CompileOptions(**FAST))
-    assert result.report["passes"][0]["channels_removed"] == 80
+    assert pass_record(result.report, "remove-channels")["channels_removed"] == 80
     assert hasattr(module.model.layers[0].mlp.down_proj, "weight_orig")  # caller's module unchanged
     assert result.report["verification"]["passed"]
 
@@ -97,7 +97,7 @@ def test_cnn_residual_depthwise(tmp_path):
     convs = [n for n in model.graph if n.op_type == "Conv"]
     depthwise = [n for n in convs if n.attributes.get("group") and n.attributes["group"].value > 1]
     assert depthwise and depthwise[0].attributes["group"].value == 16
-    assert result.report["passes"][0]["channels_removed"] == 8
+    assert pass_record(result.report, "remove-channels")["channels_removed"] == 8
     assert result.report["verification"]["outputs"]["logits"]["max_rel"] < 1e-5
 
 
@@ -116,8 +116,11 @@ def test_hf_folder_and_onnx_file_with_masks(tmp_path, rng):
     onnx_before = sha256_file(onnx_in)
     onnx_result = api.compile(onnx_in, tmp_path / "b", CompileOptions(masks=tmp_path / "m.safetensors", **FAST))
     assert sha256_file(onnx_in) == onnx_before
-    assert plain.report["passes"][0]["channels_removed"] == 0
-    assert hf_result.report["passes"][0]["channels_removed"] == onnx_result.report["passes"][0]["channels_removed"]
+    assert pass_record(plain.report, "remove-channels")["channels_removed"] == 0
+    assert (
+        pass_record(hf_result.report, "remove-channels")["channels_removed"]
+        == pass_record(onnx_result.report, "remove-channels")["channels_removed"]
+    )
     assert sorted(_matmul_widths(tmp_path / "a" / "model.onnx")) == sorted(
         _matmul_widths(tmp_path / "b" / "model.onnx")
     )

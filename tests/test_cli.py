@@ -110,3 +110,21 @@ def test_prune_then_compile_round_trip(tmp_path, capsys):
     model = ir.load(str(out / "compiled" / "model.onnx"))
     widths = [n.inputs[1].shape[0] for n in model.graph if n.op_type == "MatMul" and module_of(n).endswith("down_proj")]
     assert widths == kept and all(w % 8 == 0 and w < 96 for w in widths)
+
+
+def test_drop_layers_is_approximate_and_reported(tiny_onnx, tmp_path, capsys):
+    """A depth plan removes non-zero layers: the report says approximate, and compile still succeeds."""
+    import onnx_ir as ir
+
+    model, _, _ = tiny_onnx
+    out = tmp_path / "shallow"
+    assert (
+        main(["compile", str(model), "--out", str(out), "--drop-layers", "1", "--no-profile", "--quiet", "--json"]) == 0
+    )
+    report = json.loads(capsys.readouterr().out)
+    layers = next(r for r in report["passes"] if r["pass"] == "remove-layers")
+    assert layers["exact"] is False and report["verification"]["exact"] is False
+    assert report["verification"]["outputs"]["logits"]["max_rel"] > 0  # the error is measured, not hidden
+    compiled = ir.load(str(out / "model.onnx"))
+    scopes = {n.metadata_props.get("pkg.torch.onnx.name_scopes", "") for n in compiled.graph}
+    assert not any("model.layers.1" in s for s in scopes) and any("model.layers.0" in s for s in scopes)

@@ -13,7 +13,7 @@ import pytest
 from prune2deploy import api
 from prune2deploy.frontends.hf import load_hf_model
 from prune2deploy.spec import CompileOptions
-from tests.models import save_masks
+from tests.models import pass_record, save_masks
 
 pytestmark = pytest.mark.slow
 
@@ -60,7 +60,7 @@ def test_real_model_mlp_channels(name, fraction, tmp_path, rng):
         if n.op_type == "MatMul" and n.inputs[1].const_value is not None and is_mlp_reader(n)
     )
     assert reading == sorted(kept)  # every MLP's reader now has exactly the kept rows
-    record = result.report["passes"][0]
+    record = pass_record(result.report, "remove-channels")
     assert record["groups_changed"] == len(kept)
     width = {"minilm-l6": 1536, "smollm2-135m": 1536}[name]
     assert record["channels_removed"] == sum(width - k for k in kept)

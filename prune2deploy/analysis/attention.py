@@ -1,19 +1,21 @@
 """Attention blocks: where the heads are, how query heads read key/value heads, and which heads are zero.
 
-The exporter leaves no "attention" op: a block is a q/k/v projection (MatMul against a constant, optional
-bias Add, optionally one fused MatMul + Split), a Reshape that splits the last axis into (heads, head_dim),
-per-head work (RoPE, scores, softmax, the weighted sum of V), a Reshape that merges (heads, head_dim) back
-and the output projection. This module finds the projections by module name scope and then *proves* the
+The exporter leaves no "attention" op: a block is a q/k/v projection (MatMul against a constant with an
+optional bias Add, or a GPT-2 style Gemm between flatten/unflatten Reshapes; optionally one fused projection
+and a Split), a Reshape that splits the last axis into (heads, head_dim), per-head work (RoPE, scores,
+softmax, the weighted sum of V), a Reshape that merges (heads, head_dim) back and the output projection.
+This module finds the projections by module name scope and then *proves* the
 head structure by following the head axis forward from the three split Reshapes through every op that
 reads it. Each op either maps the axis (Transpose, elementwise ops whose other operands broadcast over
 heads, batched MatMul, Slice/Concat/Split on other axes, the GQA repeat, the exporter's merge-batch-and-
 heads transpose trick) or blocks the block with the op and the reason. A block that is not proven is
 reported as unsupported and left alone: the passes built on this never guess.
 
-Two head spaces exist per block: query heads (H) and key/value heads (K). They meet either at a GQA
-repeat (``Unsqueeze → Expand → Reshape``: query head ``h`` reads kv head ``h // (H / K)``) or, for MHA,
-directly at the score and value MatMuls (identity mapping). Those meeting points are where a pass
-rewrites the q-head → kv-head mapping.
+Two head spaces exist per block: query heads (H) and key/value heads (K). They meet at a GQA repeat
+(``Unsqueeze → Expand → Reshape``: query head ``h`` reads kv head ``h // (H / K)``), at a ``Gather`` over
+the kv-head axis (an explicit map, what the head passes write for uneven groups) or, for MHA, directly at
+the score and value MatMuls (identity map). Those meeting points are where a pass rewrites the
+q-head → kv-head map; K and V must be mapped the same way.
 
 When is a head's contribution zero? The block's output is ``Σ_h O_h · (P_h · V_{map(h)})`` where ``O_h``
 are the output projection's rows of head ``h`` and ``P_h`` is the head's attention matrix. The term is
