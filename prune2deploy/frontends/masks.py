@@ -117,6 +117,11 @@ def _onnx_targets(model: ir.Model) -> dict[str, tuple[ir.Value, bool]]:
         targets[name] = (value, False)
     for node in model.graph:
         module = module_of(node)
+        table = node.inputs[0] if node.op_type == "Gather" and node.inputs else None
+        if module and table is not None and table.const_value is not None:
+            # an embedding table: the exporter may name it after a tied head (``lm_head.weight``)
+            targets.setdefault(f"{module}.weight", (table, False))
+            continue
         weight = _matmul_weight(node)
         if not module or weight is None:
             continue
