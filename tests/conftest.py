@@ -20,3 +20,11 @@ def rng() -> np.random.Generator:
 def cache_dir(tmp_path_factory):
     """Exports shared across tests of one session (exports of real models take tens of seconds)."""
     return tmp_path_factory.mktemp("p2d-cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_onnx(cache_dir):
+    """Path of an exported 2-layer tiny Llama (dynamic batch and sequence), shared by the session."""
+    from tests.tiny_onnx import export_tiny_llama
+
+    return export_tiny_llama(cache_dir)

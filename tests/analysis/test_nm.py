@@ -84,12 +84,8 @@ def test_ineligible_reasons(rng):
     }
 
 
-def test_tiny_llama_linear_weights_are_eligible():
-    import os
-
-    if not os.path.exists("/tmp/tiny_llama.onnx"):
-        pytest.skip("sample export not present")
-    model = ir.load("/tmp/tiny_llama.onnx")
+def test_tiny_llama_linear_weights_are_eligible(tiny_llama_onnx):
+    model = ir.load(str(tiny_llama_onnx))
     results = {n.name: nm_eligibility(n) for n in model.graph if n.op_type == "MatMul"}
     eligible = sorted(name for name, r in results.items() if r.eligible)
     assert len(eligible) == 15  # 7 linears x 2 layers + lm_head; the 4 attention MatMuls are not

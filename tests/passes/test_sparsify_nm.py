@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import onnx_ir as ir
 import pytest
@@ -122,9 +120,8 @@ def test_already_sparse_weight_is_reported_not_rewritten(rng):
     assert next(iter(model.graph)).metadata_props["p2d.sparsity"] == "2:4"
 
 
-@pytest.mark.skipif(not os.path.exists("/tmp/tiny_llama.onnx"), reason="sample export not present")
-def test_tiny_llama_skip_lm_head():
-    model = ir.load("/tmp/tiny_llama.onnx")
+def test_tiny_llama_skip_lm_head(tiny_llama_onnx):
+    model = ir.load(str(tiny_llama_onnx))
     sparsify = SparsifyNMPass(mode="impose", skip=["*lm_head"], cost_seq=16)
     sparsify(model)
     record = sparsify.record
