@@ -141,6 +141,11 @@ def apply_masks_onnx(model: ir.Model, masks: Mapping[str, np.ndarray], *, source
     edits = []
     for name, mask in masks.items():
         if name not in targets:
+            # An export wrapper prefixes every scope (``model.model.layers.0``): accept a unique dotted suffix.
+            suffixed = [t for t in targets if t.endswith("." + name)]
+            if len(suffixed) == 1:
+                targets[name] = targets[suffixed[0]]
+        if name not in targets:
             raise MaskError(
                 f"{source}: mask '{name}' matches no tensor of the ONNX model.{_suggest(name, sorted(targets))} "
                 "Masks are keyed by torch parameter name; the model must carry the exporter's name-scope metadata."

@@ -103,11 +103,23 @@ def export_module(module, spec: ExportSpec, *, optimize: bool = True) -> ir.Mode
 
     Outputs are renamed to ``spec.output_names`` (in order) so that reports and verification can name them.
     """
+    module = bake_torch_prune(module) if _has_torch_prune(module) else module
+    module.eval()
+    config = getattr(module, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    if use_cache:  # a prefill graph: a cache object in the outputs cannot be exported
+        config.use_cache = False
+    try:
+        return _export(module, spec, optimize=optimize)
+    finally:
+        if use_cache:
+            config.use_cache = use_cache
+
+
+def _export(module, spec: ExportSpec, *, optimize: bool) -> ir.Model:
     import torch
     from torch.export import Dim
 
-    module = bake_torch_prune(module) if _has_torch_prune(module) else module
-    module.eval()
     dims: dict[str, Dim] = {}
     dynamic_shapes = {}
     for name in spec.inputs:

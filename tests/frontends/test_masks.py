@@ -1,0 +1,47 @@
+"""Mask files mapped onto ONNX initializers through name-scope metadata."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from prune2deploy.errors import MaskError
+from prune2deploy.frontends.masks import apply_masks_onnx
+
+
+def test_tied_embedding_is_found_by_module_name(tiny_llama_onnx):
+    """With tied weights the exporter may name the table after the head; the Gather's module still names it."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from prune2deploy.frontends.torch import export_module, hf_export_spec
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+    )
+    model = export_module(LlamaForCausalLM(config).eval(), hf_export_spec("causal-lm", vocab_size=64))
+    gather = next(n for n in model.graph if n.op_type == "Gather" and n.inputs[0].const_value is not None)
+    mask = np.ones((64, 32), dtype=np.float32)
+    mask[:, :5] = 0
+    assert apply_masks_onnx(model, {"model.embed_tokens.weight": mask}) == 1
+    table = gather.inputs[0].const_value.numpy()
+    assert not table[:, :5].any() and table[:, 5:].all()
+
+
+def test_transposed_linear_weight_and_errors(tiny_llama_onnx):
+    model = ir.load(str(tiny_llama_onnx))
+    mask = np.ones((128, 64), dtype=np.float32)  # up_proj: torch layout [out, in]
+    mask[7] = 0
+    assert apply_masks_onnx(model, {"model.layers.0.mlp.up_proj.weight": mask}) == 1
+    with pytest.raises(MaskError, match=r"has shape \(64, 128\)"):
+        apply_masks_onnx(model, {"model.layers.0.mlp.up_proj.weight": mask.T})
+    with pytest.raises(MaskError, match="matches no tensor"):
+        apply_masks_onnx(model, {"model.layers.9.mlp.up_proj.weight": mask})
