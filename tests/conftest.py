@@ -28,3 +28,19 @@ def tiny_llama_onnx(cache_dir):
     from tests.tiny_onnx import export_tiny_llama
 
     return export_tiny_llama(cache_dir)
+
+
+@pytest.fixture(scope="module")
+def mlps():
+    """Exported MLP variants (tests/channel_models.py); each test takes its own copy with ``fresh``."""
+    from tests.channel_models import exported
+
+    return exported("mlps")
+
+
+@pytest.fixture(scope="module")
+def cnns():
+    """Exported CNN variants (tests/channel_models.py)."""
+    from tests.channel_models import exported
+
+    return exported("cnns")

@@ -13,7 +13,6 @@ from onnx_ir.passes.common import ShapeInferencePass
 from prune2deploy.analysis.channels import analyze_channels
 from tests.channel_models import (
     _zero,
-    exported,
     fresh,
     group_by_id,
     helper_model,
@@ -23,16 +22,6 @@ from tests.channel_models import (
     zero_in,
     zero_out,
 )
-
-
-@pytest.fixture(scope="module")
-def mlps() -> dict[str, np.ndarray]:
-    return exported("mlps")
-
-
-@pytest.fixture(scope="module")
-def cnns() -> dict[str, np.ndarray]:
-    return exported("cnns")
 
 
 def _weights(group) -> set[str]:

@@ -12,7 +12,6 @@ from prune2deploy.analysis.channels import analyze_channels
 from prune2deploy.passes.remove_channels import RemoveChannelsPass
 from tests.channel_models import (
     assert_same_outputs,
-    exported,
     find_param,
     fresh,
     helper_model,
@@ -24,16 +23,6 @@ from tests.channel_models import (
     zero_in,
     zero_out,
 )
-
-
-@pytest.fixture(scope="module")
-def mlps() -> dict[str, np.ndarray]:
-    return exported("mlps")
-
-
-@pytest.fixture(scope="module")
-def cnns() -> dict[str, np.ndarray]:
-    return exported("cnns")
 
 
 def _prune(model: ir.Model, **options) -> RemoveChannelsPass:
