@@ -45,13 +45,13 @@ def _table(rows: list[list[Any]], header: list[str]) -> str:
 
 
 def _compile_options(args: argparse.Namespace):
-    from prune2deploy.spec import DEFAULT_PASSES, CompileOptions, load_config
+    """Config file first, then flags: core flags, each registered pass's flags, engine options."""
+    from prune2deploy import api
 
-    data: dict[str, Any] = load_config(args.config) if args.config else {}
+    data: dict[str, Any] = api.load_config(args.config) if args.config else {}
     overrides = {
         "masks": args.masks,
         "plan": args.plan,
-        "multiple_of": args.multiple_of,
         "engine": args.engine,
         "precision": args.precision,
         "profile_batches": args.batch,
@@ -61,29 +61,67 @@ def _compile_options(args: argparse.Namespace):
         "threads": args.threads,
         "tolerance": args.tolerance,
         "passes": args.passes.split(",") if args.passes else None,
-        "drop_layers": [int(x) if x.strip().isdigit() else x.strip() for x in args.drop_layers.split(",")]
-        if args.drop_layers
-        else None,
-        "drop_hidden": [int(x) for x in args.drop_hidden.split(",")] if args.drop_hidden else None,
-        "kv_heads": args.regroup_gqa,
-        "gqa_grouping": args.gqa_grouping,
-        "gqa_method": args.gqa_method,
-        "min_heads": args.min_heads,
     }
+    for spec in api.pass_specs().values():
+        for key, option in spec.options.items():
+            if option.flag:
+                overrides[key] = getattr(args, key)
     data.update({k: v for k, v in overrides.items() if v is not None})
+    if args.engine_option:
+        data["engine_options"] = {**data.get("engine_options", {}), **_engine_options(args.engine_option)}
     if args.overwrite:
         data["overwrite"] = True
     if args.no_profile:
         data["profile"] = False
-    for flag, name in (
-        (args.sparse_2_4, "sparsify-2:4"),
-        (args.drop_layers, "remove-layers"),
-        (args.drop_hidden, "prune-hidden"),
-        (args.regroup_gqa, "regroup-gqa"),
-    ):
-        if flag and name not in data.get("passes", list(DEFAULT_PASSES)):
-            data["passes"] = [*data.get("passes", list(DEFAULT_PASSES)), name]
-    return CompileOptions.from_dict(data, source=str(args.config or "command line"))
+    for name, spec in api.pass_specs().items():
+        if spec.switch and getattr(args, _switch_dest(name)):
+            passes = data.get("passes", list(api.CompileOptions().passes))
+            data["passes"] = [*passes, name] if name not in passes else passes
+    return api.CompileOptions.from_dict(data, source=str(args.config or "command line"))
+
+
+def _engine_options(pairs: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs; values are read as YAML scalars (``3`` is an int, ``true`` a bool)."""
+    import yaml
+
+    from prune2deploy.errors import ConfigError
+
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--engine-option takes KEY=VALUE (e.g. optimization_level=5), not '{pair}'")
+        options[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return options
+
+
+def _switch_dest(name: str) -> str:
+    return "switch_" + name.replace("-", "_").replace(":", "_")
+
+
+def _add_pass_flags(parser: argparse.ArgumentParser) -> None:
+    """Each registered pass's own flags, from its registration: help, type, choices, metavar."""
+    import typing
+
+    from prune2deploy import api
+
+    for name, spec in api.pass_specs().items():
+        for key, option in spec.options.items():
+            if not option.flag:
+                continue
+            kwargs: dict[str, Any] = {"dest": key, "help": f"{option.help} [{name}]"}
+            if option.parse is not None:
+                kwargs["type"] = option.parse
+            elif typing.get_origin(option.type) is typing.Literal:
+                kwargs["choices"] = list(typing.get_args(option.type))
+            elif option.type is int or typing.get_args(option.type)[:1] == (int,):
+                kwargs["type"] = int
+            if option.metavar:
+                kwargs["metavar"] = option.metavar
+            parser.add_argument(option.flag, **kwargs)
+        if spec.switch:
+            flag, text = spec.switch
+            parser.add_argument(flag, dest=_switch_dest(name), action="store_true", help=text)
 
 
 def _print_compile(report: dict[str, Any], out_dir: Path) -> None:
@@ -94,14 +132,13 @@ def _print_compile(report: dict[str, Any], out_dir: Path) -> None:
         f"FLOPs {_fmt_int(ref['flops'])} → {_fmt_int(new['flops'])}  "
         f"(batch {report['model']['cost_shape']['batch']}, seq {report['model']['cost_shape']['seq']})"
     )
-    for record in report["passes"]:
-        extras = {
-            k: v
-            for k, v in record.items()
-            if k not in ("pass", "exact", "per_group", "weights", "skipped") and not isinstance(v, (dict, list))
-        }
+    for entry in report["passes"]:
+        extras = {k: v for k, v in entry["record"].items() if not isinstance(v, (dict, list))}
+        refused = f"  refused={len(entry['refused'])}" if entry["refused"] else ""
         print(
-            f"  pass {record['pass']:<18} exact={record['exact']}  " + "  ".join(f"{k}={v}" for k, v in extras.items())
+            f"  pass {entry['pass']:<18} exact={entry['exact']}  "
+            + "  ".join(f"{k}={v}" for k, v in extras.items())
+            + refused
         )
     ver = report["verification"]
     status = "PASSED" if ver["passed"] else "FAILED"
@@ -156,18 +193,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Compiles a bundled real model with 50% of every MLP's channels masked by weight magnitude."""
     from prune2deploy import api
-    from prune2deploy.demo import demo_masks
-    from prune2deploy.spec import CompileOptions
 
     out = Path(args.out)
-    masks = demo_masks(args.model, args.ratio, out.parent / f".{out.name}-masks.safetensors")
-    options = CompileOptions(
-        masks=masks, overwrite=args.overwrite, profile_batches=[1], profile_seqs=[128], profile_budget_s=5.0
-    )
-    try:
-        result = api.compile(args.model, out, options, progress=_progress(args.quiet))
-    finally:
-        masks.unlink(missing_ok=True)
+    result = api.demo(args.model, out, ratio=args.ratio, overwrite=args.overwrite, progress=_progress(args.quiet))
     _print_compile(result.report, out)
     print(f"  report: {out}/report.html  ·  inspect with: prune2deploy inspect {out}/model.onnx")
     return 0
@@ -181,7 +209,6 @@ def _ratios(args: argparse.Namespace) -> dict[str, float]:
 def cmd_prune(args: argparse.Namespace) -> int:
     from prune2deploy import api
     from prune2deploy.errors import ConfigError
-    from prune2deploy.spec import CompileOptions
 
     nm = None
     if args.nm:
@@ -210,7 +237,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     for key, value in result.summary.items():
         print(f"  {key}: {value}")
     if args.compile:
-        options = CompileOptions(plan=result.plan_path, overwrite=args.overwrite, profile=not args.no_profile)
+        options = api.CompileOptions(plan=result.plan_path, overwrite=args.overwrite, profile=not args.no_profile)
         compiled = api.compile(args.model, Path(args.out) / "compiled", options, progress=say)
         _print_compile(compiled.report, Path(args.out) / "compiled")
     return 0
@@ -392,13 +419,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from prune2deploy.frontends.onnx import load_onnx
-    from prune2deploy.verify import load_feeds, verify_models
+    from prune2deploy import api
 
-    reference = load_onnx(Path(args.reference))
-    compiled = load_onnx(Path(args.model))
-    feeds = [load_feeds(p) for p in args.feeds or []]
-    result = verify_models(reference, compiled, exact=True, tolerance=args.tolerance, user_feeds=feeds)
+    result = api.verify(args.model, args.reference, feeds=args.feeds, tolerance=args.tolerance)
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
     else:
@@ -412,6 +435,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from prune2deploy import api
+
     parser = argparse.ArgumentParser(
         prog="prune2deploy",
         description="Deployment compiler for pruned networks: masks in, physically smaller verified models out.",
@@ -434,17 +459,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--config", type=Path, help="YAML/TOML/JSON file of compile options (flags override it)")
     c.add_argument(
-        "--passes", help="comma-separated pipeline (default: remove-layers,remove-channels,remove-heads,prune-hidden)"
+        "--passes",
+        help=f"comma-separated pipeline from {', '.join(api.pass_specs())} "
+        f"(default: {','.join(api.CompileOptions().passes)}; run in that order)",
     )
-    c.add_argument("--sparse-2-4", action="store_true", help="append the sparsify-2:4 pass")
-    c.add_argument("--drop-layers", help="depth plan: layer indices or scopes to remove, e.g. 3,7 (approximate)")
-    c.add_argument("--drop-hidden", help="width plan: residual-stream channel indices to remove")
-    c.add_argument("--regroup-gqa", type=int, metavar="KV_HEADS", help="regroup attention to N kv heads (1 = MQA)")
-    c.add_argument("--gqa-grouping", choices=["adjacent", "similarity"], help="how query heads are grouped")
-    c.add_argument("--gqa-method", choices=["mean", "first"], help="mean-pool a group's K/V heads, or keep the first")
-    c.add_argument("--min-heads", type=int, help="remove-heads keeps at least this many heads per layer")
-    c.add_argument("--multiple-of", type=int, help="round kept widths up to a multiple (exact)")
-    c.add_argument("--engine", choices=["onnxruntime", "tensorrt", "tensorrt-rtx", "torch"])
+    _add_pass_flags(c)
+    c.add_argument("--engine", choices=list(api.engine_names()), help="engine to build (default onnxruntime)")
+    c.add_argument(
+        "--engine-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="an engine option, repeatable (TensorRT: timing_cache=PATH, optimization_level=0-5, workspace_mib=N; "
+        "torch: device=cuda)",
+    )
     c.add_argument("--precision", choices=["fp32", "fp16", "bf16"])
     c.add_argument("--batch", type=int, nargs="+", help="batch sizes to profile (default 1)")
     c.add_argument("--seq", type=int, nargs="+", help="sequence lengths to profile (default 128)")

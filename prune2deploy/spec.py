@@ -1,141 +1,161 @@
 """Compile options: typed, validated, loadable from a YAML, TOML or JSON config file.
 
-The CLI and the Python API share this one description, so a config file, a command line and a script
-all mean the same thing. Unknown keys are errors: a typo must not silently fall back to a default.
+The CLI, config files and the Python API share this one description, so they all mean the same thing.
+The core options are declared here; every pass adds its own from its registration (``passes/registry.py``)
+and every engine validates its own ``engine_options`` — so a new pass or engine needs no edit here.
+Validation is pydantic's: each value's type and range is checked and every message names its key; unknown
+keys are errors (a typo must not silently fall back to a default).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from prune2deploy.engines.registry import DEFAULT_ENGINE, engine_class, engine_names
 from prune2deploy.errors import ConfigError
+from prune2deploy.passes.registry import default_passes, get_pass, load_passes
 
-__all__ = ["DEFAULT_PASSES", "PASS_NAMES", "CompileOptions", "load_config"]
-
-#: Passes that `compile` can run, in pipeline order.
-PASS_NAMES = (
-    "remove-layers",
-    "remove-channels",
-    "remove-heads",
-    "prune-hidden",
-    "regroup-gqa",
-    "sparsify-2:4",
-    "convert-precision",
-)
-
-#: The exact structural passes: each removes only what contributes nothing, and does nothing otherwise.
-DEFAULT_PASSES = ("remove-layers", "remove-channels", "remove-heads", "prune-hidden")
+__all__ = ["CompileOptions", "load_config", "pass_option_keys"]
 
 
-@dataclass
-class CompileOptions:
-    """Everything ``compile`` needs besides the model.
+class _CoreOptions(BaseModel):
+    """Everything ``compile`` needs besides the model and the passes' own options.
 
     Attributes:
         masks: safetensors mask file keyed by torch parameter name.
         plan: a plan YAML written by ``prune2deploy prune``; its mask file is used when ``masks`` is unset.
         detect_zeros: prune what is already zero in the weights (always true when no masks are given).
-        passes: pipeline, from :data:`PASS_NAMES` (run in that order); default :data:`DEFAULT_PASSES`.
-        multiple_of: round kept channel widths up to a multiple (keeps zero channels; exact).
-        drop_layers: depth plan for ``remove-layers``: layer indices or scopes removed even if non-zero
-            (approximate; zero branches are removed exactly without being listed).
-        drop_hidden: width plan for ``prune-hidden``: residual-stream channels to remove (exact when they
-            are zero and the norms are RMSNorm; None removes only channels detected as zero).
-        min_heads: ``remove-heads`` keeps at least this many query heads per layer.
-        kv_heads / gqa_grouping / gqa_method: ``regroup-gqa`` target kv heads per layer, how query heads are
-            grouped (``adjacent`` as in Ainslie et al. 2023, or ``similarity``), and how a group's K/V heads
-            become one (``mean``, the paper's, or ``first``, its baseline).
-        sparsity: ``impose`` 2:4 on eligible weights or only ``check`` them (pass ``sparsify-2:4``).
+        passes: pipeline (registered pass names, run in registry order); default: the exact structural
+            passes. A pass option given a value (``drop_layers``, ``kv_heads`` …) adds its pass.
         precision: ``fp16``/``bf16`` for ``convert-precision`` and engines; ``fp32`` otherwise.
-        engine: ``onnxruntime`` (default), ``tensorrt``, ``tensorrt-rtx`` or ``torch``.
-        profile_batches / profile_seqs: the latency grid (dense reference vs compiled, same run).
-        profile: measure latency at all (off for quick compiles).
+        engine: a registered engine (``onnxruntime`` default, ``tensorrt``, ``tensorrt-rtx``, ``torch``).
+        engine_options: the engine's own options (e.g. TensorRT's ``timing_cache``, ``optimization_level``,
+            ``workspace_mib``), validated by the engine.
+        profile / profile_batches / profile_seqs / profile_budget_s: the latency grid (dense reference vs
+            compiled, same run) and the seconds spent per point at most.
         gpus: targets for roofline predictions (empty: the whole catalog).
         feeds: user feed files (.npz / .safetensors) used for verification besides random feeds.
         tolerance: relative error allowed for an exact pipeline.
         threads: ONNX Runtime intra-op threads for timing (None: ORT's default).
         overwrite: replace an existing output folder.
         keep_reference: also write the masked reference as ``reference.onnx``.
+        export_batch / export_seq: example input shape for the torch exporter (batch ≥ 2: batch 1 is
+            specialised).
     """
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=False)
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except pydantic.ValidationError as exc:
+            raise ConfigError(_describe(exc)) from None
 
     masks: Path | None = None
     plan: Path | None = None
     detect_zeros: bool = True
-    passes: list[str] = field(default_factory=lambda: list(DEFAULT_PASSES))
-    multiple_of: int = 1
-    drop_layers: list[int | str] = field(default_factory=list)
-    drop_hidden: list[int] | None = None
-    min_heads: int = 1
-    kv_heads: int | None = None
-    gqa_grouping: str = "adjacent"
-    gqa_method: str = "mean"
-    sparsity: str = "impose"
-    precision: str = "fp32"
-    engine: str = "onnxruntime"
+    passes: list[str] = Field(default_factory=lambda: list(default_passes()))
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    engine: str = DEFAULT_ENGINE
+    engine_options: dict[str, Any] = Field(default_factory=dict)
     profile: bool = True
-    profile_batches: list[int] = field(default_factory=lambda: [1])
-    profile_seqs: list[int] = field(default_factory=lambda: [128])
-    profile_budget_s: float = 10.0
-    gpus: list[str] = field(default_factory=list)
-    feeds: list[Path] = field(default_factory=list)
-    tolerance: float = 1e-4
-    threads: int | None = None
+    profile_batches: list[pydantic.PositiveInt] = Field(default_factory=lambda: [1], min_length=1)
+    profile_seqs: list[pydantic.PositiveInt] = Field(default_factory=lambda: [128], min_length=1)
+    profile_budget_s: pydantic.PositiveFloat = 10.0
+    gpus: list[str] = Field(default_factory=list)
+    feeds: list[Path] = Field(default_factory=list)
+    tolerance: float = Field(1e-4, gt=0, lt=1)
+    threads: pydantic.PositiveInt | None = None
     overwrite: bool = False
     keep_reference: bool = True
-    export_batch: int = 2
-    export_seq: int = 8
+    export_batch: int = Field(2, ge=1)
+    export_seq: int = Field(8, ge=1)
 
-    def validate(self) -> CompileOptions:
+    @model_validator(mode="after")
+    def _pipeline(self) -> _CoreOptions:
+        registry = load_passes()
         for name in self.passes:
-            if name not in PASS_NAMES:
-                raise ConfigError(f"unknown pass '{name}'; choose from {', '.join(PASS_NAMES)}")
+            get_pass(name)  # unknown names are errors
+        values = self.model_dump()
+        wanted = set(self.passes) | {name for name, spec in registry.items() if spec.enabled_by(values)}
         # Passes always run in pipeline order: layers first (less to analyse), precision last.
-        self.passes = sorted(dict.fromkeys(self.passes), key=PASS_NAMES.index)
-        if self.gqa_grouping not in ("adjacent", "similarity"):
-            raise ConfigError(f"gqa_grouping must be 'adjacent' or 'similarity', not '{self.gqa_grouping}'")
-        if self.gqa_method not in ("mean", "first"):
-            raise ConfigError(f"gqa_method must be 'mean' or 'first', not '{self.gqa_method}'")
-        if "regroup-gqa" in self.passes and (self.kv_heads is None or self.kv_heads < 1):
-            raise ConfigError("the regroup-gqa pass needs kv_heads (--kv-heads N): kv heads per layer after regrouping")
-        if self.sparsity not in ("impose", "check"):
-            raise ConfigError(f"sparsity must be 'impose' or 'check', not '{self.sparsity}'")
-        if self.precision not in ("fp32", "fp16", "bf16"):
-            raise ConfigError(f"precision must be fp32, fp16 or bf16, not '{self.precision}'")
-        if self.engine not in ("onnxruntime", "tensorrt", "tensorrt-rtx", "torch"):
-            raise ConfigError(f"engine must be onnxruntime, tensorrt, tensorrt-rtx or torch, not '{self.engine}'")
-        if self.multiple_of < 1:
-            raise ConfigError("multiple_of must be ≥ 1")
-        if any(b < 1 for b in self.profile_batches) or any(s < 1 for s in self.profile_seqs):
-            raise ConfigError("profile batch sizes and sequence lengths must be ≥ 1")
-        if not 0 < self.tolerance < 1:
-            raise ConfigError("tolerance must be between 0 and 1")
-        if self.masks is not None:
-            self.masks = Path(self.masks)
-        if self.plan is not None:
-            self.plan = Path(self.plan)
-        self.feeds = [Path(f) for f in self.feeds]
+        self.__dict__["passes"] = [name for name in registry if name in wanted]
+        for name in self.passes:
+            check = registry[name].check
+            if check is not None:
+                check(self)
+        if self.engine not in engine_names():
+            raise ConfigError(f"unknown engine '{self.engine}'; choose from {', '.join(engine_names())}")
+        engine_class(self.engine).check_options(self.engine_options)
         return self
 
+    def replace(self, **changes: Any) -> CompileOptions:
+        """A validated copy with ``changes`` applied (options are values: never edited in place)."""
+        return CompileOptions.from_dict({**self.model_dump(), **changes}, source="options")
+
     @classmethod
-    def from_dict(cls, data: dict[str, Any], *, source: str = "options") -> CompileOptions:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"{source}: unknown option(s) {unknown}; known: {sorted(known)}")
+    def from_dict(cls, data: Any, *, source: str = "options") -> CompileOptions:
+        """Validates a mapping of option names (snake_case) to values; messages name ``source`` and the key."""
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"{source}: options must be a mapping of option names to values, not {type(data).__name__}"
+            )
         try:
-            return cls(**data).validate()
-        except TypeError as exc:
-            raise ConfigError(f"{source}: {exc}") from exc
+            return CompileOptions(**{str(k): v for k, v in data.items()})
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if k == "feeds" else v)
-            for k, v in dataclasses.asdict(self).items()
-        }
+        """JSON-friendly (paths as strings), for the report and the manifest."""
+        return self.model_dump(mode="json")
+
+
+def _pass_fields() -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for spec in load_passes().values():
+        for key, option in spec.options.items():
+            default = option.default
+            if isinstance(default, (list, dict)):
+                fields[key] = (
+                    option.type,
+                    Field(default_factory=lambda d=default: type(d)(d), description=option.help, **option.constraints),
+                )
+            else:
+                fields[key] = (option.type, Field(default, description=option.help, **option.constraints))
+    return fields
+
+
+def pass_option_keys() -> dict[str, str]:
+    """Option key → the pass that declares it."""
+    return {key: name for name, spec in load_passes().items() for key in spec.options}
+
+
+def _describe(exc: pydantic.ValidationError) -> str:
+    parts = []
+    for error in exc.errors()[:5]:
+        where = ".".join(str(p) for p in error["loc"]) or "options"
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = f"unknown option; known: {sorted(CompileOptions.model_fields)}"
+        elif error["type"] == "value_error" and message.startswith("Value error, "):
+            message = message.removeprefix("Value error, ")
+        value = error.get("input")
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        parts.append(f"option '{where}': {message}" + ("" if error["type"] == "extra_forbidden" else f" (got {shown})"))
+    more = len(exc.errors()) - 5
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
+
+#: The compile options: the core ones above plus every registered pass's options.
+CompileOptions = pydantic.create_model(  # type: ignore[misc]
+    "CompileOptions", __base__=_CoreOptions, __module__=__name__, **_pass_fields()
+)
+CompileOptions.__doc__ = _CoreOptions.__doc__
 
 
 def load_config(path: Path | str) -> dict[str, Any]:

@@ -1,8 +1,10 @@
 """Reference (masked) vs compiled: the proof that the compiled model computes what the pruned one did.
 
-Both models run on ONNX Runtime CPU in fp32 on the same feeds (random ones at several shapes, plus any the
-user gives). The error of each output is measured relative to its scale (max |reference|), and an exact
-pipeline must stay within :data:`EXACT_TOLERANCE` (DESIGN.md).
+Both models run on the same feeds (random ones at several shapes, plus any the user gives). The error of
+each output is measured relative to its scale (max |reference|), and an exact pipeline must stay within
+:data:`EXACT_TOLERANCE` (DESIGN.md). Verification takes *runners* (anything with ``run(feeds) -> outputs``):
+the reference on ONNX Runtime CPU fp32 against the compiled ONNX, and against every engine that can run on
+this machine (the torch engine on CPU), not only ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -11,14 +13,44 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import onnx_ir as ir
 
-from prune2deploy.engines.onnxruntime import make_session
 from prune2deploy.feeds import random_feeds
+from prune2deploy.ort_session import make_session
 
-__all__ = ["EXACT_TOLERANCE", "Verification", "compare_outputs", "load_feeds", "verify_models"]
+__all__ = [
+    "EXACT_TOLERANCE",
+    "FeedSet",
+    "OutputRunner",
+    "Verification",
+    "compare_outputs",
+    "feed_sets",
+    "load_feeds",
+    "verify_models",
+    "verify_runners",
+]
+
+#: (label, feeds by input name)
+FeedSet = tuple[str, Mapping[str, np.ndarray]]
+
+
+class OutputRunner(Protocol):
+    """What verification needs of an engine: outputs by name for feeds by name."""
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+class _SessionRunner:
+    def __init__(self, session) -> None:
+        self.session = session
+        self.names = [o.name for o in session.get_outputs()]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.names, self.session.run(self.names, dict(feeds)), strict=True))
+
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +120,54 @@ def load_feeds(path: Path) -> dict[str, np.ndarray]:
         raise BadInputError(f"{path}: cannot read feeds ({exc}); give an .npz or .safetensors file") from exc
 
 
+def feed_sets(
+    probe: ir.Model | None,
+    *,
+    shapes: Sequence[tuple[int, int]] = ((2, 8), (3, 17)),
+    user_feeds: Sequence[Mapping[str, np.ndarray]] = (),
+    seed: int = 0,
+) -> list[FeedSet]:
+    """Random feeds at each (batch, seq) shape for ``probe``'s inputs, then the user's feed sets."""
+    sets: list[FeedSet] = []
+    if probe is not None:
+        for index, (batch, seq) in enumerate(shapes):
+            sets.append(
+                (f"random batch={batch} seq={seq}", random_feeds(probe, batch=batch, seq=seq, seed=seed + index))
+            )
+    sets += [(f"user feeds #{i + 1}", feeds) for i, feeds in enumerate(user_feeds)]
+    return sets
+
+
+def verify_runners(
+    reference: OutputRunner,
+    compiled: OutputRunner,
+    sets: Sequence[FeedSet],
+    *,
+    exact: bool,
+    tolerance: float = EXACT_TOLERANCE,
+    outputs: Sequence[str] | None = None,
+) -> Verification:
+    """Runs both runners on every feed set and keeps each output's worst error."""
+    verification = Verification(exact=exact, tolerance=tolerance)
+    for label, feeds in sets:
+        try:
+            ref_out = reference.run(feeds)
+            new_out = compiled.run(feeds)
+        except Exception as exc:
+            from prune2deploy.errors import VerificationError
+
+            raise VerificationError(f"running {label} failed: {exc}") from exc
+        if outputs is not None:
+            ref_out = {name: ref_out[name] for name in outputs}
+        verification.feeds.append(label)
+        for name, stats in compare_outputs(ref_out, new_out).items():
+            worst = verification.outputs.get(name)
+            if worst is None or stats["max_rel"] > worst["max_rel"]:
+                verification.outputs[name] = stats
+    log.info("verification: worst relative error %.3g over %d feed sets", verification.worst, len(sets))
+    return verification
+
+
 def verify_models(
     reference: ir.Model | bytes | Path,
     compiled: ir.Model | bytes | Path,
@@ -98,36 +178,14 @@ def verify_models(
     user_feeds: Sequence[Mapping[str, np.ndarray]] = (),
     seed: int = 0,
 ) -> Verification:
-    """Runs both models on every feed set and keeps each output's worst error."""
+    """Both models on ONNX Runtime CPU: random feeds (when ``reference`` is an onnx_ir model) + the user's."""
 
-    def session(model):
+    def runner(model) -> _SessionRunner:
         if isinstance(model, ir.Model):
             model = ir.to_proto(model).SerializeToString()
-        return make_session(model)
+        return _SessionRunner(make_session(model))
 
-    ref_session, out_session = session(reference), session(compiled)
+    ref_runner, out_runner = runner(reference), runner(compiled)
     probe = reference if isinstance(reference, ir.Model) else None
-    verification = Verification(exact=exact, tolerance=tolerance)
-    feed_sets: list[tuple[str, Mapping[str, np.ndarray]]] = []
-    if probe is not None:
-        for index, (batch, seq) in enumerate(shapes):
-            feed_sets.append(
-                (f"random batch={batch} seq={seq}", random_feeds(probe, batch=batch, seq=seq, seed=seed + index))
-            )
-    feed_sets += [(f"user feeds #{i + 1}", feeds) for i, feeds in enumerate(user_feeds)]
-    names = [o.name for o in ref_session.get_outputs()]
-    for label, feeds in feed_sets:
-        try:
-            ref_out = dict(zip(names, ref_session.run(names, dict(feeds)), strict=True))
-            new_out = dict(zip(names, out_session.run(names, dict(feeds)), strict=True))
-        except Exception as exc:
-            from prune2deploy.errors import VerificationError
-
-            raise VerificationError(f"running {label} failed: {exc}") from exc
-        verification.feeds.append(label)
-        for name, stats in compare_outputs(ref_out, new_out).items():
-            worst = verification.outputs.get(name)
-            if worst is None or stats["max_rel"] > worst["max_rel"]:
-                verification.outputs[name] = stats
-    log.info("verification: worst relative error %.3g over %d feed sets", verification.worst, len(feed_sets))
-    return verification
+    sets = feed_sets(probe, shapes=shapes, user_feeds=user_feeds, seed=seed)
+    return verify_runners(ref_runner, out_runner, sets, exact=exact, tolerance=tolerance, outputs=ref_runner.names)

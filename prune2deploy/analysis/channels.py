@@ -273,9 +273,7 @@ class ChannelAnalysis:
         self._build_groups()
         return self
 
-    def _block_value(
-        self, value: ir.Value | None, node_name: str, reason: str, ctx: RuleContext | None = None
-    ) -> None:
+    def _block_value(self, value: ir.Value | None, node_name: str, reason: str, ctx: RuleContext | None = None) -> None:
         if value is None or value.shape is None:
             return
         for axis in range(len(value.shape)):
@@ -412,9 +410,7 @@ class ChannelAnalysis:
                     side |= rhs
                 ok &= side
             removable_per_class.append(ok)
-        return [
-            a for a, members in enumerate(group.atoms) if all(removable_per_class[ci][i] for ci, i in members)
-        ]
+        return [a for a, members in enumerate(group.atoms) if all(removable_per_class[ci][i] for ci, i in members)]
 
 
 def analyze_channels(model: ir.Model) -> ChannelAnalysis:

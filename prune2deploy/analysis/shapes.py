@@ -65,9 +65,7 @@ def input_shapes(
                 )
             for dim, given in zip(spec.dims, shape, strict=True):
                 if isinstance(dim, int) and dim != given:
-                    raise BadInputError(
-                        f"input '{name}' has static dims {spec.dims}; the given shape is {shape}"
-                    )
+                    raise BadInputError(f"input '{name}' has static dims {spec.dims}; the given shape is {shape}")
             result[name] = shape
         else:
             result[name] = spec.concrete_shape(batch, seq)

@@ -23,11 +23,50 @@ __all__ = ["const_zero_mask", "zero_mask"]
 # f(0) == 0 for these, so a zero channel stays zero.
 _ZERO_PRESERVING = set(
     [
-        "Relu", "LeakyRelu", "Gelu", "Erf", "Tanh", "HardSwish", "Elu", "Selu", "Celu", "Softsign", "Mish", "Neg",
-        "Abs", "Sqrt", "Sin", "Floor", "Ceil", "Round", "Sign", "Identity", "Cast", "Dropout", "ThresholdedRelu",
-        "IsNaN", "IsInf", "Transpose", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Expand", "MaxPool", "AveragePool",
-        "GlobalAveragePool", "GlobalMaxPool", "Resize", "Upsample", "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin",
-        "ReduceL2", "ReduceL1", "ReduceSumSquare"
+        "Relu",
+        "LeakyRelu",
+        "Gelu",
+        "Erf",
+        "Tanh",
+        "HardSwish",
+        "Elu",
+        "Selu",
+        "Celu",
+        "Softsign",
+        "Mish",
+        "Neg",
+        "Abs",
+        "Sqrt",
+        "Sin",
+        "Floor",
+        "Ceil",
+        "Round",
+        "Sign",
+        "Identity",
+        "Cast",
+        "Dropout",
+        "ThresholdedRelu",
+        "IsNaN",
+        "IsInf",
+        "Transpose",
+        "Reshape",
+        "Unsqueeze",
+        "Squeeze",
+        "Flatten",
+        "Expand",
+        "MaxPool",
+        "AveragePool",
+        "GlobalAveragePool",
+        "GlobalMaxPool",
+        "Resize",
+        "Upsample",
+        "ReduceMean",
+        "ReduceSum",
+        "ReduceMax",
+        "ReduceMin",
+        "ReduceL2",
+        "ReduceL1",
+        "ReduceSumSquare",
     ]
 )
 
@@ -35,9 +74,24 @@ _ZERO_PRESERVING = set(
 # Ops that move axes around: the input axis is found through the channel classes, not by alignment.
 _LAYOUT = set(
     [
-        "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Expand", "MaxPool", "AveragePool", "GlobalAveragePool",
-        "GlobalMaxPool", "Resize", "Upsample", "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2",
-        "ReduceL1", "ReduceSumSquare"
+        "Reshape",
+        "Unsqueeze",
+        "Squeeze",
+        "Flatten",
+        "Expand",
+        "MaxPool",
+        "AveragePool",
+        "GlobalAveragePool",
+        "GlobalMaxPool",
+        "Resize",
+        "Upsample",
+        "ReduceMean",
+        "ReduceSum",
+        "ReduceMax",
+        "ReduceMin",
+        "ReduceL2",
+        "ReduceL1",
+        "ReduceSumSquare",
     ]
 )
 

@@ -10,14 +10,21 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
-__all__ = ["Availability", "BuildOptions", "BuildResult", "Engine", "Runner"]
+__all__ = ["Availability", "BuildOptions", "BuildResult", "Engine", "PrecisionConverter", "Runner", "ShapeRanges"]
+
+#: input name → (min, opt, max) shapes of an optimization profile.
+ShapeRanges = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
+
+#: (model, precision, keep_fp32_ops) → record: converts an onnx_ir model in place. The compile driver
+#: passes the pipeline's converter; engines never import passes.
+PrecisionConverter = Callable[[Any, str, Any], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -35,15 +42,18 @@ class BuildOptions:
     """Options shared by engines; an engine ignores what it does not support and says so in its log.
 
     ``shape_ranges`` maps an input name to (min, opt, max) shapes for engines that need optimization
-    profiles (TensorRT); ONNX Runtime ignores it.
+    profiles (TensorRT); ONNX Runtime ignores it. ``extra`` holds the engine's own options (its
+    ``options_type`` fields), from ``--engine-option KEY=VALUE`` or a config file's ``engine_options``.
+    ``convert_precision`` is how an engine whose precision comes from tensor types gets an fp16/bf16 graph.
     """
 
     precision: str = "fp32"
     sparse_weights: bool = False
     threads: int | None = None
-    shape_ranges: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
+    shape_ranges: ShapeRanges = field(default_factory=dict)
     work_dir: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    convert_precision: PrecisionConverter | None = None
 
 
 @dataclass
@@ -71,9 +81,48 @@ class Runner(abc.ABC):
 
 
 class Engine(abc.ABC):
-    """Base of every engine."""
+    """Base of every engine.
 
-    name: str = "engine"
+    ``options_type`` is the dataclass of the engine's own options (validated from ``BuildOptions.extra``
+    by its ``from_extra`` classmethod); ``needs_shape_ranges`` says whether builds need optimization
+    profiles, which :meth:`shape_ranges` derives from the model's inputs.
+    """
+
+    name: ClassVar[str] = "engine"
+    options_type: ClassVar[type | None] = None
+    needs_shape_ranges: ClassVar[bool] = False
+
+    @classmethod
+    def check_options(cls, extra: Mapping[str, Any]) -> None:
+        """Raises ConfigError for options this engine does not have or values it cannot take."""
+        from prune2deploy.errors import ConfigError
+
+        if cls.options_type is None:
+            if extra:
+                raise ConfigError(f"engine {cls.name} has no engine options; got {sorted(extra)}")
+            return
+        cls.options_type.from_extra(extra)
+
+    @classmethod
+    def shape_ranges(
+        cls, inputs: Sequence[tuple[str, Sequence[int | None]]], *, batches: Sequence[int], seqs: Sequence[int]
+    ) -> ShapeRanges:
+        """(min, opt, max) per input from its static dims and the profiling grid: axis 0 is the batch,
+        the other dynamic axes are sequence-like. Engines without optimization profiles return nothing."""
+        if not cls.needs_shape_ranges:
+            return {}
+        ranges: ShapeRanges = {}
+        for name, dims in inputs:
+            lo, opt, hi = [], [], []
+            for index, dim in enumerate(dims):
+                if dim is not None:
+                    lo.append(dim), opt.append(dim), hi.append(dim)
+                elif index == 0:
+                    lo.append(1), opt.append(batches[0]), hi.append(max(batches))
+                else:
+                    lo.append(1), opt.append(seqs[0]), hi.append(max(seqs))
+            ranges[name] = (tuple(lo), tuple(opt), tuple(hi))
+        return ranges
 
     @classmethod
     @abc.abstractmethod

@@ -268,9 +268,7 @@ def _batch_norm(
 
 
 @_op("InstanceNormalization")
-def _instance_norm(
-    x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, epsilon: float = 1e-5
-) -> torch.Tensor:
+def _instance_norm(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, epsilon: float = 1e-5) -> torch.Tensor:
     return F.instance_norm(x, weight=scale, bias=bias, eps=epsilon)
 
 
@@ -340,9 +338,7 @@ def _pool(x: torch.Tensor, kind: str, attrs: dict[str, Any]) -> torch.Tensor:
     spatial = len(kernel)
     strides = list(attrs.get("strides") or [1] * spatial)
     dilations = list(attrs.get("dilations") or [1] * spatial)
-    pads = _explicit_padding(
-        x, kernel, strides, dilations, attrs.get("auto_pad", "NOTSET"), attrs.get("pads")
-    )
+    pads = _explicit_padding(x, kernel, strides, dilations, attrs.get("auto_pad", "NOTSET"), attrs.get("pads"))
     ceil_mode = bool(attrs.get("ceil_mode", 0))
     if kind == "max":
         x, padding = _pad_input(x, pads, value=-math.inf)
@@ -546,9 +542,7 @@ def _gather_nd(x: torch.Tensor, indices: torch.Tensor, batch_dims: int = 0) -> t
 
 
 @_op("ScatterND")
-def _scatter_nd(
-    x: torch.Tensor, indices: torch.Tensor, updates: torch.Tensor, reduction: str = "none"
-) -> torch.Tensor:
+def _scatter_nd(x: torch.Tensor, indices: torch.Tensor, updates: torch.Tensor, reduction: str = "none") -> torch.Tensor:
     if reduction != "none":
         raise NotImplementedError(f"ScatterND reduction={reduction}")
     out = x.clone()

@@ -153,8 +153,7 @@ class _Builder:
     def emit(self, node: ir.Node) -> None:
         if node.domain not in ("", "ai.onnx"):
             raise UnsupportedModelError(
-                f"node {node.name!r} is {node.domain}::{node.op_type}, a custom-domain op the torch engine "
-                "cannot run."
+                f"node {node.name!r} is {node.domain}::{node.op_type}, a custom-domain op the torch engine cannot run."
             )
         if node.op_type == "Constant":
             self._constant_node(node)
@@ -192,9 +191,7 @@ class _Builder:
         elif attr.name in ("value_int", "value_ints"):
             tensor = torch.tensor(attr.value, dtype=torch.int64)
         else:
-            raise UnsupportedModelError(
-                f"Constant node {node.name!r} with attribute {attr.name!r} is not supported."
-            )
+            raise UnsupportedModelError(f"Constant node {node.name!r} with attribute {attr.name!r} is not supported.")
         self.env[id(node.outputs[0])] = self.constant(None, tensor)
 
     def _sparse_linear(self, node: ir.Node) -> bool:

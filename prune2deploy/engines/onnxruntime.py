@@ -10,43 +10,11 @@ from pathlib import Path
 import numpy as np
 
 from prune2deploy.engines.base import Availability, BuildOptions, BuildResult, Engine, Runner
-from prune2deploy.errors import BadInputError
+from prune2deploy.ort_session import make_session
 
 __all__ = ["OnnxRuntimeEngine", "OrtRunner", "make_session"]
 
 log = logging.getLogger(__name__)
-
-
-def make_session(
-    model: Path | bytes,
-    *,
-    threads: int | None = None,
-    providers: list[str] | None = None,
-    profile: bool = False,
-):
-    """Creates an InferenceSession with full graph optimisation.
-
-    ``threads`` fixes intra-op threads so that dense and compiled models are timed alike.
-    """
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-    if profile:
-        so.enable_profiling = True
-    try:
-        return ort.InferenceSession(
-            str(model) if isinstance(model, Path) else model,
-            sess_options=so,
-            providers=providers or ["CPUExecutionProvider"],
-        )
-    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph classes
-        where = str(model) if isinstance(model, Path) else "<in-memory model>"
-        raise BadInputError(f"ONNX Runtime cannot load {where}: {exc}") from exc
 
 
 class OrtRunner(Runner):

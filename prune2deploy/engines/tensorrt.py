@@ -10,7 +10,8 @@ tactics. The differences that matter:
   device. Its builder accepts but ignores ``SPARSE_WEIGHTS`` and its timing cache is a no-op: the build
   info says so rather than pretending.
 * TensorRT 11 and TensorRT-RTX have no fp16/bf16/int8 builder flags: networks are strongly typed and the
-  precision is the ONNX tensor types. A float32 ONNX is converted by ``passes.precision`` first.
+  precision is the ONNX tensor types. A float32 ONNX is converted first, by the converter the pipeline
+  hands over in ``BuildOptions.convert_precision``.
 
 ``tensorrt``/``tensorrt_rtx`` are imported only inside functions: the package imports without them.
 """
@@ -21,16 +22,19 @@ import contextlib
 import importlib
 import json
 import logging
-import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from prune2deploy.engines.base import Availability, BuildOptions, BuildResult, Engine, Runner
+from prune2deploy.engines.base import Availability, BuildOptions, BuildResult, Engine
+from prune2deploy.engines.tensorrt_common import (
+    CapturingLogger,
+    TensorRTOptions,
+    cuda_available,
+    parse_compute_capability,
+)
+from prune2deploy.engines.tensorrt_run import TensorRTRunner
 from prune2deploy.engines.trt_report import layers_from_inspector, layers_from_log, sparsity_from_log
 from prune2deploy.errors import BadInputError, ConfigError, EngineBuildError, EngineUnavailable
 
@@ -47,101 +51,12 @@ log = logging.getLogger(__name__)
 _ERROR_TAIL = 20  # log lines quoted in an EngineBuildError
 
 
-@dataclass
-class TensorRTOptions:
-    """TensorRT-specific build options, read from ``BuildOptions.extra`` (keys are the field names).
-
-    Attributes:
-        timing_cache: file loaded before and saved after the build (standard TensorRT; a no-op in RTX).
-        optimization_level: builder optimisation level 0-5 (TensorRT default 3); higher searches longer.
-        profiling_verbosity: ``"detailed"`` (tactic names, ONNX node names per layer), ``"layer_names_only"``
-            or ``"none"``.
-        compute_capabilities: TensorRT-RTX targets, e.g. ``["sm86", "sm89"]`` or ``["8.6"]``; empty keeps
-            the library's default portable set. ``"current"`` means the GPU present.
-        convert_precision: where the library has no precision flags, convert a float32 ONNX with the
-            ``convert-precision`` pass (True) or refuse (False).
-        keep_fp32_ops: op types the conversion keeps in float32 (None: the pass's default).
-        workspace_mib: workspace memory-pool limit.
-        runtime_cache: TensorRT-RTX runtime (JIT kernel) cache file used by the runner.
-    """
-
-    timing_cache: Path | None = None
-    optimization_level: int | None = None
-    profiling_verbosity: str = "detailed"
-    compute_capabilities: Sequence[str] = ()
-    convert_precision: bool = True
-    keep_fp32_ops: Sequence[str] | None = None
-    workspace_mib: int | None = None
-    runtime_cache: Path | None = None
-
-    @classmethod
-    def from_extra(cls, extra: Mapping[str, Any]) -> TensorRTOptions:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(extra) - known)
-        if unknown:
-            raise ConfigError(f"unknown TensorRT build option(s) {unknown}; known: {sorted(known)}.")
-        options = cls(**dict(extra))
-        if options.timing_cache is not None:
-            options.timing_cache = Path(options.timing_cache)
-        if options.runtime_cache is not None:
-            options.runtime_cache = Path(options.runtime_cache)
-        if options.optimization_level is not None and not 0 <= int(options.optimization_level) <= 5:
-            raise ConfigError(f"optimization_level must be 0-5, got {options.optimization_level}.")
-        if options.profiling_verbosity.lower() not in ("detailed", "layer_names_only", "none"):
-            raise ConfigError(
-                f"profiling_verbosity {options.profiling_verbosity!r} is not "
-                "detailed, layer_names_only or none."
-            )
-        return options
-
-
-def parse_compute_capability(text: str) -> str:
-    """Normalises ``"sm86"``, ``"sm_86"``, ``"8.6"`` or ``"86"`` to the enum name ``"SM86"``."""
-    cleaned = text.strip().lower().replace("_", "")
-    if cleaned == "current":
-        return "CURRENT"
-    cleaned = cleaned.removeprefix("sm").removeprefix("compute")
-    if re.fullmatch(r"\d+\.\d", cleaned):
-        cleaned = cleaned.replace(".", "")
-    if not re.fullmatch(r"\d{2,3}", cleaned):
-        raise ConfigError(f"compute capability {text!r} is not of the form sm86, 8.6 or 86.")
-    return f"SM{cleaned}"
-
-
-def _cuda_available() -> bool:
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency
-        return False
-    try:
-        return bool(torch.cuda.is_available())
-    except Exception:  # a broken driver must not make available() raise
-        return False
-
-
-class _CapturingLogger:
-    """Builds a logger subclass of the imported module's ILogger that keeps every message."""
-
-    @staticmethod
-    def create(trt: Any) -> Any:
-        class Logger(trt.ILogger):
-            def __init__(self) -> None:
-                trt.ILogger.__init__(self)
-                self.records: list[tuple[str, str]] = []
-
-            def log(self, severity: Any, msg: str) -> None:
-                name = getattr(severity, "name", str(severity))
-                self.records.append((name, msg))
-                if name in ("ERROR", "INTERNAL_ERROR"):
-                    log.debug("TensorRT: %s", msg)
-
-        return Logger()
-
-
 class TensorRTEngine(Engine):
     """Standard TensorRT (``pip install tensorrt``): builds and runs on an NVIDIA GPU."""
 
     name = "tensorrt"
+    options_type = TensorRTOptions
+    needs_shape_ranges = True
     module_name = "tensorrt"
     install_hint = "pip install tensorrt-cu12  (or tensorrt-cu13; needs an NVIDIA GPU and driver)"
     builds_without_gpu = False
@@ -164,7 +79,7 @@ class TensorRTEngine(Engine):
             module = cls._import()
         except EngineUnavailable as exc:
             return Availability(False, False, str(exc), cls.install_hint)
-        gpu = _cuda_available()
+        gpu = cuda_available()
         version = getattr(module, "__version__", "?")
         if gpu:
             return Availability(True, True, f"{cls.module_name} {version}")
@@ -186,11 +101,7 @@ class TensorRTEngine(Engine):
             raise BadInputError(f"ONNX file {model_path} does not exist.")
         trt_options = TensorRTOptions.from_extra(options.extra)
         trt = self._import()
-        out_dir = (
-            Path(options.work_dir)
-            if options.work_dir
-            else model_path.parent / f"{model_path.stem}.{self.name}"
-        )
+        out_dir = Path(options.work_dir) if options.work_dir else model_path.parent / f"{model_path.stem}.{self.name}"
         out_dir.mkdir(parents=True, exist_ok=True)
         info: dict[str, Any] = {
             "library": self.module_name,
@@ -198,7 +109,7 @@ class TensorRTEngine(Engine):
             "output_dir": str(out_dir),
             "notes": [],
         }
-        if not self.builds_without_gpu and not _cuda_available():
+        if not self.builds_without_gpu and not cuda_available():
             raise EngineUnavailable(
                 "standard TensorRT builds on the GPU it targets and no CUDA GPU is visible here. Build on a "
                 "GPU machine, or use --engine tensorrt-rtx (ahead-of-time build without a GPU)."
@@ -208,7 +119,7 @@ class TensorRTEngine(Engine):
                 "compute_capabilities is a TensorRT-RTX option; standard TensorRT builds for the GPU present."
             )
 
-        logger = _CapturingLogger.create(trt)
+        logger = CapturingLogger.create(trt)
         onnx_path, precision_info = self._prepare_precision(trt, model_path, options, trt_options, out_dir)
         info["precision"] = precision_info
         try:
@@ -250,9 +161,7 @@ class TensorRTEngine(Engine):
         info["layers"] = {"count": len(layers), "source": source, "file": str(out_dir / "layers.json")}
         self._report_sparsity(info["sparsity"], messages, layers, onnx_path)
         (out_dir / "build_info.json").write_text(json.dumps(info, indent=1, default=str))
-        log.info(
-            "%s: built %s (%d layers) in %.1fs", self.name, plan_path, len(layers), info["build_seconds"]
-        )
+        log.info("%s: built %s (%d layers) in %.1fs", self.name, plan_path, len(layers), info["build_seconds"])
         return BuildResult(
             engine=self.name,
             artifact=plan_path,
@@ -288,9 +197,7 @@ class TensorRTEngine(Engine):
                 "explicitly quantized ONNX (QuantizeLinear/DequantizeLinear nodes)."
             )
         if precision not in ("fp16", "bf16"):
-            raise ConfigError(
-                f"precision {precision!r} is not one of fp32, fp16, bf16, int8 for {self.name}."
-            )
+            raise ConfigError(f"precision {precision!r} is not one of fp32, fp16, bf16, int8 for {self.name}.")
         if _float_weight_types(model_path) - {"FLOAT"}:
             return model_path, {"requested": precision, "source": "tensor types of the ONNX"}
         if not trt_options.convert_precision:
@@ -298,14 +205,15 @@ class TensorRTEngine(Engine):
                 f"{self.module_name} takes precision from tensor types, and {model_path} is float32. Run the "
                 f"convert-precision pass ({precision}) first, or allow convert_precision."
             )
+        if options.convert_precision is None:
+            raise EngineBuildError(
+                f"{self.module_name} takes precision from tensor types and {model_path} is float32; no "
+                "precision converter was given (the compile driver passes the pipeline's convert-precision)."
+            )
         import onnx_ir as ir
 
-        from prune2deploy.passes.precision import ConvertPrecisionPass
-
-        kwargs = {} if trt_options.keep_fp32_ops is None else {"keep_fp32_ops": trt_options.keep_fp32_ops}
-        convert = ConvertPrecisionPass(precision, **kwargs)
         model = ir.load(model_path)
-        convert(model)
+        conversion = options.convert_precision(model, precision, trt_options.keep_fp32_ops)
         converted = out_dir / f"model.{precision}.onnx"
         # Weights go to a data file next to the copy: an external tensor left untouched by the pass still
         # points at the original file, which a relative location would no longer reach.
@@ -314,7 +222,7 @@ class TensorRTEngine(Engine):
             "requested": precision,
             "source": "converted by convert-precision",
             "converted_onnx": str(converted),
-            "conversion": convert.record,
+            "conversion": conversion,
         }
 
     def _set_precision_flags(self, trt: Any, config: Any, precision: str, info: dict[str, Any]) -> None:
@@ -360,13 +268,10 @@ class TensorRTEngine(Engine):
                     d >= 0 and c != d for c, d in zip(candidate, shape, strict=True)
                 ):
                     raise EngineBuildError(
-                        f"shape range {label}={list(candidate)} for input {name!r} "
-                        f"does not fit its dims {list(shape)}."
+                        f"shape range {label}={list(candidate)} for input {name!r} does not fit its dims {list(shape)}."
                     )
             if not all(a <= b <= c for a, b, c in zip(low, opt, high, strict=True)):
-                raise EngineBuildError(
-                    f"shape range for input {name!r} needs min <= opt <= max, got {ranges[name]}."
-                )
+                raise EngineBuildError(f"shape range for input {name!r} needs min <= opt <= max, got {ranges[name]}.")
             profile.set_shape(name, low, opt, high)
             used[name] = {"min": list(low), "opt": list(opt), "max": list(high)}
         config.add_optimization_profile(profile)
@@ -404,14 +309,14 @@ class TensorRTEngine(Engine):
 
     def _layer_table(self, trt: Any, logger: Any, plan: Any, messages: list[str]) -> tuple[list[dict], str]:
         """Inspector JSON when the plan deserializes here (a GPU), else the build log's layer table."""
-        if _cuda_available():
+        if cuda_available():
             try:
                 runtime = trt.Runtime(logger)
                 engine = runtime.deserialize_cuda_engine(plan)
                 inspector = engine.create_engine_inspector()
-                return layers_from_inspector(
-                    inspector.get_engine_information(trt.LayerInformationFormat.JSON)
-                ), ("engine-inspector")
+                return layers_from_inspector(inspector.get_engine_information(trt.LayerInformationFormat.JSON)), (
+                    "engine-inspector"
+                )
             except Exception as exc:  # fall back on the log; the plan itself is fine
                 log.warning("%s: engine inspector failed (%s); using the build log", self.name, exc)
         return layers_from_log(messages), "build-log"
@@ -420,9 +325,7 @@ class TensorRTEngine(Engine):
         self, report: dict[str, Any], messages: list[str], layers: list[dict], onnx_path: Path
     ) -> None:
         report.update(sparsity_from_log(messages))
-        report["layers_with_sparse_tactic_names"] = [
-            layer["name"] for layer in layers if layer["sparse_tactic"]
-        ]
+        report["layers_with_sparse_tactic_names"] = [layer["name"] for layer in layers if layer["sparse_tactic"]]
         report["onnx_nodes_tagged_2_4"] = _tagged_24(onnx_path)
 
     # -- run --
@@ -430,7 +333,7 @@ class TensorRTEngine(Engine):
     @contextlib.contextmanager
     def runner(self, built: BuildResult) -> Iterator[TensorRTRunner]:
         trt = self._import()
-        if not _cuda_available():
+        if not cuda_available():
             raise EngineUnavailable(
                 f"running a {self.name} engine needs an NVIDIA GPU with CUDA, and none is visible here "
                 f"(torch.cuda.is_available() is False). The plan {built.artifact} was built; "
@@ -451,9 +354,7 @@ class TensorRTRTXEngine(TensorRTEngine):
 
     name = "tensorrt-rtx"
     module_name = "tensorrt_rtx"
-    install_hint = (
-        "pip install tensorrt-rtx-cu12  (or tensorrt-rtx-cu13; ~90 MB download, builds without a GPU)"
-    )
+    install_hint = "pip install tensorrt-rtx-cu12  (or tensorrt-rtx-cu13; ~90 MB download, builds without a GPU)"
     builds_without_gpu = True
 
     def _set_sparsity(self, trt: Any, config: Any, requested: bool, notes: list[str]) -> dict[str, Any]:
@@ -472,16 +373,12 @@ class TensorRTRTXEngine(TensorRTEngine):
         names = [parse_compute_capability(t) for t in targets]
         for original, name in zip(targets, names, strict=True):
             if name not in supported:
-                hint = (
-                    " TensorRT-RTX targets RTX GPUs and has no sm90 (Hopper) target;"
-                    if name == "SM90"
-                    else ""
-                )
+                hint = " TensorRT-RTX targets RTX GPUs and has no sm90 (Hopper) target;" if name == "SM90" else ""
                 raise ConfigError(
                     f"compute capability {original!r} is not a TensorRT-RTX {trt.__version__} target.{hint} "
                     f"Supported: {', '.join(n.lower() for n in supported)}."
                 )
-        if "CURRENT" in names and not _cuda_available():
+        if "CURRENT" in names and not cuda_available():
             raise ConfigError("compute capability 'current' needs a GPU here; name the target (e.g. sm89).")
         config.num_compute_capabilities = len(names)
         for index, name in enumerate(names):
@@ -490,154 +387,9 @@ class TensorRTRTXEngine(TensorRTEngine):
 
     def _load_timing_cache(self, config: Any, path: Path | None, info: dict[str, Any]) -> Any:
         if path is not None:
-            info["notes"].append(
-                "TensorRT-RTX ignores the timing cache (a no-op since 1.2); use runtime_cache."
-            )
+            info["notes"].append("TensorRT-RTX ignores the timing cache (a no-op since 1.2); use runtime_cache.")
         info["timing_cache"] = {"file": str(path) if path else None, "ignored": True}
         return None
-
-
-class TensorRTRunner(Runner):
-    """Runs a plan with torch CUDA tensors as buffers; times with CUDA events, per layer with IProfiler."""
-
-    def __init__(self, trt: Any, plan_path: Path, *, runtime_cache: Path | None = None) -> None:
-        import torch
-
-        self.trt, self.torch = trt, torch
-        self.logger = _CapturingLogger.create(trt)
-        self.runtime = trt.Runtime(self.logger)
-        self.engine = self.runtime.deserialize_cuda_engine(plan_path.read_bytes())
-        if self.engine is None:
-            errors = [m for s, m in self.logger.records if s in ("ERROR", "INTERNAL_ERROR")]
-            raise EngineBuildError(f"cannot load plan {plan_path}: " + "; ".join(errors[-5:]))
-        self.runtime_cache_path = runtime_cache
-        self._runtime_cache = None
-        self.context = self._create_context()
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        mode = trt.TensorIOMode.INPUT
-        self._inputs = [n for n in names if self.engine.get_tensor_mode(n) == mode]
-        self._outputs = [n for n in names if self.engine.get_tensor_mode(n) != mode]
-        self.stream = torch.cuda.Stream()
-
-    def _create_context(self) -> Any:
-        """An execution context; with TensorRT-RTX, one that loads and later saves the JIT runtime cache."""
-        if self.runtime_cache_path is None or not hasattr(self.engine, "create_runtime_config"):
-            return self.engine.create_execution_context()
-        config = self.engine.create_runtime_config()
-        cache = config.create_runtime_cache()
-        if self.runtime_cache_path.is_file():
-            cache.deserialize(self.runtime_cache_path.read_bytes())
-        config.set_runtime_cache(cache)
-        self._runtime_cache = cache
-        return self.engine.create_execution_context(config)
-
-    @property
-    def input_names(self) -> list[str]:
-        return list(self._inputs)
-
-    def _torch_dtype(self, name: str) -> Any:
-        torch = self.torch
-        table = {
-            "FLOAT": torch.float32,
-            "HALF": torch.float16,
-            "BF16": torch.bfloat16,
-            "INT8": torch.int8,
-            "INT32": torch.int32,
-            "INT64": torch.int64,
-            "BOOL": torch.bool,
-            "UINT8": torch.uint8,
-        }
-        dtype = self.engine.get_tensor_dtype(name)
-        if dtype.name not in table:
-            raise EngineBuildError(f"tensor {name!r} has type {dtype.name}, which this runner cannot feed.")
-        return table[dtype.name]
-
-    def _bind(self, feeds: Mapping[str, np.ndarray]) -> dict[str, Any]:
-        torch = self.torch
-        missing = [n for n in self._inputs if n not in feeds]
-        if missing:
-            raise BadInputError(f"missing feeds for engine inputs {missing}.")
-        buffers = {}
-        for name in self._inputs:
-            tensor = torch.from_numpy(np.ascontiguousarray(feeds[name])).to("cuda", self._torch_dtype(name))
-            self.context.set_input_shape(name, tuple(tensor.shape))
-            self.context.set_tensor_address(name, tensor.data_ptr())
-            buffers[name] = tensor
-        for name in self._outputs:
-            shape = tuple(self.context.get_tensor_shape(name))
-            if any(d < 0 for d in shape):
-                raise EngineBuildError(
-                    f"output {name!r} has a data-dependent shape {shape}; not supported here."
-                )
-            tensor = torch.empty(shape, dtype=self._torch_dtype(name), device="cuda")
-            self.context.set_tensor_address(name, tensor.data_ptr())
-            buffers[name] = tensor
-        return buffers
-
-    def _execute(self) -> None:
-        if not self.context.execute_async_v3(self.stream.cuda_stream):
-            errors = [m for s, m in self.logger.records if s in ("ERROR", "INTERNAL_ERROR")]
-            raise EngineBuildError("TensorRT execution failed: " + "; ".join(errors[-5:]))
-
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        buffers = self._bind(feeds)
-        self._execute()
-        self.stream.synchronize()
-        return {
-            name: buffers[name].float().cpu().numpy()
-            if buffers[name].dtype == self.torch.bfloat16
-            else buffers[name].cpu().numpy()
-            for name in self._outputs
-        }
-
-    def synchronize(self) -> None:
-        self.torch.cuda.synchronize()
-
-    def time(self, feeds: Mapping[str, np.ndarray], *, warmup: int = 10, iters: int = 50) -> list[float]:
-        """Milliseconds per run, measured with CUDA events on the runner's stream (buffers bound once)."""
-        torch = self.torch
-        self._bind_keep = self._bind(feeds)  # keep buffers alive while timing
-        for _ in range(warmup):
-            self._execute()
-        times = []
-        for _ in range(iters):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record(self.stream)
-            self._execute()
-            end.record(self.stream)
-            end.synchronize()
-            times.append(float(start.elapsed_time(end)))
-        return times
-
-    def layer_times(self, feeds: Mapping[str, np.ndarray], *, iters: int = 10) -> dict[str, float]:
-        """Mean milliseconds per engine layer, reported by TensorRT's IProfiler over ``iters`` runs."""
-        trt = self.trt
-        totals: dict[str, float] = {}
-
-        class Profiler(trt.IProfiler):
-            def __init__(self) -> None:
-                trt.IProfiler.__init__(self)
-
-            def report_layer_time(self, layer_name: str, ms: float) -> None:
-                totals[layer_name] = totals.get(layer_name, 0.0) + float(ms)
-
-        self._bind_keep = self._bind(feeds)
-        self._execute()  # warm-up outside the profile
-        self.stream.synchronize()
-        self.context.profiler = Profiler()
-        try:
-            for _ in range(iters):
-                self._execute()
-                self.stream.synchronize()
-        finally:
-            self.context.profiler = None
-        return {name: total / iters for name, total in totals.items()}
-
-    def close(self) -> None:
-        """Saves the TensorRT-RTX runtime cache so that the next process skips the JIT compile."""
-        if self._runtime_cache is not None and self.runtime_cache_path is not None:
-            with contextlib.suppress(Exception):
-                self.runtime_cache_path.write_bytes(bytes(self._runtime_cache.serialize()))
 
 
 def _float_weight_types(model_path: Path) -> set[str]:

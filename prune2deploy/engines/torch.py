@@ -50,6 +50,7 @@ class TorchEngine(Engine):
     """Builds a torch.fx module from the ONNX; runs on CUDA when present, else on CPU (dense)."""
 
     name = "torch"
+    options_type = TorchOptions
 
     @classmethod
     def available(cls) -> Availability:
@@ -78,7 +79,7 @@ class TorchEngine(Engine):
         if device.type == "cuda" and not torch.cuda.is_available():
             raise EngineUnavailable(f"device {device} was asked for, but torch sees no CUDA GPU here.")
         model = ir.load(model_path)
-        precision = self._convert_precision(model, options.precision, engine_options)
+        precision = self._convert_precision(model, options, engine_options)
         if options.threads and device.type == "cpu":
             torch.set_num_threads(int(options.threads))
         start = time.perf_counter()
@@ -105,23 +106,20 @@ class TorchEngine(Engine):
         return BuildResult(engine=self.name, artifact=model_path, info=info, handle=converted)
 
     @staticmethod
-    def _convert_precision(model: Any, precision: str, options: TorchOptions) -> dict[str, Any]:
+    def _convert_precision(model: Any, options: BuildOptions, engine_options: TorchOptions) -> dict[str, Any]:
         """fp16/bf16 come from tensor types, as in TensorRT 11: a float32 graph is converted first."""
-        precision = precision.lower()
+        precision = options.precision.lower()
         if precision == "fp32":
             return {"requested": "fp32", "source": "fp32"}
         if precision not in ("fp16", "bf16"):
             raise ConfigError(f"the torch engine runs fp32, fp16 or bf16 graphs, not {precision!r}.")
-        from prune2deploy.passes.precision import ConvertPrecisionPass
-
-        kwargs = {} if options.keep_fp32_ops is None else {"keep_fp32_ops": options.keep_fp32_ops}
-        convert = ConvertPrecisionPass(precision, **kwargs)
-        convert(model)
-        return {
-            "requested": precision,
-            "source": "converted by convert-precision",
-            "conversion": convert.record,
-        }
+        if options.convert_precision is None:
+            raise ConfigError(
+                f"the torch engine needs a precision converter for {precision} (the compile driver passes the "
+                "pipeline's convert-precision in BuildOptions.convert_precision)."
+            )
+        conversion = options.convert_precision(model, precision, engine_options.keep_fp32_ops)
+        return {"requested": precision, "source": "converted by convert-precision", "conversion": conversion}
 
     @contextlib.contextmanager
     def runner(self, built: BuildResult) -> Iterator[TorchRunner]:
@@ -149,8 +147,7 @@ class TorchRunner(Runner):
         if missing:
             raise BadInputError(f"missing feeds for inputs {missing}.")
         return [
-            self.torch.from_numpy(np.ascontiguousarray(feeds[n])).to(self.device)
-            for n in self.converted.input_names
+            self.torch.from_numpy(np.ascontiguousarray(feeds[n])).to(self.device) for n in self.converted.input_names
         ]
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -54,9 +54,7 @@ def sparsity_from_log(messages: Iterable[str]) -> dict[str, list[str]]:
     return {"eligible": eligible, "sparse_tactics": picked}
 
 
-def _layer(
-    name: str, layer_type: str, tactic: str, metadata: str, datatypes: Iterable[str]
-) -> dict[str, Any]:
+def _layer(name: str, layer_type: str, tactic: str, metadata: str, datatypes: Iterable[str]) -> dict[str, Any]:
     return {
         "name": name,
         "type": layer_type,

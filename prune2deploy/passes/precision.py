@@ -25,7 +25,8 @@ import onnx
 import onnx_ir as ir
 
 from prune2deploy.errors import ConfigError, UnsupportedModelError
-from prune2deploy.passes.base import P2DPass, PassResult
+from prune2deploy.passes.base import P2DPass, P2DResult
+from prune2deploy.passes.registry import PassSpec, register_pass
 
 __all__ = ["DEFAULT_KEEP_FP32_OPS", "PRECISIONS", "ConvertPrecisionPass"]
 
@@ -66,9 +67,7 @@ _TYPE_BOUND_OPS = frozenset(
 
 # Elementwise ops that stay in fp32 when every non-constant float input is already kept in fp32, so that a
 # kept Pow→ReduceMean continues through Add(eps)→Sqrt→Reciprocal instead of bouncing through fp16.
-_FOLLOWERS = frozenset(
-    {"Add", "Sub", "Mul", "Div", "Sqrt", "Reciprocal", "Neg", "Abs", "Exp", "Log", "Max", "Min"}
-)
+_FOLLOWERS = frozenset({"Add", "Sub", "Mul", "Div", "Sqrt", "Reciprocal", "Neg", "Abs", "Exp", "Log", "Max", "Min"})
 
 _FP16_MAX = float(np.finfo(np.float16).max)
 
@@ -86,7 +85,6 @@ class ConvertPrecisionPass(P2DPass):
     """
 
     name = "convert-precision"
-    exact = False
 
     def __init__(
         self,
@@ -113,7 +111,7 @@ class ConvertPrecisionPass(P2DPass):
 
     # -- the pass -------------------------------------------------------------------------------------------
 
-    def call(self, model: ir.Model) -> PassResult:
+    def call(self, model: ir.Model) -> P2DResult:
         graph = model.graph
         _check_typed(graph, self.name)
         kept = self._kept_nodes(graph)
@@ -132,9 +130,7 @@ class ConvertPrecisionPass(P2DPass):
                 if value is None:
                     continue
                 if low and value.dtype == ir.DataType.FLOAT:
-                    replacement = converted_inits.get(id(value)) or self._cast(
-                        graph, node, value, self.target
-                    )
+                    replacement = converted_inits.get(id(value)) or self._cast(graph, node, value, self.target)
                     node.replace_input_with(index, replacement)
                 elif not low and value.dtype == self.target:
                     node.replace_input_with(index, self._cast(graph, node, value, ir.DataType.FLOAT))
@@ -145,7 +141,10 @@ class ConvertPrecisionPass(P2DPass):
         kept_ops: dict[str, int] = {}
         for node in kept:
             kept_ops[node.op_type] = kept_ops.get(node.op_type, 0) + 1
-        self.add_record(
+        result = self.result(
+            model,
+            modified=True,
+            exact=False,
             precision=self.precision,
             nodes_converted=converted,
             nodes_kept_fp32=len(kept),
@@ -154,8 +153,8 @@ class ConvertPrecisionPass(P2DPass):
             casts_inserted=len(self._casts) + outputs_cast,
             values_clipped=self._clipped,
         )
-        log.info("%s: %s", self.name, self.record)
-        return PassResult(model, modified=True)
+        log.info("%s: %s", self.name, result.record)
+        return result
 
     def _kept_nodes(self, graph: ir.Graph) -> set[ir.Node]:
         """Nodes that stay in fp32: forced, chosen by the user, and their elementwise followers."""
@@ -163,8 +162,7 @@ class ConvertPrecisionPass(P2DPass):
         opset = graph.opset_imports.get("", 18)
         for node in graph:  # graph order is topological, so producers are decided first
             has_subgraph = any(
-                attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
-                for attr in node.attributes.values()
+                attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for attr in node.attributes.values()
             )
             if (
                 node.domain not in ("", "ai.onnx")
@@ -234,15 +232,9 @@ class ConvertPrecisionPass(P2DPass):
             node.attributes["to"] = ir.AttrInt64("to", int(self.target))
         elif node.op_type in ("Constant", "ConstantOfShape"):
             attr = node.attributes.get("value")
-            if (
-                attr is not None
-                and attr.type == ir.AttributeType.TENSOR
-                and attr.value.dtype == ir.DataType.FLOAT
-            ):
+            if attr is not None and attr.type == ir.AttributeType.TENSOR and attr.value.dtype == ir.DataType.FLOAT:
                 node.attributes["value"] = ir.AttrTensor("value", self._convert_tensor(attr.value))
-            elif node.op_type == "Constant" and (
-                "value_float" in node.attributes or "value_floats" in node.attributes
-            ):
+            elif node.op_type == "Constant" and ("value_float" in node.attributes or "value_floats" in node.attributes):
                 name = "value_float" if "value_float" in node.attributes else "value_floats"
                 data = np.asarray(node.attributes[name].value, dtype=np.float32)
                 del node.attributes[name]
@@ -280,9 +272,7 @@ class ConvertPrecisionPass(P2DPass):
                 continue
             name = value.name
             value.name = f"{name}_{self.precision}"
-            cast = ir.node(
-                "Cast", inputs=[value], attributes={"to": int(ir.DataType.FLOAT)}, name=f"p2d_cast_{name}"
-            )
+            cast = ir.node("Cast", inputs=[value], attributes={"to": int(ir.DataType.FLOAT)}, name=f"p2d_cast_{name}")
             out = cast.outputs[0]
             out.name, out.dtype, out.shape = name, ir.DataType.FLOAT, value.shape
             graph.append(cast)
@@ -329,3 +319,20 @@ def _schema_allows(op_type: str, opset: int, target: ir.DataType) -> bool:
         if "tensor(float)" in allowed and wanted not in allowed:
             return False
     return True
+
+
+def _check(options: Any) -> None:
+    if options.precision == "fp32":
+        raise ConfigError("the convert-precision pass needs --precision fp16 or bf16")
+
+
+register_pass(
+    PassSpec(
+        name="convert-precision",
+        order=70,
+        exactness="no",
+        summary="fp16/bf16 ONNX (--precision), for TensorRT 11 / RTX",
+        build=lambda o: ConvertPrecisionPass(o.precision),
+        check=_check,
+    )
+)

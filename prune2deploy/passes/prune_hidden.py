@@ -39,7 +39,8 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from prune2deploy.analysis.hidden import ConstUse, HiddenStream, analyze_hidden
 from prune2deploy.errors import BadInputError
-from prune2deploy.passes.base import P2DPass, PassResult
+from prune2deploy.passes.base import P2DPass, P2DResult
+from prune2deploy.passes.registry import PassOption, PassSpec, register_pass
 
 __all__ = ["PruneHiddenPass"]
 
@@ -60,7 +61,6 @@ class PruneHiddenPass(P2DPass):
     """
 
     name = "prune-hidden"
-    exact = True
 
     def __init__(
         self,
@@ -87,12 +87,18 @@ class PruneHiddenPass(P2DPass):
         plan = "detect-zero" if self.channels is None else f"{len(self.channels)} planned"
         return f"PruneHiddenPass(channels={plan}, min_width={self.min_width})"
 
-    def call(self, model: ir.Model) -> PassResult:
+    def call(self, model: ir.Model) -> P2DResult:
         stream = analyze_hidden(model)
         if not stream.ok:
             log.info("prune-hidden: hidden stream left unchanged: %s", stream.reason)
-            self.add_record(width_before=stream.width, width_after=stream.width, removed=0, skipped=stream.reason)
-            return PassResult(model, modified=False)
+            return self.result(
+                model,
+                modified=False,
+                refused={"hidden stream": stream.reason},
+                width_before=stream.width,
+                width_after=stream.width,
+                removed=0,
+            )
         width = stream.width
         zero = set(stream.zero_channels())
         if self.channels is None:
@@ -104,8 +110,9 @@ class PruneHiddenPass(P2DPass):
             drop = list(self.channels)
         drop = drop[: max(0, width - self.min_width)]
         if not drop:
-            self.add_record(width_before=width, width_after=width, removed=0, zero_channels=len(zero))
-            return PassResult(model, modified=False)
+            return self.result(
+                model, modified=False, width_before=width, width_after=width, removed=0, zero_channels=len(zero)
+            )
         dropped = set(drop)
         keep = np.asarray([c for c in range(width) if c not in dropped], dtype=np.int64)
         all_zero = dropped <= zero
@@ -116,8 +123,15 @@ class PruneHiddenPass(P2DPass):
         if not exact and not self.allow_inexact:
             reason = "the result would be approximate" + (" (LayerNorm)" if layernorms else "")
             log.info("prune-hidden: %d zero channels left in place: %s", len(drop), reason)
-            self.add_record(width_before=width, width_after=width, removed=0, zero_channels=len(zero), skipped=reason)
-            return PassResult(model, modified=False)
+            return self.result(
+                model,
+                modified=False,
+                refused={"hidden stream": f"{len(drop)} zero channels left in place: {reason}"},
+                width_before=width,
+                width_after=width,
+                removed=0,
+                zero_channels=len(zero),
+            )
 
         scales: dict[tuple[int, int], float] = {}
         norms = {"rms_folded": 0, "rms_mean_scaled": 0, "rms_uncorrected": 0}
@@ -155,7 +169,9 @@ class PruneHiddenPass(P2DPass):
         RemoveUnusedNodesPass()(model)  # the unsliced originals are unused now
         if not exact:
             log.warning("prune-hidden is approximate here: %s", "; ".join(reasons))
-        self.add_record(
+        return self.result(
+            model,
+            modified=True,
             exact=exact,
             inexact_because=reasons,
             width_before=width,
@@ -171,7 +187,6 @@ class PruneHiddenPass(P2DPass):
             layernorms=len(layernorms),
             outputs_restored=restored,
         )
-        return PassResult(model, modified=True)
 
     # -- constants --------------------------------------------------------------------------------------------
     def _new_initializer(self, model: ir.Model, array: np.ndarray, base: str) -> ir.Value:
@@ -313,3 +328,25 @@ def _only_consumer(value: ir.Value, op_type: str) -> ir.Node | None:
     if len(uses) != 1 or value.is_graph_output() or uses[0].node.op_type != op_type:
         return None
     return uses[0].node
+
+
+register_pass(
+    PassSpec(
+        name="prune-hidden",
+        order=40,
+        exactness="yes with RMSNorm (eps and scale rescaled) / no with LayerNorm",
+        summary="residual-stream channels (--drop-hidden for a width plan)",
+        default=True,
+        options={
+            "drop_hidden": PassOption(
+                list[int] | None,
+                None,
+                "width plan: residual-stream channel indices to remove",
+                flag="--drop-hidden",
+                parse=lambda text: [int(x) for x in text.split(",") if x.strip()],
+                enables=True,
+            )
+        },
+        build=lambda o: PruneHiddenPass(channels=o.drop_hidden),
+    )
+)

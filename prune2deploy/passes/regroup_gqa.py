@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from typing import Any, Literal
 
 import numpy as np
 import onnx_ir as ir
 
-from prune2deploy.analysis.attention import AttentionAnalysis, AttentionBlock, analyze_attention
-from prune2deploy.passes.base import P2DPass, PassResult
+from prune2deploy.analysis.attention import AttentionBlock, analyze_attention
+from prune2deploy.errors import ConfigError
+from prune2deploy.passes.base import P2DPass, P2DResult
 from prune2deploy.passes.head_layout import HeadLayout, apply_head_layout
+from prune2deploy.passes.registry import PassOption, PassSpec, register_pass
 
 __all__ = ["RegroupGQAPass", "permutation_layout", "regroup_layout", "similarity_groups"]
 
@@ -143,7 +146,6 @@ class RegroupGQAPass(P2DPass):
     """
 
     name = "regroup-gqa"
-    exact = False
 
     def __init__(self, groups: int | Mapping[str, int], *, grouping: str = "adjacent", method: str = "mean") -> None:
         super().__init__()
@@ -156,7 +158,6 @@ class RegroupGQAPass(P2DPass):
         self.groups = groups
         self.grouping = grouping
         self.method = method
-        self.analysis: AttentionAnalysis | None = None
 
     def __repr__(self) -> str:
         return f"RegroupGQAPass(groups={self.groups!r}, grouping={self.grouping!r}, method={self.method!r})"
@@ -166,10 +167,10 @@ class RegroupGQAPass(P2DPass):
             return self.groups
         return self.groups.get(block.name, self.groups.get(block.layer))
 
-    def call(self, model: ir.Model) -> PassResult:
-        self.analysis = analyze_attention(model)
+    def call(self, model: ir.Model) -> P2DResult:
+        analysis = analyze_attention(model)
         per_block, skipped = {}, {}
-        for block in self.analysis.blocks:
+        for block in analysis.blocks:
             groups = self._groups_for(block)
             if groups is None:
                 continue
@@ -193,14 +194,55 @@ class RegroupGQAPass(P2DPass):
                 stats["k_weight_rel_error"],
                 stats["v_weight_rel_error"],
             )
-        self.add_record(
-            blocks_total=len(self.analysis.blocks),
+        return self.result(
+            model,
+            modified=bool(per_block),
+            # Pooling K/V heads is approximate; verification measures by how much.
+            exact=False,
+            refused=skipped,
+            blocks_total=len(analysis.blocks),
             blocks_changed=len(per_block),
             grouping=self.grouping,
             method=self.method,
             kv_heads_before=sum(c["kv_heads_before"] for c in per_block.values()),
             kv_heads_after=sum(c["kv_heads_after"] for c in per_block.values()),
             per_block=per_block,
-            skipped=skipped,
         )
-        return PassResult(model, modified=bool(per_block))
+
+
+def _check(options: Any) -> None:
+    if options.kv_heads is None:
+        raise ConfigError("the regroup-gqa pass needs kv_heads (--regroup-gqa N): kv heads per layer after regrouping")
+
+
+register_pass(
+    PassSpec(
+        name="regroup-gqa",
+        order=50,
+        exactness="no (error reported)",
+        summary="MHA/GQA → G kv heads (--regroup-gqa G, G = 1 is MQA) by mean-pooling K/V per group "
+        "(Ainslie et al. 2023), adjacent or similarity grouping",
+        options={
+            "kv_heads": PassOption(
+                int | None,
+                None,
+                "regroup attention to N kv heads per layer (1 = MQA)",
+                flag="--regroup-gqa",
+                metavar="KV_HEADS",
+                enables=True,
+                constraints={"ge": 1},
+            ),
+            "gqa_grouping": PassOption(
+                Literal["adjacent", "similarity"], "adjacent", "how query heads are grouped", flag="--gqa-grouping"
+            ),
+            "gqa_method": PassOption(
+                Literal["mean", "first"],
+                "mean",
+                "mean-pool a group's K/V heads, or keep the first",
+                flag="--gqa-method",
+            ),
+        },
+        build=lambda o: RegroupGQAPass(o.kv_heads, grouping=o.gqa_grouping, method=o.gqa_method),
+        check=_check,
+    )
+)

@@ -15,7 +15,8 @@ import numpy as np
 import onnx_ir as ir
 
 from prune2deploy.analysis.channels import ChannelAnalysis, ChannelGroup, Fixup, Slot, analyze_channels
-from prune2deploy.passes.base import P2DPass, PassResult
+from prune2deploy.passes.base import P2DPass, P2DResult
+from prune2deploy.passes.registry import PassOption, PassSpec, register_pass
 
 __all__ = ["RemoveChannelsPass"]
 
@@ -37,23 +38,21 @@ class RemoveChannelsPass(P2DPass):
     """
 
     name = "remove-channels"
-    exact = True
 
     def __init__(self, *, min_width: int = 1, multiple_of: int = 1) -> None:
         super().__init__()
         self.min_width = max(1, min_width)
         self.multiple_of = max(1, multiple_of)
-        self.analysis: ChannelAnalysis | None = None
         self._counter = 0
 
     def __repr__(self) -> str:
         return f"RemoveChannelsPass(min_width={self.min_width}, multiple_of={self.multiple_of})"
 
-    def call(self, model: ir.Model) -> PassResult:
-        self.analysis = analyze_channels(model)
+    def call(self, model: ir.Model) -> P2DResult:
+        analysis = analyze_channels(model)
         per_group = {}
         skipped = {}
-        for group in self.analysis.groups:
+        for group in analysis.groups:
             if not group.prunable or not group.zero_atoms:
                 continue
             kept_atoms = self._kept_atoms(group)
@@ -74,15 +73,17 @@ class RemoveChannelsPass(P2DPass):
                 "width_after": max(len(k) for k in kept),
                 "removed": len(group.atoms) - len(kept_atoms),
             }
-        self.add_record(
-            groups_total=len(self.analysis.groups),
-            groups_prunable=sum(g.prunable for g in self.analysis.groups),
+        return self.result(
+            model,
+            modified=bool(per_group),
+            refused=skipped,
+            groups_total=len(analysis.groups),
+            groups_prunable=sum(g.prunable for g in analysis.groups),
             groups_changed=len(per_group),
             channels_removed=sum(g["removed"] for g in per_group.values()),
             per_group=per_group,
-            skipped=skipped,
+            blocked=_blocked_groups(analysis),
         )
-        return PassResult(model, modified=bool(per_group))
 
     # -- what to keep -------------------------------------------------------------------------------------
     def _kept_atoms(self, group: ChannelGroup) -> list[int]:
@@ -297,3 +298,43 @@ class RuleDim:
         if not isinstance(dim, int):
             raise _Unfixable(f"{slot}: width is not static")
         return dim
+
+
+def _blocked_groups(analysis: ChannelAnalysis) -> list[dict[str, object]]:
+    """Groups with a width that cannot be pruned, each with the first node that blocks it and why.
+
+    Axes without a static width (batch, sequence) meet contractions too but are not channels: left out.
+    """
+    blocked = []
+    for group in analysis.groups:
+        if group.width <= 0 or group.prunable:
+            continue
+        if group.blocked:
+            _slot, node, reason = group.blocked[0]
+            blocked.append({"group": group.label, "width": group.width, "node": node, "reason": reason})
+        else:
+            reason = "no MatMul/Gemm/Conv reads these channels: nothing to remove them from"
+            blocked.append({"group": group.label, "width": group.width, "node": "", "reason": reason})
+    return blocked
+
+
+register_pass(
+    PassSpec(
+        name="remove-channels",
+        order=20,
+        exactness="yes",
+        summary="MLP / conv channels: weights, biases, BN statistics, Reshape/Expand/Split/Slice constants, "
+        "depthwise group counts",
+        default=True,
+        options={
+            "multiple_of": PassOption(
+                int,
+                1,
+                "round kept widths up to a multiple (keeps zero channels; exact)",
+                flag="--multiple-of",
+                constraints={"ge": 1},
+            )
+        },
+        build=lambda o: RemoveChannelsPass(multiple_of=o.multiple_of),
+    )
+)

@@ -14,9 +14,10 @@ import logging
 
 import onnx_ir as ir
 
-from prune2deploy.analysis.attention import AttentionAnalysis, AttentionBlock, analyze_attention
-from prune2deploy.passes.base import P2DPass, PassResult
+from prune2deploy.analysis.attention import AttentionBlock, analyze_attention
+from prune2deploy.passes.base import P2DPass, P2DResult
 from prune2deploy.passes.head_layout import HeadLayout, apply_head_layout, head_columns
+from prune2deploy.passes.registry import PassOption, PassSpec, register_pass
 
 __all__ = ["RemoveHeadsPass", "removal_layout"]
 
@@ -53,23 +54,21 @@ class RemoveHeadsPass(P2DPass):
     """
 
     name = "remove-heads"
-    exact = True
 
     def __init__(self, *, min_heads: int = 1, allow_cache_change: bool = True) -> None:
         super().__init__()
         self.min_heads = max(1, min_heads)
         self.allow_cache_change = allow_cache_change
-        self.analysis: AttentionAnalysis | None = None
 
     def __repr__(self) -> str:
         return f"RemoveHeadsPass(min_heads={self.min_heads}, allow_cache_change={self.allow_cache_change})"
 
-    def call(self, model: ir.Model) -> PassResult:
-        self.analysis = analyze_attention(model)
+    def call(self, model: ir.Model) -> P2DResult:
+        analysis = analyze_attention(model)
         per_block, unsupported = {}, {}
-        for block in self.analysis.blocks:
+        for block in analysis.blocks:
             if not block.supported:
-                unsupported[block.name] = block.reasons
+                unsupported[block.name] = "; ".join(block.reasons)
                 continue
             if not block.zero_heads:
                 continue
@@ -97,19 +96,41 @@ class RemoveHeadsPass(P2DPass):
                 block.num_kv_heads,
                 layout.num_kv_heads,
             )
-        self.add_record(
-            blocks_total=len(self.analysis.blocks),
-            blocks_supported=len(self.analysis.supported),
+        return self.result(
+            model,
+            modified=bool(per_block),
+            refused=unsupported,
+            blocks_total=len(analysis.blocks),
+            blocks_supported=len(analysis.supported),
             blocks_changed=len(per_block),
             heads_removed=sum(len(c["removed_heads"]) for c in per_block.values()),
             kv_heads_removed=sum(c["kv_heads_before"] - c["kv_heads_after"] for c in per_block.values()),
             per_block=per_block,
-            unsupported=unsupported,
         )
-        return PassResult(model, modified=bool(per_block))
 
     @staticmethod
     def _keep_all_kv(block: AttentionBlock, keep: list[int]) -> HeadLayout:
         full = removal_layout(block, list(range(block.num_heads)))
         mapping = [block.kv_of(h) for h in keep]
         return HeadLayout(keep, full.k_weight, full.v_weight, full.k_bias, full.v_bias, mapping, block.head_dim)
+
+
+register_pass(
+    PassSpec(
+        name="remove-heads",
+        order=30,
+        exactness="yes",
+        summary="attention heads whose o_proj rows (or V) are zero; kv heads whose whole group is gone",
+        default=True,
+        options={
+            "min_heads": PassOption(
+                int,
+                1,
+                "remove-heads keeps at least this many query heads per layer",
+                flag="--min-heads",
+                constraints={"ge": 1},
+            )
+        },
+        build=lambda o: RemoveHeadsPass(min_heads=o.min_heads),
+    )
+)

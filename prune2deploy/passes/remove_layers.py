@@ -27,7 +27,8 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from prune2deploy.analysis.blocks import Layer, ResidualBlock, find_layers
 from prune2deploy.errors import BadInputError
-from prune2deploy.passes.base import P2DPass, PassResult
+from prune2deploy.passes.base import P2DPass, P2DResult
+from prune2deploy.passes.registry import PassOption, PassSpec, register_pass
 
 __all__ = ["RemoveLayersPass", "count_layers", "replace_value"]
 
@@ -64,7 +65,6 @@ class RemoveLayersPass(P2DPass):
     """
 
     name = "remove-layers"
-    exact = True
 
     def __init__(self, layers: Iterable[int | str] = (), *, detect_zero: bool = True) -> None:
         super().__init__()
@@ -74,7 +74,7 @@ class RemoveLayersPass(P2DPass):
     def __repr__(self) -> str:
         return f"RemoveLayersPass(layers={self.layers}, detect_zero={self.detect_zero})"
 
-    def call(self, model: ir.Model) -> PassResult:
+    def call(self, model: ir.Model) -> P2DResult:
         found = find_layers(model)
         before = sum(1 for layer in found if layer.blocks)
         nodes_before = len(model.graph)
@@ -108,19 +108,23 @@ class RemoveLayersPass(P2DPass):
         exact = not approximate_layers
         if approximate_layers:
             log.warning("remove-layers: dropping non-zero layers %s changes the outputs", approximate_layers)
-        self.add_record(
+        refused = {}
+        for entry in not_removed:
+            where = f"{entry['layer']} ({entry['add']})" if entry.get("add") else entry["layer"]
+            refused[where] = entry["reason"]
+        return self.result(
+            model,
+            modified=bool(removed_layers or bypassed or folded),
             exact=exact,
+            refused=refused,
             layers_before=before,
             layers_after=after,
             layers_removed=removed_layers,
             approximate_layers=approximate_layers,
             sub_blocks_removed=bypassed,
             constant_branches_folded=folded,
-            not_removed=not_removed,
             nodes_removed=nodes_before - len(model.graph),
         )
-        modified = bool(removed_layers or bypassed or folded)
-        return PassResult(model, modified=modified)
 
     def _resolve(self, found: list[Layer]) -> tuple[set[str], list[dict]]:
         """Maps the plan's entries onto layer scopes; an index two stacks share is ambiguous, not guessed."""
@@ -152,3 +156,30 @@ def _span(found: list[Layer]) -> str:
     if not found:
         return "none (no numbered layer scopes in the graph metadata)"
     return f"{found[0].name} … {found[-1].name}" if len(found) > 1 else found[0].name
+
+
+def _layer_list(text: str) -> list[int | str]:
+    """``"3,7"`` or ``"model.layers.3"``: indices stay ints, scope names stay strings."""
+    return [int(x) if x.strip().isdigit() else x.strip() for x in text.split(",") if x.strip()]
+
+
+register_pass(
+    PassSpec(
+        name="remove-layers",
+        order=10,
+        exactness="yes (zero branches) / no (--drop-layers: Minitron-style depth plan)",
+        summary="residual sub-blocks (attention, MLP) or whole layers",
+        default=True,
+        options={
+            "drop_layers": PassOption(
+                list[int | str],
+                [],
+                "depth plan: layer indices or scopes to remove even if non-zero, e.g. 3,7 (approximate)",
+                flag="--drop-layers",
+                parse=_layer_list,
+                enables=True,
+            )
+        },
+        build=lambda o: RemoveLayersPass(layers=o.drop_layers),
+    )
+)

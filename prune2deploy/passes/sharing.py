@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 
 import onnx_ir as ir
+import onnx_ir.passes
 from onnx_ir.passes.common import DeduplicateInitializersPass
 
-__all__ = ["reshare_initializers", "unshare_initializers"]
+__all__ = ["ReshareInitializersPass", "UnshareInitializersPass", "reshare_initializers", "unshare_initializers"]
 
 log = logging.getLogger(__name__)
 
@@ -48,3 +49,19 @@ def unshare_initializers(model: ir.Model) -> int:
 def reshare_initializers(model: ir.Model) -> None:
     """De-duplicates equal initializers again (any size)."""
     DeduplicateInitializersPass(size_limit=1 << 62)(model)
+
+
+class UnshareInitializersPass(ir.passes.InPlacePass):
+    """Runs before the structural passes: every reader of a shared float constant gets its own copy."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        return ir.passes.PassResult(model, modified=unshare_initializers(model) > 0)
+
+
+class ReshareInitializersPass(ir.passes.InPlacePass):
+    """Runs after them: equal constants are one initializer again."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        before = len(model.graph.initializers)
+        reshare_initializers(model)
+        return ir.passes.PassResult(model, modified=len(model.graph.initializers) != before)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -27,7 +27,8 @@ from prune2deploy.analysis.cost import SPARSITY_KEY, model_cost
 from prune2deploy.analysis.nm import NM_OPS, nm_eligibility, nm_mask, nm_violations
 from prune2deploy.analysis.scopes import name_scopes
 from prune2deploy.errors import ConfigError
-from prune2deploy.passes.base import P2DPass, PassResult
+from prune2deploy.passes.base import P2DPass, P2DResult
+from prune2deploy.passes.registry import PassOption, PassSpec, register_pass
 
 __all__ = ["SparsifyNMPass"]
 
@@ -46,7 +47,6 @@ class SparsifyNMPass(P2DPass):
     """
 
     name = "sparsify-2:4"
-    exact = False
 
     def __init__(
         self,
@@ -83,15 +83,12 @@ class SparsifyNMPass(P2DPass):
         if criterion not in _CRITERIA:
             raise ConfigError(f"sparsify: criterion must be one of {_CRITERIA}, got {criterion!r}")
         if criterion == "wanda" and mode == "impose" and not norms:
-            raise ConfigError(
-                "sparsify: criterion 'wanda' needs calibration norms (activation name -> norms)"
-            )
+            raise ConfigError("sparsify: criterion 'wanda' needs calibration norms (activation name -> norms)")
         self.n, self.m, self.mode, self.criterion = n, m, mode, criterion
         self.norms = dict(norms or {})
         self.min_k, self.skip = min_k, tuple(skip)
         self.cost_batch, self.cost_seq, self.compute_cost = cost_batch, cost_seq, compute_cost
         self.name = f"sparsify-{n}:{m}"  # type: ignore[misc]
-        self.exact = mode == "check"  # type: ignore[misc]
 
     def __repr__(self) -> str:
         return (
@@ -137,7 +134,7 @@ class SparsifyNMPass(P2DPass):
         shape[axis] = norms.size
         return magnitude * norms.reshape(shape)
 
-    def call(self, model: ir.Model) -> PassResult:
+    def call(self, model: ir.Model) -> P2DResult:
         """Checks or sparsifies every eligible weight.
 
         Record keys: ``weights`` (one dict per MatMul/Gemm/Conv: node, initializer, op, shape, eligible,
@@ -196,7 +193,16 @@ class SparsifyNMPass(P2DPass):
             self._apply(model, weight, uses, tag)
 
         eligible = [r for r in records if r["eligible"]]
-        self.add_record(
+        refused = {}
+        if self.mode == "impose":
+            refused = {(r["initializer"] or r["node"]): r["skipped"] for r in records if r["skipped"]}
+        return self.result(
+            model,
+            # Imposing N:M on a weight that was not N:M changes the outputs; checking, or finding every
+            # weight already N:M, does not.
+            modified=bool(planned),
+            exact=not planned,
+            refused=refused,
             n=self.n,
             m=self.m,
             mode=self.mode,
@@ -209,7 +215,6 @@ class SparsifyNMPass(P2DPass):
             copied=sum(r["copied"] for r in records),
             sparse_flops_fraction=self._fraction(model),
         )
-        return PassResult(model, modified=bool(planned))
 
     def _apply(
         self,
@@ -253,3 +258,20 @@ class SparsifyNMPass(P2DPass):
             log.warning("%s: could not compute the N:M FLOPs fraction: %s", self.name, exc)
             return None
         return cost.sparse_flops_fraction
+
+
+register_pass(
+    PassSpec(
+        name="sparsify-2:4",
+        order=60,
+        exactness="no when imposing",
+        summary="2:4 along K on eligible MatMul/Gemm/Conv weights (--sparse-2-4)",
+        options={
+            "sparsity": PassOption(
+                Literal["impose", "check"], "impose", "sparsify-2:4 imposes 2:4 on eligible weights or only checks them"
+            )
+        },
+        switch=("--sparse-2-4", "append the sparsify-2:4 pass"),
+        build=lambda o: SparsifyNMPass(n=2, m=4, mode=o.sparsity, skip=("*lm_head*",)),
+    )
+)

@@ -77,9 +77,7 @@ def _pct_change(before: float | None, after: float | None) -> str:
 
 def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]], text_cols: Sequence[int] = (0,)) -> str:
     """An HTML table; cells are escaped unless already wrapped as ``_Raw``."""
-    head = "".join(
-        f'<th class="{"text" if i in text_cols else ""}">{_e(h)}</th>' for i, h in enumerate(headers)
-    )
+    head = "".join(f'<th class="{"text" if i in text_cols else ""}">{_e(h)}</th>' for i, h in enumerate(headers))
     body = []
     for row in rows:
         cells = []
@@ -123,20 +121,13 @@ def _plot(draw: Callable[..., bytes | None], *args: Any) -> bytes | None:
     try:
         return draw(*args)
     except ImportError:
-        log.warning(
-            "matplotlib is not installed: the HTML report has tables but no plots (pip install matplotlib)"
-        )
+        log.warning("matplotlib is not installed: the HTML report has tables but no plots (pip install matplotlib)")
         return None
 
 
 def _json_block(value: Any) -> str:
     return f"<pre>{_e(json.dumps(value, indent=2, sort_keys=True, default=str))}</pre>"
 
-
-def _details(entry: dict[str, Any], skip: set[str]) -> str:
-    rest = {k: v for k, v in entry.items() if k not in skip}
-    text = ", ".join(f"{k}={json.dumps(v, default=str)}" for k, v in rest.items())
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _summary(report: dict[str, Any]) -> str:
@@ -166,9 +157,7 @@ def _summary(report: dict[str, Any]) -> str:
     verification = report.get("verification")
     if verification and "passed" in verification:
         kind = "exact" if verification.get("exact") else "approximate"
-        items.append(
-            f"<li>Verification ({kind}): {_verdict(verification['passed'], 'passed', 'FAILED').html}</li>"
-        )
+        items.append(f"<li>Verification ({kind}): {_verdict(verification['passed'], 'passed', 'FAILED').html}</li>")
     groups = report.get("groups")
     if groups and "total" in groups:
         blocked = len(groups.get("blocked") or [])
@@ -203,26 +192,40 @@ def _passes(rows: list[dict[str, Any]]) -> str | None:
     if not rows:
         return None
     return _table(
-        ["#", "pass", "exact", "what it did"],
+        ["#", "pass", "exact", "changed", "what it did", "refused (where: why)"],
         (
             [
                 i + 1,
                 r["pass"],
                 _verdict(r.get("exact"), "exact", "approximate"),
-                _details(r, {"pass", "exact"}),
+                "yes" if r.get("modified") else "no",
+                _scalars(r.get("record") or {}),
+                _refusals(r.get("refused") or {}),
             ]
             for i, r in enumerate(rows)
         ),
-        text_cols=(1, 3),
+        text_cols=(1, 4, 5),
     )
+
+
+def _scalars(record: dict[str, Any]) -> str:
+    """The counts of a pass record (its lists and per-item tables are in report.json)."""
+    text = ", ".join(f"{k}={v}" for k, v in record.items() if not isinstance(v, (dict, list)))
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _refusals(refused: dict[str, str], shown: int = 5) -> str:
+    if not refused:
+        return "-"
+    items = [f"{where}: {why}" for where, why in list(refused.items())[:shown]]
+    more = len(refused) - shown
+    return "; ".join(items) + (f"; … {more} more in report.json" if more > 0 else "")
 
 
 def _groups(groups: dict[str, Any] | None) -> str | None:
     if not groups:
         return None
-    parts = [
-        f"<p>{_num(groups.get('prunable'))} of {_num(groups.get('total'))} channel groups are prunable.</p>"
-    ]
+    parts = [f"<p>{_num(groups.get('prunable'))} of {_num(groups.get('total'))} channel groups are prunable.</p>"]
     blocked = groups.get("blocked") or []
     if blocked:
         parts.append("<p>Groups left unpruned because an op's channel semantics could not be proven:</p>")
@@ -258,9 +261,7 @@ def _verification(verification: dict[str, Any] | None) -> str | None:
         extra = sorted({k for v in outputs.values() for k in v} - {"max_abs", "max_rel", "scale"})
         columns = ["max_abs", "max_rel", "scale", *extra]
         parts.append(
-            _table(
-                ["output", *columns], ([name, *(v.get(c) for c in columns)] for name, v in outputs.items())
-            )
+            _table(["output", *columns], ([name, *(v.get(c) for c in columns)] for name, v in outputs.items()))
         )
     return "".join(parts)
 
@@ -472,7 +473,5 @@ def render_html(report: dict[str, Any]) -> str:
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{_e(title)}</title><style>{_STYLE}</style></head>\n"
         f"<body><main><h1>prune2deploy report</h1>"
-        f'<p class="muted">{_e(source.get("path", ""))}</p>\n'
-        + "\n".join(sections)
-        + "\n</main></body></html>\n"
+        f'<p class="muted">{_e(source.get("path", ""))}</p>\n' + "\n".join(sections) + "\n</main></body></html>\n"
     )

@@ -159,9 +159,7 @@ def _fail(where: str, key: str, field_name: str, problem: str) -> ConfigError:
 
 
 def _positive(value: Any) -> bool:
-    return (
-        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-    )
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 def _parse_gpu(key: str, entry: Any, where: str) -> GPUSpec:
@@ -204,9 +202,7 @@ def _parse_gpu(key: str, entry: Any, where: str) -> GPUSpec:
         raise _fail(where, key, "sources", "missing: every figure needs its source (document name and URL)")
     for name in _SOURCED:
         if not isinstance(sources.get(name), str) or not sources[name].strip():
-            raise _fail(
-                where, key, f"sources.{name}", "missing: say which NVIDIA document the figure is from"
-            )
+            raise _fail(where, key, f"sources.{name}", "missing: say which NVIDIA document the figure is from")
     aliases = entry.get("aliases", [])
     checked = entry.get("checked", [])
     if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
@@ -439,14 +435,10 @@ def predict_table(
     catalog = catalog if catalog is not None else load_catalog()
     precisions = [precision] if isinstance(precision, str) else list(precision)
     ref_cost = (
-        reference
-        if isinstance(reference, ModelCost)
-        else model_cost(reference, shapes=shapes, batch=batch, seq=seq)
+        reference if isinstance(reference, ModelCost) else model_cost(reference, shapes=shapes, batch=batch, seq=seq)
     )
     new_cost = (
-        compiled
-        if isinstance(compiled, ModelCost)
-        else model_cost(compiled, shapes=shapes, batch=batch, seq=seq)
+        compiled if isinstance(compiled, ModelCost) else model_cost(compiled, shapes=shapes, batch=batch, seq=seq)
     )
     rows = []
     options = {"launch_overhead_us": launch_overhead_us, "efficiency": efficiency, "catalog": catalog}

@@ -29,9 +29,7 @@ def matmul_model(weight: np.ndarray, *, batch_dims=("batch", "seq"), scope: str 
     return to_ir([node], [x], [y], {"W": weight.astype(np.float32)})
 
 
-def conv_model(
-    weight: np.ndarray, *, hw: int = 8, pads: int = 1, strides: int = 1, group: int = 1
-) -> ir.Model:
+def conv_model(weight: np.ndarray, *, hw: int = 8, pads: int = 1, strides: int = 1, group: int = 1) -> ir.Model:
     """``Y = Conv(X, W, B)`` with X [N, Cin, hw, hw] (N dynamic) and a bias."""
     cout, cin_g = weight.shape[:2]
     node = helper.make_node(

@@ -10,9 +10,7 @@ from tests.analysis.graphs import conv_model, matmul_model, mlp_model, to_ir
 
 
 def test_nm_mask_keeps_two_largest_of_four_along_k():
-    scores = np.array(
-        [[1.0, 5.0], [4.0, 0.0], [3.0, 7.0], [2.0, 6.0], [9.0, 1.0], [0.0, 2.0], [8.0, 3.0], [7.0, 4.0]]
-    )
+    scores = np.array([[1.0, 5.0], [4.0, 0.0], [3.0, 7.0], [2.0, 6.0], [9.0, 1.0], [0.0, 2.0], [8.0, 3.0], [7.0, 4.0]])
     mask = nm_mask(scores, n=2, m=4, axis=0)  # K = axis 0, two groups of four per column
     expected = np.array([[0, 0], [1, 0], [1, 1], [0, 1], [1, 0], [0, 0], [1, 1], [0, 1]], dtype=bool)
     np.testing.assert_array_equal(mask, expected)

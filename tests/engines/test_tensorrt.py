@@ -25,6 +25,7 @@ from prune2deploy.engines.tensorrt import (
 )
 from prune2deploy.errors import ConfigError, EngineBuildError, EngineUnavailable
 from prune2deploy.feeds import random_feeds
+from prune2deploy.pipeline import convert_precision
 from tests.tiny_onnx import export_cnn, export_mlp, export_tiny_llama
 
 needs_rtx = pytest.mark.skipif(
@@ -146,6 +147,7 @@ def test_rtx_mlp_fp32(mlp_path, tmp_path):
 def test_rtx_sparse_request_is_reported_as_ignored(mlp24_path, tmp_path):
     options = BuildOptions(
         precision="fp16",
+        convert_precision=convert_precision,
         sparse_weights=True,
         shape_ranges={"x": ((1, 64), (8, 64), (64, 64))},
         work_dir=tmp_path,
@@ -165,6 +167,7 @@ def test_rtx_sparse_request_is_reported_as_ignored(mlp24_path, tmp_path):
 def test_rtx_llama_dynamic_batch_and_seq_fp16(llama_path, tmp_path):
     options = BuildOptions(
         precision="fp16",
+        convert_precision=convert_precision,
         shape_ranges=LLAMA_RANGES,
         work_dir=tmp_path,
         extra={"compute_capabilities": ["sm89", "sm120"], "optimization_level": 2},
@@ -186,9 +189,7 @@ def test_rtx_llama_dynamic_batch_and_seq_fp16(llama_path, tmp_path):
 def test_rtx_cnn(cnn_path, tmp_path):
     result = TensorRTRTXEngine().build(
         cnn_path,
-        BuildOptions(
-            shape_ranges={"pixels": ((1, 3, 16, 16), (4, 3, 16, 16), (32, 3, 16, 16))}, work_dir=tmp_path
-        ),
+        BuildOptions(shape_ranges={"pixels": ((1, 3, 16, 16), (4, 3, 16, 16), (32, 3, 16, 16))}, work_dir=tmp_path),
     )
     covered = {name for layer in _layers(result) for name in layer["onnx_nodes"]}
     convs = {n.name for n in onnx.load(str(cnn_path)).graph.node if n.op_type == "Conv"}
@@ -227,6 +228,7 @@ def test_rtx_has_no_sm90_target(mlp_path, tmp_path):
 def test_rtx_refuses_float32_onnx_when_conversion_is_off(mlp_path, tmp_path):
     options = BuildOptions(
         precision="fp16",
+        convert_precision=convert_precision,
         shape_ranges={"x": ((1, 64),) * 3},
         work_dir=tmp_path,
         extra={"convert_precision": False},
@@ -265,6 +267,7 @@ def test_rtx_bf16_from_converted_onnx_and_ignored_timing_cache(llama_path, tmp_p
     ir.save(model, converted)
     options = BuildOptions(
         precision="bf16",
+        convert_precision=convert_precision,
         shape_ranges=LLAMA_RANGES,
         work_dir=tmp_path / "out",
         extra={"timing_cache": tmp_path / "timing.cache"},

@@ -15,6 +15,7 @@ from prune2deploy.engines.onnxruntime import make_session
 from prune2deploy.engines.torch import TorchEngine
 from prune2deploy.errors import ConfigError, UnsupportedModelError
 from prune2deploy.feeds import random_feeds
+from prune2deploy.pipeline import convert_precision
 from tests.tiny_onnx import export_cnn, export_mlp, export_tiny_llama
 
 
@@ -69,9 +70,7 @@ def _op_zoo(path):
     nodes = [
         helper.make_node("Conv", ["x", "w"], ["c"], pads=[0, 1, 1, 2], strides=[2, 1], name="conv_asym"),
         helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["bn"], epsilon=1e-3),
-        helper.make_node(
-            "AveragePool", ["bn"], ["ap"], kernel_shape=[2, 2], pads=[1, 1, 1, 1], count_include_pad=1
-        ),
+        helper.make_node("AveragePool", ["bn"], ["ap"], kernel_shape=[2, 2], pads=[1, 1, 1, 1], count_include_pad=1),
         helper.make_node("Erf", ["ap"], ["e"]),
         helper.make_node("Tanh", ["e"], ["t"]),
         helper.make_node("Flatten", ["t"], ["f"], axis=1),
@@ -174,7 +173,9 @@ def test_24_detection():
 
 def test_fp16_on_cpu_close_to_fp32(llama_path):
     feeds = random_feeds(ir.load(llama_path), batch=2, seq=6)
-    diffs, built = _compare(llama_path, feeds, BuildOptions(precision="fp16", extra={"device": "cpu"}))
+    diffs, built = _compare(
+        llama_path, feeds, BuildOptions(precision="fp16", extra={"device": "cpu"}, convert_precision=convert_precision)
+    )
     assert built.info["precision"]["source"] == "converted by convert-precision"
     assert 0 < max(diffs.values()) < 5e-3
 

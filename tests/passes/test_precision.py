@@ -13,6 +13,7 @@ from prune2deploy.engines.onnxruntime import make_session
 from prune2deploy.errors import ConfigError, UnsupportedModelError
 from prune2deploy.feeds import random_feeds
 from prune2deploy.passes.precision import ConvertPrecisionPass
+from tests.results import outcome
 from tests.tiny_onnx import export_cnn, export_tiny_llama
 
 
@@ -28,12 +29,11 @@ def cnn_path(cache_dir):
 
 def _convert(path, tmp_path, precision, **kwargs):
     model = ir.load(path)
-    pass_ = ConvertPrecisionPass(precision, **kwargs)
-    pass_(model)
+    result = ConvertPrecisionPass(precision, **kwargs)(model)
     out = tmp_path / f"{precision}.onnx"
     ir.save(model, out)
     onnx.checker.check_model(str(out), full_check=True)  # types consistent with every op schema
-    return model, out, pass_.record
+    return model, out, outcome(result)
 
 
 def _max_diff(reference, converted, feeds):

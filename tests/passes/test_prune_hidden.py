@@ -23,6 +23,7 @@ from tests.layer_models import (
     zero_hidden,
     zero_module,
 )
+from tests.results import outcome
 
 LLAMA_WRITERS = ("o_proj", "down_proj")
 BERT_WRITERS = ("attention.output.dense", "output.dense")
@@ -31,11 +32,10 @@ BERT_FEEDS = ids_feeds(100)
 
 
 def _prune(model, **options) -> dict:
-    pass_ = PruneHiddenPass(**options)
-    pass_(model)
+    result = PruneHiddenPass(**options)(model)
     for value in model.graph.initializers.values():  # new constants declare the shape they hold
         assert tuple(value.shape) == tuple(value.const_value.shape), value.name
-    return pass_.record
+    return outcome(result)
 
 
 def _max_rel(reference: bytes, compiled, feeds) -> dict[str, float]:
@@ -160,9 +160,7 @@ def test_plan_of_zero_channels_is_exact(rng):
     reference = snapshot(model)
     mask = np.ones(64)
     mask[drop[:6]] = 0
-    pass_ = PruneHiddenPass.from_mask(mask)
-    pass_(model)
-    record = pass_.record
+    record = outcome(PruneHiddenPass.from_mask(mask)(model))
     assert record["exact"] and record["width_after"] == 58 and record["zero_channels"] == 10
     assert max(_max_rel(reference, model, LLAMA_FEEDS).values()) <= 1e-5
     with pytest.raises(BadInputError, match="out of range"):
@@ -176,7 +174,8 @@ def test_bert_layernorm_is_approximate_and_outputs_keep_their_width(rng):
     probe = clone(model)
     reference = snapshot(model)
     record = _prune(clone(model))  # zero detection alone does not make an exact pipeline approximate
-    assert record["removed"] == 0 and record["zero_channels"] == 16 and "approximate (LayerNorm)" in record["skipped"]
+    assert record["removed"] == 0 and record["zero_channels"] == 16
+    assert "approximate (LayerNorm)" in record["refused"]["hidden stream"]
     record = _prune(model, allow_inexact=True)
     assert not record["exact"] and record["layernorms"] == 5 and record["width_after"] == 48
     assert record["inexact_because"] == ["5 LayerNorms now average over 48 of 64 channels"]
@@ -202,10 +201,9 @@ def test_layers_then_hidden_compose_exactly(rng):
     zero_module(model, "model.layers.1.mlp.down_proj")
     zero_hidden(model, rng.choice(64, 24, replace=False), LLAMA_WRITERS)
     reference = snapshot(model)
-    layers = RemoveLayersPass()
-    layers(model)
+    layers = outcome(RemoveLayersPass()(model))
     record = _prune(model)
-    assert layers.record["layers_after"] == 1 and record["width_after"] == 40 and record["exact"]
+    assert layers["layers_after"] == 1 and record["width_after"] == 40 and record["exact"]
     assert record["readers"] == 6 and record["norms"]["rms_folded"] == 3
     assert max(_max_rel(reference, model, LLAMA_FEEDS).values()) <= 1e-5
 
@@ -227,7 +225,7 @@ def test_nothing_to_do_and_blocked_stream():
     for use in uses:
         use.node.replace_input_with(use.idx, add.outputs[0])
     record = _prune(blocked, channels=[0, 1])
-    assert record["removed"] == 0 and "graph input 'extra_hidden'" in record["skipped"]
+    assert record["removed"] == 0 and "graph input 'extra_hidden'" in record["refused"]["hidden stream"]
 
 
 @pytest.mark.slow

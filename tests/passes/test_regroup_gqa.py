@@ -13,15 +13,15 @@ from prune2deploy.passes.head_layout import apply_head_layout
 from prune2deploy.passes.regroup_gqa import RegroupGQAPass, permutation_layout, similarity_groups
 from prune2deploy.verify import EXACT_TOLERANCE, verify_models
 from tests.attention_models import blocks_by_name, copy, decoder_feeds, fresh, fresh_fused, run
+from tests.results import outcome
 
 LLAMA = [f"model.layers.{i}.self_attn" for i in range(2)]
 
 
 def _regroup(model: ir.Model, groups, **options) -> dict:
-    pass_ = RegroupGQAPass(groups, **options)
-    pass_(model)
+    result = RegroupGQAPass(groups, **options)(model)
     onnx.checker.check_model(ir.to_proto(model))
-    return pass_.record
+    return outcome(result)
 
 
 def _kv_heads(model: ir.Model) -> list[int]:
@@ -115,7 +115,7 @@ def test_per_layer_groups_and_bad_divisor():
     record = _regroup(model, {LLAMA[1]: 1})
     assert _kv_heads(model) == [2, 1] and list(record["per_block"]) == [LLAMA[1]]
     record = _regroup(fresh("llama-gqa"), 3)
-    assert record["blocks_changed"] == 0 and "do not divide" in record["skipped"][LLAMA[0]]
+    assert record["blocks_changed"] == 0 and "do not divide" in record["refused"][LLAMA[0]]
 
 
 def test_bad_options():

@@ -14,15 +14,14 @@ from prune2deploy.passes.remove_layers import RemoveLayersPass, count_layers
 from prune2deploy.verify import compare_outputs, verify_models
 from tests.layer_models import clone, fresh, ids_feeds, lm_metrics, matmul_weights, run, snapshot, zero_module
 from tests.models import tiny_bert, tiny_llama
+from tests.results import outcome
 
 LLAMA_FEEDS = ids_feeds(128)
 BERT_FEEDS = ids_feeds(100)
 
 
 def _remove(model, **options) -> dict:
-    pass_ = RemoveLayersPass(**options)
-    pass_(model)
-    return pass_.record
+    return outcome(RemoveLayersPass(**options)(model))
 
 
 def _assert_same(reference: bytes, compiled, feeds, rtol: float = 1e-5) -> None:
@@ -185,8 +184,8 @@ def test_branch_not_ending_in_a_projection_is_left_alone():
     assert not mlp["removable"] and "not a linear projection" in mlp["blocked_by"]
     record = _remove(model)
     assert record["sub_blocks_removed"] == [] and record["layers_after"] == 2
-    assert [entry["layer"] for entry in record["not_removed"]] == ["model.layers.0"]
-    assert "not a linear projection" in record["not_removed"][0]["reason"]
+    assert [where.split(" ")[0] for where in record["refused"]] == ["model.layers.0"]
+    assert "not a linear projection" in next(iter(record["refused"].values()))
 
 
 @pytest.mark.slow
@@ -200,7 +199,7 @@ def test_smollm2_six_zero_layers_removed_exactly():
     reference = snapshot(model)
     record = _remove(model)
     assert record["exact"] and (record["layers_before"], record["layers_after"]) == (30, 24)
-    assert len(record["sub_blocks_removed"]) == 12 and record["not_removed"] == []
+    assert len(record["sub_blocks_removed"]) == 12 and record["refused"] == {}
     remaining = {layer.name for layer in find_layers(model) if layer.blocks}
     assert remaining == {f"model.layers.{i}" for i in range(30) if i not in zeroed}
     feeds = ids_feeds(49152, batch=2, seq=16)
@@ -235,6 +234,6 @@ def test_parallel_blocks_are_not_dropped_by_plan():
     assert not row["droppable_by_plan"] and "read inside the layer" in row["blocked_by"]
     assert len(row["sub_blocks"]) == 1 and row["sub_blocks"][0]["zero"]
     record = _remove(model, layers=[0])
-    assert record["layers_removed"] == [] and record["not_removed"][0]["layer"] == "model.layers.0"
+    assert record["layers_removed"] == [] and list(record["refused"]) == ["model.layers.0"]
     assert record["exact"] and record["sub_blocks_removed"] == ["model.layers.0.self_attn"]  # exact part still runs
     _assert_same(reference, model, LLAMA_FEEDS)

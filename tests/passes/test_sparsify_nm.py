@@ -6,8 +6,10 @@ import pytest
 
 from prune2deploy.analysis.nm import is_nm, nm_mask
 from prune2deploy.errors import ConfigError
+from prune2deploy.passes.registry import get_pass
 from prune2deploy.passes.sparsify_nm import SparsifyNMPass
 from tests.analysis.graphs import conv_model, matmul_model, mlp_model
+from tests.results import outcome
 
 
 def _run(model: ir.Model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -21,10 +23,9 @@ def _run(model: ir.Model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]
 def test_check_mode_reports_and_changes_nothing(rng):
     model = mlp_model(rng, k=8, hidden=16, out=4)
     before = {k: v.const_value.numpy().copy() for k, v in model.graph.initializers.items()}
-    sparsify = SparsifyNMPass(mode="check")
-    result = sparsify(model)
+    result = SparsifyNMPass(mode="check")(model)
     assert not result.modified
-    record = sparsify.record
+    record = outcome(result)
     assert (record["pass"], record["exact"]) == ("sparsify-2:4", True)
     assert (record["nodes"], record["eligible"], record["already_nm"], record["made_nm"]) == (3, 3, 0, 0)
     by_node = {w["node"]: w for w in record["weights"]}
@@ -42,9 +43,9 @@ def test_impose_copies_shared_weight_and_tags_nodes(rng):
     w2 = model.graph.initializers["W2"].const_value.numpy().copy()
     x = rng.standard_normal((3, 8)).astype(np.float32)
     dense = _run(model, {"X": x})
-    sparsify = SparsifyNMPass(mode="impose", skip=["shared_*"])
-    assert sparsify(model).modified
-    record = sparsify.record
+    result = SparsifyNMPass(mode="impose", skip=["shared_*"])(model)
+    assert result.modified
+    record = outcome(result)
     assert record["exact"] is False
     by_node = {w["node"]: w for w in record["weights"]}
     assert by_node["shared_reader"]["skipped"] == "matches skip pattern 'shared_*'"
@@ -85,46 +86,43 @@ def test_wanda_errors_and_missing_norms():
         SparsifyNMPass(mode="impose", criterion="wanda")
     with pytest.raises(ConfigError, match="K=4"):
         SparsifyNMPass(mode="impose", criterion="wanda", norms={"X": np.ones(3)})(matmul_model(weight))
-    sparsify = SparsifyNMPass(
-        mode="impose", criterion="wanda", norms={"other": np.ones(4)}, compute_cost=False
-    )
+    sparsify = SparsifyNMPass(mode="impose", criterion="wanda", norms={"other": np.ones(4)}, compute_cost=False)
     model = matmul_model(weight)
-    assert not sparsify(model).modified
-    assert sparsify.record["weights"][0]["skipped"] == "no Wanda calibration norms for activation 'X'"
+    result = sparsify(model)
+    assert not result.modified
+    assert result.record["weights"][0]["skipped"] == "no Wanda calibration norms for activation 'X'"
 
 
 def test_conv_and_options(rng):
     model = conv_model(rng.standard_normal((3, 8, 3, 3)))
     sparsify = SparsifyNMPass(n=1, m=4, mode="impose", min_k=4)
-    sparsify(model)
-    assert sparsify.name == "sparsify-1:4" and sparsify.record["pass"] == "sparsify-1:4"
+    result = sparsify(model)
+    assert sparsify.name == "sparsify-1:4" and result.name == "sparsify-1:4"
     weight = model.graph.initializers["W"].const_value.numpy()
     assert is_nm(weight, n=1, m=4, axis=1)
     assert np.count_nonzero(weight) == 3 * 2 * 9  # one of every four input channels kept
-    assert sparsify.record["sparse_flops_fraction"] == 1.0
-    small = SparsifyNMPass(mode="impose", min_k=16)
-    small(conv_model(rng.standard_normal((3, 8, 3, 3))))
+    assert result.record["sparse_flops_fraction"] == 1.0
+    small = SparsifyNMPass(mode="impose", min_k=16)(conv_model(rng.standard_normal((3, 8, 3, 3))))
     assert small.record["weights"][0]["skipped"] == "K=8 is below min_k=16"
+    assert small.refused == {"W": "K=8 is below min_k=16"}
     with pytest.raises(ConfigError, match="mode"):
         SparsifyNMPass(mode="sparsify")
-    assert SparsifyNMPass(n=2, m=4, mode="impose").exact is False
+    assert get_pass("sparsify-2:4").exactness == "no when imposing"
 
 
 def test_already_sparse_weight_is_reported_not_rewritten(rng):
     weight = rng.standard_normal((8, 4)).astype(np.float32)
     weight *= nm_mask(np.abs(weight), axis=0)
     model = matmul_model(weight)
-    sparsify = SparsifyNMPass(mode="impose")
-    assert not sparsify(model).modified
-    assert sparsify.record["already_nm"] == 1 and sparsify.record["made_nm"] == 0
+    result = SparsifyNMPass(mode="impose")(model)
+    assert not result.modified and result.exact
+    assert result.record["already_nm"] == 1 and result.record["made_nm"] == 0
     assert next(iter(model.graph)).metadata_props["p2d.sparsity"] == "2:4"
 
 
 def test_tiny_llama_skip_lm_head(tiny_llama_onnx):
     model = ir.load(str(tiny_llama_onnx))
-    sparsify = SparsifyNMPass(mode="impose", skip=["*lm_head"], cost_seq=16)
-    sparsify(model)
-    record = sparsify.record
+    record = SparsifyNMPass(mode="impose", skip=["*lm_head"], cost_seq=16)(model).record
     assert (record["eligible"], record["made_nm"]) == (15, 14)
     skipped = [w for w in record["weights"] if w["skipped"]]
     assert [w["node"] for w in skipped] == ["node_linear_14"]

@@ -14,9 +14,15 @@ _FULL_REPORT = {
     "input": {"path": "models/tiny-llama", "kind": "hf", "sha256": "ab" * 32},
     "options": {"pipeline": "structured", "engine": ["onnxruntime"], "precision": "fp32"},
     "passes": [
-        {"pass": "remove-channels", "exact": True, "channels_removed": 96, "groups": 4},
-        {"pass": "remove-heads", "exact": True, "heads_removed": 2},
-        {"pass": "gqa-merge", "exact": False, "kv_heads": [4, 2]},
+        {
+            "pass": "remove-channels",
+            "exact": True,
+            "modified": True,
+            "record": {"channels_removed": 96, "groups": 4},
+            "refused": {"model.layers.0.mlp": "a Reshape target is a run-time value"},
+        },
+        {"pass": "remove-heads", "exact": True, "modified": True, "record": {"heads_removed": 2}, "refused": {}},
+        {"pass": "regroup-gqa", "exact": False, "modified": True, "record": {"kv_heads": [4, 2]}, "refused": {}},
     ],
     "model": {
         "reference": {"params": 1_000_000, "flops": 8_000_000, "nodes": 220},

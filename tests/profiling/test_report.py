@@ -78,9 +78,7 @@ def test_full_and_minimal_reports_are_valid(full_report):
 
 
 def test_compare_models_rows_fit_the_latency_schema(full_report):
-    full_report["latency"][0].update(
-        kind="latency", std_ms=0.1, min_ms=3.0, rel_ci=0.01, stop_reason="stable"
-    )
+    full_report["latency"][0].update(kind="latency", std_ms=0.1, min_ms=3.0, rel_ci=0.01, stop_reason="stable")
     validate_report(full_report)
 
 
@@ -138,7 +136,7 @@ def test_html_has_every_section_and_decodable_plots(full_report):
     # Numbers from the report appear as people read them.
     assert "1,000,000 → 600,000" in page and "-40.0%" in page
     assert "Best measured speedup: <strong>1.50×</strong>" in page
-    assert page.count('<span class="bad">approximate</span>') == 1  # the gqa-merge pass
+    assert page.count('<span class="bad">approximate</span>') == 1  # the regroup-gqa pass
 
 
 def test_html_escapes_report_text(full_report):
@@ -174,9 +172,7 @@ def test_latency_sections_from_compare_models_rows_validate():
     sections = latency_sections(rows, ideal={(2, 16): 1.8})
     assert [r["model"] for r in sections["latency"]] == ["reference", "compiled"]
     assert all("kind" not in r for r in sections["latency"])
-    assert sections["speedup"] == [
-        {"engine": "onnxruntime", "batch": 2, "seq": 16, "measured": 1.5, "ideal": 1.8}
-    ]
+    assert sections["speedup"] == [{"engine": "onnxruntime", "batch": 2, "seq": 16, "measured": 1.5, "ideal": 1.8}]
     report = {**MINIMAL, **sections}
     validate_report(report)
     assert _parse(render_html(report)).images.keys() == {"plot-latency", "plot-speedup"}

@@ -1,0 +1,248 @@
+"""The compile driver: what ``api.compile`` does, step by step.
+
+source (HF folder, GGUF, bundled model name, nn.Module or .onnx) + masks → masked reference → pipeline →
+verification (compiled ONNX, and the engine where it runs here) → engine → profile → report + manifest. The
+output folder is built beside the target and renamed into place at the end, so it is complete or absent.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+
+from prune2deploy.driver.outdir import finish_out_dir, prepare_out_dir
+from prune2deploy.driver.report import (
+    groups_summary,
+    model_summary,
+    predictions,
+    profile_section,
+    report_header,
+    write_manifest,
+)
+from prune2deploy.driver.source import Progress, load_source
+from prune2deploy.errors import EngineUnavailable, VerificationError
+from prune2deploy.spec import CompileOptions
+
+__all__ = ["CompileResult", "compile_model", "resolve_plan"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CompileResult:
+    out_dir: Path
+    report: dict[str, Any]
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.report.get("verification", {}).get("passed", True))
+
+
+def compile_model(
+    source: Any,
+    out_dir: Path | str,
+    options: CompileOptions | None = None,
+    *,
+    progress: Progress | None = None,
+) -> CompileResult:
+    """Compiles a pruned model into a physically smaller, verified ONNX model (and engine).
+
+    Raises:
+        P2DError subclasses for bad input, existing outputs, missing engines; VerificationError (after the
+        folder is written, so the user can inspect it) when an exact pipeline exceeds its tolerance.
+    """
+    from prune2deploy.analysis.cost import compare_layers, model_cost
+    from prune2deploy.frontends.onnx import save_onnx
+    from prune2deploy.pipeline import build_passes, run_pipeline
+    from prune2deploy.verify import load_feeds, verify_models
+
+    options = resolve_plan(options or CompileOptions())
+    say = progress or (lambda _msg: None)
+    out_dir = Path(out_dir)
+    staging = prepare_out_dir(out_dir, options.overwrite)
+    timings: dict[str, float] = {}
+    try:
+        start = time.perf_counter()
+        loaded = load_source(source, options, progress=say)
+        timings["load_and_export_s"] = time.perf_counter() - start
+        reference_bytes = ir.to_proto(loaded.model).SerializeToString()
+        reference = loaded.model
+        compiled = ir.from_proto(onnx.ModelProto.FromString(reference_bytes))  # an independent copy
+
+        t0 = time.perf_counter()
+        pipeline = run_pipeline(compiled, build_passes(options), progress=say)
+        timings["passes_s"] = time.perf_counter() - t0
+
+        say("verifying against the masked reference")
+        t0 = time.perf_counter()
+        user_feeds = [load_feeds(path) for path in options.feeds]
+        verification = verify_models(
+            reference, compiled, exact=pipeline.exact, tolerance=options.tolerance, user_feeds=user_feeds
+        )
+        timings["verify_s"] = time.perf_counter() - t0
+
+        model_path = staging / "model.onnx"
+        save_onnx(compiled, model_path)
+        if options.keep_reference:
+            (staging / "reference.onnx").write_bytes(reference_bytes)
+
+        say("counting parameters and FLOPs")
+        batch0, seq0 = options.profile_batches[0], options.profile_seqs[0]
+        ref_cost = model_cost(reference, batch=batch0, seq=seq0)
+        new_cost = model_cost(compiled, batch=batch0, seq=seq0)
+        records = pipeline.records()
+        report: dict[str, Any] = {
+            **report_header(loaded, options),
+            "passes": records,
+            "model": {
+                "reference": model_summary(ref_cost),
+                "compiled": model_summary(new_cost),
+                "cost_shape": {"batch": batch0, "seq": seq0},
+            },
+            "per_layer": compare_layers(ref_cost, new_cost),
+            "groups": groups_summary(records),
+            "verification": verification.as_dict(),
+            "timings": timings,
+        }
+        if options.engine != "onnxruntime":
+            say(f"building {options.engine} engine")
+            report["engine"] = _build_engine(options, model_path, staging, reference, user_feeds, pipeline.exact)
+        if options.profile:
+            say("profiling reference vs compiled on ONNX Runtime CPU")
+            report.update(
+                profile_section(reference_bytes, model_path, options, ref_cost.flops / max(new_cost.flops, 1))
+            )
+        report["predictions"] = predictions(ref_cost, new_cost, options)
+        timings["total_s"] = time.perf_counter() - start
+
+        from prune2deploy.profiling.report import write_report
+
+        write_report(staging, report)
+        write_manifest(staging, loaded, options)
+        finish_out_dir(staging, out_dir)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    result = CompileResult(out_dir, report)
+    engine_check = report.get("engine", {}).get("verification")
+    if not verification.passed:
+        raise VerificationError(
+            f"compiled model differs from the masked reference by {verification.worst:.3g} (relative), more than "
+            f"the exact tolerance {options.tolerance:g}; see {out_dir / 'report.json'}. "
+            " This is a bug: please report it."
+        )
+    if engine_check and not engine_check["passed"]:
+        raise VerificationError(
+            f"the {options.engine} engine's outputs differ from the masked reference by {engine_check['worst']:.3g} "
+            f"(relative), more than the exact tolerance {options.tolerance:g}; see {out_dir / 'report.json'}."
+        )
+    return result
+
+
+def resolve_plan(options: CompileOptions) -> CompileOptions:
+    """A plan brings its mask file (next to it), its depth plan and its hidden-channel plan.
+
+    The plan's layer and hidden-channel lists are pass options: giving them switches their passes on.
+    """
+    if options.plan is None:
+        return options
+    from prune2deploy.pruning.plan import load_plan
+
+    plan = load_plan(options.plan)
+    changes: dict[str, Any] = {}
+    if options.masks is None and plan.masks and plan.masks.get("file"):
+        changes["masks"] = options.plan.parent / plan.masks["file"]
+    if plan.dropped_layers:
+        changes["drop_layers"] = list(plan.dropped_layers)
+    if plan.hidden is not None and list(plan.hidden.removed):
+        changes["drop_hidden"] = [int(c) for c in plan.hidden.removed]
+    return options.replace(**changes) if changes else options
+
+
+def _build_engine(
+    options: CompileOptions,
+    model_path: Path,
+    staging: Path,
+    reference: ir.Model,
+    user_feeds: list,
+    exact: bool,
+) -> dict[str, Any]:
+    """Builds the chosen engine and, where it can run on this machine, verifies it against the reference."""
+    from prune2deploy.engines.base import BuildOptions
+    from prune2deploy.engines.registry import make_engine
+    from prune2deploy.pipeline import convert_precision
+
+    engine = make_engine(options.engine)
+    availability = engine.available()
+    if not availability.can_build:
+        raise EngineUnavailable(
+            f"engine {options.engine} cannot build here: {availability.reason}. {availability.install_hint}"
+        )
+    inputs = []
+    for value in ir.load(str(model_path)).graph.inputs:
+        if value.shape is not None:
+            inputs.append((value.name, [d if isinstance(d, int) else None for d in value.shape]))
+    built = engine.build(
+        model_path,
+        BuildOptions(
+            precision=options.precision,
+            sparse_weights="sparsify-2:4" in options.passes,
+            shape_ranges=engine.shape_ranges(inputs, batches=options.profile_batches, seqs=options.profile_seqs),
+            work_dir=staging / "engine",
+            extra=dict(options.engine_options),
+            convert_precision=convert_precision,
+        ),
+    )
+    section: dict[str, Any] = {
+        "engine": built.engine,
+        "artifact": str(built.artifact.relative_to(staging)) if built.artifact else None,
+        "info": built.info,
+    }
+    section["verification"] = _verify_engine(engine, built, reference, user_feeds, options, exact)
+    return section
+
+
+def _verify_engine(engine, built, reference: ir.Model, user_feeds: list, options: CompileOptions, exact: bool):
+    """The engine's outputs against the masked reference (ONNX Runtime CPU fp32), where it runs here.
+
+    Exact only when the pipeline was exact and the engine runs fp32; half precision is reported as
+    approximate (its error, not a verdict).
+    """
+    from prune2deploy.verify import OutputRunner, feed_sets, verify_runners
+
+    if not engine.available().can_run:
+        return None
+    from prune2deploy.ort_session import make_session
+
+    session = make_session(ir.to_proto(reference).SerializeToString())
+    names = [o.name for o in session.get_outputs()]
+
+    class _Reference:
+        def run(self, feeds):
+            return dict(zip(names, session.run(names, dict(feeds)), strict=True))
+
+    try:
+        with engine.runner(built) as runner:
+            runner_: OutputRunner = runner
+            result = verify_runners(
+                _Reference(),
+                runner_,
+                feed_sets(reference, user_feeds=user_feeds),
+                exact=exact and options.precision == "fp32",
+                tolerance=options.tolerance,
+                outputs=names,
+            )
+    except EngineUnavailable as exc:  # built here, runs elsewhere (a GPU engine)
+        log.info("engine %s not verified here: %s", engine.name, exc)
+        return None
+    section = result.as_dict()
+    section["worst"] = result.worst
+    return section

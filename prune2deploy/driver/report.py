@@ -1,0 +1,122 @@
+"""The pieces of ``report.json`` and ``manifest.json`` that the compile driver assembles."""
+
+from __future__ import annotations
+
+import platform
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from prune2deploy import __version__
+from prune2deploy.driver.source import Source, input_record
+from prune2deploy.io import atomic_write_json, sha256_file
+
+__all__ = [
+    "groups_summary",
+    "model_summary",
+    "predictions",
+    "profile_section",
+    "report_header",
+    "versions",
+    "write_manifest",
+]
+
+_LIBRARIES = ("onnx", "onnx-ir", "onnxscript", "onnxruntime", "torch", "transformers", "safetensors", "numpy")
+
+
+def versions() -> dict[str, str]:
+    found = {}
+    for name in _LIBRARIES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    found["python"] = platform.python_version()
+    return found
+
+
+def report_header(loaded: Source, options: Any) -> dict[str, Any]:
+    return {
+        "schema_version": 1,
+        "tool": {"name": "prune2deploy", "version": __version__, "libraries": versions()},
+        "input": input_record(loaded),
+        "options": options.to_dict(),
+    }
+
+
+def model_summary(cost: Any) -> dict[str, int]:
+    return {"params": int(cost.params), "flops": int(cost.flops), "nodes": len(cost.nodes)}
+
+
+def groups_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Channel groups: how many, how many prunable and changed, and each blocked one with its reason."""
+    for entry in records:
+        if entry["pass"] == "remove-channels":
+            record = entry["record"]
+            return {
+                "total": record["groups_total"],
+                "prunable": record["groups_prunable"],
+                "changed": record["groups_changed"],
+                "blocked": record.get("blocked", []),
+            }
+    return {}
+
+
+def write_manifest(staging: Path, loaded: Source, options: Any) -> None:
+    outputs = {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()}
+    manifest = {
+        "tool": {"name": "prune2deploy", "version": __version__},
+        "libraries": versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "input": input_record(loaded),
+        "masks": {"path": str(options.masks), "sha256": sha256_file(options.masks)} if options.masks else None,
+        "options": options.to_dict(),
+        "outputs": outputs,
+    }
+    atomic_write_json(staging / "manifest.json", manifest)
+
+
+def profile_section(reference_bytes: bytes, model_path: Path, options: Any, ideal: float) -> dict[str, Any]:
+    """Reference vs compiled latency on ONNX Runtime CPU, in one run, over the options' grid."""
+    from prune2deploy.profiling.measure import compare_models
+    from prune2deploy.profiling.report import latency_sections
+
+    grid = [(b, s) for b in options.profile_batches for s in options.profile_seqs]
+    rows = compare_models(
+        {"reference": reference_bytes, "compiled": model_path},
+        grid,
+        threads=options.threads,
+        reference="reference",
+        budget_s=options.profile_budget_s,
+        min_runs=5,  # the median of at least five runs, whatever the budget
+    )
+    return latency_sections(rows, ideal=ideal)
+
+
+def predictions(ref_cost: Any, new_cost: Any, options: Any) -> list[dict[str, Any]]:
+    """Roofline predictions per target GPU, reference vs compiled."""
+    from prune2deploy.profiling.roofline import predict_table
+
+    precision = options.precision if options.precision != "fp32" else "fp16"
+    rows = predict_table(
+        ref_cost,
+        new_cost,
+        gpus=options.gpus or None,
+        precision=precision,
+        batch=new_cost.batch or 1,
+        seq=new_cost.seq or 128,
+    )
+    return [
+        {
+            "gpu": r.gpu,
+            "precision": r.precision,
+            "batch": r.batch,
+            "seq": r.seq,
+            "reference_ms": r.reference_ms,
+            "compiled_ms": r.compiled_ms,
+            "speedup": r.speedup,
+            "measured_ms": None,
+        }
+        for r in rows
+    ]

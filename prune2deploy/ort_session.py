@@ -1,0 +1,46 @@
+"""ONNX Runtime sessions with the settings every part of the tool shares (analysis probes, verification,
+profiling, the ONNX Runtime engine).
+
+It sits below the analysis and verification layers so that they can run a model without depending on the
+engines package.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prune2deploy.errors import BadInputError
+
+__all__ = ["make_session"]
+
+
+def make_session(
+    model: Path | bytes,
+    *,
+    threads: int | None = None,
+    providers: list[str] | None = None,
+    profile: bool = False,
+):
+    """Creates an InferenceSession with full graph optimisation.
+
+    ``threads`` fixes intra-op threads so that dense and compiled models are timed alike.
+    """
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    if profile:
+        so.enable_profiling = True
+    try:
+        return ort.InferenceSession(
+            str(model) if isinstance(model, Path) else model,
+            sess_options=so,
+            providers=providers or ["CPUExecutionProvider"],
+        )
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph classes
+        where = str(model) if isinstance(model, Path) else "<in-memory model>"
+        raise BadInputError(f"ONNX Runtime cannot load {where}: {exc}") from exc
