@@ -36,9 +36,7 @@ SCHEMA_VERSION = 1
 
 @functools.lru_cache(maxsize=1)
 def _schema_text() -> str:
-    return (
-        resources.files("prune2deploy.profiling").joinpath("report.schema.json").read_text(encoding="utf-8")
-    )
+    return resources.files("prune2deploy.profiling").joinpath("report.schema.json").read_text(encoding="utf-8")
 
 
 def report_schema() -> dict[str, Any]:

@@ -77,9 +77,7 @@ def _pct_change(before: float | None, after: float | None) -> str:
 
 def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]], text_cols: Sequence[int] = (0,)) -> str:
     """An HTML table; cells are escaped unless already wrapped as ``_Raw``."""
-    head = "".join(
-        f'<th class="{"text" if i in text_cols else ""}">{_e(h)}</th>' for i, h in enumerate(headers)
-    )
+    head = "".join(f'<th class="{"text" if i in text_cols else ""}">{_e(h)}</th>' for i, h in enumerate(headers))
     body = []
     for row in rows:
         cells = []
@@ -123,9 +121,7 @@ def _plot(draw: Callable[..., bytes | None], *args: Any) -> bytes | None:
     try:
         return draw(*args)
     except ImportError:
-        log.warning(
-            "matplotlib is not installed: the HTML report has tables but no plots (pip install matplotlib)"
-        )
+        log.warning("matplotlib is not installed: the HTML report has tables but no plots (pip install matplotlib)")
         return None
 
 
@@ -166,9 +162,7 @@ def _summary(report: dict[str, Any]) -> str:
     verification = report.get("verification")
     if verification and "passed" in verification:
         kind = "exact" if verification.get("exact") else "approximate"
-        items.append(
-            f"<li>Verification ({kind}): {_verdict(verification['passed'], 'passed', 'FAILED').html}</li>"
-        )
+        items.append(f"<li>Verification ({kind}): {_verdict(verification['passed'], 'passed', 'FAILED').html}</li>")
     groups = report.get("groups")
     if groups and "total" in groups:
         blocked = len(groups.get("blocked") or [])
@@ -187,10 +181,17 @@ def _summary(report: dict[str, Any]) -> str:
     predictions = [p for p in report.get("predictions") or [] if p.get("speedup")]
     if predictions:
         best = max(predictions, key=lambda r: r["speedup"])
-        items.append(
-            f"<li>Best predicted speedup: <strong>{best['speedup']:.2f}×</strong> on {_e(best['gpu'])} "
-            f"{_e(best['precision'])} at {_e(_shape(best))}</li>"
-        )
+        worst = min(predictions, key=lambda r: r["speedup"])
+        if best["speedup"] - worst["speedup"] < 0.005:  # a tie names no GPU "best"
+            items.append(
+                f"<li>Predicted speedup: <strong>{best['speedup']:.2f}×</strong> on every GPU "
+                f"({_e(best['precision'])}, {_e(_shape(best))})</li>"
+            )
+        else:
+            items.append(
+                f"<li>Predicted speedup: <strong>{best['speedup']:.2f}×</strong> on {_e(best['gpu'])} down to "
+                f"{worst['speedup']:.2f}× on {_e(worst['gpu'])} ({_e(best['precision'])}, {_e(_shape(best))})</li>"
+            )
     return '<ul class="summary">' + "".join(items) + "</ul>"
 
 
@@ -220,9 +221,7 @@ def _passes(rows: list[dict[str, Any]]) -> str | None:
 def _groups(groups: dict[str, Any] | None) -> str | None:
     if not groups:
         return None
-    parts = [
-        f"<p>{_num(groups.get('prunable'))} of {_num(groups.get('total'))} channel groups are prunable.</p>"
-    ]
+    parts = [f"<p>{_num(groups.get('prunable'))} of {_num(groups.get('total'))} channel groups are prunable.</p>"]
     blocked = groups.get("blocked") or []
     if blocked:
         parts.append("<p>Groups left unpruned because an op's channel semantics could not be proven:</p>")
@@ -258,9 +257,7 @@ def _verification(verification: dict[str, Any] | None) -> str | None:
         extra = sorted({k for v in outputs.values() for k in v} - {"max_abs", "max_rel", "scale"})
         columns = ["max_abs", "max_rel", "scale", *extra]
         parts.append(
-            _table(
-                ["output", *columns], ([name, *(v.get(c) for c in columns)] for name, v in outputs.items())
-            )
+            _table(["output", *columns], ([name, *(v.get(c) for c in columns)] for name, v in outputs.items()))
         )
     return "".join(parts)
 
@@ -363,10 +360,23 @@ def _predictions(rows: list[dict[str, Any]]) -> str | None:
         _plot(predictions_png, rows),
         "plot-predictions",
         "Horizontal bar chart of predicted latency per target GPU, reference versus compiled",
-        "Roofline-predicted latency per target GPU; diamonds mark measurements where a device was present",
+        "Predicted latency per target GPU (engine-aware cost model; ideal roofline in the table); "
+        "diamonds mark measurements where a device was present",
     )
     table = _table(
-        ["GPU", "precision", "batch", "seq", "reference ms", "compiled ms", "speedup ×", "measured ms"],
+        [
+            "GPU",
+            "precision",
+            "batch",
+            "seq",
+            "reference ms",
+            "compiled ms",
+            "speedup ×",
+            "ideal ms",
+            "bound",
+            "bound by layer type",
+            "measured ms",
+        ],
         (
             [
                 r["gpu"],
@@ -376,11 +386,14 @@ def _predictions(rows: list[dict[str, Any]]) -> str | None:
                 r.get("reference_ms"),
                 r["compiled_ms"],
                 r.get("speedup"),
+                r.get("lower_bound_ms"),
+                r.get("binding"),
+                ", ".join(f"{g}: {b}" for g, b in (r.get("binding_by_group") or {}).items()),
                 r.get("measured_ms"),
             ]
             for r in rows
         ),
-        text_cols=(0, 1),
+        text_cols=(0, 1, 8, 9),
     )
     return figure + table
 
@@ -472,7 +485,5 @@ def render_html(report: dict[str, Any]) -> str:
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{_e(title)}</title><style>{_STYLE}</style></head>\n"
         f"<body><main><h1>prune2deploy report</h1>"
-        f'<p class="muted">{_e(source.get("path", ""))}</p>\n'
-        + "\n".join(sections)
-        + "\n</main></body></html>\n"
+        f'<p class="muted">{_e(source.get("path", ""))}</p>\n' + "\n".join(sections) + "\n</main></body></html>\n"
     )

@@ -59,9 +59,7 @@ def _grouped_bars(axes, labels: Sequence[str], series: Sequence[tuple[str, Seque
     for index, (name, values, color) in enumerate(series):
         heights = np.asarray(values, dtype=float)
         axes.bar(x + (index - (len(series) - 1) / 2) * width, heights, width, label=name, color=color)
-    axes.set_xticks(
-        x, labels, rotation=30 if len(labels) > 6 else 0, ha="right" if len(labels) > 6 else "center"
-    )
+    axes.set_xticks(x, labels, rotation=30 if len(labels) > 6 else 0, ha="right" if len(labels) > 6 else "center")
     _legend_outside(axes)
     axes.grid(axis="y", alpha=0.3)
 

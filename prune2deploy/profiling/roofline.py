@@ -81,6 +81,7 @@ class GPUSpec:
     sources: dict[str, str]
     aliases: tuple[str, ...] = ()
     checked: tuple[str, ...] = ()
+    sm_count: int = 0  # streaming multiprocessors (0: unknown); the cost model's wave quantization needs it
 
     def supports(self, precision: str) -> bool:
         """Whether a prediction at ``precision`` is possible (fp32 always runs on CUDA cores)."""
@@ -159,9 +160,7 @@ def _fail(where: str, key: str, field_name: str, problem: str) -> ConfigError:
 
 
 def _positive(value: Any) -> bool:
-    return (
-        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-    )
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 def _parse_gpu(key: str, entry: Any, where: str) -> GPUSpec:
@@ -204,15 +203,18 @@ def _parse_gpu(key: str, entry: Any, where: str) -> GPUSpec:
         raise _fail(where, key, "sources", "missing: every figure needs its source (document name and URL)")
     for name in _SOURCED:
         if not isinstance(sources.get(name), str) or not sources[name].strip():
-            raise _fail(
-                where, key, f"sources.{name}", "missing: say which NVIDIA document the figure is from"
-            )
+            raise _fail(where, key, f"sources.{name}", "missing: say which NVIDIA document the figure is from")
     aliases = entry.get("aliases", [])
     checked = entry.get("checked", [])
     if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
         raise _fail(where, key, "aliases", "must be a list of strings")
     if not isinstance(checked, list) or not all(c in _SOURCED for c in checked):
         raise _fail(where, key, "checked", f"must list fields among {_SOURCED}")
+    sm_count = entry.get("sm_count", 0)
+    if not isinstance(sm_count, int) or isinstance(sm_count, bool) or sm_count < 0:
+        raise _fail(where, key, "sm_count", f"must be a non-negative integer, got {sm_count!r}")
+    if sm_count and not (isinstance(sources.get("sm_count"), str) and sources["sm_count"].strip()):
+        raise _fail(where, key, "sources.sm_count", "missing: say which NVIDIA document the SM count is from")
     return GPUSpec(
         key=key,
         name=entry["name"],
@@ -227,6 +229,7 @@ def _parse_gpu(key: str, entry: Any, where: str) -> GPUSpec:
         sources=dict(sources),
         aliases=tuple(aliases),
         checked=tuple(checked),
+        sm_count=sm_count,
     )
 
 
@@ -439,14 +442,10 @@ def predict_table(
     catalog = catalog if catalog is not None else load_catalog()
     precisions = [precision] if isinstance(precision, str) else list(precision)
     ref_cost = (
-        reference
-        if isinstance(reference, ModelCost)
-        else model_cost(reference, shapes=shapes, batch=batch, seq=seq)
+        reference if isinstance(reference, ModelCost) else model_cost(reference, shapes=shapes, batch=batch, seq=seq)
     )
     new_cost = (
-        compiled
-        if isinstance(compiled, ModelCost)
-        else model_cost(compiled, shapes=shapes, batch=batch, seq=seq)
+        compiled if isinstance(compiled, ModelCost) else model_cost(compiled, shapes=shapes, batch=batch, seq=seq)
     )
     rows = []
     options = {"launch_overhead_us": launch_overhead_us, "efficiency": efficiency, "catalog": catalog}
