@@ -383,38 +383,81 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from prune2deploy import api
 
     rows = api.predict(
-        args.model, against=args.against, gpus=args.gpu, precision=args.precision, batch=args.batch[0], seq=args.seq[0]
+        args.model,
+        against=args.against,
+        gpus=args.gpu,
+        precision=args.precision,
+        batch=args.batch[0],
+        seq=args.seq[0],
+        engine=args.engine,
+        decode=args.decode,
+        past=args.past,
+        plan=args.plan,
     )
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0
-    if args.against:
-        table = [
-            [
-                r["gpu"],
-                r["precision"],
-                f"{r['reference_ms']:.3f}",
-                f"{r['compiled_ms']:.3f}",
-                f"{r['speedup']:.2f}x",
-                r["compiled_bound"],
-            ]
-            for r in rows
-        ]
-        print(_table(table, ["gpu", "precision", "reference ms", "compiled ms", "speedup", "bound"]))
-    else:
+    if rows and "mode" in rows[0]:  # shape-only
+        first = rows[0]
+        where = (
+            f"decode step after {first['past']} tokens" if first["mode"] == "decode" else f"prefill of {first['seq']}"
+        )
+        print(f"{first['params'] / 1e9:.2f}B parameters, batch {first['batch']}, {where}, {first['engine']}")
         table = [
             [
                 r["gpu"],
                 r["precision"],
                 f"{r['latency_ms']:.3f}",
-                f"{r['compute_ms']:.3f}",
-                f"{r['memory_ms']:.3f}",
-                r["bound"],
+                f"{r['lower_bound_ms']:.3f}",
+                "" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.0f}",
+                r["binding"],
+                ", ".join(f"{g}: {b}" for g, b in r["binding_by_group"].items() if g in ("attention", "mlp", "conv")),
+                "" if r.get("compute_bound_batch") is None else str(r.get("compute_bound_batch")),
             ]
             for r in rows
         ]
-        print(_table(table, ["gpu", "precision", "latency ms", "compute ms", "memory ms", "bound"]))
-    print("predicted by roofline (ideal: peak datasheet rates, no launch overhead); see gpus.toml for sources")
+        heads = [
+            "gpu",
+            "precision",
+            "predicted ms",
+            "ideal ms",
+            "tokens/s",
+            "bound",
+            "by layer type",
+            "compute-bound at",
+        ]
+        print(_table(table, heads))
+    elif args.against:
+        table = [
+            [
+                r["gpu"],
+                r["precision"],
+                f"{r['reference_predicted_ms']:.3f}",
+                f"{r['predicted_ms']:.3f}",
+                f"{r['predicted_speedup']:.2f}x",
+                f"{r['speedup']:.2f}x",
+                r["binding"],
+            ]
+            for r in rows
+        ]
+        print(_table(table, ["gpu", "precision", "reference ms", "compiled ms", "speedup", "ideal speedup", "bound"]))
+    else:
+        table = [
+            [
+                r["gpu"],
+                r["precision"],
+                f"{r['predicted_ms']:.3f}",
+                f"{r['lower_bound_ms']:.3f}",
+                f"{r['latency_ms']:.3f}",
+                r["binding"],
+            ]
+            for r in rows
+        ]
+        print(_table(table, ["gpu", "precision", "predicted ms", "ideal ms", "unfused roofline ms", "bound"]))
+    print(
+        f"predicted by the {args.engine} cost model (docs/cost-model.md); ideal = roofline lower bound; "
+        "gpus.toml for sources"
+    )
     return 0
 
 
@@ -529,13 +572,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_profile)
 
-    r = sub.add_parser("predict", help="roofline latency per target GPU")
-    r.add_argument("model", type=Path)
+    r = sub.add_parser("predict", help="predicted latency per target GPU (engine-aware cost model + roofline bound)")
+    r.add_argument("model", type=Path, help="ONNX file, or an HF config.json / folder for shape-only prediction")
     r.add_argument("--against", type=Path, help="reference ONNX for a side-by-side speedup")
     r.add_argument("--gpu", nargs="+", help="GPU names (default: whole catalog)")
     r.add_argument("--precision", default="fp16", choices=["fp32", "tf32", "fp16", "bf16", "fp8", "int8"])
+    r.add_argument("--engine", default="tensorrt", choices=["tensorrt", "onnxruntime", "torch", "llama.cpp"])
     r.add_argument("--batch", type=int, nargs=1, default=[1])
     r.add_argument("--seq", type=int, nargs=1, default=[128])
+    r.add_argument("--decode", action="store_true", help="one decode step (decoders) instead of a prefill")
+    r.add_argument("--past", type=int, default=0, help="tokens already in the KV cache for --decode")
+    r.add_argument("--plan", type=Path, help="pruning plan YAML: per-layer widths for shape-only prediction")
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=cmd_predict)
 

@@ -13,6 +13,7 @@ from prune2deploy.driver.source import Source, input_record
 from prune2deploy.io import atomic_write_json, sha256_file
 
 __all__ = [
+    "costmodel_engine",
     "groups_summary",
     "model_summary",
     "predictions",
@@ -95,10 +96,13 @@ def profile_section(reference_bytes: bytes, model_path: Path, options: Any, idea
 
 
 def predictions(ref_cost: Any, new_cost: Any, options: Any) -> list[dict[str, Any]]:
-    """Roofline predictions per target GPU, reference vs compiled."""
-    from prune2deploy.profiling.roofline import predict_table
+    """Per-GPU predictions of the reference and the compiled model: the engine-aware cost model, with the
+    ideal roofline as ``lower_bound_ms`` and the binding resource per layer type."""
+    from prune2deploy.profiling.costmodel import kernels_from_cost, price
+    from prune2deploy.profiling.roofline import load_catalog, predict_table, resolve_gpus
 
     precision = options.precision if options.precision != "fp32" else "fp16"
+    engine = costmodel_engine(getattr(options, "engine", "tensorrt"))
     rows = predict_table(
         ref_cost,
         new_cost,
@@ -107,16 +111,37 @@ def predictions(ref_cost: Any, new_cost: Any, options: Any) -> list[dict[str, An
         batch=new_cost.batch or 1,
         seq=new_cost.seq or 128,
     )
-    return [
-        {
-            "gpu": r.gpu,
-            "precision": r.precision,
-            "batch": r.batch,
-            "seq": r.seq,
-            "reference_ms": r.reference_ms,
-            "compiled_ms": r.compiled_ms,
-            "speedup": r.speedup,
-            "measured_ms": None,
-        }
-        for r in rows
-    ]
+    catalog = load_catalog()
+    specs = {s.key: s for s in resolve_gpus([r.gpu for r in rows], catalog)}
+    ref_kernels = kernels_from_cost(ref_cost, precision=precision, engine=engine)
+    new_kernels = kernels_from_cost(new_cost, precision=precision, engine=engine)
+    out = []
+    for r in rows:
+        before = price(ref_kernels, specs[r.gpu], precision=precision, engine=engine)
+        after = price(new_kernels, specs[r.gpu], precision=precision, engine=engine)
+        out.append(
+            {
+                "gpu": r.gpu,
+                "precision": r.precision,
+                "engine": engine,
+                "batch": r.batch,
+                "seq": r.seq,
+                "reference_ms": before.latency_ms,
+                "compiled_ms": after.latency_ms,
+                "speedup": before.latency_ms / after.latency_ms if after.latency_ms else r.speedup,
+                "lower_bound_ms": r.compiled_ms,
+                "reference_lower_bound_ms": r.reference_ms,
+                "ideal_speedup": r.speedup,
+                "binding": after.binding,
+                "binding_by_group": after.binding_by_group,
+                "measured_ms": None,
+            }
+        )
+    return out
+
+
+def costmodel_engine(engine: str | None) -> str:
+    """The cost model's engine profile for a compile engine name."""
+    if engine in ("tensorrt", "tensorrt-rtx", None):
+        return "tensorrt"
+    return "torch" if engine == "torch" else "onnxruntime"

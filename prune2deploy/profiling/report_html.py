@@ -129,7 +129,6 @@ def _json_block(value: Any) -> str:
     return f"<pre>{_e(json.dumps(value, indent=2, sort_keys=True, default=str))}</pre>"
 
 
-
 def _summary(report: dict[str, Any]) -> str:
     items = []
     source = report.get("input", {})
@@ -176,10 +175,17 @@ def _summary(report: dict[str, Any]) -> str:
     predictions = [p for p in report.get("predictions") or [] if p.get("speedup")]
     if predictions:
         best = max(predictions, key=lambda r: r["speedup"])
-        items.append(
-            f"<li>Best predicted speedup: <strong>{best['speedup']:.2f}×</strong> on {_e(best['gpu'])} "
-            f"{_e(best['precision'])} at {_e(_shape(best))}</li>"
-        )
+        worst = min(predictions, key=lambda r: r["speedup"])
+        if best["speedup"] - worst["speedup"] < 0.005:  # a tie names no GPU "best"
+            items.append(
+                f"<li>Predicted speedup: <strong>{best['speedup']:.2f}×</strong> on every GPU "
+                f"({_e(best['precision'])}, {_e(_shape(best))})</li>"
+            )
+        else:
+            items.append(
+                f"<li>Predicted speedup: <strong>{best['speedup']:.2f}×</strong> on {_e(best['gpu'])} down to "
+                f"{worst['speedup']:.2f}× on {_e(worst['gpu'])} ({_e(best['precision'])}, {_e(_shape(best))})</li>"
+            )
     return '<ul class="summary">' + "".join(items) + "</ul>"
 
 
@@ -364,10 +370,23 @@ def _predictions(rows: list[dict[str, Any]]) -> str | None:
         _plot(predictions_png, rows),
         "plot-predictions",
         "Horizontal bar chart of predicted latency per target GPU, reference versus compiled",
-        "Roofline-predicted latency per target GPU; diamonds mark measurements where a device was present",
+        "Predicted latency per target GPU (engine-aware cost model; ideal roofline in the table); "
+        "diamonds mark measurements where a device was present",
     )
     table = _table(
-        ["GPU", "precision", "batch", "seq", "reference ms", "compiled ms", "speedup ×", "measured ms"],
+        [
+            "GPU",
+            "precision",
+            "batch",
+            "seq",
+            "reference ms",
+            "compiled ms",
+            "speedup ×",
+            "ideal ms",
+            "bound",
+            "bound by layer type",
+            "measured ms",
+        ],
         (
             [
                 r["gpu"],
@@ -377,11 +396,14 @@ def _predictions(rows: list[dict[str, Any]]) -> str | None:
                 r.get("reference_ms"),
                 r["compiled_ms"],
                 r.get("speedup"),
+                r.get("lower_bound_ms"),
+                r.get("binding"),
+                ", ".join(f"{g}: {b}" for g, b in (r.get("binding_by_group") or {}).items()),
                 r.get("measured_ms"),
             ]
             for r in rows
         ),
-        text_cols=(0, 1),
+        text_cols=(0, 1, 8, 9),
     )
     return figure + table
 

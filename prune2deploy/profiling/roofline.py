@@ -81,6 +81,7 @@ class GPUSpec:
     sources: dict[str, str]
     aliases: tuple[str, ...] = ()
     checked: tuple[str, ...] = ()
+    sm_count: int = 0  # streaming multiprocessors (0: unknown); the cost model's wave quantization needs it
 
     def supports(self, precision: str) -> bool:
         """Whether a prediction at ``precision`` is possible (fp32 always runs on CUDA cores)."""
@@ -209,6 +210,11 @@ def _parse_gpu(key: str, entry: Any, where: str) -> GPUSpec:
         raise _fail(where, key, "aliases", "must be a list of strings")
     if not isinstance(checked, list) or not all(c in _SOURCED for c in checked):
         raise _fail(where, key, "checked", f"must list fields among {_SOURCED}")
+    sm_count = entry.get("sm_count", 0)
+    if not isinstance(sm_count, int) or isinstance(sm_count, bool) or sm_count < 0:
+        raise _fail(where, key, "sm_count", f"must be a non-negative integer, got {sm_count!r}")
+    if sm_count and not (isinstance(sources.get("sm_count"), str) and sources["sm_count"].strip()):
+        raise _fail(where, key, "sources.sm_count", "missing: say which NVIDIA document the SM count is from")
     return GPUSpec(
         key=key,
         name=entry["name"],
@@ -223,6 +229,7 @@ def _parse_gpu(key: str, entry: Any, where: str) -> GPUSpec:
         sources=dict(sources),
         aliases=tuple(aliases),
         checked=tuple(checked),
+        sm_count=sm_count,
     )
 
 

@@ -1,0 +1,55 @@
+"""Issue-17 benchmark: the cost model's predictions against published measurements.
+
+For every figure of prune2deploy/profiling/published.json (TensorRT-LLM, TensorRT demoBERT, llama.cpp and
+MLPerf Inference results, each with its source), prints the published and predicted milliseconds per step,
+the ideal roofline (lower bound), the signed error, the median absolute error and, per workload setting
+measured on several GPUs, whether the predicted GPU order is the published one. No GPU, no weights.
+
+    python benchmarks/bench_published.py [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+
+    from prune2deploy.profiling.validation import compare_published, orderings, summary
+
+    rows = compare_published()
+    result = summary(rows)
+    if args.json:
+        print(json.dumps({"rows": [r.as_dict() for r in rows], "orderings": orderings(rows), **result}, indent=2))
+        return 0
+    header = f"{'figure':<50} {'gpu':<21} {'published ms':>12} {'predicted':>10} {'ideal':>9} {'error':>7}  bound"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(
+            f"{r.id:<50} {r.gpu:<21} {r.published_ms:>12.4g} {r.predicted_ms:>10.4g} {r.lower_bound_ms:>9.3g} "
+            f"{100 * r.error:>+6.0f}%  {r.binding}"
+        )
+    print()
+    for o in orderings(rows):
+        workload, model, precision, batch, seq, sparse = o["setting"]
+        name = f"{workload} {model} {precision}{' 2:4' if sparse else ''} b{batch} s{seq}"
+        verdict = "holds" if o["holds"] else f"DIFFERS (predicted {' < '.join(o['predicted'])})"
+        print(f"order {name:<44} published {' < '.join(o['published'])}: {verdict}")
+    print()
+    print(
+        f"{result['figures']} figures, {len(result['gpus'])} GPU types, {len(result['workloads'])} workloads; "
+        f"median |error| {100 * result['median_abs_error']:.1f}% "
+        f"({', '.join(f'{w} {100 * e:.0f}%' for w, e in result['median_abs_error_by_workload'].items())}); "
+        f"GPU order held in {result['orderings_held']} of {result['orderings']} settings"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,427 @@
+"""A fusion-aware latency model per target engine, next to the ideal roofline it never beats.
+
+The ideal roofline (:mod:`prune2deploy.profiling.roofline`) prices every ONNX node as its own kernel at peak
+rates. Real engines fuse: pointwise ops ride in GEMM epilogues, attention is one kernel whose traffic is Q,
+K, V, O and the KV cache (never the score matrix), and small-M GEMMs cannot fill the GPU. This module turns
+a workload into *kernels* as an engine would launch them and prices each one:
+
+``time = max(flops / (peak · gemm_efficiency · wave_utilisation), bytes / (bandwidth · bw_efficiency))
++ launch``
+
+Every factor has a source in :data:`FACTORS` (and docs/cost-model.md). Two sources of kernels:
+
+- :func:`kernels_from_cost`: an exported graph's per-node costs (:class:`~prune2deploy.analysis.cost.ModelCost`),
+  grouped by the engine's fusion rules.
+- :mod:`prune2deploy.profiling.shape_only`: a config's shapes (no weights, no export).
+
+The binding resource of each kernel is whichever of compute, memory or launch takes longest; the report
+shows it per layer type.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from prune2deploy.errors import ConfigError
+from prune2deploy.profiling.roofline import PRECISIONS, GPUSpec
+
+__all__ = [
+    "ENGINES",
+    "FACTORS",
+    "CostPrediction",
+    "EngineProfile",
+    "Kernel",
+    "compute_bound_batch",
+    "gemm_utilisation",
+    "kernels_from_cost",
+    "price",
+    "sparse_gain",
+]
+
+# Each factor of the model, its value and where it comes from. docs/cost-model.md explains each one.
+FACTORS: dict[str, dict[str, Any]] = {
+    "gemm_efficiency": {
+        "value": {"fp32": 0.7, "tf32": 0.7, "fp16": 0.75, "bf16": 0.75, "fp8": 0.55, "int8": 0.6},
+        "source": "cuBLAS 4096^3 on H100 SXM: 760 TFLOP/s fp16, 797 bf16 of 989 (0.77-0.81), "
+        "https://github.com/zzc0721/torch-performance-test-data/issues/79; fp8/int8 lower (quantised epilogues, "
+        "less mature kernels): fit to TensorRT-LLM v0.5 prefill (H100/L40S fp8) and demoBERT int8 "
+        "(A100), see prune2deploy/profiling/published.json",
+    },
+    "conv_efficiency": {
+        "value": 0.45,
+        "source": "fit to MLPerf Inference ResNet-50 Offline (int8, TensorRT): A100 PCIe, A30, L4 and T4 all "
+        "reach 38-45% of the int8 tensor peak; see published.json",
+    },
+    "attention_efficiency": {
+        "value": 0.5,
+        "source": "FlashAttention-2 reaches 50-73% of the A100 fp16 peak forward (Dao 2023, "
+        "https://arxiv.org/abs/2307.08691); the lower end is used for short sequences",
+    },
+    "bandwidth_efficiency": {
+        "value": 0.85,
+        "source": "streaming kernels reach ~85-92% of datasheet DRAM bandwidth on A100/H100 (NVIDIA nvbandwidth "
+        "and STREAM-like measurements); 0.85 also matches llama.cpp F16 decode on RTX 4090 (published.json)",
+    },
+    "tile": {
+        "value": 128,
+        "source": "CUTLASS/cuBLAS tensor-core GEMMs use 128x128 (or 128x256) CTA tiles; wave quantisation "
+        "follows NVIDIA's 'Matrix Multiplication Background User's Guide', "
+        "https://docs.nvidia.com/deeplearning/performance/dl-performance-matrix-multiplication/",
+    },
+    "split_k": {
+        "value": 256,
+        "source": "cuBLAS splits K (split-K / stream-K) when M x N tiles cannot fill the SMs; one split per "
+        "256 of K at most (CUTLASS split-K examples)",
+    },
+    "sparse_gain": {
+        "value": {"small_m": 64, "large_m": 16384, "max_gain": 1.3},
+        "source": "TensorRT demoBERT on A100, Megatron-Large 2:4 INT8 vs BERT-Large INT8: 1.25 -> 1.14 ms at "
+        "batch 1 seq 128 (1.10x), 89.04 -> 68.61 ms at batch 128 seq 384 (1.30x), "
+        "https://github.com/NVIDIA/TensorRT/tree/release/8.6/demo/BERT; NVIDIA's 2:4 blog quotes 1.3-1.5x on "
+        "large GEMMs. At M <= 64 the engines pick the dense tactic (no gain, no loss)",
+    },
+    "launch_us": {
+        "value": {"tensorrt": 4.0, "onnxruntime": 5.0, "torch": 8.0, "llama.cpp": 5.0},
+        "source": "CUDA kernel launch ~2-5 us (NVIDIA 'Getting Started with CUDA Graphs', "
+        "https://developer.nvidia.com/blog/cuda-graphs/); CUDA graphs / TensorRT enqueue still leave a few us of "
+        "gap and ramp per kernel (TensorRT's 4 us is fit to the batch-1 figures of published.json: BERT-Large, "
+        "ResNet-50); eager PyTorch dispatch costs ~5-10 us of CPU per op, which bounds small-batch latency",
+    },
+}
+
+
+@dataclass(frozen=True)
+class EngineProfile:
+    """What one engine fuses and how much a kernel launch costs there.
+
+    Attributes:
+        fuse_pointwise: Elementwise ops, casts, transposes ride in a neighbouring kernel (GEMM epilogue,
+            norm prologue) and cost nothing of their own.
+        fuse_norms: A decomposed norm (ReduceMean, Pow, Sqrt, Div, Mul …) is one kernel (one read, one write).
+        fused_attention: QKᵀ, softmax and PV are one kernel (FlashAttention / FMHA / SDPA).
+        launch_us: Per-kernel cost not hidden behind the previous kernel.
+    """
+
+    name: str
+    fuse_pointwise: bool
+    fuse_norms: bool
+    fused_attention: bool
+    launch_us: float
+
+
+ENGINES: dict[str, EngineProfile] = {
+    # TensorRT / TensorRT-LLM: pointwise fusion into GEMM epilogues, norm plugins, FMHA / XQA attention.
+    "tensorrt": EngineProfile("tensorrt", True, True, True, FACTORS["launch_us"]["value"]["tensorrt"]),
+    # ONNX Runtime CUDA after its transformer fusions (SkipLayerNorm, BiasGelu, MHA/GQA with rotary);
+    # the remaining pointwise ops (SwiGLU's SiLU and Mul, casts) are kernels of their own.
+    "onnxruntime": EngineProfile("onnxruntime", False, True, True, FACTORS["launch_us"]["value"]["onnxruntime"]),
+    # Eager PyTorch: SDPA is fused, nothing else is.
+    "torch": EngineProfile("torch", False, False, True, FACTORS["launch_us"]["value"]["torch"]),
+    # llama.cpp's CUDA backend (2024): one kernel per ggml op, C++ launches, no CUDA graphs yet.
+    "llama.cpp": EngineProfile("llama.cpp", False, False, True, FACTORS["launch_us"]["value"]["llama.cpp"]),
+}
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One launched kernel, after fusion.
+
+    ``kind`` is ``gemm``, ``conv``, ``attention``, ``norm``, ``pointwise``, ``data`` or ``other``;
+    ``m``, ``n``, ``k`` are the GEMM's (M = tokens or output pixels); ``bytes`` are at the precision priced.
+    ``group`` is the layer type the report sums under (``attention``, ``mlp``, ``norm``, ``embedding``,
+    ``lm_head``, ``conv`` …).
+    """
+
+    name: str
+    kind: str
+    group: str
+    flops: float
+    bytes: float
+    m: int = 0
+    n: int = 0
+    k: int = 0
+    sparse: bool = False
+    weight_bytes: float = 0.0
+
+
+@dataclass(frozen=True)
+class KernelTime:
+    name: str
+    kind: str
+    group: str
+    ms: float
+    compute_ms: float
+    memory_ms: float
+    launch_ms: float
+    binding: str
+
+
+@dataclass
+class CostPrediction:
+    """Latency of one workload on one GPU with one engine, with the ideal roofline as a lower bound."""
+
+    gpu: str
+    engine: str
+    precision: str
+    latency_ms: float
+    lower_bound_ms: float
+    compute_ms: float
+    memory_ms: float
+    launch_ms: float
+    kernels: int
+    binding: str
+    binding_by_group: dict[str, str]
+    ms_by_group: dict[str, float]
+    sparse_used: bool = False
+    detail: list[KernelTime] = field(default_factory=list)
+
+    def as_dict(self, *, detail: bool = False) -> dict[str, Any]:
+        out = asdict(self)
+        if not detail:
+            out.pop("detail")
+        return out
+
+
+def _engine(name: str) -> EngineProfile:
+    try:
+        return ENGINES[name]
+    except KeyError:
+        raise ConfigError(f"unknown engine '{name}'; the cost model knows {', '.join(ENGINES)}") from None
+
+
+def gemm_utilisation(m: int, n: int, k: int, sm_count: int, *, tile: int | None = None) -> float:
+    """Share of the SMs a GEMM keeps busy: tiles of ``tile``² (split along K when too few), in whole waves.
+
+    A decode GEMM (M = batch) has ceil(N/128) tiles; split-K multiplies them until the SMs are covered or K
+    runs out; the last wave is partly idle. Returns 1.0 without an SM count.
+    """
+    if sm_count <= 0 or m <= 0 or n <= 0:
+        return 1.0
+    tile = tile or FACTORS["tile"]["value"]
+    tiles = math.ceil(m / tile) * math.ceil(n / tile)
+    split = max(1, min(math.ceil(sm_count / tiles), max(1, k // FACTORS["split_k"]["value"])))
+    work = tiles * split
+    waves = math.ceil(work / sm_count)
+    # A tile with M < 128 still costs a whole tile's tensor-core time: small M wastes the rows it lacks.
+    row_use = min(1.0, m / tile) if tiles * split <= sm_count else 1.0
+    return work / (waves * sm_count) * row_use
+
+
+def sparse_gain(m: int) -> float:
+    """Measured 2:4 speedup of a GEMM's math at M rows: 1.0 up to M = 64, log-linear to 1.3 at M = 16384."""
+    spec = FACTORS["sparse_gain"]["value"]
+    if m <= spec["small_m"]:
+        return 1.0
+    t = min(1.0, math.log2(m / spec["small_m"]) / math.log2(spec["large_m"] / spec["small_m"]))
+    return 1.0 + (spec["max_gain"] - 1.0) * t
+
+
+def _peaks(gpu: GPUSpec, precision: str) -> tuple[float, float]:
+    """(GEMM peak, attention peak) in FLOP/s. Attention runs at fp16 when GEMMs are fp8/int8 (FMHA inputs)."""
+    gemm = gpu.gemm_peak(precision)
+    attn_prec = precision if precision in ("fp32", "tf32", "fp16", "bf16") else "fp16"
+    attn = gpu.gemm_peak(attn_prec) if gpu.supports(attn_prec) else gemm
+    return gemm, attn
+
+
+def price(
+    kernels: Iterable[Kernel],
+    gpu: GPUSpec,
+    *,
+    precision: str = "fp16",
+    engine: str = "tensorrt",
+    detail: bool = False,
+) -> CostPrediction:
+    """Latency of ``kernels`` on ``gpu`` with ``engine``'s launch cost; see the module docstring.
+
+    ``lower_bound_ms`` is the ideal roofline of the same kernels (peak rates, perfect overlap, no launch):
+    the prediction never goes below it.
+    """
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision '{precision}'; use one of {', '.join(PRECISIONS)}")
+    profile = _engine(engine)
+    gemm_peak, attn_peak = _peaks(gpu, precision)
+    vector_peak = gpu.cuda_fp32_tflops * 1e12
+    bandwidth = gpu.memory_bandwidth_gbs * 1e9
+    bw_eff = FACTORS["bandwidth_efficiency"]["value"]
+    gemm_eff = FACTORS["gemm_efficiency"]["value"][precision]
+    conv_eff = FACTORS["conv_efficiency"]["value"]
+    attn_eff = FACTORS["attention_efficiency"]["value"]
+    launch_s = profile.launch_us * 1e-6
+    use_sparse = gpu.has_sparse(precision)
+    times: list[KernelTime] = []
+    lower = 0.0
+    sparse_used = False
+    for kern in kernels:
+        if kern.kind in ("gemm", "conv"):
+            util = gemm_utilisation(kern.m, kern.n, kern.k, gpu.sm_count)
+            eff = conv_eff if kern.kind == "conv" else gemm_eff
+            rate = gemm_peak * eff * util
+            ideal_rate = gemm_peak
+            if kern.sparse and use_sparse:
+                gain = sparse_gain(kern.m)
+                sparse_used |= gain > 1.0
+                rate *= gain
+                ideal_rate = gpu.gemm_peak(precision, sparse=True)
+        elif kern.kind == "attention":
+            rate, ideal_rate = attn_peak * attn_eff, attn_peak
+        else:
+            rate, ideal_rate = vector_peak * 0.5, vector_peak
+        compute = kern.flops / rate if kern.flops else 0.0
+        memory = kern.bytes / (bandwidth * bw_eff)
+        lower += max(kern.flops / ideal_rate if kern.flops else 0.0, kern.bytes / bandwidth)
+        body = max(compute, memory)
+        binding = "launch" if launch_s > body else ("compute" if compute > memory else "memory")
+        times.append(
+            KernelTime(
+                kern.name, kern.kind, kern.group, (body + launch_s) * 1e3, compute * 1e3, memory * 1e3,
+                launch_s * 1e3, binding,
+            )
+        )  # fmt: skip
+    by_group: dict[str, dict[str, float]] = {}
+    for t in times:
+        acc = by_group.setdefault(t.group, {"ms": 0.0, "compute": 0.0, "memory": 0.0, "launch": 0.0})
+        acc["ms"] += t.ms
+        acc[t.binding] += t.ms
+    binding_by_group = {g: max(("compute", "memory", "launch"), key=lambda b: v[b]) for g, v in by_group.items()}
+    totals = {"compute": 0.0, "memory": 0.0, "launch": 0.0}
+    for t in times:
+        totals[t.binding] += t.ms
+    latency = sum(t.ms for t in times)
+    return CostPrediction(
+        gpu=gpu.key,
+        engine=profile.name,
+        precision=precision,
+        latency_ms=max(latency, lower * 1e3),
+        lower_bound_ms=lower * 1e3,
+        compute_ms=sum(t.compute_ms for t in times),
+        memory_ms=sum(t.memory_ms for t in times),
+        launch_ms=sum(t.launch_ms for t in times),
+        kernels=len(times),
+        binding=max(totals, key=totals.get) if times else "memory",
+        binding_by_group=binding_by_group,
+        ms_by_group={g: v["ms"] for g, v in by_group.items()},
+        sparse_used=sparse_used,
+        detail=times if detail else [],
+    )
+
+
+def compute_bound_batch(
+    build: Any, gpu: GPUSpec, *, precision: str = "fp16", engine: str = "tensorrt", limit: int = 8192
+) -> int | None:
+    """Smallest batch at which the decode step's GEMMs turn compute-bound on ``gpu`` (``None``: not by ``limit``).
+
+    ``build(batch)`` returns the step's kernels. Searched over powers of two, then bisected.
+    """
+
+    def compute_bound(batch: int) -> bool:
+        pred = price([k for k in build(batch) if k.kind == "gemm"], gpu, precision=precision, engine=engine)
+        return pred.compute_ms > pred.memory_ms
+
+    batch = 1
+    while not compute_bound(batch):
+        batch *= 2
+        if batch > limit:
+            return None
+    low, high = batch // 2, batch
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if compute_bound(mid) else (mid, high)
+    return high if low < 1 or not compute_bound(low) else low
+
+
+# -- from an exported graph's per-node costs ---------------------------------------------------------------
+
+_ATTENTION_OPS = frozenset({"Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention"})
+
+
+def _group_of(layer: str, op_kind: str) -> str:
+    name = layer.lower()
+    if op_kind == "attention" or "attn" in name or "attention" in name:
+        return "attention"
+    if "mlp" in name or "ffn" in name or "feed_forward" in name or "intermediate" in name:
+        return "mlp"
+    if "embed" in name:
+        return "embedding"
+    if "lm_head" in name or "classifier" in name:
+        return "lm_head"
+    return op_kind
+
+
+def _float_scale(node: Any, itemsize: float) -> float:
+    """Bytes at ``itemsize`` per byte at the model's float dtype (1 when the node moves no floats)."""
+    if not node.float_elements or not node.float_bytes:
+        return 1.0
+    return itemsize / (node.float_bytes / node.float_elements)
+
+
+def kernels_from_cost(cost: Any, *, precision: str = "fp16", engine: str = "tensorrt") -> list[Kernel]:
+    """Kernels an engine launches for an exported graph, from its per-node costs.
+
+    Fusion rules (see :class:`EngineProfile`): weight GEMMs and convs are kernels (M = FLOPs / 2·weights,
+    N ≈ K ≈ √weights, since per-node costs keep no axes); pairs of activation×activation MatMuls in a layer
+    are one attention kernel (traffic: Q, K, V, O; the score matrix and the softmax between them stay on
+    chip); Gathers from an embedding read only the rows they gather; pointwise and data ops are free when the
+    engine fuses them; a ReduceMean (decomposed norm) is one norm kernel when the engine fuses norms.
+    """
+    itemsize = PRECISIONS[precision]
+    profile = _engine(engine)
+    nodes = [n for n in cost.nodes if n.is_kernel]
+    kernels: list[Kernel] = []
+    open_attention: dict[str, Any] = {}
+    for node in nodes:
+        moved = node.bytes_at(itemsize)
+        weights = node.weight_float_elements
+        if node.kind in ("matmul", "conv") and weights:
+            m = max(1, round(node.flops / (2 * weights))) if node.flops else 1
+            side = max(1, round(math.sqrt(weights)))
+            kind = "conv" if node.kind == "conv" else "gemm"
+            kernels.append(
+                Kernel(
+                    node.name, kind, _group_of(node.layer, kind), node.flops, moved, m, side, side,
+                    sparse=bool(node.sparsity), weight_bytes=weights * itemsize,
+                )
+            )  # fmt: skip
+            continue
+        if node.kind == "matmul" and profile.fused_attention:
+            first = open_attention.pop(node.layer, None)
+            if first is None:
+                open_attention[node.layer] = node
+                continue
+            s1, s2 = _float_scale(first, itemsize), _float_scale(node, itemsize)
+            scores = first.bytes_written * s1
+            fused = first.bytes_read * s1 + max(0.0, node.bytes_read * s2 - scores) + node.bytes_written * s2
+            kernels.append(
+                Kernel(f"{first.name}+{node.name}", "attention", "attention", first.flops + node.flops, fused)
+            )
+            continue
+        if node.op_type in _ATTENTION_OPS:
+            kernels.append(Kernel(node.name, "attention", "attention", node.flops, moved))
+            continue
+        if node.op_type == "Softmax" and node.layer in open_attention:
+            continue  # inside the fused attention kernel
+        if node.op_type == "Gather" and node.weight_bytes:
+            rows = node.bytes_written * _float_scale(node, itemsize)
+            kernels.append(Kernel(node.name, "data", "embedding", 0, 2 * rows))
+            continue
+        if node.kind == "normalization" or (node.kind == "reduction" and profile.fuse_norms):
+            kernels.append(Kernel(node.name, "norm", "norm", node.flops, moved if node.kind == "normalization"
+                                  else 2 * (node.bytes_at(itemsize) - node.bytes_written)))  # fmt: skip
+            continue
+        if profile.fuse_pointwise and node.kind in ("elementwise", "data", "reduction"):
+            continue
+        if profile.fuse_norms and node.kind == "elementwise" and node.op_type in ("Pow", "Sqrt", "Reciprocal"):
+            continue  # the rest of a decomposed norm, inside the norm kernel
+        kind = "pointwise" if node.kind == "elementwise" else node.kind
+        kernels.append(Kernel(node.name, kind, _group_of(node.layer, kind), node.flops, moved))
+    for leftover in open_attention.values():  # an unpaired activation MatMul is a plain batched GEMM
+        kernels.append(Kernel(leftover.name, "attention", "attention", leftover.flops, leftover.bytes_at(itemsize)))
+    return kernels
+
+
+def scale_kernels(kernels: Sequence[Kernel], factor: float) -> list[Kernel]:
+    """Kernels with FLOPs and bytes scaled (used to re-price at another batch in tests)."""
+    return [replace(k, flops=k.flops * factor, bytes=k.bytes * factor) for k in kernels]
