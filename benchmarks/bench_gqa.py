@@ -70,11 +70,10 @@ def regroup(proto_bytes: bytes, groups: int, grouping: str = "adjacent", method:
 
     model = ir.from_proto(onnx.ModelProto.FromString(proto_bytes))
     unshare_initializers(model)
-    pass_ = RegroupGQAPass(groups, grouping=grouping, method=method)
-    pass_(model)
+    result = RegroupGQAPass(groups, grouping=grouping, method=method)(model)
     reshare_initializers(model)
     RemoveUnusedNodesPass()(model)
-    record = pass_.record
+    record = result.record
     blocks = record["per_block"].values()
     summary = {
         "blocks_changed": record["blocks_changed"],

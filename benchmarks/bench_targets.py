@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             profile_budget_s=args.budget,
         )
         report = api.compile(name, out, options).report
-        sparse = next(r for r in report["passes"] if r["pass"] == "sparsify-2:4")
+        sparse = next(r for r in report["passes"] if r["pass"] == "sparsify-2:4")["record"]
         worst = max(o["max_rel"] for o in report["verification"]["outputs"].values())
         print(
             f"\n## {name}: params {report['model']['reference']['params'] / 1e6:.2f} M -> "

@@ -95,5 +95,6 @@ def save_masks(masks: dict[str, np.ndarray], path) -> None:
 
 
 def pass_record(report: dict, name: str) -> dict:
-    """The record of one pass in a compile report."""
-    return next(r for r in report["passes"] if r["pass"] == name)
+    """One pass's entry in a compile report, flat: its record plus pass, exact, modified and refused."""
+    entry = next(r for r in report["passes"] if r["pass"] == name)
+    return {**entry["record"], **{k: v for k, v in entry.items() if k != "record"}}
