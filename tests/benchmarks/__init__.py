@@ -1,0 +1,1 @@
+"""Tests of the benchmark scripts that CI can run (dry runs at tiny sizes)."""
