@@ -65,9 +65,7 @@ def input_shapes(
                 )
             for dim, given in zip(spec.dims, shape, strict=True):
                 if isinstance(dim, int) and dim != given:
-                    raise BadInputError(
-                        f"input '{name}' has static dims {spec.dims}; the given shape is {shape}"
-                    )
+                    raise BadInputError(f"input '{name}' has static dims {spec.dims}; the given shape is {shape}")
             result[name] = shape
         else:
             result[name] = spec.concrete_shape(batch, seq)
@@ -123,18 +121,33 @@ def _feeds(model: ir.Model, inputs: Mapping[str, tuple[int, ...]], seed: int) ->
     return feeds
 
 
+def _cpu_session(model: bytes):
+    """An ONNX Runtime CPU session with the engines' default options (full graph optimisation, quiet log).
+
+    The analysis sits below the engines, so it builds its one session itself rather than through
+    ``engines.onnxruntime``; the options match its ``make_session`` so that shapes come from the same graph.
+    """
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    try:
+        return ort.InferenceSession(model, sess_options=so, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph classes
+        raise BadInputError(f"ONNX Runtime cannot load <in-memory model>: {exc}") from exc
+
+
 def _run_for_shapes(
     model: ir.Model, inputs: Mapping[str, tuple[int, ...]], names: Sequence[str], seed: int
 ) -> tuple[dict, dict]:
     """Runs the model once in ONNX Runtime with ``names`` exposed as outputs; returns their shapes/dtypes."""
-    from prune2deploy.engines.onnxruntime import make_session
-
     proto = ir.to_proto(model)
     present = {o.name for o in proto.graph.output}
     for name in names:
         if name not in present:
             proto.graph.output.append(onnx.ValueInfoProto(name=name))
-    session = make_session(proto.SerializeToString())
+    session = _cpu_session(proto.SerializeToString())
     outputs = [o.name for o in session.get_outputs()]
     arrays = session.run(outputs, _feeds(model, inputs, seed))
     shapes = {name: tuple(int(d) for d in a.shape) for name, a in zip(outputs, arrays, strict=True)}
