@@ -42,20 +42,19 @@ def unique_name(graph: ir.Graph, base: str) -> str:
 class NameCounter:
     """Names ``{base}_{tag}{n}`` with one running counter, skipping names the graph already has.
 
-    One counter per pass run keeps the names of one pass recognisable (``_p2d3``, ``_h7``) and lets nodes
-    made alongside an initializer (a cloned Concat) reuse its number through :attr:`count`.
+    One counter per pass instance keeps the names of one pass recognisable (``_p2d3``, ``_h7``) and lets
+    nodes made alongside an initializer (a cloned Concat) reuse its number through :attr:`count`.
     """
 
-    def __init__(self, graph: ir.Graph, tag: str) -> None:
-        self.graph = graph
+    def __init__(self, tag: str) -> None:
         self.tag = tag
         self.count = 0
 
-    def __call__(self, base: str) -> str:
+    def __call__(self, graph: ir.Graph, base: str) -> str:
         while True:
             self.count += 1
             name = f"{base}_{self.tag}{self.count}"
-            if name not in self.graph.initializers:
+            if name not in graph.initializers:
                 return name
 
 
