@@ -24,6 +24,9 @@ of that kv head are zero, and no past cache feeds V: a cache is a graph input, n
 Zero *query* (or key) columns do **not** remove a head: the scores become 0, softmax turns them into a
 uniform average over the visible positions, and the head still outputs ``mean(V)``. A kv head can go
 when every query head reading it is gone.
+
+Where the parts live: the data model in ``attention_types``, the projection finder in ``projections``,
+the head-axis proof in ``head_axis``; this module runs them per block and finds the zero heads.
 """
 
 from __future__ import annotations
