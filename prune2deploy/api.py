@@ -144,7 +144,7 @@ def inspect(model: Path | str | ir.Model) -> dict[str, Any]:
         for w in record["weights"]
     ]
     from prune2deploy.analysis.attention import analyze_attention
-    from prune2deploy.analysis.blocks import layer_summary
+    from prune2deploy.analysis.summary import layer_summary
 
     return {
         "model": str(model) if not isinstance(model, ir.Model) else "<in-memory>",

@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from prune2deploy.engines.onnxruntime import make_session
 from prune2deploy.errors import BadInputError
 from prune2deploy.frontends.decoder import DecoderSignature, decoder_signature
+from prune2deploy.ort_session import make_session
 
 __all__ = ["DecodeLatency", "decode_latency", "generate", "left_pad"]
 

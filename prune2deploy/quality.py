@@ -115,7 +115,7 @@ def as_model_fn(model) -> ModelFn:
     if isinstance(model, torch.nn.Module):
         return _torch_fn(model)
     if isinstance(model, (str, Path, bytes)):
-        from prune2deploy.engines.onnxruntime import make_session
+        from prune2deploy.ort_session import make_session
 
         return _onnx_fn(make_session(Path(model) if not isinstance(model, bytes) else model))
     session = getattr(model, "session", model)

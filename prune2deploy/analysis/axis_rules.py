@@ -13,7 +13,9 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
-from prune2deploy.analysis.channels import RuleContext, Slot
+from prune2deploy.analysis.slots import RuleContext, Slot
+from prune2deploy.graph.attributes import int_attr, ints_attr
+from prune2deploy.graph.constants import const_value_array
 
 __all__ = ["RULES", "axis_rule"]
 
@@ -30,75 +32,17 @@ def axis_rule(*op_types: str) -> Callable[[Rule], Rule]:
     return register
 
 
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    if value is None or value.const_value is None:
-        return None
-    return value.const_value.numpy()
-
-
-def _ints(node: ir.Node, name: str, default=None):
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.value
-
-
 # -- elementwise ------------------------------------------------------------------------------------------
 
 _UNARY = [
-    "Relu",
-    "LeakyRelu",
-    "Gelu",
-    "Erf",
-    "Tanh",
-    "Sigmoid",
-    "HardSigmoid",
-    "HardSwish",
-    "Elu",
-    "Selu",
-    "Celu",
-    "Softplus",
-    "Softsign",
-    "Mish",
-    "Exp",
-    "Log",
-    "Neg",
-    "Abs",
-    "Sqrt",
-    "Reciprocal",
-    "Sin",
-    "Cos",
-    "Floor",
-    "Ceil",
-    "Round",
-    "Sign",
-    "Identity",
-    "Cast",
-    "Dropout",
-    "Clip",
-    "IsNaN",
-    "IsInf",
-    "Not",
-    "ThresholdedRelu",
-    "PRelu",
-]
+    "Relu", "LeakyRelu", "Gelu", "Erf", "Tanh", "Sigmoid", "HardSigmoid", "HardSwish", "Elu", "Selu", "Celu",
+    "Softplus", "Softsign", "Mish", "Exp", "Log", "Neg", "Abs", "Sqrt", "Reciprocal", "Sin", "Cos", "Floor", "Ceil",
+    "Round", "Sign", "Identity", "Cast", "Dropout", "Clip", "IsNaN", "IsInf", "Not", "ThresholdedRelu", "PRelu"
+]  # fmt: skip
 _BINARY = [
-    "Add",
-    "Sub",
-    "Mul",
-    "Div",
-    "Pow",
-    "Max",
-    "Min",
-    "Where",
-    "Equal",
-    "Less",
-    "Greater",
-    "LessOrEqual",
-    "GreaterOrEqual",
-    "And",
-    "Or",
-    "Xor",
-    "Mod",
-]
+    "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Where", "Equal", "Less", "Greater", "LessOrEqual",
+    "GreaterOrEqual", "And", "Or", "Xor", "Mod"
+]  # fmt: skip
 
 
 @axis_rule(*_UNARY)
@@ -154,7 +98,7 @@ def _gemm(ctx: RuleContext, node: ir.Node) -> str | None:
     a, b = node.inputs[0], node.inputs[1]
     c = node.inputs[2] if len(node.inputs) > 2 else None
     y = node.outputs[0]
-    ta, tb = _ints(node, "transA", 0), _ints(node, "transB", 0)
+    ta, tb = int_attr(node, "transA", 0), int_attr(node, "transB", 0)
     a_m, a_k = (1, 0) if ta else (0, 1)
     b_k, b_n = (1, 0) if tb else (0, 1)
     ctx.contract(Slot(a, a_k), Slot(b, b_k))
@@ -175,7 +119,7 @@ def _conv(ctx: RuleContext, node: ir.Node) -> str | None:
         return "Conv input or output of unknown rank (run shape inference first)"
     if w is None or w.const_value is None:
         return "Conv with a non-constant weight"
-    groups = _ints(node, "group", 1)
+    groups = int_attr(node, "group", 1)
     cin, cout = ctx.dim(x, 1), ctx.dim(y, 1)
     ctx.same(Slot(x, 0), Slot(y, 0))
     for axis in range(2, rank):  # spatial axes change size: not channels
@@ -207,7 +151,7 @@ def _conv(ctx: RuleContext, node: ir.Node) -> str | None:
 
 @axis_rule("BatchNormalization")
 def _batchnorm(ctx: RuleContext, node: ir.Node) -> str | None:
-    if len([o for o in node.outputs if o is not None and o.uses()]) > 1 or _ints(node, "training_mode", 0):
+    if len([o for o in node.outputs if o is not None and o.uses()]) > 1 or int_attr(node, "training_mode", 0):
         return "BatchNormalization in training mode"
     x, y = node.inputs[0], node.outputs[0]
     rank = ctx.rank(x)
@@ -233,14 +177,14 @@ def _reduced_axes(ctx: RuleContext, node: ir.Node) -> list[int] | None:
     rank = ctx.rank(node.inputs[0])
     if rank is None:
         return None
-    axes = _ints(node, "axes")
+    axes = ints_attr(node, "axes")
     if axes is None and len(node.inputs) > 1 and node.inputs[1] is not None:
-        const = _const(node.inputs[1])
+        const = const_value_array(node.inputs[1])
         if const is None:
             return None
         axes = const.tolist()
     if axes is None or len(axes) == 0:
-        return None if _ints(node, "noop_with_empty_axes", 0) else list(range(rank))
+        return None if int_attr(node, "noop_with_empty_axes", 0) else list(range(rank))
     return sorted(a % rank for a in axes)
 
 
@@ -250,7 +194,7 @@ def _reduce(ctx: RuleContext, node: ir.Node) -> str | None:
     axes = _reduced_axes(ctx, node)
     if axes is None:
         return "reduction axes are not constant"
-    keep = _ints(node, "keepdims", 1)
+    keep = int_attr(node, "keepdims", 1)
     out_axis = 0
     for axis in range(ctx.rank(x)):
         if axis in axes:
@@ -274,7 +218,7 @@ def _along_axis(ctx: RuleContext, node: ir.Node) -> str | None:
     if rank is None:
         return "unknown rank"
     default = -1
-    axis = _ints(node, "axis", default) % rank
+    axis = int_attr(node, "axis", default) % rank
     if node.op_type in ("CumSum", "TopK"):
         return f"{node.op_type} is not mapped"
     mixed = set(range(axis, rank)) if node.op_type == "LayerNormalization" else {axis}
@@ -309,7 +253,7 @@ def _transpose(ctx: RuleContext, node: ir.Node) -> str | None:
     rank = ctx.rank(x)
     if rank is None:
         return "unknown rank"
-    perm = _ints(node, "perm") or list(reversed(range(rank)))
+    perm = ints_attr(node, "perm") or list(reversed(range(rank)))
     for out_axis, in_axis in enumerate(perm):
         ctx.same(Slot(x, in_axis), Slot(y, out_axis))
     return None
@@ -321,9 +265,9 @@ def _unsqueeze(ctx: RuleContext, node: ir.Node) -> str | None:
     rx, ry = ctx.rank(x), ctx.rank(y)
     if rx is None or ry is None:
         return "unknown rank"
-    axes = _const(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+    axes = const_value_array(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
     if axes is None:
-        attr = _ints(node, "axes")
+        attr = ints_attr(node, "axes")
         axes = np.array(attr) if attr is not None else None
     if axes is None:
         if node.op_type == "Squeeze":
@@ -434,7 +378,7 @@ def _concat(ctx: RuleContext, node: ir.Node) -> str | None:
     ry = ctx.rank(y)
     if ry is None or any(ctx.rank(v) != ry for v in node.inputs):
         return "unknown rank"
-    axis = _ints(node, "axis") % ry
+    axis = int_attr(node, "axis") % ry
     offset = 0
     for value in node.inputs:
         for a in range(ry):
@@ -457,7 +401,7 @@ def _split(ctx: RuleContext, node: ir.Node) -> str | None:
     rx = ctx.rank(x)
     if rx is None:
         return "unknown rank"
-    axis = _ints(node, "axis", 0) % rx
+    axis = int_attr(node, "axis", 0) % rx
     split_value = node.inputs[1] if len(node.inputs) > 1 else None
     if split_value is not None:
         ctx.touched.add(Slot(split_value, 0))
@@ -481,11 +425,11 @@ def _slice(ctx: RuleContext, node: ir.Node) -> str | None:
     rx = ctx.rank(x)
     if rx is None:
         return "unknown rank"
-    starts, ends = _const(node.inputs[1]), _const(node.inputs[2])
+    starts, ends = const_value_array(node.inputs[1]), const_value_array(node.inputs[2])
     axes_v = node.inputs[3] if len(node.inputs) > 3 else None
     steps_v = node.inputs[4] if len(node.inputs) > 4 else None
-    axes = _const(axes_v) if axes_v is not None else np.arange(rx if starts is None else len(starts))
-    steps = _const(steps_v) if steps_v is not None else None
+    axes = const_value_array(axes_v) if axes_v is not None else np.arange(rx if starts is None else len(starts))
+    steps = const_value_array(steps_v) if steps_v is not None else None
     for extra in node.inputs[1:]:
         if extra is not None and ctx.rank(extra):
             ctx.touched.add(Slot(extra, 0))
@@ -521,7 +465,7 @@ def _gather(ctx: RuleContext, node: ir.Node) -> str | None:
     rd, ri, ry = ctx.rank(data), ctx.rank(indices), ctx.rank(y)
     if None in (rd, ri, ry):
         return "unknown rank"
-    axis = _ints(node, "axis", 0) % rd
+    axis = int_attr(node, "axis", 0) % rd
     # Embedding lookup: data [V, C], indices [..] -> y [.., C]. The gathered axis is not a channel.
     ctx.block(Slot(data, axis), "gathered axis (e.g. vocabulary)")
     for a in range(ri):
@@ -562,7 +506,7 @@ def _flatten(ctx: RuleContext, node: ir.Node) -> str | None:
     rank = ctx.rank(x)
     if rank is None:
         return "unknown rank"
-    axis = _ints(node, "axis", 1) % rank if rank else 0
+    axis = int_attr(node, "axis", 1) % rank if rank else 0
     dims = [ctx.dim(x, a) for a in range(rank)]
     ctx_trailing_ones = all(d == 1 for d in dims[axis + 1 :])
     if axis == 1 and ctx_trailing_ones:
@@ -581,8 +525,8 @@ def _shape(ctx: RuleContext, node: ir.Node) -> str | None:
     rank = ctx.rank(x)
     if rank is None:
         return "unknown rank"
-    start = _ints(node, "start", 0) if node.op_type == "Shape" else 0
-    end = _ints(node, "end", rank) if node.op_type == "Shape" else rank
+    start = int_attr(node, "start", 0) if node.op_type == "Shape" else 0
+    end = int_attr(node, "end", rank) if node.op_type == "Shape" else rank
     read = set(range(rank)[slice(start, end)]) if node.op_type == "Shape" else set(range(rank))
     for a in range(rank):
         if a in read and isinstance(ctx.dim(x, a), int):

@@ -18,12 +18,12 @@ import logging
 import re
 from dataclasses import dataclass, field
 
-import numpy as np
 import onnx_ir as ir
 
-from prune2deploy.analysis.scopes import layer_of, name_scopes
+from prune2deploy.graph.constants import all_zero, is_const
+from prune2deploy.graph.scopes import layer_of, name_scopes
 
-__all__ = ["Layer", "ResidualBlock", "find_layers", "layer_index", "layer_summary"]
+__all__ = ["Layer", "ResidualBlock", "find_layers", "layer_index"]
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +59,11 @@ class ResidualBlock:
 
     @property
     def weight_zero(self) -> bool:
-        return self.weight is not None and not np.any(self.weight.const_value.numpy())
+        return self.weight is not None and all_zero(self.weight)
 
     @property
     def bias_zero(self) -> bool:
-        return self.bias is None or not np.any(self.bias.const_value.numpy())
+        return self.bias is None or all_zero(self.bias)
 
     @property
     def zero(self) -> bool:
@@ -114,10 +114,6 @@ def layer_index(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _is_const(value: ir.Value | None) -> bool:
-    return value is not None and value.const_value is not None
-
-
 def _branch_nodes(branch: ir.Value, residual: ir.Value, layer: str) -> tuple[list[ir.Node], bool]:
     """Nodes that compute ``branch`` inside ``layer`` and whether they read ``residual``.
 
@@ -138,7 +134,7 @@ def _branch_nodes(branch: ir.Value, residual: ir.Value, layer: str) -> tuple[lis
         seen.add(id(node))
         nodes.append(node)
         for value in node.inputs:
-            if value is None or _is_const(value):
+            if value is None or is_const(value):
                 continue
             if value is residual:
                 reads = True
@@ -154,18 +150,18 @@ def _projection(branch: ir.Value) -> tuple[ir.Node | None, ir.Value | None, ir.V
     node = branch.producer()
     bias = None
     if node is not None and node.op_type == "Add" and len(node.inputs) == 2:
-        consts = [v for v in node.inputs if _is_const(v)]
-        others = [v for v in node.inputs if not _is_const(v)]
+        consts = [v for v in node.inputs if is_const(v)]
+        others = [v for v in node.inputs if not is_const(v)]
         if len(consts) == 1 and len(others) == 1:
             bias = consts[0]
             node = others[0].producer()
     if node is None:
         return None, None, None, "branch output is not computed by a node"
-    if node.op_type == "MatMul" and _is_const(node.inputs[1]):
+    if node.op_type == "MatMul" and is_const(node.inputs[1]):
         return node, node.inputs[1], bias, ""
-    if node.op_type == "Gemm" and _is_const(node.inputs[1]):
+    if node.op_type == "Gemm" and is_const(node.inputs[1]):
         gemm_bias = node.inputs[2] if len(node.inputs) > 2 else None
-        if gemm_bias is not None and not _is_const(gemm_bias):
+        if gemm_bias is not None and not is_const(gemm_bias):
             return node, node.inputs[1], None, "Gemm bias is computed at run time"
         if gemm_bias is not None and bias is not None:
             return node, node.inputs[1], None, "two biases after the output projection"
@@ -190,7 +186,7 @@ def _shapes_match(a: ir.Value, b: ir.Value) -> bool:
 
 
 def _residual_block(node: ir.Node, layer: str) -> ResidualBlock | None:
-    if node.op_type != "Add" or len(node.inputs) != 2 or any(v is None or _is_const(v) for v in node.inputs):
+    if node.op_type != "Add" or len(node.inputs) != 2 or any(v is None or is_const(v) for v in node.inputs):
         return None
     found = []
     for index in (0, 1):
@@ -277,34 +273,3 @@ def _chain(layer: Layer) -> None:
         layer.reason = f"the layer's last residual output is read inside the layer ({inside[0]})"
         return
     layer.stream_out = out
-
-
-def layer_summary(model: ir.Model) -> list[dict]:
-    """Per layer: residual sub-blocks (zero / removable / what blocks removal), hidden width, zero channels.
-
-    The hidden stream is analysed once for the whole model (it is one channel space shared by every
-    layer), so ``hidden_width`` and ``zero_hidden_channels`` repeat on each row; ``hidden_blocked`` says
-    why the stream cannot be narrowed, if it cannot.
-    """
-    from prune2deploy.analysis.hidden import analyze_hidden
-
-    stream = analyze_hidden(model)
-    zero = stream.zero_channels() if stream.ok else []
-    rows = []
-    for layer in find_layers(model):
-        blocks = [b.summary() for b in layer.blocks]
-        rows.append(
-            {
-                "layer": layer.name,
-                "index": layer.index,
-                "sub_blocks": blocks,
-                "zero_sub_blocks": [b["scope"] for b in blocks if b["zero"]],
-                "removable": bool(blocks) and all(b["zero"] for b in blocks),
-                "droppable_by_plan": not layer.reason,
-                "blocked_by": layer.reason,
-                "hidden_width": stream.width,
-                "zero_hidden_channels": len(zero),
-                "hidden_blocked": stream.reason,
-            }
-        )
-    return rows

@@ -17,55 +17,19 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["ChannelAnalysis", "ChannelGroup", "Slot", "analyze_channels"]
+from prune2deploy.analysis import zero_rules
+from prune2deploy.analysis.axis_rules import RULES
+from prune2deploy.analysis.slots import ChannelFacts, Contraction, Fixup, RuleContext, Slot, UnionFind
+from prune2deploy.graph.scopes import module_of
+
+__all__ = ["ChannelAnalysis", "ChannelGroup", "Contraction", "Fixup", "RuleContext", "Slot", "analyze_channels"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Slot:
-    """One axis of one value."""
-
-    value: ir.Value
-    axis: int
-
-    def __repr__(self) -> str:
-        return f"{self.value.name}[{self.axis}]"
-
-    @property
-    def is_const(self) -> bool:
-        return self.value.const_value is not None
-
-    def __hash__(self) -> int:
-        return hash((id(self.value), self.axis))
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Slot) and other.value is self.value and other.axis == self.axis
-
-
-@dataclass
-class Contraction:
-    """A node that sums over a channel: the channel ends here (MatMul K, Gemm K, Conv input channels)."""
-
-    node: ir.Node
-    lhs: Slot
-    rhs: Slot
-
-
-@dataclass
-class Fixup:
-    """A constant that carries a width (Reshape target, Split sizes, Slice bounds, Conv groups)."""
-
-    kind: str  # "width" | "split" | "slice" | "groups" | "gather"
-    node: ir.Node
-    slot: Slot  # the slot whose kept indices decide the new value
-    data: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -84,8 +48,6 @@ class ChannelGroup:
     @property
     def label(self) -> str:
         """For people: "writer → reader" (the id alone names only the module that reads the channels)."""
-        from prune2deploy.analysis.scopes import module_of
-
         contraction_nodes = {id(c.node) for c in self.contractions}
         writers = sorted(
             {
@@ -133,113 +95,17 @@ class ChannelGroup:
         }
 
 
-class _UnionFind:
-    def __init__(self) -> None:
-        self.parent: dict = {}
-
-    def find(self, item):
-        self.parent.setdefault(item, item)
-        root = item
-        while self.parent[root] != root:
-            root = self.parent[root]
-        while self.parent[item] != root:
-            self.parent[item], item = root, self.parent[item]
-        return root
-
-    def union(self, a, b) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[rb] = ra
-
-
-class RuleContext:
-    """What an axis rule can say about one node. Every slot of the node must be linked, ended or blocked."""
-
-    def __init__(self, analysis: ChannelAnalysis, node: ir.Node) -> None:
-        self.analysis = analysis
-        self.node = node
-        self.touched: set[Slot] = set()
-
-    # -- helpers for rules -------------------------------------------------------------------------------
-    @staticmethod
-    def rank(value: ir.Value | None) -> int | None:
-        if value is None or value.shape is None:
-            return None
-        return len(value.shape)
-
-    @staticmethod
-    def dim(value: ir.Value, axis: int) -> int | str | None:
-        if value.shape is None:
-            return None
-        d = value.shape[axis]
-        if isinstance(d, int):
-            return d
-        return getattr(d, "value", None)
-
-    def slot(self, value: ir.Value, axis: int) -> Slot:
-        rank = self.rank(value)
-        assert rank is not None
-        return Slot(value, axis % rank)
-
-    # -- declarations ---------------------------------------------------------------------------------------
-    def same(self, a: Slot, b: Slot) -> None:
-        self.touched.update((a, b))
-        self.analysis._same.union(a, b)
-
-    def segment(self, part: Slot, whole: Slot, offset: int) -> None:
-        """``part[j]`` is ``whole[offset + j]``."""
-        self.touched.update((part, whole))
-        self.analysis._segments.append((part, whole, offset))
-
-    def contract(self, lhs: Slot, rhs: Slot) -> None:
-        self.same(lhs, rhs)
-        self.analysis._contractions.append(Contraction(self.node, lhs, rhs))
-
-    def block(self, slot: Slot, reason: str) -> None:
-        self.touched.add(slot)
-        self.analysis._blocked.append((slot, self.node.name or self.node.op_type, reason))
-
-    def fixup(self, kind: str, slot: Slot, **data) -> None:
-        self.analysis._fixups.append(Fixup(kind, self.node, slot, data))
-
-    def link_elementwise(self, inputs: Iterable[ir.Value | None], output: ir.Value) -> bool:
-        """Numpy broadcasting: aligned axes of equal width are one channel space; width-1 axes broadcast."""
-        out_rank = self.rank(output)
-        if out_rank is None:
-            return False
-        for value in inputs:
-            if value is None:
-                continue
-            rank = self.rank(value)
-            if rank is None:
-                return False
-            for axis in range(rank):
-                out_axis = out_rank - rank + axis
-                d_in, d_out = self.dim(value, axis), self.dim(output, out_axis)
-                if d_in == 1 and d_out != 1:
-                    self.touched.add(Slot(value, axis))  # broadcast: carries no channel
-                    continue
-                self.same(Slot(value, axis), Slot(output, out_axis))
-        return True
-
-
-class ChannelAnalysis:
+class ChannelAnalysis(ChannelFacts):
     """Runs the axis rules over a graph and builds :class:`ChannelGroup` objects."""
 
     def __init__(self, model: ir.Model) -> None:
+        super().__init__()
         self.model = model
-        self._same = _UnionFind()
-        self._segments: list[tuple[Slot, Slot, int]] = []
-        self._contractions: list[Contraction] = []
-        self._blocked: list[tuple[Slot, str, str]] = []
-        self._fixups: list[Fixup] = []
         self._zero_cache: dict[Slot, np.ndarray] = {}
         self.groups: list[ChannelGroup] = []
 
     # -- building -------------------------------------------------------------------------------------------
     def run(self) -> ChannelAnalysis:
-        from prune2deploy.analysis.axis_rules import RULES
-
         graph = self.model.graph
         for value in graph.inputs:
             self._block_value(value, "<graph input>", "graph inputs keep their shape")
@@ -289,7 +155,7 @@ class ChannelAnalysis:
         for slot in all_slots:
             classes[self._same.find(slot)].append(slot)
         # Classes joined by segment links form one group.
-        groups_uf = _UnionFind()
+        groups_uf = UnionFind()
         for root in classes:
             groups_uf.find(root)
         for part, whole, _ in self._segments:
@@ -361,7 +227,7 @@ class ChannelAnalysis:
     def _atoms(self, roots, widths, segments, root_index) -> list[list[tuple[int, int]]]:
         if len(roots) == 1:
             return [[(0, i)] for i in range(widths[0])]
-        uf = _UnionFind()
+        uf = UnionFind()
         for ci, width in enumerate(widths):
             for i in range(width):
                 uf.find((ci, i))
@@ -377,8 +243,6 @@ class ChannelAnalysis:
 
     @staticmethod
     def _group_name(contractions: list[Contraction], class_slots: list[list[Slot]]) -> str:
-        from prune2deploy.analysis.scopes import module_of
-
         modules = sorted({module_of(c.node) for c in contractions} - {""})
         if modules:
             return modules[0] if len(modules) == 1 else f"{modules[0]} (+{len(modules) - 1})"
@@ -387,10 +251,8 @@ class ChannelAnalysis:
     # -- zero detection -------------------------------------------------------------------------------------
     def zero_mask(self, slot: Slot) -> np.ndarray | None:
         """Boolean per channel: provably zero for every input. ``None`` when the width is unknown."""
-        from prune2deploy.analysis.zero_rules import zero_mask
-
         if slot not in self._zero_cache:
-            self._zero_cache[slot] = zero_mask(self, slot)
+            self._zero_cache[slot] = zero_rules.zero_mask(self, slot)
         return self._zero_cache[slot]
 
     def _zero_atoms(self, group: ChannelGroup, roots, root_index) -> list[int]:

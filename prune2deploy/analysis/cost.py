@@ -32,10 +32,10 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from prune2deploy.analysis import scopes
 from prune2deploy.analysis.nm import NM_OPS, is_nm, nm_eligibility
 from prune2deploy.analysis.shapes import ShapeInfo, concrete_shapes
 from prune2deploy.feeds import feed_specs
+from prune2deploy.graph import scopes
 
 __all__ = [
     "FLOPS_PER_ELEMENT",

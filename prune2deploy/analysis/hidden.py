@@ -23,6 +23,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from prune2deploy.analysis.blocks import find_layers
+from prune2deploy.graph.attributes import int_attr
+from prune2deploy.graph.constants import zero_channels
+
 __all__ = ["ConstUse", "HiddenStream", "analyze_hidden"]
 
 log = logging.getLogger(__name__)
@@ -102,16 +106,6 @@ def _last_dim(value: ir.Value | None) -> int | str | None:
         return None
     dim = value.shape[-1]
     return dim if isinstance(dim, int) else str(dim)
-
-
-def _int_attr(node: ir.Node, name: str, default: int) -> int:
-    attr = node.attributes.get(name)
-    return default if attr is None else int(attr.value)
-
-
-def _column_zero(array: np.ndarray, axis: int) -> np.ndarray:
-    other = tuple(a for a in range(array.ndim) if a != axis)
-    return np.all(array == 0, axis=other) if other else array == 0
 
 
 class _Walker:
@@ -212,7 +206,7 @@ class _Walker:
                 if array.ndim and last == self.stream.width:
                     self.const(node, index, array.ndim - 1, "per-channel")
                     if op in ("Add", "Sub"):
-                        self.source(f"{node.name} constant", _column_zero(array, array.ndim - 1))
+                        self.source(f"{node.name} constant", zero_channels(array, array.ndim - 1))
                     elif op == "Div" and index == 1 and np.any(array == 0):
                         self.block(node, "divides the hidden stream by a constant with zeros")
                 elif array.size == 1 or last == 1:
@@ -255,7 +249,7 @@ class _Walker:
             axes = [int(a) % rank for a in node.inputs[1].const_value.numpy().reshape(-1)]
         elif "axes" in node.attributes:
             axes = [int(a) % rank for a in node.attributes["axes"].value]
-        if axes != [rank - 1] or _int_attr(node, "keepdims", 1) != 1:
+        if axes != [rank - 1] or int_attr(node, "keepdims", 1) != 1:
             self.block(node, f"ReduceMean over axes {axes} (only a keepdims mean over the hidden axis is handled)")
             return
         self.stream.reductions.append((node, "mean"))
@@ -263,7 +257,7 @@ class _Walker:
     def layer_norm(self, node: ir.Node) -> None:
         x = node.inputs[0]
         rank = len(x.shape) if x.shape is not None else 0
-        if _int_attr(node, "axis", -1) % max(rank, 1) != rank - 1:
+        if int_attr(node, "axis", -1) % max(rank, 1) != rank - 1:
             self.block(node, "LayerNormalization over more than the hidden axis")
             return
         if any(out is not None and list(out.uses()) for out in node.outputs[1:]):
@@ -312,14 +306,14 @@ class _Walker:
         return weight.const_value.numpy(), node, 1, [0, 1]
 
     def reader(self, node: ir.Node) -> None:
-        if node.op_type == "Gemm" and _int_attr(node, "transA", 0):
+        if node.op_type == "Gemm" and int_attr(node, "transA", 0):
             self.block(node, "Gemm with transA reads the hidden stream")
             return
         found = self._weight(node)
         if found is None:
             return
         _, holder, index, perm = found
-        axis = 1 if node.op_type == "Gemm" and _int_attr(node, "transB", 0) else 0
+        axis = 1 if node.op_type == "Gemm" and int_attr(node, "transB", 0) else 0
         self.const(holder, index, perm[axis], "reader")
 
     def writer(self, node: ir.Node) -> None:
@@ -329,14 +323,14 @@ class _Walker:
         weight, holder, index, perm = found
         if node.op_type == "MatMul":
             self.const(holder, index, perm[1], "writer")
-            self.source(f"{node.name} weight", _column_zero(weight, 1))
+            self.source(f"{node.name} weight", zero_channels(weight, 1))
             return
-        if _int_attr(node, "transA", 0) and len(node.outputs[0].shape or ()) != 2:
+        if int_attr(node, "transA", 0) and len(node.outputs[0].shape or ()) != 2:
             self.block(node, "Gemm writer with an unexpected layout")
             return
-        axis = 0 if _int_attr(node, "transB", 0) else 1
+        axis = 0 if int_attr(node, "transB", 0) else 1
         self.const(holder, index, perm[axis], "writer")
-        zero = _column_zero(weight, axis)
+        zero = zero_channels(weight, axis)
         bias = node.inputs[2] if len(node.inputs) > 2 else None
         if bias is not None:
             if bias.const_value is None:
@@ -345,21 +339,21 @@ class _Walker:
             array = bias.const_value.numpy()
             if array.ndim and array.shape[-1] == self.stream.width:
                 self.const(node, 2, array.ndim - 1, "writer")
-                zero = zero & _column_zero(array, array.ndim - 1)
+                zero = zero & zero_channels(array, array.ndim - 1)
             elif np.any(array):
                 zero = np.zeros_like(zero)
         self.source(f"{node.name} weight", zero)
 
     def gather(self, node: ir.Node) -> None:
         data, out = node.inputs[0], node.outputs[0]
-        axis = _int_attr(node, "axis", 0)
+        axis = int_attr(node, "axis", 0)
         if data.const_value is not None:
             array = data.const_value.numpy()
             if array.ndim != 2 or axis % 2 != 0 or array.shape[1] != self.stream.width:
                 self.block(node, f"Gather on a constant of shape {array.shape} along axis {axis}")
                 return
             self.const(node, 0, 1, "embedding")
-            self.source(f"{node.name} table", _column_zero(array, 1))
+            self.source(f"{node.name} table", zero_channels(array, 1))
             self.add(out)
             return
         rank = len(data.shape) if data.shape is not None else 0
@@ -372,8 +366,6 @@ class _Walker:
 
 def analyze_hidden(model: ir.Model) -> HiddenStream:
     """Walks the residual stream of ``model`` starting from its residual Adds."""
-    from prune2deploy.analysis.blocks import find_layers
-
     seeds = [block.residual for layer in find_layers(model) for block in layer.blocks]
     if not seeds:
         return HiddenStream(blocked=[("", "no residual Add found (not a residual network?)")])

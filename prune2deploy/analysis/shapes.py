@@ -121,18 +121,23 @@ def _feeds(model: ir.Model, inputs: Mapping[str, tuple[int, ...]], seed: int) ->
     return feeds
 
 
+def _cpu_session(model: bytes):
+    """An ONNX Runtime CPU session with the options every part of the tool uses (``ort_session``)."""
+    from prune2deploy.ort_session import make_session
+
+    return make_session(model)
+
+
 def _run_for_shapes(
     model: ir.Model, inputs: Mapping[str, tuple[int, ...]], names: Sequence[str], seed: int
 ) -> tuple[dict, dict]:
     """Runs the model once in ONNX Runtime with ``names`` exposed as outputs; returns their shapes/dtypes."""
-    from prune2deploy.engines.onnxruntime import make_session
-
     proto = ir.to_proto(model)
     present = {o.name for o in proto.graph.output}
     for name in names:
         if name not in present:
             proto.graph.output.append(onnx.ValueInfoProto(name=name))
-    session = make_session(proto.SerializeToString())
+    session = _cpu_session(proto.SerializeToString())
     outputs = [o.name for o in session.get_outputs()]
     arrays = session.run(outputs, _feeds(model, inputs, seed))
     shapes = {name: tuple(int(d) for d in a.shape) for name, a in zip(outputs, arrays, strict=True)}

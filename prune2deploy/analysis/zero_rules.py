@@ -8,15 +8,13 @@ safe: it can only keep a channel that could have gone.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 import onnx_ir as ir
 
-from prune2deploy.analysis.channels import RuleContext, Slot
-
-if TYPE_CHECKING:
-    from prune2deploy.analysis.channels import ChannelAnalysis
+from prune2deploy.analysis.slots import ChannelFacts, Slot
+from prune2deploy.graph.attributes import float_attr, int_attr, ints_attr
+from prune2deploy.graph.constants import all_zero, zero_channels
+from prune2deploy.graph.dims import value_dim
 
 __all__ = ["const_zero_mask", "zero_mask"]
 
@@ -68,7 +66,7 @@ _ZERO_PRESERVING = set(
         "ReduceL1",
         "ReduceSumSquare",
     ]
-)
+)  # fmt: skip
 
 
 # Ops that move axes around: the input axis is found through the channel classes, not by alignment.
@@ -93,25 +91,20 @@ _LAYOUT = set(
         "ReduceL1",
         "ReduceSumSquare",
     ]
-)
+)  # fmt: skip
 
 
 def const_zero_mask(value: ir.Value, axis: int) -> np.ndarray:
-    array = value.const_value.numpy()
-    other = tuple(a for a in range(array.ndim) if a != axis)
-    return np.all(array == 0, axis=other) if other else array == 0
-
-
-def _all_zero_const(value: ir.Value | None) -> bool:
-    return value is not None and value.const_value is not None and not np.any(value.const_value.numpy())
+    """Per channel of ``axis``: every entry of the constant ``value`` with that index is zero."""
+    return zero_channels(value.const_value.numpy(), axis)
 
 
 def _width(slot: Slot) -> int | None:
-    d = RuleContext.dim(slot.value, slot.axis)
+    d = value_dim(slot.value, slot.axis)
     return d if isinstance(d, int) else None
 
 
-def _linked_input(analysis: ChannelAnalysis, value: ir.Value | None, out: Slot) -> Slot | None:
+def _linked_input(analysis: ChannelFacts, value: ir.Value | None, out: Slot) -> Slot | None:
     """The axis of ``value`` that is the same channel space as ``out`` (None if broadcast or absent)."""
     if value is None or value.shape is None:
         return None
@@ -129,13 +122,13 @@ def _aligned(value: ir.Value | None, out: Slot, width: int) -> Slot | None:
     if value is None or value.shape is None or out.value.shape is None:
         return None
     axis = out.axis - (len(out.value.shape) - len(value.shape))
-    if axis < 0 or RuleContext.dim(value, axis) != width:
+    if axis < 0 or value_dim(value, axis) != width:
         return None
     return Slot(value, axis)
 
 
 def _operand(
-    analysis: ChannelAnalysis, value: ir.Value | None, out: Slot, width: int, *, elementwise: bool = True
+    analysis: ChannelFacts, value: ir.Value | None, out: Slot, width: int, *, elementwise: bool = True
 ) -> np.ndarray:
     """Zero mask of the operand's slot that feeds ``out``; a broadcast operand is zero only if all-zero."""
     linked = _aligned(value, out, width) if elementwise else _linked_input(analysis, value, out)
@@ -144,10 +137,10 @@ def _operand(
         if mask is not None and mask.shape == (width,):
             return mask
         return np.zeros(width, dtype=bool)
-    return np.full(width, _all_zero_const(value))
+    return np.full(width, all_zero(value))
 
 
-def zero_mask(analysis: ChannelAnalysis, slot: Slot) -> np.ndarray | None:
+def zero_mask(analysis: ChannelFacts, slot: Slot) -> np.ndarray | None:
     width = _width(slot)
     if width is None:
         return None
@@ -200,9 +193,8 @@ def zero_mask(analysis: ChannelAnalysis, slot: Slot) -> np.ndarray | None:
         if op == "Gather":
             return _operand(analysis, inputs[0], slot, width, elementwise=False)
         if op == "Transpose":
-            perm = node.attributes.get("perm")
             rank = len(inputs[0].shape)
-            perm = list(perm.value) if perm is not None else list(reversed(range(rank)))
+            perm = ints_attr(node, "perm", list(reversed(range(rank))))
             mask = analysis.zero_mask(Slot(inputs[0], perm[slot.axis]))
             return none if mask is None else mask
         if op in _ZERO_PRESERVING:
@@ -213,7 +205,7 @@ def zero_mask(analysis: ChannelAnalysis, slot: Slot) -> np.ndarray | None:
     return none
 
 
-def _contraction_output(analysis: ChannelAnalysis, node: ir.Node, slot: Slot, width: int) -> np.ndarray:
+def _contraction_output(analysis: ChannelFacts, node: ir.Node, slot: Slot, width: int) -> np.ndarray:
     """MatMul/Gemm/Conv: zero where the producing weight column (and bias) is zero."""
     inputs = list(node.inputs)
     bias = inputs[2] if len(inputs) > 2 else None
@@ -227,8 +219,7 @@ def _contraction_output(analysis: ChannelAnalysis, node: ir.Node, slot: Slot, wi
         if slot.axis != 1:
             return none
         weight_zero = mask_of(inputs[1], 0)
-        group = node.attributes.get("group")
-        if group is not None and group.value > 1:  # depthwise: a zero input channel also gives zero
+        if int_attr(node, "group", 1) > 1:  # depthwise: a zero input channel also gives zero
             weight_zero = weight_zero | mask_of(inputs[0], 1)
         bias_zero = np.ones(width, dtype=bool) if bias is None else mask_of(bias, 0)
         return weight_zero & bias_zero
@@ -240,23 +231,20 @@ def _contraction_output(analysis: ChannelAnalysis, node: ir.Node, slot: Slot, wi
         if slot.axis == rank_out - 2:
             return mask_of(a, len(a.shape) - 2)
         return none
-    trans_a = node.attributes.get("transA")
-    trans_b = node.attributes.get("transB")
     if slot.axis == 1:
-        product = mask_of(b, 0 if trans_b is not None and trans_b.value else 1)
+        product = mask_of(b, 0 if int_attr(node, "transB", 0) else 1)
     else:
-        product = mask_of(a, 1 if trans_a is not None and trans_a.value else 0)
+        product = mask_of(a, 1 if int_attr(node, "transA", 0) else 0)
     if bias is not None:
         product = product & _operand(analysis, bias, slot, width)
     return product
 
 
-def _batchnorm(analysis: ChannelAnalysis, node: ir.Node, slot: Slot, width: int) -> np.ndarray:
+def _batchnorm(analysis: ChannelFacts, node: ir.Node, slot: Slot, width: int) -> np.ndarray:
     x, scale, b, mean, var = node.inputs[:5]
     if slot.axis != 1:
         return np.zeros(width, dtype=bool)
-    eps = node.attributes.get("epsilon")
-    eps = 1e-5 if eps is None else eps.value
+    eps = float_attr(node, "epsilon", 1e-5)
     s, bb, mu, v = (t.const_value.numpy().astype(np.float64) for t in (scale, b, mean, var))
     shift = bb - mu * s / np.sqrt(v + eps)
     by_params = (s == 0) & (bb == 0)
@@ -264,7 +252,7 @@ def _batchnorm(analysis: ChannelAnalysis, node: ir.Node, slot: Slot, width: int)
     return by_params | by_input
 
 
-def _concat(analysis: ChannelAnalysis, node: ir.Node, slot: Slot, width: int) -> np.ndarray:
+def _concat(analysis: ChannelFacts, node: ir.Node, slot: Slot, width: int) -> np.ndarray:
     pieces = [(part, offset) for part, whole, offset in analysis._segments if whole == slot]
     if pieces:
         result = np.zeros(width, dtype=bool)

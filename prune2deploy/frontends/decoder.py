@@ -38,6 +38,7 @@ import numpy as np
 import onnx_ir as ir
 
 from prune2deploy.errors import BadInputError, UnsupportedModelError
+from prune2deploy.graph.dims import dim_value
 
 __all__ = [
     "PAST_DIM",
@@ -117,15 +118,6 @@ class DecoderSignature:
         return feeds
 
 
-def _dim(dim: Any) -> int | str | None:
-    if isinstance(dim, int):
-        return dim
-    if isinstance(dim, str):
-        return dim
-    value = getattr(dim, "value", None)
-    return value if isinstance(value, (int, str)) else None
-
-
 def _io_from_source(source: Any) -> tuple[dict[str, tuple[list, type]], dict[str, tuple[list, type]]]:
     """(name -> (dims, numpy dtype)) for inputs and outputs of an ir.Model, ONNX file or ORT session."""
     if isinstance(source, (str, Path)):
@@ -138,7 +130,9 @@ def _io_from_source(source: Any) -> tuple[dict[str, tuple[list, type]], dict[str
     if isinstance(source, ir.Model):
 
         def describe(values: Sequence[ir.Value]) -> dict[str, tuple[list, type]]:
-            return {v.name: ([_dim(d) for d in (v.shape or [])], _IR_TYPES.get(v.dtype, np.float32)) for v in values}
+            return {
+                v.name: ([dim_value(d) for d in (v.shape or [])], _IR_TYPES.get(v.dtype, np.float32)) for v in values
+            }
 
         return describe(source.graph.inputs), describe(source.graph.outputs)
     if hasattr(source, "get_inputs") and hasattr(source, "get_outputs"):  # onnxruntime.InferenceSession

@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from prune2deploy.analysis.scopes import module_of
 from prune2deploy.errors import BadInputError, MaskError
+from prune2deploy.graph.initializers import replace_const
+from prune2deploy.graph.scopes import module_of
 
 __all__ = ["apply_masks_onnx", "apply_masks_torch", "load_masks"]
 
@@ -161,5 +162,5 @@ def apply_masks_onnx(model: ir.Model, masks: Mapping[str, np.ndarray], *, source
         edits.append((value, mask.T if transposed else mask))
     for value, mask in edits:
         array = value.const_value.numpy() * mask.astype(value.const_value.numpy().dtype)
-        value.const_value = ir.tensor(np.ascontiguousarray(array), name=value.name)
+        replace_const(value, array)
     return len(edits)

@@ -22,7 +22,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from prune2deploy.analysis.attention import AttentionBlock, Projection, shape_entries
+from prune2deploy.analysis.attention import AttentionBlock, Projection
+from prune2deploy.graph.constants import const_array
+from prune2deploy.graph.dims import set_dim, shape_entries
+from prune2deploy.graph.initializers import NameCounter, add_initializer
 
 __all__ = ["HeadLayout", "apply_head_layout", "head_columns", "uniform_group_size"]
 
@@ -72,28 +75,16 @@ class _Editor:
 
     def __init__(self, model: ir.Model, tag: str) -> None:
         self.model = model
-        self.tag = tag
-        self.counter = 0
+        self.names = NameCounter(tag)
         self.replaced: list[ir.Value] = []
 
     def fresh_name(self, base: str) -> str:
-        graph = self.model.graph
-        while True:
-            self.counter += 1
-            name = f"{base}_{self.tag}{self.counter}"
-            if name not in graph.initializers:
-                return name
+        return self.names(self.model.graph, base)
 
     def const(self, array: np.ndarray, base: str, like: ir.Value | None = None) -> ir.Value:
         name = self.fresh_name(base or "const")
         dtype = like.dtype if like is not None and like.dtype is not None else None
-        if dtype is not None:
-            array = array.astype(dtype.numpy(), copy=False)
-        tensor = ir.tensor(np.ascontiguousarray(array), name=name)
-        value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype))
-        value.const_value = tensor
-        self.model.graph.register_initializer(value)
-        return value
+        return add_initializer(self.model.graph, name, array, dtype)
 
     def set_weight(self, projection: Projection, array: np.ndarray) -> None:
         """Installs an ``[in, out]`` weight in the projection's own storage order."""
@@ -110,9 +101,9 @@ class _Editor:
         if not changes:
             return
         target = node.inputs[index]
-        array = ir.convenience.get_const_tensor(target)
+        array = const_array(target)
         if array is not None:
-            new = array.numpy().copy().reshape(-1)
+            new = array.copy().reshape(-1)
             for entry, value in changes.items():
                 new[entry] = value
             self.replaced.append(target)
@@ -125,10 +116,10 @@ class _Editor:
             length = int(piece.shape[0])
             local = {e - offset: v for e, v in changes.items() if offset <= e < offset + length}
             if local:
-                data = ir.convenience.get_const_tensor(piece)
+                data = const_array(piece)
                 if data is None:  # the analysis only proves targets whose head entries are constant
                     raise RuntimeError(f"{concat.name}: shape piece {p_index} is not constant")
-                new = data.numpy().copy().reshape(-1)
+                new = data.copy().reshape(-1)
                 for entry, value in local.items():
                     new[entry] = value
                 pieces[p_index] = self.const(new, piece.name or "shape_piece", like=piece)
@@ -163,14 +154,6 @@ class _Editor:
 
 def _static_width(value: ir.Value) -> int:
     return int(value.shape[-1])
-
-
-def _set_dim(value: ir.Value, axis: int, width: int) -> None:
-    if value.shape is None:
-        return
-    dims = list(value.shape)
-    dims[axis] = width
-    value.shape = ir.Shape(dims)
 
 
 def _check_layout(block: AttentionBlock, layout: HeadLayout) -> None:
@@ -225,21 +208,21 @@ def apply_head_layout(model: ir.Model, block: AttentionBlock, layout: HeadLayout
             split.resize_inputs(2)
             split.replace_input_with(1, edit.const(sizes, "split"))
             split.attributes.pop("num_outputs", None)
-        _set_dim(q.matmul.outputs[0], -1, weight.shape[1])
+        set_dim(q.matmul.outputs[0], -1, weight.shape[1])
         if q.bias_add is not None:
-            _set_dim(q.bias_add.outputs[0], -1, weight.shape[1])
+            set_dim(q.bias_add.outputs[0], -1, weight.shape[1])
         for role in "qkv":
             proj = block.projections[role]
-            _set_dim(proj.split.outputs[proj.split_index], -1, new_parts[role][0].shape[1])
+            set_dim(proj.split.outputs[proj.split_index], -1, new_parts[role][0].shape[1])
     else:
         for role in "qkv":
             proj = block.projections[role]
             weight, bias = new_parts[role]
             edit.set_weight(proj, weight)
-            _set_dim(proj.matmul.outputs[0], -1, weight.shape[1])
+            set_dim(proj.matmul.outputs[0], -1, weight.shape[1])
             if proj.bias is not None:
                 edit.set_input(proj.bias_add, list(proj.bias_add.inputs).index(proj.bias), bias)
-                _set_dim(proj.bias_add.outputs[0], -1, weight.shape[1])
+                set_dim(proj.bias_add.outputs[0], -1, weight.shape[1])
     edit.set_weight(o, o.weight_array()[head_columns(layout.q_heads, d)])
     # Gemm projections: the [N, out] -> [.., out] Reshape after them carries the (fused) width.
     for proj in {id(p.unflatten): p for p in (q, k, v)}.values():
@@ -248,7 +231,7 @@ def apply_head_layout(model: ir.Model, block: AttentionBlock, layout: HeadLayout
             entries = shape_entries(proj.unflatten.inputs[1])
             if entries[-1] != -1:
                 edit.set_shape_entries(proj.unflatten, 1, {len(entries) - 1: width})
-            _set_dim(proj.unflatten.outputs[0], -1, width)
+            set_dim(proj.unflatten.outputs[0], -1, width)
 
     # Head counts baked into the split / merge Reshape targets (-1 stays -1).
     for role, split in block.splits.items():
@@ -259,7 +242,7 @@ def apply_head_layout(model: ir.Model, block: AttentionBlock, layout: HeadLayout
     merge_entries = shape_entries(block.merge.inputs[1])
     if merge_entries[block.merge_entry] != -1:
         edit.set_shape_entries(block.merge, 1, {block.merge_entry: new_h * d})
-    _set_dim(block.merge.outputs[0], -1, new_h * d)
+    set_dim(block.merge.outputs[0], -1, new_h * d)
 
     # The query → kv map.
     rep = uniform_group_size(layout.mapping, new_k)
@@ -274,9 +257,9 @@ def apply_head_layout(model: ir.Model, block: AttentionBlock, layout: HeadLayout
             edit.set_shape_entries(repeat.expand, 1, changes)
             if shape_entries(repeat.reshape.inputs[1])[a] != -1:
                 edit.set_shape_entries(repeat.reshape, 1, {a: new_h})
-            _set_dim(repeat.unsqueeze.outputs[0], a, new_k)
-            _set_dim(repeat.expand.outputs[0], a, new_k)
-            _set_dim(repeat.expand.outputs[0], a + 1, rep)
+            set_dim(repeat.unsqueeze.outputs[0], a, new_k)
+            set_dim(repeat.expand.outputs[0], a, new_k)
+            set_dim(repeat.expand.outputs[0], a + 1, rep)
         else:
             old = repeat.reshape.outputs[0]
             new = edit.gather(repeat.unsqueeze.inputs[0], layout.mapping, repeat.axis, repeat.reshape, like=old)
@@ -298,7 +281,7 @@ def apply_head_layout(model: ir.Model, block: AttentionBlock, layout: HeadLayout
     for tensor in block.tensors:
         if tensor.merged:
             continue
-        _set_dim(tensor.value, tensor.axis, new_h if tensor.space == "q" else new_k)
+        set_dim(tensor.value, tensor.axis, new_h if tensor.space == "q" else new_k)
     edit.drop_unused()
     return {
         "heads_before": block.num_heads,

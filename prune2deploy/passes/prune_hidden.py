@@ -39,6 +39,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from prune2deploy.analysis.hidden import ConstUse, HiddenStream, analyze_hidden
 from prune2deploy.errors import BadInputError
+from prune2deploy.graph.initializers import NameCounter, add_initializer
 from prune2deploy.passes.base import P2DPass, P2DResult
 from prune2deploy.passes.registry import PassOption, PassSpec, register_pass
 
@@ -75,7 +76,7 @@ class PruneHiddenPass(P2DPass):
         self.channels = None if channels is None else sorted({int(c) for c in channels})
         self.min_width = max(1, min_width)
         self.rescale_norms = rescale_norms
-        self._counter = 0
+        self._names = NameCounter("h")
 
     @classmethod
     def from_mask(cls, keep: np.ndarray, **options) -> PruneHiddenPass:
@@ -190,17 +191,7 @@ class PruneHiddenPass(P2DPass):
 
     # -- constants --------------------------------------------------------------------------------------------
     def _new_initializer(self, model: ir.Model, array: np.ndarray, base: str) -> ir.Value:
-        self._counter += 1
-        name = f"{base}_h{self._counter}"
-        while name in model.graph.initializers:
-            self._counter += 1
-            name = f"{base}_h{self._counter}"
-        value = ir.Value(
-            name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype))
-        )
-        value.const_value = ir.tensor(np.array(array, order="C"), name=name)  # ascontiguousarray makes 0-d 1-d
-        model.graph.register_initializer(value)
-        return value
+        return add_initializer(model.graph, self._names(model.graph, base), array)
 
     def _slice_const(self, model: ir.Model, use: ConstUse, keep: np.ndarray, scale: float) -> None:
         old = use.value

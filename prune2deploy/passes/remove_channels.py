@@ -15,6 +15,8 @@ import numpy as np
 import onnx_ir as ir
 
 from prune2deploy.analysis.channels import ChannelAnalysis, ChannelGroup, Fixup, Slot, analyze_channels
+from prune2deploy.graph.dims import set_dim
+from prune2deploy.graph.initializers import NameCounter, add_initializer, replace_const
 from prune2deploy.passes.base import P2DPass, P2DResult
 from prune2deploy.passes.registry import PassOption, PassSpec, register_pass
 
@@ -43,7 +45,7 @@ class RemoveChannelsPass(P2DPass):
         super().__init__()
         self.min_width = max(1, min_width)
         self.multiple_of = max(1, multiple_of)
-        self._counter = 0
+        self._names = NameCounter("p2d")
 
     def __repr__(self) -> str:
         return f"RemoveChannelsPass(min_width={self.min_width}, multiple_of={self.multiple_of})"
@@ -123,13 +125,9 @@ class RemoveChannelsPass(P2DPass):
             for slot in slots:
                 value = slot.value
                 if value.const_value is not None:
-                    array = np.take(value.const_value.numpy(), indices, axis=slot.axis)
-                    value.const_value = ir.tensor(np.ascontiguousarray(array), name=value.name)
-                    value.shape = ir.Shape(array.shape)
-                elif value.shape is not None:
-                    dims = list(value.shape)
-                    dims[slot.axis] = len(indices)
-                    value.shape = ir.Shape(dims)
+                    replace_const(value, np.take(value.const_value.numpy(), indices, axis=slot.axis))
+                else:
+                    set_dim(value, slot.axis, len(indices))
 
     # -- width-carrying constants ---------------------------------------------------------------------------
     def _class_of(self, group: ChannelGroup, slot: Slot) -> int:
@@ -163,15 +161,7 @@ class RemoveChannelsPass(P2DPass):
         return [e for e in edits if e is not None]
 
     def _new_const(self, model: ir.Model, array: np.ndarray, base: str) -> ir.Value:
-        self._counter += 1
-        name = f"{base}_p2d{self._counter}"
-        while name in model.graph.initializers:
-            self._counter += 1
-            name = f"{base}_p2d{self._counter}"
-        value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.INT64))
-        value.const_value = ir.tensor(array.astype(np.int64), name=name)
-        model.graph.register_initializer(value)
-        return value
+        return add_initializer(model.graph, self._names(model.graph, base), array, ir.DataType.INT64)
 
     def _width_edit(self, model: ir.Model, fixup: Fixup, old: int, new: int):
         node = fixup.node
@@ -230,8 +220,8 @@ class RemoveChannelsPass(P2DPass):
             current = pieces[piece_index].const_value.numpy().copy()
             current[entry] = new
             pieces[piece_index] = self._new_const(model, current, piece.name or "shape_piece")
-            clone = ir.node("Concat", pieces, attributes={"axis": 0}, name=f"{producer.name}_p2d{self._counter}")
-            clone.outputs[0].name = f"{shape.name}_p2d{self._counter}"
+            clone = ir.node("Concat", pieces, attributes={"axis": 0}, name=f"{producer.name}_p2d{self._names.count}")
+            clone.outputs[0].name = f"{shape.name}_p2d{self._names.count}"
             clone.outputs[0].shape = shape.shape
             clone.outputs[0].type = shape.type
             model.graph.insert_before(node, clone)

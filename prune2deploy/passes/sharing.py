@@ -14,6 +14,8 @@ import onnx_ir as ir
 import onnx_ir.passes
 from onnx_ir.passes.common import DeduplicateInitializersPass
 
+from prune2deploy.graph.initializers import add_initializer
+
 __all__ = ["ReshareInitializersPass", "UnshareInitializersPass", "reshare_initializers", "unshare_initializers"]
 
 log = logging.getLogger(__name__)
@@ -36,9 +38,7 @@ def unshare_initializers(model: ir.Model) -> int:
             new_name = f"{name}__copy{index}"
             while new_name in graph.initializers:
                 new_name += "_"
-            copy = ir.Value(name=new_name, shape=ir.Shape(array.shape), type=value.type)
-            copy.const_value = ir.tensor(array.copy(), name=new_name)
-            graph.register_initializer(copy)
+            copy = add_initializer(graph, new_name, array, value.dtype)
             use.node.replace_input_with(use.idx, copy)
             copies += 1
     if copies:

@@ -25,8 +25,9 @@ import onnx_ir as ir
 
 from prune2deploy.analysis.cost import SPARSITY_KEY, model_cost
 from prune2deploy.analysis.nm import NM_OPS, nm_eligibility, nm_mask, nm_violations
-from prune2deploy.analysis.scopes import name_scopes
 from prune2deploy.errors import ConfigError
+from prune2deploy.graph.initializers import add_initializer, replace_const, unique_name
+from prune2deploy.graph.scopes import name_scopes
 from prune2deploy.passes.base import P2DPass, P2DResult
 from prune2deploy.passes.registry import PassOption, PassSpec, register_pass
 
@@ -228,26 +229,17 @@ class SparsifyNMPass(P2DPass):
         shared = weight.is_graph_output() or any((use.node, use.idx) not in ours for use in weight.uses())
         agree = all(np.array_equal(uses[0][2], masked) for _, _, masked, _ in uses[1:])
         if not shared and agree:
-            weight.const_value = ir.tensor(uses[0][2], name=weight.name)
+            replace_const(weight, uses[0][2])
             for node, _, _, record in uses:
                 record["made_nm"] = True
                 node.metadata_props[SPARSITY_KEY] = tag
             return
         for node, index, masked, record in uses:
-            name = self._fresh_name(model, f"{weight.name}_{self.n}of{self.m}")
-            copy = ir.Value(name=name, shape=ir.Shape(masked.shape), type=weight.type)
-            copy.const_value = ir.tensor(masked, name=name)
-            model.graph.register_initializer(copy)
+            name = unique_name(model.graph, f"{weight.name}_{self.n}of{self.m}")
+            copy = add_initializer(model.graph, name, masked, weight.dtype)
             node.replace_input_with(index, copy)
             record.update(made_nm=True, copied=True, initializer=name)
             node.metadata_props[SPARSITY_KEY] = tag
-
-    @staticmethod
-    def _fresh_name(model: ir.Model, base: str) -> str:
-        name, index = base, 1
-        while name in model.graph.initializers:
-            name, index = f"{base}_{index}", index + 1
-        return name
 
     def _fraction(self, model: ir.Model) -> float | None:
         if not self.compute_cost:

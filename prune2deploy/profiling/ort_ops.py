@@ -123,7 +123,7 @@ def ort_op_breakdown(
     working folder) is read and deleted here. The node names are those of ORT's optimised graph: fused
     nodes appear under their fused op types (e.g. ``FusedMatMul``, ``SkipLayerNormalization``).
     """
-    from prune2deploy.engines.onnxruntime import make_session
+    from prune2deploy.ort_session import make_session
 
     if runs < 1 or warmup < 0:
         raise ConfigError(f"need runs >= 1 and warmup >= 0 for an op breakdown, got {runs} and {warmup}")

@@ -7,7 +7,8 @@ import onnx_ir as ir
 import pytest
 import torch
 
-from prune2deploy.analysis.blocks import find_layers, layer_summary
+from prune2deploy.analysis.blocks import find_layers
+from prune2deploy.analysis.summary import layer_summary
 from prune2deploy.errors import BadInputError
 from prune2deploy.feeds import random_feeds
 from prune2deploy.passes.remove_layers import RemoveLayersPass, count_layers
