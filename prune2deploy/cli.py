@@ -474,6 +474,39 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if result.passed else 1
 
 
+def cmd_passes(args: argparse.Namespace) -> int:
+    """The registered passes, in pipeline order, with what they do, when they are exact and their flags."""
+    from prune2deploy import api
+
+    specs = api.pass_specs()
+    defaults = set(api.CompileOptions().passes)
+    if args.json:
+        rows = [
+            {
+                "pass": name,
+                "order": spec.order,
+                "default": name in defaults,
+                "exact": spec.exactness,
+                "summary": spec.summary,
+                "options": {
+                    key: {"flag": o.flag, "default": o.default, "help": o.help} for key, o in spec.options.items()
+                },
+                "switch": spec.switch[0] if spec.switch else None,
+            }
+            for name, spec in specs.items()
+        ]
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    table = []
+    for name, spec in specs.items():
+        flags = [o.flag for o in spec.options.values() if o.flag] + ([spec.switch[0]] if spec.switch else [])
+        table.append([name, "yes" if name in defaults else "", spec.exactness, " ".join(flags) or "-"])
+    print(_table(table, ["pass", "default", "exact", "flags"]))
+    for name, spec in specs.items():
+        print(f"\n{name}: {spec.summary}")
+    return 0
+
+
 # -- parser ---------------------------------------------------------------------------------------------------
 
 
@@ -585,6 +618,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--plan", type=Path, help="pruning plan YAML: per-layer widths for shape-only prediction")
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=cmd_predict)
+
+    ps = sub.add_parser("passes", help="the registered passes: order, default pipeline, exactness, flags")
+    ps.add_argument("--json", action="store_true")
+    ps.set_defaults(func=cmd_passes)
 
     v = sub.add_parser("verify", help="compare a compiled ONNX with its reference on ONNX Runtime CPU")
     v.add_argument("model", type=Path)
