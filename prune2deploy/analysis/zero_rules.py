@@ -18,9 +18,33 @@ from prune2deploy.graph.dims import value_dim
 
 __all__ = ["const_zero_mask", "zero_mask"]
 
-# f(0) == 0 for these, so a zero channel stays zero.
-_ZERO_PRESERVING = set(
-    [
+# Ops that move axes around: the input axis is found through the channel classes, not by alignment.
+_LAYOUT = frozenset(
+    (
+        "Reshape",
+        "Unsqueeze",
+        "Squeeze",
+        "Flatten",
+        "Expand",
+        "MaxPool",
+        "AveragePool",
+        "GlobalAveragePool",
+        "GlobalMaxPool",
+        "Resize",
+        "Upsample",
+        "ReduceMean",
+        "ReduceSum",
+        "ReduceMax",
+        "ReduceMin",
+        "ReduceL2",
+        "ReduceL1",
+        "ReduceSumSquare",
+    )
+)
+
+# f(0) == 0 for these, so a zero channel stays zero (elementwise ones, plus every layout op).
+_ZERO_PRESERVING = _LAYOUT | frozenset(
+    (
         "Relu",
         "LeakyRelu",
         "Gelu",
@@ -47,51 +71,8 @@ _ZERO_PRESERVING = set(
         "IsNaN",
         "IsInf",
         "Transpose",
-        "Reshape",
-        "Unsqueeze",
-        "Squeeze",
-        "Flatten",
-        "Expand",
-        "MaxPool",
-        "AveragePool",
-        "GlobalAveragePool",
-        "GlobalMaxPool",
-        "Resize",
-        "Upsample",
-        "ReduceMean",
-        "ReduceSum",
-        "ReduceMax",
-        "ReduceMin",
-        "ReduceL2",
-        "ReduceL1",
-        "ReduceSumSquare",
-    ]
-)  # fmt: skip
-
-
-# Ops that move axes around: the input axis is found through the channel classes, not by alignment.
-_LAYOUT = set(
-    [
-        "Reshape",
-        "Unsqueeze",
-        "Squeeze",
-        "Flatten",
-        "Expand",
-        "MaxPool",
-        "AveragePool",
-        "GlobalAveragePool",
-        "GlobalMaxPool",
-        "Resize",
-        "Upsample",
-        "ReduceMean",
-        "ReduceSum",
-        "ReduceMax",
-        "ReduceMin",
-        "ReduceL2",
-        "ReduceL1",
-        "ReduceSumSquare",
-    ]
-)  # fmt: skip
+    )
+)
 
 
 def const_zero_mask(value: ir.Value, axis: int) -> np.ndarray:
