@@ -66,9 +66,14 @@ def demo(
     *,
     ratio: float = 0.5,
     overwrite: bool = False,
+    budget_s: float = 20.0,
     progress: Progress | None = None,
 ) -> CompileResult:
-    """Compiles a bundled real model with ``ratio`` of every MLP's neurons masked by weight magnitude."""
+    """Compiles a bundled real model with ``ratio`` of every MLP's neurons masked by weight magnitude.
+
+    The output folder is checked first (and its parents created by the compile), so a re-run without
+    ``overwrite`` fails at once; ``budget_s`` bounds the timing of reference vs compiled at batch 1, seq 128.
+    """
     from prune2deploy.demo import demo_masks
 
     out = Path(out_dir)
@@ -81,7 +86,7 @@ def demo(
         say(f"masking {ratio:.0%} of every MLP's neurons of {model} by magnitude")
         masks = demo_masks(model, ratio, Path(scratch) / "masks.safetensors")
         options = CompileOptions(
-            masks=masks, overwrite=overwrite, profile_batches=[1], profile_seqs=[128], profile_budget_s=20.0
+            masks=masks, overwrite=overwrite, profile_batches=[1], profile_seqs=[128], profile_budget_s=budget_s
         )
         return compile_model(model, out, options, progress=progress)
 

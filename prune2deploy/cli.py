@@ -127,6 +127,7 @@ def _compile_options(args: argparse.Namespace):
         "precision": args.precision,
         "profile_batches": args.batch,
         "profile_seqs": args.seq,
+        "profile_budget_s": args.profile_budget,
         "gpus": args.gpu,
         "shapes": _shapes(args.shapes) if args.shapes else None,
         "feeds": args.feeds,
@@ -377,7 +378,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     steps = _progress(args.quiet)
     try:
-        result = api.demo(args.model, out, ratio=args.ratio, overwrite=args.overwrite, progress=steps)
+        result = api.demo(
+            args.model, out, ratio=args.ratio, overwrite=args.overwrite, budget_s=args.profile_budget, progress=steps
+        )
     finally:
         steps.close()
     _print_compile(result.report, out)
@@ -759,10 +762,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--feeds", type=Path, nargs="+", help=".npz/.safetensors feeds to verify with")
     c.add_argument("--threads", type=int, help="ONNX Runtime threads for timing")
     c.add_argument("--tolerance", type=float, help="relative tolerance of an exact pipeline (default 1e-4)")
+    c.add_argument(
+        "--profile-budget", type=float, metavar="S", help="seconds of timing per profiled shape at most (default 10)"
+    )
     c.add_argument("--no-profile", action="store_true", help="skip latency measurement")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     c.add_argument("--json", action="store_true", help="print report.json instead of a summary")
-    c.add_argument("--quiet", action="store_true", help="no progress lines")
+    c.add_argument("--quiet", action="store_true", help="only the result: no progress lines, library bars or warnings")
     c.set_defaults(func=cmd_compile)
 
     d = sub.add_parser("demo", help="compile a bundled real model with 50%% of its MLP channels masked")
@@ -770,7 +776,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--ratio", type=float, default=0.5, help="fraction of MLP channels to mask (by magnitude)")
     d.add_argument("--out", default="build/demo")
     d.add_argument("--overwrite", action="store_true")
-    d.add_argument("--quiet", action="store_true")
+    d.add_argument(
+        "--profile-budget", type=float, default=20.0, metavar="S", help="seconds of timing at most (default 20)"
+    )
+    d.add_argument("--quiet", action="store_true", help="only the result: no progress lines, library bars or warnings")
     d.set_defaults(func=cmd_demo)
 
     q = sub.add_parser("prune", help="score a dense model and write masks + plan (criteria from the papers)")
