@@ -310,11 +310,13 @@ def _print_groups(groups: dict[str, Any]) -> None:
         print(line)
         return
     reasons: dict[str, int] = {}
+    hints: dict[str, str] = {}
     for b in blocked:
         reasons[b["reason"]] = reasons.get(b["reason"], 0) + 1
+        hints[b["reason"]] = b.get("hint") or ""
     print(f"{line}; {len(blocked)} not:")
     for reason, count in sorted(reasons.items(), key=lambda kv: -kv[1])[:4]:
-        print(f"    {count:>3} × {reason[:100]}")
+        print(f"    {count:>3} × {reason[:100]}" + (f"\n          → {hints[reason]}" if hints[reason] else ""))
     if len(reasons) > 4:
         print(f"    … {len(reasons) - 4} more reasons in report.json (groups.blocked)")
 

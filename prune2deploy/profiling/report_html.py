@@ -134,7 +134,9 @@ def _summary(report: dict[str, Any]) -> str:
     source = report.get("input", {})
     sha = source.get("sha256")
     items.append(
-        f"<li>Input: <code>{_e(source.get('path', '?'))}</code> ({_e(source.get('kind', '?'))})"
+        f"<li>Input: <strong>{_e(_model_name(source))}</strong>"
+        + (" (bundled)" if source.get("bundled") else "")
+        + f' <code class="muted">{_e(source.get("path", "?"))}</code> ({_e(source.get("kind", "?"))})'
         + (f', sha256 <code title="{_e(sha)}">{_e(sha[:12])}…</code>' if sha else "")
         + "</li>"
     )
@@ -261,15 +263,37 @@ def _groups(groups: dict[str, Any] | None) -> str | None:
     parts = [f"<p>{_num(groups.get('prunable'))} of {_num(groups.get('total'))} channel groups are prunable.</p>"]
     blocked = groups.get("blocked") or []
     if blocked:
-        parts.append("<p>The other groups, left as they are, and why:</p>")
+        by_reason: dict[str, list[dict[str, Any]]] = {}
+        for b in blocked:
+            by_reason.setdefault(b.get("reason") or "", []).append(b)
+        parts.append(f"<p>The other {len(blocked)} groups are left as they are, for these reasons:</p>")
         parts.append(
             _table(
-                ["group", "node", "op", "reason"],
-                ([b.get("group"), b.get("node") or "", b.get("op") or "", b.get("reason")] for b in blocked),
-                text_cols=(0, 1, 2, 3),
+                ["groups", "reason", "what it means", "for example"],
+                (
+                    [
+                        len(items),
+                        reason,
+                        items[0].get("hint") or "",
+                        ", ".join(_short(b.get("group")) for b in items[:3]),
+                    ]
+                    for reason, items in sorted(by_reason.items(), key=lambda kv: -len(kv[1]))
+                ),
+                text_cols=(1, 2, 3),
             )
         )
+        rows = _table(
+            ["group", "node", "reason"],
+            ([_short(b.get("group"), 120), b.get("node") or "", b.get("reason")] for b in blocked),
+            text_cols=(0, 1, 2),
+        )
+        parts.append(f"<details><summary>All {len(blocked)} groups</summary>{rows}</details>")
     return "".join(parts)
+
+
+def _short(text: Any, limit: int = 60) -> str:
+    text = str(text or "")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _verification(verification: dict[str, Any] | None) -> str | None:
@@ -314,7 +338,10 @@ def _per_layer(rows: list[dict[str, Any]]) -> str | None:
         "Bar chart of parameters and FLOPs per layer, before and after compilation",
         caption,
     )
-    tied = [r["layer"] for r in rows if not r["params_before"] and r["flops_before"]]
+    # A layer with FLOPs of its own but no parameters reads a weight stored elsewhere (a tied LM head); layers
+    # of only elementwise ops have no FLOPs worth naming.
+    total = sum(r["flops_before"] for r in rows) or 1
+    tied = [r["layer"] for r in rows if not r["params_before"] and r["flops_before"] > 0.01 * total]
     table = _table(
         ["layer", "params before", "params after", "change", "FLOPs before", "FLOPs after", "change"],
         (
@@ -412,23 +439,56 @@ def _gap(report: dict[str, Any]) -> str | None:
     same_params = sum(r["params_before"] for r in same) / params
     biggest = sorted(same, key=lambda r: -max(r["params_before"], r["flops_before"] / 2))[:3]
     names = ", ".join(r["layer"] for r in biggest if r["params_before"] or r["flops_before"])
+    untouched = (
+        f"{same_flops:.0%} of the reference's FLOPs and {same_params:.0%} of its parameters sit in layers the "
+        "pruning did not touch" + (f" ({_e(names)})" if names else "")
+    )
     items = [
         "<li><strong>Ideal</strong> is the ratio of the whole model's FLOPs before and after: it assumes time "
-        "is proportional to FLOPs.</li>",
-        f"<li><strong>Measured</strong> falls short of it: {same_flops:.0%} of the reference's FLOPs and "
-        f"{same_params:.0%} of its parameters sit in layers the pruning did not touch"
-        + (f" ({_e(names)})" if names else "")
-        + ", and inside the pruned layers attention, norms, elementwise ops and per-op overheads do not shrink "
-        "with the MLP; smaller matrices also run at a lower fraction of peak.</li>",
+        f"is proportional to FLOPs. {untouched}; that share is already in the ideal.</li>"
     ]
+    speedups = [r for r in report.get("speedup") or [] if r.get("ideal")]
+    if speedups:
+        r = speedups[0]
+        ci = f" (95% CI {r['ci'][0]:.2f}–{r['ci'][1]:.2f}×)" if r.get("ci") else ""
+        if r["measured"] < r["ideal"]:
+            items.append(
+                f"<li><strong>Measured</strong> {r['measured']:.2f}×{ci} is below the ideal {r['ideal']:.2f}×: "
+                "inside the pruned layers attention, norms, elementwise ops and per-op overheads do not shrink "
+                "with the MLP, and smaller matrices run at a lower fraction of peak.</li>"
+            )
+        else:
+            items.append(
+                f"<li><strong>Measured</strong> {r['measured']:.2f}×{ci} reaches the ideal {r['ideal']:.2f}× here: "
+                "smaller weight matrices also fit the CPU's caches better"
+                + ("; the interval is wide, so part of it may be noise" if r.get("tight") is False else "")
+                + ".</li>"
+            )
     predictions = report.get("predictions") or []
     if predictions:
-        memory = sum(1 for p in predictions if p.get("binding") == "memory")
+        bound: dict[str, int] = {}
+        for p in predictions:
+            bound[p.get("binding") or "?"] = bound.get(p.get("binding") or "?", 0) + 1
+        counts = ", ".join(f"{k}-bound on {v}" for k, v in sorted(bound.items(), key=lambda kv: -kv[1]))
+        nodes = (report.get("model") or {}).get("compiled", {}).get("nodes")
+        why = []
+        if bound.get("launch"):
+            why.append(
+                "launch-bound: the time goes to starting its"
+                + (f" ~{nodes:,}" if nodes else "")
+                + " kernels, which pruning does not reduce (fewer, fused kernels — TensorRT — or a larger batch / "
+                "sequence let the smaller matrices show)"
+            )
+        if bound.get("memory"):
+            why.append(
+                "memory-bound: time follows the bytes read, and the untouched embedding / LM head and the "
+                "activation traffic are a larger share of bytes than of FLOPs"
+            )
         items.append(
-            f"<li><strong>Predicted</strong> (GPU) is lower again where the GPU is memory-bound ({memory} of "
-            f"{len(predictions)} GPUs here, at {_e(_shape(predictions[0]))}): time then follows the bytes of "
-            "weights and activations read, and the untouched embedding / LM head and the KV and activation "
-            "traffic are a larger share of bytes than of FLOPs; kernel launches do not shrink at all.</li>"
+            f"<li><strong>Predicted</strong> (GPU, {_e(predictions[0].get('precision', ''))}, "
+            f"{_e(_shape(predictions[0]))}) is {counts} of {len(predictions)} GPUs. "
+            + "; ".join(why)
+            + ". Compute-bound kernels are the ones that speed up by the FLOP ratio.</li>"
         )
     return "<h3>Why predicted &lt; measured &lt; ideal</h3><ul>" + "".join(items) + "</ul>"
 
