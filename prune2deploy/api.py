@@ -26,6 +26,7 @@ __all__ = [
     "compile",
     "demo",
     "engine_names",
+    "gpu_names",
     "inspect",
     "load_config",
     "load_source",
@@ -34,6 +35,7 @@ __all__ = [
     "predict_config",
     "profile",
     "prune",
+    "quiet_libraries",
     "verify",
 ]
 
@@ -64,9 +66,14 @@ def demo(
     *,
     ratio: float = 0.5,
     overwrite: bool = False,
+    budget_s: float = 20.0,
     progress: Progress | None = None,
 ) -> CompileResult:
-    """Compiles a bundled real model with ``ratio`` of every MLP's neurons masked by weight magnitude."""
+    """Compiles a bundled real model with ``ratio`` of every MLP's neurons masked by weight magnitude.
+
+    The output folder is checked first (and its parents created by the compile), so a re-run without
+    ``overwrite`` fails at once; ``budget_s`` bounds the timing of reference vs compiled at batch 1, seq 128.
+    """
     from prune2deploy.demo import demo_masks
 
     out = Path(out_dir)
@@ -79,9 +86,41 @@ def demo(
         say(f"masking {ratio:.0%} of every MLP's neurons of {model} by magnitude")
         masks = demo_masks(model, ratio, Path(scratch) / "masks.safetensors")
         options = CompileOptions(
-            masks=masks, overwrite=overwrite, profile_batches=[1], profile_seqs=[128], profile_budget_s=5.0
+            masks=masks, overwrite=overwrite, profile_batches=[1], profile_seqs=[128], profile_budget_s=budget_s
         )
         return compile_model(model, out, options, progress=progress)
+
+
+def quiet_libraries() -> None:
+    """Silences what the libraries underneath print on their own: transformers' and huggingface_hub's
+    progress bars and warnings (the tokenizer notes), the GGUF loader's tqdm bar, torch.onnx's export chatter.
+
+    For ``--quiet``: only errors remain. Process-wide, so the CLI calls it; library users keep their settings.
+    """
+    import os
+    import sys
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ["TQDM_DISABLE"] = "1"  # read by tqdm when it is imported
+    if "tqdm" in sys.modules:  # already imported: its defaults were read, so switch bars off at construction
+        import functools
+
+        import tqdm
+
+        for cls in {tqdm.tqdm, getattr(sys.modules.get("tqdm.auto"), "tqdm", tqdm.tqdm)}:
+            if not getattr(cls, "_p2d_quiet", False):
+                cls.__init__ = functools.partialmethod(cls.__init__, disable=True)
+                cls._p2d_quiet = True
+    for name in ("transformers", "huggingface_hub", "torch.onnx", "onnxscript", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    if "transformers" not in sys.modules:  # it reads the variables above when imported
+        return
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def pass_specs() -> dict[str, Any]:
@@ -96,6 +135,14 @@ def engine_names() -> tuple[str, ...]:
     from prune2deploy.engines.registry import engine_names as names
 
     return names()
+
+
+def gpu_names() -> list[str]:
+    """The target GPUs of the catalog, ``key (aliases)`` each."""
+    from prune2deploy.profiling.roofline import gpu_names as names
+    from prune2deploy.profiling.roofline import load_catalog
+
+    return names(load_catalog())
 
 
 def verify(
@@ -156,6 +203,7 @@ def inspect(model: Path | str | ir.Model) -> dict[str, Any]:
         "groups": groups,
         "prunable": sum(g["prunable"] for g in groups),
         "zero_channels": sum(g["zero_channels"] for g in groups if g["prunable"]),
+        "zero_weight_nonzero_bias": sum(g.get("zero_weight_nonzero_bias", 0) for g in groups),
     }
 
 
@@ -218,7 +266,12 @@ def predict(
     ``model`` is an ONNX file (priced from its graph; with ``against``, side by side with the reference), or
     an HF ``config.json`` / a folder holding one (priced from shapes alone: see :func:`predict_config`).
     """
+    from prune2deploy.profiling.roofline import load_catalog, resolve_gpus
+
+    resolve_gpus(gpus, load_catalog())  # a wrong name fails before anything is loaded
     path = Path(model)
+    if not path.exists():
+        raise BadInputError(f"{path}: no such ONNX file, config.json or model folder")
     if _is_config(path):
         return predict_config(
             path, gpus=gpus, precision=precision, batch=batch, seq=seq, engine=engine, decode=decode, past=past,

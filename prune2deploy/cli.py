@@ -18,12 +18,83 @@ from prune2deploy.errors import P2DError
 __all__ = ["main"]
 
 
-def _progress(quiet: bool):
-    def say(message: str) -> None:
-        if not quiet:
-            print(f"· {message}", file=sys.stderr, flush=True)
+class _Steps:
+    """Progress of a long command: one line per step with the time since the start, and while a step runs a
+    spinner with its elapsed time (rich, on a terminal) or a heartbeat line every 30 s (logs, CI).
 
-    return say
+    Called with a message when a step starts; :meth:`close` ends the last one. Silent when ``quiet``.
+    """
+
+    heartbeat_s = 30.0
+
+    def __init__(self, quiet: bool) -> None:
+        import threading
+        import time
+
+        self.quiet = quiet
+        self._clock = time.perf_counter
+        self._start = self._clock()
+        self._step: str | None = None
+        self._step_start = self._start
+        self._live = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if not quiet:
+            from rich.console import Console
+
+            self._console = Console(stderr=True, highlight=False)
+
+    def __call__(self, message: str) -> None:
+        if self.quiet:
+            return
+        self._end_step()
+        now = self._clock()
+        self._step, self._step_start = message, now
+        self._console.print(f"· [{now - self._start:6.1f}s] {message}", markup=False)
+        if self._console.is_terminal:
+            from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+            self._live = Progress(
+                SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=self._console,
+                transient=True,
+            )  # fmt: skip
+            self._live.start()
+            self._live.add_task(message, total=None)
+        else:
+            import threading
+
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._beat, args=(message, self._stop), daemon=True)
+            self._thread.start()
+
+    def _beat(self, message: str, stop) -> None:
+        while not stop.wait(self.heartbeat_s):
+            self._console.print(f"  … {message}: {self._clock() - self._step_start:.0f} s so far", markup=False)
+
+    def _end_step(self) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+
+    def close(self) -> None:
+        """Ends the last step and prints the total time."""
+        if self.quiet or self._step is None:
+            return
+        self._end_step()
+        self._console.print(f"· [{self._clock() - self._start:6.1f}s] done", markup=False)
+        self._step = None
+
+
+def _progress(quiet: bool) -> _Steps:
+    if quiet:
+        from prune2deploy import api
+
+        api.quiet_libraries()
+    return _Steps(quiet)
 
 
 def _fmt_int(n: float) -> str:
@@ -56,7 +127,9 @@ def _compile_options(args: argparse.Namespace):
         "precision": args.precision,
         "profile_batches": args.batch,
         "profile_seqs": args.seq,
+        "profile_budget_s": args.profile_budget,
         "gpus": args.gpu,
+        "shapes": _shapes(args.shapes) if args.shapes else None,
         "feeds": args.feeds,
         "threads": args.threads,
         "tolerance": args.tolerance,
@@ -78,6 +151,25 @@ def _compile_options(args: argparse.Namespace):
             passes = data.get("passes", list(api.CompileOptions().passes))
             data["passes"] = [*passes, name] if name not in passes else passes
     return api.CompileOptions.from_dict(data, source=str(args.config or "command line"))
+
+
+def _shapes(pairs: list[str]) -> dict[str, list[int]]:
+    """``batch=1:1:8 seq=1:128:2048`` → ``{"batch": [1, 1, 8], "seq": [1, 128, 2048]}``."""
+    from prune2deploy.errors import ConfigError
+
+    shapes: dict[str, list[int]] = {}
+    for pair in pairs:
+        axis, _, span = pair.partition("=")
+        try:
+            values = [int(v) for v in span.split(":")]
+        except ValueError:
+            values = []
+        if axis not in ("batch", "seq") or len(values) != 3:
+            raise ConfigError(
+                f"--shapes takes batch=MIN:OPT:MAX and/or seq=MIN:OPT:MAX (e.g. seq=1:128:2048), not '{pair}'"
+            )
+        shapes[axis] = values
+    return shapes
 
 
 def _engine_options(pairs: list[str]) -> dict[str, Any]:
@@ -140,6 +232,24 @@ def _print_compile(report: dict[str, Any], out_dir: Path) -> None:
             + "  ".join(f"{k}={v}" for k, v in extras.items())
             + refused
         )
+    for entry in report["passes"]:
+        if entry["pass"] == "sparsify-2:4":
+            r = entry["record"]
+            print(
+                f"  2:4: {r['already_nm'] + r['made_nm']} of {r['eligible']} eligible weights are 2:4 "
+                f"({r['made_nm']} made so here); the speed comes from sparse tensor cores: --engine tensorrt on "
+                "an Ampere or later GPU"
+            )
+    _print_groups(report.get("groups") or {})
+    if not any(entry["modified"] for entry in report["passes"]):
+        given = report.get("options", {})
+        if given.get("masks") or given.get("plan"):
+            print(
+                "  nothing was pruned: the masks zero no whole channel, head or layer (unstructured zeros leave "
+                "no structure to remove; `prune2deploy inspect` shows what is zero per group)"
+            )
+        else:
+            print("  nothing was pruned: no zero channels/heads found; did you mean --masks or --plan?")
     ver = report["verification"]
     status = "PASSED" if ver["passed"] else "FAILED"
     worst = max((o["max_rel"] for o in ver["outputs"].values()), default=0.0)
@@ -168,21 +278,94 @@ def _print_compile(report: dict[str, Any], out_dir: Path) -> None:
                 f"{ref_row['median_ms']:.2f}" if ref_row else "-",
                 f"{row['median_ms']:.2f}",
                 f"{s.get('measured', 0):.2f}x",
+                f"{s['ci'][0]:.2f}–{s['ci'][1]:.2f}x" if s.get("ci") else "-",
                 f"{s.get('ideal') or 0:.2f}x",
             ]
         )
     if rows:
         print("  ONNX Runtime CPU latency (median ms, same run):")
         print(
-            "    " + _table(rows, ["batch", "seq", "reference", "compiled", "speedup", "ideal"]).replace("\n", "\n    ")
+            "    "
+            + _table(rows, ["batch", "seq", "reference", "compiled", "speedup", "95% CI", "ideal"]).replace(
+                "\n", "\n    "
+            )
         )
+        loose = [s for s in report.get("speedup", []) if s.get("tight") is False]
+        if loose:
+            print(
+                f"    not tight: the time budget ran out before the medians were known to ±{loose[0]['target_ci']:.0%}"
+                " (raise --profile-budget or use a quieter machine)"
+            )
+    _print_engine(report.get("engine"), out_dir)
+    _print_predictions(report.get("predictions") or [], bool(report.get("options", {}).get("gpus")))
+
+
+def _print_groups(groups: dict[str, Any]) -> None:
+    """How many channel groups could be pruned, and why the others could not (grouped by reason)."""
+    if not groups.get("total"):
+        return
+    blocked = groups.get("blocked") or []
+    line = f"  channel groups: {groups['prunable']} of {groups['total']} prunable"
+    if not blocked:
+        print(line)
+        return
+    reasons: dict[str, int] = {}
+    hints: dict[str, str] = {}
+    for b in blocked:
+        reasons[b["reason"]] = reasons.get(b["reason"], 0) + 1
+        hints[b["reason"]] = b.get("hint") or ""
+    print(f"{line}; {len(blocked)} not:")
+    for reason, count in sorted(reasons.items(), key=lambda kv: -kv[1])[:4]:
+        print(f"    {count:>3} × {reason[:100]}" + (f"\n          → {hints[reason]}" if hints[reason] else ""))
+    if len(reasons) > 4:
+        print(f"    … {len(reasons) - 4} more reasons in report.json (groups.blocked)")
+
+
+def _print_engine(engine: dict[str, Any] | None, out_dir: Path) -> None:
+    if not engine:
+        return
+    artifact = f"{out_dir}/{engine['artifact']}" if engine.get("artifact") else "(in memory)"
+    print(f"  engine {engine['engine']} → {artifact}")
+    shapes = engine.get("shapes") or {}
+    if shapes:
+        spans = ", ".join(f"{axis} {lo}–{hi} (opt {opt})" for axis, (lo, opt, hi) in shapes.items())
+        print(f"    accepts {spans}; change with --shapes batch=MIN:OPT:MAX seq=MIN:OPT:MAX")
+    for note in (engine.get("info") or {}).get("notes", []):
+        print(f"    note: {note}")
+    check = engine.get("verification")
+    if check is None:
+        print("    not run here (it needs its GPU); verified: the ONNX it was built from")
+
+
+def _print_predictions(rows: list[dict[str, Any]], asked: bool) -> None:
+    """The GPUs the user named, one row each; otherwise one line over the whole catalog."""
+    if not rows:
+        return
+    if not asked:
+        low, high = min(r["speedup"] for r in rows), max(r["speedup"] for r in rows)
+        span = f"{low:.2f}×" if high - low < 0.005 else f"{low:.2f}–{high:.2f}×"
+        print(f"  predicted speedup on {len(rows)} catalog GPUs: {span} (per GPU: report.html, or --gpu NAME)")
+        return
+    table = [
+        [r["gpu"], r["precision"], f"{r['reference_ms']:.3f}", f"{r['compiled_ms']:.3f}", f"{r['speedup']:.2f}x",
+         r["binding"]]
+        for r in rows
+    ]  # fmt: skip
+    print(f"  predicted on GPU ({rows[0]['engine']} cost model, batch {rows[0]['batch']}, seq {rows[0]['seq']}):")
+    print("    " + _table(table, ["gpu", "precision", "reference ms", "compiled ms", "speedup", "bound"]).replace(
+        "\n", "\n    "
+    ))  # fmt: skip
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
     from prune2deploy import api
 
     options = _compile_options(args)
-    result = api.compile(args.model, args.out, options, progress=_progress(args.quiet or args.json))
+    steps = _progress(args.quiet or args.json)
+    try:
+        result = api.compile(args.model, args.out, options, progress=steps)
+    finally:
+        steps.close()
     if args.json:
         print(json.dumps(result.report, indent=2, default=str))
     else:
@@ -195,7 +378,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from prune2deploy import api
 
     out = Path(args.out)
-    result = api.demo(args.model, out, ratio=args.ratio, overwrite=args.overwrite, progress=_progress(args.quiet))
+    steps = _progress(args.quiet)
+    try:
+        result = api.demo(
+            args.model, out, ratio=args.ratio, overwrite=args.overwrite, budget_s=args.profile_budget, progress=steps
+        )
+    finally:
+        steps.close()
     _print_compile(result.report, out)
     print(f"  report: {out}/report.html  ·  inspect with: prune2deploy inspect {out}/model.onnx")
     return 0
@@ -236,10 +425,22 @@ def cmd_prune(args: argparse.Namespace) -> int:
     print(f"masks → {result.masks_path}\nplan  → {result.plan_path}")
     for key, value in result.summary.items():
         print(f"  {key}: {value}")
-    if args.compile:
-        options = api.CompileOptions(plan=result.plan_path, overwrite=args.overwrite, profile=not args.no_profile)
-        compiled = api.compile(args.model, Path(args.out) / "compiled", options, progress=say)
-        _print_compile(compiled.report, Path(args.out) / "compiled")
+    # 2:4 masks give speed only through sparse tensor cores: the compile tags them for the engine.
+    sparse = nm is not None and nm[1] == 4 and nm[0] <= 2
+    compiled_dir = Path(args.out) / "compiled"
+    if not args.compile:
+        say.close()
+        flag = " --sparse-2-4" if sparse else ""
+        print(f"next: prune2deploy compile {args.model} --plan {result.plan_path} --out {compiled_dir}{flag}")
+        return 0
+    options = api.CompileOptions(plan=result.plan_path, overwrite=args.overwrite, profile=not args.no_profile)
+    if sparse:
+        options = options.replace(passes=[*options.passes, "sparsify-2:4"])
+    try:
+        compiled = api.compile(args.model, compiled_dir, options, progress=say)
+    finally:
+        say.close()
+    _print_compile(compiled.report, compiled_dir)
     return 0
 
 
@@ -268,13 +469,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             [
                 g["label"],
                 g["width"],
-                g["zero_channels"] if g["prunable"] else "-",
+                _zero_cell(g),
                 "yes" if g["prunable"] else "no",
                 g["num_tensors"],
                 why[:90],
             ]
         )
     print(_table(rows, ["group", "width", "zero", "prunable", "tensors", "blocked by"]))
+    if info.get("zero_weight_nonzero_bias"):
+        print(
+            f"note: {info['zero_weight_nonzero_bias']} channels have all-zero weights but a non-zero bias (what "
+            "torch.nn.utils.prune.ln_structured leaves): they still output their bias, so they are not counted as "
+            "zero. Zero the bias with the weight (a mask file's '.bias' entry) to remove them."
+        )
     layer_rows = []
     for layer in info.get("layers", []):
         subs = " ".join(f"{b['kind']}{'=0' if b['zero'] else ''}" for b in layer["sub_blocks"])
@@ -335,18 +542,34 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _zero_cell(group: dict[str, Any]) -> str:
+    if not group["prunable"]:
+        return "-"
+    text = str(group["zero_channels"])
+    if group.get("zero_weight_nonzero_bias"):
+        text += f" (+{group['zero_weight_nonzero_bias']} zero-weight, bias≠0)"
+    return text
+
+
 def cmd_profile(args: argparse.Namespace) -> int:
     from prune2deploy import api
 
-    rows = api.profile(
-        args.model,
-        against=args.against,
-        batches=args.batch,
-        seqs=args.seq,
-        threads=args.threads,
-        budget_s=args.budget,
-        ops=args.ops,
-    )
+    steps = _progress(args.quiet or args.json)
+    models = f"{args.model} against {args.against}" if args.against else str(args.model)
+    points = len(args.batch) * len(args.seq)
+    steps(f"timing {models} on ONNX Runtime CPU: {points} shape(s), up to {args.budget:g} s each")
+    try:
+        rows = api.profile(
+            args.model,
+            against=args.against,
+            batches=args.batch,
+            seqs=args.seq,
+            threads=args.threads,
+            budget_s=args.budget,
+            ops=args.ops,
+        )
+    finally:
+        steps.close()
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -365,9 +588,15 @@ def cmd_profile(args: argparse.Namespace) -> int:
         if r.get("kind") == "latency"
     ]
     print(_table(table, ["model", "batch", "seq", "median ms", "p90 ms", "p99 ms", "runs", "samples/s"]))
+    loose = [r for r in rows if r.get("kind") == "latency" and r.get("stop_reason") == "budget"]
     for r in rows:
         if r.get("kind") == "speedup":
             print(f"speedup at batch {r['batch']} seq {r['seq']}: {r['measured']:.2f}x")
+    if loose:
+        print(
+            f"not tight: {len(loose)} median(s) stopped at the --budget before their 95% CI reached ±2% "
+            f"(widest ±{max(r['rel_ci'] for r in loose):.0%}); raise --budget"
+        )
     for r in rows:
         if r.get("kind") == "ops":
             print(f"\n{r['model']}: ONNX Runtime time per op type (ms per run, first grid point)")
@@ -510,6 +739,12 @@ def cmd_passes(args: argparse.Namespace) -> int:
 # -- parser ---------------------------------------------------------------------------------------------------
 
 
+def _gpu_help() -> str:
+    from prune2deploy import api
+
+    return ", ".join(api.gpu_names())
+
+
 def build_parser() -> argparse.ArgumentParser:
     from prune2deploy import api
 
@@ -551,14 +786,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--precision", choices=["fp32", "fp16", "bf16"])
     c.add_argument("--batch", type=int, nargs="+", help="batch sizes to profile (default 1)")
     c.add_argument("--seq", type=int, nargs="+", help="sequence lengths to profile (default 128)")
-    c.add_argument("--gpu", nargs="+", help="target GPUs for predictions (default: the whole catalog)")
+    c.add_argument(
+        "--shapes",
+        nargs="+",
+        metavar="AXIS=MIN:OPT:MAX",
+        help="input shapes a TensorRT / TensorRT-RTX engine accepts, per axis (batch, seq); default batch=1:B:8 and "
+        "seq=1:S:2048 (B, S: the first profiled --batch / --seq; 2048 capped at the model's max positions)",
+    )
+    c.add_argument("--gpu", nargs="+", help=f"target GPUs for predictions (default: the whole catalog): {_gpu_help()}")
     c.add_argument("--feeds", type=Path, nargs="+", help=".npz/.safetensors feeds to verify with")
     c.add_argument("--threads", type=int, help="ONNX Runtime threads for timing")
     c.add_argument("--tolerance", type=float, help="relative tolerance of an exact pipeline (default 1e-4)")
+    c.add_argument(
+        "--profile-budget", type=float, metavar="S", help="seconds of timing per profiled shape at most (default 10)"
+    )
     c.add_argument("--no-profile", action="store_true", help="skip latency measurement")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     c.add_argument("--json", action="store_true", help="print report.json instead of a summary")
-    c.add_argument("--quiet", action="store_true", help="no progress lines")
+    c.add_argument("--quiet", action="store_true", help="only the result: no progress lines, library bars or warnings")
     c.set_defaults(func=cmd_compile)
 
     d = sub.add_parser("demo", help="compile a bundled real model with 50%% of its MLP channels masked")
@@ -566,7 +811,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--ratio", type=float, default=0.5, help="fraction of MLP channels to mask (by magnitude)")
     d.add_argument("--out", default="build/demo")
     d.add_argument("--overwrite", action="store_true")
-    d.add_argument("--quiet", action="store_true")
+    d.add_argument(
+        "--profile-budget", type=float, default=20.0, metavar="S", help="seconds of timing at most (default 20)"
+    )
+    d.add_argument("--quiet", action="store_true", help="only the result: no progress lines, library bars or warnings")
     d.set_defaults(func=cmd_demo)
 
     q = sub.add_parser("prune", help="score a dense model and write masks + plan (criteria from the papers)")
@@ -603,12 +851,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=10.0, help="seconds per grid point at most")
     p.add_argument("--ops", action="store_true", help="also ONNX Runtime's per-op-type breakdown")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_profile)
 
     r = sub.add_parser("predict", help="predicted latency per target GPU (engine-aware cost model + roofline bound)")
     r.add_argument("model", type=Path, help="ONNX file, or an HF config.json / folder for shape-only prediction")
     r.add_argument("--against", type=Path, help="reference ONNX for a side-by-side speedup")
-    r.add_argument("--gpu", nargs="+", help="GPU names (default: whole catalog)")
+    r.add_argument(
+        "--gpu", nargs="+", help=f"GPU names or unambiguous prefixes (default: whole catalog): {_gpu_help()}"
+    )
     r.add_argument("--precision", default="fp16", choices=["fp32", "tf32", "fp16", "bf16", "fp8", "int8"])
     r.add_argument("--engine", default="tensorrt", choices=["tensorrt", "onnxruntime", "torch", "llama.cpp"])
     r.add_argument("--batch", type=int, nargs=1, default=[1])

@@ -38,7 +38,12 @@ class _CoreOptions(BaseModel):
             ``workspace_mib``), validated by the engine.
         profile / profile_batches / profile_seqs / profile_budget_s: the latency grid (dense reference vs
             compiled, same run) and the seconds spent per point at most.
-        gpus: targets for roofline predictions (empty: the whole catalog).
+        gpus: targets for roofline predictions (empty: the whole catalog); catalog keys, aliases or a prefix
+            of exactly one key (``jetson-orin-nano``).
+        shapes: ``{"batch": [min, opt, max], "seq": [min, opt, max]}``, the input shapes an engine with
+            optimization profiles (TensorRT, TensorRT-RTX) accepts; an axis left out gets the deployment
+            default: batch 1 / first profiled batch / max(8, largest profiled batch), seq 1 / first profiled
+            seq / the model's maximum positions capped at 2048 (at least the largest profiled seq).
         feeds: user feed files (.npz / .safetensors) used for verification besides random feeds.
         tolerance: relative error allowed for an exact pipeline.
         threads: ONNX Runtime intra-op threads for timing (None: ORT's default).
@@ -68,6 +73,9 @@ class _CoreOptions(BaseModel):
     profile_seqs: list[pydantic.PositiveInt] = Field(default_factory=lambda: [128], min_length=1)
     profile_budget_s: pydantic.PositiveFloat = 10.0
     gpus: list[str] = Field(default_factory=list)
+    shapes: dict[Literal["batch", "seq"], tuple[pydantic.PositiveInt, pydantic.PositiveInt, pydantic.PositiveInt]] = (
+        Field(default_factory=dict)
+    )
     feeds: list[Path] = Field(default_factory=list)
     tolerance: float = Field(1e-4, gt=0, lt=1)
     threads: pydantic.PositiveInt | None = None
@@ -75,6 +83,14 @@ class _CoreOptions(BaseModel):
     keep_reference: bool = True
     export_batch: int = Field(2, ge=1)
     export_seq: int = Field(8, ge=1)
+
+    @pydantic.field_validator("shapes")
+    @classmethod
+    def _ordered(cls, shapes: dict[str, tuple[int, int, int]]) -> dict[str, tuple[int, int, int]]:
+        for axis, (lo, opt, hi) in shapes.items():
+            if not lo <= opt <= hi:
+                raise ValueError(f"{axis}: need min <= opt <= max, got {lo}:{opt}:{hi}")
+        return shapes
 
     @model_validator(mode="after")
     def _pipeline(self) -> _CoreOptions:

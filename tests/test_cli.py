@@ -128,3 +128,52 @@ def test_drop_layers_is_approximate_and_reported(tiny_onnx, tmp_path, capsys):
     compiled = ir.load(str(out / "model.onnx"))
     scopes = {n.metadata_props.get("pkg.torch.onnx.name_scopes", "") for n in compiled.graph}
     assert not any("model.layers.1" in s for s in scopes) and any("model.layers.0" in s for s in scopes)
+
+
+def test_compile_without_masks_says_nothing_was_pruned_and_prints_named_gpus(tiny_onnx, tmp_path, capsys):
+    model, _, _ = tiny_onnx
+    argv = ["compile", str(model), "--out", str(tmp_path / "o"), "--no-profile", "--quiet"]
+    assert main([*argv, "--gpu", "l4", "jetson-orin-nano"]) == 0
+    text = capsys.readouterr().out
+    assert "nothing was pruned: no zero channels/heads found; did you mean --masks or --plan?" in text
+    assert "channel groups:" in text and " not:" in text  # the unprunable groups, with their reasons
+    rows = [
+        line.split()[0] for line in text.splitlines() if line.startswith("    l4") or "jetson-orin-nano-8gb" in line
+    ]
+    assert rows == ["l4", "jetson-orin-nano-8gb"]  # predictions for the named GPUs are printed, not only in report.json
+
+
+def test_prune_prints_the_next_command_and_nm_compile_adds_sparsify(tmp_path, capsys):
+    tiny_llama().save_pretrained(tmp_path / "hf")
+    out = tmp_path / "pruned"
+    assert main(["prune", str(tmp_path / "hf"), "--out", str(out), "--mlp", "0.5", "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert f"next: prune2deploy compile {tmp_path / 'hf'} --plan {out / 'plan.yaml'} --out {out / 'compiled'}" in text
+    argv = ["prune", str(tmp_path / "hf"), "--out", str(out), "--nm", "2:4", "--compile", "--no-profile", "--quiet"]
+    assert main([*argv, "--overwrite"]) == 0
+    text = capsys.readouterr().out
+    assert "pass sparsify-2:4" in text and "2:4: " in text and "eligible weights are 2:4" in text
+    report = json.loads((out / "compiled" / "report.json").read_text())
+    assert "sparsify-2:4" in report["options"]["passes"]
+
+
+def test_inspect_says_zero_weight_rows_keep_their_bias(tmp_path, capsys):
+    """torch's ln_structured zeroes weight rows, never the bias: inspect says so instead of "zero 0"."""
+    import torch
+    import torch.nn.utils.prune as torch_prune
+
+    from tests.models import tiny_bert
+
+    torch.manual_seed(0)
+    module = tiny_bert()
+    with torch.no_grad():  # trained biases are not zero (random-init BERT's are, and equal ones get shared)
+        for layer in module.encoder.layer:
+            layer.intermediate.dense.bias.uniform_(0.1, 0.5)
+    dense = module.encoder.layer[0].intermediate.dense
+    torch_prune.ln_structured(dense, "weight", amount=0.25, n=2, dim=0)
+    zero_rows = int((dense.weight.detach().abs().sum(dim=1) == 0).sum())
+    api.compile(module, tmp_path / "out", CompileOptions(profile=False))
+    info = api.inspect(tmp_path / "out" / "reference.onnx")
+    assert zero_rows > 0 and info["zero_weight_nonzero_bias"] == zero_rows
+    assert main(["inspect", str(tmp_path / "out" / "reference.onnx")]) == 0
+    assert f"note: {zero_rows} channels have all-zero weights but a non-zero bias" in capsys.readouterr().out

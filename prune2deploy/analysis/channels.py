@@ -77,6 +77,42 @@ class ChannelGroup:
     def slots(self) -> list[Slot]:
         return [slot for cls in self.classes for slot in cls]
 
+    def partly_zero(self) -> dict[str, int]:
+        """Channels that some weight zeroes but that are not removable, and how many of them keep a non-zero
+        bias: what ``torch.nn.utils.prune.ln_structured`` leaves (it zeroes weight rows, never the bias).
+
+        So a user who pruned can see that the zeros were found and why they were not enough.
+        """
+        from prune2deploy.analysis.zero_rules import const_zero_mask
+
+        if self.blocked or not self.width:
+            return {"zero_weight_channels": 0, "zero_weight_nonzero_bias": 0}
+        zero_w: list[np.ndarray] = []
+        bias_on: list[np.ndarray] = []
+        for slots in self.classes:
+            width = RuleContext.dim(slots[0].value, slots[0].axis)
+            if not isinstance(width, int):
+                return {"zero_weight_channels": 0, "zero_weight_nonzero_bias": 0}
+            zw, nb = np.zeros(width, dtype=bool), np.zeros(width, dtype=bool)
+            for slot in slots:
+                if not slot.is_const:
+                    continue
+                mask = const_zero_mask(slot.value, slot.axis)
+                if mask.shape != (width,):
+                    continue
+                if len(slot.value.shape) >= 2:
+                    zw |= mask
+                elif len(slot.value.shape) == 1:
+                    nb |= ~mask
+            zero_w.append(zw)
+            bias_on.append(nb)
+        removable = set(self.zero_atoms)
+        partly = [
+            a for a, members in enumerate(self.atoms) if a not in removable and any(zero_w[c][i] for c, i in members)
+        ]
+        with_bias = [a for a in partly if any(bias_on[c][i] for c, i in self.atoms[a])]
+        return {"zero_weight_channels": len(partly), "zero_weight_nonzero_bias": len(with_bias)}
+
     def summary(self) -> dict:
         """A JSON-friendly description for ``inspect`` and the report."""
         return {
@@ -84,6 +120,7 @@ class ChannelGroup:
             "label": self.label,
             "width": self.width,
             "zero_channels": len(self.zero_atoms),
+            **self.partly_zero(),
             "prunable": self.prunable,
             "weights": sorted({s.value.name for s in self.slots if s.is_const}),
             "tensors": [repr(s) for s in self.slots][:64],

@@ -29,7 +29,7 @@ from prune2deploy.driver.source import Progress, load_source
 from prune2deploy.errors import EngineUnavailable, VerificationError
 from prune2deploy.spec import CompileOptions
 
-__all__ = ["CompileResult", "compile_model", "resolve_plan"]
+__all__ = ["CompileResult", "check_before_loading", "compile_model", "deployment_axes", "resolve_plan"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ def compile_model(
     options = resolve_plan(options or CompileOptions())
     say = progress or (lambda _msg: None)
     out_dir = Path(out_dir)
+    check_before_loading(options)
     staging = prepare_out_dir(out_dir, options.overwrite)
     timings: dict[str, float] = {}
     try:
@@ -112,7 +113,9 @@ def compile_model(
         }
         if options.engine != "onnxruntime":
             say(f"building {options.engine} engine")
-            report["engine"] = _build_engine(options, model_path, staging, reference, user_feeds, pipeline.exact)
+            report["engine"] = _build_engine(
+                options, model_path, staging, reference, user_feeds, pipeline.exact, loaded.extra.get("max_positions")
+            )
         if options.profile:
             say("profiling reference vs compiled on ONNX Runtime CPU")
             report.update(
@@ -147,6 +150,44 @@ def compile_model(
     return result
 
 
+def check_before_loading(options: CompileOptions) -> None:
+    """What can be checked without the model, checked before the minutes of loading and exporting it:
+    target GPU names, the engine's availability, shape ranges against the profiling grid."""
+    from prune2deploy.profiling.roofline import load_catalog, resolve_gpus
+
+    if options.gpus:
+        resolve_gpus(options.gpus, load_catalog())
+    if options.engine != "onnxruntime":
+        from prune2deploy.engines.registry import make_engine
+
+        availability = make_engine(options.engine).available()
+        if not availability.can_build:
+            raise EngineUnavailable(
+                f"engine {options.engine} cannot build here: {availability.reason}. {availability.install_hint}"
+            )
+
+
+def deployment_axes(options: CompileOptions, max_positions: int | None = None) -> dict[str, tuple[int, int, int]]:
+    """(min, opt, max) of the batch and sequence axes an engine's optimization profile accepts.
+
+    ``options.shapes`` wins per axis. The defaults fit a deployment, not the profiling point: batch 1 to
+    max(8, largest profiled batch), sequence 1 to the model's maximum positions capped at 2048 (never below
+    the largest profiled sequence); opt is the first profiled shape, where the engine is tuned.
+    """
+    batches, seqs = options.profile_batches, options.profile_seqs
+    longest = min(max_positions or _DEFAULT_MAX_SEQ, _DEFAULT_MAX_SEQ)
+    axes = {
+        "batch": (1, batches[0], max(_DEFAULT_MAX_BATCH, *batches)),
+        "seq": (1, seqs[0], max(longest, *seqs)),
+    }
+    axes.update({axis: tuple(span) for axis, span in options.shapes.items()})
+    return axes
+
+
+_DEFAULT_MAX_BATCH = 8
+_DEFAULT_MAX_SEQ = 2048
+
+
 def resolve_plan(options: CompileOptions) -> CompileOptions:
     """A plan brings its mask file (next to it), its depth plan and its hidden-channel plan.
 
@@ -174,6 +215,7 @@ def _build_engine(
     reference: ir.Model,
     user_feeds: list,
     exact: bool,
+    max_positions: int | None = None,
 ) -> dict[str, Any]:
     """Builds the chosen engine and, where it can run on this machine, verifies it against the reference."""
     from prune2deploy.engines.base import BuildOptions
@@ -190,12 +232,14 @@ def _build_engine(
     for value in ir.load(str(model_path)).graph.inputs:
         if value.shape is not None:
             inputs.append((value.name, [d if isinstance(d, int) else None for d in value.shape]))
+    axes = deployment_axes(options, max_positions) if engine.needs_shape_ranges else {}
+    shape_ranges = engine.shape_ranges(inputs, batches=options.profile_batches, seqs=options.profile_seqs, axes=axes)
     built = engine.build(
         model_path,
         BuildOptions(
             precision=options.precision,
             sparse_weights="sparsify-2:4" in options.passes,
-            shape_ranges=engine.shape_ranges(inputs, batches=options.profile_batches, seqs=options.profile_seqs),
+            shape_ranges=shape_ranges,
             work_dir=staging / "engine",
             extra=dict(options.engine_options),
             convert_precision=convert_precision,
@@ -206,6 +250,9 @@ def _build_engine(
         "artifact": str(built.artifact.relative_to(staging)) if built.artifact else None,
         "info": built.info,
     }
+    if axes:
+        section["shapes"] = {axis: list(span) for axis, span in axes.items()}
+        section["shape_ranges"] = {name: [list(s) for s in spans] for name, spans in shape_ranges.items()}
     section["verification"] = _verify_engine(engine, built, reference, user_feeds, options, exact)
     return section
 

@@ -13,6 +13,7 @@ from prune2deploy.driver.source import Source, input_record
 from prune2deploy.io import atomic_write_json, sha256_file
 
 __all__ = [
+    "blocked_hint",
     "costmodel_engine",
     "groups_summary",
     "model_summary",
@@ -59,9 +60,26 @@ def groups_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
                 "total": record["groups_total"],
                 "prunable": record["groups_prunable"],
                 "changed": record["groups_changed"],
-                "blocked": record.get("blocked", []),
+                "blocked": [{**b, "hint": blocked_hint(b.get("reason", ""))} for b in record.get("blocked", [])],
             }
     return {}
+
+
+#: A blocked group's reason (its start) → what it means for a user and which pass handles such channels.
+_HINTS = {
+    "Reshape creates this axis": "attention head structure: heads are removed whole by remove-heads (zero the "
+    "head's o_proj columns / V rows), not channel by channel",
+    "ReduceMean reduces over this axis": "the normalised residual stream: pruned by prune-hidden (--drop-hidden "
+    "or zero channels in every writer), not by remove-channels",
+    "LayerNormalization normalises over this axis": "the normalised residual stream: pruned by prune-hidden "
+    "(--drop-hidden), not by remove-channels",
+    "graph outputs keep their shape": "a model output: its width is part of the model's interface",
+}
+
+
+def blocked_hint(reason: str) -> str:
+    """What a blocked group's reason means for the user ("" when there is nothing to add)."""
+    return next((hint for start, hint in _HINTS.items() if reason.startswith(start)), "")
 
 
 def write_manifest(staging: Path, loaded: Source, options: Any) -> None:

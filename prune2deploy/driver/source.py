@@ -75,7 +75,7 @@ def load_source(source: Any, options: Any, *, progress: Progress | None = None) 
             hf.bundled_model_path(text) if where else path,
             task=loaded.task,
             masks_applied=len(mask_tensors or {}),
-            extra={"bundled": where},
+            extra={"bundled": where, "max_positions": getattr(module.config, "max_position_embeddings", None)},
         )
     if not path.exists():
         raise BadInputError(f"{source}: no such file or folder (and not a bundled model name: smollm2-135m, minilm-l6)")

@@ -105,22 +105,28 @@ class Engine(abc.ABC):
 
     @classmethod
     def shape_ranges(
-        cls, inputs: Sequence[tuple[str, Sequence[int | None]]], *, batches: Sequence[int], seqs: Sequence[int]
+        cls,
+        inputs: Sequence[tuple[str, Sequence[int | None]]],
+        *,
+        batches: Sequence[int],
+        seqs: Sequence[int],
+        axes: Mapping[str, Sequence[int]] | None = None,
     ) -> ShapeRanges:
-        """(min, opt, max) per input from its static dims and the profiling grid: axis 0 is the batch,
-        the other dynamic axes are sequence-like. Engines without optimization profiles return nothing."""
+        """(min, opt, max) per input from its static dims: axis 0 is the batch, the other dynamic axes are
+        sequence-like. ``axes`` (``{"batch": (min, opt, max), "seq": (...)}``) gives the ranges a deployment
+        needs; without it, min is 1 and opt / max come from the profiling grid (``batches``, ``seqs``).
+        Engines without optimization profiles return nothing."""
         if not cls.needs_shape_ranges:
             return {}
+        axes = dict(axes or {})
+        batch = tuple(axes.get("batch") or (1, batches[0], max(batches)))
+        seq = tuple(axes.get("seq") or (1, seqs[0], max(seqs)))
         ranges: ShapeRanges = {}
         for name, dims in inputs:
             lo, opt, hi = [], [], []
             for index, dim in enumerate(dims):
-                if dim is not None:
-                    lo.append(dim), opt.append(dim), hi.append(dim)
-                elif index == 0:
-                    lo.append(1), opt.append(batches[0]), hi.append(max(batches))
-                else:
-                    lo.append(1), opt.append(seqs[0]), hi.append(max(seqs))
+                span = (dim, dim, dim) if dim is not None else batch if index == 0 else seq
+                lo.append(span[0]), opt.append(span[1]), hi.append(span[2])
             ranges[name] = (tuple(lo), tuple(opt), tuple(hi))
         return ranges
 

@@ -95,6 +95,10 @@ class TensorRTEngine(Engine):
 
     # -- build --
 
+    def _notes(self, trt_options: TensorRTOptions) -> list[str]:
+        """What a user of this engine should know about where it runs (nothing for standard TensorRT)."""
+        return []
+
     def build(self, model_path: Path, options: BuildOptions) -> BuildResult:
         model_path = Path(model_path)
         if not model_path.is_file():
@@ -106,7 +110,9 @@ class TensorRTEngine(Engine):
         info: dict[str, Any] = {
             "library": self.module_name,
             "version": getattr(trt, "__version__", "?"),
-            "output_dir": str(out_dir),
+            # Files are named relative to the engine folder: a compile builds in a staging folder that is
+            # renamed into place, so absolute paths would name a folder that no longer exists.
+            "files": {"plan": "engine.plan", "build_log": "build.log", "layers": "layers.json"},
             "notes": [],
         }
         if not self.builds_without_gpu and not cuda_available():
@@ -137,6 +143,7 @@ class TensorRTEngine(Engine):
         info["profiles"] = self._add_profile(builder, network, config, options.shape_ranges)
         info["sparsity"] = self._set_sparsity(trt, config, options.sparse_weights, info["notes"])
         self._set_misc(trt, config, trt_options, info)
+        info["notes"].extend(self._notes(trt_options))
         timing_cache = self._load_timing_cache(config, trt_options.timing_cache, info)
 
         start = time.perf_counter()
@@ -158,7 +165,7 @@ class TensorRTEngine(Engine):
 
         layers, source = self._layer_table(trt, logger, plan, messages)
         (out_dir / "layers.json").write_text(json.dumps({"source": source, "layers": layers}, indent=1))
-        info["layers"] = {"count": len(layers), "source": source, "file": str(out_dir / "layers.json")}
+        info["layers"] = {"count": len(layers), "source": source, "file": "layers.json"}
         self._report_sparsity(info["sparsity"], messages, layers, onnx_path)
         (out_dir / "build_info.json").write_text(json.dumps(info, indent=1, default=str))
         log.info("%s: built %s (%d layers) in %.1fs", self.name, plan_path, len(layers), info["build_seconds"])
@@ -356,6 +363,15 @@ class TensorRTRTXEngine(TensorRTEngine):
     module_name = "tensorrt_rtx"
     install_hint = "pip install tensorrt-rtx-cu12  (or tensorrt-rtx-cu13; ~90 MB download, builds without a GPU)"
     builds_without_gpu = True
+
+    def _notes(self, trt_options: TensorRTOptions) -> list[str]:
+        targets = ", ".join(trt_options.compute_capabilities) if trt_options.compute_capabilities else "its default"
+        return [
+            f"TensorRT-RTX engine for RTX GPUs (compute capability target: {targets}); it has no sm90 target, so "
+            "it does not run on H100/H200 — build with --engine tensorrt on such a machine instead.",
+            "TensorRT-RTX's builder ignores the sparse-weights flag: 2:4 weights run dense here; 2:4 sparse "
+            "tensor cores need standard TensorRT (--engine tensorrt).",
+        ]
 
     def _set_sparsity(self, trt: Any, config: Any, requested: bool, notes: list[str]) -> dict[str, Any]:
         report = super()._set_sparsity(trt, config, requested, notes)

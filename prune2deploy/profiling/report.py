@@ -88,6 +88,7 @@ def latency_sections(
     rows: Sequence[Mapping[str, Any]],
     *,
     ideal: float | Mapping[tuple[int, int | None], float] | None = None,
+    target_ci: float = 0.02,
 ) -> dict[str, list[dict[str, Any]]]:
     """Turns :func:`~prune2deploy.profiling.measure.compare_models` rows into report.json's sections.
 
@@ -95,11 +96,18 @@ def latency_sections(
         rows: latency and speedup rows; models must be named ``"reference"`` and ``"compiled"``.
         ideal: the speedup the cost model promises (reference FLOPs / compiled FLOPs), one number for
             every shape or one per (batch, seq); None leaves ``ideal`` null.
+        target_ci: the relative half width of the medians' 95 % CI that the measurement aimed for; each
+            speedup row says whether both medians reached it (``tight``) and its own 95 % CI (``ci``).
 
     Returns:
         ``{"latency": [...], "speedup": [...]}`` ready to merge into the report.
     """
     latency, speedup = [], []
+    by_shape = {
+        (r.get("engine"), r.get("model"), r["batch"], r.get("seq")): r
+        for r in rows
+        if r.get("kind", "latency") == "latency"
+    }
     for row in rows:
         kind = row.get("kind", "latency")
         entry = {k: v for k, v in row.items() if k != "kind"}
@@ -113,6 +121,7 @@ def latency_sections(
         elif kind == "speedup":
             shape = (entry["batch"], entry.get("seq"))
             expected = ideal.get(shape) if isinstance(ideal, Mapping) else ideal
+            key = (entry["engine"], entry["batch"], entry.get("seq"))
             speedup.append(
                 {
                     "engine": entry["engine"],
@@ -120,6 +129,31 @@ def latency_sections(
                     "seq": entry.get("seq"),
                     "measured": entry["measured"],
                     "ideal": expected,
+                    **_speedup_ci(
+                        by_shape.get((key[0], "reference", *key[1:])), by_shape.get((key[0], "compiled", *key[1:])),
+                        target_ci,
+                    ),
                 }
-            )
+            )  # fmt: skip
     return {"latency": latency, "speedup": speedup}
+
+
+def _speedup_ci(reference: Mapping[str, Any] | None, compiled: Mapping[str, Any] | None, target: float) -> dict:
+    """The speedup's 95 % interval from the two medians' intervals (ratio of the far ends, so conservative),
+    the runs behind it, and whether both medians were known to ``target`` when the measurement stopped."""
+    if not reference or not compiled:
+        return {}
+    import math
+
+    ref_ci, new_ci = reference.get("rel_ci"), compiled.get("rel_ci")
+    out: dict[str, Any] = {"runs": min(reference.get("runs", 0), compiled.get("runs", 0)), "target_ci": target}
+    if ref_ci is None or new_ci is None:
+        return out
+    tight = ref_ci <= target and new_ci <= target
+    out["tight"] = bool(tight)
+    if math.isfinite(ref_ci) and math.isfinite(new_ci) and new_ci < 1:
+        ref_ms, new_ms = reference["median_ms"], compiled["median_ms"]
+        low = ref_ms * (1 - ref_ci) / (new_ms * (1 + new_ci))
+        high = ref_ms * (1 + ref_ci) / (new_ms * (1 - new_ci))
+        out["ci"] = [max(low, 0.0), high]
+    return out

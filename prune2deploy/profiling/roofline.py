@@ -46,6 +46,7 @@ __all__ = [
     "ComparisonRow",
     "GPUSpec",
     "Prediction",
+    "gpu_names",
     "load_catalog",
     "predict",
     "predict_cost",
@@ -271,7 +272,12 @@ def _normal(name: str) -> str:
 
 
 def resolve_gpus(names: Sequence[str] | None, catalog: Mapping[str, GPUSpec]) -> list[GPUSpec]:
-    """Catalog entries for ``names`` (keys or aliases, case-insensitive); all of them for ``None``."""
+    """Catalog entries for ``names``: keys or aliases (case-insensitive), or a prefix of exactly one of them
+    (``jetson-orin-nano`` → ``jetson-orin-nano-8gb``); all of them for ``None``.
+
+    Raises:
+        ConfigError: for a name that matches nothing or more than one GPU, listing the catalog's names.
+    """
     if names is None:
         return list(catalog.values())
     lookup = {}
@@ -282,9 +288,20 @@ def resolve_gpus(names: Sequence[str] | None, catalog: Mapping[str, GPUSpec]) ->
     for name in names:
         spec = lookup.get(_normal(name))
         if spec is None:
-            raise ConfigError(f"unknown GPU '{name}'; the catalog has: {', '.join(catalog)}")
+            matches = {s.key: s for key, s in lookup.items() if key.startswith(_normal(name))}
+            if len(matches) == 1:
+                spec = next(iter(matches.values()))
+            elif matches:
+                raise ConfigError(f"GPU '{name}' is ambiguous: it could be {', '.join(sorted(matches))}")
+            else:
+                raise ConfigError(f"unknown GPU '{name}'; the catalog has: {', '.join(gpu_names(catalog))}")
         resolved.append(spec)
     return resolved
+
+
+def gpu_names(catalog: Mapping[str, GPUSpec]) -> list[str]:
+    """``key (alias, alias)`` per catalog GPU, for messages and ``--help``."""
+    return [f"{s.key} ({', '.join(s.aliases)})" if s.aliases else s.key for s in catalog.values()]
 
 
 def _implies_2of4(tag: str | None) -> bool:

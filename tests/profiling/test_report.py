@@ -172,7 +172,17 @@ def test_latency_sections_from_compare_models_rows_validate():
     sections = latency_sections(rows, ideal={(2, 16): 1.8})
     assert [r["model"] for r in sections["latency"]] == ["reference", "compiled"]
     assert all("kind" not in r for r in sections["latency"])
-    assert sections["speedup"] == [{"engine": "onnxruntime", "batch": 2, "seq": 16, "measured": 1.5, "ideal": 1.8}]
+    assert sections["speedup"] == [
+        {"engine": "onnxruntime", "batch": 2, "seq": 16, "measured": 1.5, "ideal": 1.8, "runs": 10,
+         "target_ci": 0.02, "tight": True, "ci": [1.5, 1.5]}
+    ]  # fmt: skip
+    loose = [{**r, "rel_ci": 0.25, "stop_reason": "budget"} if r["kind"] == "latency" else r for r in rows]
+    wide = latency_sections(loose)["speedup"][0]
+    assert not wide["tight"] and wide["ci"] == [
+        pytest.approx(3 * 0.75 / (2 * 1.25)),
+        pytest.approx(3 * 1.25 / (2 * 0.75)),
+    ]
+    assert "not tight" in render_html({**MINIMAL, **latency_sections(loose)})
     report = {**MINIMAL, **sections}
     validate_report(report)
     assert _parse(render_html(report)).images.keys() == {"plot-latency", "plot-speedup"}
