@@ -359,18 +359,18 @@ def prepare_models(plan: Plan, work: Path, weights: str, notes: list[str]) -> di
     compiled_path = work / "compiled" / "model.onnx"
     sparse_model = load_onnx(compiled_path)
     sparsify = SparsifyNMPass(mode="impose", skip=("*self_attn*", "*lm_head*"), compute_cost=False)
-    sparsify(sparse_model)
+    sparsified = sparsify(sparse_model)
     sparse_path = work / "compiled_24.onnx"
     save_onnx(sparse_model, sparse_path)
     del sparse_model
     timings["sparsify_s"] = time.perf_counter() - t0
-    record = sparsify.record
+    record = sparsified.record
     made = [w["node"] for w in record["weights"] if w["made_nm"] or w["already_nm"]]
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
     verification = report["verification"]
-    records = {r.get("pass"): r for r in report["passes"]}
+    records = {r["pass"]: r["record"] for r in report["passes"]}
     compile_info = {
         "source": source,
         "masks": {
