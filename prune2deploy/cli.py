@@ -73,6 +73,10 @@ def _compile_options(args: argparse.Namespace):
         data["overwrite"] = True
     if args.no_profile:
         data["profile"] = False
+    if args.genai is not None:
+        data["genai"] = args.genai
+    if args.hf_checkpoint:
+        data["hf_checkpoint"] = True
     for name, spec in api.pass_specs().items():
         if spec.switch and getattr(args, _switch_dest(name)):
             passes = data.get("passes", list(api.CompileOptions().passes))
@@ -140,6 +144,24 @@ def _print_compile(report: dict[str, Any], out_dir: Path) -> None:
             + "  ".join(f"{k}={v}" for k, v in extras.items())
             + refused
         )
+    for key, label in (("genai", "genai/"), ("hf", "hf/")):
+        section = report.get(key)
+        if section is None:
+            continue
+        if not section.get("written"):
+            print(f"  {label:<7} not written: {section.get('reason')}")
+            continue
+        heads = sorted({tuple(h) for h in section.get("per_layer_heads", [])})
+        line = f"  {label:<7} written"
+        if heads:
+            line += f"  (heads, kv heads) per layer: {', '.join(f'{h}/{k}' for h, k in heads)}"
+        check = section.get("check") or {}
+        if "max_rel_diff" in check:
+            line += f"  max rel diff {check['max_rel_diff']:.2e}"
+        tokens = section.get("genai") or check
+        if "greedy_tokens_equal" in tokens:
+            line += f"  greedy tokens equal: {tokens['greedy_tokens_equal']}"
+        print(line)
     ver = report["verification"]
     status = "PASSED" if ver["passed"] else "FAILED"
     worst = max((o["max_rel"] for o in ver["outputs"].values()), default=0.0)
@@ -523,6 +545,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--threads", type=int, help="ONNX Runtime threads for timing")
     c.add_argument("--tolerance", type=float, help="relative tolerance of an exact pipeline (default 1e-4)")
     c.add_argument("--no-profile", action="store_true", help="skip latency measurement")
+    c.add_argument(
+        "--genai",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="write OUT/genai/ for onnxruntime-genai (default: on for causal LMs from a model folder, GGUF or name)",
+    )
+    c.add_argument(
+        "--hf-checkpoint",
+        action="store_true",
+        help="write OUT/hf/: a physically smaller transformers checkpoint (uniform per-layer widths only)",
+    )
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     c.add_argument("--json", action="store_true", help="print report.json instead of a summary")
     c.add_argument("--quiet", action="store_true", help="no progress lines")

@@ -46,6 +46,10 @@ class _CoreOptions(BaseModel):
         keep_reference: also write the masked reference as ``reference.onnx``.
         export_batch / export_seq: example input shape for the torch exporter (batch ≥ 2: batch 1 is
             specialised).
+        genai: write ``genai/`` (onnxruntime-genai package) for causal LMs; None: on for causal-LM sources
+            given as a model folder, GGUF, bundled name or module.
+        hf_checkpoint: write ``hf/``, a physically smaller transformers checkpoint (causal LMs).
+        genai_context_length: context length of ``genai/`` (default: the model's max_position_embeddings).
     """
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=False)
@@ -75,6 +79,9 @@ class _CoreOptions(BaseModel):
     keep_reference: bool = True
     export_batch: int = Field(2, ge=1)
     export_seq: int = Field(8, ge=1)
+    genai: bool | None = None
+    hf_checkpoint: bool = False
+    genai_context_length: pydantic.PositiveInt | None = None
 
     @model_validator(mode="after")
     def _pipeline(self) -> _CoreOptions:

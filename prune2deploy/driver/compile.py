@@ -91,6 +91,10 @@ def compile_model(
         save_onnx(compiled, model_path)
         if options.keep_reference:
             (staging / "reference.onnx").write_bytes(reference_bytes)
+        t0 = time.perf_counter()
+        lm_sections = _lm_outputs(loaded, options, staging, say)
+        if lm_sections:
+            timings["lm_outputs_s"] = time.perf_counter() - t0
 
         say("counting parameters and FLOPs")
         batch0, seq0 = options.profile_batches[0], options.profile_seqs[0]
@@ -109,6 +113,7 @@ def compile_model(
             "groups": groups_summary(records),
             "verification": verification.as_dict(),
             "timings": timings,
+            **lm_sections,
         }
         if options.engine != "onnxruntime":
             say(f"building {options.engine} engine")
@@ -132,6 +137,18 @@ def compile_model(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     result = CompileResult(out_dir, report)
+    lm_check = report.get("genai", {}).get("check")
+    if lm_check and not lm_check["passed"]:
+        raise VerificationError(
+            f"genai/ decoder differs from the masked model by {lm_check['max_rel_diff']:.3g} (relative), more than "
+            f"the exact tolerance {options.tolerance:g}; see {out_dir / 'report.json'}. This is a bug."
+        )
+    tokens = report.get("genai", {}).get("genai", {})
+    if tokens.get("checked") and not tokens["greedy_tokens_equal"]:
+        raise VerificationError(
+            f"onnxruntime-genai's greedy tokens on genai/ differ from transformers' on the masked model "
+            f"({tokens['matching']} of {tokens['tokens_compared']} equal); see {out_dir / 'report.json'}."
+        )
     engine_check = report.get("engine", {}).get("verification")
     if not verification.passed:
         raise VerificationError(
@@ -145,6 +162,32 @@ def compile_model(
             f"(relative), more than the exact tolerance {options.tolerance:g}; see {out_dir / 'report.json'}."
         )
     return result
+
+
+def _lm_outputs(loaded: Any, options: CompileOptions, staging: Path, say: Progress) -> dict[str, Any]:
+    """``genai/`` (on by default for causal LMs with a torch module) and ``hf/`` (on request)."""
+    genai = options.genai if options.genai is not None else loaded.causal_lm
+    if not (genai or options.hf_checkpoint):
+        return {}
+    if not loaded.causal_lm:
+        reason = (
+            "genai/ and hf/ are built from a transformers causal LM (model folder, GGUF, bundled name or module); "
+            f"this input is {loaded.kind}" + (f" ({loaded.task})" if loaded.task else "")
+        )
+        wanted = {"genai": genai, "hf": options.hf_checkpoint}
+        return {key: {"written": False, "reason": reason} for key, on in wanted.items() if on}
+    from prune2deploy.outputs.lm import write_lm_outputs
+
+    return write_lm_outputs(
+        loaded.module,
+        loaded.tokenizer,
+        staging,
+        genai=genai,
+        hf_checkpoint=options.hf_checkpoint,
+        context_length=options.genai_context_length,
+        tolerance=options.tolerance,
+        progress=say,
+    )
 
 
 def resolve_plan(options: CompileOptions) -> CompileOptions:

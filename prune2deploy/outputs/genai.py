@@ -376,6 +376,8 @@ def write_genai_folder(
         "path": "genai",
         "attention": "com.microsoft.GroupQueryAttention (K/V never expanded)",
         "per_layer_heads": [[w.num_heads, w.kv_heads] for w in sliced.layers],
+        "per_layer_intermediate": [w.intermediate for w in sliced.layers],
+        "padded": dict(sliced.padded),
         "kv_cache_bytes_per_token": sum(2 * w.kv_heads * sliced.head_dim for w in sliced.layers)
         * (2 if next(module.parameters()).dtype.itemsize == 2 else 4),
         "context_length": length,
