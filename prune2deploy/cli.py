@@ -212,6 +212,26 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from prune2deploy import api
+
+    result = api.generate(
+        args.out, args.prompt, max_new_tokens=args.max_new_tokens, engine=args.engine, do_sample=args.sample,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, chat=args.chat,
+        threads=args.threads,
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0
+    print(result.text)
+    print(
+        f"· {len(result.new_tokens)} new tokens ({result.prompt_tokens} prompt) at {result.tokens_per_s:.1f} tok/s "
+        f"on {result.engine}",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Compiles a bundled real model with 50% of every MLP's channels masked by weight magnitude."""
     from prune2deploy import api
@@ -560,6 +580,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="print report.json instead of a summary")
     c.add_argument("--quiet", action="store_true", help="no progress lines")
     c.set_defaults(func=cmd_compile)
+
+    g = sub.add_parser("generate", help="generate text from a compiled causal LM (OUT/genai)")
+    g.add_argument("out", type=Path, help="compile output folder (or its genai/ folder)")
+    g.add_argument("prompt")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--engine", default="auto", choices=["auto", "genai", "onnxruntime"])
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy (onnxruntime-genai)")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=50)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to the prompt")
+    g.add_argument("--threads", type=int, help="ONNX Runtime threads (onnxruntime engine)")
+    g.add_argument("--json", action="store_true")
+    g.set_defaults(func=cmd_generate)
 
     d = sub.add_parser("demo", help="compile a bundled real model with 50%% of its MLP channels masked")
     d.add_argument("--model", default="smollm2-135m", choices=["smollm2-135m", "minilm-l6"])

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ import onnx_ir as ir
 from prune2deploy.errors import UnsupportedModelError
 from prune2deploy.outputs.slice import SliceResult
 
-__all__ = ["build_genai_decoder", "check_decoder", "genai_greedy", "write_genai_folder"]
+__all__ = ["build_genai_decoder", "check_decoder", "write_genai_folder"]
 
 log = logging.getLogger(__name__)
 
@@ -328,26 +327,6 @@ def check_decoder(decoder_path: Path, reference: Any, *, prompt: int = 7, steps:
     }
 
 
-def genai_greedy(folder: Path, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], float]:
-    """Greedy new tokens from onnxruntime-genai on ``folder``, and the tokens/s of the decode loop."""
-    import time
-
-    import onnxruntime_genai as og
-
-    model = og.Model(str(folder))
-    params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=len(prompt_ids) + max_new_tokens, min_length=0)
-    generator = og.Generator(model, params)
-    generator.append_tokens(np.asarray([prompt_ids], dtype=np.int32))
-    new: list[int] = []
-    start = time.perf_counter()
-    while not generator.is_done() and len(new) < max_new_tokens:
-        generator.generate_next_token()
-        new.append(int(generator.get_next_tokens()[0]))
-    elapsed = time.perf_counter() - start
-    return new, len(new) / elapsed if elapsed > 0 else 0.0
-
-
 def write_genai_folder(
     sliced: SliceResult,
     tokenizer: Any,
@@ -412,16 +391,8 @@ def _check_genai_tokens(folder: Path, reference: Any, *, prompt: int = 8, new_to
             input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
             min_new_tokens=new_tokens, pad_token_id=0,
         )[0, prompt:].tolist()  # fmt: skip
-    got, _ = genai_greedy(folder, ids[0].tolist(), new_tokens)
+    from prune2deploy.generate import genai_tokens
+
+    got, _ = genai_tokens(folder, ids[0].tolist(), new_tokens)
     return {"checked": True, "greedy_tokens_equal": got == want, "tokens_compared": len(want), "matching": sum(
         a == b for a, b in zip(got, want, strict=False))}  # fmt: skip
-
-
-def copy_tokenizer_files(source: Path, out: Path) -> list[str]:
-    """Copies tokenizer files from an HF folder (when the tokenizer object is not at hand)."""
-    copied = []
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
-        if (Path(source) / name).is_file():
-            shutil.copy2(Path(source) / name, Path(out) / name)
-            copied.append(name)
-    return copied
