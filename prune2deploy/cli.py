@@ -77,6 +77,8 @@ def _compile_options(args: argparse.Namespace):
         data["genai"] = args.genai
     if args.hf_checkpoint:
         data["hf_checkpoint"] = True
+    if args.portable:
+        data["portable"] = True
     for name, spec in api.pass_specs().items():
         if spec.switch and getattr(args, _switch_dest(name)):
             passes = data.get("passes", list(api.CompileOptions().passes))
@@ -570,6 +572,9 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="write OUT/genai/ for onnxruntime-genai (default: on for causal LMs from a model folder, GGUF or name)",
+    )
+    c.add_argument(
+        "--portable", action="store_true", help="standard ONNX ops only in model.onnx (no ONNX Runtime fusions)"
     )
     c.add_argument(
         "--hf-checkpoint",
