@@ -241,8 +241,12 @@ def genai_tokens(
     top_k: int = 50,
     top_p: float = 1.0,
     seed: int | None = None,
+    min_new_tokens: int = 0,
 ) -> tuple[list[int], float]:
-    """New tokens from onnxruntime-genai on a genai folder, and tokens/s of the loop (prefill included)."""
+    """New tokens from onnxruntime-genai on a genai folder, and tokens/s of the loop (prefill included).
+
+    ``min_new_tokens`` suppresses EOS until that many tokens exist (as transformers' ``min_new_tokens``).
+    """
     try:
         import onnxruntime_genai as og
     except ImportError as exc:
@@ -250,6 +254,8 @@ def genai_tokens(
     model = og.Model(str(folder))
     params = og.GeneratorParams(model)
     options: dict[str, Any] = {"do_sample": do_sample, "max_length": len(prompt_ids) + max_new_tokens}
+    if min_new_tokens:
+        options["min_length"] = len(prompt_ids) + min_new_tokens
     if do_sample:
         options.update(temperature=temperature, top_k=top_k, top_p=top_p)
         if seed is not None:

@@ -393,6 +393,6 @@ def _check_genai_tokens(folder: Path, reference: Any, *, prompt: int = 8, new_to
         )[0, prompt:].tolist()  # fmt: skip
     from prune2deploy.generate import genai_tokens
 
-    got, _ = genai_tokens(folder, ids[0].tolist(), new_tokens)
+    got, _ = genai_tokens(folder, ids[0].tolist(), new_tokens, min_new_tokens=new_tokens)
     return {"checked": True, "greedy_tokens_equal": got == want, "tokens_compared": len(want), "matching": sum(
         a == b for a, b in zip(got, want, strict=False))}  # fmt: skip
