@@ -53,9 +53,13 @@ def write_hf_checkpoint(sliced: SliceResult, tokenizer: Any, out: Path, *, refer
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = module.config
-    for key in ("quantization_config",):  # a GGUF-loaded model carries one; the weights are now plain
-        if hasattr(config, key):
-            delattr(config, key)
+    # a GGUF-loaded model carries a quantizer and its config; its weights are de-quantised, plain tensors now
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    if getattr(module, "hf_quantizer", None) is not None:
+        module.hf_quantizer = None
+    if getattr(module, "is_quantized", False):
+        module.is_quantized = False
     module.save_pretrained(str(out), safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
