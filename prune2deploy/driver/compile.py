@@ -148,7 +148,7 @@ def compile_model(
     if lm_check and not lm_check["passed"]:
         raise VerificationError(
             f"genai/ decoder differs from the masked model by {lm_check['max_rel_diff']:.3g} (relative), more than "
-            f"the exact tolerance {options.tolerance:g}; see {out_dir / 'report.json'}. This is a bug."
+            f"its tolerance {lm_check['tolerance']:g}; see {out_dir / 'report.json'}. This is a bug."
         )
     tokens = report.get("genai", {}).get("genai", {})
     if tokens.get("checked") and not tokens["greedy_tokens_equal"]:

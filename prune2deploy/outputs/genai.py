@@ -37,6 +37,11 @@ log = logging.getLogger(__name__)
 #: ORT's CPU GroupQueryAttention kernel needs head_size % 8 == 0.
 _GQA_HEAD_MULTIPLE = 8
 
+#: The decoder is checked against the masked *torch* model (another runtime, fused kernels), not against an
+#: ONNX graph, so rounding accumulates over every layer: SmolLM2-135M (30 layers) measures 1.25e-4 of the
+#: logits' scale with 24 of 24 greedy tokens equal. The compile tolerance, but never below this floor.
+CROSS_RUNTIME_TOLERANCE = 5e-4
+
 
 class _Graph:
     """Just enough graph building: named constants, nodes, fresh value names."""
@@ -365,7 +370,8 @@ def write_genai_folder(
     if reference is None:
         return section
     check = check_decoder(out / "model.onnx", reference)
-    check["passed"] = check["max_rel_diff"] <= tolerance
+    check["tolerance"] = max(tolerance, CROSS_RUNTIME_TOLERANCE)
+    check["passed"] = check["max_rel_diff"] <= check["tolerance"]
     section["check"] = check
     try:
         import onnxruntime_genai  # noqa: F401
