@@ -26,6 +26,7 @@ __all__ = [
     "compile",
     "demo",
     "engine_names",
+    "generate",
     "gpu_names",
     "inspect",
     "load_config",
@@ -121,6 +122,31 @@ def quiet_libraries() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+
+
+def generate(
+    out_dir: Path | str,
+    prompt: str,
+    *,
+    max_new_tokens: int = 64,
+    engine: str = "auto",
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 50,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    chat: bool = False,
+    threads: int | None = None,
+):
+    """Text from a compiled causal LM's ``genai/`` folder: onnxruntime-genai when installed, else the ONNX
+    Runtime greedy loop on its decoder. Returns a :class:`~prune2deploy.generate.TextGeneration` (text, new
+    tokens, tokens/s, engine)."""
+    from prune2deploy.generate import generate_text
+
+    return generate_text(
+        out_dir, prompt, max_new_tokens=max_new_tokens, engine=engine, do_sample=do_sample, temperature=temperature,
+        top_k=top_k, top_p=top_p, seed=seed, chat=chat, threads=threads,
+    )  # fmt: skip
 
 
 def pass_specs() -> dict[str, Any]:

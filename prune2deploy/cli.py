@@ -146,6 +146,12 @@ def _compile_options(args: argparse.Namespace):
         data["overwrite"] = True
     if args.no_profile:
         data["profile"] = False
+    if args.genai is not None:
+        data["genai"] = args.genai
+    if args.hf_checkpoint:
+        data["hf_checkpoint"] = True
+    if args.portable:
+        data["portable"] = True
     for name, spec in api.pass_specs().items():
         if spec.switch and getattr(args, _switch_dest(name)):
             passes = data.get("passes", list(api.CompileOptions().passes))
@@ -250,6 +256,24 @@ def _print_compile(report: dict[str, Any], out_dir: Path) -> None:
             )
         else:
             print("  nothing was pruned: no zero channels/heads found; did you mean --masks or --plan?")
+    for key, label in (("genai", "genai/"), ("hf", "hf/")):
+        section = report.get(key)
+        if section is None:
+            continue
+        if not section.get("written"):
+            print(f"  {label:<7} not written: {section.get('reason')}")
+            continue
+        heads = sorted({tuple(h) for h in section.get("per_layer_heads", [])})
+        line = f"  {label:<7} written"
+        if heads:
+            line += f"  (heads, kv heads) per layer: {', '.join(f'{h}/{k}' for h, k in heads)}"
+        check = section.get("check") or {}
+        if "max_rel_diff" in check:
+            line += f"  max rel diff {check['max_rel_diff']:.2e}"
+        tokens = section.get("genai") or check
+        if "greedy_tokens_equal" in tokens:
+            line += f"  greedy tokens equal: {tokens['greedy_tokens_equal']}"
+        print(line)
     ver = report["verification"]
     status = "PASSED" if ver["passed"] else "FAILED"
     worst = max((o["max_rel"] for o in ver["outputs"].values()), default=0.0)
@@ -370,6 +394,26 @@ def cmd_compile(args: argparse.Namespace) -> int:
         print(json.dumps(result.report, indent=2, default=str))
     else:
         _print_compile(result.report, Path(args.out))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from prune2deploy import api
+
+    result = api.generate(
+        args.out, args.prompt, max_new_tokens=args.max_new_tokens, engine=args.engine, do_sample=args.sample,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, chat=args.chat,
+        threads=args.threads,
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0
+    print(result.text)
+    print(
+        f"· {len(result.new_tokens)} new tokens ({result.prompt_tokens} prompt) at {result.tokens_per_s:.1f} tok/s "
+        f"on {result.engine}",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -801,10 +845,39 @@ def build_parser() -> argparse.ArgumentParser:
         "--profile-budget", type=float, metavar="S", help="seconds of timing per profiled shape at most (default 10)"
     )
     c.add_argument("--no-profile", action="store_true", help="skip latency measurement")
+    c.add_argument(
+        "--genai",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="write OUT/genai/ for onnxruntime-genai (default: on for causal LMs from a model folder, GGUF or name)",
+    )
+    c.add_argument(
+        "--portable", action="store_true", help="standard ONNX ops only in model.onnx (no ONNX Runtime fusions)"
+    )
+    c.add_argument(
+        "--hf-checkpoint",
+        action="store_true",
+        help="write OUT/hf/: a physically smaller transformers checkpoint (uniform per-layer widths only)",
+    )
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     c.add_argument("--json", action="store_true", help="print report.json instead of a summary")
     c.add_argument("--quiet", action="store_true", help="only the result: no progress lines, library bars or warnings")
     c.set_defaults(func=cmd_compile)
+
+    g = sub.add_parser("generate", help="generate text from a compiled causal LM (OUT/genai)")
+    g.add_argument("out", type=Path, help="compile output folder (or its genai/ folder)")
+    g.add_argument("prompt")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--engine", default="auto", choices=["auto", "genai", "onnxruntime"])
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy (onnxruntime-genai)")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=50)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to the prompt")
+    g.add_argument("--threads", type=int, help="ONNX Runtime threads (onnxruntime engine)")
+    g.add_argument("--json", action="store_true")
+    g.set_defaults(func=cmd_generate)
 
     d = sub.add_parser("demo", help="compile a bundled real model with 50%% of its MLP channels masked")
     d.add_argument("--model", default="smollm2-135m", choices=["smollm2-135m", "minilm-l6"])

@@ -10,6 +10,7 @@ read from the graph, so a pruned or regrouped graph runs unchanged.
 
 from __future__ import annotations
 
+import json
 import logging
 import statistics
 import time
@@ -25,7 +26,7 @@ from prune2deploy.errors import BadInputError
 from prune2deploy.frontends.decoder import DecoderSignature, decoder_signature
 from prune2deploy.ort_session import make_session
 
-__all__ = ["DecodeLatency", "decode_latency", "generate", "left_pad"]
+__all__ = ["DecodeLatency", "TextGeneration", "decode_latency", "genai_tokens", "generate", "generate_text", "left_pad"]
 
 log = logging.getLogger(__name__)
 
@@ -214,3 +215,127 @@ def decode_latency(
     )
     log.info("decode past=%d batch=%d: %.2f ms/token", past_length, batch, result.median_ms)
     return result
+
+
+@dataclass(frozen=True)
+class TextGeneration:
+    """Text generated from a compiled output, and how fast."""
+
+    text: str
+    prompt_tokens: int
+    new_tokens: list[int]
+    tokens_per_s: float  # new tokens / seconds of the generation loop (prefill included)
+    engine: str  # "onnxruntime-genai" | "onnxruntime"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def genai_tokens(
+    folder: Path | str,
+    prompt_ids: Sequence[int],
+    max_new_tokens: int,
+    *,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 50,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    min_new_tokens: int = 0,
+) -> tuple[list[int], float]:
+    """New tokens from onnxruntime-genai on a genai folder, and tokens/s of the loop (prefill included).
+
+    ``min_new_tokens`` suppresses EOS until that many tokens exist (as transformers' ``min_new_tokens``).
+    """
+    try:
+        import onnxruntime_genai as og
+    except ImportError as exc:
+        raise BadInputError("onnxruntime-genai is not installed: pip install onnxruntime-genai") from exc
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    options: dict[str, Any] = {"do_sample": do_sample, "max_length": len(prompt_ids) + max_new_tokens}
+    if min_new_tokens:
+        options["min_length"] = len(prompt_ids) + min_new_tokens
+    if do_sample:
+        options.update(temperature=temperature, top_k=top_k, top_p=top_p)
+        if seed is not None:
+            options["random_seed"] = seed
+    params.set_search_options(**options)
+    generator = og.Generator(model, params)
+    start = time.perf_counter()
+    generator.append_tokens(np.asarray([list(prompt_ids)], dtype=np.int32))
+    new: list[int] = []
+    while not generator.is_done() and len(new) < max_new_tokens:
+        generator.generate_next_token()
+        new.append(int(generator.get_next_tokens()[0]))
+    elapsed = time.perf_counter() - start
+    return new, len(new) / elapsed if elapsed > 0 else 0.0
+
+
+def generate_text(
+    out_dir: Path | str,
+    prompt: str,
+    *,
+    max_new_tokens: int = 64,
+    engine: str = "auto",
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 50,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    chat: bool = False,
+    threads: int | None = None,
+) -> TextGeneration:
+    """Generates text from a compile output's ``genai/`` folder.
+
+    Args:
+        out_dir: a compile output (holding ``genai/``) or the ``genai/`` folder itself.
+        engine: ``genai`` (onnxruntime-genai), ``onnxruntime`` (this module's greedy loop on the decoder
+            graph), or ``auto`` (genai when installed).
+        do_sample, temperature, top_k, top_p, seed: sampling (onnxruntime-genai only); greedy otherwise.
+        chat: wrap the prompt in the tokenizer's chat template as one user turn.
+    """
+    folder = Path(out_dir)
+    if not (folder / "genai_config.json").is_file():
+        folder = folder / "genai"
+    if not (folder / "genai_config.json").is_file():
+        raise BadInputError(f"{out_dir}: no genai/ folder (compile a causal LM without --no-genai)")
+    if engine == "auto":
+        try:
+            import onnxruntime_genai  # noqa: F401
+
+            engine = "genai"
+        except ImportError:
+            engine = "onnxruntime"
+    if engine not in ("genai", "onnxruntime"):
+        raise BadInputError(f"engine must be auto, genai or onnxruntime, not '{engine}'")
+    if engine == "onnxruntime" and do_sample:
+        raise BadInputError("sampling needs onnxruntime-genai (pip install onnxruntime-genai); greedy runs without")
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except Exception as exc:
+        raise BadInputError(f"{folder}: no usable tokenizer files ({exc})") from exc
+    if chat:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+    else:
+        ids = tokenizer(prompt)["input_ids"]
+    config = json.loads((folder / "genai_config.json").read_text())["model"]
+    eos = config.get("eos_token_id")
+    if engine == "genai":
+        new, rate = genai_tokens(
+            folder, ids, max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+            seed=seed,
+        )  # fmt: skip
+        label = "onnxruntime-genai"
+    else:
+        start = time.perf_counter()
+        out = generate(folder / "model.onnx", [ids], max_new_tokens=max_new_tokens, eos_token_id=eos, threads=threads)
+        new = out[0, len(ids) :].tolist()
+        rate = len(new) / (time.perf_counter() - start)
+        label = "onnxruntime"
+    eos_ids = set(np.atleast_1d(eos).tolist()) if eos is not None else set()
+    shown = [t for t in new if t not in eos_ids]
+    return TextGeneration(tokenizer.decode(shown, skip_special_tokens=True), len(ids), new, rate, label)

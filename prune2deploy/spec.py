@@ -51,6 +51,12 @@ class _CoreOptions(BaseModel):
         keep_reference: also write the masked reference as ``reference.onnx``.
         export_batch / export_seq: example input shape for the torch exporter (batch ≥ 2: batch 1 is
             specialised).
+        portable: keep standard ONNX ops in ``model.onnx`` (no ``fuse-ort``, which is otherwise on for the
+            onnxruntime engine).
+        genai: write ``genai/`` (onnxruntime-genai package) for causal LMs; None: on for causal-LM sources
+            given as a model folder, GGUF, bundled name or module.
+        hf_checkpoint: write ``hf/``, a physically smaller transformers checkpoint (causal LMs).
+        genai_context_length: context length of ``genai/`` (default: the model's max_position_embeddings).
     """
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=False)
@@ -83,6 +89,10 @@ class _CoreOptions(BaseModel):
     keep_reference: bool = True
     export_batch: int = Field(2, ge=1)
     export_seq: int = Field(8, ge=1)
+    portable: bool = False
+    genai: bool | None = None
+    hf_checkpoint: bool = False
+    genai_context_length: pydantic.PositiveInt | None = None
 
     @pydantic.field_validator("shapes")
     @classmethod
@@ -99,6 +109,11 @@ class _CoreOptions(BaseModel):
             get_pass(name)  # unknown names are errors
         values = self.model_dump()
         wanted = set(self.passes) | {name for name, spec in registry.items() if spec.enabled_by(values)}
+        if "fuse-ort" in registry:  # fused ops are ONNX Runtime's: on for its engine, off for portable output
+            if self.engine == "onnxruntime" and not self.portable:
+                wanted.add("fuse-ort")
+            else:
+                wanted.discard("fuse-ort")
         # Passes always run in pipeline order: layers first (less to analyse), precision last.
         self.__dict__["passes"] = [name for name in registry if name in wanted]
         for name in self.passes:

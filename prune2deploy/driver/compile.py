@@ -77,7 +77,16 @@ def compile_model(
         compiled = ir.from_proto(onnx.ModelProto.FromString(reference_bytes))  # an independent copy
 
         t0 = time.perf_counter()
-        pipeline = run_pipeline(compiled, build_passes(options), progress=say)
+        passes = build_passes(options)
+        # Fusion runs last and on its own: the cost model counts FLOPs of standard ops, so the compiled
+        # model's cost is taken before its attention and norms become com.microsoft kernels.
+        fusions = [p for p in passes if p.name == "fuse-ort"]
+        pipeline = run_pipeline(compiled, [p for p in passes if p.name != "fuse-ort"], progress=say)
+        batch0, seq0 = options.profile_batches[0], options.profile_seqs[0]
+        new_cost = model_cost(compiled, batch=batch0, seq=seq0)
+        if fusions:
+            fused = run_pipeline(compiled, fusions, progress=say)
+            pipeline.passes.extend(fused.passes)
         timings["passes_s"] = time.perf_counter() - t0
 
         say("verifying against the masked reference")
@@ -92,11 +101,13 @@ def compile_model(
         save_onnx(compiled, model_path)
         if options.keep_reference:
             (staging / "reference.onnx").write_bytes(reference_bytes)
+        t0 = time.perf_counter()
+        lm_sections = _lm_outputs(loaded, options, staging, say)
+        if lm_sections:
+            timings["lm_outputs_s"] = time.perf_counter() - t0
 
         say("counting parameters and FLOPs")
-        batch0, seq0 = options.profile_batches[0], options.profile_seqs[0]
         ref_cost = model_cost(reference, batch=batch0, seq=seq0)
-        new_cost = model_cost(compiled, batch=batch0, seq=seq0)
         records = pipeline.records()
         report: dict[str, Any] = {
             **report_header(loaded, options),
@@ -110,6 +121,7 @@ def compile_model(
             "groups": groups_summary(records),
             "verification": verification.as_dict(),
             "timings": timings,
+            **lm_sections,
         }
         if options.engine != "onnxruntime":
             say(f"building {options.engine} engine")
@@ -135,6 +147,18 @@ def compile_model(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     result = CompileResult(out_dir, report)
+    lm_check = report.get("genai", {}).get("check")
+    if lm_check and not lm_check["passed"]:
+        raise VerificationError(
+            f"genai/ decoder differs from the masked model by {lm_check['max_rel_diff']:.3g} (relative), more than "
+            f"its tolerance {lm_check['tolerance']:g}; see {out_dir / 'report.json'}. This is a bug."
+        )
+    tokens = report.get("genai", {}).get("genai", {})
+    if tokens.get("checked") and not tokens["greedy_tokens_equal"]:
+        raise VerificationError(
+            f"onnxruntime-genai's greedy tokens on genai/ differ from transformers' on the masked model "
+            f"({tokens['matching']} of {tokens['tokens_compared']} equal); see {out_dir / 'report.json'}."
+        )
     engine_check = report.get("engine", {}).get("verification")
     if not verification.passed:
         raise VerificationError(
@@ -186,6 +210,32 @@ def deployment_axes(options: CompileOptions, max_positions: int | None = None) -
 
 _DEFAULT_MAX_BATCH = 8
 _DEFAULT_MAX_SEQ = 2048
+
+
+def _lm_outputs(loaded: Any, options: CompileOptions, staging: Path, say: Progress) -> dict[str, Any]:
+    """``genai/`` (on by default for causal LMs with a torch module) and ``hf/`` (on request)."""
+    genai = options.genai if options.genai is not None else loaded.causal_lm
+    if not (genai or options.hf_checkpoint):
+        return {}
+    if not loaded.causal_lm:
+        reason = (
+            "genai/ and hf/ are built from a transformers causal LM (model folder, GGUF, bundled name or module); "
+            f"this input is {loaded.kind}" + (f" ({loaded.task})" if loaded.task else "")
+        )
+        wanted = {"genai": genai, "hf": options.hf_checkpoint}
+        return {key: {"written": False, "reason": reason} for key, on in wanted.items() if on}
+    from prune2deploy.outputs.lm import write_lm_outputs
+
+    return write_lm_outputs(
+        loaded.module,
+        loaded.tokenizer,
+        staging,
+        genai=genai,
+        hf_checkpoint=options.hf_checkpoint,
+        context_length=options.genai_context_length,
+        tolerance=options.tolerance,
+        progress=say,
+    )
 
 
 def resolve_plan(options: CompileOptions) -> CompileOptions:

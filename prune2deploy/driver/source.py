@@ -27,6 +27,14 @@ class Source:
     task: str | None = None
     masks_applied: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    #: the masked transformers module and its tokenizer (HF / GGUF / bundled / module sources): the genai
+    #: and hf outputs are built from them. None for .onnx sources.
+    module: Any = None
+    tokenizer: Any = None
+
+    @property
+    def causal_lm(self) -> bool:
+        return self.task == "causal-lm" and self.module is not None
 
 
 def load_source(source: Any, options: Any, *, progress: Progress | None = None) -> Source:
@@ -45,8 +53,15 @@ def load_source(source: Any, options: Any, *, progress: Progress | None = None) 
         spec = options_export_spec(module, options)
         say("exporting module to ONNX")
         model = torch_frontend.export_module(module, spec)
+        task = "causal-lm" if type(module).__name__.endswith(("ForCausalLM", "LMHeadModel")) else None
         return Source(
-            model, "torch", None, masks_applied=len(mask_tensors or {}), extra={"module": type(module).__name__}
+            model,
+            "torch",
+            None,
+            task=task,
+            masks_applied=len(mask_tensors or {}),
+            extra={"module": type(module).__name__},
+            module=module,
         )
     text = str(source)
     path = Path(text)
@@ -76,6 +91,8 @@ def load_source(source: Any, options: Any, *, progress: Progress | None = None) 
             task=loaded.task,
             masks_applied=len(mask_tensors or {}),
             extra={"bundled": where, "max_positions": getattr(module.config, "max_position_embeddings", None)},
+            module=module,
+            tokenizer=loaded.tokenizer,
         )
     if not path.exists():
         raise BadInputError(f"{source}: no such file or folder (and not a bundled model name: smollm2-135m, minilm-l6)")

@@ -1,0 +1,1 @@
+"""Output writers besides ``model.onnx``: the onnxruntime-genai folder and the transformers checkpoint."""

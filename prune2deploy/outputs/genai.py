@@ -1,0 +1,404 @@
+"""``OUT/genai/``: an onnxruntime-genai package (genai_config.json, KV-cache decoder, tokenizer).
+
+The decoder is built from the physically sliced model (:mod:`prune2deploy.outputs.slice`) in the layout
+onnxruntime-genai's own model builder emits for Llama-style models: ``SimplifiedLayerNormalization`` /
+``SkipSimplifiedLayerNormalization``, one packed QKV MatMul and ``com.microsoft.GroupQueryAttention`` with
+fused rotary per layer, SwiGLU, tied or untied LM head, and genai's I/O names (``input_ids``,
+``attention_mask``, ``past_key_values.{i}.key/value`` → ``logits``, ``present.{i}.key/value``).
+
+Why not fuse the exported graph instead: onnxscript's ORT fusions fuse the torch-exported KV-cache decoder's
+norms and rotary, and its attention only into ``MultiHeadAttention`` fed by the *expanded* K/V (the
+Unsqueeze → Expand → Reshape repeat of ``repeat_kv`` stays: their GQA rule does not match that export), so
+the cache read per step would still be the query-head count's. GroupQueryAttention reads the un-expanded
+cache; building it directly also lets every layer carry its own ``num_heads`` / ``kv_num_heads``
+(non-uniform pruning), which no fusion rule or the builder (one config for all layers) can express.
+
+Exactness is checked, not assumed: :func:`check_decoder` runs prefill + decode steps of this graph on ONNX
+Runtime against the masked torch model, and the driver compares genai's greedy tokens with transformers'.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from prune2deploy.errors import UnsupportedModelError
+from prune2deploy.outputs.slice import SliceResult
+
+__all__ = ["build_genai_decoder", "check_decoder", "write_genai_folder"]
+
+log = logging.getLogger(__name__)
+
+#: ORT's CPU GroupQueryAttention kernel needs head_size % 8 == 0.
+_GQA_HEAD_MULTIPLE = 8
+
+#: The decoder is checked against the masked *torch* model (another runtime, fused kernels), not against an
+#: ONNX graph, so rounding accumulates over every layer: SmolLM2-135M (30 layers) measures 1.25e-4 of the
+#: logits' scale with 24 of 24 greedy tokens equal. The compile tolerance, but never below this floor.
+CROSS_RUNTIME_TOLERANCE = 5e-4
+
+
+class _Graph:
+    """Just enough graph building: named constants, nodes, fresh value names."""
+
+    def __init__(self) -> None:
+        self.nodes: list[ir.Node] = []
+        self.initializers: list[ir.Value] = []
+        self._count = 0
+
+    def const(self, name: str, array: np.ndarray) -> ir.Value:
+        array = np.ascontiguousarray(array)
+        value = ir.Value(
+            name=name,
+            shape=ir.Shape(array.shape),
+            type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+            const_value=ir.tensor(array, name=name),
+        )
+        self.initializers.append(value)
+        return value
+
+    def op(self, op_type: str, *inputs: ir.Value | None, domain: str = "", outputs: int = 1, name: str = "", **attrs):
+        self._count += 1
+        node = ir.node(
+            op_type,
+            list(inputs),
+            attributes=attrs,
+            domain=domain,
+            num_outputs=outputs,
+            name=name or f"/{op_type}_{self._count}",
+        )
+        for i, value in enumerate(node.outputs):
+            value.name = f"{node.name}/output_{i}"
+        self.nodes.append(node)
+        return node.outputs[0] if outputs == 1 else node.outputs
+
+
+def _np(tensor: Any, dtype: np.dtype) -> np.ndarray:
+    return tensor.detach().float().numpy().astype(dtype) if dtype == np.float32 else tensor.detach().numpy()
+
+
+def _linear(g: _Graph, x: ir.Value, linears: list[Any], name: str, dtype: np.dtype) -> ir.Value:
+    """MatMul with the (row-concatenated) weights of ``linears``, plus their bias when any has one."""
+    weight = np.concatenate([_np(lin.weight, dtype) for lin in linears], axis=0).T
+    out = g.op("MatMul", x, g.const(f"{name}.MatMul.weight", weight), name=f"{name}/MatMul")
+    if any(lin.bias is not None for lin in linears):
+        bias = np.concatenate(
+            [_np(lin.bias, dtype) if lin.bias is not None else np.zeros(lin.out_features, dtype) for lin in linears]
+        )
+        out = g.op("Add", out, g.const(f"{name}.Add.bias", bias), name=f"{name}/Add")
+    return out
+
+
+def _rotary_caches(module: Any, head_dim: int, length: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin caches [length, head_dim/2] from the model's own rotary module (its scaling included)."""
+    import torch
+
+    rotary = getattr(getattr(module, "model", None), "rotary_emb", None)
+    if rotary is None:
+        raise UnsupportedModelError(f"{type(module).__name__}: no model.rotary_emb (rotary position embedding)")
+    positions = torch.arange(length)[None]
+    with torch.no_grad():
+        cos, sin = rotary(torch.zeros(1, dtype=torch.float32), positions)
+    if cos.shape[-1] != head_dim:
+        raise UnsupportedModelError(
+            f"{type(module).__name__}: rotary covers {cos.shape[-1]} of {head_dim} head dims (partial rotary "
+            "is not supported by this decoder builder)"
+        )
+    half = head_dim // 2
+    return cos[0, :, :half].float().numpy().astype(dtype), sin[0, :, :half].float().numpy().astype(dtype)
+
+
+def _check_supported(module: Any, head_dim: int) -> None:
+    config = module.config.get_text_config(decoder=True)
+    act = str(getattr(config, "hidden_act", "silu"))
+    if act not in ("silu", "swish"):
+        raise UnsupportedModelError(f"{type(module).__name__}: MLP activation '{act}' (only SiLU/SwiGLU)")
+    if head_dim % _GQA_HEAD_MULTIPLE:
+        raise UnsupportedModelError(
+            f"head_dim {head_dim} is not a multiple of {_GQA_HEAD_MULTIPLE}, which ONNX Runtime's CPU "
+            "GroupQueryAttention requires"
+        )
+    for i, layer in enumerate(module.model.layers):
+        attn = layer.self_attn
+        for extra in ("q_norm", "k_norm"):
+            if getattr(attn, extra, None) is not None:
+                raise UnsupportedModelError(f"layer {i}: per-head {extra} is not supported by this decoder builder")
+        if getattr(config, "layer_types", None) and config.layer_types[i] != "full_attention":
+            raise UnsupportedModelError(f"layer {i}: {config.layer_types[i]} layers are not supported")
+
+
+def build_genai_decoder(sliced: SliceResult, *, context_length: int | None = None) -> ir.Model:
+    """The GroupQueryAttention KV-cache decoder of a sliced Llama-style model (per-layer head counts).
+
+    Raises:
+        UnsupportedModelError: the architecture has something this builder does not emit (non-SiLU MLP,
+            per-head norms, sliding-window layers, partial rotary, head_dim % 8 != 0).
+    """
+    import torch
+
+    module = sliced.module
+    d = sliced.head_dim
+    _check_supported(module, d)
+    config = module.config.get_text_config(decoder=True)
+    dtype = np.float16 if next(module.parameters()).dtype == torch.float16 else np.float32
+    io_type = ir.DataType.from_numpy(np.dtype(dtype))
+    length = int(context_length or getattr(config, "max_position_embeddings", 4096))
+    eps = float(getattr(config, "rms_norm_eps", 1e-6))
+    g = _Graph()
+
+    batch, seq = ir.SymbolicDim("batch_size"), ir.SymbolicDim("sequence_length")
+    total, past = ir.SymbolicDim("total_sequence_length"), ir.SymbolicDim("past_sequence_length")
+    input_ids = ir.Value(name="input_ids", shape=ir.Shape([batch, seq]), type=ir.TensorType(ir.DataType.INT64))
+    mask = ir.Value(name="attention_mask", shape=ir.Shape([batch, total]), type=ir.TensorType(ir.DataType.INT64))
+    inputs, outputs = [input_ids, mask], []
+
+    one = g.const("/model/constants/INT64/[1]", np.array([1], dtype=np.int64))
+    seqlens = g.op("ReduceSum", mask, one, keepdims=0, name="/model/attn_mask/ReduceSum")
+    seqlens = g.op("Cast", g.op("Sub", seqlens, one, name="/model/attn_mask/Sub"), to=ir.DataType.INT32)
+    total_len = g.op("Gather", g.op("Shape", mask), g.const("/model/constants/INT64/1", np.array(1, dtype=np.int64)))
+    total_len = g.op("Cast", total_len, to=ir.DataType.INT32, name="/model/attn_mask/total/Cast")
+    cos, sin = _rotary_caches(module, d, length, dtype)
+    cos_cache, sin_cache = g.const("cos_cache", cos), g.const("sin_cache", sin)
+
+    hidden = g.op("Gather", g.const("model.embed_tokens.weight", _np(module.model.embed_tokens.weight, dtype)),
+                  input_ids, name="/model/embed_tokens/Gather")  # fmt: skip
+    residual = hidden
+    layers = list(module.model.layers)
+    x = g.op("SimplifiedLayerNormalization", hidden, g.const("model.layers.0.input_layernorm.weight",
+             _np(layers[0].input_layernorm.weight, dtype)), axis=-1, epsilon=eps, stash_type=1)  # fmt: skip
+    for i, layer in enumerate(layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        heads, kv = attn.q_proj.out_features // d, attn.k_proj.out_features // d
+        prefix = f"model.layers.{i}"
+        qkv = _linear(g, x, [attn.q_proj, attn.k_proj, attn.v_proj], f"{prefix}.attn.qkv_proj", dtype)
+        past_k = ir.Value(name=f"past_key_values.{i}.key", shape=ir.Shape([batch, kv, past, d]),
+                          type=ir.TensorType(io_type))  # fmt: skip
+        past_v = ir.Value(name=f"past_key_values.{i}.value", shape=ir.Shape([batch, kv, past, d]),
+                          type=ir.TensorType(io_type))  # fmt: skip
+        inputs += [past_k, past_v]
+        attn_out, present_k, present_v = g.op(
+            "GroupQueryAttention", qkv, None, None, past_k, past_v, seqlens, total_len, cos_cache, sin_cache,
+            domain="com.microsoft", outputs=3, name=f"/{prefix}/attn/GroupQueryAttention",
+            num_heads=heads, kv_num_heads=kv, scale=float(attn.scaling), do_rotary=1, rotary_interleaved=0,
+            local_window_size=-1,
+        )  # fmt: skip
+        for value, kind in ((present_k, "key"), (present_v, "value")):
+            value.name = f"present.{i}.{kind}"
+            value.shape = ir.Shape([batch, kv, total, d])
+            value.type = ir.TensorType(io_type)
+            outputs.append(value)
+        attn_out = _linear(g, attn_out, [attn.o_proj], f"{prefix}.attn.o_proj", dtype)
+        x, _, _, residual = g.op(
+            "SkipSimplifiedLayerNormalization", residual, attn_out,
+            g.const(f"{prefix}.post_attention_layernorm.weight", _np(layer.post_attention_layernorm.weight, dtype)),
+            domain="com.microsoft", outputs=4, epsilon=eps, name=f"/{prefix}/post_attention_layernorm",
+        )  # fmt: skip
+        gate = _linear(g, x, [mlp.gate_proj], f"{prefix}.mlp.gate_proj", dtype)
+        up = _linear(g, x, [mlp.up_proj], f"{prefix}.mlp.up_proj", dtype)
+        act = g.op("Mul", gate, g.op("Sigmoid", gate))
+        down = _linear(g, g.op("Mul", act, up), [mlp.down_proj], f"{prefix}.mlp.down_proj", dtype)
+        is_last = i == len(layers) - 1
+        norm = module.model.norm if is_last else layers[i + 1].input_layernorm
+        norm_name = "model.norm.weight" if is_last else f"model.layers.{i + 1}.input_layernorm.weight"
+        x, _, _, residual = g.op(
+            "SkipSimplifiedLayerNormalization", residual, down, g.const(norm_name, _np(norm.weight, dtype)),
+            domain="com.microsoft", outputs=4, epsilon=eps, name=f"/{prefix}/next_norm",
+        )  # fmt: skip
+    logits = _linear(g, x, [module.lm_head], "lm_head", dtype)
+    logits.name = "logits"
+    logits.shape = ir.Shape([batch, seq, int(module.lm_head.out_features)])
+    logits.type = ir.TensorType(io_type)
+    # present values alternate key, value per layer; genai finds them by name
+    graph = ir.Graph(
+        inputs,
+        [logits, *outputs],
+        nodes=g.nodes,
+        initializers=g.initializers,
+        opset_imports={"": 18, "com.microsoft": 1},
+        name="prune2deploy_genai_decoder",
+    )
+    return ir.Model(graph, ir_version=10, producer_name="prune2deploy")
+
+
+def _genai_config(sliced: SliceResult, context_length: int, filename: str) -> dict[str, Any]:
+    module = sliced.module
+    config = module.config.get_text_config(decoder=True)
+    generation = getattr(module, "generation_config", None)
+
+    def token(name: str) -> Any:
+        value = getattr(generation, name, None) if generation is not None else None
+        return value if value is not None else getattr(config, name, None)
+
+    eos = token("eos_token_id")
+    pad = token("pad_token_id")
+    first = sliced.layers[0]
+    model_type = type(module).__name__
+    model_type = model_type[: model_type.find("For")] if "For" in model_type else model_type
+    return {
+        "model": {
+            "bos_token_id": token("bos_token_id"),
+            "context_length": context_length,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": filename,
+                "head_size": sliced.head_dim,
+                "hidden_size": int(config.hidden_size),
+                "inputs": {
+                    "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
+                    "past_key_names": "past_key_values.%d.key",
+                    "past_value_names": "past_key_values.%d.value",
+                },
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value",
+                },
+                # genai sizes each layer's cache from the graph's inputs; these describe layer 0
+                "num_attention_heads": first.num_heads,
+                "num_hidden_layers": len(sliced.layers),
+                "num_key_value_heads": first.kv_heads,
+            },
+            "eos_token_id": eos if eos is not None else 0,
+            "pad_token_id": pad if pad is not None else (eos[0] if isinstance(eos, list) else eos or 0),
+            "type": model_type.lower(),
+            "vocab_size": int(config.vocab_size),
+        },
+        "search": {
+            "diversity_penalty": 0.0,
+            "do_sample": False,
+            "early_stopping": True,
+            "length_penalty": 1.0,
+            "max_length": context_length,
+            "min_length": 0,
+            "no_repeat_ngram_size": 0,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            "past_present_share_buffer": True,
+            "repetition_penalty": 1.0,
+            "temperature": 1.0,
+            "top_k": 50,
+            "top_p": 1.0,
+        },
+    }
+
+
+def check_decoder(decoder_path: Path, reference: Any, *, prompt: int = 7, steps: int = 4) -> dict[str, Any]:
+    """Prefill + ``steps`` decode steps of the ONNX decoder against the masked torch model's logits."""
+    import torch
+
+    from prune2deploy.ort_session import make_session
+
+    reference = getattr(reference, "module", reference)
+    session = make_session(Path(decoder_path))
+    inputs = {i.name: i for i in session.get_inputs()}
+    vocab = int(reference.config.get_text_config(decoder=True).vocab_size)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (1, prompt + steps), generator=gen)
+    with torch.no_grad():
+        want = reference(input_ids=ids, use_cache=False).logits.float().numpy()
+    dtype = np.float16 if "float16" in next(v.type for k, v in inputs.items() if k.startswith("past")) else np.float32
+    feeds: dict[str, np.ndarray] = {}
+    for name, arg in inputs.items():
+        if name.startswith("past_key_values."):
+            feeds[name] = np.zeros((1, arg.shape[1], 0, arg.shape[3]), dtype=dtype)
+    names = [o.name for o in session.get_outputs()]
+    got = []
+    position = 0
+    for length in [prompt] + [1] * steps:
+        chunk = ids[:, position : position + length].numpy()
+        feeds["input_ids"] = chunk
+        feeds["attention_mask"] = np.ones((1, position + length), dtype=np.int64)
+        out = dict(zip(names, session.run(names, feeds), strict=True))
+        got.append(out["logits"].astype(np.float32))
+        for name in list(feeds):
+            if name.startswith("past_key_values."):
+                feeds[name] = out[name.replace("past_key_values", "present")]
+        position += length
+    got_all = np.concatenate(got, axis=1)
+    scale = float(np.abs(want).max()) or 1.0
+    diff = float(np.abs(want - got_all).max())
+    return {
+        "max_abs_diff": diff,
+        "max_rel_diff": diff / scale,
+        "top1_agreement": float((want.argmax(-1) == got_all.argmax(-1)).mean()),
+        "prefill_tokens": prompt,
+        "decode_steps": steps,
+    }
+
+
+def write_genai_folder(
+    sliced: SliceResult,
+    tokenizer: Any,
+    out: Path,
+    *,
+    reference: Any = None,
+    context_length: int | None = None,
+    tolerance: float = 1e-4,
+) -> dict[str, Any]:
+    """Writes ``out`` (genai_config.json, model.onnx + model.onnx.data, tokenizer) and checks it.
+
+    With ``reference`` (the masked model) the decoder's logits are compared on ONNX Runtime (prefill and
+    decode steps) and, when onnxruntime-genai is installed, genai's greedy tokens with transformers'.
+    """
+    module = sliced.module
+    config = module.config.get_text_config(decoder=True)
+    length = int(context_length or getattr(config, "max_position_embeddings", 4096))
+    decoder = build_genai_decoder(sliced, context_length=length)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ir.save(decoder, out / "model.onnx", external_data="model.onnx.data")
+    (out / "genai_config.json").write_text(json.dumps(_genai_config(sliced, length, "model.onnx"), indent=4) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    section: dict[str, Any] = {
+        "path": "genai",
+        "attention": "com.microsoft.GroupQueryAttention (K/V never expanded)",
+        "per_layer_heads": [[w.num_heads, w.kv_heads] for w in sliced.layers],
+        "per_layer_intermediate": [w.intermediate for w in sliced.layers],
+        "padded": dict(sliced.padded),
+        "kv_cache_bytes_per_token": sum(2 * w.kv_heads * sliced.head_dim for w in sliced.layers)
+        * (2 if next(module.parameters()).dtype.itemsize == 2 else 4),
+        "context_length": length,
+        "files": sorted(p.name for p in out.iterdir()),
+    }
+    if reference is None:
+        return section
+    check = check_decoder(out / "model.onnx", reference)
+    check["tolerance"] = max(tolerance, CROSS_RUNTIME_TOLERANCE)
+    check["passed"] = check["max_rel_diff"] <= check["tolerance"]
+    section["check"] = check
+    try:
+        import onnxruntime_genai  # noqa: F401
+    except ImportError:
+        section["genai"] = {
+            "checked": False,
+            "reason": "onnxruntime-genai is not installed (pip install onnxruntime-genai)",
+        }
+        return section
+    section["genai"] = _check_genai_tokens(out, reference)
+    return section
+
+
+def _check_genai_tokens(folder: Path, reference: Any, *, prompt: int = 8, new_tokens: int = 12) -> dict[str, Any]:
+    import torch
+
+    reference = getattr(reference, "module", reference)
+    vocab = int(reference.config.get_text_config(decoder=True).vocab_size)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (1, prompt), generator=gen)
+    with torch.no_grad():
+        want = reference.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
+            min_new_tokens=new_tokens, pad_token_id=0,
+        )[0, prompt:].tolist()  # fmt: skip
+    from prune2deploy.generate import genai_tokens
+
+    got, _ = genai_tokens(folder, ids[0].tolist(), new_tokens, min_new_tokens=new_tokens)
+    return {"checked": True, "greedy_tokens_equal": got == want, "tokens_compared": len(want), "matching": sum(
+        a == b for a, b in zip(got, want, strict=False))}  # fmt: skip

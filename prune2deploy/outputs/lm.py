@@ -1,0 +1,64 @@
+"""The causal-LM outputs of a compile: ``genai/`` and ``hf/``, both from one physical slicing of the model."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from prune2deploy.errors import UnsupportedModelError
+
+__all__ = ["write_lm_outputs"]
+
+log = logging.getLogger(__name__)
+
+
+def write_lm_outputs(
+    module: Any,
+    tokenizer: Any,
+    out_dir: Path,
+    *,
+    genai: bool,
+    hf_checkpoint: bool,
+    context_length: int | None = None,
+    tolerance: float = 1e-4,
+    progress: Any = None,
+) -> dict[str, Any]:
+    """Slices ``module`` (masked) once and writes the requested folders; returns their report sections.
+
+    A folder that cannot be written (an architecture the slicer or the decoder builder does not cover,
+    per-layer widths a transformers config cannot express) gets ``written: False`` and the reason; the
+    rest of the compile is unaffected.
+    """
+    from prune2deploy.outputs.slice import slice_causal_lm
+
+    say = progress or (lambda _msg: None)
+    sections: dict[str, Any] = {}
+    try:
+        say("slicing the masked model physically (torch)")
+        sliced = slice_causal_lm(module)
+    except UnsupportedModelError as exc:
+        reason = str(exc)
+        for key, wanted in (("genai", genai), ("hf", hf_checkpoint)):
+            if wanted:
+                sections[key] = {"written": False, "reason": reason}
+        return sections
+    if hf_checkpoint:
+        from prune2deploy.outputs.hf import write_hf_checkpoint
+
+        say("writing hf/ (transformers checkpoint) and reloading it")
+        sections["hf"] = write_hf_checkpoint(sliced, tokenizer, out_dir / "hf", reference=module)
+    if genai:
+        from prune2deploy.outputs.genai import write_genai_folder
+
+        say("writing genai/ (GroupQueryAttention decoder) and checking it against the masked model")
+        try:
+            section = write_genai_folder(
+                sliced, tokenizer, out_dir / "genai", reference=module, context_length=context_length,
+                tolerance=tolerance,
+            )  # fmt: skip
+            section["written"] = True
+        except UnsupportedModelError as exc:
+            section = {"written": False, "reason": str(exc)}
+        sections["genai"] = section
+    return sections

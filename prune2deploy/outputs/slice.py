@@ -1,0 +1,246 @@
+"""Physically slice a masked transformers causal LM: zero heads and zero MLP neurons leave the tensors.
+
+The ONNX passes make pruning physical in the graph; deployment runtimes that take a transformers folder
+(vLLM, TensorRT-LLM and llama.cpp converters) or that we build a KV-cache decoder for need the same in
+torch. This is the torch side, with the same exactness rule as the passes: a unit goes only when its
+contribution is zero for every input.
+
+- MLP neuron ``j`` (gate/up/down, SwiGLU): gone when ``down_proj[:, j]`` is zero, or when ``gate_proj[j]``
+  (and its bias) is zero and the activation maps 0 to 0, or when ``up_proj[j]`` (and its bias) is zero.
+- Query head ``h``: gone when its ``o_proj`` columns are zero, or when the value head it reads is zero
+  (weights and bias). Zero *query* rows are not enough: softmax of zero scores averages V, it is not 0.
+- kv head: gone when every query head reading it is gone.
+
+transformers repeats each kv head to the same number of query heads (``num_key_value_groups``), so a
+layer whose groups would keep different numbers of query heads keeps some zero heads to even them out
+(still exact: they add zero); the result says where. Each layer keeps its own widths; ``uniform`` says
+whether a transformers config (one width for all layers) can describe the result.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from prune2deploy.errors import UnsupportedModelError
+
+__all__ = ["LayerWidths", "SliceResult", "slice_causal_lm"]
+
+log = logging.getLogger(__name__)
+
+#: Activations with act(0) == 0, so a zero gate row makes its neuron zero.
+_ZERO_AT_ZERO = {"silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "quick_gelu"}
+
+
+@dataclass(frozen=True)
+class LayerWidths:
+    """What one decoder layer keeps."""
+
+    index: int
+    num_heads: int
+    kv_heads: int
+    intermediate: int
+
+
+@dataclass
+class SliceResult:
+    """A physically smaller copy of the model and what each layer kept."""
+
+    module: Any  # the sliced transformers model (the input is not modified)
+    head_dim: int
+    dense: LayerWidths  # widths before slicing (the config's)
+    layers: list[LayerWidths]
+    padded: dict[str, str] = field(default_factory=dict)  # where zero heads were kept, and why
+
+    @property
+    def uniform(self) -> bool:
+        """Whether every layer has the same widths (a transformers config can then describe the model)."""
+        first = self.layers[0]
+        return all((w.num_heads, w.kv_heads, w.intermediate) == (first.num_heads, first.kv_heads, first.intermediate)
+                   for w in self.layers)  # fmt: skip
+
+    @property
+    def changed(self) -> bool:
+        return any(
+            (w.num_heads, w.kv_heads, w.intermediate)
+            != (self.dense.num_heads, self.dense.kv_heads, self.dense.intermediate)
+            for w in self.layers
+        )
+
+    def nonuniform_layers(self) -> dict[str, dict[str, int]]:
+        """Layers whose widths differ from layer 0's: name → widths (for a message that names them)."""
+        first = self.layers[0]
+        return {
+            f"model.layers.{w.index}": {
+                "num_heads": w.num_heads,
+                "kv_heads": w.kv_heads,
+                "intermediate": w.intermediate,
+            }
+            for w in self.layers
+            if (w.num_heads, w.kv_heads, w.intermediate) != (first.num_heads, first.kv_heads, first.intermediate)
+        }
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "head_dim": self.head_dim,
+            "dense": asdict(self.dense),
+            "layers": [asdict(w) for w in self.layers],
+            "uniform": self.uniform,
+            "padded": dict(self.padded),
+        }
+
+
+def _is_zero(*tensors: Any) -> bool:
+    return all(t is None or not bool(t.any()) for t in tensors)
+
+
+def _decoder_layers(module: Any) -> list[Any]:
+    inner = getattr(module, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise UnsupportedModelError(
+            f"{type(module).__name__}: physical slicing supports Llama-style causal LMs (model.layers[i] with "
+            "self_attn.q/k/v/o_proj and mlp.gate/up/down_proj: Llama, Qwen2, Mistral, SmolLM)"
+        )
+    for i, layer in enumerate(layers):
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        names = ("q_proj", "k_proj", "v_proj", "o_proj")
+        if attn is None or mlp is None or not all(hasattr(attn, n) for n in names):
+            raise UnsupportedModelError(f"{type(module).__name__}: layer {i} has no q/k/v/o_proj self-attention")
+        if not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
+            raise UnsupportedModelError(f"{type(module).__name__}: layer {i} has no gate/up/down_proj MLP")
+    return list(layers)
+
+
+def _linear(old: Any, rows: Any | None = None, cols: Any | None = None) -> Any:
+    """A new nn.Linear holding ``old``'s weight restricted to ``rows`` (outputs) and ``cols`` (inputs)."""
+    import torch
+
+    weight = old.weight.detach()
+    bias = old.bias.detach() if old.bias is not None else None
+    if rows is not None:
+        weight = weight[rows]
+        bias = bias[rows] if bias is not None else None
+    if cols is not None:
+        weight = weight[:, cols]
+    new = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if bias is not None:
+            new.bias.copy_(bias)
+    return new
+
+
+def _head_plan(attn: Any, heads: int, kv_heads: int, d: int, where: str, padded: dict) -> tuple[list[int], list[int]]:
+    """(query heads kept in kv-group order, kv heads kept) so that every kept group has as many query heads."""
+    group = heads // kv_heads
+    q_w, o_w = attn.q_proj.weight.detach(), attn.o_proj.weight.detach()
+    v_w, v_b = attn.v_proj.weight.detach(), attn.v_proj.bias
+    v_b = v_b.detach() if v_b is not None else None
+    del q_w  # zero query rows do not make a head zero (see the module docstring)
+
+    def zero_v(g: int) -> bool:
+        return _is_zero(v_w[g * d : (g + 1) * d], None if v_b is None else v_b[g * d : (g + 1) * d])
+
+    kept: dict[int, list[int]] = {}
+    for g in range(kv_heads):
+        members = [g * group + i for i in range(group)]
+        alive = [h for h in members if not (_is_zero(o_w[:, h * d : (h + 1) * d]) or zero_v(g))]
+        if alive:
+            kept[g] = alive
+    if not kept:  # keep one head: removing a whole attention block is depth pruning, not this
+        kept = {0: [0]}
+        padded[where] = "every head is zero; one is kept (removing the block is depth pruning)"
+    width = max(len(v) for v in kept.values())
+    for g, alive in kept.items():
+        if len(alive) < width:
+            spare = [g * group + i for i in range(group) if g * group + i not in alive]
+            kept[g] = sorted(alive + spare[: width - len(alive)])
+            padded[f"{where}.kv{g}"] = (
+                f"kept {width - len(alive)} zero query head(s) so every kv group has {width} "
+                "(transformers and GroupQueryAttention repeat each kv head equally)"
+            )
+    kv_keep = sorted(kept)
+    return [h for g in kv_keep for h in kept[g]], kv_keep
+
+
+def slice_causal_lm(module: Any) -> SliceResult:
+    """Returns a copy of ``module`` with its zero heads and MLP neurons physically removed (exact).
+
+    Args:
+        module: a transformers Llama-style causal LM (or an HFModel holding one) whose pruning is in zeros
+            (masks already applied).
+
+    Raises:
+        UnsupportedModelError: the architecture is not Llama-style (see :func:`_decoder_layers`).
+    """
+    import torch
+
+    module = getattr(module, "module", module)
+    layers = _decoder_layers(module)
+    config = module.config
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    heads = int(text.num_attention_heads)
+    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+    d = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
+    act = str(getattr(text, "hidden_act", "")).lower()
+    dense = LayerWidths(-1, heads, kv_heads, int(layers[0].mlp.down_proj.in_features))
+
+    sliced = copy.deepcopy(module)
+    widths: list[LayerWidths] = []
+    padded: dict[str, str] = {}
+    with torch.no_grad():
+        for i, layer in enumerate(_decoder_layers(sliced)):
+            attn, mlp = layer.self_attn, layer.mlp
+            n_heads = attn.q_proj.out_features // d
+            n_kv = attn.k_proj.out_features // d
+            q_keep, kv_keep = _head_plan(attn, n_heads, n_kv, d, f"model.layers.{i}.self_attn", padded)
+            if len(q_keep) < n_heads or len(kv_keep) < n_kv:
+                q_cols = torch.tensor([h * d + j for h in q_keep for j in range(d)])
+                kv_cols = torch.tensor([g * d + j for g in kv_keep for j in range(d)])
+                attn.q_proj = _linear(attn.q_proj, rows=q_cols)
+                attn.k_proj = _linear(attn.k_proj, rows=kv_cols)
+                attn.v_proj = _linear(attn.v_proj, rows=kv_cols)
+                attn.o_proj = _linear(attn.o_proj, cols=q_cols)
+            attn.num_key_value_groups = len(q_keep) // len(kv_keep)
+            for name in ("num_heads", "num_attention_heads"):
+                if hasattr(attn, name):
+                    setattr(attn, name, len(q_keep))
+            if hasattr(attn, "num_key_value_heads"):
+                attn.num_key_value_heads = len(kv_keep)
+
+            gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+            dead = ~down.weight.detach().any(dim=0)
+            for proj, needs_zero_act in ((gate, True), (up, False)):
+                if needs_zero_act and act not in _ZERO_AT_ZERO:
+                    continue
+                rows_zero = ~proj.weight.detach().any(dim=1)
+                if proj.bias is not None:
+                    rows_zero &= proj.bias.detach() == 0
+                dead |= rows_zero
+            keep = torch.nonzero(~dead).flatten()
+            if keep.numel() == 0:
+                keep = torch.tensor([0])
+                padded[f"model.layers.{i}.mlp"] = "every neuron is zero; one is kept"
+            if keep.numel() < dead.numel():
+                mlp.gate_proj = _linear(gate, rows=keep)
+                mlp.up_proj = _linear(up, rows=keep)
+                mlp.down_proj = _linear(down, cols=keep)
+            if hasattr(mlp, "intermediate_size"):
+                mlp.intermediate_size = int(keep.numel())
+            widths.append(LayerWidths(i, len(q_keep), len(kv_keep), int(keep.numel())))
+
+    result = SliceResult(sliced, d, dense, widths, padded)
+    if result.uniform:
+        first = widths[0]
+        config = sliced.config
+        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        for cfg in {id(config): config, id(text): text}.values():
+            cfg.num_attention_heads = first.num_heads
+            cfg.num_key_value_heads = first.kv_heads
+            cfg.intermediate_size = first.intermediate
+            cfg.head_dim = d  # no longer hidden_size // num_attention_heads
+    log.info("sliced %s: %s", type(module).__name__, [(w.num_heads, w.kv_heads, w.intermediate) for w in widths])
+    return result

@@ -1,0 +1,213 @@
+"""compile → genai/ and hf/ on tiny masked Llama / Qwen2: genai's greedy tokens equal transformers' on the
+masked model, the decoder never expands K/V, per-layer head counts decode, and hf/ round-trips."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+import torch
+
+from prune2deploy import api
+from prune2deploy.frontends.masks import apply_masks_torch
+from prune2deploy.spec import CompileOptions
+from tests.models import save_masks
+
+og = pytest.importorskip("onnxruntime_genai")
+
+D = 16  # head_dim
+FAST = {"profile": False}
+
+
+def _llama(**overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = {
+        "vocab_size": 128,
+        "hidden_size": 96,
+        "intermediate_size": 96,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 6,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 128,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+        **overrides,
+    }
+    return LlamaForCausalLM(LlamaConfig(**config)).eval()
+
+
+def _qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=128, hidden_size=96, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    module = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():  # non-zero q/k/v biases: slicing must carry them
+        for layer in module.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
+    return module
+
+
+def _masks(module, *, mlp_keep, heads_removed) -> dict[str, np.ndarray]:
+    """MLP neurons by a keep-every-k rule and query heads by their o_proj columns, per layer."""
+    masks = {}
+    for i, layer in enumerate(module.model.layers):
+        p = f"model.layers.{i}."
+        width, hidden = layer.mlp.down_proj.weight.shape[1], layer.mlp.down_proj.weight.shape[0]
+        keep = np.zeros(width, dtype=np.float32)
+        keep[: mlp_keep[i]] = 1
+        keep = np.random.default_rng(i).permutation(keep)
+        masks[p + "mlp.gate_proj.weight"] = np.repeat(keep[:, None], hidden, axis=1)
+        masks[p + "mlp.up_proj.weight"] = np.repeat(keep[:, None], hidden, axis=1)
+        masks[p + "mlp.down_proj.weight"] = np.repeat(keep[None, :], hidden, axis=0)
+        o = np.ones(tuple(layer.self_attn.o_proj.weight.shape), dtype=np.float32)
+        for h in heads_removed[i]:
+            o[:, h * D : (h + 1) * D] = 0
+        masks[p + "self_attn.o_proj.weight"] = o
+    return masks
+
+
+def _compile(tmp_path, module, masks, **options):
+    save_masks(masks, tmp_path / "masks.safetensors")
+    opts = CompileOptions(masks=tmp_path / "masks.safetensors", **FAST, **options)
+    result = api.compile(module, tmp_path / "out", opts)
+    return result, apply_masks_torch(module, masks)
+
+
+def _hf_greedy(module, prompt, n):
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = module.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+            do_sample=False, pad_token_id=0,
+        )  # fmt: skip
+    return out[0, len(prompt) :].tolist()
+
+
+def _genai_greedy(folder, prompt, n):
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(prompt) + n)
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.asarray([prompt], dtype=np.int32))
+    tokens = []
+    while not generator.is_done() and len(tokens) < n:
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    return tokens
+
+
+def _ops(path) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in ir.load(str(path)).graph:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def _gqa_heads(path) -> list[tuple[int, int]]:
+    model = ir.load(str(path))
+    return [
+        (n.attributes["num_heads"].value, n.attributes["kv_num_heads"].value)
+        for n in model.graph
+        if n.op_type == "GroupQueryAttention"
+    ]
+
+
+def test_genai_folder_of_masked_llama_generates_transformers_tokens(tmp_path):
+    module = _llama(intermediate_size=96)
+    # 50% of MLP neurons and the first query head of every GQA group (heads 0 and 3 of 6, G = 3)
+    masks = _masks(module, mlp_keep=[48, 48], heads_removed=[[0, 3], [0, 3]])
+    result, masked = _compile(tmp_path, module, masks, hf_checkpoint=True)
+    genai = result.report["genai"]
+    assert genai["written"] and genai["check"]["passed"]
+    assert genai["check"]["max_rel_diff"] < 1e-5 and genai["check"]["top1_agreement"] == 1.0
+    assert genai["genai"]["greedy_tokens_equal"]
+    folder = tmp_path / "out" / "genai"
+    config = json.loads((folder / "genai_config.json").read_text())
+    assert config["model"]["decoder"]["num_attention_heads"] == 4 and config["model"]["decoder"]["head_size"] == D
+    assert _gqa_heads(folder / "model.onnx") == [(4, 2), (4, 2)]
+    ops = _ops(folder / "model.onnx")
+    assert "Expand" not in ops and ops["GroupQueryAttention"] == 2 and ops["SkipSimplifiedLayerNormalization"] == 4
+    assert genai["kv_cache_bytes_per_token"] == 2 * 2 * 2 * D * 4  # layers x K,V x kv heads x head_dim x fp32
+    # genai on its own: 24 greedy tokens equal transformers' on the masked model
+    prompt = [5, 17, 33, 90, 4, 61, 7]
+    assert _genai_greedy(folder, prompt, 24) == _hf_greedy(masked, prompt, 24)
+
+
+def test_hf_checkpoint_round_trips_through_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    module = _llama()
+    masks = _masks(module, mlp_keep=[40, 40], heads_removed=[[0, 3], [0, 3]])
+    result, masked = _compile(tmp_path, module, masks, hf_checkpoint=True, genai=False)
+    assert "genai" not in result.report
+    section = result.report["hf"]
+    assert section["written"] and section["check"]["greedy_tokens_equal"]
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out" / "hf")).eval()
+    assert (loaded.config.num_attention_heads, loaded.config.num_key_value_heads) == (4, 2)
+    assert loaded.config.intermediate_size == 40 and loaded.config.head_dim == D
+    assert loaded.model.layers[0].mlp.down_proj.weight.shape == (96, 40)
+    dense_params = sum(p.numel() for p in module.parameters())
+    assert sum(p.numel() for p in loaded.parameters()) < dense_params
+    ids = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want, got = masked(input_ids=ids).logits, loaded(input_ids=ids).logits
+    assert float((want - got).abs().max()) <= 1e-5 * float(want.abs().max())
+    assert _hf_greedy(loaded, [9, 8, 7, 6], 16) == _hf_greedy(masked, [9, 8, 7, 6], 16)
+
+
+def test_qwen2_with_qkv_biases_through_genai_and_hf(tmp_path):
+    module = _qwen2()
+    masks = _masks(module, mlp_keep=[40, 40], heads_removed=[[0, 3], [0, 3]])
+    result, masked = _compile(tmp_path, module, masks, hf_checkpoint=True)
+    assert result.report["genai"]["check"]["max_rel_diff"] < 1e-5
+    assert result.report["genai"]["genai"]["greedy_tokens_equal"]
+    assert result.report["hf"]["check"]["greedy_tokens_equal"]
+    prompt = [3, 40, 41, 100, 12]
+    assert _genai_greedy(tmp_path / "out" / "genai", prompt, 20) == _hf_greedy(masked, prompt, 20)
+
+
+def test_nonuniform_heads_and_kv_heads_decode_in_genai_and_hf_names_the_layers(tmp_path):
+    module = _llama()
+    # layer 0: one head per group removed (4 q / 2 kv); layer 1: kv group 1 entirely (3 q / 1 kv), other MLP width
+    masks = _masks(module, mlp_keep=[48, 64], heads_removed=[[0, 3], [3, 4, 5]])
+    result, masked = _compile(tmp_path, module, masks, hf_checkpoint=True)
+    genai = result.report["genai"]
+    assert genai["per_layer_heads"] == [[4, 2], [3, 1]]
+    assert _gqa_heads(tmp_path / "out" / "genai" / "model.onnx") == [(4, 2), (3, 1)]
+    assert genai["check"]["max_rel_diff"] < 1e-5 and genai["genai"]["greedy_tokens_equal"]
+    prompt = [11, 12, 13, 14, 15, 16]
+    assert _genai_greedy(tmp_path / "out" / "genai", prompt, 24) == _hf_greedy(masked, prompt, 24)
+    hf = result.report["hf"]
+    assert not hf["written"] and "model.layers.1" in hf["reason"]
+    assert hf["nonuniform_layers"] == {"model.layers.1": {"num_heads": 3, "kv_heads": 1, "intermediate": 64}}
+    assert not (tmp_path / "out" / "hf").exists()
+
+
+def test_uneven_groups_keep_zero_heads_and_stay_exact(tmp_path):
+    module = _llama(num_hidden_layers=1)
+    # group 0 loses two heads, group 1 one: each kv head must serve as many query heads → one zero head stays
+    masks = _masks(module, mlp_keep=[96], heads_removed=[[0, 1, 3]])
+    result, _ = _compile(tmp_path, module, masks)
+    genai = result.report["genai"]
+    assert genai["per_layer_heads"] == [[4, 2]]
+    assert list(genai["padded"]) == ["model.layers.0.self_attn.kv0"]
+    assert genai["check"]["max_rel_diff"] < 1e-5 and genai["genai"]["greedy_tokens_equal"]
+
+
+def test_encoder_writes_no_genai_and_says_why_for_hf(tmp_path):
+    from tests.models import tiny_bert
+
+    result = api.compile(tiny_bert(), tmp_path / "out", CompileOptions(hf_checkpoint=True, **FAST))
+    assert "genai" not in result.report and not (tmp_path / "out" / "genai").exists()
+    assert not result.report["hf"]["written"] and "causal LM" in result.report["hf"]["reason"]

@@ -1,0 +1,75 @@
+"""fuse-ort: onnxscript's ORT fusions on an exported Llama agree with the unfused graph to the exact
+tolerance; a head size ORT's CPU attention does not take keeps the graph unfused and says why."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from prune2deploy.feeds import random_feeds
+from prune2deploy.frontends.torch import export_module, hf_export_spec
+from prune2deploy.ort_session import make_session
+from prune2deploy.passes.fuse_ort import FuseOrtPass
+from prune2deploy.spec import CompileOptions
+
+
+def _llama(hidden: int, heads: int):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=hidden, intermediate_size=96, num_hidden_layers=2, num_attention_heads=heads,
+        num_key_value_heads=heads // 2, max_position_embeddings=64, use_cache=False,
+    )  # fmt: skip
+    module = LlamaForCausalLM(config).eval()
+    return export_module(module, hf_export_spec("causal-lm", batch=2, seq=8, vocab_size=128))
+
+
+def _run(model: ir.Model, feeds):
+    session = make_session(ir.to_proto(model).SerializeToString())
+    return session.run(["logits"], feeds)[0]
+
+
+def _ops(model: ir.Model) -> dict[tuple[str, str], int]:
+    counts: dict[tuple[str, str], int] = {}
+    for node in model.graph:
+        counts[(node.domain, node.op_type)] = counts.get((node.domain, node.op_type), 0) + 1
+    return counts
+
+
+def test_fusions_fire_and_match_the_unfused_graph():
+    model = _llama(64, 4)  # head size 16
+    feeds = random_feeds(model, batch=3, seq=11)
+    want = _run(model, feeds)
+    result = FuseOrtPass()(model)
+    assert result.modified and not result.refused
+    assert (
+        result.record["fusions"]["rms_normalization"] == 5 and result.record["fusions"]["skip_rms_normalization"] == 4
+    )
+    ops = _ops(model)
+    assert ops[("com.microsoft", "SkipSimplifiedLayerNormalization")] == 4
+    assert ops[("com.microsoft", "MultiHeadAttention")] == 2
+    assert ("", "Softmax") not in ops and ("", "ReduceMean") not in ops
+    got = _run(model, feeds)
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+def test_head_size_not_multiple_of_8_stays_unfused():
+    model = _llama(48, 4)  # head size 12
+    feeds = random_feeds(model, batch=2, seq=5)
+    want = _run(model, feeds)
+    before = _ops(model)
+    result = FuseOrtPass()(model)
+    if not result.refused:
+        pytest.skip("onnxscript fused no attention for head size 12")
+    assert not result.modified and "head size 12" in next(iter(result.refused.values()))
+    assert _ops(model) == before
+    np.testing.assert_array_equal(_run(model, feeds), want)
+
+
+def test_fuse_ort_is_on_for_onnxruntime_and_off_when_portable_or_tensorrt():
+    assert "fuse-ort" in CompileOptions().passes
+    assert "fuse-ort" not in CompileOptions(portable=True).passes
+    assert "fuse-ort" not in CompileOptions(engine="tensorrt").passes
