@@ -436,6 +436,7 @@ def model_rows(plan: Plan, models: dict[str, Any], device: Any, budget: Budget, 
     from prune2deploy.engines.base import BuildOptions
     from prune2deploy.engines.onnxruntime import make_session
     from prune2deploy.engines.torch import TorchEngine
+    from prune2deploy.pipeline import convert_precision
     from prune2deploy.feeds import random_feeds
 
     engine = TorchEngine()
@@ -460,7 +461,13 @@ def model_rows(plan: Plan, models: dict[str, Any], device: Any, budget: Budget, 
         try:  # a variant that fails to build or check must not cost the others
             t0 = time.perf_counter()
             built = engine.build(
-                path, BuildOptions(precision=PRECISION, sparse_weights=sparse, extra={"device": str(device)})
+                path,
+                BuildOptions(
+                    precision=PRECISION,
+                    sparse_weights=sparse,
+                    extra={"device": str(device)},
+                    convert_precision=convert_precision,
+                ),
             )
             sparsity = built.info["sparsity"]
             if sparse and sparsity["semi_structured"]:
