@@ -436,8 +436,8 @@ def model_rows(plan: Plan, models: dict[str, Any], device: Any, budget: Budget, 
     from prune2deploy.engines.base import BuildOptions
     from prune2deploy.engines.onnxruntime import make_session
     from prune2deploy.engines.torch import TorchEngine
-    from prune2deploy.pipeline import convert_precision
     from prune2deploy.feeds import random_feeds
+    from prune2deploy.pipeline import convert_precision
 
     engine = TorchEngine()
     costs: dict[tuple, Any] = {}
