@@ -46,6 +46,14 @@ class _CoreOptions(BaseModel):
         keep_reference: also write the masked reference as ``reference.onnx``.
         export_batch / export_seq: example input shape for the torch exporter (batch ≥ 2: batch 1 is
             specialised).
+        export_cache: reuse an earlier export of the same checkpoint and export options (HF folders; masks
+            are then applied to the ONNX weights); ``export_cache_dir`` is where exports are kept (default
+            ``$P2D_CACHE_DIR``, else ``~/.cache/prune2deploy/exports``).
+        verify_mode: ``whole`` (both models whole on ONNX Runtime, one after the other), ``blockwise`` (one
+            decoder block at a time, fed the reference's activations) or ``auto`` (blockwise when two fp32
+            copies would not fit in the memory available).
+        external_data_threshold: weight bytes above which ``model.onnx``/``reference.onnx`` keep their
+            weights in a ``.data`` file beside them (0: always).
     """
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=False)
@@ -75,6 +83,10 @@ class _CoreOptions(BaseModel):
     keep_reference: bool = True
     export_batch: int = Field(2, ge=1)
     export_seq: int = Field(8, ge=1)
+    export_cache: bool = True
+    export_cache_dir: Path | None = None
+    verify_mode: Literal["auto", "whole", "blockwise"] = "auto"
+    external_data_threshold: int = Field(1 << 30, ge=0)
 
     @model_validator(mode="after")
     def _pipeline(self) -> _CoreOptions:
