@@ -134,6 +134,8 @@ def _compile_options(args: argparse.Namespace):
         "threads": args.threads,
         "tolerance": args.tolerance,
         "passes": args.passes.split(",") if args.passes else None,
+        "verify_mode": args.verify_mode,
+        "export_cache_dir": args.export_cache_dir,
     }
     for spec in api.pass_specs().values():
         for key, option in spec.options.items():
@@ -152,6 +154,8 @@ def _compile_options(args: argparse.Namespace):
         data["hf_checkpoint"] = True
     if args.portable:
         data["portable"] = True
+    if args.no_export_cache:
+        data["export_cache"] = False
     for name, spec in api.pass_specs().items():
         if spec.switch and getattr(args, _switch_dest(name)):
             passes = data.get("passes", list(api.CompileOptions().passes))
@@ -276,10 +280,14 @@ def _print_compile(report: dict[str, Any], out_dir: Path) -> None:
         print(line)
     ver = report["verification"]
     status = "PASSED" if ver["passed"] else "FAILED"
-    worst = max((o["max_rel"] for o in ver["outputs"].values()), default=0.0)
+    worst = max(
+        [o["max_rel"] for o in ver["outputs"].values()] + [b["max_rel"] for b in ver.get("blocks", [])], default=0.0
+    )
     print(
         f"  verification {status}: worst relative error {worst:.2e} (tolerance {ver['tolerance']:g}, "
-        f"{len(ver['feeds'])} feed sets)"
+        f"{len(ver['feeds'])} feed sets"
+        + (f", block by block: {len(ver['blocks'])} blocks" if ver.get("mode") == "blockwise" else "")
+        + ")"
     )
     speed = {(s["batch"], s["seq"]): s for s in report.get("speedup", [])}
     rows = []
@@ -859,6 +867,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="write OUT/hf/: a physically smaller transformers checkpoint (uniform per-layer widths only)",
     )
+    c.add_argument(
+        "--verify-mode",
+        choices=["auto", "whole", "blockwise"],
+        help="whole models, one decoder block at a time, or auto (blockwise when two fp32 copies do not fit)",
+    )
+    c.add_argument("--no-export-cache", action="store_true", help="export again even when a cached export exists")
+    c.add_argument("--export-cache-dir", type=Path, help="where exports are cached (default ~/.cache/prune2deploy)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     c.add_argument("--json", action="store_true", help="print report.json instead of a summary")
     c.add_argument("--quiet", action="store_true", help="only the result: no progress lines, library bars or warnings")

@@ -57,6 +57,14 @@ class _CoreOptions(BaseModel):
             given as a model folder, GGUF, bundled name or module.
         hf_checkpoint: write ``hf/``, a physically smaller transformers checkpoint (causal LMs).
         genai_context_length: context length of ``genai/`` (default: the model's max_position_embeddings).
+        export_cache: reuse an earlier export of the same checkpoint and export options (HF folders; masks
+            are then applied to the ONNX weights); ``export_cache_dir`` is where exports are kept (default
+            ``$P2D_CACHE_DIR``, else ``~/.cache/prune2deploy/exports``).
+        verify_mode: ``whole`` (both models whole on ONNX Runtime, one after the other), ``blockwise`` (one
+            decoder block at a time, fed the reference's activations) or ``auto`` (blockwise when two fp32
+            copies would not fit in the memory available).
+        external_data_threshold: weight bytes above which ``model.onnx``/``reference.onnx`` keep their
+            weights in a ``.data`` file beside them (0: always).
     """
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=False)
@@ -93,6 +101,11 @@ class _CoreOptions(BaseModel):
     genai: bool | None = None
     hf_checkpoint: bool = False
     genai_context_length: pydantic.PositiveInt | None = None
+
+    export_cache: bool = True
+    export_cache_dir: Path | None = None
+    verify_mode: Literal["auto", "whole", "blockwise"] = "auto"
+    external_data_threshold: int = Field(1 << 30, ge=0)
 
     @pydantic.field_validator("shapes")
     @classmethod

@@ -23,12 +23,17 @@ from prune2deploy.ort_session import make_session
 
 __all__ = [
     "EXACT_TOLERANCE",
+    "BlockwiseUnavailable",
     "FeedSet",
     "OutputRunner",
     "Verification",
+    "block_cuts",
+    "choose_mode",
     "compare_outputs",
     "feed_sets",
+    "fp32_bytes",
     "load_feeds",
+    "verify_blockwise",
     "verify_models",
     "verify_runners",
 ]
@@ -66,10 +71,13 @@ class Verification:
     tolerance: float
     feeds: list[str] = field(default_factory=list)
     outputs: dict[str, dict[str, float]] = field(default_factory=dict)
+    mode: str = "whole"  # "whole" | "blockwise" (see verify_blockwise)
+    blocks: list[dict] = field(default_factory=list)  # blockwise: per block, its input and output errors
 
     @property
     def worst(self) -> float:
-        return max((o["max_rel"] for o in self.outputs.values()), default=0.0)
+        values = [o["max_rel"] for o in self.outputs.values()] + [b["max_rel"] for b in self.blocks]
+        return max(values, default=0.0)
 
     @property
     def passed(self) -> bool:
@@ -82,6 +90,8 @@ class Verification:
             "tolerance": self.tolerance,
             "feeds": self.feeds,
             "outputs": self.outputs,
+            "mode": self.mode,
+            **({"blocks": self.blocks} if self.blocks else {}),
         }
 
 
@@ -168,6 +178,43 @@ def verify_runners(
     return verification
 
 
+def _session_source(model: ir.Model | bytes | Path) -> bytes | Path:
+    """What ONNX Runtime loads: a path as is (its external data beside it), a model serialized.
+
+    Half-precision models are run in fp32 (ONNX Runtime's CPU provider lacks most bf16 kernels): they are
+    upcast in memory, which callers keep to models small enough for that (``choose_mode``).
+    """
+    from prune2deploy.graph.segments import has_half, upcast_to_fp32
+
+    if isinstance(model, Path):
+        loaded = ir.load(str(model))
+        if not has_half(loaded):
+            return model
+        model = loaded
+    if isinstance(model, ir.Model):
+        from onnx_ir.external_data import load_to_model
+
+        model = load_to_model(model.clone())  # bytes carry no folder to resolve external data against
+        if has_half(model):
+            upcast_to_fp32(model)
+        return ir.to_proto(model).SerializeToString()
+    return model
+
+
+def _run_all(model: ir.Model | bytes | Path, sets: Sequence[FeedSet], role: str) -> tuple[list[str], list[dict]]:
+    """One session, every feed set; the session is gone when this returns (one model in memory at a time)."""
+    from prune2deploy.errors import VerificationError
+
+    runner = _SessionRunner(make_session(_session_source(model)))
+    results = []
+    for label, feeds in sets:
+        try:
+            results.append(runner.run(feeds))
+        except Exception as exc:
+            raise VerificationError(f"running the {role} on {label} failed: {exc}") from exc
+    return runner.names, results
+
+
 def verify_models(
     reference: ir.Model | bytes | Path,
     compiled: ir.Model | bytes | Path,
@@ -177,15 +224,157 @@ def verify_models(
     shapes: Sequence[tuple[int, int]] = ((2, 8), (3, 17)),
     user_feeds: Sequence[Mapping[str, np.ndarray]] = (),
     seed: int = 0,
+    probe: ir.Model | None = None,
 ) -> Verification:
-    """Both models on ONNX Runtime CPU: random feeds (when ``reference`` is an onnx_ir model) + the user's."""
+    """Both models on ONNX Runtime CPU in fp32, one after the other: random feeds for ``probe``'s inputs
+    (``reference`` itself when it is an onnx_ir model) + the user's.
 
-    def runner(model) -> _SessionRunner:
-        if isinstance(model, ir.Model):
-            model = ir.to_proto(model).SerializeToString()
-        return _SessionRunner(make_session(model))
-
-    ref_runner, out_runner = runner(reference), runner(compiled)
-    probe = reference if isinstance(reference, ir.Model) else None
+    Paths are handed to ONNX Runtime as paths (their external data stays on disk, mapped); only one of the
+    two sessions exists at a time, so verification needs the memory of the larger model, not of both.
+    """
+    probe = probe if probe is not None else reference if isinstance(reference, ir.Model) else None
     sets = feed_sets(probe, shapes=shapes, user_feeds=user_feeds, seed=seed)
-    return verify_runners(ref_runner, out_runner, sets, exact=exact, tolerance=tolerance, outputs=ref_runner.names)
+    names, ref_outs = _run_all(reference, sets, "reference")
+    _, new_outs = _run_all(compiled, sets, "compiled model")
+    verification = Verification(exact=exact, tolerance=tolerance, mode="whole")
+    for (label, _), ref_out, new_out in zip(sets, ref_outs, new_outs, strict=True):
+        verification.feeds.append(label)
+        _keep_worst(verification.outputs, compare_outputs({n: ref_out[n] for n in names}, new_out))
+    log.info("verification: worst relative error %.3g over %d feed sets", verification.worst, len(sets))
+    return verification
+
+
+def _keep_worst(worst: dict[str, dict[str, float]], stats: Mapping[str, dict[str, float]]) -> None:
+    for name, entry in stats.items():
+        if name not in worst or entry["max_rel"] > worst[name]["max_rel"]:
+            worst[name] = entry
+
+
+def fp32_bytes(model: ir.Model) -> int:
+    """Bytes of ``model``'s weights once in fp32 (what an ONNX Runtime CPU session of it holds)."""
+    total = 0
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is not None:
+            total += tensor.nbytes * (2 if tensor.dtype in (ir.DataType.BFLOAT16, ir.DataType.FLOAT16) else 1)
+    return total
+
+
+def choose_mode(reference: ir.Model, compiled: ir.Model, requested: str = "auto", available: int | None = None) -> str:
+    """``whole`` when one fp32 session of the larger model (and, for half models, its upcast copy) fits
+    comfortably in the memory available now; ``blockwise`` otherwise, or when ``requested`` says so."""
+    if requested != "auto":
+        return requested
+    from prune2deploy.graph.segments import has_half
+
+    if available is None:
+        import psutil
+
+        available = psutil.virtual_memory().available
+    size = max(fp32_bytes(reference), fp32_bytes(compiled))
+    half = has_half(reference) or has_half(compiled)
+    # ORT may prepack MatMul weights (a second copy); an upcast half model is also serialized once.
+    needed = size * (3 if half else 2)
+    if half and size > 1 << 30:
+        return "blockwise"
+    return "whole" if needed <= 0.7 * available else "blockwise"
+
+
+class BlockwiseUnavailable(Exception):
+    """The compiled model's block boundaries do not match the reference's (say, layers were removed)."""
+
+
+def block_cuts(reference: ir.Model, compiled: ir.Model) -> list[str]:
+    """Names of the residual-stream values that leave each decoder (or residual) layer, in graph order.
+
+    Raises:
+        BlockwiseUnavailable: no layers found, a layer without a clear exit, or a boundary that the compiled
+            model lacks or gives another shape (removed layers, pruned hidden channels).
+    """
+    from prune2deploy.analysis.blocks import find_layers
+
+    layers = find_layers(reference)
+    if not layers:
+        raise BlockwiseUnavailable("no numbered layers with residual blocks were found")
+    cuts = []
+    for layer in layers:
+        if layer.stream_out is None or not layer.stream_out.name:
+            raise BlockwiseUnavailable(f"layer {layer.name}: {layer.reason or 'no clear output'}")
+        cuts.append(layer.stream_out.name)
+    theirs = {v.name: v for node in compiled.graph for v in node.outputs if v.name}
+    ours = {v.name: v for node in reference.graph for v in node.outputs if v.name}
+    for name in cuts:
+        if name not in theirs:
+            raise BlockwiseUnavailable(f"the compiled model has no value '{name}' (a layer boundary)")
+        if ours[name].shape is not None and theirs[name].shape is not None and ours[name].shape != theirs[name].shape:
+            raise BlockwiseUnavailable(f"'{name}' has shape {theirs[name].shape}, the reference's {ours[name].shape}")
+    outputs = {v.name for v in reference.graph.outputs}
+    return [c for c in cuts if c not in outputs]
+
+
+def verify_blockwise(
+    reference: ir.Model,
+    compiled: ir.Model,
+    *,
+    exact: bool,
+    tolerance: float = EXACT_TOLERANCE,
+    shapes: Sequence[tuple[int, int]] = ((2, 8), (3, 17)),
+    user_feeds: Sequence[Mapping[str, np.ndarray]] = (),
+    seed: int = 0,
+    progress=None,
+) -> Verification:
+    """Reference and compiled model one block at a time, in fp32.
+
+    Block ``k`` of each model computes the stream leaving layer ``k`` from the stream entering it (the
+    first block starts at the graph inputs, the last ends at the graph outputs). Both are fed the
+    *reference's* activation at the block's input, so each block's error is its own; the verdict holds
+    every block and the final outputs to the tolerance. Only one block's weights (in fp32) are in memory
+    at a time.
+
+    Raises:
+        BlockwiseUnavailable: see :func:`block_cuts`.
+    """
+    from onnx_ir.external_data import load_to_model
+
+    from prune2deploy.errors import VerificationError
+    from prune2deploy.graph.segments import segment, upcast_to_fp32
+
+    cuts = block_cuts(reference, compiled)
+    sets = feed_sets(reference, shapes=shapes, user_feeds=user_feeds, seed=seed)
+    final = [v.name for v in reference.graph.outputs]
+    verification = Verification(exact=exact, tolerance=tolerance, mode="blockwise")
+    verification.feeds = [label for label, _ in sets]
+    entering: list[dict[str, np.ndarray]] = [{} for _ in sets]  # the reference's stream at the block input
+    bounds = [None, *cuts]
+    for index, start in enumerate(bounds):
+        ends = [cuts[index]] if index < len(cuts) else final
+        inputs = [start] if start else []
+        outs: dict[str, list[dict[str, np.ndarray]]] = {}
+        for role, model in (("reference", reference), ("compiled model", compiled)):
+            part = segment(model, inputs=inputs, outputs=ends)
+            load_to_model(part)  # bytes carry no folder for external data: this block's weights, inline
+            upcast_to_fp32(part)
+            session = make_session(ir.to_proto(part).SerializeToString())
+            wanted = {i.name for i in session.get_inputs()}
+            del part
+            results = []
+            for (label, feeds), carried in zip(sets, entering, strict=True):
+                given = {k: v for k, v in {**feeds, **carried}.items() if k in wanted}
+                try:
+                    results.append(dict(zip(ends, session.run(ends, given), strict=True)))
+                except Exception as exc:
+                    raise VerificationError(f"block {index} of the {role} on {label} failed: {exc}") from exc
+            outs[role] = results
+            del session
+        block = {"block": index, "input": start, "outputs": {}}
+        for ref_out, new_out in zip(outs["reference"], outs["compiled model"], strict=True):
+            _keep_worst(block["outputs"], compare_outputs(ref_out, new_out))
+        block["max_rel"] = max(o["max_rel"] for o in block["outputs"].values())
+        verification.blocks.append(block)
+        if index == len(cuts):
+            verification.outputs = dict(block["outputs"])
+        entering = [{ends[0]: out[ends[0]]} for out in outs["reference"]]
+        if progress is not None:
+            progress(f"verified block {index + 1}/{len(bounds)} (max relative error {block['max_rel']:.2g})")
+    log.info("blockwise verification: worst relative error %.3g over %d blocks", verification.worst, len(bounds))
+    return verification

@@ -132,6 +132,11 @@ def _run_for_shapes(
     model: ir.Model, inputs: Mapping[str, tuple[int, ...]], names: Sequence[str], seed: int
 ) -> tuple[dict, dict]:
     """Runs the model once in ONNX Runtime with ``names`` exposed as outputs; returns their shapes/dtypes."""
+    if any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values()):
+        # Bytes carry no folder to resolve external data against: inline a copy (the caller bounds its size).
+        from onnx_ir.external_data import load_to_model
+
+        model = load_to_model(model.clone())
     proto = ir.to_proto(model)
     present = {o.name for o in proto.graph.output}
     for name in names:

@@ -7,13 +7,13 @@ output folder is built beside the target and renamed into place at the end, so i
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import onnx
 import onnx_ir as ir
 
 from prune2deploy.driver.outdir import finish_out_dir, prepare_out_dir
@@ -58,23 +58,35 @@ def compile_model(
         folder is written, so the user can inspect it) when an exact pipeline exceeds its tolerance.
     """
     from prune2deploy.analysis.cost import compare_layers, model_cost
-    from prune2deploy.frontends.onnx import save_onnx
+    from prune2deploy.frontends.onnx import load_onnx, save_onnx
     from prune2deploy.pipeline import build_passes, run_pipeline
-    from prune2deploy.verify import load_feeds, verify_models
+    from prune2deploy.verify import load_feeds
 
     options = resolve_plan(options or CompileOptions())
-    say = progress or (lambda _msg: None)
     out_dir = Path(out_dir)
     check_before_loading(options)
     staging = prepare_out_dir(out_dir, options.overwrite)
+    say = _timed(progress)
     timings: dict[str, float] = {}
     try:
         start = time.perf_counter()
         loaded = load_source(source, options, progress=say)
         timings["load_and_export_s"] = time.perf_counter() - start
-        reference_bytes = ir.to_proto(loaded.model).SerializeToString()
-        reference = loaded.model
-        compiled = ir.from_proto(onnx.ModelProto.FromString(reference_bytes))  # an independent copy
+
+        # The reference is written once (weights in reference.onnx.data above the threshold) and read back
+        # memory-mapped; the compiled model is a clone sharing its tensors, and a pass makes new tensors only
+        # for what it changes. ONNX Runtime gets paths. So the weights exist once in memory, never as one
+        # protobuf message (2 GB limit), and both outputs are self-contained in the output folder.
+        t0 = time.perf_counter()
+        reference_path = staging / "reference.onnx"
+        written = save_onnx(loaded.model, reference_path, external_threshold=options.external_data_threshold)
+        say(f"wrote reference.onnx ({_size(written)}, {time.perf_counter() - t0:.1f} s)")
+        loaded.model = None  # type: ignore[assignment]  # frees the exporter's (torch) tensors
+        gc.collect()
+        reference = load_onnx(reference_path)
+        loaded.model = reference
+        compiled = reference.clone()
+        timings["save_reference_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         passes = build_passes(options)
@@ -89,25 +101,27 @@ def compile_model(
             pipeline.passes.extend(fused.passes)
         timings["passes_s"] = time.perf_counter() - t0
 
-        say("verifying against the masked reference")
+        t0 = time.perf_counter()
+        model_path = staging / "model.onnx"
+        written = save_onnx(compiled, model_path, external_threshold=options.external_data_threshold)
+        say(f"wrote model.onnx ({_size(written)}, {time.perf_counter() - t0:.1f} s)")
+        timings["save_s"] = time.perf_counter() - t0
+
+        say("counting parameters and FLOPs")
+        ref_cost = model_cost(reference, batch=batch0, seq=seq0)
+
         t0 = time.perf_counter()
         user_feeds = [load_feeds(path) for path in options.feeds]
-        verification = verify_models(
-            reference, compiled, exact=pipeline.exact, tolerance=options.tolerance, user_feeds=user_feeds
+        verification = _verify(
+            reference, compiled, reference_path, model_path, pipeline.exact, user_feeds, options, say
         )
         timings["verify_s"] = time.perf_counter() - t0
 
-        model_path = staging / "model.onnx"
-        save_onnx(compiled, model_path)
-        if options.keep_reference:
-            (staging / "reference.onnx").write_bytes(reference_bytes)
         t0 = time.perf_counter()
         lm_sections = _lm_outputs(loaded, options, staging, say)
         if lm_sections:
             timings["lm_outputs_s"] = time.perf_counter() - t0
 
-        say("counting parameters and FLOPs")
-        ref_cost = model_cost(reference, batch=batch0, seq=seq0)
         records = pipeline.records()
         report: dict[str, Any] = {
             **report_header(loaded, options),
@@ -126,14 +140,23 @@ def compile_model(
         if options.engine != "onnxruntime":
             say(f"building {options.engine} engine")
             report["engine"] = _build_engine(
-                options, model_path, staging, reference, user_feeds, pipeline.exact, loaded.extra.get("max_positions")
+                options,
+                model_path,
+                staging,
+                reference_path,
+                reference,
+                user_feeds,
+                pipeline.exact,
+                loaded.extra.get("max_positions"),
             )
         if options.profile:
             say("profiling reference vs compiled on ONNX Runtime CPU")
-            report.update(
-                profile_section(reference_bytes, model_path, options, ref_cost.flops / max(new_cost.flops, 1))
-            )
+            report.update(profile_section(reference_path, model_path, options, ref_cost.flops / max(new_cost.flops, 1)))
         report["predictions"] = predictions(ref_cost, new_cost, options)
+        _release(reference)
+        if not options.keep_reference:
+            for path in (reference_path, staging / "reference.onnx.data"):
+                path.unlink(missing_ok=True)
         timings["total_s"] = time.perf_counter() - start
 
         from prune2deploy.profiling.report import write_report
@@ -227,14 +250,59 @@ def _lm_outputs(loaded: Any, options: CompileOptions, staging: Path, say: Progre
     from prune2deploy.outputs.lm import write_lm_outputs
 
     return write_lm_outputs(
-        loaded.module,
-        loaded.tokenizer,
+        *loaded.masked_module(),
         staging,
         genai=genai,
         hf_checkpoint=options.hf_checkpoint,
         context_length=options.genai_context_length,
         tolerance=options.tolerance,
         progress=say,
+    )
+
+
+def _timed(progress: Progress | None) -> Progress:
+    """Progress lines prefixed with the time since the compile started (big models take minutes a step)."""
+    if progress is None:
+        return lambda _msg: None
+    start = time.perf_counter()
+
+    def say(message: str) -> None:
+        progress(f"[{time.perf_counter() - start:7.1f} s] {message}")
+
+    return say
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
+
+
+def _release(model: ir.Model) -> None:
+    """Unmaps the memory-mapped weights of ``model`` (they are mapped again if read later)."""
+    for value in model.graph.initializers.values():
+        if isinstance(value.const_value, ir.ExternalTensor):
+            value.const_value.release()
+
+
+def _verify(reference, compiled, reference_path: Path, model_path: Path, exact: bool, user_feeds, options, say):
+    """Whole models one after the other when they fit, else block by block (``options.verify_mode``)."""
+    from prune2deploy.verify import BlockwiseUnavailable, choose_mode, verify_blockwise, verify_models
+
+    mode = choose_mode(reference, compiled, options.verify_mode)
+    if mode == "blockwise":
+        say("verifying against the masked reference, block by block")
+        try:
+            return verify_blockwise(
+                reference, compiled, exact=exact, tolerance=options.tolerance, user_feeds=user_feeds, progress=say
+            )
+        except BlockwiseUnavailable as exc:
+            if options.verify_mode == "blockwise":
+                raise EngineUnavailable(f"block-by-block verification is not possible here: {exc}") from exc
+            log.warning("block-by-block verification not possible (%s); verifying whole models", exc)
+    say("verifying against the masked reference")
+    # Both models' mapped weights were read by the passes; unmap them so ONNX Runtime's copy is the only one.
+    _release(reference)
+    return verify_models(
+        reference_path, model_path, exact=exact, tolerance=options.tolerance, user_feeds=user_feeds, probe=reference
     )
 
 
@@ -262,6 +330,7 @@ def _build_engine(
     options: CompileOptions,
     model_path: Path,
     staging: Path,
+    reference_path: Path,
     reference: ir.Model,
     user_feeds: list,
     exact: bool,
@@ -303,11 +372,13 @@ def _build_engine(
     if axes:
         section["shapes"] = {axis: list(span) for axis, span in axes.items()}
         section["shape_ranges"] = {name: [list(s) for s in spans] for name, spans in shape_ranges.items()}
-    section["verification"] = _verify_engine(engine, built, reference, user_feeds, options, exact)
+    section["verification"] = _verify_engine(engine, built, reference_path, reference, user_feeds, options, exact)
     return section
 
 
-def _verify_engine(engine, built, reference: ir.Model, user_feeds: list, options: CompileOptions, exact: bool):
+def _verify_engine(
+    engine, built, reference_path: Path, reference: ir.Model, user_feeds: list, options: CompileOptions, exact: bool
+):
     """The engine's outputs against the masked reference (ONNX Runtime CPU fp32), where it runs here.
 
     Exact only when the pipeline was exact and the engine runs fp32; half precision is reported as
@@ -319,7 +390,7 @@ def _verify_engine(engine, built, reference: ir.Model, user_feeds: list, options
         return None
     from prune2deploy.ort_session import make_session
 
-    session = make_session(ir.to_proto(reference).SerializeToString())
+    session = make_session(reference_path)
     names = [o.name for o in session.get_outputs()]
 
     class _Reference:

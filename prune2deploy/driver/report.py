@@ -96,14 +96,16 @@ def write_manifest(staging: Path, loaded: Source, options: Any) -> None:
     atomic_write_json(staging / "manifest.json", manifest)
 
 
-def profile_section(reference_bytes: bytes, model_path: Path, options: Any, ideal: float) -> dict[str, Any]:
-    """Reference vs compiled latency on ONNX Runtime CPU, in one run, over the options' grid."""
+def profile_section(reference_path: Path, model_path: Path, options: Any, ideal: float) -> dict[str, Any]:
+    """Reference vs compiled latency on ONNX Runtime CPU, in one run, over the options' grid.
+
+    Both are paths: ONNX Runtime reads each model's external data beside it."""
     from prune2deploy.profiling.measure import compare_models
     from prune2deploy.profiling.report import latency_sections
 
     grid = [(b, s) for b in options.profile_batches for s in options.profile_seqs]
     rows = compare_models(
-        {"reference": reference_bytes, "compiled": model_path},
+        {"reference": Path(reference_path), "compiled": Path(model_path)},
         grid,
         threads=options.threads,
         reference="reference",

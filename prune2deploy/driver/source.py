@@ -28,13 +28,21 @@ class Source:
     masks_applied: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
     #: the masked transformers module and its tokenizer (HF / GGUF / bundled / module sources): the genai
-    #: and hf outputs are built from them. None for .onnx sources.
+    #: and hf outputs are built from them. None for .onnx sources, and after a cached export, where
+    #: ``module_loader`` loads and masks them when an output needs them.
     module: Any = None
     tokenizer: Any = None
+    module_loader: Callable[[], tuple[Any, Any]] | None = None
 
     @property
     def causal_lm(self) -> bool:
-        return self.task == "causal-lm" and self.module is not None
+        return self.task == "causal-lm" and (self.module is not None or self.module_loader is not None)
+
+    def masked_module(self) -> tuple[Any, Any]:
+        """(masked module, tokenizer), loaded on first use when the export came from the cache."""
+        if self.module is None and self.module_loader is not None:
+            self.module, self.tokenizer = self.module_loader()
+        return self.module, self.tokenizer
 
 
 def load_source(source: Any, options: Any, *, progress: Progress | None = None) -> Source:
@@ -71,32 +79,143 @@ def load_source(source: Any, options: Any, *, progress: Progress | None = None) 
         applied = masks.apply_masks_onnx(model, mask_tensors, source=mask_source) if mask_tensors else 0
         return Source(model, "onnx", path, masks_applied=applied)
     if text in hf.BUNDLED_MODELS or hf.is_hf_folder(path) or path.suffix == ".gguf":
-        say(f"loading {text}")
-        loaded = hf.load_hf_model(text if text in hf.BUNDLED_MODELS else path)
-        module = loaded.module
-        if mask_tensors:
-            module = masks.apply_masks_torch(module, mask_tensors, source=mask_source)
-        module.config.use_cache = False
-        vocab = getattr(module.config, "vocab_size", 100)
-        spec = torch_frontend.hf_export_spec(
-            loaded.task, batch=options.export_batch, seq=options.export_seq, vocab_size=vocab
+        bundled = text if text in hf.BUNDLED_MODELS else None
+        where = hf.bundled_model_path(text) if bundled else path
+        dtype = "float32" if path.suffix == ".gguf" else hf.checkpoint_dtype(where)
+        keep = options.genai is not False or options.hf_checkpoint  # genai/ or hf/ are built from the module
+        model, task, applied, module, tokenizer, max_positions = _hf_reference(
+            text if bundled else path, where, dtype, mask_tensors, mask_source, options, say, keep_module=keep
         )
-        say("exporting to ONNX (dynamo, opset 18)")
-        model = torch_frontend.export_module(module, spec)
-        where = text if text in hf.BUNDLED_MODELS else None
         return Source(
             model,
             "hf",
-            hf.bundled_model_path(text) if where else path,
-            task=loaded.task,
-            masks_applied=len(mask_tensors or {}),
-            extra={"bundled": where, "max_positions": getattr(module.config, "max_position_embeddings", None)},
+            where,
+            task=task,
+            masks_applied=applied,
+            extra={"bundled": bundled, "dtype": dtype, "max_positions": max_positions},
             module=module,
-            tokenizer=loaded.tokenizer,
+            tokenizer=tokenizer,
+            module_loader=lambda: _masked_module(text if bundled else path, dtype, mask_tensors, mask_source),
         )
     if not path.exists():
         raise BadInputError(f"{source}: no such file or folder (and not a bundled model name: smollm2-135m, minilm-l6)")
     raise BadInputError(f"{source}: not an .onnx file, a .gguf file or a Hugging Face model folder")
+
+
+def _masked_module(name, dtype: str, mask_tensors, mask_source: str) -> tuple[Any, Any]:
+    """The checkpoint as a transformers module with the masks applied in torch, and its tokenizer."""
+    from prune2deploy.frontends import hf, masks
+
+    loaded = hf.load_hf_model(name, dtype=dtype)
+    module = loaded.module
+    if mask_tensors:
+        module = masks.apply_masks_torch(module, mask_tensors, source=mask_source)
+    return module, loaded.tokenizer
+
+
+def _hf_reference(
+    name, where: Path, dtype: str, mask_tensors, mask_source: str, options: Any, say: Progress, *, keep_module: bool
+):
+    """The masked reference of a model folder: (model, task, masks applied, module, tokenizer, max positions).
+
+    ``keep_module`` keeps the masked torch module and tokenizer for outputs built from them (genai/, hf/);
+    after a cached export they are None and loaded only when such an output asks (``Source.masked_module``).
+
+    With the export cache on, the *unmasked* checkpoint is exported once per (checkpoint hash, export
+    options, library versions) and kept in the cache folder; masks are then applied to the ONNX weights,
+    so compiling new masks for the same checkpoint costs only the passes. Without it (or when a mask names
+    a tensor the ONNX graph does not reveal) the masks are applied in torch before the export.
+    """
+    from prune2deploy.frontends import hf, masks
+    from prune2deploy.frontends import torch as torch_frontend
+    from prune2deploy.frontends.onnx import load_onnx, save_onnx
+
+    cache = export_cache_path(where, dtype, options) if options.export_cache else None
+    if cache is not None and (cache / "model.onnx").is_file():
+        say(f"using the cached export {cache}")
+        model = load_onnx(cache / "model.onnx")
+        task = (cache / "task").read_text().strip() if (cache / "task").is_file() else "causal-lm"
+        applied = masks.apply_masks_onnx(model, mask_tensors, source=mask_source) if mask_tensors else 0
+        return model, task, applied, None, None, None
+    say(f"loading {name} ({dtype})")
+    loaded = hf.load_hf_model(name, dtype=dtype)
+    module = loaded.module
+    if mask_tensors and cache is None:
+        module = masks.apply_masks_torch(module, mask_tensors, source=mask_source)
+    module.config.use_cache = False
+    vocab = getattr(module.config, "vocab_size", 100)
+    spec = torch_frontend.hf_export_spec(
+        loaded.task, batch=options.export_batch, seq=options.export_seq, vocab_size=vocab
+    )
+    say("exporting to ONNX (dynamo, opset 18)")
+    model = torch_frontend.export_module(module, spec)
+    max_positions = getattr(module.config, "max_position_embeddings", None)
+    kept = tokenizer = None
+    if keep_module and loaded.task == "causal-lm":
+        kept, tokenizer = module, loaded.tokenizer
+        if mask_tensors and cache is not None:  # exported unmasked for the cache: mask the kept module now
+            kept = masks.apply_masks_torch(kept, mask_tensors, source=mask_source)
+    del module, loaded.module
+    if cache is None:
+        return model, loaded.task, len(mask_tensors or {}), kept, tokenizer, max_positions
+    import gc
+    import shutil
+    import tempfile
+
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=cache.parent))
+    try:
+        # Above the size threshold the cached export keeps its weights in model.onnx.data: reading it back
+        # maps them, and the exporter's torch tensors are freed.
+        save_onnx(model, scratch / "model.onnx")
+        (scratch / "task").write_text(loaded.task + "\n")
+        del model
+        gc.collect()
+        try:
+            scratch.rename(cache)
+        except OSError:  # another compile cached it meanwhile
+            shutil.rmtree(scratch, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    say(f"cached the export in {cache}")
+    model = load_onnx(cache / "model.onnx")
+    applied = masks.apply_masks_onnx(model, mask_tensors, source=mask_source) if mask_tensors else 0
+    return model, loaded.task, applied, kept, tokenizer, max_positions
+
+
+def export_cache_path(where: Path, dtype: str, options: Any) -> Path:
+    """``<cache dir>/<key>``: the key hashes the checkpoint's files, the export options and the versions."""
+    import hashlib
+    import json
+    import os
+    from importlib import metadata
+
+    from prune2deploy import __version__
+
+    root = options.export_cache_dir or os.environ.get("P2D_CACHE_DIR") or Path.home() / ".cache" / "prune2deploy"
+    parts = {
+        "checkpoint": _checkpoint_hash(Path(where)),
+        "dtype": dtype,
+        "batch": options.export_batch,
+        "seq": options.export_seq,
+        "prune2deploy": __version__,
+        **{lib: metadata.version(lib) for lib in ("torch", "transformers", "onnxscript", "onnx-ir")},
+    }
+    key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+    return Path(root) / "exports" / key
+
+
+_HASHES: dict[tuple, str] = {}
+
+
+def _checkpoint_hash(path: Path) -> str:
+    """sha256 of the folder (or file), remembered per (path, sizes, mtimes) for this process."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    stamp = (str(path.resolve()), tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    if stamp not in _HASHES:
+        _HASHES[stamp] = sha256_file(path)
+    return _HASHES[stamp]
 
 
 def options_export_spec(module: Any, options: Any) -> Any:
@@ -125,7 +244,9 @@ def input_record(loaded: Source) -> dict[str, Any]:
         "masks_applied": loaded.masks_applied,
     }
     if loaded.path is not None and loaded.path.exists():
-        record["sha256"] = sha256_file(loaded.path)
+        record["sha256"] = _checkpoint_hash(loaded.path)
     if loaded.extra.get("bundled"):
         record["bundled"] = loaded.extra["bundled"]
+    if loaded.extra.get("dtype"):
+        record["dtype"] = loaded.extra["dtype"]
     return record

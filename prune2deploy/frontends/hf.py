@@ -20,6 +20,7 @@ __all__ = [
     "BUNDLED_MODELS",
     "HFModel",
     "bundled_model_path",
+    "checkpoint_dtype",
     "is_hf_folder",
     "load_hf_model",
 ]
@@ -84,8 +85,37 @@ def _task_from_config(config: dict) -> str:
     return "encoder"
 
 
+_SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float32"}
+
+
+def checkpoint_dtype(path: Path | str) -> str:
+    """The torch dtype name the folder's safetensors weights are stored in (``float32`` when mixed/unknown).
+
+    Read from the safetensors headers (a few KB each), not from ``config.json``, which may say otherwise.
+    """
+    if isinstance(path, str) and path in BUNDLED_MODELS:
+        path = bundled_model_path(path)
+    path = Path(path)
+    if not path.is_dir():
+        return "float32"
+    found: set[str] = set()
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with open(file, "rb") as handle:
+                size = int.from_bytes(handle.read(8), "little")
+                header = json.loads(handle.read(size)) if 0 < size < 1 << 28 else {}
+        except (OSError, ValueError):
+            return "float32"
+        for name, entry in header.items():
+            if name != "__metadata__" and entry.get("dtype") in _SAFETENSORS_DTYPES:
+                found.add(_SAFETENSORS_DTYPES[entry["dtype"]])
+    return found.pop() if len(found) == 1 else "float32"
+
+
 def load_hf_model(path: Path | str, *, task: str | None = None, dtype: str = "float32") -> HFModel:
-    """Loads a model folder (config.json + safetensors, or a single GGUF) in float32, eval mode.
+    """Loads a model folder (config.json + safetensors, or a single GGUF) in ``dtype``, eval mode.
+
+    ``dtype="auto"`` keeps the checkpoint's own precision (bf16/fp16 safetensors stay half precision).
 
     Args:
         path: the folder, a ``.gguf`` file, or a bundled model name (``smollm2-135m``, ``minilm-l6``).
@@ -119,6 +149,8 @@ def load_hf_model(path: Path | str, *, task: str | None = None, dtype: str = "fl
                 task = _task_from_config(json.loads((path / "config.json").read_text()))
             except json.JSONDecodeError as exc:
                 raise BadInputError(f"{path / 'config.json'}: not valid JSON ({exc})") from exc
+    if dtype == "auto":
+        dtype = "float32" if gguf_file else checkpoint_dtype(path)
     torch_dtype = getattr(torch, dtype)
     kwargs = {"dtype": torch_dtype}
     if gguf_file:

@@ -13,7 +13,7 @@ import onnx_ir as ir
 
 from prune2deploy.errors import BadInputError
 
-__all__ = ["ensure_shapes", "load_onnx", "save_onnx"]
+__all__ = ["EXTERNAL_THRESHOLD", "ensure_shapes", "load_onnx", "save_onnx", "weight_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -52,24 +52,58 @@ def ensure_shapes(model: ir.Model, *, source: str = "<model>") -> None:
         log.warning("%s: shape inference failed (%s); analysis will block what it cannot see", source, exc)
 
 
-def save_onnx(model: ir.Model, path: Path, *, external_threshold: int = 1 << 30) -> None:
-    """Saves atomically; models with over ``external_threshold`` bytes of weights keep them in a side file."""
+#: Models with more weight bytes than this are saved with their weights in ``<name>.data`` beside them.
+EXTERNAL_THRESHOLD = 1 << 30
+
+
+def weight_bytes(model: ir.Model) -> int:
+    """Bytes of the model's initializers (as stored: bf16 counts 2 bytes a weight)."""
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def save_onnx(model: ir.Model, path: Path, *, external_threshold: int | None = None) -> int:
+    """Saves ``model`` self-contained and returns the bytes written (model file + weight file).
+
+    Models with over ``external_threshold`` bytes of weights (default :data:`EXTERNAL_THRESHOLD`; 0 forces
+    it), or whose weights are already external, keep them in ``<name>.data`` beside the model file, named
+    relatively: the pair can be moved together. Weights are never left pointing at another model's data
+    file (the input's, or a previous save's), and the model is never serialized as one protobuf message
+    above the 2 GB limit. Tensors are streamed to disk one at a time (onnx_ir's writer), so saving costs
+    no copy of the model.
+    """
     import os
     import tempfile
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    weight_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    threshold = EXTERNAL_THRESHOLD if external_threshold is None else external_threshold
+    external = any(
+        isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values()
+    ) or weight_bytes(model) > min(threshold, _MAX_PROTO // 2)
+    data_path = path.parent / (path.name + ".data")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".onnx", dir=path.parent)
     os.close(fd)
     try:
-        if weight_bytes > external_threshold:
-            data_name = path.name + ".data"
-            ir.save(model, tmp, external_data=data_name)
-            os.replace(Path(path.parent, data_name), path.parent / data_name)
+        if external:
+            # A stale data file of an earlier save would be replaced under tensors that still read it.
+            if data_path.exists() and _reads(model, data_path):
+                raise ValueError(f"{path}: the model reads its weights from {data_path}, which saving would replace")
+            # Tensors of up to 1 KB (shape constants, axes) stay inline: ONNX Runtime's shape inference reads them.
+            ir.save(model, tmp, external_data=data_path.name, size_threshold_bytes=1024)
         else:
+            data_path.unlink(missing_ok=True)
             ir.save(model, tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path.stat().st_size + (data_path.stat().st_size if data_path.exists() else 0)
+
+
+def _reads(model: ir.Model, data_path: Path) -> bool:
+    target = data_path.resolve()
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor) and Path(tensor.path).resolve() == target:
+            return True
+    return False

@@ -1,0 +1,191 @@
+"""Compile cost against model size (issue 12): wall time and peak RSS per step, one model per process.
+
+    python benchmarks/bench_scale.py --model 1b --work /tmp/p2d-scale     # generates the HF folder once
+    python benchmarks/bench_scale.py --model smollm2 --work /tmp/p2d-scale
+
+Models: ``smollm2`` (the bundled SmolLM2-135M, fp32, 50% of every MLP's neurons masked by magnitude),
+``0.5b``, ``1b`` (Llama-3.2-1B-shaped, fp32) and ``3b`` (Llama-3.2-3B-shaped, bf16): random weights
+(normal, std 0.02) written shard by shard straight to safetensors, with half of every MLP's neurons zeroed
+in the checkpoint itself (gate/up rows and down columns), so ``compile`` finds them with no mask file.
+Never run in CI: the 1B folder is 4.9 GB, the 3B one 6.4 GB.
+
+Each step's time comes from the compile's progress lines; the peak RSS of each step is sampled every
+50 ms by a thread (and the whole run's from ``getrusage``). Prints one JSON line and writes it to
+``<work>/<model>-result.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+SHAPES = {
+    # hidden, layers, heads, kv heads, mlp, vocab, dtype, tie
+    "0.5b": (1024, 24, 16, 8, 4096, 128256, "float32", True),
+    "1b": (2048, 16, 32, 8, 8192, 128256, "float32", True),
+    "3b": (3072, 28, 24, 8, 8192, 128256, "bfloat16", True),
+}
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * resource.getpagesize()
+
+
+def make_folder(name: str, folder: Path, seed: int = 0) -> Path:
+    """A Llama-shaped HF folder with random weights and half of each MLP's neurons zeroed."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    if (folder / "config.json").exists():
+        return folder
+    hidden, layers, heads, kv, mlp, vocab, dtype, tie = SHAPES[name]
+    config = LlamaConfig(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        intermediate_size=mlp,
+        vocab_size=vocab,
+        max_position_embeddings=4096,
+        tie_word_embeddings=tie,
+        rope_theta=500000.0,
+        torch_dtype=dtype,
+        architectures=["LlamaForCausalLM"],
+    )
+    scratch = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(seed)
+    torch_dtype = getattr(torch, dtype)
+    head_dim = hidden // heads
+
+    def rand(*shape):
+        return (torch.randn(*shape, generator=gen) * 0.02).to(torch_dtype)
+
+    index: dict[str, str] = {}
+
+    def write(tensors: dict, shard: str) -> None:
+        save_file(tensors, str(scratch / shard), metadata={"format": "pt"})
+        index.update(dict.fromkeys(tensors, shard))
+
+    write(
+        {"model.embed_tokens.weight": rand(vocab, hidden), "model.norm.weight": torch.ones(hidden, dtype=torch_dtype)},
+        "embed.safetensors",
+    )
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        keep = torch.ones(mlp, dtype=torch_dtype)
+        keep[torch.randperm(mlp, generator=gen)[: mlp // 2]] = 0
+        write(
+            {
+                p + "self_attn.q_proj.weight": rand(heads * head_dim, hidden),
+                p + "self_attn.k_proj.weight": rand(kv * head_dim, hidden),
+                p + "self_attn.v_proj.weight": rand(kv * head_dim, hidden),
+                p + "self_attn.o_proj.weight": rand(hidden, heads * head_dim),
+                p + "mlp.gate_proj.weight": rand(mlp, hidden) * keep[:, None],
+                p + "mlp.up_proj.weight": rand(mlp, hidden) * keep[:, None],
+                p + "mlp.down_proj.weight": rand(hidden, mlp) * keep[None, :],
+                p + "input_layernorm.weight": torch.ones(hidden, dtype=torch_dtype),
+                p + "post_attention_layernorm.weight": torch.ones(hidden, dtype=torch_dtype),
+            },
+            f"layer{i:03d}.safetensors",
+        )
+    (scratch / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
+    config.save_pretrained(scratch)
+    scratch.rename(folder)
+    return folder
+
+
+def run(args) -> dict:
+    from prune2deploy import api
+    from prune2deploy.spec import CompileOptions
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    out = work / f"{args.model}-out"
+    options: dict = {"profile": False, "overwrite": True, "verify_mode": args.verify_mode}
+    if args.no_cache:
+        options["export_cache"] = False
+    options["export_cache_dir"] = work / "cache"
+    if args.model == "smollm2":
+        from prune2deploy.demo import demo_masks
+
+        source = "smollm2-135m"
+        options["masks"] = demo_masks(source, 0.5, work / "smollm2-masks.safetensors")
+    else:
+        t0 = time.perf_counter()
+        source = make_folder(args.model, work / f"llama-{args.model}")
+        print(f"folder ready in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    phases: list[dict] = []
+    state = {"label": "start", "peak": 0, "t": time.perf_counter()}
+    start = state["t"]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.05):
+            state["peak"] = max(state["peak"], _rss())
+
+    def progress(line: str) -> None:
+        now = time.perf_counter()
+        phases.append(
+            {"step": state["label"], "s": round(now - state["t"], 2), "peak_rss_gb": round(state["peak"] / 1e9, 2)}
+        )
+        print(line, file=sys.stderr, flush=True)
+        state.update(label=line.split("] ", 1)[-1], peak=_rss(), t=now)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    base_rss = _rss()
+    result = api.compile(source, out, CompileOptions(**options), progress=progress)
+    progress("[done] done")
+    stop.set()
+    report = result.report
+    data_bytes = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
+    summary = {
+        "model": args.model,
+        "params_reference": report["model"]["reference"]["params"],
+        "params_compiled": report["model"]["compiled"]["params"],
+        "dtype": report["input"].get("dtype", "float32"),
+        "wall_s": round(time.perf_counter() - start, 1),
+        "timings": {k: round(v, 1) for k, v in report["timings"].items()},
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 2),
+        "rss_before_compile_gb": round(base_rss / 1e9, 2),
+        "verification": {
+            "mode": report["verification"]["mode"],
+            "passed": report["verification"]["passed"],
+            "worst": max(
+                [o["max_rel"] for o in report["verification"]["outputs"].values()]
+                + [b["max_rel"] for b in report["verification"].get("blocks", [])]
+            ),
+        },
+        "output_bytes": data_bytes,
+        "steps": phases[1:],
+    }
+    (work / f"{args.model}-result.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["smollm2", *SHAPES], required=True)
+    parser.add_argument("--work", required=True, help="folder for the generated checkpoint, cache and output")
+    parser.add_argument("--verify-mode", default="auto", choices=["auto", "whole", "blockwise"])
+    parser.add_argument("--no-cache", action="store_true", help="export even when a cached export exists")
+    parser.add_argument("--make-only", action="store_true", help="only write the HF folder")
+    args = parser.parse_args()
+    if args.make_only:
+        print(make_folder(args.model, Path(args.work) / f"llama-{args.model}"))
+        return
+    print(json.dumps(run(args)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""Scale: external data end to end, block-by-block verification, half-precision checkpoints, the export cache.
+
+Tiny models with the external-data threshold forced to 0 stand in for big ones: every path a 5 GB model
+takes (weights in a side file, ONNX Runtime given paths, outputs self-contained) is taken here too.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+import torch
+
+from prune2deploy import api
+from prune2deploy.feeds import random_feeds
+from prune2deploy.frontends.onnx import save_onnx
+from prune2deploy.graph.scopes import module_of
+from prune2deploy.ort_session import make_session
+from prune2deploy.spec import CompileOptions
+from prune2deploy.verify import verify_blockwise, verify_models
+from tests.models import llama_mlp_masks, pass_record, save_masks, tiny_llama
+
+FAST = {"profile": False, "external_data_threshold": 0}
+
+
+def _locations(path: Path) -> set[str]:
+    proto = onnx.load(str(path), load_external_data=False)
+    found = set()
+    for tensor in proto.graph.initializer:
+        entries = {e.key: e.value for e in tensor.external_data}
+        if "location" in entries:
+            found.add(entries["location"])
+    return found
+
+
+def _run(path: Path, feeds: dict) -> np.ndarray:
+    session = make_session(Path(path))
+    return session.run(None, feeds)[0]
+
+
+def test_external_data_from_the_exporter_end_to_end(tmp_path, monkeypatch, rng):
+    """An exporter-written model with external data in a nested folder, compiled from another cwd; the output
+    is self-contained: it runs after the folder is moved and the input deleted."""
+    module = tiny_llama()
+    masks, kept = llama_mlp_masks(module, 0.5, rng)
+    save_masks(masks, tmp_path / "masks.safetensors")
+    source = tmp_path / "in" / "nested" / "llama"
+    source.mkdir(parents=True)
+    ids = torch.randint(0, 128, (2, 8))
+    module.config.use_cache = False
+    with torch.no_grad():
+        program = torch.onnx.export(
+            module,
+            (),
+            kwargs={"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+            dynamic_shapes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}},
+            dynamo=True,
+            opset_version=18,
+        )
+    program.save(str(source / "model.onnx"), external_data=True)
+    assert _locations(source / "model.onnx") == {"model.onnx.data"}
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    rel_in = Path("..") / "in" / "nested" / "llama" / "model.onnx"  # relative, from another cwd
+    result = api.compile(rel_in, tmp_path / "out", CompileOptions(masks=tmp_path / "masks.safetensors", **FAST))
+    assert result.passed and result.report["verification"]["mode"] in ("whole", "blockwise")
+    assert pass_record(result.report, "remove-channels")["channels_removed"] == sum(96 - k for k in kept.values())
+    out = tmp_path / "out"
+    assert _locations(out / "model.onnx") == {"model.onnx.data"}
+    assert _locations(out / "reference.onnx") == {"reference.onnx.data"}
+    probe = ir.load(str(out / "reference.onnx"))
+    feeds = random_feeds(probe, batch=2, seq=5, seed=3)
+    before = _run(out / "model.onnx", feeds), _run(out / "reference.onnx", feeds)
+    np.testing.assert_allclose(before[0], before[1], rtol=1e-4, atol=1e-4)
+    shutil.rmtree(tmp_path / "in")
+    moved = tmp_path / "moved" / "deeper"
+    moved.parent.mkdir()
+    (out).rename(moved)
+    after = _run(moved / "model.onnx", feeds), _run(moved / "reference.onnx", feeds)
+    np.testing.assert_array_equal(before[0], after[0])
+    np.testing.assert_array_equal(before[1], after[1])
+
+
+def test_blockwise_verification_agrees_with_whole_models(tmp_path, rng):
+    module = tiny_llama()
+    masks, _ = llama_mlp_masks(module, 0.5, rng)
+    save_masks(masks, tmp_path / "masks.safetensors")
+    options = CompileOptions(masks=tmp_path / "masks.safetensors", verify_mode="blockwise", **FAST)
+    result = api.compile(module, tmp_path / "out", options)
+    check = result.report["verification"]
+    assert check["mode"] == "blockwise" and check["passed"]
+    assert [b["block"] for b in check["blocks"]] == [0, 1, 2]  # 2 decoder layers + the head
+    assert all(b["max_rel"] < 1e-5 for b in check["blocks"])
+    reference = ir.load(str(tmp_path / "out" / "reference.onnx"))
+    compiled = ir.load(str(tmp_path / "out" / "model.onnx"))
+    whole = verify_models(
+        tmp_path / "out" / "reference.onnx", tmp_path / "out" / "model.onnx", exact=True, probe=reference
+    )
+    blocks = verify_blockwise(reference, compiled, exact=True)
+    assert whole.passed and blocks.passed
+    assert abs(whole.worst - blocks.worst) < 1e-5
+    assert abs(whole.outputs["logits"]["max_abs"] - blocks.outputs["logits"]["max_abs"]) < 1e-4
+
+    # a compiled model broken in its second layer: both modes fail, and blockwise names the block
+    broken = ir.load(str(tmp_path / "out" / "model.onnx"))
+    down = next(
+        n.inputs[1] for n in broken.graph if n.op_type == "MatMul" and module_of(n) == "model.layers.1.mlp.down_proj"
+    )
+    down.const_value = ir.tensor(down.const_value.numpy() * 1.01, name=down.name)
+    save_onnx(broken, tmp_path / "broken.onnx")  # its own data file (ir.save would point at model.onnx.data)
+    assert not verify_models(
+        tmp_path / "out" / "reference.onnx", tmp_path / "broken.onnx", exact=True, probe=reference
+    ).passed
+    failed = verify_blockwise(reference, broken, exact=True)
+    assert not failed.passed
+    assert [b["max_rel"] > 1e-4 for b in failed.blocks] == [False, True, False]
+
+
+def test_bf16_checkpoint_compiles_to_bf16_and_export_is_cached(tmp_path, rng, monkeypatch):
+    monkeypatch.setenv("P2D_CACHE_DIR", str(tmp_path / "cache"))
+    module = tiny_llama().to(torch.bfloat16)
+    module.save_pretrained(tmp_path / "hf")
+    masks_a, kept_a = llama_mlp_masks(module, 0.5, rng)
+    masks_b, kept_b = llama_mlp_masks(module, 0.25, rng)
+    save_masks(masks_a, tmp_path / "a.safetensors")
+    save_masks(masks_b, tmp_path / "b.safetensors")
+    lines: list[str] = []
+    first = api.compile(tmp_path / "hf", tmp_path / "out_a", CompileOptions(masks=tmp_path / "a.safetensors", **FAST))
+    second = api.compile(
+        tmp_path / "hf",
+        tmp_path / "out_b",
+        CompileOptions(masks=tmp_path / "b.safetensors", **FAST),
+        progress=lines.append,
+    )
+    assert any("using the cached export" in line for line in lines)
+    assert all(line.startswith("[") and " s] " in line for line in lines)  # elapsed time on every line
+    assert len(list((tmp_path / "cache" / "exports").iterdir())) == 1
+    for result, kept, out in ((first, kept_a, "out_a"), (second, kept_b, "out_b")):
+        assert result.report["input"]["dtype"] == "bfloat16"
+        check = result.report["verification"]
+        assert check["exact"] and check["passed"] and check["outputs"]["logits"]["max_rel"] < 1e-4
+        assert pass_record(result.report, "remove-channels")["channels_removed"] == sum(96 - k for k in kept.values())
+        model = ir.load(str(tmp_path / out / "model.onnx"))
+        matmul_weights = [
+            n.inputs[1].const_value.dtype for n in model.graph if n.op_type == "MatMul" and n.inputs[1].const_value
+        ]
+        assert matmul_weights and set(matmul_weights) == {ir.DataType.BFLOAT16}
+
+
+@pytest.mark.parametrize("threshold", [0, 1 << 30])
+def test_save_is_self_contained_for_external_inputs(tmp_path, threshold):
+    """A model whose weights live in another folder's data file is saved with its own copy of them."""
+    from prune2deploy.frontends.onnx import load_onnx, save_onnx
+
+    x = ir.Value(name="x", shape=ir.Shape([2, 4]), type=ir.TensorType(ir.DataType.FLOAT))
+    w = ir.Value(name="w", const_value=ir.tensor(np.arange(16, dtype=np.float32).reshape(4, 4), name="w"))
+    w.shape, w.type = ir.Shape([4, 4]), ir.TensorType(ir.DataType.FLOAT)
+    node = ir.node("MatMul", [x, w], num_outputs=1)
+    node.outputs[0].name = "y"
+    graph = ir.Graph([x], node.outputs, nodes=[node], initializers=[w], opset_imports={"": 18})
+    (tmp_path / "a").mkdir()
+    ir.save(ir.Model(graph, ir_version=10), tmp_path / "a" / "m.onnx", external_data="w.bin", size_threshold_bytes=0)
+    loaded = load_onnx(tmp_path / "a" / "m.onnx")
+    save_onnx(loaded, tmp_path / "b" / "m.onnx", external_threshold=threshold)
+    shutil.rmtree(tmp_path / "a")
+    assert _locations(tmp_path / "b" / "m.onnx") <= {"m.onnx.data"}
+    out = _run(tmp_path / "b" / "m.onnx", {"x": np.ones((2, 4), np.float32)})
+    np.testing.assert_array_equal(out, np.ones((2, 4), np.float32) @ np.arange(16, dtype=np.float32).reshape(4, 4))
