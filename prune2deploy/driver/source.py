@@ -55,7 +55,9 @@ def load_source(source: Any, options: Any, *, progress: Progress | None = None) 
     mask_tensors = masks.load_masks(options.masks) if options.masks else None
     mask_source = str(options.masks) if options.masks else ""
     if not isinstance(source, (str, Path)):  # an nn.Module (Python API)
-        module = source
+        # torch.nn.utils.prune keeps weight_orig × weight_mask behind a hook: bake it into a copy once, so the
+        # export and the outputs built from the module (genai/, hf/) see plain weights.
+        module = torch_frontend.bake_torch_prune(source) if torch_frontend.has_torch_prune(source) else source
         if mask_tensors:
             module = masks.apply_masks_torch(module, mask_tensors, source=mask_source)
         spec = options_export_spec(module, options)

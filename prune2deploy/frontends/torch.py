@@ -17,7 +17,7 @@ import onnx_ir as ir
 
 from prune2deploy.errors import UnsupportedModelError
 
-__all__ = ["ExportSpec", "bake_torch_prune", "export_module", "hf_export_spec"]
+__all__ = ["ExportSpec", "bake_torch_prune", "export_module", "has_torch_prune", "hf_export_spec"]
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def export_module(module, spec: ExportSpec, *, optimize: bool = True) -> ir.Mode
 
     Outputs are renamed to ``spec.output_names`` (in order) so that reports and verification can name them.
     """
-    module = bake_torch_prune(module) if _has_torch_prune(module) else module
+    module = bake_torch_prune(module) if has_torch_prune(module) else module
     module.eval()
     config = getattr(module, "config", None)
     use_cache = getattr(config, "use_cache", None)
@@ -147,7 +147,7 @@ def _export(module, spec: ExportSpec, *, optimize: bool) -> ir.Model:
     return model
 
 
-def _has_torch_prune(module) -> bool:
+def has_torch_prune(module) -> bool:
     return any(name.endswith("_orig") for name, _ in module.named_parameters())
 
 
