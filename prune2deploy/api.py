@@ -238,7 +238,7 @@ def profile(
     *,
     against: Path | str | None = None,
     batches: list[int] = (1,),
-    seqs: list[int] = (128,),
+    seqs: list[int] | None = None,
     threads: int | None = None,
     budget_s: float = 10.0,
     ops: bool = False,
@@ -246,6 +246,8 @@ def profile(
     """Measures latency on ONNX Runtime CPU, side by side with ``against`` in the same run.
 
     With ``ops``, also ONNX Runtime's per-op-type and slowest-node breakdown at the first grid point.
+    ``seqs`` default to 128, lowered to the model's sequence bound (position table); given lengths beyond
+    it are an error.
     """
     from prune2deploy.profiling.measure import compare_models
 
@@ -255,6 +257,7 @@ def profile(
     models = {"compiled": Path(model)}
     if against is not None:
         models = {"reference": Path(against), **models}
+    seqs = _fit_seqs(Path(model), seqs, 128)
     grid = [(b, s) for b in batches for s in seqs]
     rows = compare_models(
         models, grid, threads=threads, reference="reference" if against else None, budget_s=budget_s, min_runs=5
@@ -270,6 +273,15 @@ def profile(
     return rows
 
 
+def _fit_seqs(path: Path, seqs: list[int] | None, default: int, *, model=None) -> list[int]:
+    """Sequence lengths to probe: the default lowered to the model's bound, given ones checked against it."""
+    from prune2deploy.analysis.shapes import fit_seqs, sequence_limit
+    from prune2deploy.frontends.onnx import load_onnx
+
+    limit = sequence_limit(model if model is not None else load_onnx(path))
+    return fit_seqs(limit, list(seqs) if seqs else [default], explicit=bool(seqs))
+
+
 def _is_config(path: Path) -> bool:
     return path.suffix == ".json" or (path.is_dir() and (path / "config.json").is_file())
 
@@ -281,7 +293,7 @@ def predict(
     gpus: list[str] | None = None,
     precision: str = "fp16",
     batch: int = 1,
-    seq: int = 128,
+    seq: int | None = None,
     engine: str = "tensorrt",
     decode: bool = False,
     past: int = 0,
@@ -299,6 +311,7 @@ def predict(
     if not path.exists():
         raise BadInputError(f"{path}: no such ONNX file, config.json or model folder")
     if _is_config(path):
+        seq = 128 if seq is None else seq
         return predict_config(
             path, gpus=gpus, precision=precision, batch=batch, seq=seq, engine=engine, decode=decode, past=past,
             plan=plan,
@@ -311,6 +324,7 @@ def predict(
 
     catalog = load_catalog()
     compiled = load_onnx(path)
+    seq = _fit_seqs(path, None if seq is None else [seq], 128, model=compiled)[0]
     new_cost = model_cost(compiled, batch=batch, seq=seq)
     new_kernels = kernels_from_cost(new_cost, precision=precision, engine=engine)
     if against is None:

@@ -669,7 +669,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         gpus=args.gpu,
         precision=args.precision,
         batch=args.batch[0],
-        seq=args.seq[0],
+        seq=args.seq[0] if args.seq else None,
         engine=args.engine,
         decode=args.decode,
         past=args.past,
@@ -934,7 +934,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", type=Path)
     p.add_argument("--against", type=Path, help="reference ONNX measured in the same run")
     p.add_argument("--batch", type=int, nargs="+", default=[1])
-    p.add_argument("--seq", type=int, nargs="+", default=[128])
+    p.add_argument(
+        "--seq", type=int, nargs="+", help="sequence lengths (default 128, or the model's position-table length)"
+    )
     p.add_argument("--threads", type=int)
     p.add_argument("--budget", type=float, default=10.0, help="seconds per grid point at most")
     p.add_argument("--ops", action="store_true", help="also ONNX Runtime's per-op-type breakdown")
@@ -951,7 +953,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--precision", default="fp16", choices=["fp32", "tf32", "fp16", "bf16", "fp8", "int8"])
     r.add_argument("--engine", default="tensorrt", choices=["tensorrt", "onnxruntime", "torch", "llama.cpp"])
     r.add_argument("--batch", type=int, nargs=1, default=[1])
-    r.add_argument("--seq", type=int, nargs=1, default=[128])
+    r.add_argument("--seq", type=int, nargs=1, help="sequence length (default 128, or the model's bound)")
     r.add_argument("--decode", action="store_true", help="one decode step (decoders) instead of a prefill")
     r.add_argument("--past", type=int, default=0, help="tokens already in the KV cache for --decode")
     r.add_argument("--plan", type=Path, help="pruning plan YAML: per-layer widths for shape-only prediction")

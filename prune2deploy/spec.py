@@ -140,7 +140,9 @@ class _CoreOptions(BaseModel):
 
     def replace(self, **changes: Any) -> CompileOptions:
         """A validated copy with ``changes`` applied (options are values: never edited in place)."""
-        return CompileOptions.from_dict({**self.model_dump(), **changes}, source="options")
+        # Only what was set is carried over, so defaults stay defaults (a later step can tell a default
+        # --seq from one the user gave).
+        return CompileOptions.from_dict({**self.model_dump(exclude_unset=True), **changes}, source="options")
 
     @classmethod
     def from_dict(cls, data: Any, *, source: str = "options") -> CompileOptions:

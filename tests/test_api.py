@@ -58,15 +58,18 @@ def test_bert_with_biases_and_layernorm(tmp_path, rng):
     assert all(o["max_rel"] < 1e-5 for o in result.report["verification"]["outputs"].values())
 
 
-def test_bias_alone_keeps_channel(tmp_path):
-    """A zero weight row with a non-zero bias is a constant, not a dead neuron: it must stay."""
+def test_bias_alone_is_a_constant_that_folds(tmp_path):
+    """A zero weight row with a non-zero bias is a constant (GELU(0.5)), not a dead neuron: it goes only
+    because its contribution is folded into the output projection's bias."""
     module = tiny_bert()
     with torch.no_grad():
         module.encoder.layer[0].intermediate.dense.weight[:10] = 0
         module.encoder.layer[0].intermediate.dense.bias[:10] = 0.5
     result = api.compile(module, tmp_path / "out", CompileOptions(**FAST))
-    assert pass_record(result.report, "remove-channels")["channels_removed"] == 0
+    record = pass_record(result.report, "remove-channels")
+    assert record["channels_removed"] == record["constant_channels_folded"] == 10
     assert result.report["verification"]["passed"]
+    assert all(o["max_rel"] < 1e-4 for o in result.report["verification"]["outputs"].values())
 
 
 def test_torch_prune_module(tmp_path):

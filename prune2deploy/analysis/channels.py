@@ -25,11 +25,58 @@ import onnx_ir as ir
 from prune2deploy.analysis import zero_rules
 from prune2deploy.analysis.axis_rules import RULES
 from prune2deploy.analysis.slots import ChannelFacts, Contraction, Fixup, RuleContext, Slot, UnionFind
+from prune2deploy.graph.attributes import float_attr, int_attr, ints_attr
 from prune2deploy.graph.scopes import module_of
 
-__all__ = ["ChannelAnalysis", "ChannelGroup", "Contraction", "Fixup", "RuleContext", "Slot", "analyze_channels"]
+__all__ = [
+    "ChannelAnalysis",
+    "ChannelGroup",
+    "Contraction",
+    "Fixup",
+    "Fold",
+    "RuleContext",
+    "Slot",
+    "analyze_channels",
+]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Fold:
+    """A constant channel read by a contraction: its contribution is a constant vector for the consumer's bias.
+
+    ``channel`` is the index in ``contraction.lhs``'s axis (the activation) and ``value`` the constant.
+    """
+
+    contraction: Contraction
+    channel: int
+    value: float
+
+
+def fold_refusal(node: ir.Node, lhs: Slot, rhs: Slot) -> str | None:
+    """Why a constant channel of ``lhs`` cannot fold into ``node``'s bias (None: it can, exactly).
+
+    Exact where every output position reads the channel at every kernel tap: MatMul/Gemm, and Conv without
+    padding (a padded Conv's border positions read zeros instead of the constant).
+    """
+    if lhs.value.const_value is not None or rhs.value.const_value is None:
+        return f"{node.name} ({node.op_type}) does not read the constant channel against a constant weight"
+    if node.op_type == "MatMul":
+        return None if len(rhs.value.shape or ()) == 2 else f"{node.name}: batched MatMul weight"
+    if node.op_type == "Gemm":
+        return f"{node.name}: Gemm with beta 0 has no bias to fold into" if float_attr(node, "beta", 1.0) == 0 else None
+    if node.op_type == "Conv":
+        if int_attr(node, "group", 1) != 1:
+            return f"{node.name}: grouped Conv"
+        auto_pad = node.attributes.get_string("auto_pad", "NOTSET")
+        if any(ints_attr(node, "pads", [])) or auto_pad not in ("NOTSET", "VALID"):
+            return (
+                f"{node.name} (Conv) pads its input: border positions read zeros, not the constant, so the "
+                "channel does not fold into a bias; it is kept"
+            )
+        return None
+    return f"{node.name}: no bias fold for {node.op_type}"
 
 
 @dataclass
@@ -44,6 +91,9 @@ class ChannelGroup:
     fixups: list[Fixup]
     blocked: list[tuple[Slot, str, str]]  # (slot, node name, reason)
     zero_atoms: list[int] = field(default_factory=list)
+    constant_atoms: list[int] = field(default_factory=list)  # removable once their folds are made
+    folds: dict[int, list[Fold]] = field(default_factory=dict)  # constant atom -> its folds
+    fold_refused: dict[str, str] = field(default_factory=dict)  # node -> why a constant channel stays
 
     @property
     def label(self) -> str:
@@ -121,6 +171,7 @@ class ChannelGroup:
             "width": self.width,
             "zero_channels": len(self.zero_atoms),
             **self.partly_zero(),
+            "constant_channels": len(self.constant_atoms),
             "prunable": self.prunable,
             "weights": sorted({s.value.name for s in self.slots if s.is_const}),
             "tensors": [repr(s) for s in self.slots][:64],
@@ -139,6 +190,7 @@ class ChannelAnalysis(ChannelFacts):
         super().__init__()
         self.model = model
         self._zero_cache: dict[Slot, np.ndarray] = {}
+        self._const_cache: dict[Slot, np.ndarray | None] = {}
         self.groups: list[ChannelGroup] = []
 
     # -- building -------------------------------------------------------------------------------------------
@@ -250,6 +302,7 @@ class ChannelAnalysis(ChannelFacts):
             )
             if not group.blocked and all(widths):
                 group.zero_atoms = self._zero_atoms(group, roots, root_index)
+                self._constant_atoms(group, roots)
             self.groups.append(group)
         # Ids key the pass records: groups whose contractions share a module (two MLP layers written in one
         # module, attention projections) are told apart by their contraction nodes, which no two groups share.
@@ -310,6 +363,51 @@ class ChannelAnalysis(ChannelFacts):
                 ok &= side
             removable_per_class.append(ok)
         return [a for a, members in enumerate(group.atoms) if all(removable_per_class[ci][i] for ci, i in members)]
+
+    def const_channels(self, slot: Slot) -> np.ndarray | None:
+        """Per channel: its value where provably constant at every position for every input, else NaN."""
+        if slot not in self._const_cache:
+            self._const_cache[slot] = zero_rules.const_channel_values(self, slot)
+        return self._const_cache[slot]
+
+    def _constant_atoms(self, group: ChannelGroup, roots) -> None:
+        """Atoms that are not zero but constant wherever they are contracted, with a bias fold for each."""
+        zero = set(group.zero_atoms)
+        candidates = [a for a in range(len(group.atoms)) if a not in zero]
+        if not candidates:
+            return
+        per_class: list[list[tuple[Contraction, np.ndarray | None, np.ndarray | None]]] = []
+        for root in roots:
+            entries = []
+            for contraction in group.contractions:
+                if self._same.find(contraction.lhs) != root:
+                    continue
+                entries.append((contraction, self.zero_mask(contraction.rhs), self.const_channels(contraction.lhs)))
+            per_class.append(entries)
+        for atom in candidates:
+            folds: list[Fold] = []
+            ok = True
+            for ci, index in group.atoms[atom]:
+                for contraction, rhs_zero, lhs_values in per_class[ci]:
+                    if rhs_zero is not None and rhs_zero[index]:
+                        continue
+                    value = np.nan if lhs_values is None else lhs_values[index]
+                    if np.isnan(value):
+                        ok = False
+                        break
+                    if value == 0:
+                        continue
+                    refusal = fold_refusal(contraction.node, contraction.lhs, contraction.rhs)
+                    if refusal is not None:
+                        group.fold_refused[contraction.node.name] = refusal
+                        ok = False
+                        break
+                    folds.append(Fold(contraction, index, float(value)))
+                if not ok:
+                    break
+            if ok:
+                group.constant_atoms.append(atom)
+                group.folds[atom] = folds
 
 
 def analyze_channels(model: ir.Model) -> ChannelAnalysis:

@@ -31,6 +31,7 @@ _UNARY = {
     "Neg", "Sqrt", "Exp", "Log", "Cast", "IsNaN", "IsInf", "Relu", "Tanh", "Sigmoid", "Erf", "Reciprocal",
     "Identity", "Abs", "Not", "Sin", "Cos", "Softplus", "Gelu", "Dropout",
 }  # fmt: skip
+_REDUCE = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2", "ReduceSumSquare"}
 _NARY = {
     "Add", "Sub", "Mul", "Div", "Where", "Pow", "Max", "Min", "Equal", "Less", "Greater", "LessOrEqual",
     "GreaterOrEqual", "And", "Or", "Xor",
@@ -189,8 +190,29 @@ class _Tracer:
             self._reshape(node, traced, first)
         elif op == "Gather":
             self._gather(node, traced, first)
+        elif op in _REDUCE:
+            self._reduce(node, traced, first)
         else:
             raise _Blocked("no head-axis rule for this op")
+
+    def _reduce(self, node: ir.Node, traced: list[int], first: _Axis) -> None:
+        """A per-head reduction (q/k RMSNorm over head_dim): each head's statistic reads that head only, so
+        the head axis passes through; one over the head axis mixes heads (a norm over all heads) and blocks."""
+        rank = _rank(node.inputs[0])
+        if traced != [0] or rank is None:
+            raise _Blocked("reduction of a head tensor with unknown rank or computed axes")
+        if len(node.inputs) > 1 and node.inputs[1] is not None:
+            axes = const_array(node.inputs[1])
+        else:
+            axes = ints_attr(node, "axes", None)
+        if axes is None:
+            raise _Blocked("reduces over all axes, the head axis included: a statistic over all heads")
+        axes = sorted({int(a) % rank for a in np.asarray(axes).reshape(-1)})
+        if first.axis in axes:
+            raise _Blocked("reduces over the head axis: a statistic over all heads cannot lose a head exactly")
+        keep = int_attr(node, "keepdims", 1)
+        axis = first.axis if keep else first.axis - sum(a < first.axis for a in axes)
+        self._mark(node.outputs[0], _Axis(axis, first.space, first.sources))
 
     def _elementwise(self, node: ir.Node, traced: list[int]) -> None:
         out_rank = _rank(node.outputs[0])

@@ -23,7 +23,7 @@ import onnx_ir as ir
 from prune2deploy.errors import BadInputError
 from prune2deploy.feeds import feed_specs, random_feeds
 
-__all__ = ["ShapeInfo", "concrete_shapes", "input_shapes"]
+__all__ = ["SequenceLimit", "ShapeInfo", "concrete_shapes", "fit_seqs", "input_shapes", "sequence_limit"]
 
 log = logging.getLogger(__name__)
 
@@ -209,3 +209,120 @@ def concrete_shapes(
                 fallback_max_bytes,
             )
     return ShapeInfo(known, dtypes, source, tuple(missing))
+
+
+@dataclass(frozen=True)
+class SequenceLimit:
+    """The longest sequence a model accepts, and the constant that bounds it.
+
+    Attributes:
+        max_seq: Largest sequence length whose run stays inside every bounded table.
+        where: The node and constant that set it, for messages (``"node_embedding_1 reads wpe (64 rows)"``).
+    """
+
+    max_seq: int
+    where: str
+
+
+def _bounded_candidates(model: ir.Model) -> list[tuple[ir.Node, ir.Value, int, int]]:
+    """Gathers of a constant table by computed indices, and Slices of a constant: (node, probe, axis, size).
+
+    A Gather whose indices are a graph input is a token table (its bound is the vocabulary, not the sequence).
+    """
+    inputs = set(model.graph.inputs)
+    found = []
+    for node in model.graph:
+        data = node.inputs[0] if node.inputs else None
+        if data is None or data.const_value is None or not data.const_value.shape.dims:
+            continue
+        if node.op_type == "Gather" and len(node.inputs) > 1 and node.inputs[1] is not None:
+            indices = node.inputs[1]
+            if indices in inputs or indices.const_value is not None:
+                continue
+            axis = node.attributes.get_int("axis", 0)
+            found.append((node, indices, axis, int(data.const_value.shape[axis])))
+        elif node.op_type == "Slice" and len(node.inputs) > 2:
+            axes = node.inputs[3] if len(node.inputs) > 3 else None
+            if axes is None or axes.const_value is None or axes.const_value.numpy().size != 1:
+                continue
+            axis = int(axes.const_value.numpy().reshape(-1)[0]) % len(data.const_value.shape)
+            found.append((node, node.outputs[0], axis, int(data.const_value.shape[axis])))
+    return found
+
+
+def sequence_limit(model: ir.Model, *, max_bytes: int = 1 << 30) -> SequenceLimit | None:
+    """The sequence bound a model's constants set (position tables, cached rotary or position-id buffers).
+
+    Exported decoders index a learned position table (GPT-2's ``wpe``) or slice a buffer by the sequence
+    length, so a run longer than the table fails in ONNX Runtime ("indices element out of data bounds")
+    or, for a slice, breaks a later broadcast. Which tables are sequence-bound is decided numerically, not
+    by name: the model runs at sequence lengths 2 and 3 with the candidates exposed; a Gather whose largest
+    index grows by one per token (``max_index = seq - 1 + offset``) bounds the sequence at
+    ``rows - offset`` (RoBERTa's padding offset included); a Slice of a constant whose output grows by one
+    per token bounds it at the constant's length. Token-type tables (indices constant in the sequence)
+    and vocabulary tables (indexed by a graph input) do not bound it. Models whose weights exceed
+    ``max_bytes`` are not run; None then, as for a model without such tables.
+    """
+    candidates = _bounded_candidates(model)
+    if not candidates:
+        return None
+    size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    if size > max_bytes:
+        log.info("not probing sequence bounds of a model with %d bytes of weights", size)
+        return None
+    proto = ir.to_proto(model)
+    present = {o.name for o in proto.graph.output}
+    names = []
+    for _node, probe, _axis, _rows in candidates:
+        if probe.name and probe.name not in present and probe.name not in names:
+            proto.graph.output.append(onnx.ValueInfoProto(name=probe.name))
+        names.append(probe.name)
+    try:
+        session = _cpu_session(proto.SerializeToString())
+        outputs = [o.name for o in session.get_outputs()]
+        runs = []
+        for seq in (2, 3):
+            feeds = random_feeds(model, batch=2, seq=seq, seed=0)
+            runs.append(dict(zip(outputs, session.run(outputs, feeds), strict=True)))
+    except Exception as exc:  # ORT's own error classes: a model we cannot run at seq 2/3 has no known bound
+        log.warning("could not probe the sequence bound (%s)", exc)
+        return None
+    best: SequenceLimit | None = None
+    for node, probe, axis, rows in candidates:
+        short, long = runs[0].get(probe.name), runs[1].get(probe.name)
+        if short is None or long is None:
+            continue
+        if node.op_type == "Gather":
+            if short.size == 0 or long.size == 0 or not np.issubdtype(short.dtype, np.integer):
+                continue
+            low, high = int(short.max()), int(long.max())
+            if high - low != 1:
+                continue
+            limit = rows - (low - 1)
+        else:
+            if short.ndim <= axis or long.ndim <= axis or long.shape[axis] - short.shape[axis] != 1:
+                continue
+            limit = rows - (short.shape[axis] - 2)
+        if best is None or limit < best.max_seq:
+            best = SequenceLimit(limit, f"{node.name} ({node.op_type}) reads {node.inputs[0].name} ({rows} rows)")
+    return best
+
+
+def fit_seqs(limit: SequenceLimit | None, seqs: Sequence[int], *, explicit: bool) -> list[int]:
+    """Sequence lengths to probe within ``limit``: a default beyond it is lowered to it, a request is an error.
+
+    Raises:
+        BadInputError: ``explicit`` and a length is beyond the model's bound.
+    """
+    if limit is None:
+        return list(seqs)
+    beyond = [s for s in seqs if s > limit.max_seq]
+    if beyond and explicit:
+        raise BadInputError(
+            f"sequence length {beyond} is beyond what the model accepts: at most {limit.max_seq} tokens "
+            f"({limit.where}); choose --seq {limit.max_seq} or less"
+        )
+    fitted = [min(s, limit.max_seq) for s in seqs]
+    if beyond:
+        log.info("profiling at sequence length %d: the model accepts no more (%s)", limit.max_seq, limit.where)
+    return list(dict.fromkeys(fitted))

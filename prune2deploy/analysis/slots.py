@@ -92,6 +92,10 @@ class ChannelFacts:
         """Boolean per channel: provably zero for every input. ``None`` when the width is unknown."""
         raise NotImplementedError
 
+    def const_channels(self, slot: Slot) -> np.ndarray | None:
+        """Per channel: its value where it is provably the same at every position for every input, else NaN."""
+        raise NotImplementedError
+
 
 class RuleContext:
     """What an axis rule can say about one node. Every slot of the node must be linked, ended or blocked."""

@@ -1,12 +1,20 @@
-"""Which channels of a tensor are provably zero for every input.
+"""Which channels of a tensor are provably zero, or provably constant, for every input.
 
 A weight slot is zero at channel c when every entry with index c on that axis is zero. An activation slot
 is zero when its producer maps zeros to zeros at c: a MatMul whose weight column c is zero, a ReLU of a
 zero, a product with a zero factor, a sum of zeros. Ops without a rule answer "not zero", which is always
 safe: it can only keep a channel that could have gone.
+
+A *constant* channel holds one known value at every position for every input: what a zero weight column
+with a non-zero bias produces (``torch.nn.utils.prune.ln_structured`` leaves exactly that), then carried
+through elementwise activations, BatchNormalization, pooling and layout ops by evaluating the op on the
+per-channel values. :func:`const_channel_values` answers with NaN where a channel is not provably constant
+(a zero channel is the constant 0).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 import onnx_ir as ir
@@ -16,7 +24,7 @@ from prune2deploy.graph.attributes import float_attr, int_attr, ints_attr
 from prune2deploy.graph.constants import all_zero, zero_channels
 from prune2deploy.graph.dims import value_dim
 
-__all__ = ["const_zero_mask", "zero_mask"]
+__all__ = ["const_channel_values", "const_zero_mask", "zero_mask"]
 
 # Ops that move axes around: the input axis is found through the channel classes, not by alignment.
 _LAYOUT = frozenset(
@@ -246,3 +254,160 @@ def _concat(analysis: ChannelFacts, node: ir.Node, slot: Slot, width: int) -> np
     for value in node.inputs:
         result &= _operand(analysis, value, slot, width)
     return result
+
+
+# Unary elementwise ops evaluated on per-channel constants (NaN, "unknown", propagates through each).
+def _erf(x: np.ndarray) -> np.ndarray:
+    import math
+
+    return np.vectorize(math.erf, otypes=[np.float64])(x) if x.size else x
+
+
+def _gelu(node: ir.Node, x: np.ndarray) -> np.ndarray:
+    if node.attributes.get_string("approximate", "none") == "tanh":
+        return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+    return 0.5 * x * (1 + _erf(x / np.sqrt(2)))
+
+
+_UNARY = {
+    "Relu": lambda n, x: np.where(np.isnan(x), np.nan, np.maximum(x, 0)),
+    "LeakyRelu": lambda n, x: np.where(x >= 0, x, x * float_attr(n, "alpha", 0.01)),
+    "Sigmoid": lambda n, x: 1 / (1 + np.exp(-x)),
+    "HardSigmoid": lambda n, x: np.clip(float_attr(n, "alpha", 0.2) * x + float_attr(n, "beta", 0.5), 0, 1),
+    "HardSwish": lambda n, x: x * np.clip(x / 6 + 0.5, 0, 1),
+    "Tanh": lambda n, x: np.tanh(x),
+    "Erf": lambda n, x: _erf(x),
+    "Gelu": _gelu,
+    "Exp": lambda n, x: np.exp(x),
+    "Neg": lambda n, x: -x,
+    "Abs": lambda n, x: np.abs(x),
+    "Sqrt": lambda n, x: np.sqrt(np.where(x >= 0, x, np.nan)),
+    "Reciprocal": lambda n, x: 1 / x,
+    "Softplus": lambda n, x: np.log1p(np.exp(x)),
+    "Elu": lambda n, x: np.where(x > 0, x, float_attr(n, "alpha", 1.0) * (np.exp(x) - 1)),
+    "Identity": lambda n, x: x,
+    "Dropout": lambda n, x: x,
+}
+_BINARY_EVAL = {
+    "Add": np.add,
+    "Sub": np.subtract,
+    "Mul": np.multiply,
+    "Div": np.divide,
+    "Max": np.maximum,
+    "Min": np.minimum,
+    "Pow": np.power,
+}
+# Layout and pooling ops: a channel constant at every position stays constant with the same value.
+_CONST_LAYOUT = {
+    "Transpose", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Expand", "MaxPool", "GlobalAveragePool",
+    "GlobalMaxPool", "Resize", "Upsample", "ReduceMean", "ReduceMax", "ReduceMin",
+}  # fmt: skip
+
+
+def _uniform(array: np.ndarray) -> float:
+    """The single value of a constant broadcast operand, NaN if it has more than one."""
+    flat = np.asarray(array, dtype=np.float64).reshape(-1)
+    return float(flat[0]) if flat.size and np.all(flat == flat[0]) else np.nan
+
+
+def _operand_values(analysis: ChannelFacts, value: ir.Value | None, out: Slot, width: int, *, elementwise=True):
+    """Per-channel constant values of the operand feeding ``out`` (NaN: not constant)."""
+    linked = _aligned(value, out, width) if elementwise else _linked_input(analysis, value, out)
+    if linked is not None:
+        values = analysis.const_channels(linked)
+        if values is not None and values.shape == (width,):
+            return values
+        return np.full(width, np.nan)
+    if value is not None and value.const_value is not None:  # broadcast along this axis
+        return np.full(width, _uniform(value.const_value.numpy()))
+    return np.full(width, np.nan)
+
+
+def const_channel_values(analysis: ChannelFacts, slot: Slot) -> np.ndarray | None:
+    """Per channel of ``slot``: its value when it is the same at every position for every input, else NaN.
+
+    ``None`` when the width is unknown. Zero channels (:func:`zero_mask`) are the constant 0.
+    """
+    width = _width(slot)
+    if width is None:
+        return None
+    zero = analysis.zero_mask(slot)
+    values = np.full(width, np.nan)
+    with contextlib.suppress(AttributeError, IndexError, ValueError, TypeError):  # unknown, never a guess
+        values = _const_values(analysis, slot, width)
+    with np.errstate(all="ignore"):
+        values = np.where(np.isfinite(values), values, np.nan)
+    if zero is not None and zero.shape == (width,):
+        values = np.where(zero, 0.0, values)
+    return values
+
+
+def _const_values(analysis: ChannelFacts, slot: Slot, width: int) -> np.ndarray:
+    unknown = np.full(width, np.nan)
+    value = slot.value
+    if value.const_value is not None:
+        array = value.const_value.numpy().astype(np.float64)
+        moved = np.moveaxis(array, slot.axis, 0).reshape(width, -1)
+        same = np.all(moved == moved[:, :1], axis=1) if moved.shape[1] else np.ones(width, dtype=bool)
+        return np.where(same, moved[:, 0] if moved.shape[1] else np.nan, np.nan)
+    node = value.producer()
+    if node is None or node.domain not in ("", "ai.onnx"):
+        return unknown
+    op, inputs = node.op_type, list(node.inputs)
+    with np.errstate(all="ignore"):
+        if op in ("Gemm", "Conv"):
+            bias = inputs[2] if len(inputs) > 2 else None
+            if slot.axis != 1:  # Gemm's N, Conv's output channels
+                return unknown
+            weight_axis = (0 if int_attr(node, "transB", 0) else 1) if op == "Gemm" else 0
+            wmask = analysis.zero_mask(Slot(inputs[1], weight_axis))
+            if wmask is None or wmask.shape != (width,):
+                return unknown
+            if op == "Conv" and int_attr(node, "group", 1) > 1:  # depthwise: a zero input gives the bias too
+                xmask = analysis.zero_mask(Slot(inputs[0], 1))
+                if xmask is not None and xmask.shape == (width,):
+                    wmask = wmask | xmask
+            if bias is None:
+                return np.where(wmask, 0.0, np.nan)
+            if op == "Conv":  # the bias is [C_out], linked to axis 1 (not numpy-aligned)
+                bias_values = analysis.const_channels(Slot(bias, 0))
+                bias_values = np.full(width, np.nan) if bias_values is None else bias_values
+            else:
+                bias_values = _operand_values(analysis, bias, slot, width)
+            return np.where(wmask, bias_values, np.nan)
+        if op == "BatchNormalization" and slot.axis == 1:
+            x, scale, b, mean, var = inputs[:5]
+            eps = float_attr(node, "epsilon", 1e-5)
+            s, bb, mu, v = (t.const_value.numpy().astype(np.float64) for t in (scale, b, mean, var))
+            k = _operand_values(analysis, x, slot, width)
+            return (k - mu) * s / np.sqrt(v + eps) + bb
+        if op in _BINARY_EVAL:
+            a = _operand_values(analysis, inputs[0], slot, width)
+            b = _operand_values(analysis, inputs[1], slot, width)
+            return _BINARY_EVAL[op](a, b)
+        if op in _UNARY:
+            return _UNARY[op](node, _operand_values(analysis, inputs[0], slot, width))
+        if op == "Cast":
+            return _operand_values(analysis, inputs[0], slot, width)
+        if op == "AveragePool":
+            pads = ints_attr(node, "pads", [])
+            if any(pads) and int_attr(node, "count_include_pad", 0):
+                return unknown  # borders average in zeros
+            return _operand_values(analysis, inputs[0], slot, width, elementwise=False)
+        if op in _CONST_LAYOUT:
+            return _operand_values(analysis, inputs[0], slot, width, elementwise=False)
+        if op == "Concat":
+            pieces = [(part, offset) for part, whole, offset in analysis._segments if whole == slot]
+            result = unknown.copy()
+            for part, offset in pieces:
+                part_values = analysis.const_channels(part)
+                if part_values is not None:
+                    result[offset : offset + len(part_values)] = part_values
+            return result
+        if op in ("Split", "Slice"):
+            for part, whole, offset in analysis._segments:
+                if part == slot:
+                    whole_values = analysis.const_channels(whole)
+                    return unknown if whole_values is None else whole_values[offset : offset + width]
+            return _operand_values(analysis, inputs[0], slot, width)
+    return unknown

@@ -58,6 +58,7 @@ def compile_model(
         folder is written, so the user can inspect it) when an exact pipeline exceeds its tolerance.
     """
     from prune2deploy.analysis.cost import compare_layers, model_cost
+    from prune2deploy.analysis.shapes import fit_seqs, sequence_limit
     from prune2deploy.frontends.onnx import load_onnx, save_onnx
     from prune2deploy.pipeline import build_passes, run_pipeline
     from prune2deploy.verify import load_feeds
@@ -94,6 +95,13 @@ def compile_model(
         # model's cost is taken before its attention and norms become com.microsoft kernels.
         fusions = [p for p in passes if p.name == "fuse-ort"]
         pipeline = run_pipeline(compiled, [p for p in passes if p.name != "fuse-ort"], progress=say)
+        # Probe and profile within the sequence lengths the model accepts (its position table): a default
+        # longer than that is lowered, an explicit one is an error.
+        seqs = fit_seqs(
+            sequence_limit(reference), options.profile_seqs, explicit="profile_seqs" in options.model_fields_set
+        )
+        if seqs != list(options.profile_seqs):
+            options = options.replace(profile_seqs=seqs)
         batch0, seq0 = options.profile_batches[0], options.profile_seqs[0]
         new_cost = model_cost(compiled, batch=batch0, seq=seq0)
         if fusions:

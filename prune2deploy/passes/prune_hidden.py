@@ -21,10 +21,18 @@ rewrites both, and the result is exact (float rounding aside). Where the exporte
 plain ``ReduceMean → Add(eps) → Sqrt → Reciprocal → Mul(x) → Mul(w)`` chain, the same correction is made
 by multiplying the ReduceMean's output by ``d'/d``, also exact.
 
-LayerNorm is not exact: its mean and variance over ``d'`` channels differ from those over ``d`` in a way
-no eps or scale change recovers, so a LayerNorm model is reported ``exact: false`` and verification
-measures the error. Dropping channels that are not zero (a plan) is approximate for any norm; the norms are
-then left uncorrected (``rescale_norms=None``), the usual choice of width pruning.
+LayerNorm exactness. With the same zero channels, ``r = d'/d``, and m', v' the mean and variance over
+the kept channels, the reference statistics are
+
+    mean_d = r · m'        E_d[x²] = r · E_d'[x²]        var_d = r · v' + r(1 - r) · m'²
+
+(the second form of var_d avoids the cancellation of E[x²] - mean²), so the reference LayerNorm of a kept
+channel, ``γ · (x - mean_d) / sqrt(var_d + eps) + β``, is computed exactly from the kept channels by
+the decomposed norm the pass emits in place of each LayerNormalization (ReduceMean, Sub, Mul,
+ReduceMean, the rescaled variance, Sqrt, Div, then γ and β). The dropped channels' own outputs were
+``γ_c · (…) + β_c = 0`` (the analysis only calls a channel zero when the norm's scale and bias are zero
+there). Dropping channels that are not zero (a plan) is approximate for any norm; the norms are then left
+uncorrected (``rescale_norms=None``), the usual choice of width pruning.
 """
 
 from __future__ import annotations
@@ -120,9 +128,9 @@ class PruneHiddenPass(P2DPass):
         rescale = all_zero if self.rescale_norms is None else self.rescale_norms
         layernorms = [n.name for n, kind in stream.reductions if kind == "layernorm"]
         means = [n for n, kind in stream.reductions if kind == "mean"]
-        exact = all_zero and not layernorms and (rescale or not means)
+        exact = all_zero and (rescale or not (means or layernorms))
         if not exact and not self.allow_inexact:
-            reason = "the result would be approximate" + (" (LayerNorm)" if layernorms else "")
+            reason = "the result would be approximate" + (" (LayerNorm)" if layernorms and not rescale else "")
             log.info("prune-hidden: %d zero channels left in place: %s", len(drop), reason)
             return self.result(
                 model,
@@ -156,14 +164,23 @@ class PruneHiddenPass(P2DPass):
             dims = list(value.shape)
             dims[-1] = len(keep)
             value.shape = ir.Shape(dims)
-        restored = [v.name for v in stream.outputs]
-        for value in stream.outputs:
+        outputs = list(stream.outputs)
+        layernorms_rescaled = 0
+        if rescale:
+            for node, kind in stream.reductions:
+                if kind != "layernorm":
+                    continue
+                old, new = self._rescale_layernorm(model, node, len(keep) / width)
+                layernorms_rescaled += 1
+                outputs = [new if v is old else v for v in outputs]
+        restored = [v.name for v in outputs]
+        for value in outputs:
             self._restore_output(model, value, keep, width, fills[value.name])
 
         reasons = []
         if not all_zero:
             reasons.append(f"{len(dropped - zero)} dropped channels are not zero in the stream")
-        if layernorms:
+        if layernorms and not rescale:
             reasons.append(f"{len(layernorms)} LayerNorms now average over {len(keep)} of {width} channels")
         if means and not rescale:
             reasons.append("RMSNorms left uncorrected")
@@ -186,6 +203,7 @@ class PruneHiddenPass(P2DPass):
             readers=len(stream.uses("reader")),
             norms=norms,
             layernorms=len(layernorms),
+            layernorms_rescaled=layernorms_rescaled,
             outputs_restored=restored,
         )
 
@@ -261,6 +279,59 @@ class PruneHiddenPass(P2DPass):
         for use in uses:
             use.node.replace_input_with(use.idx, mul.outputs[0])
 
+    # -- LayerNorm ----------------------------------------------------------------------------------------------
+    def _rescale_layernorm(self, model: ir.Model, node: ir.Node, r: float) -> tuple[ir.Value, ir.Value]:
+        """Replaces one LayerNormalization over the kept channels by the decomposed norm with the reference
+        statistics (module docstring); returns (old output, new output), the new one under the old name."""
+        x, scale = node.inputs[0], node.inputs[1]
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        out = node.outputs[0]
+        eps = node.attributes.get_float("epsilon", 1e-5)
+        dtype = x.dtype.numpy() if x.dtype is not None else np.float32
+        reduced = ir.Shape([*list(x.shape)[:-1], 1]) if x.shape is not None else None
+        tag = f"{node.name}__ln{self._names.count}"
+        built: list[ir.Node] = []
+
+        def const(value: float, base: str) -> ir.Value:
+            return self._new_initializer(model, np.asarray(value, dtype=dtype), base)
+
+        def op(op_type: str, inputs: list[ir.Value], what: str, shape, **attributes) -> ir.Value:
+            made = ir.node(op_type, inputs, attributes=attributes, name=f"{tag}_{what}")
+            made.outputs[0].name = f"{tag}_{what}"
+            made.outputs[0].shape, made.outputs[0].type = shape, x.type
+            built.append(made)
+            return made.outputs[0]
+
+        axes = self._new_initializer(model, np.asarray([-1], dtype=np.int64), "ln_axes")
+        mean = op("ReduceMean", [x, axes], "mean", reduced, keepdims=1)  # m'
+        centered = op("Sub", [x, mean], "centered", x.shape)
+        variance = op("ReduceMean", [op("Mul", [centered, centered], "sq", x.shape), axes], "var", reduced)
+        mean_sq = op("Mul", [mean, mean], "mean_sq", reduced)
+        var_d = op(
+            "Add",
+            [
+                op("Mul", [variance, const(r, "ln_ratio")], "var_r", reduced),
+                op("Mul", [mean_sq, const(r * (1 - r), "ln_ratio_mean")], "mean_r", reduced),
+            ],
+            "var_d",
+            reduced,
+        )
+        std = op("Sqrt", [op("Add", [var_d, const(eps, "ln_eps")], "var_eps", reduced)], "std", reduced)
+        shifted = op("Sub", [x, op("Mul", [mean, const(r, "ln_ratio")], "mean_d", reduced)], "shifted", x.shape)
+        result = op("Mul", [op("Div", [shifted, std], "normed", x.shape), scale], "scaled", x.shape)
+        if bias is not None:
+            result = op("Add", [result, bias], "biased", x.shape)
+        for made in built:
+            model.graph.insert_before(node, made)
+        was_output = out.is_graph_output()
+        out.replace_all_uses_with(result, replace_graph_outputs=True)
+        if was_output:
+            name = out.name
+            out.name = f"{name}__layernorm"
+            result.name = name
+        model.graph.remove(node, safe=True)
+        return out, result
+
     # -- graph outputs ----------------------------------------------------------------------------------------
     @staticmethod
     def _output_fills(stream: HiddenStream, drop: list[int]) -> dict[str, np.ndarray]:
@@ -325,7 +396,7 @@ register_pass(
     PassSpec(
         name="prune-hidden",
         order=40,
-        exactness="yes with RMSNorm (eps and scale rescaled) / no with LayerNorm",
+        exactness="yes for zero channels: RMSNorm eps and scale rescaled, LayerNorm statistics rescaled",
         summary="residual-stream channels (--drop-hidden for a width plan)",
         default=True,
         options={

@@ -1,9 +1,18 @@
-"""Physically remove channels that every consumer in their group sees as zero.
+"""Physically remove channels that every consumer in their group sees as zero, or as a foldable constant.
 
 Exact: a removed channel contributed zero at every contraction that reads it (analysis/channels.py), so
-the outputs are unchanged. Weights, biases and per-channel constants are sliced; Reshape/Expand targets,
-Split sizes, Slice bounds and depthwise Conv group counts that carry a width are rewritten. A constant
-that other nodes share is copied before it is changed, never edited under them.
+the outputs are unchanged. A *constant* channel (a zero weight column with a non-zero bias, as
+``torch.nn.utils.prune.ln_structured`` leaves it, then through activations: act(bias)) holds one value k
+at every position for every input; a contraction that reads it at every output position adds
+k·W[c, :] to each output row whatever the input, so that vector is added to the consumer's bias and the
+channel removed: y = Σ_{c kept} x_c W_c + Σ_{c constant} k_c W_c. That holds for MatMul/Gemm and for
+Conv without padding (every tap of every output position lies inside the input); a padded Conv's border
+positions read zeros, so there the channel is kept and the reason recorded under ``refused``. A consumer
+without a bias gets one (a zero Add / Conv or Gemm bias) before the analysis is run again.
+
+Weights, biases and per-channel constants are sliced; Reshape/Expand targets, Split sizes, Slice bounds and
+depthwise Conv group counts that carry a width are rewritten. A constant that other nodes share is copied
+before it is changed, never edited under them.
 """
 
 from __future__ import annotations
@@ -14,7 +23,7 @@ from collections import defaultdict
 import numpy as np
 import onnx_ir as ir
 
-from prune2deploy.analysis.channels import ChannelAnalysis, ChannelGroup, Fixup, Slot, analyze_channels
+from prune2deploy.analysis.channels import ChannelAnalysis, ChannelGroup, Fixup, Fold, Slot, analyze_channels
 from prune2deploy.graph.dims import set_dim
 from prune2deploy.graph.initializers import NameCounter, add_initializer, replace_const
 from prune2deploy.passes.base import P2DPass, P2DResult
@@ -52,10 +61,17 @@ class RemoveChannelsPass(P2DPass):
 
     def call(self, model: ir.Model) -> P2DResult:
         analysis = analyze_channels(model)
+        if self._prepare_biases(model, analysis):
+            analysis = analyze_channels(model)
         per_group = {}
         skipped = {}
+        folded = 0
         for group in analysis.groups:
-            if not group.prunable or not group.zero_atoms:
+            if not group.prunable:
+                continue
+            for node_name, reason in group.fold_refused.items():
+                skipped[f"{group.id} ({node_name})"] = reason
+            if not group.zero_atoms and not group.constant_atoms:
                 continue
             kept_atoms = self._kept_atoms(group)
             if len(kept_atoms) == len(group.atoms):
@@ -67,6 +83,12 @@ class RemoveChannelsPass(P2DPass):
                 skipped[group.id] = str(exc)
                 log.info("group %s left unchanged: %s", group.id, exc)
                 continue
+            kept_set = set(kept_atoms)
+            constants = [a for a in group.constant_atoms if a not in kept_set]
+            for atom in constants:  # before slicing: a fold reads the weight row it removes
+                for fold in group.folds.get(atom, []):
+                    _apply_fold(fold)
+            folded += len(constants)
             self._slice(group, kept)
             for edit in edits:
                 edit()
@@ -74,6 +96,7 @@ class RemoveChannelsPass(P2DPass):
                 "width_before": group.width,
                 "width_after": max(len(k) for k in kept),
                 "removed": len(group.atoms) - len(kept_atoms),
+                **({"constant_folded": len(constants)} if constants else {}),
             }
         return self.result(
             model,
@@ -83,18 +106,38 @@ class RemoveChannelsPass(P2DPass):
             groups_prunable=sum(g.prunable for g in analysis.groups),
             groups_changed=len(per_group),
             channels_removed=sum(g["removed"] for g in per_group.values()),
+            constant_channels_folded=folded,
             per_group=per_group,
             blocked=_blocked_groups(analysis),
         )
 
     # -- what to keep -------------------------------------------------------------------------------------
+    def _prepare_biases(self, model: ir.Model, analysis: ChannelAnalysis) -> bool:
+        """Gives every consumer that a constant channel folds into a bias of its own (a zero one if it has
+        none); True when the graph changed and the analysis must run again."""
+        changed = False
+        seen: set[int] = set()
+        for group in analysis.groups:
+            if not group.prunable:
+                continue
+            for folds in group.folds.values():
+                for fold in folds:
+                    node = fold.contraction.node
+                    if id(node) in seen:
+                        continue
+                    seen.add(id(node))
+                    changed |= _ensure_bias(model, node, self._names)
+        return changed
+
     def _kept_atoms(self, group: ChannelGroup) -> list[int]:
-        zero = set(group.zero_atoms)
-        kept = [a for a in range(len(group.atoms)) if a not in zero]
+        # Zero atoms pad first; a constant atom kept for padding keeps its contribution (no fold made).
+        zero = [*sorted(group.zero_atoms), *sorted(group.constant_atoms)]
+        zero_set = set(zero)
+        kept = [a for a in range(len(group.atoms)) if a not in zero_set]
         target = max(self.min_width, len(kept))
         if self.multiple_of > 1:
             target = min(len(group.atoms), -(-target // self.multiple_of) * self.multiple_of)
-        for atom in sorted(zero):  # pad with zero channels (exact) up to the target width
+        for atom in zero:  # pad with zero channels (exact) up to the target width
             if len(kept) >= target:
                 break
             kept.append(atom)
@@ -288,6 +331,95 @@ class RuleDim:
         if not isinstance(dim, int):
             raise _Unfixable(f"{slot}: width is not static")
         return dim
+
+
+def _matmul_bias(node: ir.Node) -> tuple[ir.Node, int] | None:
+    """The bias Add of a MatMul: its one reader, adding a constant that varies only along the last axis."""
+    out = node.outputs[0]
+    uses = list(out.uses())
+    if len(uses) != 1 or out.is_graph_output():
+        return None
+    add, index = uses[0].node, uses[0].idx
+    if add.op_type != "Add" or len(add.inputs) != 2:
+        return None
+    other = add.inputs[1 - index]
+    if other is None or other.const_value is None or out.shape is None:
+        return None
+    shape = tuple(other.const_value.shape.numpy())
+    if not shape or any(d != 1 for d in shape[:-1]) or shape[-1] != out.shape[-1] or len(shape) > len(out.shape):
+        return None
+    return add, 1 - index
+
+
+def _bias_value(node: ir.Node) -> ir.Value | None:
+    """The constant a fold into ``node`` is added to: Gemm's C or Conv's bias (full width), a MatMul's Add."""
+    if node.op_type == "MatMul":
+        found = _matmul_bias(node)
+        return None if found is None else found[0].inputs[found[1]]
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    if bias is None or bias.const_value is None or node.outputs[0].shape is None:
+        return None
+    width = node.outputs[0].shape[1]
+    if tuple(bias.const_value.shape.numpy())[-1:] != (width,):
+        return None  # a broadcast bias is not in the output channels' class
+    return bias
+
+
+def _ensure_bias(model: ir.Model, node: ir.Node, names: NameCounter) -> bool:
+    """Makes :func:`_bias_value` of ``node`` an unshared, full-width constant; True if the graph changed."""
+    bias = _bias_value(node)
+    if bias is not None:
+        if len(bias.uses()) == 1:
+            return False
+        reader = _matmul_bias(node) if node.op_type == "MatMul" else (node, 2)
+        copy = add_initializer(model.graph, names(model.graph, bias.name or "bias"), bias.const_value.numpy())
+        reader[0].replace_input_with(reader[1], copy)
+        return True
+    out = node.outputs[0]
+    width = out.shape[-1] if node.op_type == "MatMul" else out.shape[1]
+    weight = node.inputs[1].const_value
+    if not isinstance(width, int) or weight is None:
+        return False
+    dtype = weight.dtype
+    if node.op_type == "MatMul":
+        zeros = add_initializer(model.graph, names(model.graph, f"{out.name}_bias"), np.zeros(width), dtype)
+        added = ir.Value(name=f"{out.name}_biased", shape=out.shape, type=out.type)
+        was_output = out.is_graph_output()
+        out.replace_all_uses_with(added, replace_graph_outputs=True)
+        if was_output:
+            added.name, out.name = out.name, f"{out.name}_unbiased"
+        add = ir.node("Add", [out, zeros], outputs=[added], name=f"{node.name}_bias")
+        model.graph.insert_after(node, add)
+        return True
+    old = node.inputs[2] if len(node.inputs) > 2 else None
+    base = np.zeros(width) if old is None or old.const_value is None else old.const_value.numpy()
+    if old is not None and old.const_value is None:
+        return False  # a run-time bias: the fold is refused below
+    array = np.broadcast_to(base, (*np.shape(base)[:-1], width)) if np.ndim(base) else np.full(width, base)
+    bias = add_initializer(model.graph, names(model.graph, f"{node.name}_bias"), array, dtype)
+    if len(node.inputs) < 3:
+        node.resize_inputs(3)
+    node.replace_input_with(2, bias)
+    return True
+
+
+def _apply_fold(fold: Fold) -> None:
+    """Adds the constant channel's contribution to the consumer's bias (which shares its output columns'
+    class, so a later slice of those columns slices the folded bias with them)."""
+    node = fold.contraction.node
+    weight = fold.contraction.rhs.value.const_value.numpy().astype(np.float64)
+    c, k = fold.channel, fold.value
+    if node.op_type == "MatMul":
+        vector = k * weight[c, :]
+    elif node.op_type == "Gemm":
+        row = weight[:, c] if fold.contraction.rhs.axis == 1 else weight[c, :]
+        vector = k * row * node.attributes.get_float("alpha", 1.0) / node.attributes.get_float("beta", 1.0)
+    else:  # Conv without padding: every output position sums the whole kernel over the constant
+        vector = k * weight[:, c].reshape(weight.shape[0], -1).sum(axis=1)
+    bias = _bias_value(node)
+    assert bias is not None, f"{node.name}: no bias to fold into (prepared before the analysis)"
+    array = bias.const_value.numpy()
+    replace_const(bias, (array.astype(np.float64) + vector).astype(array.dtype))
 
 
 def _blocked_groups(analysis: ChannelAnalysis) -> list[dict[str, object]]:

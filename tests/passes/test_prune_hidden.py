@@ -1,4 +1,4 @@
-"""prune-hidden: narrow the residual stream; exact for RMSNorm with zero channels, approximate otherwise."""
+"""prune-hidden: narrow the residual stream; exact for RMSNorm and LayerNorm with zero channels, else approximate."""
 
 from __future__ import annotations
 
@@ -167,25 +167,37 @@ def test_plan_of_zero_channels_is_exact(rng):
         _prune(fresh("llama"), channels=[64])
 
 
-def test_bert_layernorm_is_approximate_and_outputs_keep_their_width(rng):
+def test_bert_layernorm_zero_channels_are_exact_and_outputs_keep_their_width(rng):
+    """LayerNorm statistics over the kept channels, rescaled (mean·d'/d, variance from both): exact."""
     model = fresh("bert")
     drop = rng.choice(64, 16, replace=False)
     zero_hidden(model, drop, BERT_WRITERS, norms=True)
-    probe = clone(model)
     reference = snapshot(model)
-    record = _prune(clone(model))  # zero detection alone does not make an exact pipeline approximate
-    assert record["removed"] == 0 and record["zero_channels"] == 16
-    assert "approximate (LayerNorm)" in record["refused"]["hidden stream"]
-    record = _prune(model, allow_inexact=True)
-    assert not record["exact"] and record["layernorms"] == 5 and record["width_after"] == 48
-    assert record["inexact_because"] == ["5 LayerNorms now average over 48 of 64 channels"]
+    record = _prune(model)
+    assert record["exact"] and record["removed"] == 16 and record["width_after"] == 48
+    assert record["layernorms"] == record["layernorms_rescaled"] == 5 and record["inexact_because"] == []
     assert len(record["embeddings"]) == 3  # word, position, token type
     assert record["outputs_restored"] == ["last_hidden_state"]
+    assert not any(n.op_type == "LayerNormalization" for n in model.graph)
     ((_, pooler),) = matmul_weights(model, "pooler.dense")
     assert pooler.shape == (64, 48)  # Gemm transB: K is axis 1
     out = run(model, BERT_FEEDS)
     assert out["last_hidden_state"].shape == (3, 11, 64)
     assert not np.any(out["last_hidden_state"][..., drop])  # restored channels: the LayerNorm bias, zero here
+    assert max(_max_rel(reference, model, BERT_FEEDS).values()) <= 1e-4
+
+
+def test_layernorm_plan_of_live_channels_is_approximate(rng):
+    model = fresh("bert")
+    drop = sorted(rng.choice(64, 16, replace=False).tolist())
+    probe = clone(model)
+    reference = snapshot(model)
+    record = _prune(model, channels=drop)
+    assert not record["exact"] and record["width_after"] == 48 and record["layernorms_rescaled"] == 0
+    assert record["inexact_because"] == [
+        "16 dropped channels are not zero in the stream",
+        "5 LayerNorms now average over 48 of 64 channels",
+    ]
     # the reported error is finite, non-zero, and what the raw outputs say
     reported = verify_models(probe, model, exact=False, shapes=((3, 11),))
     feeds = random_feeds(probe, batch=3, seq=11, seed=0)

@@ -450,12 +450,22 @@ def test_op_without_rule_untouched(rng):
 def test_sigmoid_zero_producer_is_not_removed(mlps, rng):
     model = fresh("mlps")
     index = rng.choice(24, 8, replace=False)
-    zero_out(model, mlps, "sigmoid.fc1", index)  # sigmoid(0) = 0.5 still reaches fc2
+    zero_out(model, mlps, "sigmoid.fc1", index)  # sigmoid(0) = 0.5 is a constant: it folds into fc2's bias
     reference = snapshot(model)
     record = outcome(_prune(model))
-    assert "sigmoid.fc2" not in record["per_group"]
+    assert record["per_group"]["sigmoid.fc2"] == {
+        "width_before": 24,
+        "width_after": 16,
+        "removed": 8,
+        "constant_folded": 8,
+    }
     assert_same_outputs(reference, model, rng)
-    zero_in(model, mlps, "sigmoid.fc2", index[:5])
+
+
+def test_sigmoid_of_a_zero_consumer_is_removed(mlps, rng):
+    model = fresh("mlps")
+    index = rng.choice(24, 5, replace=False)
+    zero_in(model, mlps, "sigmoid.fc2", index)
     reference = snapshot(model)
     record = outcome(_prune(model))
     assert record["per_group"]["sigmoid.fc2"] == {"width_before": 24, "width_after": 19, "removed": 5}
@@ -497,14 +507,16 @@ def _two_branches(rng, *, shared: str) -> ir.Model:
 
 @pytest.mark.parametrize("shared", ["W1", "B1", "W1 B1"])
 def test_shared_initializer_couples_branches(shared, rng):
-    """Only branch a has zero channels; its weights are shared with branch b, which still needs them all."""
+    """Only branch a has zero channels; its weights are shared with branch b, which still needs them all —
+    unless branch b's are constants (shared zero W1: sigmoid(bias)), which fold into fc2b's bias."""
     model = _two_branches(rng, shared=shared)
     reference = snapshot(model)
     analysis = analyze_channels(model)
     pass_ = _prune(model)
     coupled = [g for g in analysis.groups if {c.node.name for c in g.contractions} == {"fc2a", "fc2b"}]
     assert len(coupled) == 1 and coupled[0].zero_atoms == []
-    assert pass_.record["channels_removed"] == 0
+    folded = 3 if "W1" in shared.split() else 0
+    assert pass_.record["channels_removed"] == pass_.record["constant_channels_folded"] == folded
     assert_same_outputs(reference, model, rng)
 
 
@@ -1161,7 +1173,9 @@ def test_every_prunable_group_at_once(name, side, rng):
     record = outcome(_prune(model))
     if side == "consumer":  # every chosen channel is removable from its readers alone
         assert {k: v["removed"] for k, v in record["per_group"].items()} == chosen
-    else:  # sigmoid does not map zero to zero; everything else in the zoos does
+    else:  # sigmoid maps zero to the constant 0.5, which folds into the next bias; the rest map zero to zero
         removed = {k: v["removed"] for k, v in record["per_group"].items()}
-        assert removed == {k: v for k, v in chosen.items() if not k.startswith("sigmoid.")}
+        assert removed == chosen
+        folded = {k: v.get("constant_folded", 0) for k, v in record["per_group"].items()}
+        assert {k for k, v in folded.items() if v} == {k for k in chosen if k.startswith("sigmoid.")}
     assert_same_outputs(reference, model, rng)
