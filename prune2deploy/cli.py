@@ -251,7 +251,9 @@ def _print_compile(report: dict[str, Any], out_dir: Path) -> None:
                 "an Ampere or later GPU"
             )
     _print_groups(report.get("groups") or {})
-    if not any(entry["modified"] for entry in report["passes"]):
+    if report["model"]["compiled"]["params"] >= report["model"]["reference"]["params"] and not any(
+        entry["modified"] for entry in report["passes"] if entry["pass"].startswith(("remove-", "prune-", "regroup-"))
+    ):
         given = report.get("options", {})
         if given.get("masks") or given.get("plan"):
             print(
