@@ -96,7 +96,7 @@ class OutputFolder:
     """The staging folder of one compile and the lock on its target; :meth:`finish` or :meth:`abort` it."""
 
     def __init__(self, out_dir: Path | str, *, overwrite: bool, inputs: Iterable[Path | str | None] = ()) -> None:
-        self.out_dir = Path(out_dir)
+        self.out_dir = Path(os.path.abspath(out_dir))  # `--out .` has a name and a parent
         self.overwrite = overwrite
         check_not_input(self.out_dir, inputs)
         if self._taken() and not overwrite:
