@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from prune2deploy.driver.compile import CompileResult, compile_model
 from prune2deploy.driver.source import Progress, Source, load_source
 from prune2deploy.errors import BadInputError, OutputExistsError
 from prune2deploy.spec import CompileOptions, load_config
+from prune2deploy.verify import verdict_line, verification_notes
 
 __all__ = [
     "CompileOptions",
@@ -37,6 +39,8 @@ __all__ = [
     "profile",
     "prune",
     "quiet_libraries",
+    "verdict_line",
+    "verification_notes",
     "verify",
 ]
 
@@ -49,16 +53,18 @@ def compile(
     options: CompileOptions | None = None,
     *,
     progress: Progress | None = None,
+    inputs: Sequence[Path | str] = (),
 ) -> CompileResult:
     """Compiles a pruned model into a physically smaller, verified ONNX model (and engine).
 
-    ``source`` is an HF folder, a .gguf file, a bundled model name, an .onnx file or an nn.Module.
+    ``source`` is an HF folder, a .gguf file, a bundled model name, an .onnx file or an nn.Module;
+    ``inputs`` are further files (a config) that ``out_dir`` must not be, contain or lie inside.
 
     Raises:
         P2DError subclasses for bad input, existing outputs, missing engines; VerificationError (after the
         folder is written, so the user can inspect it) when an exact pipeline exceeds its tolerance.
     """
-    return compile_model(source, out_dir, options, progress=progress)
+    return compile_model(source, out_dir, options, progress=progress, inputs=inputs)
 
 
 def demo(
@@ -185,7 +191,9 @@ def verify(
     reference_model = load_onnx(Path(reference))
     compiled = load_onnx(Path(model))
     user_feeds = [load_feeds(p) for p in feeds or []]
-    return verify_models(reference_model, compiled, exact=True, tolerance=tolerance, user_feeds=user_feeds)
+    return verify_models(
+        reference_model, compiled, exact=True, tolerance=tolerance, user_feeds=user_feeds, compiled_is_input=True
+    )
 
 
 def prune(source: Any, out_dir: Path | str, **kwargs: Any):
@@ -242,6 +250,7 @@ def profile(
     threads: int | None = None,
     budget_s: float = 10.0,
     ops: bool = False,
+    memory_limit_gib: float | None = None,
 ) -> list[dict]:
     """Measures latency on ONNX Runtime CPU, side by side with ``against`` in the same run.
 
@@ -254,6 +263,12 @@ def profile(
     for path in (model, against):
         if path is not None and not Path(path).is_file():
             raise BadInputError(f"{path}: no such ONNX file")
+    from prune2deploy.driver.compile import check_profile_memory
+    from prune2deploy.frontends.onnx import load_onnx as _load
+
+    for path in (model, against):
+        if path is not None:
+            check_profile_memory(_load(Path(path)), list(batches), list(seqs), memory_limit_gib)
     models = {"compiled": Path(model)}
     if against is not None:
         models = {"reference": Path(against), **models}

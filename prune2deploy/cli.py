@@ -1,12 +1,12 @@
 """`prune2deploy` command line: a thin layer over :mod:`prune2deploy.api`.
 
-Exit codes: 0 done, 1 verification failed, 2 bad input / missing engine / bad option.
+Exit codes: 0 done, 1 verification failed (and only that), 2 bad input / missing engine / bad option,
+3 internal error (traceback saved to a file), 130 interrupted (Ctrl-C or SIGTERM).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -14,6 +14,7 @@ from typing import Any
 
 from prune2deploy import __version__
 from prune2deploy.errors import P2DError
+from prune2deploy.io import dumps_json
 
 __all__ = ["main"]
 
@@ -133,6 +134,7 @@ def _compile_options(args: argparse.Namespace):
         "feeds": args.feeds,
         "threads": args.threads,
         "tolerance": args.tolerance,
+        "memory_limit_gib": args.memory_limit_gib,
         "passes": args.passes.split(",") if args.passes else None,
         "verify_mode": args.verify_mode,
         "export_cache_dir": args.export_cache_dir,
@@ -280,17 +282,16 @@ def _print_compile(report: dict[str, Any], out_dir: Path) -> None:
         if "greedy_tokens_equal" in tokens:
             line += f"  greedy tokens equal: {tokens['greedy_tokens_equal']}"
         print(line)
+    from prune2deploy import api
+
     ver = report["verification"]
-    status = "PASSED" if ver["passed"] else "FAILED"
-    worst = max(
-        [o["max_rel"] for o in ver["outputs"].values()] + [b["max_rel"] for b in ver.get("blocks", [])], default=0.0
-    )
-    print(
-        f"  verification {status}: worst relative error {worst:.2e} (tolerance {ver['tolerance']:g}, "
-        f"{len(ver['feeds'])} feed sets"
-        + (f", block by block: {len(ver['blocks'])} blocks" if ver.get("mode") == "blockwise" else "")
-        + ")"
-    )
+    approximate = [e["pass"] for e in report["passes"] if not e["exact"]]
+    line = api.verdict_line(ver)
+    if approximate and ver.get("status") == "approximate":
+        line += f" [approximate passes: {', '.join(approximate)}]"
+    print(f"  verification {line}")
+    for note in api.verification_notes(ver):
+        print(f"  note: {note}")
     speed = {(s["batch"], s["seq"]): s for s in report.get("speedup", [])}
     rows = []
     for row in report.get("latency", []):
@@ -397,11 +398,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
     options = _compile_options(args)
     steps = _progress(args.quiet or args.json)
     try:
-        result = api.compile(args.model, args.out, options, progress=steps)
+        result = api.compile(args.model, args.out, options, progress=steps, inputs=[args.config] if args.config else [])
     finally:
         steps.close()
     if args.json:
-        print(json.dumps(result.report, indent=2, default=str))
+        print(dumps_json(result.report, indent=2))
     else:
         _print_compile(result.report, Path(args.out))
     return 0
@@ -416,7 +417,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         threads=args.threads,
     )  # fmt: skip
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
+        print(dumps_json(result.to_dict(), indent=2))
         return 0
     print(result.text)
     print(
@@ -506,7 +507,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     info = api.inspect(args.model)
     if args.json:
-        print(json.dumps(info, indent=2))
+        print(dumps_json(info, indent=2))
         return 0
     print(
         f"{info['model']}: {_fmt_int(info['params'])} parameters, {info['nodes']} nodes, "
@@ -621,11 +622,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
             threads=args.threads,
             budget_s=args.budget,
             ops=args.ops,
+            memory_limit_gib=args.memory_limit_gib,
         )
     finally:
         steps.close()
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(dumps_json(rows, indent=2))
         return 0
     table = [
         [
@@ -678,7 +680,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         plan=args.plan,
     )
     if args.json:
-        print(json.dumps(rows, indent=2, default=str))
+        print(dumps_json(rows, indent=2))
         return 0
     if rows and "mode" in rows[0]:  # shape-only
         first = rows[0]
@@ -749,11 +751,20 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     result = api.verify(args.model, args.reference, feeds=args.feeds, tolerance=args.tolerance)
     if args.json:
-        print(json.dumps(result.as_dict(), indent=2))
+        print(dumps_json(result.as_dict(), indent=2))
     else:
+
+        def num(value, spec: str) -> str:
+            return "n/a" if value is None else format(value, spec)
+
         for name, o in result.outputs.items():
-            print(f"{name}: max_abs {o['max_abs']:.3e}  max_rel {o['max_rel']:.3e}  cosine {o['cosine']:.6f}")
-        print("PASSED" if result.passed else f"FAILED (tolerance {args.tolerance:g})")
+            print(
+                f"{name}: max_abs {num(o['max_abs'], '.3e')}  max_rel {num(o['max_rel'], '.3e')}  "
+                f"cosine {num(o['cosine'], '.6f')}"
+            )
+        print(api.verdict_line(result.as_dict()))
+        for note in api.verification_notes(result.as_dict()):
+            print(f"note: {note}")
     return 0 if result.passed else 1
 
 
@@ -778,7 +789,7 @@ def cmd_passes(args: argparse.Namespace) -> int:
             }
             for name, spec in specs.items()
         ]
-        print(json.dumps(rows, indent=2, default=str))
+        print(dumps_json(rows, indent=2))
         return 0
     table = []
     for name, spec in specs.items():
@@ -797,6 +808,43 @@ def _gpu_help() -> str:
     from prune2deploy import api
 
     return ", ".join(api.gpu_names())
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not '{text}'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, not '{text}'") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, not {text}")
+    return value
+
+
+def _tolerance(text: str) -> float:
+    value = _positive_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"a relative tolerance is between 0 and 1 (exclusive), not {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -853,6 +901,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tolerance", type=float, help="relative tolerance of an exact pipeline (default 1e-4)")
     c.add_argument(
         "--profile-budget", type=float, metavar="S", help="seconds of timing per profiled shape at most (default 10)"
+    )
+    c.add_argument(
+        "--memory-limit-gib",
+        type=float,
+        help="refuse profiling shapes estimated to need more memory than this (default: half of this machine's)",
     )
     c.add_argument("--no-profile", action="store_true", help="skip latency measurement")
     c.add_argument(
@@ -918,8 +971,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--round-to", type=int, help="round kept widths to a multiple (8, 16, 64)")
     q.add_argument("--head-grouping", default="free", choices=["free", "uniform", "whole-group"])
     q.add_argument("--calibration", type=Path, help="text or token-id file (default: bundled text)")
-    q.add_argument("--samples", type=int, default=24)
-    q.add_argument("--seq-len", type=int, default=128)
+    q.add_argument("--samples", type=_positive_int, default=24)
+    q.add_argument("--seq-len", type=_positive_int, default=128)
     q.add_argument("--compile", action="store_true", help="then compile with the masks into OUT/compiled")
     q.add_argument("--no-profile", action="store_true")
     q.add_argument("--overwrite", action="store_true")
@@ -935,13 +988,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("profile", help="ONNX Runtime CPU latency, optionally side by side with a reference")
     p.add_argument("model", type=Path)
     p.add_argument("--against", type=Path, help="reference ONNX measured in the same run")
-    p.add_argument("--batch", type=int, nargs="+", default=[1])
+    p.add_argument("--batch", type=_positive_int, nargs="+", default=[1])
     p.add_argument(
-        "--seq", type=int, nargs="+", help="sequence lengths (default 128, or the model's position-table length)"
+        "--seq",
+        type=_positive_int,
+        nargs="+",
+        help="sequence lengths (default 128, or the model's position-table length)",
     )
-    p.add_argument("--threads", type=int)
-    p.add_argument("--budget", type=float, default=10.0, help="seconds per grid point at most")
+    p.add_argument("--threads", type=_positive_int)
+    p.add_argument("--budget", type=_positive_float, default=10.0, help="seconds per grid point at most")
     p.add_argument("--ops", action="store_true", help="also ONNX Runtime's per-op-type breakdown")
+    p.add_argument("--memory-limit-gib", type=_positive_float, help="refuse shapes estimated to need more memory")
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_profile)
@@ -954,10 +1011,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--precision", default="fp16", choices=["fp32", "tf32", "fp16", "bf16", "fp8", "int8"])
     r.add_argument("--engine", default="tensorrt", choices=["tensorrt", "onnxruntime", "torch", "llama.cpp"])
-    r.add_argument("--batch", type=int, nargs=1, default=[1])
-    r.add_argument("--seq", type=int, nargs=1, help="sequence length (default 128, or the model's bound)")
+    r.add_argument("--batch", type=_positive_int, nargs=1, default=[1])
+    r.add_argument("--seq", type=_positive_int, nargs=1, help="sequence length (default 128, or the model's bound)")
     r.add_argument("--decode", action="store_true", help="one decode step (decoders) instead of a prefill")
-    r.add_argument("--past", type=int, default=0, help="tokens already in the KV cache for --decode")
+    r.add_argument("--past", type=_non_negative_int, default=0, help="tokens already in the KV cache for --decode")
     r.add_argument("--plan", type=Path, help="pruning plan YAML: per-layer widths for shape-only prediction")
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=cmd_predict)
@@ -970,18 +1027,62 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("model", type=Path)
     v.add_argument("--reference", type=Path, required=True)
     v.add_argument("--feeds", type=Path, nargs="+")
-    v.add_argument("--tolerance", type=float, default=1e-4)
+    v.add_argument("--tolerance", type=_tolerance, default=1e-4)
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=cmd_verify)
     return parser
 
 
+def _raise_interrupt(signum, frame):  # the signal handler's signature
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _internal_error(exc: BaseException) -> int:
+    """Exit code 3: a bug. The traceback goes to a file (its path is printed), not over the user's screen."""
+    import tempfile
+    import time
+    import traceback
+
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        folder = Path(tempfile.gettempdir()) / "prune2deploy"
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(
+            prefix=f"crash-{time.strftime('%Y%m%d-%H%M%S')}-", suffix=".txt", dir=folder, text=True
+        )
+        with open(fd, "w") as handle:
+            handle.write(f"prune2deploy {__version__}\nargv: {sys.argv}\n\n{text}")
+        where = f"the traceback is in {name}"
+    except OSError:
+        where = "the traceback follows:\n" + text
+    print(
+        f"internal error: {type(exc).__name__}: {str(exc)[:300]}\nThis is a bug in prune2deploy; please report it "
+        f"with the traceback: {where}",
+        file=sys.stderr,
+    )
+    return 3
+
+
+def _os_error(exc: OSError) -> str:
+    where = f" {exc.filename}" if exc.filename else ""
+    return f"error: cannot read or write{where}: {exc.strerror or exc}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done, 1 verification failed (and only that), 2 bad input, option or missing engine,
+    3 internal error (a bug: the traceback is saved to a file whose path is printed), 130 interrupted
+    (Ctrl-C or SIGTERM)."""
+    import signal
+    import threading
+
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         return int(args.func(args) or 0)
     except P2DError as exc:
@@ -992,6 +1093,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except (OSError, MemoryError) as exc:  # a read-only folder, a full disk: the user's environment
+        if args.debug:
+            raise
+        message = _os_error(exc) if isinstance(exc, OSError) else "error: out of memory; try smaller --batch/--seq"
+        print(message, file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if args.debug:
+            raise
+        return _internal_error(exc)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -20,7 +20,7 @@ from prune2deploy.engines.registry import DEFAULT_ENGINE, engine_class, engine_n
 from prune2deploy.errors import ConfigError
 from prune2deploy.passes.registry import default_passes, get_pass, load_passes
 
-__all__ = ["CompileOptions", "load_config", "pass_option_keys"]
+__all__ = ["MAX_CONFIG_BYTES", "CompileOptions", "load_config", "pass_option_keys"]
 
 
 class _CoreOptions(BaseModel):
@@ -44,6 +44,8 @@ class _CoreOptions(BaseModel):
             optimization profiles (TensorRT, TensorRT-RTX) accepts; an axis left out gets the deployment
             default: batch 1 / first profiled batch / max(8, largest profiled batch), seq 1 / first profiled
             seq / the model's maximum positions capped at 2048 (at least the largest profiled seq).
+        memory_limit_gib: profiling shapes whose estimated memory exceeds this are refused before ONNX
+            Runtime allocates (None: half of this machine's memory).
         feeds: user feed files (.npz / .safetensors) used for verification besides random feeds.
         tolerance: relative error allowed for an exact pipeline.
         threads: ONNX Runtime intra-op threads for timing (None: ORT's default).
@@ -86,6 +88,7 @@ class _CoreOptions(BaseModel):
     profile_batches: list[pydantic.PositiveInt] = Field(default_factory=lambda: [1], min_length=1)
     profile_seqs: list[pydantic.PositiveInt] = Field(default_factory=lambda: [128], min_length=1)
     profile_budget_s: pydantic.PositiveFloat = 10.0
+    memory_limit_gib: pydantic.PositiveFloat | None = None
     gpus: list[str] = Field(default_factory=list)
     shapes: dict[Literal["batch", "seq"], tuple[pydantic.PositiveInt, pydantic.PositiveInt, pydantic.PositiveInt]] = (
         Field(default_factory=dict)
@@ -133,6 +136,12 @@ class _CoreOptions(BaseModel):
             check = registry[name].check
             if check is not None:
                 check(self)
+        if self.precision != "fp32" and self.engine == DEFAULT_ENGINE and "convert-precision" not in self.passes:
+            raise ConfigError(
+                f"option 'precision': {self.precision} with the {DEFAULT_ENGINE} engine would leave the model in fp32 "
+                "(that engine takes precision from tensor types); add the convert-precision pass "
+                f"(--passes ...,convert-precision) or choose an engine that builds in {self.precision}"
+            )
         if self.engine not in engine_names():
             raise ConfigError(f"unknown engine '{self.engine}'; choose from {', '.join(engine_names())}")
         engine_class(self.engine).check_options(self.engine_options)
@@ -204,17 +213,51 @@ CompileOptions = pydantic.create_model(  # type: ignore[misc]
 CompileOptions.__doc__ = _CoreOptions.__doc__
 
 
+#: A config file larger than this is refused: option files are a few hundred bytes.
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def _yaml_loader():
+    import yaml
+
+    class _NoAliasLoader(yaml.SafeLoader):
+        """SafeLoader without anchors and aliases: a 600-byte alias bomb expands to gigabytes."""
+
+        def compose_node(self, parent, index):  # type: ignore[override]
+            event = self.peek_event()
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+                mark = event.start_mark
+                raise ConfigError(
+                    f"line {mark.line + 1}: YAML anchors and aliases (&name / *name) are not allowed in config "
+                    "files; write each value out"
+                )
+            return super().compose_node(parent, index)
+
+    return _NoAliasLoader
+
+
 def load_config(path: Path | str) -> dict[str, Any]:
-    """Reads a YAML, TOML or JSON config; a ``compile:`` section is used when present."""
+    """Reads a YAML, TOML or JSON config; a ``compile:`` section is used when present.
+
+    Refused with a :class:`ConfigError` that names the file (and the key where there is one): a file over
+    :data:`MAX_CONFIG_BYTES`, bytes that are not UTF-8, YAML anchors/aliases, a top level or ``compile:``
+    section that is not a mapping, and keys that are not strings.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    text = path.read_text()
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: {path.stat().st_size} bytes; config files are at most {MAX_CONFIG_BYTES} bytes")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     try:
         if path.suffix in (".yaml", ".yml"):
             import yaml
 
-            data = yaml.safe_load(text) or {}
+            data = yaml.load(text, Loader=_yaml_loader())  # a SafeLoader subclass
+            data = {} if data is None else data
         elif path.suffix == ".toml":
             import tomllib
 
@@ -223,11 +266,20 @@ def load_config(path: Path | str) -> dict[str, Any]:
             data = json.loads(text)
         else:
             raise ConfigError(f"{path}: config files are .yaml, .toml or .json")
-    except ConfigError:
-        raise
+    except ConfigError as exc:
+        if str(exc).startswith(str(path)):
+            raise
+        raise ConfigError(f"{path}: {exc}") from None
     except Exception as exc:
-        raise ConfigError(f"{path}: cannot parse ({exc})") from exc
+        raise ConfigError(f"{path}: cannot parse ({str(exc)[:300]})") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the config must be a mapping of option names to values")
-    section = data.get("compile", data)
+        raise ConfigError(f"{path}: the config must be a mapping of option names to values, not {type(data).__name__}")
+    section = data.get("compile", data) if "compile" in data else data
+    if not isinstance(section, dict):
+        raise ConfigError(
+            f"{path}: option 'compile' must be a mapping of option names to values, not {type(section).__name__}"
+        )
+    bad = [k for k in section if not isinstance(k, str)]
+    if bad:
+        raise ConfigError(f"{path}: option names are strings, not {bad[0]!r}")
     return {k.replace("-", "_"): v for k, v in section.items()}

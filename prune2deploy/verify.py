@@ -28,11 +28,15 @@ __all__ = [
     "OutputRunner",
     "Verification",
     "block_cuts",
+    "check_feeds",
     "choose_mode",
     "compare_outputs",
     "feed_sets",
     "fp32_bytes",
     "load_feeds",
+    "verdict_line",
+    "verdict_status",
+    "verification_notes",
     "verify_blockwise",
     "verify_models",
     "verify_runners",
@@ -65,29 +69,70 @@ EXACT_TOLERANCE = 1e-4
 
 @dataclass
 class Verification:
-    """Per-output errors over all feed sets; ``passed`` applies the tolerance when ``exact``."""
+    """Per-output errors over all feed sets.
+
+    ``status`` is ``passed`` (exact and within the tolerance), ``approximate`` (an approximate pipeline:
+    its error is reported, never held to the exact tolerance) or ``failed``. Non-finite values the reference
+    does not have (NaN/Inf in the compiled output where the reference is finite), a shape mismatch, or an
+    output of which no value could be compared (NaN in both everywhere) fail whatever the pipeline.
+    Python's ``max`` and ``>`` skip NaN; nothing here relies on them for NaN.
+    """
 
     exact: bool
     tolerance: float
     feeds: list[str] = field(default_factory=list)
-    outputs: dict[str, dict[str, float]] = field(default_factory=dict)
+    outputs: dict[str, dict[str, float | int | None]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
     mode: str = "whole"  # "whole" | "blockwise" (see verify_blockwise)
     blocks: list[dict] = field(default_factory=list)  # blockwise: per block, its input and output errors
 
     @property
+    def problems(self) -> list[str]:
+        found = []
+        for name, o in self.outputs.items():
+            if o.get("shape_mismatch"):
+                found.append(f"output '{name}': shape differs from the reference's")
+            if o.get("nonfinite_new"):
+                found.append(f"output '{name}': {o['nonfinite_new']} NaN/Inf values where the reference is finite")
+            if o.get("compared") == 0 and o.get("nonfinite_both"):
+                found.append(f"output '{name}': NaN/Inf in both models everywhere; nothing could be compared")
+        return found
+
+    @property
     def worst(self) -> float:
         values = [o["max_rel"] for o in self.outputs.values()] + [b["max_rel"] for b in self.blocks]
+        if self.problems or any(v is None for v in values):
+            return float("inf")
         return max(values, default=0.0)
 
     @property
+    def cosine(self) -> float | None:
+        values = [o["cosine"] for o in self.outputs.values() if o.get("cosine") is not None]
+        return min(values) if values else None
+
+    @property
+    def status(self) -> str:
+        if self.problems:
+            return "failed"
+        if not self.exact:
+            return "approximate"
+        return "passed" if self.worst <= self.tolerance else "failed"
+
+    @property
     def passed(self) -> bool:
-        return (not self.exact) or self.worst <= self.tolerance
+        return self.status != "failed"
 
     def as_dict(self) -> dict:
+        worst = self.worst
         return {
             "exact": self.exact,
             "passed": self.passed,
+            "status": self.status,
             "tolerance": self.tolerance,
+            "worst": worst if np.isfinite(worst) else None,
+            "cosine": self.cosine,
+            "problems": self.problems,
+            "notes": self.notes,
             "feeds": self.feeds,
             "outputs": self.outputs,
             "mode": self.mode,
@@ -95,21 +140,119 @@ class Verification:
         }
 
 
+def verdict_status(verification: Mapping) -> str:
+    """``passed`` / ``approximate`` / ``failed`` of a verification dict (also one written before ``status``)."""
+    if verification.get("status"):
+        return str(verification["status"])
+    if not verification.get("passed", True):
+        return "failed"
+    return "passed" if verification.get("exact", True) else "approximate"
+
+
+def verdict_line(verification: Mapping) -> str:
+    """One line a person reads: PASSED only for an exact pipeline within its tolerance.
+
+    An approximate pipeline is labelled with its error and cosine, never PASSED (DESIGN.md, Exactness).
+    Takes :meth:`Verification.as_dict` (or report.json's ``verification``).
+    """
+    status = verdict_status(verification)
+    worst, cosine = verification.get("worst"), verification.get("cosine")
+    if "worst" not in verification:
+        values = [o.get("max_rel") for o in (verification.get("outputs") or {}).values()]
+        worst = None if any(v is None for v in values) else max(values, default=0.0)
+    if "cosine" not in verification:
+        values = [o["cosine"] for o in (verification.get("outputs") or {}).values() if o.get("cosine") is not None]
+        cosine = min(values) if values else None
+    error = "inf/NaN" if worst is None else f"{worst:.2e}"
+    feeds = len(verification.get("feeds") or [])
+    if status == "approximate":
+        cos = "n/a" if cosine is None else f"{cosine:.6f}"
+        return f"approximate — error {error}, cosine {cos} (not held to the exact tolerance; {feeds} feed sets)"
+    problems = "; ".join(verification.get("problems") or [])
+    word = "PASSED" if status == "passed" else "FAILED"
+    line = f"{word}: worst relative error {error} (tolerance {verification.get('tolerance', 0):g}, {feeds} feed sets)"
+    return line + (f": {problems}" if problems else "")
+
+
+def verification_notes(verification: Mapping) -> list[str]:
+    """What a verdict does not say: values that are NaN/Inf in both models are reported, not compared."""
+    notes = list(verification.get("notes") or [])
+    for name, o in (verification.get("outputs") or {}).items():
+        if o.get("nonfinite_both"):
+            notes.append(
+                f"output '{name}': {o['nonfinite_both']} values are NaN/Inf in both the reference and the compiled "
+                "model (not compared)"
+            )
+    return notes
+
+
+def _finite_or_none(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
+
+
 def compare_outputs(reference: Mapping[str, np.ndarray], compiled: Mapping[str, np.ndarray]) -> dict:
-    """Max abs, max relative (to the reference's scale) and cosine per output."""
+    """Max abs, max relative (to the reference's scale) and cosine per output, plus non-finite counts.
+
+    Errors are measured where both values are finite; ``nonfinite_new`` counts NaN/Inf in the compiled
+    output where the reference is finite (a failure), ``nonfinite_both`` where both are non-finite (reported),
+    ``compared`` the values compared. Every number is finite or None, so the report stays valid JSON.
+    """
     result = {}
     for name, ref in reference.items():
         out = compiled[name]
-        ref64, out64 = ref.astype(np.float64), out.astype(np.float64)
+        ref64, out64 = np.asarray(ref).astype(np.float64), np.asarray(out).astype(np.float64)
         if ref64.shape != out64.shape:
-            result[name] = {"max_abs": float("inf"), "max_rel": float("inf"), "scale": 0.0, "cosine": 0.0}
+            result[name] = {
+                "max_abs": None,
+                "max_rel": None,
+                "scale": None,
+                "cosine": None,
+                "shape_mismatch": True,
+                "nonfinite_new": 0,
+                "nonfinite_both": 0,
+                "compared": 0,
+            }
             continue
-        diff = float(np.max(np.abs(ref64 - out64))) if ref64.size else 0.0
-        scale = float(np.max(np.abs(ref64))) if ref64.size else 0.0
-        denom = float(np.linalg.norm(ref64) * np.linalg.norm(out64))
-        cosine = float(np.sum(ref64 * out64) / denom) if denom else 1.0
-        result[name] = {"max_abs": diff, "max_rel": diff / max(scale, 1e-6), "scale": scale, "cosine": cosine}
+        ref_ok, out_ok = np.isfinite(ref64), np.isfinite(out64)
+        both = ref_ok & out_ok
+        nonfinite_new = int(np.count_nonzero(ref_ok & ~out_ok))
+        nonfinite_both = int(np.count_nonzero(~ref_ok & ~out_ok))
+        # Finite in the compiled output where the reference is not: as wrong as the other way round.
+        nonfinite_new += int(np.count_nonzero(~ref_ok & out_ok))
+        r, o = ref64[both], out64[both]
+        diff = float(np.max(np.abs(r - o))) if r.size else 0.0
+        scale = float(np.max(np.abs(r))) if r.size else 0.0
+        denom = float(np.linalg.norm(r) * np.linalg.norm(o))
+        cosine = float(np.sum(r * o) / denom) if denom else 1.0
+        result[name] = {
+            "max_abs": _finite_or_none(diff),
+            "max_rel": _finite_or_none(diff / max(scale, 1e-6)),
+            "scale": _finite_or_none(scale),
+            "cosine": _finite_or_none(cosine),
+            "nonfinite_new": nonfinite_new,
+            "nonfinite_both": nonfinite_both,
+            "compared": int(r.size),
+        }
     return result
+
+
+def _merge(worst: dict | None, stats: dict) -> dict:
+    """The worse of two results for one output; counts add up over feed sets."""
+    if worst is None:
+        return dict(stats)
+
+    def rel(o):
+        return float("inf") if o["max_rel"] is None else o["max_rel"]
+
+    merged = dict(worst if rel(worst) >= rel(stats) else stats)
+    for key in ("nonfinite_new", "nonfinite_both", "compared"):
+        merged[key] = worst.get(key, 0) + stats.get(key, 0)
+    merged["shape_mismatch"] = bool(worst.get("shape_mismatch") or stats.get("shape_mismatch"))
+    if not merged["shape_mismatch"]:
+        merged.pop("shape_mismatch")
+    cosines = [c for c in (worst.get("cosine"), stats.get("cosine")) if c is not None]
+    merged["cosine"] = min(cosines) if cosines else None
+    return merged
 
 
 def load_feeds(path: Path) -> dict[str, np.ndarray]:
@@ -144,8 +287,49 @@ def feed_sets(
             sets.append(
                 (f"random batch={batch} seq={seq}", random_feeds(probe, batch=batch, seq=seq, seed=seed + index))
             )
-    sets += [(f"user feeds #{i + 1}", feeds) for i, feeds in enumerate(user_feeds)]
+    for i, feeds in enumerate(user_feeds):
+        label = f"user feeds #{i + 1}"
+        if probe is not None:
+            check_feeds(probe, feeds, label)
+        sets.append((label, feeds))
     return sets
+
+
+def check_feeds(model: ir.Model, feeds: Mapping[str, np.ndarray], label: str = "feeds") -> None:
+    """User feeds must name the model's inputs with their dtype and rank, static dims, and finite floats.
+
+    Raises:
+        BadInputError: naming the input and what is wrong (exit code 2, not a verification failure).
+    """
+    from prune2deploy.errors import BadInputError
+    from prune2deploy.feeds import feed_specs
+
+    specs = {spec.name: spec for spec in feed_specs(model)}
+    unknown = sorted(set(feeds) - set(specs))
+    missing = sorted(set(specs) - set(feeds))
+    if unknown or missing:
+        raise BadInputError(
+            f"{label}: the model's inputs are {sorted(specs)}"
+            + (f"; unknown names {unknown}" if unknown else "")
+            + (f"; missing {missing}" if missing else "")
+        )
+    for name, array in feeds.items():
+        spec = specs[name]
+        array = np.asarray(array)
+        if array.dtype != np.dtype(spec.dtype):
+            raise BadInputError(f"{label}: input '{name}' is {array.dtype}, the model wants {np.dtype(spec.dtype)}")
+        if spec.dims and len(spec.dims) != array.ndim:
+            raise BadInputError(
+                f"{label}: input '{name}' has shape {array.shape}, the model wants rank {len(spec.dims)}"
+            )
+        for axis, dim in enumerate(spec.dims):
+            if isinstance(dim, int) and array.shape[axis] != dim:
+                raise BadInputError(
+                    f"{label}: input '{name}' has shape {array.shape}; axis {axis} must be {dim} ({spec.dims})"
+                )
+        if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+            bad = int(np.count_nonzero(~np.isfinite(array)))
+            raise BadInputError(f"{label}: input '{name}' holds {bad} NaN/Inf values; verification needs finite feeds")
 
 
 def verify_runners(
@@ -162,18 +346,29 @@ def verify_runners(
     for label, feeds in sets:
         try:
             ref_out = reference.run(feeds)
+        except Exception as exc:
+            from prune2deploy.errors import BadInputError
+
+            raise BadInputError(f"the reference does not run on {label}: {str(exc)[:300]}") from exc
+        try:
             new_out = compiled.run(feeds)
         except Exception as exc:
             from prune2deploy.errors import VerificationError
 
-            raise VerificationError(f"running {label} failed: {exc}") from exc
+            raise VerificationError(f"the compiled model does not run on {label}: {str(exc)[:300]}") from exc
         if outputs is not None:
             ref_out = {name: ref_out[name] for name in outputs}
         verification.feeds.append(label)
+        missing = [name for name in ref_out if name not in new_out]
+        if missing:
+            from prune2deploy.errors import BadInputError
+
+            raise BadInputError(
+                f"the compiled model has no output {missing[0]!r} of the reference "
+                f"(its outputs: {sorted(new_out)}); are these two versions of the same model?"
+            )
         for name, stats in compare_outputs(ref_out, new_out).items():
-            worst = verification.outputs.get(name)
-            if worst is None or stats["max_rel"] > worst["max_rel"]:
-                verification.outputs[name] = stats
+            verification.outputs[name] = _merge(verification.outputs.get(name), stats)
     log.info("verification: worst relative error %.3g over %d feed sets", verification.worst, len(sets))
     return verification
 
@@ -201,18 +396,26 @@ def _session_source(model: ir.Model | bytes | Path) -> bytes | Path:
     return model
 
 
-def _run_all(model: ir.Model | bytes | Path, sets: Sequence[FeedSet], role: str) -> tuple[list[str], list[dict]]:
+def _run_all(
+    model: ir.Model | bytes | Path, sets: Sequence[FeedSet], role: str, *, input_model: bool = False
+) -> tuple[_SessionRunner, list[dict]]:
     """One session, every feed set; the session is gone when this returns (one model in memory at a time)."""
-    from prune2deploy.errors import VerificationError
+    from prune2deploy.errors import BadInputError, VerificationError
 
-    runner = _SessionRunner(make_session(_session_source(model)))
+    try:
+        runner = _SessionRunner(make_session(_session_source(model)))
+    except Exception as exc:
+        if role == "reference" or input_model:
+            raise BadInputError(f"ONNX Runtime cannot load the {role}: {str(exc)[:300]}") from exc
+        raise
     results = []
     for label, feeds in sets:
         try:
             results.append(runner.run(feeds))
         except Exception as exc:
-            raise VerificationError(f"running the {role} on {label} failed: {exc}") from exc
-    return runner.names, results
+            error = BadInputError if role == "reference" else VerificationError
+            raise error(f"the {role} does not run on {label}: {str(exc)[:300]}") from exc
+    return runner, results
 
 
 def verify_models(
@@ -225,6 +428,7 @@ def verify_models(
     user_feeds: Sequence[Mapping[str, np.ndarray]] = (),
     seed: int = 0,
     probe: ir.Model | None = None,
+    compiled_is_input: bool = False,
 ) -> Verification:
     """Both models on ONNX Runtime CPU in fp32, one after the other: random feeds for ``probe``'s inputs
     (``reference`` itself when it is an onnx_ir model) + the user's.
@@ -234,20 +438,41 @@ def verify_models(
     """
     probe = probe if probe is not None else reference if isinstance(reference, ir.Model) else None
     sets = feed_sets(probe, shapes=shapes, user_feeds=user_feeds, seed=seed)
-    names, ref_outs = _run_all(reference, sets, "reference")
-    _, new_outs = _run_all(compiled, sets, "compiled model")
+    ref_runner, ref_outs = _run_all(reference, sets, "reference")
+    ref_inputs = sorted(i.name for i in ref_runner.session.get_inputs())
+    names = ref_runner.names
+    del ref_runner
+    new_runner, new_outs = _run_all(compiled, sets, "compiled model", input_model=compiled_is_input)
+    new_inputs, new_names = sorted(i.name for i in new_runner.session.get_inputs()), new_runner.names
+    del new_runner
+    if ref_inputs != new_inputs or sorted(names) != sorted(new_names):
+        from prune2deploy.errors import BadInputError
+
+        raise BadInputError(
+            f"the models have different inputs or outputs ({new_inputs} → {sorted(new_names)} vs the "
+            f"reference's {ref_inputs} → {sorted(names)}); are these two versions of the same model?"
+        )
     verification = Verification(exact=exact, tolerance=tolerance, mode="whole")
     for (label, _), ref_out, new_out in zip(sets, ref_outs, new_outs, strict=True):
         verification.feeds.append(label)
-        _keep_worst(verification.outputs, compare_outputs({n: ref_out[n] for n in names}, new_out))
+        for name, stats in compare_outputs({n: ref_out[n] for n in names}, new_out).items():
+            verification.outputs[name] = _merge(verification.outputs.get(name), stats)
+    if probe is not None:
+        from prune2deploy.feeds import unknown_ranges
+
+        for name in unknown_ranges(probe):
+            verification.notes.append(
+                f"input '{name}': its value range cannot be derived from the graph (not an index into a constant "
+                "table, not compared with a constant, not cast to float), so random feeds held it at 0"
+                + ("" if user_feeds else "; give --feeds with real values to verify what depends on it")
+            )
     log.info("verification: worst relative error %.3g over %d feed sets", verification.worst, len(sets))
     return verification
 
 
-def _keep_worst(worst: dict[str, dict[str, float]], stats: Mapping[str, dict[str, float]]) -> None:
+def _keep_worst(worst: dict[str, dict], stats: Mapping[str, dict]) -> None:
     for name, entry in stats.items():
-        if name not in worst or entry["max_rel"] > worst[name]["max_rel"]:
-            worst[name] = entry
+        worst[name] = _merge(worst.get(name), entry)
 
 
 def fp32_bytes(model: ir.Model) -> int:
@@ -369,7 +594,8 @@ def verify_blockwise(
         block = {"block": index, "input": start, "outputs": {}}
         for ref_out, new_out in zip(outs["reference"], outs["compiled model"], strict=True):
             _keep_worst(block["outputs"], compare_outputs(ref_out, new_out))
-        block["max_rel"] = max(o["max_rel"] for o in block["outputs"].values())
+        values = [o["max_rel"] for o in block["outputs"].values()]
+        block["max_rel"] = None if any(v is None for v in values) else max(values, default=0.0)
         verification.blocks.append(block)
         if index == len(cuts):
             verification.outputs = dict(block["outputs"])

@@ -7,16 +7,19 @@ output folder is built beside the target and renamed into place at the end, so i
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
+import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import onnx_ir as ir
 
-from prune2deploy.driver.outdir import finish_out_dir, prepare_out_dir
+from prune2deploy.driver.outdir import OutputFolder
 from prune2deploy.driver.report import (
     groups_summary,
     model_summary,
@@ -25,11 +28,20 @@ from prune2deploy.driver.report import (
     report_header,
     write_manifest,
 )
-from prune2deploy.driver.source import Progress, load_source
-from prune2deploy.errors import EngineUnavailable, VerificationError
+from prune2deploy.driver.source import Progress, input_record, load_source
+from prune2deploy.errors import BadInputError, EngineUnavailable, P2DError, VerificationError
 from prune2deploy.spec import CompileOptions
 
-__all__ = ["CompileResult", "check_before_loading", "compile_model", "deployment_axes", "resolve_plan"]
+__all__ = [
+    "CompileResult",
+    "check_before_loading",
+    "check_profile_memory",
+    "compile_model",
+    "default_memory_limit_gib",
+    "deployment_axes",
+    "estimate_memory_bytes",
+    "resolve_plan",
+]
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +62,12 @@ def compile_model(
     options: CompileOptions | None = None,
     *,
     progress: Progress | None = None,
+    inputs: Sequence[Path | str] = (),
 ) -> CompileResult:
     """Compiles a pruned model into a physically smaller, verified ONNX model (and engine).
+
+    ``inputs`` are further files the output must not touch (the CLI's config file); the model, masks, plan
+    and feeds are always protected.
 
     Raises:
         P2DError subclasses for bad input, existing outputs, missing engines; VerificationError (after the
@@ -66,12 +82,14 @@ def compile_model(
     options = resolve_plan(options or CompileOptions())
     out_dir = Path(out_dir)
     check_before_loading(options)
-    staging = prepare_out_dir(out_dir, options.overwrite)
+    folder = OutputFolder(out_dir, overwrite=options.overwrite, inputs=[*_input_paths(source, options), *inputs])
+    staging = folder.staging
     say = _timed(progress)
     timings: dict[str, float] = {}
     try:
         start = time.perf_counter()
         loaded = load_source(source, options, progress=say)
+        input_record(loaded)  # hash the input now, as it was read
         timings["load_and_export_s"] = time.perf_counter() - start
 
         # The reference is written once (weights in reference.onnx.data above the threshold) and read back
@@ -108,6 +126,7 @@ def compile_model(
             fused = run_pipeline(compiled, fusions, progress=say)
             pipeline.passes.extend(fused.passes)
         timings["passes_s"] = time.perf_counter() - t0
+        _check_requested_passes(options, pipeline)
 
         t0 = time.perf_counter()
         model_path = staging / "model.onnx"
@@ -158,6 +177,7 @@ def compile_model(
                 loaded.extra.get("max_positions"),
             )
         if options.profile:
+            check_profile_memory(reference, options.profile_batches, options.profile_seqs, options.memory_limit_gib)
             say("profiling reference vs compiled on ONNX Runtime CPU")
             report.update(profile_section(reference_path, model_path, options, ref_cost.flops / max(new_cost.flops, 1)))
         report["predictions"] = predictions(ref_cost, new_cost, options)
@@ -171,11 +191,9 @@ def compile_model(
 
         write_report(staging, report)
         write_manifest(staging, loaded, options)
-        finish_out_dir(staging, out_dir)
+        folder.finish()
     except BaseException:
-        import shutil
-
-        shutil.rmtree(staging, ignore_errors=True)
+        folder.abort()
         raise
     result = CompileResult(out_dir, report)
     lm_check = report.get("genai", {}).get("check")
@@ -192,15 +210,17 @@ def compile_model(
         )
     engine_check = report.get("engine", {}).get("verification")
     if not verification.passed:
+        what = "; ".join(verification.problems) or (
+            f"by {verification.worst:.3g} (relative), more than the exact tolerance {options.tolerance:g}"
+        )
         raise VerificationError(
-            f"compiled model differs from the masked reference by {verification.worst:.3g} (relative), more than "
-            f"the exact tolerance {options.tolerance:g}; see {out_dir / 'report.json'}. "
-            " This is a bug: please report it."
+            f"compiled model differs from the masked reference: {what}; see {out_dir / 'report.json'}. "
+            "This is a bug: please report it."
         )
     if engine_check and not engine_check["passed"]:
         raise VerificationError(
-            f"the {options.engine} engine's outputs differ from the masked reference by {engine_check['worst']:.3g} "
-            f"(relative), more than the exact tolerance {options.tolerance:g}; see {out_dir / 'report.json'}."
+            f"the {options.engine} engine's outputs differ from the masked reference: {_engine_problem(engine_check)}"
+            f" (exact tolerance {options.tolerance:g}); see {out_dir / 'report.json'}."
         )
     return result
 
@@ -314,6 +334,89 @@ def _verify(reference, compiled, reference_path: Path, model_path: Path, exact: 
     )
 
 
+def _engine_problem(check: dict[str, Any]) -> str:
+    worst = check.get("worst")
+    return "; ".join(check.get("problems") or []) or ("error inf/NaN" if worst is None else f"error {worst:.3g}")
+
+
+def default_memory_limit_gib() -> float:
+    """Half of this machine's physical memory: profiling more than that would swap or be killed."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30 / 2
+    except (ValueError, OSError, AttributeError):
+        return 8.0
+
+
+def estimate_memory_bytes(model: ir.Model, batch: int, seq: int) -> int:
+    """What ONNX Runtime needs at least to run ``model`` once at (batch, seq), from the cost model.
+
+    Weights plus twice the largest node's activations (its inputs and outputs live together, and the
+    arena keeps the previous ones); a lower bound, which is enough to refuse shapes that cannot fit.
+    """
+    from prune2deploy.analysis.cost import model_cost
+
+    cost = model_cost(model, batch=batch, seq=seq)
+    weights = sum(node.weight_bytes for node in cost.nodes)
+    largest = max((node.bytes_read + node.bytes_written for node in cost.nodes), default=0)
+    return int(weights + 2 * largest)
+
+
+def check_profile_memory(model: ir.Model, batches: Sequence[int], seqs: Sequence[int], limit_gib: float | None) -> None:
+    """Refuses profiling shapes whose estimated memory exceeds the limit, before ONNX Runtime allocates.
+
+    Raises:
+        BadInputError: naming the shape, the estimate and how to raise the limit (``--memory-limit-gib``).
+    """
+    limit = limit_gib if limit_gib is not None else default_memory_limit_gib()
+    for batch in batches:
+        for seq in seqs:
+            need = estimate_memory_bytes(model, batch, seq) / 2**30
+            if need > limit:
+                raise BadInputError(
+                    f"profiling at batch {batch}, seq {seq} needs about {need:.1f} GiB (estimated from the cost "
+                    f"model), more than the limit of {limit:.1f} GiB; choose smaller --batch/--seq, or raise the "
+                    "limit with --memory-limit-gib (option memory_limit_gib)"
+                )
+
+
+def _check_requested_passes(options: CompileOptions, pipeline: Any) -> None:
+    """A pass switched on by an option the user gave (``--regroup-gqa 5``) must change something.
+
+    Otherwise the option did nothing, silently: an error that says why each place was refused.
+    """
+    from prune2deploy.passes.registry import load_passes
+
+    values = options.model_dump()
+    asked = {name for name, spec in load_passes().items() if spec.enabled_by(values)}
+    for result in pipeline.passes:
+        if result.name in asked and not result.modified:
+            keys = [k for k, o in load_passes()[result.name].options.items() if o.enables and values.get(k) is not None]
+            flags = ", ".join(load_passes()[result.name].options[k].flag or k for k in keys)
+            reasons = "; ".join(f"{where}: {why}" for where, why in list(result.refused.items())[:3])
+            more = len(result.refused) - 3
+            raise BadInputError(
+                f"{flags} asked for the {result.name} pass, which changed nothing: "
+                + (reasons + (f"; and {more} more" if more > 0 else "") if reasons else "it found nothing to change")
+                + ". Fix the value or leave the option out."
+            )
+
+
+def _input_paths(source: Any, options: CompileOptions) -> list[Path]:
+    """Every file or folder this compile reads: the output may not be, contain or lie inside one."""
+    paths: list[Path] = []
+    if isinstance(source, (str, Path)):
+        from prune2deploy.frontends.hf import BUNDLED_MODELS, bundled_model_path
+
+        if str(source) in BUNDLED_MODELS:
+            with contextlib.suppress(P2DError):  # a missing bundled package is reported by the loader
+                paths.append(bundled_model_path(str(source)))
+        else:
+            paths.append(Path(source))
+    paths += [p for p in (options.masks, options.plan) if p is not None]
+    paths += list(options.feeds)
+    return paths
+
+
 def resolve_plan(options: CompileOptions) -> CompileOptions:
     """A plan brings its mask file (next to it), its depth plan and its hidden-channel plan.
 
@@ -327,6 +430,17 @@ def resolve_plan(options: CompileOptions) -> CompileOptions:
     changes: dict[str, Any] = {}
     if options.masks is None and plan.masks and plan.masks.get("file"):
         changes["masks"] = options.plan.parent / plan.masks["file"]
+        expected = plan.masks.get("sha256")
+        if expected and changes["masks"].is_file():
+            from prune2deploy.io import sha256_file
+
+            found = sha256_file(changes["masks"])
+            if found != expected:
+                raise BadInputError(
+                    f"{changes['masks']}: sha256 {found[:12]}… is not the {str(expected)[:12]}… that the plan "
+                    f"{options.plan} records for it; the mask file was replaced or edited after pruning. "
+                    "Re-run `prune2deploy prune`, or pass --masks explicitly to use this file anyway"
+                )
     if plan.dropped_layers:
         changes["drop_layers"] = list(plan.dropped_layers)
     if plan.hidden is not None and list(plan.hidden.removed):
@@ -419,6 +533,4 @@ def _verify_engine(
     except EngineUnavailable as exc:  # built here, runs elsewhere (a GPU engine)
         log.info("engine %s not verified here: %s", engine.name, exc)
         return None
-    section = result.as_dict()
-    section["worst"] = result.worst
-    return section
+    return result.as_dict()

@@ -12,7 +12,7 @@ import onnx_ir as ir
 from prune2deploy.errors import BadInputError
 from prune2deploy.io import sha256_file
 
-__all__ = ["Progress", "Source", "input_record", "load_source", "options_export_spec"]
+__all__ = ["Progress", "Source", "check_finite_weights", "input_record", "load_source", "options_export_spec"]
 
 Progress = Callable[[str], None]
 
@@ -64,6 +64,7 @@ def load_source(source: Any, options: Any, *, progress: Progress | None = None) 
         say("exporting module to ONNX")
         model = torch_frontend.export_module(module, spec)
         task = "causal-lm" if type(module).__name__.endswith(("ForCausalLM", "LMHeadModel")) else None
+        check_finite_weights(model, f"<nn.Module {type(module).__name__}>")
         return Source(
             model,
             "torch",
@@ -78,6 +79,7 @@ def load_source(source: Any, options: Any, *, progress: Progress | None = None) 
     if path.suffix == ".onnx" or (path.is_file() and path.suffix != ".gguf"):
         say(f"loading {path}")
         model = load_onnx(path)
+        check_finite_weights(model, str(path))
         applied = masks.apply_masks_onnx(model, mask_tensors, source=mask_source) if mask_tensors else 0
         return Source(model, "onnx", path, masks_applied=applied)
     if text in hf.BUNDLED_MODELS or hf.is_hf_folder(path) or path.suffix == ".gguf":
@@ -151,6 +153,7 @@ def _hf_reference(
     )
     say("exporting to ONNX (dynamo, opset 18)")
     model = torch_frontend.export_module(module, spec)
+    check_finite_weights(model, str(name))
     max_positions = getattr(module.config, "max_position_embeddings", None)
     kept = tokenizer = None
     if keep_module and loaded.task == "causal-lm":
@@ -220,6 +223,31 @@ def _checkpoint_hash(path: Path) -> str:
     return _HASHES[stamp]
 
 
+def check_finite_weights(model: ir.Model, source: str) -> None:
+    """NaN/Inf in the input's weights is bad input: no compiled model can match such a reference.
+
+    Raises:
+        BadInputError: naming the first few tensors and how many values are not finite.
+    """
+    import numpy as np
+
+    bad = []
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is None or not value.dtype or not value.dtype.is_floating_point():
+            continue
+        array = tensor.numpy()
+        count = int(array.size - np.count_nonzero(np.isfinite(array.astype(np.float32, copy=False))))
+        if count:
+            bad.append(f"'{value.name}' ({count} of {array.size})")
+    if bad:
+        raise BadInputError(
+            f"{source}: weights hold NaN/Inf values: {', '.join(bad[:5])}"
+            + (f" and {len(bad) - 5} more tensors" if len(bad) > 5 else "")
+            + ". Fix the checkpoint (a diverged training run or a broken conversion) before compiling"
+        )
+
+
 def options_export_spec(module: Any, options: Any) -> Any:
     """Export spec for a bare module: transformers models get ids + mask; others must bring their own."""
     from prune2deploy.frontends.torch import ExportSpec, hf_export_spec
@@ -239,7 +267,12 @@ def options_export_spec(module: Any, options: Any) -> Any:
 
 
 def input_record(loaded: Source) -> dict[str, Any]:
-    """Where the input came from, for the report and the manifest."""
+    """Where the input came from, for the report and the manifest.
+
+    Computed once per load (the first call) and reused, so the manifest hashes the input as it was read.
+    """
+    if "input_record" in loaded.extra:
+        return dict(loaded.extra["input_record"])
     record: dict[str, Any] = {
         "kind": loaded.kind,
         "path": str(loaded.path) if loaded.path else f"<nn.Module {loaded.extra.get('module')}>",
@@ -251,4 +284,5 @@ def input_record(loaded: Source) -> dict[str, Any]:
         record["bundled"] = loaded.extra["bundled"]
     if loaded.extra.get("dtype"):
         record["dtype"] = loaded.extra["dtype"]
+    loaded.extra["input_record"] = dict(record)
     return record

@@ -112,6 +112,25 @@ def checkpoint_dtype(path: Path | str) -> str:
     return found.pop() if len(found) == 1 else "float32"
 
 
+def _check_loading_info(path: Path, info: dict) -> None:
+    """Weights that did not load leave transformers' random initialisation: compiling that is meaningless.
+
+    Raises:
+        BadInputError: listing a few missing, unexpected or mis-shaped keys.
+    """
+    problems = []
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(str(k if isinstance(k, str) else k[0]) for k in (info.get(kind) or []))
+        if keys:
+            shown = ", ".join(keys[:5]) + (f" … (+{len(keys) - 5})" if len(keys) > 5 else "")
+            problems.append(f"{len(keys)} {kind.replace('_', ' ')} ({shown})")
+    if problems:
+        raise BadInputError(
+            f"{path}: the weights do not match the model's config: {'; '.join(problems)}. The model would be "
+            "compiled from random initialisation; check that config.json and the weight files belong together"
+        )
+
+
 def load_hf_model(path: Path | str, *, task: str | None = None, dtype: str = "float32") -> HFModel:
     """Loads a model folder (config.json + safetensors, or a single GGUF) in ``dtype``, eval mode.
 
@@ -158,9 +177,10 @@ def load_hf_model(path: Path | str, *, task: str | None = None, dtype: str = "fl
     auto = transformers.AutoModelForCausalLM if task == "causal-lm" else transformers.AutoModel
     with _offline():
         try:
-            module = auto.from_pretrained(str(path), **kwargs)
+            module, info = auto.from_pretrained(str(path), output_loading_info=True, **kwargs)
         except Exception as exc:
             raise UnsupportedModelError(f"{path}: transformers could not load the model: {exc}") from exc
+        _check_loading_info(path, info)
         try:
             tokenizer = transformers.AutoTokenizer.from_pretrained(
                 str(path), **({"gguf_file": gguf_file} if gguf_file else {})

@@ -34,8 +34,11 @@ def load_masks(path: Path) -> dict[str, np.ndarray]:
         raise BadInputError(f"mask file {path} does not exist")
     try:
         masks = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise MaskError(f"{path}: not a readable safetensors file ({exc})") from exc
+    except (SafetensorError, OSError, ValueError, TypeError, AttributeError) as exc:  # fp8: no numpy dtype
+        raise MaskError(
+            f"{path}: not a readable safetensors file of 0/1 masks ({type(exc).__name__}: {str(exc)[:200]}); "
+            "masks are bool, integer, float16/32/64 or bfloat16 tensors"
+        ) from exc
     for name, mask in masks.items():
         values = np.unique(mask)
         if not np.all(np.isin(values, (0, 1))):

@@ -7,13 +7,14 @@ analysis needs each tensor's rank and static widths.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx_ir as ir
 
 from prune2deploy.errors import BadInputError
 
-__all__ = ["EXTERNAL_THRESHOLD", "ensure_shapes", "load_onnx", "save_onnx", "weight_bytes"]
+__all__ = ["EXTERNAL_THRESHOLD", "check_external_data", "ensure_shapes", "load_onnx", "save_onnx", "weight_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,7 @@ def load_onnx(path: Path | str) -> ir.Model:
     path = Path(path)
     if not path.is_file():
         raise BadInputError(f"{path}: no such ONNX file")
+    check_external_data(path)
     try:
         model = ir.load(str(path))
     except Exception as exc:  # protobuf DecodeError, OSError, onnx_ir errors
@@ -36,6 +38,57 @@ def load_onnx(path: Path | str) -> ir.Model:
         raise BadInputError(f"{path}: the ONNX graph has no nodes")
     ensure_shapes(model, source=str(path))
     return model
+
+
+def _external_tensors(graph) -> Iterator[tuple[str, str]]:
+    """(tensor name, location) of every external tensor: initializers, Constant attributes, subgraphs."""
+    from onnx import AttributeProto, TensorProto
+
+    def tensors(g):
+        yield from g.initializer
+        for sparse in g.sparse_initializer:
+            yield sparse.values
+            yield sparse.indices
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.type == AttributeProto.TENSOR:
+                    yield attr.t
+                yield from attr.tensors
+                if attr.type == AttributeProto.GRAPH:
+                    yield from tensors(attr.g)
+                for sub in attr.graphs:
+                    yield from tensors(sub)
+
+    for tensor in tensors(graph):
+        if tensor.data_location == TensorProto.EXTERNAL:
+            entries = {e.key: e.value for e in tensor.external_data}
+            yield tensor.name, entries.get("location", "")
+
+
+def check_external_data(path: Path) -> None:
+    """Refuses external-data locations that leave the model's folder, before a byte of them is read.
+
+    A location is relative to the model's folder (ONNX's rule); an absolute one, one with ``..`` that climbs
+    out, or a symlink that points out would make loading read any file the user can read.
+    """
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise BadInputError(
+            f"{path}: not a valid ONNX model ({type(exc).__name__}: {str(exc)[:200]}). "
+            "Re-export it, or check the file was copied completely."
+        ) from exc
+    base = path.resolve().parent
+    for name, location in _external_tensors(proto.graph):
+        where = (base / location).resolve() if location else None
+        if not location or Path(location).is_absolute() or where is None or not where.is_relative_to(base):
+            raise BadInputError(
+                f"{path}: tensor '{name}' keeps its data at external location '{location}', outside the model's "
+                f"folder {base}; refusing to read it. External data must lie in the model's folder "
+                "(re-save the model with onnx.save(..., save_as_external_data=True) next to it)."
+            )
 
 
 def ensure_shapes(model: ir.Model, *, source: str = "<model>") -> None:

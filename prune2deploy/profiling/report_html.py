@@ -157,8 +157,13 @@ def _summary(report: dict[str, Any]) -> str:
             )
     verification = report.get("verification")
     if verification and "passed" in verification:
-        kind = "exact" if verification.get("exact") else "approximate"
-        items.append(f"<li>Verification ({kind}): {_verdict(verification['passed'], 'passed', 'FAILED').html}</li>")
+        from prune2deploy.verify import verdict_line, verdict_status
+
+        status = verdict_status(verification)
+        if status == "approximate":  # an error to read, never a verdict (DESIGN.md, Exactness)
+            items.append(f"<li>Verification: {_e(verdict_line(verification))}</li>")
+        else:
+            items.append(f"<li>Verification (exact): {_verdict(status == 'passed', 'passed', 'FAILED').html}</li>")
     groups = report.get("groups")
     if groups and "total" in groups:
         blocked = len(groups.get("blocked") or [])
@@ -299,19 +304,27 @@ def _short(text: Any, limit: int = 60) -> str:
 def _verification(verification: dict[str, Any] | None) -> str | None:
     if not verification:
         return None
+    from prune2deploy.verify import verdict_line, verdict_status, verification_notes
+
+    status = verdict_status(verification)
+    label = {"passed": _verdict(True, "passed", ""), "failed": _verdict(False, "", "FAILED")}.get(
+        status, _Raw('<span class="muted">approximate (not held to the exact tolerance)</span>')
+    )
     parts = [
+        f"<p>{_e(verdict_line(verification))}</p>",
+        *(f"<p>{_e(note)}</p>" for note in verification_notes(verification)),
         _table(
-            ["exact", "passed", "tolerance", "feeds"],
+            ["exact", "verdict", "tolerance", "feeds"],
             [
                 [
                     _verdict(verification.get("exact"), "exact", "approximate"),
-                    _verdict(verification.get("passed"), "passed", "FAILED"),
+                    label,
                     verification.get("tolerance"),
                     ", ".join(verification.get("feeds") or []),
                 ]
             ],
             text_cols=(3,),
-        )
+        ),
     ]
     outputs = verification.get("outputs") or {}
     if outputs:
