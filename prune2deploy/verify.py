@@ -531,6 +531,14 @@ def block_cuts(reference: ir.Model, compiled: ir.Model) -> list[str]:
     for name in cuts:
         if name not in theirs:
             raise BlockwiseUnavailable(f"the compiled model has no value '{name}' (a layer boundary)")
+        producer = theirs[name].producer()
+        if producer is not None and producer.domain not in ("", "ai.onnx"):
+            # A fused kernel (SkipRMSNorm) computes the boundary together with what follows it: a block cut
+            # there would re-run the previous layer's tail, and its errors would be charged to the next block.
+            raise BlockwiseUnavailable(
+                f"layer boundary '{name}' is computed inside the fused {producer.domain}.{producer.op_type} node "
+                f"{producer.name!r}; verify the unfused graph (portable) block by block, or the whole model"
+            )
         if ours[name].shape is not None and theirs[name].shape is not None and ours[name].shape != theirs[name].shape:
             raise BlockwiseUnavailable(f"'{name}' has shape {theirs[name].shape}, the reference's {ours[name].shape}")
     outputs = {v.name for v in reference.graph.outputs}

@@ -277,8 +277,18 @@ def _lm_outputs(loaded: Any, options: CompileOptions, staging: Path, say: Progre
         return {key: {"written": False, "reason": reason} for key, on in wanted.items() if on}
     from prune2deploy.outputs.lm import write_lm_outputs
 
-    return write_lm_outputs(
-        *loaded.masked_module(),
+    module, tokenizer = loaded.masked_module()
+    half = str(getattr(module, "dtype", "")).removeprefix("torch.") in ("bfloat16", "float16")
+    if half:
+        # The genai/hf checks hold the outputs to the masked model within a tight tolerance; half-precision
+        # rounding differs between torch and ONNX Runtime kernels by far more, so both are built and checked
+        # from an fp32 copy (the checkpoint's values, exactly representable in fp32).
+        import copy
+
+        module = copy.deepcopy(module).float()
+    sections = write_lm_outputs(
+        module,
+        tokenizer,
         staging,
         genai=genai,
         hf_checkpoint=options.hf_checkpoint,
@@ -286,6 +296,11 @@ def _lm_outputs(loaded: Any, options: CompileOptions, staging: Path, say: Progre
         tolerance=options.tolerance,
         progress=say,
     )
+    if half:
+        for section in sections.values():
+            if isinstance(section, dict):
+                section["precision_note"] = "built in fp32 from a half-precision checkpoint"
+    return sections
 
 
 def _timed(progress: Progress | None) -> Progress:
