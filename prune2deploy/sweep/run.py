@@ -195,11 +195,14 @@ class _Model:
         return self._loaded
 
 
-def _score(variant: Variant, loaded, folder: Path) -> Path:
-    """Writes the variant's masks + plan (``prune_model`` on the already-loaded model); returns the plan."""
+def _score(variant: Variant, loaded, folder: Path) -> Path | None:
+    """Writes the variant's masks + plan (``prune_model`` on the already-loaded model); returns the plan
+    (None for a variant that prunes nothing)."""
     from prune2deploy.pruning.prune import prune_model
 
     p = variant.prune
+    if not p.prunes():
+        return None
     result = prune_model(
         loaded,
         criterion=p.criterion,
@@ -365,7 +368,8 @@ def _run(ray, spec, variants, out_dir, cache, key, fixed, previous, address, max
                 compile_data = {"keep_reference": False, **variant.compile}
                 resources = task_resources(variant.compile_options().to_dict(), cluster, node_cpus)
                 loaded = model()
-                say(f"scoring {variant.id}")
+                if variant.prune.prunes():
+                    say(f"scoring {variant.id}")
                 plan = _score(variant, loaded, out_dir / PRUNE_DIR / variant.id)
                 if quality is None:
                     vocab = getattr(getattr(loaded.module, "config", None), "vocab_size", None)
@@ -379,7 +383,7 @@ def _run(ray, spec, variants, out_dir, cache, key, fixed, previous, address, max
                 "id": variant.id,
                 "dense": str(cached.onnx),
                 "out": str(out_dir / variant.id),
-                "plan": str(plan),
+                "plan": str(plan) if plan else None,
                 "compile": compile_data,
             }
             say(f"submitting {variant.id} ({', '.join(f'{k}={v}' for k, v in resources.items())})")

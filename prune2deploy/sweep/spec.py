@@ -119,10 +119,17 @@ class PruneSettings(_Strict):
     def structures(self) -> dict[str, float]:
         return {key: getattr(self, key) for key in STRUCTURE_KEYS if getattr(self, key) > 0}
 
+    def prunes(self) -> bool:
+        """Whether the variant prunes anything (a variant that does not compiles the dense model as it is:
+        a baseline point, or a compile-only grid such as ``regroup_gqa``)."""
+        return bool(self.structures()) or self.nm is not None
+
     def check(self, where: str) -> None:
         """The checks ``prune_model`` makes before loading anything (criterion vs structures, N:M …)."""
         from prune2deploy.pruning.prune import validate_options
 
+        if not self.prunes():
+            return
         try:
             validate_options(
                 self.criterion,
@@ -231,6 +238,16 @@ def _compile_data(section: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def _catalog_gpus(names: list[str], where: str) -> list[str]:
+    """GPU names (keys or aliases) as catalog keys: predictions and Ray placement both need to know them."""
+    from prune2deploy.profiling.roofline import load_catalog, resolve_gpus
+
+    try:
+        return [spec.key for spec in resolve_gpus(names, load_catalog())]
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
 def _slug(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "x".join(_slug(v) for v in value)
@@ -272,6 +289,8 @@ def expand(spec: SweepSpec, *, source_key: str = "", where: str = "sweep") -> li
             if key in GRID_COMPILE_KEYS:
                 compile_data.update(_compile_data({key: value}))
         CompileOptions.from_dict(compile_data, source=f"{where}: variant {label}: compile")  # validates
+        if compile_data.get("gpus"):
+            compile_data["gpus"] = _catalog_gpus(compile_data["gpus"], f"{where}: variant {label}")
         digest = _hash(
             {
                 "source": source_key,
