@@ -23,6 +23,7 @@ from prune2deploy.io import atomic_write_json, atomic_write_text
 __all__ = [
     "SCHEMA_VERSION",
     "pareto_front",
+    "pareto_plot",
     "quality_loss",
     "render_sweep_html",
     "sweep_schema",
@@ -109,8 +110,8 @@ def _series(variants, target) -> list[tuple[float, float, str]]:
     return points
 
 
-def _svg(variants: list[dict[str, Any]]) -> str | None:
-    """The Pareto panels as inline SVG (matplotlib), each point a link to its variant's report.html."""
+def pareto_plot(variants: list[dict[str, Any]], fmt: str = "svg") -> bytes | None:
+    """The Pareto panels (matplotlib) as SVG — each point a link to its variant's report.html — or PNG."""
     targets = _targets(variants)
     panels = [(t, _series(variants, t)) for t in targets]
     panels = [(t, p) for t, p in panels if p]
@@ -142,9 +143,16 @@ def _svg(variants: list[dict[str, Any]]) -> str | None:
         axes.set_ylabel(label, fontsize=8)
         axes.tick_params(labelsize=7)
         axes.grid(alpha=0.3)
-    buffer = io.StringIO()
-    figure.savefig(buffer, format="svg")
-    text = buffer.getvalue()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format=fmt, dpi=110)
+    return buffer.getvalue()
+
+
+def _svg(variants: list[dict[str, Any]]) -> str | None:
+    data = pareto_plot(variants, "svg")
+    if data is None:
+        return None
+    text = data.decode("utf-8")
     return text[text.index("<svg") :]
 
 

@@ -4,8 +4,9 @@ The driver (this process) validates every variant, exports the dense model once 
 cache), loads the torch model once to score each variant's masks (``prune_model`` on the loaded module:
 scoring is milliseconds for magnitude and seconds for calibration criteria, while a load per task would cost
 every variant the checkpoint load again), and submits each variant as a Ray task that compiles the cached
-dense ONNX with those masks (:func:`prune2deploy.sweep.task.run_variant`). Scoring the next variant overlaps
-the compile of the previous one.
+dense ONNX with those masks (:func:`prune2deploy.sweep.task.run_variant`). Variants with the same prune
+options (a ``gpu`` or ``engine`` grid) share one scoring; scoring the next variant overlaps the compile of
+the previous one.
 
 Where tasks run is Ray's business, told by resources:
 
@@ -39,7 +40,7 @@ from prune2deploy.sweep.report import write_sweep
 from prune2deploy.sweep.spec import SweepSpec, Variant, expand
 from prune2deploy.sweep.task import quality_input, run_variant
 
-__all__ = ["PROFILER_RESOURCE", "SweepResult", "accelerator_type", "run_sweep", "task_resources"]
+__all__ = ["PROFILER_RESOURCE", "SweepResult", "accelerator_type", "mask_folder", "run_sweep", "task_resources"]
 
 log = logging.getLogger(__name__)
 
@@ -195,14 +196,27 @@ class _Model:
         return self._loaded
 
 
-def _score(variant: Variant, loaded, folder: Path) -> Path | None:
-    """Writes the variant's masks + plan (``prune_model`` on the already-loaded model); returns the plan
-    (None for a variant that prunes nothing)."""
-    from prune2deploy.pruning.prune import prune_model
+def mask_folder(variant: Variant, root: Path, source_key: str) -> Path:
+    """Where a variant's masks + plan go: one folder per distinct prune options (and checkpoint), so
+    variants that differ only in compile options (gpu, engine, regroup_gqa …) share one scoring."""
+    import hashlib
+
+    text = json.dumps({"source": source_key, "prune": variant.prune.model_dump(mode="json")}, sort_keys=True)
+    return root / f"{variant.prune.criterion}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+
+def _score(variant: Variant, model: _Model, folder: Path) -> Path | None:
+    """The variant's plan: scored by ``prune_model`` on the once-loaded model, or reused when a variant
+    with the same prune options already wrote it (None for a variant that prunes nothing)."""
+    from prune2deploy.pruning.prune import PLAN_FILE, prune_model
 
     p = variant.prune
     if not p.prunes():
         return None
+    if (folder / PLAN_FILE).is_file():
+        return (folder / PLAN_FILE).resolve()
+    loaded = model()
+    model.say(f"scoring {p.criterion} {p.structures()}{f' nm={p.nm}' if p.nm else ''}")
     result = prune_model(
         loaded,
         criterion=p.criterion,
@@ -367,11 +381,9 @@ def _run(ray, spec, variants, out_dir, cache, key, fixed, previous, address, max
             try:
                 compile_data = {"keep_reference": False, **variant.compile}
                 resources = task_resources(variant.compile_options().to_dict(), cluster, node_cpus)
-                loaded = model()
-                if variant.prune.prunes():
-                    say(f"scoring {variant.id}")
-                plan = _score(variant, loaded, out_dir / PRUNE_DIR / variant.id)
+                plan = _score(variant, model, mask_folder(variant, out_dir / PRUNE_DIR, key))
                 if quality is None:
+                    loaded = model()
                     vocab = getattr(getattr(loaded.module, "config", None), "vocab_size", None)
                     quality = ray.put(quality_input(loaded.task, loaded.tokenizer, vocab, spec.quality.model_dump()))
             except Exception as exc:  # scoring or placement failed for this variant only

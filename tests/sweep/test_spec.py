@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from prune2deploy.errors import ConfigError
-from prune2deploy.sweep.run import accelerator_type, task_resources
+from prune2deploy.sweep.run import accelerator_type, mask_folder, task_resources
 from prune2deploy.sweep.spec import expand, load_sweep, parse_sweep
 
 ISSUE_EXAMPLE = """
@@ -103,3 +103,10 @@ def test_ray_placement_by_engine_and_gpu():
     }
     assert task_resources({"engine": "onnxruntime", "gpus": ["l4"]}, cluster, [8, 4]) == {"num_cpus": 4}
     assert task_resources({"engine": "onnxruntime", "profile": False}, cluster, [8, 4]) == {"num_cpus": 1}
+
+
+def test_variants_differing_only_in_compile_options_share_their_masks(tmp_path):
+    variants = expand(parse_sweep({"model": "m", "grid": {"mlp": [0.25, 0.5], "gpu": ["l4", "h100"]}}))
+    folders = [mask_folder(v, tmp_path, "k") for v in variants]
+    assert folders[0] == folders[1] != folders[2] == folders[3]
+    assert folders[0].name.startswith("magnitude-") and mask_folder(variants[0], tmp_path, "other") != folders[0]
