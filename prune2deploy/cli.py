@@ -268,7 +268,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             [
                 v["id"],
                 status,
-                _fmt_int((v.get("params") or {}).get("compiled") or 0),
+                _fmt_int(params) if (params := (v.get("params") or {}).get("compiled")) else "-",
                 f"{measured['compiled_ms']:.2f}" if measured else "-",
                 f"{v['speedup']:.2f}x" if v.get("speedup") else "-",
                 quality,
@@ -595,7 +595,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quiet", action="store_true")
     q.set_defaults(func=cmd_prune)
 
-    w = sub.add_parser("sweep", help="compile a grid of prune/compile variants on Ray (one dense export)")
+    w = sub.add_parser(
+        "sweep",
+        help="compile a grid of prune/compile variants on Ray (one dense export); exit 1 if a variant failed",
+    )
     w.add_argument("sweep", type=Path, help="sweep file (.yaml/.toml/.json): model, grid, prune, compile")
     w.add_argument("--out", required=True, type=Path, help="folder for the variants, sweep.json and sweep.html")
     w.add_argument("--address", help="Ray cluster to join (from `ray start --head`); default: a local cluster")

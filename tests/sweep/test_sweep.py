@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 
@@ -165,3 +166,15 @@ def test_cli_without_ray_says_how_to_install(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)
     assert main(["sweep", str(path), "--out", str(tmp_path / "out")]) == 2
     assert 'pip install -e ".[ray]"' in capsys.readouterr().err
+
+
+def test_cli_sweep_resumes_and_prints_a_table(two_variants, export_cache, tmp_path, capsys):
+    from prune2deploy.cli import main
+
+    spec, out, _, first = two_variants
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(spec))
+    assert main(["sweep", str(path), "--out", str(out), "--cache", str(export_cache), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert all(re.search(rf"{ident}\s+resumed", text) for ident in first.ran)
+    assert "0 ran, 2 resumed, 0 failed; dense exports: 0" in text
