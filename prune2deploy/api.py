@@ -1,4 +1,4 @@
-"""The public Python API: compile, prune, inspect, verify, profile, predict, demo. The CLI only calls these.
+"""The public Python API: compile, prune, inspect, verify, profile, predict, demo, sweep. The CLI only calls these.
 
 A façade: each function validates what it is given and hands the work to the package that does it
 (the compile driver in :mod:`prune2deploy.driver`, analysis, verification, profiling). Options are
@@ -39,6 +39,7 @@ __all__ = [
     "profile",
     "prune",
     "quiet_libraries",
+    "sweep",
     "verdict_line",
     "verification_notes",
     "verify",
@@ -153,6 +154,39 @@ def generate(
         out_dir, prompt, max_new_tokens=max_new_tokens, engine=engine, do_sample=do_sample, temperature=temperature,
         top_k=top_k, top_p=top_p, seed=seed, chat=chat, threads=threads,
     )  # fmt: skip
+
+
+def sweep(
+    spec: Any,
+    out_dir: Path | str,
+    *,
+    address: str | None = None,
+    max_parallel: int | None = None,
+    cache_dir: Path | str | None = None,
+    progress: Progress | None = None,
+):
+    """Runs a grid of prune + compile variants of one model on Ray, exporting the dense model once.
+
+    ``spec`` is a sweep file (YAML/TOML/JSON), a mapping with the same keys, or a
+    :class:`~prune2deploy.sweep.spec.SweepSpec`. Writes ``out_dir/<variant>/`` (each a compile output),
+    ``out_dir/sweep.json`` and ``out_dir/sweep.html``; re-running resumes (finished variants are skipped).
+    ``address`` joins a Ray cluster (None: a local one, or the cluster this process already initialised).
+
+    Raises:
+        ConfigError for an invalid sweep file or variant (before anything is loaded); P2DError when Ray is
+        not installed. A failing variant does not raise: it is recorded with its error.
+    """
+    from prune2deploy.sweep.run import run_sweep
+    from prune2deploy.sweep.spec import load_sweep, parse_sweep
+
+    where = str(spec) if isinstance(spec, (str, Path)) else "sweep"
+    if isinstance(spec, (str, Path)):
+        spec = load_sweep(spec)
+    elif isinstance(spec, dict):
+        spec = parse_sweep(spec)
+    return run_sweep(
+        spec, out_dir, address=address, max_parallel=max_parallel, cache_dir=cache_dir, progress=progress, where=where
+    )
 
 
 def pass_specs() -> dict[str, Any]:

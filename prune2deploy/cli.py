@@ -499,6 +499,46 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from prune2deploy import api
+
+    result = api.sweep(
+        args.sweep,
+        args.out,
+        address=args.address,
+        max_parallel=args.max_parallel,
+        cache_dir=args.cache,
+        progress=_progress(args.quiet or args.json),
+    )
+    record = result.record
+    if args.json:
+        print(dumps_json(record, indent=2))
+        return 1 if result.failed else 0
+    rows = []
+    for v in record["variants"]:
+        q = v.get("quality") or {}
+        quality = f"KL {q['kl_mean']:.4f}" if "kl_mean" in q else (f"cos {q['cosine_mean']:.5f}" if q else "-")
+        measured = next((r for r in v.get("latency_ms", []) or [] if r["kind"] == "measured"), None)
+        status = "resumed" if v.get("resumed") else ("FAILED" if v["error"] else "done")
+        rows.append(
+            [
+                v["id"],
+                status,
+                _fmt_int(params) if (params := (v.get("params") or {}).get("compiled")) else "-",
+                f"{measured['compiled_ms']:.2f}" if measured else "-",
+                f"{v['speedup']:.2f}x" if v.get("speedup") else "-",
+                quality,
+                (v["error"] or "")[:70],
+            ]
+        )
+    print(_table(rows, ["variant", "status", "params", "ms", "speedup", "quality", "error"]))
+    print(
+        f"{len(result.ran)} ran, {len(result.skipped)} resumed, {len(result.failed)} failed; dense exports: "
+        f"{record['exports']}  →  {Path(args.out) / 'sweep.html'}"
+    )
+    return 1 if result.failed else 0
+
+
 # -- inspect / profile / predict / verify ---------------------------------------------------------------------
 
 
@@ -978,6 +1018,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true")
     q.add_argument("--quiet", action="store_true")
     q.set_defaults(func=cmd_prune)
+
+    w = sub.add_parser(
+        "sweep",
+        help="compile a grid of prune/compile variants on Ray (one dense export); exit 1 if a variant failed",
+    )
+    w.add_argument("sweep", type=Path, help="sweep file (.yaml/.toml/.json): model, grid, prune, compile")
+    w.add_argument("--out", required=True, type=Path, help="folder for the variants, sweep.json and sweep.html")
+    w.add_argument("--address", help="Ray cluster to join (from `ray start --head`); default: a local cluster")
+    w.add_argument("--max-parallel", type=int, help="variants in flight at most (Ray's resources bound it too)")
+    w.add_argument("--cache", type=Path, help="dense-export cache folder (default .p2d-cache or $P2D_CACHE_DIR)")
+    w.add_argument("--json", action="store_true", help="print sweep.json")
+    w.add_argument("--quiet", action="store_true")
+    w.set_defaults(func=cmd_sweep)
 
     i = sub.add_parser("inspect", help="channel groups of an ONNX model, prunable or not and why")
     i.add_argument("model", type=Path)

@@ -1,0 +1,345 @@
+"""The sweep file: a model, a grid of options, fixed prune and compile options; expanded into variants.
+
+A sweep file is validated like every other option (pydantic; unknown keys are errors naming the key), and
+every variant is validated *before* anything is loaded or exported, so a typo in the 12th grid point does
+not fail an hour into the sweep. A variant's id is readable (its grid values) and ends in a short hash of
+its full options: re-running a sweep skips the variants whose hash already has a finished result.
+
+Example::
+
+    model: minilm-l6
+    grid:
+      criterion: [magnitude, wanda]
+      mlp: [0.25, 0.5]
+    prune: {samples: 4, seq_len: 32}
+    compile: {batch: [1], seq: [64]}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from prune2deploy.errors import ConfigError
+from prune2deploy.pruning.plan import HEAD_GROUPINGS, STRUCTURE_KEYS
+from prune2deploy.spec import CompileOptions
+
+__all__ = [
+    "COMPILE_ALIASES",
+    "GRID_COMPILE_KEYS",
+    "PRUNE_KEYS",
+    "PruneSettings",
+    "QualitySettings",
+    "SweepSpec",
+    "Variant",
+    "expand",
+    "load_sweep",
+    "parse_sweep",
+]
+
+#: Grid keys that are prune options (``prune2deploy prune`` flags).
+PRUNE_KEYS = ("criterion", *STRUCTURE_KEYS, "nm", "per_layer", "round_to", "head_grouping")
+#: Grid keys that are compile options: grid name → CompileOptions key.
+GRID_COMPILE_KEYS = {"regroup_gqa": "kv_heads", "engine": "engine", "precision": "precision", "gpu": "gpus"}
+#: Short names accepted in the ``compile:`` section (the CLI's flag names) → CompileOptions keys.
+COMPILE_ALIASES = {
+    "batch": "profile_batches",
+    "seq": "profile_seqs",
+    "gpu": "gpus",
+    "regroup_gqa": "kv_heads",
+    "budget_s": "profile_budget_s",
+}
+#: Compile options the sweep sets itself (per variant); a sweep file may not set them.
+_SWEEP_OWNED = ("masks", "plan", "overwrite")
+
+
+def _describe(exc: pydantic.ValidationError, where: str) -> str:
+    parts = []
+    for error in exc.errors()[:5]:
+        loc = ".".join(str(p) for p in error["loc"]) or "sweep"
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            parts.append(f"{where}: unknown key '{loc}'")
+        else:
+            parts.append(f"{where}: '{loc}': {message} (got {error.get('input')!r:.60})")
+    return "; ".join(parts)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PruneSettings(_Strict):
+    """What ``prune2deploy prune`` is given, for one variant (see :func:`prune2deploy.pruning.prune.prune_model`).
+
+    Attributes:
+        criterion: magnitude, wanda, taylor, minitron or michel.
+        unstructured / mlp / heads / hidden / layers: fraction of each structure to remove.
+        nm: an N:M pattern (``"2:4"``), or None.
+        per_layer: the same ratio in every layer (otherwise one global ranking).
+        round_to: kept MLP / hidden widths become multiples of this.
+        head_grouping: free, uniform or whole-group.
+        samples / seq_len / batch_size: calibration windows, their length, windows per forward pass.
+        calibration: a text or token-id file (None: the bundled text).
+    """
+
+    criterion: Literal["magnitude", "wanda", "taylor", "minitron", "michel"] = "magnitude"
+    unstructured: float = Field(0.0, ge=0, lt=1)
+    mlp: float = Field(0.0, ge=0, lt=1)
+    heads: float = Field(0.0, ge=0, lt=1)
+    hidden: float = Field(0.0, ge=0, lt=1)
+    layers: float = Field(0.0, ge=0, lt=1)
+    nm: tuple[int, int] | None = None
+    per_layer: bool = True
+    round_to: pydantic.PositiveInt | None = None
+    head_grouping: Literal[HEAD_GROUPINGS] = "free"  # type: ignore[valid-type]
+    samples: pydantic.PositiveInt = 24
+    seq_len: pydantic.PositiveInt = 128
+    batch_size: pydantic.PositiveInt = 4
+    calibration: Path | None = None
+
+    @field_validator("nm", mode="before")
+    @classmethod
+    def _parse_nm(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", value)
+            if not match:
+                raise ValueError("N:M is written like '2:4'")
+            return int(match.group(1)), int(match.group(2))
+        return value
+
+    def structures(self) -> dict[str, float]:
+        return {key: getattr(self, key) for key in STRUCTURE_KEYS if getattr(self, key) > 0}
+
+    def prunes(self) -> bool:
+        """Whether the variant prunes anything (a variant that does not compiles the dense model as it is:
+        a baseline point, or a compile-only grid such as ``regroup_gqa``)."""
+        return bool(self.structures()) or self.nm is not None
+
+    def check(self, where: str) -> None:
+        """The checks ``prune_model`` makes before loading anything (criterion vs structures, N:M …)."""
+        from prune2deploy.pruning.prune import validate_options
+
+        if not self.prunes():
+            return
+        try:
+            validate_options(
+                self.criterion,
+                self.structures(),
+                round_to=self.round_to,
+                nm=self.nm,
+                head_grouping=self.head_grouping,
+            )
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+
+
+class QualitySettings(_Strict):
+    """Quality of each compiled variant against the *dense* model, on the bundled evaluation text.
+
+    Attributes:
+        enabled: measure quality (KL / top-1 / perplexity for causal LMs, cosine for encoders).
+        window / windows: tokens per window and windows (causal LMs).
+        sentences: sentences embedded (encoders).
+    """
+
+    enabled: bool = True
+    window: pydantic.PositiveInt = 128
+    windows: pydantic.PositiveInt = 8
+    sentences: pydantic.PositiveInt = 32
+
+
+class SweepSpec(_Strict):
+    """A sweep file.
+
+    Attributes:
+        model: an HF folder, a .gguf file or a bundled model name (the same as ``compile``'s input).
+        name: a label for the report and the MLflow experiment (default: the file's stem).
+        grid: option → list of values; every combination is one variant.
+        prune: prune options shared by every variant.
+        compile: compile options shared by every variant (CompileOptions keys, or ``batch``, ``seq``, ``gpu``).
+        quality: how quality is measured.
+    """
+
+    model: str
+    name: str | None = None
+    grid: dict[str, list[Any]] = Field(min_length=1)
+    prune: dict[str, Any] = Field(default_factory=dict)
+    compile: dict[str, Any] = Field(default_factory=dict)
+    quality: QualitySettings = Field(default_factory=QualitySettings)
+
+    @field_validator("grid")
+    @classmethod
+    def _grid_keys(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        known = (*PRUNE_KEYS, *GRID_COMPILE_KEYS)
+        for key, values in grid.items():
+            if key not in known:
+                raise ValueError(f"unknown grid key '{key}'; grid keys are {', '.join(known)}")
+            if not values:
+                raise ValueError(f"grid key '{key}' has no values")
+            if len({json.dumps(v, sort_keys=True, default=str) for v in values}) != len(values):
+                raise ValueError(f"grid key '{key}' repeats a value: {values}")
+        return grid
+
+    @field_validator("prune")
+    @classmethod
+    def _prune_keys(cls, prune: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(prune) - set(PruneSettings.model_fields))
+        if unknown:
+            raise ValueError(f"unknown prune option(s) {unknown}; known: {sorted(PruneSettings.model_fields)}")
+        return prune
+
+    @field_validator("compile")
+    @classmethod
+    def _compile_keys(cls, data: dict[str, Any]) -> dict[str, Any]:
+        owned = sorted(set(data) & set(_SWEEP_OWNED))
+        if owned:
+            raise ValueError(f"{owned} are set by the sweep for each variant; leave them out")
+        return data
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One point of the grid: its id, the grid values, and the validated prune and compile options.
+
+    ``compile`` holds CompileOptions keys as given (JSON values), without ``masks`` / ``plan``, which the
+    sweep fills in once the variant's masks are written.
+    """
+
+    id: str
+    hash: str
+    point: dict[str, Any]
+    prune: PruneSettings
+    compile: dict[str, Any]
+
+    def options(self) -> dict[str, Any]:
+        """What the variant was run with, for sweep.json and MLflow (JSON values)."""
+        return {"grid": self.point, "prune": self.prune.model_dump(mode="json"), "compile": self.compile}
+
+    def compile_options(self, **changes: Any) -> CompileOptions:
+        return CompileOptions.from_dict({**self.compile, **changes}, source=f"variant {self.id}")
+
+
+def _compile_data(section: dict[str, Any]) -> dict[str, Any]:
+    data = {}
+    for key, value in section.items():
+        key = COMPILE_ALIASES.get(key.replace("-", "_"), key.replace("-", "_"))
+        if key in ("profile_batches", "profile_seqs", "gpus") and not isinstance(value, list):
+            value = [value]
+        data[key] = value
+    return data
+
+
+def _catalog_gpus(names: list[str], where: str) -> list[str]:
+    """GPU names (keys or aliases) as catalog keys: predictions and Ray placement both need to know them."""
+    from prune2deploy.profiling.roofline import load_catalog, resolve_gpus
+
+    try:
+        return [spec.key for spec in resolve_gpus(names, load_catalog())]
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _slug(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "x".join(_slug(v) for v in value)
+    text = "none" if value is None else str(value).lower()
+    return re.sub(r"[^a-z0-9.]+", "", text.replace(":", "of")) or "x"
+
+
+def _hash(payload: dict[str, Any]) -> str:
+    text = json.dumps(payload, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def expand(spec: SweepSpec, *, source_key: str = "", where: str = "sweep") -> list[Variant]:
+    """Every combination of the grid, validated (prune and compile options), in grid order.
+
+    Args:
+        spec: the sweep file.
+        source_key: what identifies the dense model (the export cache key); part of each variant's hash,
+            so a changed checkpoint never resumes from old results.
+        where: the file name, for messages.
+
+    Raises:
+        ConfigError: naming the variant and the option that is wrong.
+    """
+    keys = list(spec.grid)
+    fixed_compile = _compile_data(spec.compile)
+    variants: list[Variant] = []
+    for values in itertools.product(*(spec.grid[k] for k in keys)):
+        point = dict(zip(keys, values, strict=True))
+        label = ",".join(f"{k}={v}" for k, v in point.items())
+        prune_data = {**spec.prune, **{k: v for k, v in point.items() if k in PRUNE_KEYS}}
+        try:
+            prune = PruneSettings(**prune_data)
+        except pydantic.ValidationError as exc:
+            raise ConfigError(_describe(exc, f"{where}: variant {label}: prune")) from None
+        prune.check(f"{where}: variant {label}")
+        compile_data = dict(fixed_compile)
+        for key, value in point.items():
+            if key in GRID_COMPILE_KEYS:
+                compile_data.update(_compile_data({key: value}))
+        CompileOptions.from_dict(compile_data, source=f"{where}: variant {label}: compile")  # validates
+        if compile_data.get("gpus"):
+            compile_data["gpus"] = _catalog_gpus(compile_data["gpus"], f"{where}: variant {label}")
+        digest = _hash(
+            {
+                "source": source_key,
+                "prune": prune.model_dump(mode="json"),
+                "compile": compile_data,
+                "quality": spec.quality.model_dump(mode="json"),
+            }
+        )
+        readable = "_".join(f"{k}-{_slug(v)}" for k, v in point.items())
+        variants.append(Variant(f"{readable}_{digest[:8]}", digest, point, prune, compile_data))
+    return variants
+
+
+def parse_sweep(data: Any, *, where: str = "sweep") -> SweepSpec:
+    """Validates a mapping with the keys of a sweep file."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: a sweep is a mapping with model: and grid:")
+    try:
+        return SweepSpec(**data)
+    except pydantic.ValidationError as exc:
+        raise ConfigError(_describe(exc, where)) from None
+
+
+def load_sweep(path: Path | str) -> SweepSpec:
+    """Reads and validates a sweep file (.yaml, .yml, .toml or .json)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep file {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        elif path.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ConfigError(f"{path}: sweep files are .yaml, .toml or .json")
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"{path}: cannot parse ({exc})") from exc
+    spec = parse_sweep(data, where=str(path))
+    changes: dict[str, Any] = {"name": spec.name or path.stem}
+    beside = path.parent / spec.model
+    if not Path(spec.model).is_absolute() and beside.exists():  # a model path is relative to the sweep file
+        changes["model"] = str(beside.resolve())
+    return spec.model_copy(update=changes)

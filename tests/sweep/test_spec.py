@@ -1,0 +1,112 @@
+"""The sweep file: validation names the key and the variant; ids are readable and stable; hashes change
+with any option."""
+
+from __future__ import annotations
+
+import pytest
+
+from prune2deploy.errors import ConfigError
+from prune2deploy.sweep.run import accelerator_type, mask_folder, task_resources
+from prune2deploy.sweep.spec import expand, load_sweep, parse_sweep
+
+ISSUE_EXAMPLE = """
+model: minilm-l6
+grid:
+  criterion: [magnitude, wanda]
+  mlp: [0.25, 0.5]
+prune: {samples: 4, seq_len: 32}
+compile: {batch: [1], seq: [64]}
+"""
+
+
+def test_issue_example_expands_to_four_validated_variants(tmp_path):
+    path = tmp_path / "minilm.yaml"
+    path.write_text(ISSUE_EXAMPLE)
+    spec = load_sweep(path)
+    variants = expand(spec, source_key="k")
+    assert spec.name == "minilm"
+    assert [v.point for v in variants] == [
+        {"criterion": "magnitude", "mlp": 0.25},
+        {"criterion": "magnitude", "mlp": 0.5},
+        {"criterion": "wanda", "mlp": 0.25},
+        {"criterion": "wanda", "mlp": 0.5},
+    ]
+    assert variants[0].id.startswith("criterion-magnitude_mlp-0.25_")
+    assert variants[2].prune.criterion == "wanda" and variants[2].prune.samples == 4
+    assert variants[0].compile == {"profile_batches": [1], "profile_seqs": [64]}
+    options = variants[0].compile_options(plan="p.yaml")
+    assert options.profile_seqs == [64] and str(options.plan) == "p.yaml"
+    # stable ids; another checkpoint (source key) or fixed option gives other hashes
+    assert [v.id for v in expand(spec, source_key="k")] == [v.id for v in variants]
+    assert expand(spec, source_key="other")[0].hash != variants[0].hash
+    changed = parse_sweep({**spec.model_dump(), "prune": {"samples": 8, "seq_len": 32}})
+    assert expand(changed, source_key="k")[0].hash != variants[0].hash
+    assert len({v.hash for v in variants}) == 4
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"grid": {"mlp": [0.5]}}, "'model'"),
+        ({"model": "m", "grid": {"ratio": [0.5]}}, "unknown grid key 'ratio'"),
+        ({"model": "m", "grid": {"mlp": []}}, "has no values"),
+        ({"model": "m", "grid": {"mlp": [0.5]}, "prune": {"sample": 4}}, "unknown prune option"),
+        ({"model": "m", "grid": {"mlp": [0.5]}, "compile": {"plan": "x"}}, "set by the sweep"),
+        ({"model": "m", "grid": {"mlp": [0.5]}, "colour": 1}, "unknown key 'colour'"),
+    ],
+)
+def test_bad_sweep_files_name_the_key(data, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_sweep(data)
+
+
+@pytest.mark.parametrize(
+    ("grid", "message"),
+    [
+        ({"mlp": [0.5, 1.5]}, r"variant mlp=1.5: prune: 'mlp'"),
+        ({"mlp": [0.5], "precision": ["fp8"]}, r"variant mlp=0.5,precision=fp8: compile: option 'precision'"),
+        ({"mlp": [0.5], "gpu": ["b999"]}, "unknown GPU 'b999'"),
+        ({"mlp": [0.5], "engine": ["tensorrt-llm"]}, "unknown engine"),
+        ({"nm": ["2-4"]}, "N:M is written like '2:4'"),
+        ({"criterion": ["wanda"], "nm": ["4:2"]}, "0 < N < M"),
+    ],
+)
+def test_every_variant_is_validated_before_anything_runs(grid, message):
+    with pytest.raises(ConfigError, match=message):
+        expand(parse_sweep({"model": "m", "grid": grid}))
+
+
+def test_compile_only_grid_and_gpu_aliases():
+    variants = expand(parse_sweep({"model": "m", "grid": {"regroup_gqa": [1, 2], "gpu": ["A100"]}}))
+    assert [v.compile for v in variants] == [
+        {"kv_heads": 1, "gpus": ["a100-sxm-80gb"]},
+        {"kv_heads": 2, "gpus": ["a100-sxm-80gb"]},
+    ]
+    assert not variants[0].prune.prunes()
+    assert variants[0].id.startswith("regroup_gqa-1_gpu-a100_")
+
+
+def test_ray_placement_by_engine_and_gpu():
+    cluster = {"CPU": 16.0, "GPU": 2.0, "accelerator_type:A100": 1.0, "accelerator_type:L4": 1.0}
+    assert accelerator_type("h100-sxm") == "H100" and accelerator_type("a100-40gb") == "A100"
+    assert accelerator_type("l4") == "L4" and accelerator_type("jetson-orin-nano-8gb") is None
+    gpu = task_resources({"engine": "tensorrt", "gpus": ["a100-sxm-80gb"]}, cluster, [8, 8])
+    assert gpu == {"num_cpus": 1, "num_gpus": 1, "accelerator_type": "A100"}
+    with pytest.raises(ConfigError, match="accelerator_type H100; the cluster has A100, L4"):
+        task_resources({"engine": "tensorrt", "gpus": ["h100-sxm"]}, cluster, [8, 8])
+    with pytest.raises(ConfigError, match="has none"):
+        task_resources({"engine": "tensorrt"}, {"CPU": 2.0}, [2])
+    # CPU measurement: one per machine (the profiler resource, else every CPU of the smallest node)
+    assert task_resources({"engine": "onnxruntime"}, {**cluster, "p2d_cpu_profiler": 2.0}, [8, 8]) == {
+        "num_cpus": 1,
+        "resources": {"p2d_cpu_profiler": 1},
+    }
+    assert task_resources({"engine": "onnxruntime", "gpus": ["l4"]}, cluster, [8, 4]) == {"num_cpus": 4}
+    assert task_resources({"engine": "onnxruntime", "profile": False}, cluster, [8, 4]) == {"num_cpus": 1}
+
+
+def test_variants_differing_only_in_compile_options_share_their_masks(tmp_path):
+    variants = expand(parse_sweep({"model": "m", "grid": {"mlp": [0.25, 0.5], "gpu": ["l4", "h100"]}}))
+    folders = [mask_folder(v, tmp_path, "k") for v in variants]
+    assert folders[0] == folders[1] != folders[2] == folders[3]
+    assert folders[0].name.startswith("magnitude-") and mask_folder(variants[0], tmp_path, "other") != folders[0]
