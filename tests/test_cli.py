@@ -10,7 +10,8 @@ from prune2deploy import api
 from prune2deploy.cli import main
 from prune2deploy.io import sha256_file
 from prune2deploy.spec import CompileOptions
-from tests.models import llama_mlp_masks, save_masks, tiny_llama
+from tests.fixtures.models import tiny_llama
+from tests.fixtures.zeroing import llama_mlp_masks, save_masks
 
 
 @pytest.fixture(scope="module")
