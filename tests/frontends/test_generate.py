@@ -117,8 +117,7 @@ def test_generate_matches_transformers_for_other_families(family, cache_dir, rng
     import transformers
 
     from prune2deploy.frontends.decoder import export_decoder
-
-    from .conftest import TINY_LLAMA
+    from tests.fixtures.models import DECODER_LLAMA, LLAMA
 
     config_cls, model_cls = {
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
@@ -126,7 +125,7 @@ def test_generate_matches_transformers_for_other_families(family, cache_dir, rng
     }[family]
     extra = {"sliding_window": 6} if family == "mistral" else {}
     torch.manual_seed(0)
-    model = model_cls(config_cls(**TINY_LLAMA, **extra)).eval()
+    model = model_cls(config_cls(**(LLAMA | DECODER_LLAMA), **extra)).eval()
     path = cache_dir / f"tiny-{family}-kv.onnx"
     export_decoder(model, path)
     ids, mask = left_pad([rng.integers(3, VOCAB, n).tolist() for n in (5, 8)], pad_token_id=0)
