@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import platform
 import sys
 from pathlib import Path
+
+try:  # run as ``python benchmarks/bench_x.py``: the script's folder is on sys.path
+    import _common as common
+except ModuleNotFoundError:  # imported as ``benchmarks.bench_x``
+    from benchmarks import _common as common
 
 log = logging.getLogger("bench_decode")
 
@@ -24,33 +28,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m", help="bundled name or HF folder to export")
     parser.add_argument("--onnx", type=Path, help="an existing KV-cache graph (skips the export)")
-    parser.add_argument("--cache", type=Path, default=Path(".p2d-cache"), help="folder for the export")
+    common.add_cache(parser, help="folder for the export")
     parser.add_argument("--past", type=int, nargs="+", default=[512, 2048])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: ORT's)")
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
+    common.add_threads(parser)
+    common.add_timing(parser, repeats=20, warmup=3)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    for name in ("prune2deploy", "bench_decode"):
-        logging.getLogger(name).setLevel(logging.INFO)
+    common.quiet_logging("prune2deploy", "bench_decode")
 
     import onnxruntime
 
     from prune2deploy.engines.onnxruntime import make_session
-    from prune2deploy.frontends.decoder import decoder_signature, export_decoder
+    from prune2deploy.frontends.decoder import decoder_signature
     from prune2deploy.generate import decode_latency
     from prune2deploy.io import atomic_write_json
 
-    path = args.onnx
-    if path is None:
-        path = args.cache / f"{Path(args.model).name}-kv.onnx"
-        if not path.exists():
-            from prune2deploy.frontends.hf import load_hf_model
-
-            log.info("exporting %s to %s", args.model, path)
-            export_decoder(load_hf_model(args.model), path)
+    path = args.onnx or common.kv_onnx(args.cache, args.model)
     session = make_session(path, threads=args.threads)
     signature = decoder_signature(session)
     rows = []
@@ -65,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         "kv_heads": [layer.kv_heads for layer in signature.layers],
         "onnxruntime": onnxruntime.__version__,
         "threads": args.threads,
-        "machine": platform.processor() or platform.machine(),
+        "machine": common.machine()["machine"],
         "results": rows,
     }
     print(f"{'batch':>5} {'past':>6} {'median ms':>10} {'p10':>8} {'p90':>8} {'KV MB read':>10}")

@@ -9,24 +9,23 @@ sequence 128, side by side in one run (median of repeated runs), next to the ide
 
 from __future__ import annotations
 
-import argparse
 import json
-import resource
 import shutil
 import sys
-import time
 from pathlib import Path
+
+try:  # run as ``python benchmarks/bench_x.py``: the script's folder is on sys.path
+    import _common as common
+except ModuleNotFoundError:  # imported as ``benchmarks.bench_x``
+    from benchmarks import _common as common
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.parser(__doc__)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--out", type=Path, default=Path("/tmp/bench-foundation"))
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--seq", type=int, nargs="+", default=[128])
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--budget", type=float, default=30.0, help="timing budget per grid point (s)")
+    common.add_profile_grid(parser, budget=30.0)
     args = parser.parse_args(argv)
 
     from prune2deploy import api
@@ -44,10 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         profile_budget_s=args.budget,
         keep_reference=False,
     )
-    start = time.perf_counter()
+    clock = common.Stopwatch()
     report = api.compile(args.model, args.out, options).report
-    wall = time.perf_counter() - start
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    wall = clock.seconds
+    peak_mb = common.peak_rss_mb()
     ref, new = report["model"]["reference"], report["model"]["compiled"]
     timings = report["timings"]
     profile_s = wall - timings.get("load_and_export_s", 0) - timings.get("passes_s", 0) - timings.get("verify_s", 0)
@@ -66,18 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         f"verification: passed={report['verification']['passed']}, worst relative error "
         f"{max(o['max_rel'] for o in report['verification']['outputs'].values()):.2e}"
     )
-    print(
-        "| batch | seq | reference median ms | compiled median ms | runs (ref/comp) "
-        "| measured speedup | ideal | % of ideal |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
-    lat = {(r["model"], r["batch"], r["seq"]): r for r in report["latency"]}
-    for s in report["speedup"]:
-        r, c = lat[("reference", s["batch"], s["seq"])], lat[("compiled", s["batch"], s["seq"])]
-        print(
-            f"| {s['batch']} | {s['seq']} | {r['median_ms']:.1f} | {c['median_ms']:.1f} | {r['runs']}/{c['runs']} "
-            f"| {s['measured']:.3f}x | {s['ideal']:.3f}x | {100 * s['measured'] / s['ideal']:.0f}% |"
-        )
+    header = ["batch", "seq", "reference median ms", "compiled median ms", "runs (ref/comp)"]
+    header += ["measured speedup", "ideal", "% of ideal"]
+    print(common.markdown_table(header, common.speedup_rows(report)))
     (args.out / "bench.json").write_text(
         json.dumps({"wall_s": wall, "peak_rss_mb": peak_mb, "report": report}, indent=1)
     )

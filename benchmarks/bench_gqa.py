@@ -20,43 +20,19 @@ mean vs first and adjacent vs similarity.
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
+try:  # run as ``python benchmarks/bench_x.py``: the script's folder is on sys.path
+    import _common as common
+except ModuleNotFoundError:  # imported as ``benchmarks.bench_x``
+    from benchmarks import _common as common
+
 SMOL = "smollm2-135m"
 MINILM = "minilm-l6"
-
-
-def _export(cache: Path, name: str) -> Path:
-    """The dense no-cache graph, exported once (api.load_source: the same export compile does)."""
-    from prune2deploy import api
-    from prune2deploy.frontends.onnx import save_onnx
-    from prune2deploy.spec import CompileOptions
-
-    path = cache / f"{name}.onnx"
-    if not path.exists():
-        start = time.perf_counter()
-        save_onnx(api.load_source(name, CompileOptions(passes=[], profile=False)).model, path)
-        print(f"exported {name} to {path} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
-    return path
-
-
-def _export_kv(cache: Path) -> Path:
-    from prune2deploy.frontends.decoder import export_decoder
-    from prune2deploy.frontends.hf import load_hf_model
-
-    path = cache / f"{SMOL}-kv.onnx"  # the name bench_decode.py uses
-    if not path.exists():
-        start = time.perf_counter()
-        export_decoder(load_hf_model(SMOL), path)
-        print(f"exported {SMOL} with KV cache to {path} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
-    return path
 
 
 def regroup(proto_bytes: bytes, groups: int, grouping: str = "adjacent", method: str = "mean") -> tuple[bytes, dict]:
@@ -94,7 +70,7 @@ def smollm2(args, results: dict) -> None:
     from prune2deploy.quality import lm_quality
 
     # KV-cache graph: bytes per token and decode latency
-    kv_bytes = _export_kv(args.cache).read_bytes()
+    kv_bytes = common.kv_onnx(args.cache, SMOL).read_bytes()
     sessions, cache_rows = {}, []
     for groups in args.smol_groups:
         regrouped, summary = regroup(kv_bytes, groups) if groups != 3 else (kv_bytes, {})
@@ -119,7 +95,7 @@ def smollm2(args, results: dict) -> None:
     sessions.clear()
 
     # quality on the no-cache graph
-    dense_bytes = _export(args.cache, SMOL).read_bytes()
+    dense_bytes = common.dense_onnx(args.cache, SMOL).read_bytes()
     tokenizer = load_hf_model(SMOL).tokenizer
     reference = make_session(dense_bytes)
     rows = []
@@ -140,7 +116,7 @@ def minilm(args, results: dict) -> None:
     from prune2deploy.frontends.hf import load_hf_model
     from prune2deploy.quality import encoder_quality
 
-    dense_bytes = _export(args.cache, MINILM).read_bytes()
+    dense_bytes = common.dense_onnx(args.cache, MINILM).read_bytes()
     loaded = load_hf_model(MINILM)
     config, tokenizer = loaded.module.config, loaded.tokenizer
     layers, heads = config.num_hidden_layers, config.num_attention_heads
@@ -169,12 +145,12 @@ def minilm(args, results: dict) -> None:
 def print_tables(args, results: dict) -> None:
     if "smollm2_cache" in results:
         print("\nSmolLM2-135M KV cache (fp32, from the regrouped KV-cache graph):\n")
-        print("| G (kv heads / layer) | bytes per token | vs G = 3 | regrouped blocks |")
-        print("|---|---|---|---|")
         base = next((r["bytes_per_token"] for r in results["smollm2_cache"] if r["G"] == 3), None)
+        rows = []
         for r in results["smollm2_cache"]:
             ratio = f"{r['bytes_per_token'] / base:.2f}x" if base else "–"
-            print(f"| {r['G']} | {r['bytes_per_token']:,} | {ratio} | {r.get('blocks_changed', 0)} |")
+            rows.append([r["G"], f"{r['bytes_per_token']:,}", ratio, r.get("blocks_changed", 0)])
+        print(common.markdown_table(["G (kv heads / layer)", "bytes per token", "vs G = 3", "regrouped blocks"], rows))
     if results.get("smollm2_decode"):
         threads = args.threads or "ORT default"
         print(f"\nSmolLM2-135M decode, ORT CPU, {threads} threads, median of {args.repeats} steps (ms per token):\n")
@@ -225,27 +201,26 @@ def print_tables(args, results: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cache", type=Path, default=Path(".p2d-cache"), help="folder for the exports")
+    parser = common.parser(__doc__)
+    common.add_cache(parser)
     parser.add_argument("--out", type=Path, default=Path("/tmp/bench-gqa"))
     parser.add_argument("--smol-groups", type=int, nargs="+", default=[9, 3, 1])
     parser.add_argument("--decode-groups", type=int, nargs="+", default=[3, 1])
     parser.add_argument("--minilm-groups", type=int, nargs="+", default=[12, 6, 4, 3, 2, 1])
     parser.add_argument("--past", type=int, nargs="+", default=[512, 2048])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: ORT's)")
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
+    common.add_threads(parser)
+    common.add_timing(parser, repeats=10, warmup=2)
     parser.add_argument("--window", type=int, default=128)
     parser.add_argument("--eval-windows", type=int, default=4)
     parser.add_argument("--sentences", type=int, default=64)
     parser.add_argument("--only", nargs="+", choices=["smollm2", "minilm"], default=["smollm2", "minilm"])
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    common.quiet_logging()
     args.cache.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict = {}
-    start = time.perf_counter()
+    clock = common.Stopwatch()
     try:
         if "minilm" in args.only:
             minilm(args, results)
@@ -254,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         (args.out / "bench_gqa.json").write_text(json.dumps(results, indent=1, default=str))
     print_tables(args, results)
-    print(f"\n(total {time.perf_counter() - start:.0f} s)")
+    print(f"\n(total {clock.seconds:.0f} s)")
     return 0
 
 

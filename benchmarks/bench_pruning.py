@@ -18,10 +18,14 @@ import argparse
 import copy
 import json
 import logging
-import platform
 import sys
 import time
 from pathlib import Path
+
+try:  # run as ``python benchmarks/bench_x.py``: the script's folder is on sys.path
+    import _common as common
+except ModuleNotFoundError:  # imported as ``benchmarks.bench_x``
+    from benchmarks import _common as common
 
 log = logging.getLogger("bench_pruning")
 
@@ -56,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=24, help="calibration windows")
     parser.add_argument("--seq-len", type=int, default=128, help="calibration window length")
     parser.add_argument("--window", type=int, default=128, help="evaluation window length")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    common.add_threads(parser, help="torch intra-op threads")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -117,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             "calibration": calib.info(),
             "window": args.window,
             "torch": torch.__version__,
-            "python": platform.python_version(),
+            "python": common.machine()["python"],
             "seconds": round(time.perf_counter() - started, 1),
         }
         args.json.write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")

@@ -10,13 +10,17 @@ measured on several GPUs, whether the predicted GPU order is the published one. 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
+try:  # run as ``python benchmarks/bench_x.py``: the script's folder is on sys.path
+    import _common as common
+except ModuleNotFoundError:  # imported as ``benchmarks.bench_x``
+    from benchmarks import _common as common
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.parser(__doc__)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 

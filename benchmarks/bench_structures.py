@@ -23,32 +23,19 @@ ONNX models).
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
+try:  # run as ``python benchmarks/bench_x.py``: the script's folder is on sys.path
+    import _common as common
+except ModuleNotFoundError:  # imported as ``benchmarks.bench_x``
+    from benchmarks import _common as common
+
 MODEL = "smollm2-135m"
 HEAD_DIM = 64
-
-
-def dense_onnx(cache: Path) -> Path:
-    """The dense no-cache graph, exported once (api.load_source: the same export compile does)."""
-    from prune2deploy import api
-    from prune2deploy.frontends.onnx import save_onnx
-    from prune2deploy.spec import CompileOptions
-
-    path = cache / f"{MODEL}.onnx"
-    if not path.exists():
-        start = time.perf_counter()
-        source = api.load_source(MODEL, CompileOptions(passes=[], profile=False))
-        save_onnx(source.model, path)
-        print(f"exported {MODEL} to {path} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
-    return path
 
 
 def head_masks(module) -> tuple[dict[str, np.ndarray], dict[int, list[int]]]:
@@ -146,10 +133,9 @@ def compile_variant(name, dense: Path, out: Path, options, args) -> dict:
         overwrite=True,
         **options,
     )
-    start = time.perf_counter()
+    clock = common.Stopwatch()
     result = api.compile(dense, out / name, opts)
-    wall = time.perf_counter() - start
-    return {"wall_s": wall, "report": result.report}
+    return {"wall_s": clock.seconds, "report": result.report}
 
 
 def quality(dense: Path, candidate: Path, tokenizer, args) -> dict:
@@ -161,13 +147,10 @@ def quality(dense: Path, candidate: Path, tokenizer, args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.parser(__doc__)
     parser.add_argument("--out", type=Path, default=Path("/tmp/bench-structures"))
-    parser.add_argument("--cache", type=Path, default=Path(".p2d-cache"), help="folder for the dense export")
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--seq", type=int, nargs="+", default=[128])
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--budget", type=float, default=20.0, help="timing budget per grid point (s)")
+    common.add_cache(parser, help="folder for the dense export")
+    common.add_profile_grid(parser, budget=20.0)
     parser.add_argument("--window", type=int, default=128)
     parser.add_argument("--calib-windows", type=int, default=4)
     parser.add_argument("--eval-windows", type=int, default=4)
@@ -177,12 +160,12 @@ def main(argv: list[str] | None = None) -> int:
         "--only", nargs="+", choices=["heads", "layers", "hidden"], default=["heads", "layers", "hidden"]
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    common.quiet_logging()
 
     from prune2deploy.frontends.hf import load_hf_model
 
     args.out.mkdir(parents=True, exist_ok=True)
-    dense = dense_onnx(args.cache)
+    dense = common.dense_onnx(args.cache, MODEL)
     loaded = load_hf_model(MODEL)
     module, tokenizer = loaded.module, loaded.tokenizer
 
@@ -251,18 +234,9 @@ def main(argv: list[str] | None = None) -> int:
             f"({t['load_and_export_s']:.1f} / {t['passes_s']:.1f} / {t['verify_s']:.1f}) "
             f"| {worst:.2e} ({'exact' if exact else 'approximate'}) |"
         )
-    print("\n| structure | batch | seq | reference ms | compiled ms | runs | measured speedup | ideal | % of ideal |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, r in results.items():
-        rep = r["report"]
-        lat = {(x["model"], x["batch"], x["seq"]): x for x in rep["latency"]}
-        for s in rep["speedup"]:
-            a, b = lat[("reference", s["batch"], s["seq"])], lat[("compiled", s["batch"], s["seq"])]
-            print(
-                f"| {name} | {s['batch']} | {s['seq']} | {a['median_ms']:.1f} | {b['median_ms']:.1f} "
-                f"| {a['runs']}/{b['runs']} | {s['measured']:.3f}x | {s['ideal']:.3f}x "
-                f"| {100 * s['measured'] / s['ideal']:.0f}% |"
-            )
+    header = ["structure", "batch", "seq", "reference ms", "compiled ms", "runs", "measured speedup", "ideal"]
+    rows = [[name, *row] for name, r in results.items() for row in common.speedup_rows(r["report"])]
+    print("\n" + common.markdown_table([*header, "% of ideal"], rows))
     print(
         f"\nQuality vs the dense model (bundled evaluation text, {args.eval_windows} windows × {args.window} tokens):"
     )

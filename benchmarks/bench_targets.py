@@ -14,15 +14,19 @@ eligible weight (approximate; the LM head stays dense), then:
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
 from pathlib import Path
 
+try:  # run as ``python benchmarks/bench_x.py``: the script's folder is on sys.path
+    import _common as common
+except ModuleNotFoundError:  # imported as ``benchmarks.bench_x``
+    from benchmarks import _common as common
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.parser(__doc__)
     parser.add_argument("--models", nargs="+", default=["minilm-l6", "smollm2-135m"])
     parser.add_argument("--out", type=Path, default=Path("/tmp/bench-targets"))
     parser.add_argument("--measure-batch", type=int, nargs="+", default=[1, 8])
@@ -64,15 +68,8 @@ def main(argv: list[str] | None = None) -> int:
             f"error vs masked reference (2:4 is approximate): max rel {worst:.3g}"
         )
         print("\nONNX Runtime CPU (median ms, same run):\n")
-        print("| batch | seq | reference | compiled | measured speedup | structured ideal (FLOP ratio) |")
-        print("|---|---|---|---|---|---|")
-        lat = {(r["model"], r["batch"], r["seq"]): r for r in report["latency"]}
-        for s in report["speedup"]:
-            r, c = lat[("reference", s["batch"], s["seq"])], lat[("compiled", s["batch"], s["seq"])]
-            print(
-                f"| {s['batch']} | {s['seq']} | {r['median_ms']:.1f} | {c['median_ms']:.1f} | {s['measured']:.2f}x "
-                f"| {s['ideal']:.2f}x |"
-            )
+        header = ["batch", "seq", "reference", "compiled", "measured speedup", "structured ideal (FLOP ratio)"]
+        print(common.markdown_table(header, common.speedup_rows(report, digits=2, runs=False, percent=False)))
         reference = ir.load(str(out / "reference.onnx"))
         compiled = ir.load(str(out / "model.onnx"))
         rows = []
@@ -84,15 +81,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nPredicted {args.precision} latency (roofline, ideal: datasheet peaks, no launch overhead), ms:\n")
         gpus = sorted({r.gpu for r in rows})
         grid = [(b, s) for b in args.predict_batch for s in args.predict_seq]
-        print("| GPU | " + " | ".join(f"b{b} s{s}: dense → compiled" for b, s in grid) + " |")
-        print("|---|" + "---|" * len(grid))
         by = {(r.gpu, r.batch, r.seq): r for r in rows}
+        table = []
         for gpu in gpus:
-            cells = []
+            cells = [gpu]
             for b, s in grid:
                 r = by.get((gpu, b, s))
                 cells.append(f"{r.reference_ms:.3g} → {r.compiled_ms:.3g} ({r.speedup:.2f}x)" if r else "-")
-            print(f"| {gpu} | " + " | ".join(cells) + " |")
+            table.append(cells)
+        print(common.markdown_table(["GPU", *(f"b{b} s{s}: dense → compiled" for b, s in grid)], table))
         results[name] = {"report": report, "predictions": [r.as_dict() for r in rows]}
         masks.unlink(missing_ok=True)
     (args.out / "bench_targets.json").write_text(json.dumps(results, indent=1, default=str))

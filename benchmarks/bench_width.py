@@ -13,14 +13,18 @@ float rounding (the structural passes are exact), so the masked torch model stan
 
 from __future__ import annotations
 
-import argparse
 import sys
 from importlib import resources
 from pathlib import Path
 
+try:  # run as ``python benchmarks/bench_x.py``: the script's folder is on sys.path
+    import _common as common
+except ModuleNotFoundError:  # imported as ``benchmarks.bench_x``
+    from benchmarks import _common as common
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.parser(__doc__)
     parser.add_argument("folders", type=Path, nargs="+", help="prune output folders (masks.safetensors + plan.yaml)")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--windows", type=int, default=8, help="evaluation windows of 128 tokens")

@@ -1,4 +1,9 @@
-"""Shared fixtures: seeded generators and a session cache folder for exported models."""
+"""Shared fixtures: seeded generators, a session cache folder, and every model the suite shares.
+
+Exports are made once per session into ``cache_dir``; builders of torch models live in tests/fixtures.
+SmolLM2-135M (bundled, real weights) is loaded once and exported once per session (``smollm2``,
+``smollm2_onnx``, ``smollm2_kv``); tests that use it are marked ``slow``.
+"""
 
 from __future__ import annotations
 
@@ -26,25 +31,134 @@ def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("p2d-cache")
 
 
+# -- ONNX files of tiny models built in code -------------------------------------------------------------------
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_onnx(cache_dir):
-    """Path of an exported 2-layer tiny Llama (dynamic batch and sequence), shared by the session."""
-    from tests.tiny_onnx import export_tiny_llama
+    """Path of an exported 2-layer tiny Llama (dynamic batch and sequence; ``export_tiny_llama``)."""
+    from tests.fixtures.exports import export_tiny_llama
 
     return export_tiny_llama(cache_dir)
 
 
+@pytest.fixture(scope="session")
+def cnn_path(cache_dir):
+    """Path of the exported ``SmallCNN`` (conv-BN-ReLU, residual, depthwise, pooling; dynamic batch)."""
+    from tests.fixtures.exports import export_cnn
+
+    return export_cnn(cache_dir)
+
+
+@pytest.fixture(scope="session")
+def mlp_path(cache_dir):
+    """Path of the exported ``small_mlp`` (Linear 64→128→32, dynamic batch)."""
+    from tests.fixtures.exports import export_mlp
+
+    return export_mlp(cache_dir)
+
+
+@pytest.fixture(scope="session")
+def mlp24_path(cache_dir):
+    """Path of the exported ``small_mlp`` with 2 of every 4 weights zero along K (untagged)."""
+    from tests.fixtures.exports import export_mlp
+
+    return export_mlp(cache_dir, sparse_24=True)
+
+
 @pytest.fixture(scope="module")
 def mlps():
-    """Exported MLP variants (tests/channel_models.py); each test takes its own copy with ``fresh``."""
-    from tests.channel_models import exported
+    """Torch parameters of the exported MLP zoo; each test takes its own graph with ``fresh("mlps")``."""
+    from tests.fixtures.exports import exported_params
 
-    return exported("mlps")
+    return exported_params("mlps")
 
 
 @pytest.fixture(scope="module")
 def cnns():
-    """Exported CNN variants (tests/channel_models.py)."""
-    from tests.channel_models import exported
+    """Torch parameters of the exported CNN zoo (``fresh("cnns")``)."""
+    from tests.fixtures.exports import exported_params
 
-    return exported("cnns")
+    return exported_params("cnns")
+
+
+# -- torch models -----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_llama_tied32():
+    """The pruning tests' Llama: hidden 32, 4 query / 2 kv heads of dim 8, tied embeddings, random norm scales."""
+    from tests.fixtures.models import LLAMA_32_TIED, tiny_llama
+
+    return tiny_llama(random_norms=True, **LLAMA_32_TIED)
+
+
+@pytest.fixture
+def tiny_bert32():
+    """The pruning tests' BERT: hidden 32, 4 heads, vocab 50."""
+    from tests.fixtures.models import BERT_32, tiny_bert
+
+    return tiny_bert(**BERT_32)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_decoder():
+    """The decoder tests' Llama: the default tiny GQA Llama with 256 positions and pad id 0 (shared: read only)."""
+    from tests.fixtures.models import DECODER_LLAMA, tiny_llama
+
+    return tiny_llama(**DECODER_LLAMA)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_kv(tiny_llama_decoder, cache_dir):
+    """(ir.Model, path) of ``tiny_llama_decoder``'s KV-cache graph, exported once per session (~10 s)."""
+    from prune2deploy.frontends.decoder import export_decoder
+
+    path = cache_dir / "tiny-llama-kv.onnx"
+    return export_decoder(tiny_llama_decoder, path), path
+
+
+# -- SmolLM2-135M: loaded once, exported once ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct (``HFModel``: module, tokenizer) from the bundled GGUF, loaded once per session
+    (~20 s); skipped when the package is not installed. Shared: tests copy the module before changing it."""
+    from prune2deploy.errors import BadInputError
+    from prune2deploy.frontends.hf import load_hf_model
+
+    try:
+        return load_hf_model("smollm2-135m")
+    except BadInputError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def smollm2_onnx(smollm2, cache_dir):
+    """Path of SmolLM2's dense prefill graph (ids + mask → logits, no cache), exported once per session
+    (45–150 s); tests take private copies with ``fresh(smollm2_onnx)``."""
+    import onnx_ir as ir
+
+    from prune2deploy.frontends.torch import export_module, hf_export_spec
+
+    module = smollm2.module
+    use_cache = module.config.use_cache
+    module.config.use_cache = False
+    try:
+        model = export_module(module, hf_export_spec("causal-lm", vocab_size=module.config.vocab_size))
+    finally:
+        module.config.use_cache = use_cache
+    path = cache_dir / "smollm2.onnx"
+    ir.save(model, str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_kv(smollm2, cache_dir):
+    """Path of SmolLM2's KV-cache graph, exported once per session (~1 min)."""
+    from prune2deploy.frontends.decoder import export_decoder
+
+    path = cache_dir / "smollm2-kv.onnx"
+    export_decoder(smollm2, path)
+    return path

@@ -13,7 +13,9 @@ from prune2deploy import api
 from prune2deploy.errors import BadInputError, MaskError, OutputExistsError
 from prune2deploy.io import sha256_file
 from prune2deploy.spec import CompileOptions
-from tests.models import TinyResNet, llama_mlp_masks, pass_record, save_masks, tiny_bert, tiny_llama
+from tests.fixtures.models import TinyResNet, tiny_bert, tiny_llama
+from tests.fixtures.results import pass_record
+from tests.fixtures.zeroing import llama_mlp_masks, save_masks
 
 FAST = {"profile": False}
 

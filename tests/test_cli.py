@@ -10,7 +10,8 @@ from prune2deploy import api
 from prune2deploy.cli import main
 from prune2deploy.io import sha256_file
 from prune2deploy.spec import CompileOptions
-from tests.models import llama_mlp_masks, save_masks, tiny_llama
+from tests.fixtures.models import tiny_llama
+from tests.fixtures.zeroing import llama_mlp_masks, save_masks
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +163,7 @@ def test_inspect_says_zero_weight_rows_keep_their_bias(tmp_path, capsys):
     import torch
     import torch.nn.utils.prune as torch_prune
 
-    from tests.models import tiny_bert
+    from tests.fixtures.models import tiny_bert
 
     torch.manual_seed(0)
     module = tiny_bert()

@@ -1,7 +1,8 @@
 """The two bundled real models: MiniLM-L6 (BERT encoder) and SmolLM2-135M (Llama decoder, from GGUF).
 
 Random MLP neurons are masked through a mask file keyed by torch parameter name; compile must remove
-exactly those and match the masked model. Each export takes tens of seconds: one compile per model.
+exactly those and match the masked model. MiniLM is compiled by its bundled name (load, torch masks,
+export); SmolLM2 from the session's export (tests/conftest.py), so that it is exported once per session.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import pytest
 from prune2deploy import api
 from prune2deploy.frontends.hf import load_hf_model
 from prune2deploy.spec import CompileOptions
-from tests.models import pass_record, save_masks
+from tests.fixtures.results import pass_record
+from tests.fixtures.zeroing import save_masks
 
 pytestmark = pytest.mark.slow
 
@@ -37,13 +39,16 @@ def _random_mlp_masks(module, fraction: float, rng: np.random.Generator) -> tupl
 
 
 @pytest.mark.parametrize(("name", "fraction"), [("minilm-l6", 0.4), ("smollm2-135m", 0.5)])
-def test_real_model_mlp_channels(name, fraction, tmp_path, rng):
-    module = load_hf_model(name).module
+def test_real_model_mlp_channels(name, fraction, tmp_path, rng, request):
+    if name == "smollm2-135m":  # the session's SmolLM2 and its export: the torch-named masks go onto the graph
+        module, source = request.getfixturevalue("smollm2").module, request.getfixturevalue("smollm2_onnx")
+    else:  # by bundled name: api.compile loads, masks in torch and exports
+        module, source = load_hf_model(name).module, name
     masks, kept = _random_mlp_masks(module, fraction, rng)
     save_masks(masks, tmp_path / "masks.safetensors")
     del module
     result = api.compile(
-        name,
+        source,
         tmp_path / "out",
         CompileOptions(masks=tmp_path / "masks.safetensors", profile=False, keep_reference=False),
     )

@@ -312,7 +312,7 @@ def test_all_nan_feeds_are_bad_input(tmp_path, capsys):
 def test_hf_folder_with_weights_that_do_not_match_is_refused(tmp_path, capsys):
     from safetensors.numpy import load_file, save_file
 
-    from tests.models import tiny_llama
+    from tests.fixtures.models import tiny_llama
 
     folder = tmp_path / "hf"
     tiny_llama().save_pretrained(folder)
@@ -531,7 +531,7 @@ def test_options_that_would_do_nothing_are_errors(tmp_path, capsys):
 def test_regroup_gqa_refusing_every_block_is_an_error(tmp_path, capsys):
     import onnx_ir as ir
 
-    from tests.attention_models import fresh
+    from tests.fixtures.exports import fresh
 
     path = tmp_path / "llama.onnx"
     ir.save(fresh("llama-mha"), str(path))  # 4 query heads: 5 kv heads cannot divide them

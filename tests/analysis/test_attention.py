@@ -8,7 +8,8 @@ import pytest
 
 from prune2deploy.analysis.attention import analyze_attention
 from prune2deploy.analysis.scopes import layer_of
-from tests.attention_models import blocks_by_name, fresh, fresh_fused, zero_heads
+from tests.fixtures.exports import fresh
+from tests.fixtures.zeroing import blocks_by_name, zero_heads
 
 LLAMA = [f"model.layers.{i}.self_attn" for i in range(2)]
 BERT = [f"encoder.layer.{i}.attention.self" for i in range(2)]
@@ -54,7 +55,7 @@ def test_kv_cache_graph_inputs_and_outputs():
 
 
 def test_fused_qkv_with_split():
-    (block,) = analyze_attention(fresh_fused()).blocks
+    (block,) = analyze_attention(fresh("fused-qkv")).blocks
     assert block.supported, block.reasons
     assert (block.num_heads, block.num_kv_heads, block.head_dim) == (4, 2, 8)
     q, k, v = (block.projections[r] for r in "qkv")

@@ -11,17 +11,9 @@ from onnx import helper
 from onnx_ir.passes.common import ShapeInferencePass
 
 from prune2deploy.analysis.channels import analyze_channels
-from tests.channel_models import (
-    _zero,
-    fresh,
-    group_by_id,
-    helper_model,
-    tensor_info,
-    zero_conv_in,
-    zero_conv_out,
-    zero_in,
-    zero_out,
-)
+from tests.fixtures.exports import fresh
+from tests.fixtures.graphs import helper_model, tensor_info
+from tests.fixtures.zeroing import group_by_id, zero_conv_in, zero_conv_out, zero_in, zero_out, zero_param
 
 
 def _weights(group) -> set[str]:
@@ -68,12 +60,12 @@ def test_bias_keeps_a_channel_alive(mlps, rng):
     """Zero weight rows with a non-zero bias give a constant, not a zero: the channel stays."""
     model = fresh("mlps")
     params = mlps
-    _zero(model, params["relu.fc1.weight"], [1, 2, 3], 0)
-    _zero(model, params["relu.fc1.bias"], [2], 0)
+    zero_param(model, params["relu.fc1.weight"], [1, 2, 3], 0)
+    zero_param(model, params["relu.fc1.bias"], [2], 0)
     assert group_by_id(analyze_channels(model), "relu.fc2").zero_atoms == [2]
     model = fresh("mlps")
-    _zero(model, params["relu.fc1.weight"], [1, 2, 3], 0)
-    _zero(model, params["relu.fc1.bias"], [1, 2, 3], 0)
+    zero_param(model, params["relu.fc1.weight"], [1, 2, 3], 0)
+    zero_param(model, params["relu.fc1.bias"], [1, 2, 3], 0)
     assert group_by_id(analyze_channels(model), "relu.fc2").zero_atoms == [1, 2, 3]
 
 

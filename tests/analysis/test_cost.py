@@ -6,7 +6,7 @@ import pytest
 from prune2deploy.analysis.cost import UNSCOPED, compare_layers, layer_of, model_cost, param_count
 from prune2deploy.analysis.nm import nm_mask
 from prune2deploy.errors import BadInputError
-from tests.analysis.graphs import conv_model, matmul_model, mlp_model
+from tests.fixtures.graphs import conv_model, matmul_model, mlp_model
 
 
 def test_matmul_flops_and_bytes_by_hand(rng):

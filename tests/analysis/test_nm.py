@@ -6,7 +6,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from prune2deploy.analysis.nm import is_nm, nm_eligibility, nm_mask, nm_violations
-from tests.analysis.graphs import conv_model, matmul_model, mlp_model, to_ir
+from tests.fixtures.graphs import conv_model, helper_model, matmul_model, mlp_model
 
 
 def test_nm_mask_keeps_two_largest_of_four_along_k():
@@ -73,7 +73,7 @@ def test_ineligible_reasons(rng):
     outs.append(helper.make_tensor_value_info("Z", TensorProto.INT32, [4, 4]))
     nodes[1] = helper.make_node("MatMul", ["Xi", "Wi"], ["Z"], name="int_weight")
     xi = helper.make_tensor_value_info("Xi", TensorProto.INT32, [4, 4])
-    model = to_ir(nodes, [x, xt, xi], outs, {"Wi": np.ones((4, 4), np.int32)})
+    model = helper_model(nodes, [x, xt, xi], outs, {"Wi": np.ones((4, 4), np.int32)})
     reasons = {n.name: nm_eligibility(n).reason for n in model.graph}
     assert reasons == {
         "act_act": "weight is not a constant initializer",

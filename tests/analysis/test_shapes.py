@@ -6,7 +6,7 @@ from onnx import TensorProto, helper
 from prune2deploy.analysis.cost import model_cost
 from prune2deploy.analysis.shapes import concrete_shapes, input_shapes
 from prune2deploy.errors import BadInputError
-from tests.analysis.graphs import matmul_model, to_ir
+from tests.fixtures.graphs import helper_model, matmul_model
 
 
 def test_input_shapes_from_batch_seq_and_explicit(rng):
@@ -27,7 +27,7 @@ def test_onnxruntime_fallback_for_data_dependent_shapes():
     ]
     x = helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", 4])
     y = helper.make_tensor_value_info("Y", TensorProto.FLOAT, [2, "nnz"])
-    model = to_ir(nodes, [x], [y], {})
+    model = helper_model(nodes, [x], [y], {})
     info = concrete_shapes(model, batch=3, fallback=False)
     assert info.unknown == ("idx", "Y")
     info = concrete_shapes(model, batch=3)

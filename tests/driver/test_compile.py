@@ -6,7 +6,8 @@ import json
 
 from prune2deploy import api
 from prune2deploy.spec import CompileOptions
-from tests.models import llama_mlp_masks, save_masks, tiny_llama
+from tests.fixtures.models import tiny_llama
+from tests.fixtures.zeroing import llama_mlp_masks, save_masks
 
 
 def test_torch_engine_is_verified_against_the_reference(tmp_path, rng):

@@ -22,7 +22,9 @@ from prune2deploy.graph.scopes import module_of
 from prune2deploy.ort_session import make_session
 from prune2deploy.spec import CompileOptions
 from prune2deploy.verify import verify_blockwise, verify_models
-from tests.models import llama_mlp_masks, pass_record, save_masks, tiny_llama
+from tests.fixtures.models import tiny_llama
+from tests.fixtures.results import pass_record
+from tests.fixtures.zeroing import llama_mlp_masks, save_masks
 
 FAST = {"profile": False, "external_data_threshold": 0}
 

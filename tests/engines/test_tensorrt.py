@@ -26,7 +26,7 @@ from prune2deploy.engines.tensorrt import (
 from prune2deploy.errors import ConfigError, EngineBuildError, EngineUnavailable
 from prune2deploy.feeds import random_feeds
 from prune2deploy.pipeline import convert_precision
-from tests.tiny_onnx import export_cnn, export_mlp, export_tiny_llama
+from tests.fixtures.exports import export_mlp
 
 needs_rtx = pytest.mark.skipif(
     importlib.util.find_spec("tensorrt_rtx") is None,
@@ -44,12 +44,7 @@ LLAMA_RANGES = {name: ((1, 2), (2, 16), (4, 64)) for name in ("input_ids", "atte
 
 
 @pytest.fixture(scope="session")
-def mlp_path(cache_dir):
-    return export_mlp(cache_dir)
-
-
-@pytest.fixture(scope="session")
-def mlp24_path(cache_dir):
+def mlp24_tagged_path(cache_dir):
     """The 2:4 MLP, with its Gemm nodes tagged as the sparsify-2:4 pass tags them."""
     path = cache_dir / "mlp_24_tagged.onnx"
     if not path.exists():
@@ -59,16 +54,6 @@ def mlp24_path(cache_dir):
                 node.metadata_props["p2d.sparsity"] = "2:4"
         ir.save(model, path)
     return path
-
-
-@pytest.fixture(scope="session")
-def llama_path(cache_dir):
-    return export_tiny_llama(cache_dir)
-
-
-@pytest.fixture(scope="session")
-def cnn_path(cache_dir):
-    return export_cnn(cache_dir)
 
 
 # -- without the library --
@@ -144,7 +129,7 @@ def test_rtx_mlp_fp32(mlp_path, tmp_path):
 
 
 @needs_rtx
-def test_rtx_sparse_request_is_reported_as_ignored(mlp24_path, tmp_path):
+def test_rtx_sparse_request_is_reported_as_ignored(mlp24_tagged_path, tmp_path):
     options = BuildOptions(
         precision="fp16",
         convert_precision=convert_precision,
@@ -152,7 +137,7 @@ def test_rtx_sparse_request_is_reported_as_ignored(mlp24_path, tmp_path):
         shape_ranges={"x": ((1, 64), (8, 64), (64, 64))},
         work_dir=tmp_path,
     )
-    result = TensorRTRTXEngine().build(mlp24_path, options)
+    result = TensorRTRTXEngine().build(mlp24_tagged_path, options)
     sparsity = result.info["sparsity"]
     assert sparsity["requested"] and sparsity["flag_set"] and sparsity["honoured"] is False
     assert sparsity["eligible"] == [] and sparsity["sparse_tactics"] == []
@@ -164,7 +149,7 @@ def test_rtx_sparse_request_is_reported_as_ignored(mlp24_path, tmp_path):
 
 
 @needs_rtx
-def test_rtx_llama_dynamic_batch_and_seq_fp16(llama_path, tmp_path):
+def test_rtx_llama_dynamic_batch_and_seq_fp16(tiny_llama_onnx, tmp_path):
     options = BuildOptions(
         precision="fp16",
         convert_precision=convert_precision,
@@ -172,7 +157,7 @@ def test_rtx_llama_dynamic_batch_and_seq_fp16(llama_path, tmp_path):
         work_dir=tmp_path,
         extra={"compute_capabilities": ["sm89", "sm120"], "optimization_level": 2},
     )
-    result = TensorRTRTXEngine().build(llama_path, options)
+    result = TensorRTRTXEngine().build(tiny_llama_onnx, options)
     info = result.info
     assert info["compute_capabilities"] == ["sm89", "sm120"] and info["optimization_level"] == 2
     assert set(info["profiles"]) == {"input_ids", "attention_mask"}
@@ -180,7 +165,7 @@ def test_rtx_llama_dynamic_batch_and_seq_fp16(llama_path, tmp_path):
     assert conversion["kept_fp32_ops"]["Softmax"] == 2
     layers = _layers(result)
     covered = {name for layer in layers for name in layer["onnx_nodes"]}
-    matmuls = {n.name for n in ir.load(llama_path).graph if n.op_type == "MatMul"}
+    matmuls = {n.name for n in ir.load(tiny_llama_onnx).graph if n.op_type == "MatMul"}
     assert matmuls <= covered
     assert any(layer["type"] == "gemm" for layer in layers)
 
@@ -197,10 +182,10 @@ def test_rtx_cnn(cnn_path, tmp_path):
 
 
 @needs_rtx
-def test_rtx_dynamic_input_without_range_names_it(llama_path, tmp_path):
+def test_rtx_dynamic_input_without_range_names_it(tiny_llama_onnx, tmp_path):
     ranges = {"input_ids": LLAMA_RANGES["input_ids"]}
     with pytest.raises(EngineBuildError, match="attention_mask"):
-        TensorRTRTXEngine().build(llama_path, BuildOptions(shape_ranges=ranges, work_dir=tmp_path))
+        TensorRTRTXEngine().build(tiny_llama_onnx, BuildOptions(shape_ranges=ranges, work_dir=tmp_path))
 
 
 @needs_rtx
@@ -258,10 +243,10 @@ def test_rtx_runner(mlp_path, tmp_path):
 
 
 @needs_rtx
-def test_rtx_bf16_from_converted_onnx_and_ignored_timing_cache(llama_path, tmp_path):
+def test_rtx_bf16_from_converted_onnx_and_ignored_timing_cache(tiny_llama_onnx, tmp_path):
     from prune2deploy.passes.precision import ConvertPrecisionPass
 
-    model = ir.load(llama_path)
+    model = ir.load(tiny_llama_onnx)
     ConvertPrecisionPass("bf16")(model)
     converted = tmp_path / "llama_bf16.onnx"
     ir.save(model, converted)

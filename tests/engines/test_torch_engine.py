@@ -16,22 +16,6 @@ from prune2deploy.engines.torch import TorchEngine
 from prune2deploy.errors import ConfigError, UnsupportedModelError
 from prune2deploy.feeds import random_feeds
 from prune2deploy.pipeline import convert_precision
-from tests.tiny_onnx import export_cnn, export_mlp, export_tiny_llama
-
-
-@pytest.fixture(scope="session")
-def llama_path(cache_dir):
-    return export_tiny_llama(cache_dir)
-
-
-@pytest.fixture(scope="session")
-def cnn_path(cache_dir):
-    return export_cnn(cache_dir)
-
-
-@pytest.fixture(scope="session")
-def mlp24_path(cache_dir):
-    return export_mlp(cache_dir, sparse_24=True)
 
 
 def _compare(path, feeds, options=None):
@@ -46,9 +30,9 @@ def _compare(path, feeds, options=None):
 
 
 @pytest.mark.parametrize(("batch", "seq"), [(2, 7), (3, 16), (1, 3)])
-def test_tiny_llama_matches_onnxruntime(llama_path, batch, seq):
-    feeds = random_feeds(ir.load(llama_path), batch=batch, seq=seq, seed=batch)
-    diffs, built = _compare(llama_path, feeds)
+def test_tiny_llama_matches_onnxruntime(tiny_llama_onnx, batch, seq):
+    feeds = random_feeds(ir.load(tiny_llama_onnx), batch=batch, seq=seq, seed=batch)
+    diffs, built = _compare(tiny_llama_onnx, feeds)
     assert max(diffs.values()) <= 1e-4
     assert built.info["ops"]["MatMul"] == 19 and built.info["device"] == "cpu"
 
@@ -171,10 +155,12 @@ def test_24_detection():
     assert not is_24_sparse(weight[:, :6])  # K not a multiple of 4
 
 
-def test_fp16_on_cpu_close_to_fp32(llama_path):
-    feeds = random_feeds(ir.load(llama_path), batch=2, seq=6)
+def test_fp16_on_cpu_close_to_fp32(tiny_llama_onnx):
+    feeds = random_feeds(ir.load(tiny_llama_onnx), batch=2, seq=6)
     diffs, built = _compare(
-        llama_path, feeds, BuildOptions(precision="fp16", extra={"device": "cpu"}, convert_precision=convert_precision)
+        tiny_llama_onnx,
+        feeds,
+        BuildOptions(precision="fp16", extra={"device": "cpu"}, convert_precision=convert_precision),
     )
     assert built.info["precision"]["source"] == "converted by convert-precision"
     assert 0 < max(diffs.values()) < 5e-3

@@ -81,7 +81,7 @@ def test_cache_shapes_are_past_plus_seq(tiny_llama_kv, rng, batch, seq, past):
             np.testing.assert_array_equal(value[:, :, :past], past_feeds[name.replace("present", "past_key_values")])
 
 
-def test_cached_decoding_equals_recomputation(tiny_llama, tiny_llama_kv, rng):
+def test_cached_decoding_equals_recomputation(tiny_llama_decoder, tiny_llama_kv, rng):
     """Prefill 5 tokens, then decode 2 + 1 + 1: every position's logits equal one pass over all 9."""
     import torch
 
@@ -105,7 +105,7 @@ def test_cached_decoding_equals_recomputation(tiny_llama, tiny_llama_kv, rng):
     assert np.abs(cached - full)[real].max() <= 1e-4
 
     with torch.no_grad():
-        reference = tiny_llama(
+        reference = tiny_llama_decoder(
             input_ids=torch.from_numpy(ids),
             attention_mask=torch.from_numpy(mask),
             position_ids=torch.from_numpy(positions),
@@ -115,11 +115,11 @@ def test_cached_decoding_equals_recomputation(tiny_llama, tiny_llama_kv, rng):
     assert np.abs(reference[real]).max() > 1e-2  # the comparison is not between zeros
 
 
-def test_kv_cache_bytes_from_config_model_and_graph(tiny_llama, tiny_llama_kv):
+def test_kv_cache_bytes_from_config_model_and_graph(tiny_llama_decoder, tiny_llama_kv):
     model, path = tiny_llama_kv
     expected = 2 * LAYERS * KV_HEADS * HEAD_DIM * 4
-    assert kv_cache_bytes_per_token(tiny_llama.config) == expected
-    assert kv_cache_bytes_per_token(tiny_llama) == expected
+    assert kv_cache_bytes_per_token(tiny_llama_decoder.config) == expected
+    assert kv_cache_bytes_per_token(tiny_llama_decoder) == expected
     assert kv_cache_bytes_per_token(model) == expected
     assert kv_cache_bytes_per_token(path) == expected
     assert kv_cache_bytes_per_token(make_session(path)) == expected
@@ -164,9 +164,9 @@ def test_signature_rejects_a_graph_without_cache():
         decoder_signature(model)
 
 
-def test_export_rejects_examples_that_would_specialise(tiny_llama):
+def test_export_rejects_examples_that_would_specialise(tiny_llama_decoder):
     with pytest.raises(BadInputError, match="≥ 2"):
-        export_decoder(tiny_llama, example_past=1)
+        export_decoder(tiny_llama_decoder, example_past=1)
 
 
 def test_random_feeds_with_past_zero_is_a_valid_prefill(tiny_llama_kv):

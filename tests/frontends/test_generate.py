@@ -1,6 +1,6 @@
 """Greedy generation on ONNX Runtime with the KV-cache graph reproduces transformers' generate.
 
-Lives beside the decoder tests to share their session exports (tests/frontends/conftest.py).
+Shares the decoder tests' session exports (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -35,12 +35,12 @@ def test_left_pad_puts_every_last_token_in_the_last_column():
     np.testing.assert_array_equal(mask, [[1, 1, 1], [0, 0, 1]])
 
 
-def test_generate_matches_transformers_on_a_left_padded_batch(tiny_llama, tiny_llama_kv, rng):
+def test_generate_matches_transformers_on_a_left_padded_batch(tiny_llama_decoder, tiny_llama_kv, rng):
     _, path = tiny_llama_kv
     prompts = [rng.integers(3, VOCAB, n).tolist() for n in (6, 3, 9)]
     ids, mask = left_pad(prompts, pad_token_id=0)
     ours = generate(make_session(path), ids, mask, max_new_tokens=12, eos_token_id=None, pad_token_id=0)
-    theirs = _hf_generate(tiny_llama, ids, mask, 12, eos_token_id=None, pad_token_id=0)
+    theirs = _hf_generate(tiny_llama_decoder, ids, mask, 12, eos_token_id=None, pad_token_id=0)
     assert ours.shape == (3, 9 + 12)
     np.testing.assert_array_equal(ours, theirs)
     # a row's continuation does not depend on its batch neighbours or its padding
@@ -117,8 +117,7 @@ def test_generate_matches_transformers_for_other_families(family, cache_dir, rng
     import transformers
 
     from prune2deploy.frontends.decoder import export_decoder
-
-    from .conftest import TINY_LLAMA
+    from tests.fixtures.models import DECODER_LLAMA, LLAMA
 
     config_cls, model_cls = {
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
@@ -126,7 +125,7 @@ def test_generate_matches_transformers_for_other_families(family, cache_dir, rng
     }[family]
     extra = {"sliding_window": 6} if family == "mistral" else {}
     torch.manual_seed(0)
-    model = model_cls(config_cls(**TINY_LLAMA, **extra)).eval()
+    model = model_cls(config_cls(**(LLAMA | DECODER_LLAMA), **extra)).eval()
     path = cache_dir / f"tiny-{family}-kv.onnx"
     export_decoder(model, path)
     ids, mask = left_pad([rng.integers(3, VOCAB, n).tolist() for n in (5, 8)], pad_token_id=0)

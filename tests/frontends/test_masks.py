@@ -8,26 +8,24 @@ import pytest
 
 from prune2deploy.errors import MaskError
 from prune2deploy.frontends.masks import apply_masks_onnx
+from tests.fixtures.models import tiny_llama
 
 
 def test_tied_embedding_is_found_by_module_name(tiny_llama_onnx):
     """With tied weights the exporter may name the table after the head; the Gather's module still names it."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from prune2deploy.frontends.torch import export_module, hf_export_spec
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
+    module = tiny_llama(
         vocab_size=64,
         hidden_size=32,
         intermediate_size=48,
         num_hidden_layers=1,
         num_attention_heads=2,
         num_key_value_heads=1,
+        max_position_embeddings=2048,
         tie_word_embeddings=True,
     )
-    model = export_module(LlamaForCausalLM(config).eval(), hf_export_spec("causal-lm", vocab_size=64))
+    model = export_module(module, hf_export_spec("causal-lm", vocab_size=64))
     gather = next(n for n in model.graph if n.op_type == "Gather" and n.inputs[0].const_value is not None)
     mask = np.ones((64, 32), dtype=np.float32)
     mask[:, :5] = 0

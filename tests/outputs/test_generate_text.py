@@ -11,7 +11,7 @@ from prune2deploy import api
 from prune2deploy.cli import main
 from prune2deploy.errors import BadInputError
 from prune2deploy.frontends.masks import apply_masks_torch
-from tests.models import save_masks
+from tests.fixtures.zeroing import save_masks
 from tests.outputs.test_lm_outputs import _hf_greedy, _llama, _masks
 
 pytest.importorskip("onnxruntime_genai")

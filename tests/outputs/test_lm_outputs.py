@@ -13,7 +13,7 @@ import torch
 from prune2deploy import api
 from prune2deploy.frontends.masks import apply_masks_torch
 from prune2deploy.spec import CompileOptions
-from tests.models import save_masks
+from tests.fixtures.zeroing import save_masks
 
 og = pytest.importorskip("onnxruntime_genai")
 
@@ -206,7 +206,7 @@ def test_uneven_groups_keep_zero_heads_and_stay_exact(tmp_path):
 
 
 def test_encoder_writes_no_genai_and_says_why_for_hf(tmp_path):
-    from tests.models import tiny_bert
+    from tests.fixtures.models import tiny_bert
 
     result = api.compile(tiny_bert(), tmp_path / "out", CompileOptions(hf_checkpoint=True, **FAST))
     assert "genai" not in result.report and not (tmp_path / "out" / "genai").exists()

@@ -16,7 +16,7 @@ import torch.nn.utils.prune as prune
 from prune2deploy import api
 from prune2deploy.frontends.torch import ExportSpec
 from prune2deploy.spec import CompileOptions
-from tests.models import pass_record
+from tests.fixtures.results import pass_record
 
 FAST = {"profile": False}
 
@@ -107,7 +107,7 @@ def test_constant_channel_of_a_graph_built_in_code():
     from onnx_ir.passes.common import ShapeInferencePass
 
     from prune2deploy.passes.remove_channels import RemoveChannelsPass
-    from tests.channel_models import helper_model, run, snapshot, tensor_info
+    from tests.fixtures.graphs import helper_model, run, snapshot, tensor_info
 
     rng = np.random.default_rng(0)
     w1 = rng.normal(size=(8, 6)).astype(np.float32)

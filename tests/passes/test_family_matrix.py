@@ -16,7 +16,7 @@ from prune2deploy.graph.initializers import replace_const
 from prune2deploy.pipeline import build_passes, run_pipeline
 from prune2deploy.spec import CompileOptions
 from tests import families
-from tests.attention_models import zero_heads
+from tests.fixtures.zeroing import zero_heads
 
 #: family -> None (one head per layer removed exactly) or the reason remove-heads refuses with.
 EXPECTED = {

@@ -13,18 +13,7 @@ from prune2deploy.engines.onnxruntime import make_session
 from prune2deploy.errors import ConfigError, UnsupportedModelError
 from prune2deploy.feeds import random_feeds
 from prune2deploy.passes.precision import ConvertPrecisionPass
-from tests.results import outcome
-from tests.tiny_onnx import export_cnn, export_tiny_llama
-
-
-@pytest.fixture(scope="session")
-def llama_path(cache_dir):
-    return export_tiny_llama(cache_dir)
-
-
-@pytest.fixture(scope="session")
-def cnn_path(cache_dir):
-    return export_cnn(cache_dir)
+from tests.fixtures.results import outcome
 
 
 def _convert(path, tmp_path, precision, **kwargs):
@@ -43,8 +32,8 @@ def _max_diff(reference, converted, feeds):
     return float(np.abs(ref - got).max()), float(np.abs(ref).max())
 
 
-def test_fp16_llama_types_and_error(llama_path, tmp_path):
-    model, out, record = _convert(llama_path, tmp_path, "fp16")
+def test_fp16_llama_types_and_error(tiny_llama_onnx, tmp_path):
+    model, out, record = _convert(tiny_llama_onnx, tmp_path, "fp16")
     matmul_weights = [n.inputs[1] for n in model.graph if n.op_type == "MatMul" and n.inputs[1].const_value]
     assert matmul_weights and all(w.dtype == ir.DataType.FLOAT16 for w in matmul_weights)
     assert [v.dtype for v in model.graph.outputs] == [ir.DataType.FLOAT]  # keep_io_types
@@ -55,22 +44,22 @@ def test_fp16_llama_types_and_error(llama_path, tmp_path):
     for node in model.graph:
         if node.op_type in ("ReduceMean", "Softmax"):
             assert node.outputs[0].dtype == ir.DataType.FLOAT
-    feeds = random_feeds(ir.load(llama_path), batch=2, seq=7)
-    diff, scale = _max_diff(llama_path, out, feeds)
+    feeds = random_feeds(ir.load(tiny_llama_onnx), batch=2, seq=7)
+    diff, scale = _max_diff(tiny_llama_onnx, out, feeds)
     # Recorded error of fp16 vs fp32 on ORT CPU for the tiny Llama: ~3e-4 on logits of scale ~0.6.
     assert diff < 2e-3 * max(scale, 1.0)
     assert diff > 0  # it really is fp16
 
 
-def test_fp16_matches_onnxruntime_converter(llama_path, tmp_path):
+def test_fp16_matches_onnxruntime_converter(tiny_llama_onnx, tmp_path):
     """Without kept ops this pass and ORT's convert_float_to_float16 make the same fp16 graph numerically."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    _, out, record = _convert(llama_path, tmp_path, "fp16", keep_fp32_ops=())
-    assert record["nodes_kept_fp32"] == Counter(n.op_type for n in ir.load(llama_path).graph)["Range"]
+    _, out, record = _convert(tiny_llama_onnx, tmp_path, "fp16", keep_fp32_ops=())
+    assert record["nodes_kept_fp32"] == Counter(n.op_type for n in ir.load(tiny_llama_onnx).graph)["Range"]
     theirs = tmp_path / "ort_fp16.onnx"
-    onnx.save(convert_float_to_float16(onnx.load(str(llama_path)), keep_io_types=True), str(theirs))
-    feeds = random_feeds(ir.load(llama_path), batch=3, seq=5)
+    onnx.save(convert_float_to_float16(onnx.load(str(tiny_llama_onnx)), keep_io_types=True), str(theirs))
+    feeds = random_feeds(ir.load(tiny_llama_onnx), batch=3, seq=5)
     ours = make_session(out).run(None, feeds)[0]
     ref = make_session(theirs).run(None, feeds)[0]
     np.testing.assert_allclose(ours, ref, atol=1e-3)
@@ -84,8 +73,8 @@ def test_fp16_cnn_error(cnn_path, tmp_path):
     assert 0 < diff < 5e-3 * max(scale, 1.0)
 
 
-def test_bf16_keeps_ops_without_bf16_schema(llama_path, tmp_path):
-    model, _, record = _convert(llama_path, tmp_path, "bf16")
+def test_bf16_keeps_ops_without_bf16_schema(tiny_llama_onnx, tmp_path):
+    model, _, record = _convert(tiny_llama_onnx, tmp_path, "bf16")
     # Opset 18 has no bf16 Cos/Sin: they stay fp32 behind casts instead of producing an invalid graph.
     assert record["kept_fp32_ops"]["Cos"] == record["kept_fp32_ops"]["Sin"] == 1
     matmuls = [n for n in model.graph if n.op_type == "MatMul"]
@@ -98,10 +87,8 @@ def test_keep_io_types_false_changes_graph_outputs(cnn_path, tmp_path):
     assert model.graph.outputs[0].dtype == ir.DataType.FLOAT16
 
 
-def test_node_metadata_survives(tmp_path, cache_dir):
-    from tests.tiny_onnx import export_mlp
-
-    model = ir.load(export_mlp(cache_dir, sparse_24=True))
+def test_node_metadata_survives(mlp24_path):
+    model = ir.load(mlp24_path)
     gemm = next(n for n in model.graph if n.op_type == "Gemm")
     gemm.metadata_props["p2d.sparsity"] = "2:4"
     ConvertPrecisionPass("fp16")(model)

@@ -12,18 +12,10 @@ from prune2deploy.feeds import random_feeds
 from prune2deploy.passes.prune_hidden import PruneHiddenPass
 from prune2deploy.passes.remove_layers import RemoveLayersPass
 from prune2deploy.verify import compare_outputs, verify_models
-from tests.layer_models import (
-    clone,
-    fresh,
-    ids_feeds,
-    lm_metrics,
-    matmul_weights,
-    run,
-    snapshot,
-    zero_hidden,
-    zero_module,
-)
-from tests.results import outcome
+from tests.fixtures.exports import fresh
+from tests.fixtures.graphs import clone, ids_feeds, matmul_weights, run, snapshot
+from tests.fixtures.results import lm_metrics, outcome
+from tests.fixtures.zeroing import zero_hidden, zero_module
 
 LLAMA_WRITERS = ("o_proj", "down_proj")
 BERT_WRITERS = ("attention.output.dense", "output.dense")
@@ -60,9 +52,9 @@ def _norm_consts(model) -> tuple[list[float], list[np.ndarray]]:
     return eps, scales
 
 
-@pytest.mark.parametrize("name", ["llama", "llama-tied"])
+@pytest.mark.parametrize("name", ["llama-gqa", "llama-tied"])
 def test_llama_zero_channels_exact(name, rng):
-    model = fresh(name)
+    model = fresh(name, unshare=True)
     drop = rng.choice(64, 16, replace=False)
     zero_hidden(model, drop, LLAMA_WRITERS)
     eps_before, scales_before = _norm_consts(model)
@@ -91,7 +83,7 @@ def test_llama_zero_channels_exact(name, rng):
 
 def test_head_behind_an_unfolded_transpose(rng):
     """SmolLM2's export keeps the tied head as ``MatMul(x, Transpose(table))``: the table is sliced under it."""
-    model = fresh("llama-tied")
+    model = fresh("llama-tied", unshare=True)
     ((head_node, head),) = matmul_weights(model, "lm_head")
     table = ir.Value(name="table_t", shape=ir.Shape(head.shape[::-1]), type=head.type)
     table.const_value = ir.tensor(np.ascontiguousarray(head.const_value.numpy().T), name="table_t")
@@ -111,7 +103,7 @@ def test_head_behind_an_unfolded_transpose(rng):
 
 def test_rms_correction_is_what_makes_it_exact(rng):
     """The same zero channels without the eps/scale correction: the outputs move (the mean is over d')."""
-    model = fresh("llama")
+    model = fresh("llama-gqa", unshare=True)
     zero_hidden(model, rng.choice(64, 16, replace=False), LLAMA_WRITERS)
     reference = snapshot(model)
     record = _prune(model, rescale_norms=False, allow_inexact=True)
@@ -122,7 +114,7 @@ def test_rms_correction_is_what_makes_it_exact(rng):
 
 def test_rms_mean_scaling_fallback_is_exact(rng):
     """When the RMSNorm pattern is not the plain chain, the ReduceMean output is scaled by d'/d instead."""
-    model = fresh("llama")
+    model = fresh("llama-gqa", unshare=True)
     zero_hidden(model, rng.choice(64, 8, replace=False), LLAMA_WRITERS)
     for node in model.graph:  # break the pattern: Sqrt's output read twice (Reciprocal and an Identity)
         if node.op_type == "Sqrt":
@@ -137,7 +129,7 @@ def test_rms_mean_scaling_fallback_is_exact(rng):
 
 
 def test_llama_width_plan_is_approximate_and_reports_the_error():
-    model = fresh("llama")
+    model = fresh("llama-gqa", unshare=True)
     probe = clone(model)
     reference = snapshot(model)
     drop = list(range(0, 64, 8))
@@ -154,7 +146,7 @@ def test_llama_width_plan_is_approximate_and_reports_the_error():
 
 
 def test_plan_of_zero_channels_is_exact(rng):
-    model = fresh("llama")
+    model = fresh("llama-gqa", unshare=True)
     drop = sorted(rng.choice(64, 10, replace=False).tolist())
     zero_hidden(model, drop, LLAMA_WRITERS)
     reference = snapshot(model)
@@ -164,12 +156,12 @@ def test_plan_of_zero_channels_is_exact(rng):
     assert record["exact"] and record["width_after"] == 58 and record["zero_channels"] == 10
     assert max(_max_rel(reference, model, LLAMA_FEEDS).values()) <= 1e-5
     with pytest.raises(BadInputError, match="out of range"):
-        _prune(fresh("llama"), channels=[64])
+        _prune(fresh("llama-gqa", unshare=True), channels=[64])
 
 
 def test_bert_layernorm_zero_channels_are_exact_and_outputs_keep_their_width(rng):
     """LayerNorm statistics over the kept channels, rescaled (mean·d'/d, variance from both): exact."""
-    model = fresh("bert")
+    model = fresh("bert", unshare=True)
     drop = rng.choice(64, 16, replace=False)
     zero_hidden(model, drop, BERT_WRITERS, norms=True)
     reference = snapshot(model)
@@ -208,7 +200,7 @@ def test_layernorm_plan_of_live_channels_is_approximate(rng):
 
 
 def test_layers_then_hidden_compose_exactly(rng):
-    model = fresh("llama")
+    model = fresh("llama-gqa", unshare=True)
     zero_module(model, "model.layers.1.self_attn.o_proj")
     zero_module(model, "model.layers.1.mlp.down_proj")
     zero_hidden(model, rng.choice(64, 24, replace=False), LLAMA_WRITERS)
@@ -221,11 +213,11 @@ def test_layers_then_hidden_compose_exactly(rng):
 
 
 def test_nothing_to_do_and_blocked_stream():
-    model = fresh("llama")
+    model = fresh("llama-gqa", unshare=True)
     record = _prune(model)
     assert record["removed"] == 0 and record["width_after"] == 64
     # a graph input that carries the hidden width cannot shrink: the pass refuses and says why
-    blocked = fresh("llama")
+    blocked = fresh("llama-gqa", unshare=True)
     embed = next(n for n in blocked.graph if n.op_type == "Gather" and module_of(n) == "model.embed_tokens")
     embed.outputs[0].name = "embedding"
     hidden_in = ir.Value(name="extra_hidden", shape=embed.outputs[0].shape, type=embed.outputs[0].type)
@@ -241,9 +233,9 @@ def test_nothing_to_do_and_blocked_stream():
 
 
 @pytest.mark.slow
-def test_smollm2_zero_hidden_channels_exact(rng):
+def test_smollm2_zero_hidden_channels_exact(smollm2_onnx, rng):
     """SmolLM2-135M: 64 of 576 hidden channels zeroed in the embedding and every writer go exactly."""
-    model = fresh("smollm2")
+    model = fresh(smollm2_onnx, unshare=True)
     drop = rng.choice(576, 64, replace=False)
     zero_hidden(model, drop, LLAMA_WRITERS)
     reference = snapshot(model)

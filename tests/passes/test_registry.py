@@ -12,7 +12,7 @@ from prune2deploy.passes.base import P2DPass, P2DResult
 from prune2deploy.passes.registry import PassOption, PassSpec, default_passes, get_pass, pass_names, register_pass
 from prune2deploy.pipeline import build_passes, run_pipeline
 from prune2deploy.spec import CompileOptions
-from tests.analysis.graphs import mlp_model
+from tests.fixtures.graphs import mlp_model
 
 
 def test_registry_lists_every_pass_in_pipeline_order():

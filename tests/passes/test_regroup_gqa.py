@@ -12,8 +12,10 @@ from prune2deploy.frontends.decoder import decoder_signature
 from prune2deploy.passes.head_layout import apply_head_layout
 from prune2deploy.passes.regroup_gqa import RegroupGQAPass, permutation_layout, similarity_groups
 from prune2deploy.verify import EXACT_TOLERANCE, verify_models
-from tests.attention_models import blocks_by_name, copy, decoder_feeds, fresh, fresh_fused, run
-from tests.results import outcome
+from tests.fixtures.exports import fresh
+from tests.fixtures.graphs import clone, decoder_feeds, run
+from tests.fixtures.results import outcome
+from tests.fixtures.zeroing import blocks_by_name
 
 LLAMA = [f"model.layers.{i}.self_attn" for i in range(2)]
 
@@ -31,8 +33,8 @@ def _kv_heads(model: ir.Model) -> list[int]:
 @pytest.mark.parametrize("name", ["llama-gqa", "bert", "fused", "gpt2"])
 def test_groups_equal_heads_is_unchanged(name):
     """G = H: every query head gets its own copy of the kv head it read, so outputs do not move."""
-    model = fresh_fused() if name == "fused" else fresh(name)
-    reference = copy(model)
+    model = fresh("fused-qkv") if name == "fused" else fresh(name)
+    reference = clone(model)
     record = _regroup(model, 4)
     assert _kv_heads(model) == [4] * len(_kv_heads(model))
     assert all(c["k_weight_rel_error"] == 0 and c["v_weight_rel_error"] == 0 for c in record["per_block"].values())
@@ -49,7 +51,7 @@ def test_groups_equal_kv_heads_is_a_no_op():
 def test_query_permutation_alone_is_exact(name):
     """Permuting query heads (q columns with the o rows) is exact; a broken GQA group becomes a Gather."""
     model = fresh(name)
-    reference = copy(model)
+    reference = clone(model)
     for block in analyze_attention(model).supported:
         changes = apply_head_layout(model, block, permutation_layout(block, [3, 0, 2, 1]))
         assert changes["gathers"] == 2  # K and V read through the permuted map
@@ -61,7 +63,7 @@ def test_query_permutation_alone_is_exact(name):
 def test_similarity_recovers_scrambled_groups():
     """After a permutation, similarity grouping finds the true GQA groups again: pooling is then exact."""
     model = fresh("llama-gqa")
-    reference = copy(model)
+    reference = clone(model)
     for block in analyze_attention(model).supported:
         apply_head_layout(model, block, permutation_layout(block, [0, 2, 1, 3]))  # kv map [0, 1, 0, 1]
     record = _regroup(model, 2, grouping="similarity")
@@ -83,7 +85,7 @@ def test_mqa_from_gqa_pools_weights(method):
     model = fresh("llama-gqa")
     blocks = blocks_by_name(model)
     k = blocks[LLAMA[0]].projections["k"].weight_array()
-    reference = copy(model)
+    reference = clone(model)
     record = _regroup(model, 1, method=method)
     assert _kv_heads(model) == [1, 1] and record["kv_heads_before"] == 4 and record["kv_heads_after"] == 2
     pooled = blocks_by_name(model)[LLAMA[0]].projections["k"].weight_array()
@@ -145,13 +147,10 @@ def test_kv_cache_graph_shrinks_and_matches_prefill(rng):
 
 
 @pytest.mark.slow
-def test_smollm2_three_to_one(rng):
+def test_smollm2_three_to_one(smollm2_onnx, rng):
     """SmolLM2-135M: 9 query heads over 3 kv heads → MQA in every layer; the error is reported, not hidden."""
-    try:
-        model = fresh("smollm2")
-    except Exception as exc:
-        pytest.skip(f"SmolLM2 not available: {exc}")
-    reference = copy(model)
+    model = fresh(smollm2_onnx)
+    reference = clone(model)
     record = _regroup(model, 1)
     assert _kv_heads(model) == [1] * 30 and record["kv_heads_before"] == 90 and record["kv_heads_after"] == 30
     errors = [c["k_weight_rel_error"] for c in record["per_block"].values()]
@@ -160,7 +159,7 @@ def test_smollm2_three_to_one(rng):
     logits = verification.outputs["logits"]
     assert np.isfinite(logits["max_abs"]) and logits["cosine"] > 0
     # same pass on a G = 3 target is a no-op; G = 9 expands to MHA exactly
-    expanded = copy(reference)
+    expanded = clone(reference)
     _regroup(expanded, 9)
     assert verify_models(reference, expanded, exact=True, shapes=((2, 7),)).worst <= EXACT_TOLERANCE
 
@@ -168,7 +167,7 @@ def test_smollm2_three_to_one(rng):
 def test_gpt2_fused_gemm_regroup():
     """MHA with a fused Gemm: the Split sizes and the unflatten width follow the pooled kv heads."""
     model = fresh("gpt2")
-    reference = copy(model)
+    reference = clone(model)
     record = _regroup(model, 2)
     assert record["kv_heads_after"] == 4 and all(c["gathers"] == 2 for c in record["per_block"].values())
     block = analyze_attention(model).blocks[0]

@@ -11,20 +11,19 @@ from onnx_ir.passes.common import ShapeInferencePass
 from prune2deploy.analysis.channels import analyze_channels
 from prune2deploy.passes.base import P2DResult
 from prune2deploy.passes.remove_channels import RemoveChannelsPass
-from tests.channel_models import (
+from tests.fixtures.exports import fresh
+from tests.fixtures.graphs import (
     assert_same_outputs,
     find_param,
-    fresh,
     helper_model,
     node_in_scope,
+    run,
+    set_initializer,
     snapshot,
     tensor_info,
-    zero_conv_in,
-    zero_conv_out,
-    zero_in,
-    zero_out,
 )
-from tests.results import outcome
+from tests.fixtures.results import outcome
+from tests.fixtures.zeroing import zero_conv_in, zero_conv_out, zero_in, zero_out
 
 
 def _prune(model: ir.Model, **options) -> P2DResult:
@@ -195,7 +194,7 @@ def _set(model: ir.Model, name: str, index, value: float = 0.0) -> None:
     init = model.graph.initializers[name]
     data = init.const_value.numpy().copy()
     data[index] = value
-    init.const_value = ir.tensor(data, name=name)
+    set_initializer(init, data)
 
 
 @pytest.mark.parametrize("conv_bias", [True, False])
@@ -688,7 +687,7 @@ def _zero_cols(model: ir.Model, name: str, index, axis: int = 1) -> None:
     slicer = [slice(None)] * data.ndim
     slicer[axis] = np.asarray(index)
     data[tuple(slicer)] = 0
-    init.const_value = ir.tensor(data, name=name)
+    set_initializer(init, data)
 
 
 def _graph(nodes, inputs, outputs, inits, *, opset: int = 18) -> ir.Model:
@@ -756,9 +755,7 @@ def test_embedding_columns(rng):
     assert model.graph.initializers["E"].const_value.shape == (11, 6)
     assert model.graph.initializers["W"].const_value.shape == (6, 4)
     feeds = {"ids": rng.integers(0, 11, (3, 5)).astype(np.int64)}
-    from tests.channel_models import run
-
-    np.testing.assert_allclose(run(reference, feeds)[0], run(model, feeds)[0], atol=1e-5)
+    np.testing.assert_allclose(run(reference, feeds, threads=1)["Y"], run(model, feeds, threads=1)["Y"], atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -1082,10 +1079,10 @@ def test_float16_weights_keep_their_type(rng):
     for name, shape in (("W1", (6, 8)), ("B1", (8,)), ("W2", (8, 3))):
         value = model.graph.initializers[name]
         assert value.const_value.shape == shape and value.const_value.dtype == ir.DataType.FLOAT16
-    from tests.channel_models import run
-
     feeds = {"X": rng.standard_normal((3, 6)).astype(np.float16)}
-    np.testing.assert_allclose(run(reference, feeds)[0], run(model, feeds)[0], rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(
+        run(reference, feeds, threads=1)["Y"], run(model, feeds, threads=1)["Y"], rtol=2e-3, atol=2e-3
+    )
 
 
 def test_groups_in_one_module_are_counted_apart(rng):

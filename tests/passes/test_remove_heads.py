@@ -9,8 +9,10 @@ import pytest
 
 from prune2deploy.passes.remove_heads import RemoveHeadsPass
 from prune2deploy.verify import EXACT_TOLERANCE, verify_models
-from tests.attention_models import blocks_by_name, copy, decoder_feeds, fresh, fresh_fused, run, zero_heads
-from tests.results import outcome
+from tests.fixtures.exports import fresh
+from tests.fixtures.graphs import clone, decoder_feeds, run
+from tests.fixtures.results import outcome
+from tests.fixtures.zeroing import blocks_by_name, zero_heads
 
 LLAMA = [f"model.layers.{i}.self_attn" for i in range(2)]
 BERT = [f"encoder.layer.{i}.attention.self" for i in range(2)]
@@ -37,7 +39,7 @@ def test_gqa_uneven_and_whole_group():
     """Layer 0 loses one head of group 0 (Gather map), layer 1 loses all of group 1 (kv head goes)."""
     model = fresh("llama-gqa")
     zero_heads(model, {LLAMA[0]: [1], LLAMA[1]: [2, 3]}, "o")
-    reference = copy(model)
+    reference = clone(model)
     record = _remove(model)
     assert record["heads_removed"] == 3 and record["kv_heads_removed"] == 1 and record["exact"]
     assert record["per_block"][LLAMA[0]]["gathers"] == 2  # K and V map [0, 1, 1] → [0, 0, 1]
@@ -54,7 +56,7 @@ def test_gqa_uneven_and_whole_group():
 def test_gqa_zero_value_head():
     model = fresh("llama-gqa")
     zero_heads(model, {LLAMA[0]: [0]}, "v")  # kv head 0: query heads 0 and 1 contribute nothing
-    reference = copy(model)
+    reference = clone(model)
     record = _remove(model)
     assert record["per_block"][LLAMA[0]]["removed_heads"] == [0, 1]
     assert _counts(model) == {LLAMA[0]: (2, 1), LLAMA[1]: (4, 2)}
@@ -64,7 +66,7 @@ def test_gqa_zero_value_head():
 def test_gqa_one_head_from_each_group_keeps_uniform_repeat():
     model = fresh("llama-gqa")
     zero_heads(model, {LLAMA[0]: [0, 3]}, "o")
-    reference = copy(model)
+    reference = clone(model)
     record = _remove(model)
     assert record["per_block"][LLAMA[0]]["gathers"] == 0  # [1, 2] read kv [0, 1]: repeat 1
     assert _counts(model)[LLAMA[0]] == (2, 2)
@@ -74,7 +76,7 @@ def test_gqa_one_head_from_each_group_keeps_uniform_repeat():
 def test_mha_llama():
     model = fresh("llama-mha")
     zero_heads(model, {LLAMA[0]: [0, 2], LLAMA[1]: [3]}, "o")
-    reference = copy(model)
+    reference = clone(model)
     record = _remove(model)
     assert record["kv_heads_removed"] == 3  # MHA: each query head has its own kv head
     assert _counts(model) == {LLAMA[0]: (2, 2), LLAMA[1]: (3, 3)}
@@ -86,7 +88,7 @@ def test_mha_llama():
 def test_bert_with_biases(where):
     model = fresh("bert")
     zero_heads(model, {BERT[0]: [1, 2], BERT[1]: [0]}, where)
-    reference = copy(model)
+    reference = clone(model)
     record = _remove(model)
     assert _counts(model) == {BERT[0]: (2, 2), BERT[1]: (3, 3)}
     block = blocks_by_name(model)[BERT[0]]
@@ -103,7 +105,7 @@ def test_gpt2_gemm_fused_qkv_with_biases(where):
     names = list(blocks_by_name(model))
     assert names == ["transformer.h.0.attn", "transformer.h.1.attn"]
     zero_heads(model, {names[0]: [0, 3], names[1]: [2]}, where)
-    reference = copy(model)
+    reference = clone(model)
     record = _remove(model)
     assert record["heads_removed"] == 3
     block = blocks_by_name(model)[names[0]]
@@ -115,9 +117,9 @@ def test_gpt2_gemm_fused_qkv_with_biases(where):
 
 
 def test_fused_qkv_split_sizes():
-    model = fresh_fused()
+    model = fresh("fused-qkv")
     zero_heads(model, {"attn": [2, 3]}, "o")
-    reference = copy(model)
+    reference = clone(model)
     _remove(model)
     (block,) = blocks_by_name(model).values()
     assert (block.num_heads, block.num_kv_heads) == (2, 1)
@@ -129,7 +131,7 @@ def test_fused_qkv_split_sizes():
 def test_min_heads_keeps_one():
     model = fresh("llama-gqa")
     zero_heads(model, {LLAMA[0]: [0, 1, 2, 3]}, "o")
-    reference = copy(model)
+    reference = clone(model)
     record = _remove(model)
     assert record["per_block"][LLAMA[0]]["removed_heads"] == [1, 2, 3]
     assert _counts(model)[LLAMA[0]] == (1, 1)
@@ -147,7 +149,7 @@ def test_unsupported_block_is_left_alone():
     model = fresh("llama-gqa")
     zero_heads(model, {LLAMA[0]: [1], LLAMA[1]: [1]}, "o")
     model.graph.outputs.append(blocks_by_name(model)[LLAMA[0]].splits["q"].node.outputs[0])
-    reference = copy(model)
+    reference = clone(model)
     record = _remove(model)
     assert list(record["per_block"]) == [LLAMA[1]]
     assert "carries query heads" in record["refused"][LLAMA[0]]
@@ -180,7 +182,7 @@ def _past(kv_heads: list[int], length: int, rng: np.random.Generator, layers: in
 def test_kv_cache_shrinks_with_removed_kv_head(rng):
     model = fresh("llama-gqa-kv")
     zero_heads(model, {LLAMA[0]: [2, 3]}, "o")
-    reference = copy(model)
+    reference = clone(model)
     record = _remove(model)
     assert record["per_block"][LLAMA[0]]["cache_changed"]
     inputs = {v.name: v.shape for v in model.graph.inputs}
@@ -200,7 +202,7 @@ def test_kv_cache_shrinks_with_removed_kv_head(rng):
 def test_kv_cache_interface_kept_on_request(rng):
     model = fresh("llama-gqa-kv")
     zero_heads(model, {LLAMA[0]: [2, 3]}, "o")
-    reference = copy(model)
+    reference = clone(model)
     record = _remove(model, allow_cache_change=False)
     assert record["per_block"][LLAMA[0]]["heads_after"] == 2
     assert record["per_block"][LLAMA[0]]["kv_heads_after"] == 2
@@ -215,17 +217,14 @@ def test_kv_cache_interface_kept_on_request(rng):
 
 
 @pytest.mark.slow
-def test_smollm2_remove_heads_exact(rng):
-    try:
-        model = fresh("smollm2")
-    except Exception as exc:  # the bundled model package is optional
-        pytest.skip(f"SmolLM2 not available: {exc}")
+def test_smollm2_remove_heads_exact(smollm2_onnx, rng):
+    model = fresh(smollm2_onnx)
     names = list(blocks_by_name(model))
     assert len(names) == 30
     plan = {names[0]: [0, 1, 2], names[5]: [4], names[17]: [1, 5, 7, 8]}
     zero_heads(model, plan, "o")
     zero_heads(model, {names[29]: [1]}, "v")  # kv head 1 serves query heads 3, 4, 5
-    reference = copy(model)
+    reference = clone(model)
     record = _remove(model)
     counts = _counts(model)
     assert counts[names[0]] == (6, 2) and counts[names[5]] == (8, 3)
@@ -252,7 +251,7 @@ def test_composes_with_remove_channels():
             value.const_value = ir.tensor(weight, name=value.name)
             model.graph.register_initializer(value)
             node.replace_input_with(1, value)
-    reference = copy(model)
+    reference = clone(model)
     unshare_initializers(model)
     channels = outcome(RemoveChannelsPass()(model))
     record = _remove(model)

@@ -13,9 +13,11 @@ from prune2deploy.errors import BadInputError
 from prune2deploy.feeds import random_feeds
 from prune2deploy.passes.remove_layers import RemoveLayersPass, count_layers
 from prune2deploy.verify import compare_outputs, verify_models
-from tests.layer_models import clone, fresh, ids_feeds, lm_metrics, matmul_weights, run, snapshot, zero_module
-from tests.models import tiny_bert, tiny_llama
-from tests.results import outcome
+from tests.fixtures.exports import fresh
+from tests.fixtures.graphs import clone, ids_feeds, matmul_weights, run, snapshot
+from tests.fixtures.models import tiny_bert, tiny_llama
+from tests.fixtures.results import lm_metrics, outcome
+from tests.fixtures.zeroing import zero_module
 
 LLAMA_FEEDS = ids_feeds(128)
 BERT_FEEDS = ids_feeds(100)
@@ -31,7 +33,7 @@ def _assert_same(reference: bytes, compiled, feeds, rtol: float = 1e-5) -> None:
 
 
 def test_zero_sub_blocks_llama_exact():
-    model = fresh("llama")
+    model = fresh("llama-gqa", unshare=True)
     zero_module(model, "model.layers.0.self_attn.o_proj")
     zero_module(model, "model.layers.1.mlp.down_proj")
     reference = snapshot(model)
@@ -48,7 +50,7 @@ def test_zero_sub_blocks_llama_exact():
 
 
 def test_both_sub_blocks_zero_remove_the_layer_exactly():
-    model = fresh("llama")
+    model = fresh("llama-gqa", unshare=True)
     zero_module(model, "model.layers.0.self_attn.o_proj")
     zero_module(model, "model.layers.0.mlp.down_proj")
     reference = snapshot(model)
@@ -60,7 +62,7 @@ def test_both_sub_blocks_zero_remove_the_layer_exactly():
 
 def test_bert_post_norm_zero_branch_and_constant_branch():
     """Post-norm: the LayerNorm after the Add stays; a zero weight with a bias folds into Add(r, bias)."""
-    model = fresh("bert")
+    model = fresh("bert", unshare=True)
     zero_module(model, "encoder.layer.1.output.dense")  # MLP branch adds 0
     zero_module(model, "encoder.layer.0.attention.output.dense", bias=0.3)  # attention adds 0.3 everywhere
     norms = sum(n.op_type == "LayerNormalization" for n in model.graph)
@@ -76,7 +78,7 @@ def test_bert_post_norm_zero_branch_and_constant_branch():
 
 
 def test_nonzero_bias_is_reported_as_blocker():
-    model = fresh("bert")
+    model = fresh("bert", unshare=True)
     zero_module(model, "encoder.layer.0.attention.output.dense", bias=0.3)
     rows = layer_summary(model)
     assert [r["layer"] for r in rows] == ["encoder.layer.0", "encoder.layer.1"]
@@ -88,7 +90,7 @@ def test_nonzero_bias_is_reported_as_blocker():
 
 
 def test_layer_summary_llama():
-    model = fresh("llama")
+    model = fresh("llama-gqa", unshare=True)
     zero_module(model, "model.layers.1.self_attn.o_proj")
     zero_module(model, "model.layers.1.mlp.down_proj")
     rows = layer_summary(model)
@@ -110,8 +112,8 @@ def _verify_error(reference: bytes, compiled, probe) -> tuple[float, dict]:
 
 
 def test_depth_plan_llama_matches_torch_without_the_layer():
-    model = fresh("llama")
-    probe = fresh("llama")
+    model = fresh("llama-gqa", unshare=True)
+    probe = fresh("llama-gqa", unshare=True)
     reference = snapshot(model)
     record = _remove(model, layers=[1])
     assert not record["exact"] and record["layers_removed"] == ["model.layers.1"]
@@ -134,8 +136,8 @@ def test_depth_plan_llama_matches_torch_without_the_layer():
 
 def test_depth_plan_bert_last_layer_keeps_output_names():
     """The last layer's output is a graph output: it is re-bound (Identity) to the previous layer's output."""
-    model = fresh("bert")
-    probe = fresh("bert")
+    model = fresh("bert", unshare=True)
+    probe = fresh("bert", unshare=True)
     reference = snapshot(model)
     record = _remove(model, layers=["encoder.layer.1"])
     assert record["layers_removed"] == ["encoder.layer.1"] and record["layers_after"] == 1
@@ -156,7 +158,7 @@ def test_depth_plan_bert_last_layer_keeps_output_names():
 
 
 def test_plan_of_zero_layer_is_exact_and_unknown_layer_is_an_error():
-    model = fresh("llama")
+    model = fresh("llama-gqa", unshare=True)
     zero_module(model, "model.layers.0.self_attn.o_proj")
     zero_module(model, "model.layers.0.mlp.down_proj")
     reference = snapshot(model)
@@ -166,12 +168,12 @@ def test_plan_of_zero_layer_is_exact_and_unknown_layer_is_an_error():
     assert record["exact"] and record["layers_after"] == 1
     _assert_same(reference, model, LLAMA_FEEDS)
     with pytest.raises(BadInputError, match="no layer 7"):
-        _remove(fresh("llama"), layers=[7])
+        _remove(fresh("llama-gqa", unshare=True), layers=[7])
 
 
 def test_branch_not_ending_in_a_projection_is_left_alone():
     """A residual branch that ends in something other than a Linear is reported, not guessed at."""
-    model = fresh("llama")
+    model = fresh("llama-gqa", unshare=True)
     zero_module(model, "model.layers.0.mlp.down_proj")
     ((down, _),) = matmul_weights(model, "model.layers.0.mlp.down_proj")
     uses = list(down.outputs[0].uses())
@@ -190,9 +192,9 @@ def test_branch_not_ending_in_a_projection_is_left_alone():
 
 
 @pytest.mark.slow
-def test_smollm2_six_zero_layers_removed_exactly():
+def test_smollm2_six_zero_layers_removed_exactly(smollm2_onnx):
     """SmolLM2-135M (30 layers): six layers whose o_proj and down_proj are zero go, exactly."""
-    model = fresh("smollm2")
+    model = fresh(smollm2_onnx, unshare=True)
     zeroed = [2, 7, 12, 17, 22, 27]
     for index in zeroed:
         zero_module(model, f"model.layers.{index}.self_attn.o_proj")
@@ -208,9 +210,9 @@ def test_smollm2_six_zero_layers_removed_exactly():
 
 
 @pytest.mark.slow
-def test_smollm2_depth_plan_reports_agreement():
+def test_smollm2_depth_plan_reports_agreement(smollm2_onnx):
     """Minitron-style: drop two late layers of the real model; top-1 agreement stays high, KL is small."""
-    model = fresh("smollm2")
+    model = fresh(smollm2_onnx, unshare=True)
     reference = snapshot(model)
     record = _remove(model, layers=[25, 26])
     assert not record["exact"] and record["layers_after"] == 28
@@ -222,7 +224,7 @@ def test_smollm2_depth_plan_reports_agreement():
 def test_parallel_blocks_are_not_dropped_by_plan():
     """GPT-J-style parallel layer (x + attn(x) + mlp(x)): the exit is not the last residual Add found, so a
     depth plan must refuse the layer (with the reason) rather than cut it at the wrong value."""
-    model = fresh("llama")
+    model = fresh("llama-gqa", unshare=True)
     layer = find_layers(model)[0]
     attn_add, mlp_add = (block.add for block in layer.blocks)
     x, h = attn_add.inputs[0], attn_add.outputs[0]

@@ -8,16 +8,8 @@ from prune2deploy.analysis.nm import is_nm, nm_mask
 from prune2deploy.errors import ConfigError
 from prune2deploy.passes.registry import get_pass
 from prune2deploy.passes.sparsify_nm import SparsifyNMPass
-from tests.analysis.graphs import conv_model, matmul_model, mlp_model
-from tests.results import outcome
-
-
-def _run(model: ir.Model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    from prune2deploy.engines.onnxruntime import make_session
-
-    session = make_session(ir.to_proto(model).SerializeToString())
-    names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, feeds), strict=True))
+from tests.fixtures.graphs import conv_model, matmul_model, mlp_model, run
+from tests.fixtures.results import outcome
 
 
 def test_check_mode_reports_and_changes_nothing(rng):
@@ -42,7 +34,7 @@ def test_impose_copies_shared_weight_and_tags_nodes(rng):
     w1 = model.graph.initializers["W1"].const_value.numpy().copy()
     w2 = model.graph.initializers["W2"].const_value.numpy().copy()
     x = rng.standard_normal((3, 8)).astype(np.float32)
-    dense = _run(model, {"X": x})
+    dense = run(model, {"X": x})
     result = SparsifyNMPass(mode="impose", skip=["shared_*"])(model)
     assert result.modified
     record = outcome(result)
@@ -61,7 +53,7 @@ def test_impose_copies_shared_weight_and_tags_nodes(rng):
     assert tags == {"fc1": "2:4", "relu": None, "fc2": "2:4", "add": None, "shared_reader": None}
     # fc1 (256) + fc2 (128) of the 640 GEMM FLOPs at batch 1
     assert record["sparse_flops_fraction"] == pytest.approx(384 / 640)
-    sparse = _run(model, {"X": x})
+    sparse = run(model, {"X": x})
     np.testing.assert_array_equal(sparse["H2"], dense["H2"])  # the skipped reader is unchanged
     expected = np.maximum(x @ new_w1, 0) @ new_w2.T * 2
     np.testing.assert_allclose(sparse["Y"], expected, rtol=1e-5, atol=1e-5)

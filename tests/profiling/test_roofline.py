@@ -8,7 +8,7 @@ from prune2deploy.analysis.cost import model_cost
 from prune2deploy.analysis.nm import nm_mask
 from prune2deploy.errors import ConfigError
 from prune2deploy.profiling.roofline import load_catalog, predict, predict_table, resolve_gpus
-from tests.analysis.graphs import matmul_model, to_ir
+from tests.fixtures.graphs import helper_model, matmul_model
 
 SOURCES = """
 [gpus.{key}.sources]
@@ -92,7 +92,7 @@ def test_elementwise_launch_overhead_and_efficiency(catalog):
     ]
     x = helper.make_tensor_value_info("X", TensorProto.FLOAT, [1024, 1024])
     y = helper.make_tensor_value_info("Y", TensorProto.FLOAT, [2**20])
-    model = to_ir(nodes, [x], [y], {"s": np.array([2**20], np.int64)})
+    model = helper_model(nodes, [x], [y], {"s": np.array([2**20], np.int64)})
     (pred,) = predict(model, gpus=["toy"], precision="fp16", catalog=catalog)
     assert pred.kernels == 1  # the Reshape is a view
     assert pred.compute_ms == pytest.approx(2**20 / 10e12 * 1e3)  # CUDA-core peak

@@ -19,8 +19,9 @@ from prune2deploy.pruning.criteria import (
 )
 from prune2deploy.pruning.sparsity import unstructured_mask
 from prune2deploy.pruning.structures import detect_structure, unit_scores
+from tests.fixtures.models import LLAMA_32_TIED, tiny_llama
 
-from .conftest import calibration, make_llama
+from .conftest import calibration
 
 
 def test_element_scores_by_hand():
@@ -64,7 +65,7 @@ def test_block_importance_by_hand():
 
 
 def test_identity_block_has_zero_importance_and_is_dropped_first(llama_calib):
-    model = make_llama(layers=3)
+    model = tiny_llama(random_norms=True, num_hidden_layers=3, **LLAMA_32_TIED)
     with torch.no_grad():  # layer 1 adds nothing to the residual stream
         model.model.layers[1].self_attn.o_proj.weight.zero_()
         model.model.layers[1].mlp.down_proj.weight.zero_()
@@ -82,20 +83,22 @@ def _capture_inputs(model, name):
     return seen, handle
 
 
-def test_wanda_input_norms_and_minitron_match_direct_computation(tiny_llama, llama_calib):
-    structure = detect_structure(tiny_llama)
+def test_wanda_input_norms_and_minitron_match_direct_computation(tiny_llama_tied32, llama_calib):
+    structure = detect_structure(tiny_llama_tied32)
     down = "model.layers.1.mlp.down_proj"
     o_proj = "model.layers.0.self_attn.o_proj"
-    seen_down, h1 = _capture_inputs(tiny_llama, down)
-    seen_o, h2 = _capture_inputs(tiny_llama, o_proj)
-    stats = collect_statistics(tiny_llama, structure, llama_calib.batches(4), criterion="wanda", structures=["mlp"])
+    seen_down, h1 = _capture_inputs(tiny_llama_tied32, down)
+    seen_o, h2 = _capture_inputs(tiny_llama_tied32, o_proj)
+    stats = collect_statistics(
+        tiny_llama_tied32, structure, llama_calib.batches(4), criterion="wanda", structures=["mlp"]
+    )
     h1.remove()
     h2.remove()
     x = torch.cat(seen_down)  # [N, S, I] activation after the gate product
     assert torch.allclose(stats.input_norms[down].double(), x.pow(2).sum(dim=(0, 1)).sqrt(), rtol=1e-5)
 
     stats = collect_statistics(
-        tiny_llama, structure, llama_calib.batches(4), criterion="minitron", structures=["mlp", "heads"]
+        tiny_llama_tied32, structure, llama_calib.batches(4), criterion="minitron", structures=["mlp", "heads"]
     )
     # Neurons: mean over the sequence of |activation|, then L2 over the calibration examples.
     expected = x.abs().mean(dim=1).pow(2).sum(dim=0).sqrt()
@@ -104,16 +107,16 @@ def test_wanda_input_norms_and_minitron_match_direct_computation(tiny_llama, lla
     assert torch.allclose(stats.heads[0], heads.mean(dim=1).pow(2).sum(dim=0).sqrt(), rtol=1e-6)
 
 
-def test_taylor_gradients_accumulate_over_batches(tiny_llama, llama_calib):
-    structure = detect_structure(tiny_llama)
+def test_taylor_gradients_accumulate_over_batches(tiny_llama_tied32, llama_calib):
+    structure = detect_structure(tiny_llama_tied32)
     batches = llama_calib.batches(3)
-    stats = collect_statistics(tiny_llama, structure, batches, criterion="taylor", structures=["mlp"])
+    stats = collect_statistics(tiny_llama_tied32, structure, batches, criterion="taylor", structures=["mlp"])
     name = "model.layers.0.mlp.up_proj.weight"
-    param = dict(tiny_llama.named_parameters())[name]
-    total = sum(tiny_llama(input_ids=b, labels=b).loss for b in batches)
+    param = dict(tiny_llama_tied32.named_parameters())[name]
+    total = sum(tiny_llama_tied32(input_ids=b, labels=b).loss for b in batches)
     (grad,) = torch.autograd.grad(total, param)
     assert torch.allclose(stats.grads[name], grad, atol=1e-6)
-    assert all(p.grad is None for p in tiny_llama.parameters())  # the model is left as it was
+    assert all(p.grad is None for p in tiny_llama_tied32.parameters())  # the model is left as it was
     # The MLP neuron score is the sum of |W·G| over gate row, up row and down column.
     neuron = unit_scores(
         structure.mlp_family(structure.layers[0]),
@@ -128,7 +131,7 @@ def test_taylor_gradients_accumulate_over_batches(tiny_llama, llama_calib):
 
 
 def test_michel_head_gradient_matches_finite_differences():
-    model = make_llama(seed=3).double()
+    model = tiny_llama(3, random_norms=True, **LLAMA_32_TIED).double()
     structure = detect_structure(model)
     calib = calibration(64, samples=2, seq=10, seed=1)
     stats = collect_statistics(model, structure, calib.batches(2), criterion="michel", structures=["heads"])

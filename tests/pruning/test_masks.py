@@ -12,8 +12,9 @@ from prune2deploy.pruning.masks import apply_masks
 from prune2deploy.pruning.prune import prune_module
 from prune2deploy.pruning.sparsity import nm_mask
 from prune2deploy.pruning.structures import detect_structure
+from tests.fixtures.models import LLAMA_32_TIED, tiny_llama
 
-from .conftest import calibration, make_llama
+from .conftest import calibration
 
 
 def _sliced_llama(model, *, mlp_kept=None, heads_kept=None, kv_kept=None):
@@ -51,9 +52,9 @@ def _logits(model, ids):
         return model(input_ids=ids).logits
 
 
-def test_zeroed_mlp_neurons_equal_sliced_weights(tiny_llama, llama_calib):
+def test_zeroed_mlp_neurons_equal_sliced_weights(tiny_llama_tied32, llama_calib):
     plan, masks = prune_module(
-        tiny_llama, criterion="wanda", structures={"mlp": 0.5}, calibration=llama_calib, round_to=8
+        tiny_llama_tied32, criterion="wanda", structures={"mlp": 0.5}, calibration=llama_calib, round_to=8
     )
     kept = {c.index: c.mlp.kept for c in plan.layers}
     assert all(len(k) == 24 for k in kept.values())
@@ -64,15 +65,15 @@ def test_zeroed_mlp_neurons_equal_sliced_weights(tiny_llama, llama_calib):
     assert masks["model.layers.0.mlp.up_proj.weight"][removed].abs().sum() == 0
     assert masks["model.layers.0.mlp.down_proj.weight"][:, removed].abs().sum() == 0
     assert masks["model.layers.0.mlp.down_proj.weight"][:, kept[0]].min() == 1
-    sliced = _sliced_llama(tiny_llama, mlp_kept=kept)
-    masked = apply_masks(copy.deepcopy(tiny_llama), masks)
+    sliced = _sliced_llama(tiny_llama_tied32, mlp_kept=kept)
+    masked = apply_masks(copy.deepcopy(tiny_llama_tied32), masks)
     ids = calibration(64, samples=3, seq=9, seed=7).input_ids
     torch.testing.assert_close(_logits(masked, ids), _logits(sliced, ids), rtol=1e-5, atol=1e-5)
 
 
-def test_uniform_gqa_heads_equal_a_smaller_gqa_model(tiny_llama, llama_calib):
+def test_uniform_gqa_heads_equal_a_smaller_gqa_model(tiny_llama_tied32, llama_calib):
     plan, masks = prune_module(
-        tiny_llama,
+        tiny_llama_tied32,
         criterion="minitron",
         structures={"heads": 0.5},
         calibration=llama_calib,
@@ -84,14 +85,15 @@ def test_uniform_gqa_heads_equal_a_smaller_gqa_model(tiny_llama, llama_calib):
         assert choice.kv_heads.removed == []
     heads = {c.index: c.heads.kept for c in plan.layers}
     kv = {c.index: c.kv_heads.kept for c in plan.layers}
-    sliced = _sliced_llama(tiny_llama, heads_kept=heads, kv_kept=kv)
-    masked = apply_masks(copy.deepcopy(tiny_llama), masks)
+    sliced = _sliced_llama(tiny_llama_tied32, heads_kept=heads, kv_kept=kv)
+    masked = apply_masks(copy.deepcopy(tiny_llama_tied32), masks)
     ids = calibration(64, samples=3, seq=9, seed=7).input_ids
     torch.testing.assert_close(_logits(masked, ids), _logits(sliced, ids), rtol=1e-5, atol=1e-5)
 
 
 def test_free_heads_remove_kv_only_with_whole_group():
-    model = make_llama(heads=6, kv_heads=2, hidden=48)  # groups {0,1,2} and {3,4,5}
+    # groups {0,1,2} and {3,4,5}
+    model = tiny_llama(random_norms=True, **(LLAMA_32_TIED | {"hidden_size": 48, "num_attention_heads": 6}))
     with torch.no_grad():  # make heads 3, 4 and 5 negligible in layer 0 so their group empties
         model.model.layers[0].self_attn.o_proj.weight[:, 24:48] *= 1e-3
     plan, masks = prune_module(model, criterion="magnitude", structures={"heads": 0.5})
@@ -109,12 +111,14 @@ def test_free_heads_remove_kv_only_with_whole_group():
         assert removed_kv == {0, 1} - kept_groups
 
 
-def test_hidden_channels_stay_zero_through_the_residual_stream(tiny_llama, llama_calib):
-    plan, masks = prune_module(tiny_llama, criterion="minitron", structures={"hidden": 0.25}, calibration=llama_calib)
+def test_hidden_channels_stay_zero_through_the_residual_stream(tiny_llama_tied32, llama_calib):
+    plan, masks = prune_module(
+        tiny_llama_tied32, criterion="minitron", structures={"hidden": 0.25}, calibration=llama_calib
+    )
     removed = plan.hidden.removed
     assert len(removed) == 8 and len(plan.hidden.kept) == 24
     assert "model.embed_tokens.weight" in masks and "model.norm.weight" in masks
-    masked = apply_masks(copy.deepcopy(tiny_llama), masks)
+    masked = apply_masks(copy.deepcopy(tiny_llama_tied32), masks)
     with torch.no_grad():
         out = masked(input_ids=llama_calib.input_ids, output_hidden_states=True)
     for hidden in out.hidden_states:
@@ -122,11 +126,11 @@ def test_hidden_channels_stay_zero_through_the_residual_stream(tiny_llama, llama
     assert out.hidden_states[-1][..., plan.hidden.kept].abs().max().item() > 0
 
 
-def test_bert_heads_and_neurons_are_zero_where_removed(tiny_bert):
+def test_bert_heads_and_neurons_are_zero_where_removed(tiny_bert32):
     ids = torch.randint(0, 50, (4, 10), generator=torch.Generator().manual_seed(3))
     calib = calibration(50, samples=4, seq=10)
     plan, masks = prune_module(
-        tiny_bert,
+        tiny_bert32,
         criterion="minitron",
         structures={"heads": 0.5, "mlp": 0.25},
         calibration=calib,
@@ -134,7 +138,7 @@ def test_bert_heads_and_neurons_are_zero_where_removed(tiny_bert):
     )
     assert "encoder.layer.0.attention.self.value.bias" in masks  # MHA: k, v rows and biases go with q
     assert "encoder.layer.0.intermediate.dense.bias" in masks
-    masked = apply_masks(copy.deepcopy(tiny_bert), masks)
+    masked = apply_masks(copy.deepcopy(tiny_bert32), masks)
     seen = {}
     modules = dict(masked.named_modules())
     hooks = [
@@ -156,9 +160,9 @@ def test_bert_heads_and_neurons_are_zero_where_removed(tiny_bert):
 
 
 @pytest.mark.parametrize(("n", "m"), [(2, 4), (4, 8)])
-def test_nm_masks_have_exactly_n_of_m_along_the_input(tiny_llama, llama_calib, n, m):
-    plan, masks = prune_module(tiny_llama, criterion="wanda", structures={}, nm=(n, m), calibration=llama_calib)
-    structure = detect_structure(tiny_llama)
+def test_nm_masks_have_exactly_n_of_m_along_the_input(tiny_llama_tied32, llama_calib, n, m):
+    plan, masks = prune_module(tiny_llama_tied32, criterion="wanda", structures={}, nm=(n, m), calibration=llama_calib)
+    structure = detect_structure(tiny_llama_tied32)
     assert sorted(masks) == sorted(structure.linear_weights())
     for name, mask in masks.items():
         groups = mask.reshape(mask.shape[0], -1, m)  # [out, in/m, m]: groups along the input dimension
@@ -174,21 +178,21 @@ def test_nm_mask_by_hand():
         nm_mask(torch.ones(2, 6), 2, 4)
 
 
-def test_structured_plus_nm_keeps_at_most_n(tiny_llama, llama_calib):
+def test_structured_plus_nm_keeps_at_most_n(tiny_llama_tied32, llama_calib):
     _, masks = prune_module(
-        tiny_llama, criterion="magnitude", structures={"mlp": 0.5}, nm=(2, 4), calibration=llama_calib
+        tiny_llama_tied32, criterion="magnitude", structures={"mlp": 0.5}, nm=(2, 4), calibration=llama_calib
     )
     down = masks["model.layers.0.mlp.down_proj.weight"]
     assert (down.reshape(32, -1, 4).sum(dim=-1) <= 2).all()
 
 
-def test_apply_masks_refuses_bad_masks(tiny_llama):
+def test_apply_masks_refuses_bad_masks(tiny_llama_tied32):
     with pytest.raises(MaskError, match="has shape \\(32, 48\\) but the parameter is \\(48, 32\\)"):
-        apply_masks(tiny_llama, {"model.layers.0.mlp.up_proj.weight": torch.ones(32, 48)})
+        apply_masks(tiny_llama_tied32, {"model.layers.0.mlp.up_proj.weight": torch.ones(32, 48)})
     with pytest.raises(MaskError, match="names no parameter"):
-        apply_masks(tiny_llama, {"model.layers.9.mlp.up_proj.weight": torch.ones(48, 32)})
+        apply_masks(tiny_llama_tied32, {"model.layers.9.mlp.up_proj.weight": torch.ones(48, 32)})
     with pytest.raises(MaskError, match="other than 0 and 1"):
-        apply_masks(tiny_llama, {"model.layers.0.mlp.up_proj.weight": torch.full((48, 32), 0.5)})
+        apply_masks(tiny_llama_tied32, {"model.layers.0.mlp.up_proj.weight": torch.full((48, 32), 0.5)})
 
 
 def test_unknown_architecture_is_refused():

@@ -13,9 +13,9 @@ from prune2deploy.pruning.prune import prune_module
 
 
 @pytest.fixture
-def plan_file(tiny_llama, llama_calib, tmp_path):
+def plan_file(tiny_llama_tied32, llama_calib, tmp_path):
     plan, _ = prune_module(
-        tiny_llama,
+        tiny_llama_tied32,
         criterion="wanda",
         structures={"mlp": 0.25, "heads": 0.5, "hidden": 0.25, "layers": 0.5},
         calibration=llama_calib,

@@ -22,10 +22,10 @@ def ids_file(tmp_path):
     return path
 
 
-def test_writes_masks_and_plan(tiny_llama, ids_file, tmp_path):
+def test_writes_masks_and_plan(tiny_llama_tied32, ids_file, tmp_path):
     out = tmp_path / "out"
     result = prune_model(
-        tiny_llama,
+        tiny_llama_tied32,
         criterion="wanda",
         structures={"mlp": 0.5, "heads": 0.5},
         calibration=ids_file,
@@ -36,7 +36,7 @@ def test_writes_masks_and_plan(tiny_llama, ids_file, tmp_path):
     )
     assert sorted(p.name for p in out.iterdir()) == ["masks.safetensors", "plan.yaml"]
     masks = load_file(str(result.masks_path))
-    params = dict(tiny_llama.named_parameters())
+    params = dict(tiny_llama_tied32.named_parameters())
     for name, mask in masks.items():  # the contract: parameter names, own shapes, 0/1 float32
         assert mask.dtype == torch.float32 and mask.shape == params[name].shape
         assert set(mask.unique().tolist()) == {0.0, 1.0}
@@ -47,13 +47,13 @@ def test_writes_masks_and_plan(tiny_llama, ids_file, tmp_path):
     assert result.summary["masked_tensors"] == len(masks)
 
 
-def test_refuses_existing_output_unless_overwrite(tiny_llama, tmp_path):
+def test_refuses_existing_output_unless_overwrite(tiny_llama_tied32, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("x")
     with pytest.raises(OutputExistsError, match="overwrite"):
-        prune_model(tiny_llama, criterion="magnitude", structures={"mlp": 0.5}, out_dir=out)
-    result = prune_model(tiny_llama, criterion="magnitude", structures={"mlp": 0.5}, out_dir=out, overwrite=True)
+        prune_model(tiny_llama_tied32, criterion="magnitude", structures={"mlp": 0.5}, out_dir=out)
+    result = prune_model(tiny_llama_tied32, criterion="magnitude", structures={"mlp": 0.5}, out_dir=out, overwrite=True)
     assert result.plan.calibration is None  # magnitude without depth pruning reads no data
     assert (out / "keep.txt").exists()
 
@@ -77,14 +77,6 @@ def test_bad_options_fail_before_loading(tmp_path, kwargs, message):
     with pytest.raises(ConfigError, match=message):
         prune_model(tmp_path / "no-such-model", out_dir=tmp_path / "out", **kwargs)
     assert not (tmp_path / "out").exists()
-
-
-@pytest.fixture(scope="session")
-def smollm2():
-    """SmolLM2-135M, loaded once per session (about 20 s)."""
-    from prune2deploy.frontends.hf import load_hf_model
-
-    return load_hf_model("smollm2-135m")
 
 
 @pytest.mark.slow

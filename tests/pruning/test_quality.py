@@ -104,18 +104,18 @@ def test_encoder_cosine_by_hand():
     assert q.cosine_mean == pytest.approx(1 / math.sqrt(2)) and q.sentences == 2
 
 
-def test_encoder_quality_on_bert(tiny_bert):
+def test_encoder_quality_on_bert(tiny_bert32):
     class Tok:
         def __call__(self, sentences, **kwargs):
             ids = np.array([[(len(w) * 7) % 50 for w in s.split()][:12] for s in sentences[:1]] * len(sentences))
             return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
 
-    q = encoder_quality(tiny_bert, as_model_fn(tiny_bert), tokenizer=Tok(), max_sentences=4)
+    q = encoder_quality(tiny_bert32, as_model_fn(tiny_bert32), tokenizer=Tok(), max_sentences=4)
     assert q.cosine_min == pytest.approx(1.0, abs=1e-6) and q.sentences == 4
 
 
 @pytest.mark.slow
-def test_exported_onnx_matches_its_torch_model(tiny_llama, tmp_path):
+def test_exported_onnx_matches_its_torch_model(tiny_llama_tied32, tmp_path):
     """The ONNX Runtime path on a real dynamo export (input_ids + attention_mask -> logits), about 10 s."""
 
     class Logits(torch.nn.Module):
@@ -129,7 +129,7 @@ def test_exported_onnx_matches_its_torch_model(tiny_llama, tmp_path):
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
     program = torch.onnx.export(
-        Logits(tiny_llama),
+        Logits(tiny_llama_tied32),
         (ids, torch.ones_like(ids)),
         dynamo=True,
         opset_version=18,
@@ -140,6 +140,6 @@ def test_exported_onnx_matches_its_torch_model(tiny_llama, tmp_path):
     path = tmp_path / "tiny.onnx"
     program.save(str(path))
     tokens = torch.randint(0, 64, (200,), generator=torch.Generator().manual_seed(1)).numpy()
-    q = lm_quality(tiny_llama, path, token_ids=tokens, window=32, batch=4)
+    q = lm_quality(tiny_llama_tied32, path, token_ids=tokens, window=32, batch=4)
     assert q.kl_max < 1e-9 and q.top1_agreement == 1.0 and q.windows == 6
     assert q.ppl_candidate == pytest.approx(q.ppl_reference, rel=1e-6)

@@ -6,8 +6,7 @@ import torch
 
 from prune2deploy.pruning.prune import prune_module
 from prune2deploy.pruning.selection import global_keep_counts, kept_count, round_width, select_heads
-
-from .conftest import make_llama
+from tests.fixtures.models import LLAMA_32_TIED, tiny_llama
 
 
 def test_kept_counts_and_rounding():
@@ -37,7 +36,7 @@ def test_gqa_head_choices_by_hand():
 
 
 def test_per_layer_and_global_mlp_widths():
-    model = make_llama(layers=2, intermediate=64)
+    model = tiny_llama(random_norms=True, **(LLAMA_32_TIED | {"intermediate_size": 64}))
     with torch.no_grad():  # layer 1's MLP is ten times smaller: global ranking shrinks it first
         for name in ("gate_proj", "up_proj", "down_proj"):
             getattr(model.model.layers[1].mlp, name).weight.mul_(0.1)
@@ -49,7 +48,7 @@ def test_per_layer_and_global_mlp_widths():
 
 
 def test_depth_drops_the_lowest_block_importance():
-    model = make_llama(layers=4)
+    model = tiny_llama(random_norms=True, num_hidden_layers=4, **LLAMA_32_TIED)
     with torch.no_grad():
         for index in (1, 2):  # blocks 1 and 2 barely change the residual stream
             model.model.layers[index].self_attn.o_proj.weight.mul_(1e-3)

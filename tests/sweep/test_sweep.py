@@ -32,7 +32,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
-    from tests.models import tiny_llama
+    from tests.fixtures.models import tiny_llama
 
     folder = tmp_path_factory.mktemp("tiny-llama")
     tiny_llama().save_pretrained(folder)
