@@ -23,8 +23,8 @@ from prune2deploy.ort_session import make_session
 from prune2deploy.pipeline import build_passes, run_pipeline
 from prune2deploy.spec import CompileOptions
 
-#: Cases per run (about 40 s on two busy cores); P2D_FUZZ_EXAMPLES raises it for a longer local run.
-EXAMPLES = int(os.environ.get("P2D_FUZZ_EXAMPLES", "600"))
+#: Cases per run (2000: about two minutes on two cores); P2D_FUZZ_EXAMPLES changes it for a local run.
+EXAMPLES = int(os.environ.get("P2D_FUZZ_EXAMPLES", "2000"))
 
 _COUNTS = {"cases": 0, "changed": 0}
 
