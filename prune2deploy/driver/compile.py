@@ -84,7 +84,7 @@ def compile_model(
     check_before_loading(options)
     folder = OutputFolder(out_dir, overwrite=options.overwrite, inputs=[*_input_paths(source, options), *inputs])
     staging = folder.staging
-    say = _timed(progress)
+    say = progress or (lambda _msg: None)  # the CLI prefixes each line with its elapsed time
     timings: dict[str, float] = {}
     try:
         start = time.perf_counter()
@@ -301,18 +301,6 @@ def _lm_outputs(loaded: Any, options: CompileOptions, staging: Path, say: Progre
             if isinstance(section, dict):
                 section["precision_note"] = "built in fp32 from a half-precision checkpoint"
     return sections
-
-
-def _timed(progress: Progress | None) -> Progress:
-    """Progress lines prefixed with the time since the compile started (big models take minutes a step)."""
-    if progress is None:
-        return lambda _msg: None
-    start = time.perf_counter()
-
-    def say(message: str) -> None:
-        progress(f"[{time.perf_counter() - start:7.1f} s] {message}")
-
-    return say
 
 
 def _size(nbytes: int) -> str:
