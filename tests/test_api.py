@@ -95,14 +95,17 @@ def test_cnn_residual_depthwise(tmp_path):
         bn = module.block[4]  # BN after the depthwise conv: SCOP-style zero gamma and beta
         bn.weight[:8] = 0
         bn.bias[:8] = 0
-        module.block[1].weight[8:12] = 0  # zero BN before the depthwise conv: its bias keeps them alive
+        # zero BN before the depthwise conv: the depthwise conv of a zero channel is its bias, a constant that
+        # folds exactly into the 1x1 conv after the next BN (constant channels, issue 14)
+        module.block[1].weight[8:12] = 0
         module.block[1].bias[8:12] = 0
     result = api.compile(module, tmp_path / "out", CompileOptions(**FAST))
     model = ir.load(str(tmp_path / "out" / "model.onnx"))
     convs = [n for n in model.graph if n.op_type == "Conv"]
     depthwise = [n for n in convs if n.attributes.get("group") and n.attributes["group"].value > 1]
-    assert depthwise and depthwise[0].attributes["group"].value == 16
-    assert pass_record(result.report, "remove-channels")["channels_removed"] == 8
+    assert depthwise and depthwise[0].attributes["group"].value == 12
+    record = pass_record(result.report, "remove-channels")
+    assert record["channels_removed"] == 12 and record["constant_channels_folded"] == 4
     assert result.report["verification"]["outputs"]["logits"]["max_rel"] < 1e-5
 
 

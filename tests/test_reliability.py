@@ -504,10 +504,11 @@ def test_sigterm_is_an_interrupt_and_leaves_no_staging(tmp_path, monkeypatch, ca
         raise AssertionError("SIGTERM did not interrupt")
 
     monkeypatch.setattr(driver, "load_source", terminated)
+    before = signal.getsignal(signal.SIGTERM)  # SIG_DFL, or what an earlier test's library installed (Ray)
     assert _compile(mlp(tmp_path / "m.onnx"), "--out", tmp_path / "out") == 130
     assert "interrupted" in capsys.readouterr().err
     assert _leftovers(tmp_path) == [] and not (tmp_path / "out").exists()
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
+    assert signal.getsignal(signal.SIGTERM) is before  # restored
 
 
 # -- 10. options either take effect or are errors ----------------------------------------------------------------------

@@ -77,8 +77,9 @@ register_pass(
         name="fuse-ort",
         order=80,
         exactness="yes",
-        summary="ONNX Runtime fusions after pruning (RMSNorm, SkipRMSNorm, rotary, attention); on for "
-        "--engine onnxruntime unless --portable",
+        summary="ONNX Runtime fusions after pruning (RMSNorm, SkipRMSNorm, rotary, attention), verified like any "
+        "pass; opt-in (--fuse-ort) for --engine onnxruntime",
+        switch=("--fuse-ort", "fuse for ONNX Runtime after pruning (com.microsoft RMSNorm, rotary, attention)"),
         build=lambda o: FuseOrtPass(),
     )
 )

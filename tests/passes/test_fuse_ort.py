@@ -7,6 +7,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
+from prune2deploy.errors import ConfigError
 from prune2deploy.feeds import random_feeds
 from prune2deploy.frontends.torch import export_module, hf_export_spec
 from prune2deploy.ort_session import make_session
@@ -69,7 +70,10 @@ def test_head_size_not_multiple_of_8_stays_unfused():
     np.testing.assert_array_equal(_run(model, feeds), want)
 
 
-def test_fuse_ort_is_on_for_onnxruntime_and_off_when_portable_or_tensorrt():
-    assert "fuse-ort" in CompileOptions().passes
-    assert "fuse-ort" not in CompileOptions(portable=True).passes
-    assert "fuse-ort" not in CompileOptions(engine="tensorrt").passes
+def test_fuse_ort_is_opt_in_and_refused_where_its_kernels_cannot_run():
+    assert "fuse-ort" not in CompileOptions().passes
+    assert "fuse-ort" in CompileOptions(passes=["remove-channels", "fuse-ort"]).passes
+    with pytest.raises(ConfigError, match="portable"):
+        CompileOptions(passes=["fuse-ort"], portable=True)
+    with pytest.raises(ConfigError, match="engine tensorrt cannot run"):
+        CompileOptions(passes=["fuse-ort"], engine="tensorrt")
