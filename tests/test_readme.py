@@ -71,6 +71,8 @@ def test_readme_install_is_what_ci_runs():
         torch_step = next(step for step in command.split("&&") if "pip install torch" in step)
         assert "--index-url https://download.pytorch.org/whl/cpu" in torch_step
         assert command.index("pip install torch") < command.index("pip install -e")
+    ci_run = (README.parent / ".ci" / "run").read_text().splitlines()
+    assert commands[2] in ci_run  # .ci/run runs the README's test command verbatim
     ci = (README.parent / ".github" / "workflows" / "ci.yml").read_text()
     assert "tools/readme_commands.py 1" in ci and "tools/readme_commands.py 2" in ci
 

@@ -6,6 +6,7 @@ that runs them import it in one direction: rules → slots ← channels, and cha
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -77,7 +78,7 @@ class UnionFind:
             self.parent[rb] = ra
 
 
-class ChannelFacts:
+class ChannelFacts(abc.ABC):
     """What the axis rules declared over one graph; :class:`~prune2deploy.analysis.channels.ChannelAnalysis`
     builds groups from it and answers :meth:`zero_mask`, which the zero rules call back into."""
 
@@ -88,13 +89,13 @@ class ChannelFacts:
         self._blocked: list[tuple[Slot, str, str]] = []
         self._fixups: list[Fixup] = []
 
+    @abc.abstractmethod
     def zero_mask(self, slot: Slot) -> np.ndarray | None:
         """Boolean per channel: provably zero for every input. ``None`` when the width is unknown."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def const_channels(self, slot: Slot) -> np.ndarray | None:
         """Per channel: its value where it is provably the same at every position for every input, else NaN."""
-        raise NotImplementedError
 
 
 class RuleContext:
