@@ -4,10 +4,12 @@ Costs and predictions need static shapes, but exported models have dynamic batch
 The input dims are fixed first (explicit shapes, or a batch and sequence length applied to the dynamic
 dims), then ONNX shape inference with data propagation fills in what it can. Exported transformer graphs
 compute some shapes at run time (Range, masks, NonZero) that inference cannot resolve; for those the model
-is run once in ONNX Runtime on random feeds with the unresolved values exposed as outputs. That run is
-exact but costs one forward pass and memory for those intermediates (and a serialised copy of the model),
-so it is only done for models whose weights fit in ``fallback_max_bytes``; above that the values stay
-unknown and are listed in ``ShapeInfo.unknown``.
+is run once in ONNX Runtime on random feeds with the unresolved values exposed as outputs. The run uses a
+weightless copy of the model (:mod:`prune2deploy.analysis.probe`: weights generated in the graph from their
+shapes), so it costs one forward pass of time and the activations' memory, not a copy of the weights; it is
+skipped for models whose weights exceed ``fallback_max_bytes`` (a time bound: the forward pass of a 16B-param
+fp32 model on a few CPU cores takes minutes), and then the values stay unknown and are listed in
+``ShapeInfo.unknown``.
 """
 
 from __future__ import annotations
@@ -20,12 +22,16 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from prune2deploy.analysis.probe import weightless_model
 from prune2deploy.errors import BadInputError
 from prune2deploy.feeds import feed_specs, random_feeds
 
 __all__ = ["SequenceLimit", "ShapeInfo", "concrete_shapes", "fit_seqs", "input_shapes", "sequence_limit"]
 
 log = logging.getLogger(__name__)
+
+#: Largest weight size (bytes) of a model that probe runs execute: they cost a forward pass, not memory.
+PROBE_MAX_BYTES = 64 << 30
 
 
 @dataclass(frozen=True)
@@ -132,12 +138,7 @@ def _run_for_shapes(
     model: ir.Model, inputs: Mapping[str, tuple[int, ...]], names: Sequence[str], seed: int
 ) -> tuple[dict, dict]:
     """Runs the model once in ONNX Runtime with ``names`` exposed as outputs; returns their shapes/dtypes."""
-    if any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values()):
-        # Bytes carry no folder to resolve external data against: inline a copy (the caller bounds its size).
-        from onnx_ir.external_data import load_to_model
-
-        model = load_to_model(model.clone())
-    proto = ir.to_proto(model)
+    proto = ir.to_proto(weightless_model(model))
     present = {o.name for o in proto.graph.output}
     for name in names:
         if name not in present:
@@ -162,7 +163,7 @@ def concrete_shapes(
     batch: int = 1,
     seq: int = 128,
     fallback: bool = True,
-    fallback_max_bytes: int = 1 << 30,
+    fallback_max_bytes: int = PROBE_MAX_BYTES,
     seed: int = 0,
 ) -> ShapeInfo:
     """Static shapes of every value at one input shape (see the module docstring for the fallback).
@@ -250,7 +251,7 @@ def _bounded_candidates(model: ir.Model) -> list[tuple[ir.Node, ir.Value, int, i
     return found
 
 
-def sequence_limit(model: ir.Model, *, max_bytes: int = 1 << 30) -> SequenceLimit | None:
+def sequence_limit(model: ir.Model, *, max_bytes: int = PROBE_MAX_BYTES) -> SequenceLimit | None:
     """The sequence bound a model's constants set (position tables, cached rotary or position-id buffers).
 
     Exported decoders index a learned position table (GPT-2's ``wpe``) or slice a buffer by the sequence
@@ -270,7 +271,7 @@ def sequence_limit(model: ir.Model, *, max_bytes: int = 1 << 30) -> SequenceLimi
     if size > max_bytes:
         log.info("not probing sequence bounds of a model with %d bytes of weights", size)
         return None
-    proto = ir.to_proto(model)
+    proto = ir.to_proto(weightless_model(model))
     present = {o.name for o in proto.graph.output}
     names = []
     for _node, probe, _axis, _rows in candidates:

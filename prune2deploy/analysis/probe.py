@@ -1,0 +1,106 @@
+"""A weightless copy of a model for ONNX Runtime probe runs (shapes, sequence bounds).
+
+Probes read shapes and integer index values, never the float weights' values: a shape follows from the
+weights' *shapes* (float tensors feed no shape input of a standard op beyond tiny scalars such as Resize
+scales). So a probe does not need the weights: every large floating-point initializer is replaced by a
+``RandomNormal`` of its static shape (cast to its type), generated right before its first use. The probe then
+costs no copy of the weights — before, it inlined, serialized and loaded them (three copies, the compile's peak
+memory on SmolLM2) — and the serialized model is a few kilobytes, whatever the model's size.
+
+Random rather than zero weights keep activations non-degenerate, like the trained model's (a zero layer
+would make every later value identical across positions); the seed is fixed, so a probe is repeatable.
+Integer and boolean constants (position ids, causal masks, shape constants) stay as they are: indices and
+shapes may depend on them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import onnx_ir as ir
+
+__all__ = ["WEIGHT_MIN_ELEMENTS", "weightless_model"]
+
+log = logging.getLogger(__name__)
+
+#: Floating-point initializers with at least this many elements are generated instead of stored.
+WEIGHT_MIN_ELEMENTS = 1024
+
+_FLOATS = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
+
+
+def _first_use(graph: ir.Graph, value: ir.Value) -> ir.Node | None:
+    """The earliest node of ``graph`` that reads ``value`` directly or inside one of its subgraphs."""
+    users = {id(node) for node, _ in value.uses()}
+    for node in graph:
+        if id(node) in users:
+            return node
+        for attr in node.attributes.values():
+            if attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
+                subgraphs = attr.value if attr.type == ir.AttributeType.GRAPHS else [attr.value]
+                if any(id(inner) in users for sub in subgraphs for inner in ir.traversal.RecursiveGraphIterator(sub)):
+                    return node
+    return None
+
+
+def _generator(value: ir.Value, seed: int) -> list[ir.Node]:
+    """RandomNormal of the value's shape (N(0, 0.02²), the usual init scale), cast to its dtype.
+
+    Only tensors of ``WEIGHT_MIN_ELEMENTS`` or more elements come here, so the shape is never a scalar's.
+    """
+    tensor = value.const_value
+    shape = [int(d) for d in tensor.shape.numpy()]
+    random = ir.node(
+        "RandomNormal",
+        [],
+        attributes={"shape": shape, "dtype": int(ir.DataType.FLOAT), "scale": 0.02, "seed": float(seed)},
+        name=f"p2d_probe_weight_{value.name}",
+    )
+    nodes = [random]
+    if tensor.dtype != ir.DataType.FLOAT:
+        cast = ir.node("Cast", [random.outputs[0]], attributes={"to": int(tensor.dtype)})
+        cast.name = f"p2d_probe_cast_{value.name}"
+        nodes.append(cast)
+    out = nodes[-1].outputs[0]
+    out.name = f"p2d_probe_{value.name}"
+    out.type = ir.TensorType(tensor.dtype)
+    out.shape = ir.Shape(shape)
+    return nodes
+
+
+def _inline_small(value: ir.Value) -> None:
+    """A small initializer held as external data is read in: serialized bytes carry no folder to find it in."""
+    if isinstance(value.const_value, ir.ExternalTensor):
+        value.const_value = ir.tensor(value.const_value.numpy(), name=value.name)
+
+
+def weightless_model(model: ir.Model, *, keep: Iterable[str] = (), seed: int = 0) -> ir.Model:
+    """A copy of ``model`` whose large floating-point initializers are generated in the graph (see module doc).
+
+    The model is not modified (the copy shares the small tensors it keeps). ``keep`` names initializers to
+    keep as they are (e.g. ones a probe reads back). Initializers that are graph outputs are kept too.
+    """
+    copy = model.clone()
+    graph = copy.graph
+    kept = set(keep) | {v.name for v in graph.outputs}
+    generated = 0
+    for index, value in enumerate(list(graph.initializers.values())):
+        tensor = value.const_value
+        if tensor is None:
+            continue
+        if value.name in kept or tensor.dtype not in _FLOATS or tensor.size < WEIGHT_MIN_ELEMENTS:
+            _inline_small(value)
+            continue
+        where = _first_use(graph, value)
+        if where is None:  # unused: drop it
+            graph.initializers.pop(value.name)
+            continue
+        nodes = _generator(value, seed + index)
+        graph.insert_before(where, nodes)
+        value.replace_all_uses_with(nodes[-1].outputs[0])
+        graph.initializers.pop(value.name)
+        value.const_value = None
+        generated += 1
+    log.debug("probe copy: %d weights generated in the graph", generated)
+    return copy
