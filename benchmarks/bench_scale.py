@@ -38,6 +38,14 @@ def _rss() -> int:
         return int(handle.read().split()[1]) * resource.getpagesize()
 
 
+def _anon() -> int:
+    """Resident anonymous memory: RSS less the file-backed pages (memory-mapped weights, which the kernel can
+    drop and re-read; they count in RSS but are not memory the process holds on its own)."""
+    with open("/proc/self/statm") as handle:
+        fields = handle.read().split()
+    return (int(fields[1]) - int(fields[2])) * resource.getpagesize()
+
+
 def make_folder(name: str, folder: Path, seed: int = 0) -> Path:
     """A Llama-shaped HF folder with random weights and half of each MLP's neurons zeroed."""
     import torch
@@ -125,21 +133,29 @@ def run(args) -> dict:
         source = make_folder(args.model, work / f"llama-{args.model}")
         print(f"folder ready in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     phases: list[dict] = []
-    state = {"label": "start", "peak": 0, "t": time.perf_counter()}
+    state = {"label": "start", "peak": 0, "anon": 0, "t": time.perf_counter()}
     start = state["t"]
     stop = threading.Event()
+    overall = {"anon": 0}
 
     def sample() -> None:
         while not stop.wait(0.05):
             state["peak"] = max(state["peak"], _rss())
+            state["anon"] = max(state["anon"], _anon())
+            overall["anon"] = max(overall["anon"], state["anon"])
 
     def progress(line: str) -> None:
         now = time.perf_counter()
         phases.append(
-            {"step": state["label"], "s": round(now - state["t"], 2), "peak_rss_gb": round(state["peak"] / 1e9, 2)}
+            {
+                "step": state["label"],
+                "s": round(now - state["t"], 2),
+                "peak_rss_gb": round(state["peak"] / 1e9, 2),
+                "peak_anon_gb": round(state["anon"] / 1e9, 2),
+            }
         )
         print(line, file=sys.stderr, flush=True)
-        state.update(label=line.split("] ", 1)[-1], peak=_rss(), t=now)
+        state.update(label=line.split("] ", 1)[-1], peak=_rss(), anon=_anon(), t=now)
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
@@ -157,6 +173,7 @@ def run(args) -> dict:
         "wall_s": round(time.perf_counter() - start, 1),
         "timings": {k: round(v, 1) for k, v in report["timings"].items()},
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 2),
+        "peak_anon_gb": round(overall["anon"] / 1e9, 2),
         "rss_before_compile_gb": round(base_rss / 1e9, 2),
         "verification": {
             "mode": report["verification"]["mode"],

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import onnx_ir as ir
 
 from prune2deploy.analysis.nm import NM_OPS, is_nm, nm_eligibility
-from prune2deploy.analysis.shapes import ShapeInfo, concrete_shapes
+from prune2deploy.analysis.shapes import PROBE_MAX_BYTES, ShapeInfo, concrete_shapes
 from prune2deploy.feeds import feed_specs
 from prune2deploy.graph import scopes
 
@@ -342,7 +342,7 @@ def model_cost(
     n: int = 2,
     m: int = 4,
     fallback: bool = True,
-    fallback_max_bytes: int = 1 << 30,
+    fallback_max_bytes: int = PROBE_MAX_BYTES,
     shape_info: ShapeInfo | None = None,
 ) -> ModelCost:
     """Per-node FLOPs and bytes of ``model``'s main graph at one input shape.

@@ -26,7 +26,15 @@ from prune2deploy.analysis.probe import weightless_model
 from prune2deploy.errors import BadInputError
 from prune2deploy.feeds import feed_specs, random_feeds
 
-__all__ = ["SequenceLimit", "ShapeInfo", "concrete_shapes", "fit_seqs", "input_shapes", "sequence_limit"]
+__all__ = [
+    "PROBE_MAX_BYTES",
+    "SequenceLimit",
+    "ShapeInfo",
+    "concrete_shapes",
+    "fit_seqs",
+    "input_shapes",
+    "sequence_limit",
+]
 
 log = logging.getLogger(__name__)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,12 @@ from prune2deploy.io import sha256_file
 __all__ = ["Progress", "Source", "check_finite_weights", "input_record", "load_source", "options_export_spec"]
 
 Progress = Callable[[str], None]
+
+log = logging.getLogger(__name__)
+
+#: A causal LM's masked torch module is kept in memory after the export, for the genai/ and hf/ outputs, up to
+#: this size; larger ones are loaded again when those outputs are built (``Source.module_loader``).
+KEEP_MODULE_MAX_BYTES = 1 << 30
 
 
 @dataclass
@@ -156,10 +163,15 @@ def _hf_reference(
     check_finite_weights(model, str(name))
     max_positions = getattr(module.config, "max_position_embeddings", None)
     kept = tokenizer = None
-    if keep_module and loaded.task == "causal-lm":
+    size = _module_bytes(module)
+    if keep_module and loaded.task == "causal-lm" and size <= KEEP_MODULE_MAX_BYTES:
         kept, tokenizer = module, loaded.tokenizer
         if mask_tensors and cache is not None:  # exported unmasked for the cache: mask the kept module now
             kept = masks.apply_masks_torch(kept, mask_tensors, source=mask_source)
+    elif keep_module and loaded.task == "causal-lm":
+        # Holding a 1B model's 4.9 GB of torch weights through the passes and verification would double the
+        # compile's memory; re-loading a safetensors checkpoint when genai/ or hf/ need it takes seconds.
+        log.info("releasing the torch module (%.2f GB) until an output needs it", size / 1e9)
     del module, loaded.module
     if cache is None:
         return model, loaded.task, len(mask_tensors or {}), kept, tokenizer, max_positions
@@ -187,6 +199,14 @@ def _hf_reference(
     model = load_onnx(cache / "model.onnx")
     applied = masks.apply_masks_onnx(model, mask_tensors, source=mask_source) if mask_tensors else 0
     return model, loaded.task, applied, kept, tokenizer, max_positions
+
+
+def _module_bytes(module: Any) -> int:
+    """Bytes of a torch module's parameters and buffers (tied tensors once)."""
+    seen: dict[int, int] = {}
+    for tensor in [*module.parameters(), *module.buffers()]:
+        seen[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
+    return sum(seen.values())
 
 
 def export_cache_path(where: Path, dtype: str, options: Any) -> Path:

@@ -2,8 +2,9 @@
 
 The exporter de-duplicates equal tensors: two layers whose biases are both all-zero read one initializer.
 A shared tensor couples the channel groups of every reader (slicing it for one would change the other), so
-two independent MLPs would only lose the channels both have zero. Giving each reader its own copy before
-analysis, and de-duplicating again afterwards, keeps the groups independent and the file small.
+two independent MLPs would only lose the channels both have zero. Giving each reader its own initializer (a
+read-only view of the one buffer) before analysis, and de-duplicating again afterwards, keeps the groups
+independent and the file small.
 """
 
 from __future__ import annotations
@@ -12,9 +13,7 @@ import logging
 
 import onnx_ir as ir
 import onnx_ir.passes
-from onnx_ir.passes.common import DeduplicateInitializersPass
-
-from prune2deploy.graph.initializers import add_initializer
+from onnx_ir.passes.common import DeduplicateHashedInitializersPass
 
 __all__ = ["ReshareInitializersPass", "UnshareInitializersPass", "reshare_initializers", "unshare_initializers"]
 
@@ -24,7 +23,13 @@ _FLOAT = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataT
 
 
 def unshare_initializers(model: ir.Model) -> int:
-    """Gives every reader of a shared float initializer (rank ≥ 1) its own copy. Returns copies made."""
+    """Gives every reader of a shared float initializer (rank ≥ 1) its own initializer. Returns those made.
+
+    The new initializers are read-only views of the same buffer, not copies (a tied 128k-token embedding is
+    1 GB): passes never write a constant in place — they register new arrays (``graph.initializers``) — and
+    the buffer is marked read-only so that one that tried would fail loudly instead of changing the other
+    reader's weights.
+    """
     graph = model.graph
     copies = 0
     for name, value in list(graph.initializers.items()):
@@ -34,21 +39,32 @@ def unshare_initializers(model: ir.Model) -> int:
         if len(uses) < 2:
             continue
         array = value.const_value.numpy()
+        if array.flags.writeable:
+            array.flags.writeable = False  # the tensor's own buffer (ir.Tensor.numpy() returns it)
         for index, use in enumerate(uses[1:], start=1):
             new_name = f"{name}__copy{index}"
             while new_name in graph.initializers:
                 new_name += "_"
-            copy = add_initializer(graph, new_name, array, value.dtype)
+            view = array.view()
+            tensor = ir.tensor(view, dtype=value.dtype, name=new_name)
+            copy = ir.Value(
+                name=new_name, shape=ir.Shape(view.shape), type=ir.TensorType(value.dtype), const_value=tensor
+            )
+            graph.register_initializer(copy)
             use.node.replace_input_with(use.idx, copy)
             copies += 1
     if copies:
-        log.info("un-shared %d initializer uses", copies)
+        log.info("un-shared %d initializer uses (read-only views of one buffer)", copies)
     return copies
 
 
 def reshare_initializers(model: ir.Model) -> None:
-    """De-duplicates equal initializers again (any size)."""
-    DeduplicateInitializersPass(size_limit=1 << 62)(model)
+    """De-duplicates equal initializers again (any size).
+
+    The hashed variant keeps one digest per tensor (equal digests are confirmed byte for byte); the plain one
+    keys a dict by every tensor's bytes, i.e. holds a second copy of all weights (7 GB of the 1B model's peak).
+    """
+    DeduplicateHashedInitializersPass(size_limit=1 << 62)(model)
 
 
 class UnshareInitializersPass(ir.passes.InPlacePass):
