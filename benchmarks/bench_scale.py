@@ -154,7 +154,9 @@ def run(args) -> dict:
                 "peak_anon_gb": round(state["anon"] / 1e9, 2),
             }
         )
-        print(line, file=sys.stderr, flush=True)
+        step = phases[-1]
+        done = f"[previous step: {step['s']} s, peak RSS {step['peak_rss_gb']} GB, anon {step['peak_anon_gb']} GB]"
+        print(f"{line}   {done}", file=sys.stderr, flush=True)
         state.update(label=line.split("] ", 1)[-1], peak=_rss(), anon=_anon(), t=now)
 
     thread = threading.Thread(target=sample, daemon=True)

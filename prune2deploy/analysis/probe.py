@@ -2,8 +2,8 @@
 
 Probes read shapes and integer index values, never the float weights' values: a shape follows from the
 weights' *shapes* (float tensors feed no shape input of a standard op beyond tiny scalars such as Resize
-scales). So a probe does not need the weights: every large floating-point initializer is replaced by a
-``RandomNormal`` of its static shape (cast to its type), generated right before its first use. The probe then
+scales). So a probe does not need the weights: every large floating-point initializer is replaced by random
+values of its shape (cast to its type), generated when its first reader is about to run. The probe then
 costs no copy of the weights — before, it inlined, serialized and loaded them (three copies, the compile's peak
 memory on SmolLM2) — and the serialized model is a few kilobytes, whatever the model's size.
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
+import numpy as np
 import onnx_ir as ir
 
 __all__ = ["WEIGHT_MIN_ELEMENTS", "weightless_model"]
@@ -44,28 +45,50 @@ def _first_use(graph: ir.Graph, value: ir.Value) -> ir.Node | None:
     return None
 
 
-def _generator(value: ir.Value, seed: int) -> list[ir.Node]:
-    """RandomNormal of the value's shape (N(0, 0.02²), the usual init scale), cast to its dtype.
+def _anchor(node: ir.Node, weight: ir.Value) -> ir.Value | None:
+    """A run-time input of the weight's first reader: the generator is made to depend on it."""
+    for value in node.inputs:
+        if value is not None and value is not weight and value.const_value is None:
+            return value
+    return None
 
-    Only tensors of ``WEIGHT_MIN_ELEMENTS`` or more elements come here, so the shape is never a scalar's.
+
+def _generator(value: ir.Value, seed: int, anchor: ir.Value | None) -> list[ir.Node]:
+    """Nodes that make N(0, 0.02²) values (the usual init scale) of the value's shape and dtype.
+
+    ONNX Runtime schedules a node with no inputs at the very start, so a plain ``RandomNormal`` per weight
+    would make every weight at once (measured: 5.6 GB for a 1B model). The shape is therefore computed from
+    ``anchor`` (``shape + 0·min(Shape(anchor))``): each weight is made only once its reader's other input
+    exists and is freed after its last reader, so a probe holds about one weight at a time.
     """
     tensor = value.const_value
-    shape = [int(d) for d in tensor.shape.numpy()]
-    random = ir.node(
-        "RandomNormal",
-        [],
-        attributes={"shape": shape, "dtype": int(ir.DataType.FLOAT), "scale": 0.02, "seed": float(seed)},
-        name=f"p2d_probe_weight_{value.name}",
+    dims = np.array([int(d) for d in tensor.shape.numpy()], dtype=np.int64)
+    tag = f"p2d_probe_{value.name}"
+    nodes = [ir.node("Constant", [], attributes={"value": ir.tensor(dims, name=f"{tag}_dims")})]
+    shape = nodes[-1].outputs[0]
+    if anchor is not None:
+        nodes.append(ir.node("Shape", [anchor]))
+        nodes.append(ir.node("ReduceMin", [nodes[-1].outputs[0]], attributes={"keepdims": 0}))
+        low = nodes[-1].outputs[0]
+        nodes.append(ir.node("Sub", [low, low]))
+        nodes.append(ir.node("Add", [shape, nodes[-1].outputs[0]]))
+        shape = nodes[-1].outputs[0]
+    nodes.append(ir.node("ConstantOfShape", [shape], attributes={"value": ir.tensor(np.ones(1, np.float32))}))
+    nodes.append(
+        ir.node(
+            "RandomNormalLike",
+            [nodes[-1].outputs[0]],
+            attributes={"dtype": int(ir.DataType.FLOAT), "scale": 0.02, "seed": float(seed)},
+        )
     )
-    nodes = [random]
     if tensor.dtype != ir.DataType.FLOAT:
-        cast = ir.node("Cast", [random.outputs[0]], attributes={"to": int(tensor.dtype)})
-        cast.name = f"p2d_probe_cast_{value.name}"
-        nodes.append(cast)
+        nodes.append(ir.node("Cast", [nodes[-1].outputs[0]], attributes={"to": int(tensor.dtype)}))
+    for index, node in enumerate(nodes):
+        node.name = f"{tag}_{index}"
     out = nodes[-1].outputs[0]
-    out.name = f"p2d_probe_{value.name}"
+    out.name = tag
     out.type = ir.TensorType(tensor.dtype)
-    out.shape = ir.Shape(shape)
+    out.shape = ir.Shape(dims.tolist())
     return nodes
 
 
@@ -96,7 +119,7 @@ def weightless_model(model: ir.Model, *, keep: Iterable[str] = (), seed: int = 0
         if where is None:  # unused: drop it
             graph.initializers.pop(value.name)
             continue
-        nodes = _generator(value, seed + index)
+        nodes = _generator(value, seed + index, _anchor(where, value))
         graph.insert_before(where, nodes)
         value.replace_all_uses_with(nodes[-1].outputs[0])
         graph.initializers.pop(value.name)

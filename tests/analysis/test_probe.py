@@ -55,3 +55,21 @@ def test_weightless_copy_runs_to_the_same_shapes(name):
 def test_sequence_bound_is_read_from_the_weightless_run():
     limit = sequence_limit(fresh("gpt2"))
     assert limit is not None and limit.max_seq == 64 and "64 rows" in limit.where
+
+
+def test_each_generated_weight_waits_for_its_reader_input():
+    """A generator with no run-time input would run first in ONNX Runtime: every weight alive at once."""
+    probe = weightless_model(fresh("llama-gqa"))
+    inputs = set(probe.graph.inputs)
+
+    def reaches_input(value: ir.Value, seen: set[int]) -> bool:
+        if value in inputs:
+            return True
+        node = value.producer()
+        if node is None or id(node) in seen:
+            return False
+        seen.add(id(node))
+        return any(v is not None and reaches_input(v, seen) for v in node.inputs)
+
+    generators = [n for n in probe.graph if n.op_type == "RandomNormalLike"]
+    assert generators and all(reaches_input(n.outputs[0], set()) for n in generators)
