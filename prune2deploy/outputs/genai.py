@@ -19,6 +19,7 @@ Runtime against the masked torch model, and the driver compares genai's greedy t
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 from pathlib import Path
@@ -79,7 +80,9 @@ class _Graph:
 
 
 def _np(tensor: Any, dtype: np.dtype) -> np.ndarray:
-    return tensor.detach().float().numpy().astype(dtype) if dtype == np.float32 else tensor.detach().numpy()
+    if dtype == np.float32:  # no copy when the tensor already is fp32 (the graph's const() makes the one copy)
+        return tensor.detach().float().numpy().astype(dtype, copy=False)
+    return tensor.detach().numpy()
 
 
 def _linear(g: _Graph, x: ir.Value, linears: list[Any], name: str, dtype: np.dtype) -> ir.Value:
@@ -353,6 +356,8 @@ def write_genai_folder(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ir.save(decoder, out / "model.onnx", external_data="model.onnx.data")
+    del decoder  # its weights are a copy of the sliced model's: gone before the checks load the file again
+    gc.collect()
     (out / "genai_config.json").write_text(json.dumps(_genai_config(sliced, length, "model.onnx"), indent=4) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
