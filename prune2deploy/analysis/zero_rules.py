@@ -389,6 +389,15 @@ def _const_values(analysis: ChannelFacts, slot: Slot, width: int) -> np.ndarray:
             return _UNARY[op](node, _operand_values(analysis, inputs[0], slot, width))
         if op == "Cast":
             return _operand_values(analysis, inputs[0], slot, width)
+        if op == "Clip":  # ReLU6 exports as Clip(x, 0, 6): constant bounds clip a constant to a constant
+            limits = [-np.inf, np.inf]
+            for position, bound in enumerate(inputs[1:3]):
+                if bound is None or bound.name == "":
+                    continue
+                if bound.const_value is None:
+                    return unknown  # a run-time bound
+                limits[position] = _uniform(bound.const_value.numpy())
+            return np.clip(_operand_values(analysis, inputs[0], slot, width), *limits)
         if op == "AveragePool":
             pads = ints_attr(node, "pads", [])
             if any(pads) and int_attr(node, "count_include_pad", 0):
