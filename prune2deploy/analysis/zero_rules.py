@@ -146,6 +146,8 @@ def zero_mask(analysis: ChannelFacts, slot: Slot) -> np.ndarray | None:
             return _contraction_output(analysis, node, slot, width)
         if op == "BatchNormalization":
             return _batchnorm(analysis, node, slot, width)
+        if op == "LayerNormalization":
+            return _layernorm_out(node, slot, width)
         if op in ("Add", "Sub", "Max", "Min"):
             return _operand(analysis, inputs[0], slot, width) & _operand(analysis, inputs[1], slot, width)
         if op == "Where":
@@ -208,7 +210,7 @@ def _contraction_output(analysis: ChannelFacts, node: ir.Node, slot: Slot, width
         if slot.axis != 1:
             return none
         weight_zero = mask_of(inputs[1], 0)
-        if int_attr(node, "group", 1) > 1:  # depthwise: a zero input channel also gives zero
+        if _depthwise(node):  # a zero input channel also gives zero (not in a grouped conv: it mixes)
             weight_zero = weight_zero | mask_of(inputs[0], 1)
         bias_zero = np.ones(width, dtype=bool) if bias is None else mask_of(bias, 0)
         return weight_zero & bias_zero
@@ -229,6 +231,13 @@ def _contraction_output(analysis: ChannelFacts, node: ir.Node, slot: Slot, width
     return product
 
 
+def _depthwise(node: ir.Node) -> bool:
+    """One input channel per output channel (group == C_in == C_out): channel c out reads channel c alone."""
+    groups = int_attr(node, "group", 1)
+    x, y = node.inputs[0], node.outputs[0]
+    return groups > 1 and value_dim(x, 1) == groups and value_dim(y, 1) == groups
+
+
 def _batchnorm(analysis: ChannelFacts, node: ir.Node, slot: Slot, width: int) -> np.ndarray:
     x, scale, b, mean, var = node.inputs[:5]
     if slot.axis != 1:
@@ -239,6 +248,20 @@ def _batchnorm(analysis: ChannelFacts, node: ir.Node, slot: Slot, width: int) ->
     by_params = (s == 0) & (bb == 0)
     by_input = _operand(analysis, x, slot, width) & (shift == 0)
     return by_params | by_input
+
+
+def _layernorm_out(node: ir.Node, slot: Slot, width: int) -> np.ndarray:
+    """A LayerNorm's output channel is zero wherever its scale and bias are (whatever its input)."""
+    rank = len(slot.value.shape)
+    scale, bias = node.inputs[1], node.inputs[2] if len(node.inputs) > 2 else None
+    if slot.axis != rank - 1 or int_attr(node, "axis", -1) % rank != rank - 1 or scale.const_value is None:
+        return np.zeros(width, dtype=bool)
+    zero = const_zero_mask(scale, 0)
+    if bias is not None:
+        if bias.const_value is None:
+            return np.zeros(width, dtype=bool)
+        zero &= const_zero_mask(bias, 0)
+    return zero if zero.shape == (width,) else np.zeros(width, dtype=bool)
 
 
 def _concat(analysis: ChannelFacts, node: ir.Node, slot: Slot, width: int) -> np.ndarray:
@@ -363,7 +386,7 @@ def _const_values(analysis: ChannelFacts, slot: Slot, width: int) -> np.ndarray:
             wmask = analysis.zero_mask(Slot(inputs[1], weight_axis))
             if wmask is None or wmask.shape != (width,):
                 return unknown
-            if op == "Conv" and int_attr(node, "group", 1) > 1:  # depthwise: a zero input gives the bias too
+            if op == "Conv" and _depthwise(node):  # a zero input channel gives the bias too
                 xmask = analysis.zero_mask(Slot(inputs[0], 1))
                 if xmask is not None and xmask.shape == (width,):
                     wmask = wmask | xmask
