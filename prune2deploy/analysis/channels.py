@@ -54,6 +54,11 @@ class Fold:
     value: float
 
 
+def const_zero_mask_of(slot: Slot) -> np.ndarray:
+    """Per channel of a constant slot: all its entries are zero."""
+    return zero_rules.const_zero_mask(slot.value, slot.axis)
+
+
 def fold_refusal(node: ir.Node, lhs: Slot, rhs: Slot) -> str | None:
     """Why a constant channel of ``lhs`` cannot fold into ``node``'s bias (None: it can, exactly).
 
@@ -127,6 +132,17 @@ class ChannelGroup:
     @property
     def slots(self) -> list[Slot]:
         return [slot for cls in self.classes for slot in cls]
+
+    def zero_weight_atoms(self) -> set[int]:
+        """Atoms that some weight (a constant of rank ≥ 2 in the group) zeroes: channels someone pruned."""
+        atoms: set[int] = set()
+        for ci, slots in enumerate(self.classes):
+            for slot in slots:
+                if not slot.is_const or len(slot.value.shape) < 2:
+                    continue
+                mask = const_zero_mask_of(slot)
+                atoms.update(a for a, members in enumerate(self.atoms) for c, i in members if c == ci and mask[i])
+        return atoms
 
     def partly_zero(self) -> dict[str, int]:
         """Channels that some weight zeroes but that are not removable, and how many of them keep a non-zero
@@ -406,6 +422,7 @@ class ChannelAnalysis(ChannelFacts):
                     continue
                 entries.append((contraction, self.rhs_zero(contraction), self.const_channels(contraction.lhs)))
             per_class.append(entries)
+        pruned = group.zero_weight_atoms()  # channels a user pruned: say why those stay
         norms_per_class = [[n for n in group.norms if self._same.find(n[1]) == root] for root in roots]
         for atom in candidates:
             folds: list[Fold] = []
@@ -414,6 +431,9 @@ class ChannelAnalysis(ChannelFacts):
                 for norm_node, norm_slot in norms_per_class[ci]:
                     seen = self.const_channels(norm_slot)
                     if seen is None or np.isnan(seen[index]):  # varies with the input: the norm needs it
+                        if atom in pruned:
+                            node_name, reason = zero_rules.why_not_constant(self, norm_slot, index)
+                            group.fold_refused[node_name or norm_node.name] = reason
                         ok = False
                     elif seen[index] != 0:
                         group.fold_refused[norm_node.name] = (
@@ -428,6 +448,9 @@ class ChannelAnalysis(ChannelFacts):
                         continue
                     value = np.nan if lhs_values is None else lhs_values[index]
                     if np.isnan(value):
+                        if atom in pruned:
+                            node_name, reason = zero_rules.why_not_constant(self, contraction.lhs, index)
+                            group.fold_refused[node_name or contraction.node.name] = reason
                         ok = False
                         break
                     if value == 0:

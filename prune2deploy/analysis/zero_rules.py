@@ -24,7 +24,7 @@ from prune2deploy.graph.attributes import float_attr, int_attr, ints_attr
 from prune2deploy.graph.constants import all_zero, zero_channels
 from prune2deploy.graph.dims import value_dim
 
-__all__ = ["const_channel_values", "const_zero_mask", "zero_mask"]
+__all__ = ["const_channel_values", "const_zero_mask", "why_not_constant", "zero_mask"]
 
 # Ops that move axes around: the input axis is found through the channel classes, not by alignment.
 _LAYOUT = frozenset(
@@ -390,6 +390,9 @@ def _const_values(analysis: ChannelFacts, slot: Slot, width: int) -> np.ndarray:
                 xmask = analysis.zero_mask(Slot(inputs[0], 1))
                 if xmask is not None and xmask.shape == (width,):
                     wmask = wmask | xmask
+                xvalues = analysis.const_channels(Slot(inputs[0], 1))  # zero as a constant: ReLU(bias < 0)
+                if xvalues is not None and xvalues.shape == (width,):
+                    wmask = wmask | (xvalues == 0)
             if bias is None:
                 return np.where(wmask, 0.0, np.nan)
             if op == "Conv":  # the bias is [C_out], linked to axis 1 (not numpy-aligned)
@@ -443,3 +446,50 @@ def _const_values(analysis: ChannelFacts, slot: Slot, width: int) -> np.ndarray:
                     return unknown if whole_values is None else whole_values[offset : offset + width]
             return _operand_values(analysis, inputs[0], slot, width)
     return unknown
+
+
+def why_not_constant(analysis: ChannelFacts, slot: Slot, index: int, depth: int = 0) -> tuple[str, str]:
+    """(node, reason) for a pruned channel ``index`` of ``slot`` that is neither zero nor constant: the first
+    node, walking back to the pruned weight, that turns a constant channel into one that varies.
+
+    So that a user sees why ``ln_structured``'s channels stayed: a padded depthwise conv after them, a
+    Squeeze-Excite gate multiplied in, or an op without a constant rule.
+    """
+    node = slot.value.producer()
+    if node is None:
+        return "", f"'{slot.value.name}' is a graph input"
+    name, op = node.name or node.op_type, node.op_type
+    width = _width(slot)
+    if op in ("Conv", "MatMul", "Gemm"):
+        if op == "Conv" and _depthwise(node) and depth < 64:
+            source = Slot(node.inputs[0], 1)
+            values = analysis.const_channels(source)
+            if values is not None and not np.isnan(values[index]):
+                return name, (
+                    f"{name} (depthwise Conv) pads its input: constant channel {index} is not constant at the "
+                    "border positions after it, so it cannot fold into a bias; it is kept"
+                )
+            return why_not_constant(analysis, source, index, depth + 1)
+        return name, f"{name} ({op}) computes channel {index} from the input: its weights there are not zero"
+    if width is None:
+        return name, f"{name} ({op}): the channel width is not static"
+    elementwise = op not in _CONST_LAYOUT and op != "AveragePool"
+    constant, varying = [], []
+    for value in node.inputs:
+        if value is None or value.name == "":
+            continue
+        linked = _aligned(value, slot, width) if elementwise else _linked_input(analysis, value, slot)
+        if linked is None:
+            continue
+        values = analysis.const_channels(linked)
+        known = values is not None and values.shape == (width,) and not np.isnan(values[index])
+        (constant if known else varying).append(linked)
+    if varying and constant:
+        other = varying[0].value.name
+        return name, (
+            f"{name} ({op}) combines constant channel {index} with '{other}', which depends on the input (a "
+            "Squeeze-Excite gate, for instance): the result is not constant; it is kept"
+        )
+    if varying and depth < 64:
+        return why_not_constant(analysis, varying[0], index, depth + 1)
+    return name, f"{name} ({op}) has no rule that carries a constant channel through it; channel {index} is kept"

@@ -512,8 +512,8 @@ register_pass(
         name="remove-channels",
         order=20,
         exactness="yes",
-        summary="MLP / conv channels: weights, biases, BN statistics, Reshape/Expand/Split/Slice constants, "
-        "depthwise group counts",
+        summary="MLP / conv channels (grouped convs, channel LayerNorms): weights, biases, BN statistics, "
+        "Reshape/Expand/Split/Slice constants, depthwise group counts",
         default=True,
         options={
             "multiple_of": PassOption(

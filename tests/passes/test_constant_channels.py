@@ -158,3 +158,31 @@ def test_constant_channel_through_clip_folds(act, tmp_path):
     report, model = _compiled(module, tmp_path)
     assert pass_record(report, "remove-channels")["constant_channels_folded"] == 4
     assert _widths(model, "Conv") == [(8, 12, 1, 1), (12, 3, 3, 3)]
+
+
+class _ExpandDepthwise(torch.nn.Module):
+    """1×1 expand → ReLU → padded depthwise 3×3 → ReLU → 1×1 project (MobileNetV2 without BN)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.expand = torch.nn.Conv2d(3, 8, 1)
+        self.dw = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.project = torch.nn.Conv2d(8, 4, 1)
+        self.example_inputs = ExportSpec({"x": torch.randn(2, 3, 8, 8)}, {"x": {0: "batch"}}, ["y"])
+        with torch.no_grad():
+            self.expand.bias.uniform_(-0.5, -0.1)  # a pruned expand channel is relu(bias) = 0 ...
+            self.dw.bias.uniform_(0.1, 0.5)  # ... so the dw conv gives relu(its bias) there: a constant
+
+    def forward(self, x):
+        return self.project(torch.relu(self.dw(torch.relu(self.expand(x)))))
+
+
+def test_depthwise_conv_of_a_constant_zero_channel_gives_its_bias(tmp_path):
+    """The expand channel is zero only as a constant (ReLU of a negative bias), not structurally: the padded
+    depthwise conv still reads zeros there, so its output is its bias, which folds into the projection."""
+    torch.manual_seed(0)
+    module = _ExpandDepthwise().eval()
+    prune.ln_structured(module.expand, "weight", amount=0.25, n=1, dim=0)
+    report, model = _compiled(module, tmp_path)
+    assert pass_record(report, "remove-channels")["channels_removed"] == 2
+    assert _widths(model, "Conv") == [(4, 6, 1, 1), (6, 1, 3, 3), (6, 3, 1, 1)]
