@@ -486,9 +486,11 @@ def why_not_constant(analysis: ChannelFacts, slot: Slot, index: int, depth: int 
         (constant if known else varying).append(linked)
     if varying and constant:
         other = varying[0].value.name
+        example = {"Mul": "a Squeeze-Excite gate", "Add": "a residual connection", "Sub": "a residual connection"}
+        hint = f" ({example[op]}, for instance)" if op in example else ""
         return name, (
-            f"{name} ({op}) combines constant channel {index} with '{other}', which depends on the input (a "
-            "Squeeze-Excite gate, for instance): the result is not constant; it is kept"
+            f"{name} ({op}) combines constant channel {index} with '{other}', which depends on the input{hint}: "
+            "the result is not constant; it is kept"
         )
     if varying and depth < 64:
         return why_not_constant(analysis, varying[0], index, depth + 1)
