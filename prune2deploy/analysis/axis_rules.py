@@ -141,11 +141,22 @@ def _conv(ctx: RuleContext, node: ir.Node) -> str | None:
             ctx.same(Slot(bias, 0), Slot(y, 1))
         ctx.fixup("groups", Slot(y, 1))
         return None
-    reason = f"grouped convolution (group={groups}) mixes channels within groups; pruning it is not supported"
-    for slot in (Slot(x, 1), Slot(y, 1), Slot(w, 0), Slot(w, 1)):
-        ctx.block(slot, reason)
+    if not (isinstance(cin, int) and isinstance(cout, int)) or cin % groups or cout % groups:
+        reason = f"grouped convolution (group={groups}) with channel counts not divisible by the groups"
+        for slot in (Slot(x, 1), Slot(y, 1), Slot(w, 0), Slot(w, 1)):
+            ctx.block(slot, reason)
+        if bias is not None:
+            ctx.block(Slot(bias, 0), reason)
+        return None
+    # Grouped (ResNeXt): output channels are the weight's rows, input channel g·(C_in/G) + j meets column j of
+    # group g's rows. Both sides stay prunable if every group keeps as many channels as the others (the pass
+    # keeps removable channels to even them out): "grouped" fixups ask for that.
+    ctx.contract_grouped(Slot(x, 1), Slot(w, 1), groups)
+    ctx.same(Slot(w, 0), Slot(y, 1))
     if bias is not None:
-        ctx.block(Slot(bias, 0), reason)
+        ctx.same(Slot(bias, 0), Slot(y, 1))
+    ctx.fixup("grouped", Slot(y, 1), groups=groups)
+    ctx.fixup("grouped", Slot(x, 1), groups=groups)
     return None
 
 
@@ -219,6 +230,8 @@ def _along_axis(ctx: RuleContext, node: ir.Node) -> str | None:
         return "unknown rank"
     default = -1
     axis = int_attr(node, "axis", default) % rank
+    if node.op_type == "LayerNormalization" and _channel_norm(ctx, node, axis, rank):
+        return None
     if node.op_type in ("CumSum", "TopK"):
         return f"{node.op_type} is not mapped"
     mixed = set(range(axis, rank)) if node.op_type == "LayerNormalization" else {axis}
@@ -242,6 +255,27 @@ def _along_axis(ctx: RuleContext, node: ir.Node) -> str | None:
                 for a in range(ctx.rank(param)):
                     ctx.block(Slot(param, a), "LayerNormalization scale/bias over a normalised axis")
     return None
+
+
+def _channel_norm(ctx: RuleContext, node: ir.Node, axis: int, rank: int) -> bool:
+    """A LayerNormalization over the last axis with constant per-channel scale and bias: its channels are
+    the input's, and it normalises over them (``ctx.norm``), so a channel may go where the input is zero
+    there; removing it changes the statistics by a known ratio that the pass corrects exactly."""
+    width = ctx.dim(node.inputs[0], rank - 1)
+    params = [p for p in node.inputs[1:3] if p is not None]
+    if axis != rank - 1 or not isinstance(width, int):
+        return False
+    if any(p.const_value is None or tuple(p.const_value.shape) != (width,) for p in params):
+        return False
+    if any(out is not None and (out.uses() or out.is_graph_output()) for out in node.outputs[1:]):
+        return False
+    x, y = node.inputs[0], node.outputs[0]
+    for a in range(rank):
+        ctx.same(Slot(x, a), Slot(y, a))
+    for param in params:
+        ctx.same(Slot(param, 0), Slot(y, rank - 1))
+    ctx.norm(Slot(x, rank - 1))
+    return True
 
 
 # -- layout ops ----------------------------------------------------------------------------------------------

@@ -54,6 +54,11 @@ class Fold:
     value: float
 
 
+def const_zero_mask_of(slot: Slot) -> np.ndarray:
+    """Per channel of a constant slot: all its entries are zero."""
+    return zero_rules.const_zero_mask(slot.value, slot.axis)
+
+
 def fold_refusal(node: ir.Node, lhs: Slot, rhs: Slot) -> str | None:
     """Why a constant channel of ``lhs`` cannot fold into ``node``'s bias (None: it can, exactly).
 
@@ -94,6 +99,7 @@ class ChannelGroup:
     constant_atoms: list[int] = field(default_factory=list)  # removable once their folds are made
     folds: dict[int, list[Fold]] = field(default_factory=dict)  # constant atom -> its folds
     fold_refused: dict[str, str] = field(default_factory=dict)  # node -> why a constant channel stays
+    norms: list[tuple[ir.Node, Slot]] = field(default_factory=list)  # LayerNorms over this group's channels
 
     @property
     def label(self) -> str:
@@ -126,6 +132,17 @@ class ChannelGroup:
     @property
     def slots(self) -> list[Slot]:
         return [slot for cls in self.classes for slot in cls]
+
+    def zero_weight_atoms(self) -> set[int]:
+        """Atoms that some weight (a constant of rank ≥ 2 in the group) zeroes: channels someone pruned."""
+        atoms: set[int] = set()
+        for ci, slots in enumerate(self.classes):
+            for slot in slots:
+                if not slot.is_const or len(slot.value.shape) < 2:
+                    continue
+                mask = const_zero_mask_of(slot)
+                atoms.update(a for a, members in enumerate(self.atoms) for c, i in members if c == ci and mask[i])
+        return atoms
 
     def partly_zero(self) -> dict[str, int]:
         """Channels that some weight zeroes but that are not removable, and how many of them keep a non-zero
@@ -261,6 +278,9 @@ class ChannelAnalysis(ChannelFacts):
         fixups_by_root: dict[Slot, list[Fixup]] = defaultdict(list)
         for fixup in self._fixups:
             fixups_by_root[self._same.find(fixup.slot)].append(fixup)
+        norms_by_root: dict[Slot, list[tuple[ir.Node, Slot]]] = defaultdict(list)
+        for norm_node, norm_slot in self._norms:
+            norms_by_root[self._same.find(norm_slot)].append((norm_node, norm_slot))
         segments_by_group: dict[Slot, list] = defaultdict(list)
         for seg in self._segments:
             segments_by_group[groups_uf.find(self._same.find(seg[0]))].append(seg)
@@ -299,6 +319,7 @@ class ChannelAnalysis(ChannelFacts):
                 contractions=contractions,
                 fixups=[f for r in roots for f in fixups_by_root.get(r, [])],
                 blocked=blocked,
+                norms=[n for r in roots for n in norms_by_root.get(r, [])],
             )
             if not group.blocked and all(widths):
                 group.zero_atoms = self._zero_atoms(group, roots, root_index)
@@ -345,6 +366,19 @@ class ChannelAnalysis(ChannelFacts):
             self._zero_cache[slot] = zero_rules.zero_mask(self, slot)
         return self._zero_cache[slot]
 
+    def rhs_zero(self, contraction: Contraction) -> np.ndarray | None:
+        """Per channel of ``contraction.lhs``: the weight side is zero for it. A grouped Conv's input channel
+        ``g·k + j`` is zero when column ``j`` of group ``g``'s rows is."""
+        if contraction.groups == 1:
+            return self.zero_mask(contraction.rhs)
+        weight = contraction.rhs.value.const_value
+        if weight is None:
+            return None
+        array = weight.numpy()
+        groups, per_group = contraction.groups, array.shape[1]
+        rows = array.reshape(groups, array.shape[0] // groups, per_group, -1)  # [group, row, column, taps]
+        return np.all(rows == 0, axis=(1, 3)).reshape(groups * per_group)
+
     def _zero_atoms(self, group: ChannelGroup, roots, root_index) -> list[int]:
         # A channel index is removable in a class if every contraction of that class sees a zero side.
         removable_per_class: list[np.ndarray] = []
@@ -354,13 +388,17 @@ class ChannelAnalysis(ChannelFacts):
             for contraction in group.contractions:
                 if self._same.find(contraction.lhs) != root:
                     continue
-                lhs, rhs = self.zero_mask(contraction.lhs), self.zero_mask(contraction.rhs)
+                lhs, rhs = self.zero_mask(contraction.lhs), self.rhs_zero(contraction)
                 side = np.zeros_like(ok)
                 if lhs is not None:
                     side |= lhs
                 if rhs is not None:
                     side |= rhs
                 ok &= side
+            for _node, norm_slot in group.norms:  # a norm's statistics may lose only channels it sees as 0
+                if self._same.find(norm_slot) == root:
+                    seen = self.zero_mask(norm_slot)
+                    ok &= seen if seen is not None and seen.shape == ok.shape else np.zeros_like(ok)
             removable_per_class.append(ok)
         return [a for a, members in enumerate(group.atoms) if all(removable_per_class[ci][i] for ci, i in members)]
 
@@ -382,17 +420,37 @@ class ChannelAnalysis(ChannelFacts):
             for contraction in group.contractions:
                 if self._same.find(contraction.lhs) != root:
                     continue
-                entries.append((contraction, self.zero_mask(contraction.rhs), self.const_channels(contraction.lhs)))
+                entries.append((contraction, self.rhs_zero(contraction), self.const_channels(contraction.lhs)))
             per_class.append(entries)
+        pruned = group.zero_weight_atoms()  # channels a user pruned: say why those stay
+        norms_per_class = [[n for n in group.norms if self._same.find(n[1]) == root] for root in roots]
         for atom in candidates:
             folds: list[Fold] = []
             ok = True
             for ci, index in group.atoms[atom]:
+                for norm_node, norm_slot in norms_per_class[ci]:
+                    seen = self.const_channels(norm_slot)
+                    if seen is None or np.isnan(seen[index]):  # varies with the input: the norm needs it
+                        if atom in pruned:
+                            node_name, reason = zero_rules.why_not_constant(self, norm_slot, index)
+                            group.fold_refused[node_name or norm_node.name] = reason
+                        ok = False
+                    elif seen[index] != 0:
+                        group.fold_refused[norm_node.name] = (
+                            f"{norm_node.name} (LayerNormalization) averages over a constant, non-zero channel: "
+                            "removing it would change the norm's statistics; it is kept"
+                        )
+                        ok = False
+                if not ok:
+                    break
                 for contraction, rhs_zero, lhs_values in per_class[ci]:
                     if rhs_zero is not None and rhs_zero[index]:
                         continue
                     value = np.nan if lhs_values is None else lhs_values[index]
                     if np.isnan(value):
+                        if atom in pruned:
+                            node_name, reason = zero_rules.why_not_constant(self, contraction.lhs, index)
+                            group.fold_refused[node_name or contraction.node.name] = reason
                         ok = False
                         break
                     if value == 0:

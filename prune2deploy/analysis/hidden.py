@@ -369,6 +369,14 @@ def analyze_hidden(model: ir.Model) -> HiddenStream:
     seeds = [block.residual for layer in find_layers(model) for block in layer.blocks]
     if not seeds:
         return HiddenStream(blocked=[("", "no residual Add found (not a residual network?)")])
+    if seeds[0].shape is not None and len(seeds[0].shape) == 4:
+        # A CNN's stream is [N, C, H, W]: its last axis is spatial, not the channels this walker narrows.
+        reason = (
+            f"the residual stream '{seeds[0].name}' is 4-D (a CNN's [N, C, H, W]): prune-hidden narrows the last "
+            "axis of [batch, sequence, hidden] streams; CNN residual channels (LayerNorms included) go in "
+            "remove-channels"
+        )
+        return HiddenStream(blocked=[("", reason)])
     width = _last_dim(seeds[0])
     if not isinstance(width, int):
         return HiddenStream(blocked=[("", f"hidden width of '{seeds[0].name}' is not static")])

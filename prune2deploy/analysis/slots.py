@@ -47,6 +47,7 @@ class Contraction:
     node: ir.Node
     lhs: Slot
     rhs: Slot
+    groups: int = 1  # a grouped Conv: ``rhs`` (weight axis 1) holds C_in / groups channels, per group of rows
 
 
 @dataclass
@@ -88,6 +89,7 @@ class ChannelFacts(abc.ABC):
         self._contractions: list[Contraction] = []
         self._blocked: list[tuple[Slot, str, str]] = []
         self._fixups: list[Fixup] = []
+        self._norms: list[tuple[ir.Node, Slot]] = []  # (LayerNormalization, its input's normalised axis)
 
     @abc.abstractmethod
     def zero_mask(self, slot: Slot) -> np.ndarray | None:
@@ -137,6 +139,17 @@ class RuleContext:
     def block(self, slot: Slot, reason: str) -> None:
         self.touched.add(slot)
         self.analysis._blocked.append((slot, self.node.name or self.node.op_type, reason))
+
+    def contract_grouped(self, lhs: Slot, rhs: Slot, groups: int) -> None:
+        """A grouped Conv sums input channel ``g·k + j`` against weight column ``j`` of group ``g``'s rows:
+        the weight axis is narrower than the channel axis, so it is not linked to it, only recorded."""
+        self.touched.update((lhs, rhs))
+        self.analysis._contractions.append(Contraction(self.node, lhs, rhs, groups))
+
+    def norm(self, slot: Slot) -> None:
+        """The node normalises over ``slot``'s channels: a channel may go only where it is zero at ``slot``
+        (then the statistics over the kept channels are rescaled exactly by the pass)."""
+        self.analysis._norms.append((self.node, slot))
 
     def fixup(self, kind: str, slot: Slot, **data) -> None:
         self.analysis._fixups.append(Fixup(kind, self.node, slot, data))

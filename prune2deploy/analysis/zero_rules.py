@@ -24,7 +24,7 @@ from prune2deploy.graph.attributes import float_attr, int_attr, ints_attr
 from prune2deploy.graph.constants import all_zero, zero_channels
 from prune2deploy.graph.dims import value_dim
 
-__all__ = ["const_channel_values", "const_zero_mask", "zero_mask"]
+__all__ = ["const_channel_values", "const_zero_mask", "why_not_constant", "zero_mask"]
 
 # Ops that move axes around: the input axis is found through the channel classes, not by alignment.
 _LAYOUT = frozenset(
@@ -146,6 +146,8 @@ def zero_mask(analysis: ChannelFacts, slot: Slot) -> np.ndarray | None:
             return _contraction_output(analysis, node, slot, width)
         if op == "BatchNormalization":
             return _batchnorm(analysis, node, slot, width)
+        if op == "LayerNormalization":
+            return _layernorm_out(node, slot, width)
         if op in ("Add", "Sub", "Max", "Min"):
             return _operand(analysis, inputs[0], slot, width) & _operand(analysis, inputs[1], slot, width)
         if op == "Where":
@@ -208,7 +210,7 @@ def _contraction_output(analysis: ChannelFacts, node: ir.Node, slot: Slot, width
         if slot.axis != 1:
             return none
         weight_zero = mask_of(inputs[1], 0)
-        if int_attr(node, "group", 1) > 1:  # depthwise: a zero input channel also gives zero
+        if _depthwise(node):  # a zero input channel also gives zero (not in a grouped conv: it mixes)
             weight_zero = weight_zero | mask_of(inputs[0], 1)
         bias_zero = np.ones(width, dtype=bool) if bias is None else mask_of(bias, 0)
         return weight_zero & bias_zero
@@ -229,6 +231,13 @@ def _contraction_output(analysis: ChannelFacts, node: ir.Node, slot: Slot, width
     return product
 
 
+def _depthwise(node: ir.Node) -> bool:
+    """One input channel per output channel (group == C_in == C_out): channel c out reads channel c alone."""
+    groups = int_attr(node, "group", 1)
+    x, y = node.inputs[0], node.outputs[0]
+    return groups > 1 and value_dim(x, 1) == groups and value_dim(y, 1) == groups
+
+
 def _batchnorm(analysis: ChannelFacts, node: ir.Node, slot: Slot, width: int) -> np.ndarray:
     x, scale, b, mean, var = node.inputs[:5]
     if slot.axis != 1:
@@ -239,6 +248,20 @@ def _batchnorm(analysis: ChannelFacts, node: ir.Node, slot: Slot, width: int) ->
     by_params = (s == 0) & (bb == 0)
     by_input = _operand(analysis, x, slot, width) & (shift == 0)
     return by_params | by_input
+
+
+def _layernorm_out(node: ir.Node, slot: Slot, width: int) -> np.ndarray:
+    """A LayerNorm's output channel is zero wherever its scale and bias are (whatever its input)."""
+    rank = len(slot.value.shape)
+    scale, bias = node.inputs[1], node.inputs[2] if len(node.inputs) > 2 else None
+    if slot.axis != rank - 1 or int_attr(node, "axis", -1) % rank != rank - 1 or scale.const_value is None:
+        return np.zeros(width, dtype=bool)
+    zero = const_zero_mask(scale, 0)
+    if bias is not None:
+        if bias.const_value is None:
+            return np.zeros(width, dtype=bool)
+        zero &= const_zero_mask(bias, 0)
+    return zero if zero.shape == (width,) else np.zeros(width, dtype=bool)
 
 
 def _concat(analysis: ChannelFacts, node: ir.Node, slot: Slot, width: int) -> np.ndarray:
@@ -363,10 +386,13 @@ def _const_values(analysis: ChannelFacts, slot: Slot, width: int) -> np.ndarray:
             wmask = analysis.zero_mask(Slot(inputs[1], weight_axis))
             if wmask is None or wmask.shape != (width,):
                 return unknown
-            if op == "Conv" and int_attr(node, "group", 1) > 1:  # depthwise: a zero input gives the bias too
+            if op == "Conv" and _depthwise(node):  # a zero input channel gives the bias too
                 xmask = analysis.zero_mask(Slot(inputs[0], 1))
                 if xmask is not None and xmask.shape == (width,):
                     wmask = wmask | xmask
+                xvalues = analysis.const_channels(Slot(inputs[0], 1))  # zero as a constant: ReLU(bias < 0)
+                if xvalues is not None and xvalues.shape == (width,):
+                    wmask = wmask | (xvalues == 0)
             if bias is None:
                 return np.where(wmask, 0.0, np.nan)
             if op == "Conv":  # the bias is [C_out], linked to axis 1 (not numpy-aligned)
@@ -389,6 +415,15 @@ def _const_values(analysis: ChannelFacts, slot: Slot, width: int) -> np.ndarray:
             return _UNARY[op](node, _operand_values(analysis, inputs[0], slot, width))
         if op == "Cast":
             return _operand_values(analysis, inputs[0], slot, width)
+        if op == "Clip":  # ReLU6 exports as Clip(x, 0, 6): constant bounds clip a constant to a constant
+            limits = [-np.inf, np.inf]
+            for position, bound in enumerate(inputs[1:3]):
+                if bound is None or bound.name == "":
+                    continue
+                if bound.const_value is None:
+                    return unknown  # a run-time bound
+                limits[position] = _uniform(bound.const_value.numpy())
+            return np.clip(_operand_values(analysis, inputs[0], slot, width), *limits)
         if op == "AveragePool":
             pads = ints_attr(node, "pads", [])
             if any(pads) and int_attr(node, "count_include_pad", 0):
@@ -411,3 +446,52 @@ def _const_values(analysis: ChannelFacts, slot: Slot, width: int) -> np.ndarray:
                     return unknown if whole_values is None else whole_values[offset : offset + width]
             return _operand_values(analysis, inputs[0], slot, width)
     return unknown
+
+
+def why_not_constant(analysis: ChannelFacts, slot: Slot, index: int, depth: int = 0) -> tuple[str, str]:
+    """(node, reason) for a pruned channel ``index`` of ``slot`` that is neither zero nor constant: the first
+    node, walking back to the pruned weight, that turns a constant channel into one that varies.
+
+    So that a user sees why ``ln_structured``'s channels stayed: a padded depthwise conv after them, a
+    Squeeze-Excite gate multiplied in, or an op without a constant rule.
+    """
+    node = slot.value.producer()
+    if node is None:
+        return "", f"'{slot.value.name}' is a graph input"
+    name, op = node.name or node.op_type, node.op_type
+    width = _width(slot)
+    if op in ("Conv", "MatMul", "Gemm"):
+        if op == "Conv" and _depthwise(node) and depth < 64:
+            source = Slot(node.inputs[0], 1)
+            values = analysis.const_channels(source)
+            if values is not None and not np.isnan(values[index]):
+                return name, (
+                    f"{name} (depthwise Conv) pads its input: constant channel {index} is not constant at the "
+                    "border positions after it, so it cannot fold into a bias; it is kept"
+                )
+            return why_not_constant(analysis, source, index, depth + 1)
+        return name, f"{name} ({op}) computes channel {index} from the input: its weights there are not zero"
+    if width is None:
+        return name, f"{name} ({op}): the channel width is not static"
+    elementwise = op not in _CONST_LAYOUT and op != "AveragePool"
+    constant, varying = [], []
+    for value in node.inputs:
+        if value is None or value.name == "":
+            continue
+        linked = _aligned(value, slot, width) if elementwise else _linked_input(analysis, value, slot)
+        if linked is None:
+            continue
+        values = analysis.const_channels(linked)
+        known = values is not None and values.shape == (width,) and not np.isnan(values[index])
+        (constant if known else varying).append(linked)
+    if varying and constant:
+        other = varying[0].value.name
+        example = {"Mul": "a Squeeze-Excite gate", "Add": "a residual connection", "Sub": "a residual connection"}
+        hint = f" ({example[op]}, for instance)" if op in example else ""
+        return name, (
+            f"{name} ({op}) combines constant channel {index} with '{other}', which depends on the input{hint}: "
+            "the result is not constant; it is kept"
+        )
+    if varying and depth < 64:
+        return why_not_constant(analysis, varying[0], index, depth + 1)
+    return name, f"{name} ({op}) has no rule that carries a constant channel through it; channel {index} is kept"

@@ -49,6 +49,7 @@ from prune2deploy.analysis.hidden import ConstUse, HiddenStream, analyze_hidden
 from prune2deploy.errors import BadInputError
 from prune2deploy.graph.initializers import NameCounter, add_initializer
 from prune2deploy.passes.base import P2DPass, P2DResult
+from prune2deploy.passes.layernorm import rescale_layernorm
 from prune2deploy.passes.registry import PassOption, PassSpec, register_pass
 
 __all__ = ["PruneHiddenPass"]
@@ -283,54 +284,8 @@ class PruneHiddenPass(P2DPass):
     def _rescale_layernorm(self, model: ir.Model, node: ir.Node, r: float) -> tuple[ir.Value, ir.Value]:
         """Replaces one LayerNormalization over the kept channels by the decomposed norm with the reference
         statistics (module docstring); returns (old output, new output), the new one under the old name."""
-        x, scale = node.inputs[0], node.inputs[1]
-        bias = node.inputs[2] if len(node.inputs) > 2 else None
-        out = node.outputs[0]
-        eps = node.attributes.get_float("epsilon", 1e-5)
-        dtype = x.dtype.numpy() if x.dtype is not None else np.float32
-        reduced = ir.Shape([*list(x.shape)[:-1], 1]) if x.shape is not None else None
         tag = f"{node.name}__ln{self._names.count}"
-        built: list[ir.Node] = []
-
-        def const(value: float, base: str) -> ir.Value:
-            return self._new_initializer(model, np.asarray(value, dtype=dtype), base)
-
-        def op(op_type: str, inputs: list[ir.Value], what: str, shape, **attributes) -> ir.Value:
-            made = ir.node(op_type, inputs, attributes=attributes, name=f"{tag}_{what}")
-            made.outputs[0].name = f"{tag}_{what}"
-            made.outputs[0].shape, made.outputs[0].type = shape, x.type
-            built.append(made)
-            return made.outputs[0]
-
-        axes = self._new_initializer(model, np.asarray([-1], dtype=np.int64), "ln_axes")
-        mean = op("ReduceMean", [x, axes], "mean", reduced, keepdims=1)  # m'
-        centered = op("Sub", [x, mean], "centered", x.shape)
-        variance = op("ReduceMean", [op("Mul", [centered, centered], "sq", x.shape), axes], "var", reduced)
-        mean_sq = op("Mul", [mean, mean], "mean_sq", reduced)
-        var_d = op(
-            "Add",
-            [
-                op("Mul", [variance, const(r, "ln_ratio")], "var_r", reduced),
-                op("Mul", [mean_sq, const(r * (1 - r), "ln_ratio_mean")], "mean_r", reduced),
-            ],
-            "var_d",
-            reduced,
-        )
-        std = op("Sqrt", [op("Add", [var_d, const(eps, "ln_eps")], "var_eps", reduced)], "std", reduced)
-        shifted = op("Sub", [x, op("Mul", [mean, const(r, "ln_ratio")], "mean_d", reduced)], "shifted", x.shape)
-        result = op("Mul", [op("Div", [shifted, std], "normed", x.shape), scale], "scaled", x.shape)
-        if bias is not None:
-            result = op("Add", [result, bias], "biased", x.shape)
-        for made in built:
-            model.graph.insert_before(node, made)
-        was_output = out.is_graph_output()
-        out.replace_all_uses_with(result, replace_graph_outputs=True)
-        if was_output:
-            name = out.name
-            out.name = f"{name}__layernorm"
-            result.name = name
-        model.graph.remove(node, safe=True)
-        return out, result
+        return rescale_layernorm(model, node, r, lambda array, base: self._new_initializer(model, array, base), tag)
 
     # -- graph outputs ----------------------------------------------------------------------------------------
     @staticmethod

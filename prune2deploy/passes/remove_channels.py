@@ -27,6 +27,7 @@ from prune2deploy.analysis.channels import ChannelAnalysis, ChannelGroup, Fixup,
 from prune2deploy.graph.dims import set_dim
 from prune2deploy.graph.initializers import NameCounter, add_initializer, replace_const
 from prune2deploy.passes.base import P2DPass, P2DResult
+from prune2deploy.passes.layernorm import rescale_layernorm
 from prune2deploy.passes.registry import PassOption, PassSpec, register_pass
 
 __all__ = ["RemoveChannelsPass"]
@@ -92,11 +93,13 @@ class RemoveChannelsPass(P2DPass):
             self._slice(group, kept)
             for edit in edits:
                 edit()
+            norms = self._rescale_norms(model, group, kept)
             per_group[group.id] = {
                 "width_before": group.width,
                 "width_after": max(len(k) for k in kept),
                 "removed": len(group.atoms) - len(kept_atoms),
                 **({"constant_folded": len(constants)} if constants else {}),
+                **({"layernorms_rescaled": norms} if norms else {}),
             }
         return self.result(
             model,
@@ -151,7 +154,35 @@ class RemoveChannelsPass(P2DPass):
                 if len({i for a in kept_set for c, i in group.atoms[a] if c == ci}) >= need:
                     break
                 kept_set.add(atom)
+        self._even_groups(group, kept_set)
         return sorted(kept_set)
+
+    @staticmethod
+    def _even_groups(group: ChannelGroup, kept: set[int]) -> None:
+        """A grouped Conv's channels are cut into equal groups: every group keeps as many channels as the
+        fullest one, by keeping removable channels (exact: a kept zero or constant channel stays as it was).
+        Keeping an atom can grow another grouped class (a Concat), so this runs to a fixpoint."""
+        constraints = []
+        for fixup in group.fixups:
+            if fixup.kind != "grouped":
+                continue
+            ci = next(i for i, slots in enumerate(group.classes) if fixup.slot in slots)
+            constraints.append((ci, fixup.data["groups"]))
+        changed = bool(constraints)
+        while changed:
+            changed = False
+            for ci, groups in constraints:
+                members = [(a, i) for a in range(len(group.atoms)) for c, i in group.atoms[a] if c == ci]
+                size = len(members) // groups
+                count = [0] * groups
+                for atom, index in members:
+                    count[index // size] += atom in kept
+                target = max(count)
+                for atom, index in members:
+                    if atom not in kept and count[index // size] < target:
+                        kept.add(atom)
+                        count[index // size] += 1
+                        changed = True
 
     @staticmethod
     def _kept_per_class(group: ChannelGroup, kept_atoms: list[int]) -> list[list[int]]:
@@ -163,6 +194,9 @@ class RemoveChannelsPass(P2DPass):
 
     # -- slicing ------------------------------------------------------------------------------------------
     def _slice(self, group: ChannelGroup, kept: list[list[int]]) -> None:
+        for contraction in group.contractions:
+            if contraction.groups > 1:
+                self._slice_grouped(contraction, kept[self._class_of(group, contraction.lhs)])
         for ci, slots in enumerate(group.classes):
             indices = np.asarray(kept[ci], dtype=np.int64)
             for slot in slots:
@@ -171,6 +205,39 @@ class RemoveChannelsPass(P2DPass):
                     replace_const(value, np.take(value.const_value.numpy(), indices, axis=slot.axis))
                 else:
                     set_dim(value, slot.axis, len(indices))
+
+    def _rescale_norms(self, model: ir.Model, group: ChannelGroup, kept: list[list[int]]) -> int:
+        """Each LayerNorm whose channels shrank keeps the full width's statistics (``passes.layernorm``):
+        exact, since the analysis removes only channels that are zero at the norm's input."""
+        count = 0
+        for node, slot in group.norms:
+            ci = self._class_of(group, slot)
+            width = len({i for atom in group.atoms for c, i in atom if c == ci})  # before the slice
+            if len(kept[ci]) == width:
+                continue
+            tag = f"{node.name}__p2d{self._names.count}"
+
+            def initializer(array: np.ndarray, base: str) -> ir.Value:
+                return add_initializer(model.graph, self._names(model.graph, base), array)
+
+            rescale_layernorm(model, node, len(kept[ci]) / width, initializer, tag)
+            count += 1
+        return count
+
+    @staticmethod
+    def _slice_grouped(contraction, kept: list[int]) -> None:
+        """Keeps, in each group's rows of a grouped Conv weight, the columns of that group's kept input
+        channels (equally many per group: ``_even_groups``). The rows are read as they are now: another
+        group may already have sliced them, in equal groups too."""
+        weight = contraction.rhs.value
+        array = weight.const_value.numpy()
+        groups, per_group = contraction.groups, array.shape[1]
+        rows = array.shape[0] // groups
+        blocks = []
+        for g in range(groups):
+            columns = [i - g * per_group for i in kept if g * per_group <= i < (g + 1) * per_group]
+            blocks.append(np.take(array[g * rows : (g + 1) * rows], columns, axis=1))
+        replace_const(weight, np.concatenate(blocks, axis=0))
 
     # -- width-carrying constants ---------------------------------------------------------------------------
     def _class_of(self, group: ChannelGroup, slot: Slot) -> int:
@@ -445,8 +512,8 @@ register_pass(
         name="remove-channels",
         order=20,
         exactness="yes",
-        summary="MLP / conv channels: weights, biases, BN statistics, Reshape/Expand/Split/Slice constants, "
-        "depthwise group counts",
+        summary="MLP / conv channels (grouped convs, channel LayerNorms): weights, biases, BN statistics, "
+        "Reshape/Expand/Split/Slice constants, depthwise group counts",
         default=True,
         options={
             "multiple_of": PassOption(

@@ -130,3 +130,59 @@ def test_constant_channel_of_a_graph_built_in_code():
     assert model.graph.initializers["W2"].const_value.shape == (4, 5)
     feeds = {"x": rng.normal(size=(3, 8)).astype(np.float32)}
     np.testing.assert_allclose(run(model, feeds)["y"], run(reference, feeds)["y"], rtol=1e-5, atol=1e-5)
+
+
+class _ConvAct(torch.nn.Module):
+    """conv → BN → act → 1×1 conv: MobileNet's ReLU6 exports as Clip(x, 0, 6)."""
+
+    def __init__(self, act: torch.nn.Module) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn = torch.nn.BatchNorm2d(16)
+        self.act = act
+        self.conv2 = torch.nn.Conv2d(16, 8, 1)
+        self.example_inputs = ExportSpec({"x": torch.randn(2, 3, 8, 8)}, {"x": {0: "batch"}}, ["y"])
+        with torch.no_grad():  # BN shifts in (0.1, 0.5): the pruned channels are constants inside (0, 6)
+            self.bn.running_mean.uniform_(-0.5, -0.1)
+            self.bn.bias.zero_()
+
+    def forward(self, x):
+        return self.conv2(self.act(self.bn(self.conv1(x))))
+
+
+@pytest.mark.parametrize("act", [torch.nn.ReLU6(), torch.nn.Hardtanh(-0.2, 0.3)], ids=["relu6", "hardtanh"])
+def test_constant_channel_through_clip_folds(act, tmp_path):
+    torch.manual_seed(0)
+    module = _ConvAct(act).eval()
+    prune.ln_structured(module.conv1, "weight", amount=0.25, n=1, dim=0)
+    report, model = _compiled(module, tmp_path)
+    assert pass_record(report, "remove-channels")["constant_channels_folded"] == 4
+    assert _widths(model, "Conv") == [(8, 12, 1, 1), (12, 3, 3, 3)]
+
+
+class _ExpandDepthwise(torch.nn.Module):
+    """1×1 expand → ReLU → padded depthwise 3×3 → ReLU → 1×1 project (MobileNetV2 without BN)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.expand = torch.nn.Conv2d(3, 8, 1)
+        self.dw = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.project = torch.nn.Conv2d(8, 4, 1)
+        self.example_inputs = ExportSpec({"x": torch.randn(2, 3, 8, 8)}, {"x": {0: "batch"}}, ["y"])
+        with torch.no_grad():
+            self.expand.bias.uniform_(-0.5, -0.1)  # a pruned expand channel is relu(bias) = 0 ...
+            self.dw.bias.uniform_(0.1, 0.5)  # ... so the dw conv gives relu(its bias) there: a constant
+
+    def forward(self, x):
+        return self.project(torch.relu(self.dw(torch.relu(self.expand(x)))))
+
+
+def test_depthwise_conv_of_a_constant_zero_channel_gives_its_bias(tmp_path):
+    """The expand channel is zero only as a constant (ReLU of a negative bias), not structurally: the padded
+    depthwise conv still reads zeros there, so its output is its bias, which folds into the projection."""
+    torch.manual_seed(0)
+    module = _ExpandDepthwise().eval()
+    prune.ln_structured(module.expand, "weight", amount=0.25, n=1, dim=0)
+    report, model = _compiled(module, tmp_path)
+    assert pass_record(report, "remove-channels")["channels_removed"] == 2
+    assert _widths(model, "Conv") == [(4, 6, 1, 1), (6, 1, 3, 3), (6, 3, 1, 1)]

@@ -38,11 +38,15 @@ EXPECTED = {
 
 def _zero_mlp_channels(model, rng) -> int:
     """Zeroes a quarter of each channel group's channels on its reading side (the contractions' weight
-    rows); attention groups (head_dim-sized, read by the head passes) are left alone. Returns the count."""
+    rows); attention groups (head_dim-sized, read by the head passes) are left alone, and so are groups that a
+    LayerNorm averages over (the residual stream): zero reading rows alone do not make those removable.
+    Returns the count."""
     analysis = analyze_channels(model)
     total = 0
     for group in analysis.groups:
-        if not group.prunable or group.width < 32 or not all(c.rhs.is_const for c in group.contractions):
+        if not group.prunable or group.norms or group.width < 32:
+            continue
+        if not all(c.rhs.is_const for c in group.contractions):
             continue
         atoms = rng.choice(len(group.atoms), len(group.atoms) // 4, replace=False)
         for contraction in group.contractions:

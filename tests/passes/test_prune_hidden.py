@@ -232,6 +232,16 @@ def test_nothing_to_do_and_blocked_stream():
     assert record["removed"] == 0 and "graph input 'extra_hidden'" in record["refused"]["hidden stream"]
 
 
+def test_cnn_stream_is_left_to_remove_channels():
+    """ConvNeXt's residual stream is [N, C, H, W]: its last axis is spatial. The pass refuses with the reason
+    (it used to take the width W for the hidden width and stop at the first Transpose)."""
+    from tests.fixtures import cnn_families
+
+    model = cnn_families.fresh("convnext", "stream")
+    record = _prune(model, channels=[0])
+    assert record["removed"] == 0 and "is 4-D" in record["refused"]["hidden stream"]
+
+
 @pytest.mark.slow
 def test_smollm2_zero_hidden_channels_exact(smollm2_onnx, rng):
     """SmolLM2-135M: 64 of 576 hidden channels zeroed in the embedding and every writer go exactly."""

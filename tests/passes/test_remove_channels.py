@@ -761,7 +761,7 @@ def test_embedding_columns(rng):
 @pytest.mark.parametrize(
     ("op", "reason"),
     [
-        (helper.make_node("LayerNormalization", ["H", "g", "b"], ["A"], name="ln"), "normalises over this axis"),
+        (helper.make_node("LayerNormalization", ["H", "g", "b"], ["A"], axis=0, name="ln"), "normalises over"),
         (helper.make_node("Softmax", ["H"], ["A"], name="softmax"), "normalises over this axis"),
         (helper.make_node("Slice", ["H", "st", "en", "ax", "step"], ["A"], name="strided"), "step"),
     ],
@@ -789,6 +789,70 @@ def test_channel_mixing_ops_block(op, reason, rng):
     assert pass_.record["channels_removed"] == 0
     reasons = [r for g in analysis.groups for _, n, r in g.blocked if n == op.name]
     assert any(reason in r for r in reasons), reasons
+    assert_same_outputs(reference, model, rng)
+
+
+@pytest.mark.parametrize(("input_zero", "removed"), [(True, 2), (False, 0)])
+def test_layernorm_over_channels_keeps_its_statistics(input_zero, removed, rng):
+    """fc1 → LayerNorm(last axis) → fc2: a channel zero at the norm's input (and read by zero rows) goes, and
+    the norm is rebuilt with the full width's statistics; one the norm still averages over stays."""
+    nodes = [
+        helper.make_node("MatMul", ["X", "W1"], ["H"], name="fc1"),
+        helper.make_node("LayerNormalization", ["H", "g", "b"], ["A"], name="ln"),
+        helper.make_node("MatMul", ["A", "W2"], ["Y"], name="fc2"),
+    ]
+    inits = {
+        "W1": rng.standard_normal((6, 10)).astype(np.float32),
+        "W2": rng.standard_normal((10, 3)).astype(np.float32),
+        "g": rng.uniform(0.5, 1.5, 10).astype(np.float32),
+        "b": rng.uniform(-0.3, 0.3, 10).astype(np.float32),
+    }
+    model = _graph(nodes, [tensor_info("X", ["N", 6])], [tensor_info("Y", ["N", 3])], inits)
+    if input_zero:
+        _zero_cols(model, "W1", [2, 4])
+    _zero_cols(model, "W2", [2, 4], axis=0)
+    reference = snapshot(model)
+    record = outcome(_prune(model))
+    assert record["channels_removed"] == removed
+    assert model.graph.initializers["W2"].const_value.shape == (10 - removed, 3)
+    assert ("LayerNormalization" in {n.op_type for n in model.graph}) == (not input_zero)
+    if input_zero:
+        assert next(iter(record["per_group"].values()))["layernorms_rescaled"] == 1
+    assert_same_outputs(reference, model, rng)
+
+
+@pytest.mark.parametrize(
+    ("zeroed", "side", "shapes"),
+    [
+        # conv1's outputs 1 (group 0) and 5, 6 (group 1) are zero: one goes from each group, the input side.
+        ({"W1": ([1, 5, 6], 0)}, "in", {"W1": (6, 4, 1, 1), "W2": (8, 3, 3, 3), "W3": (5, 8, 1, 1)}),
+        # conv3 reads nothing of the grouped outputs 0, 1 (group 0) and 4 (group 1): one from each group.
+        ({"W3": ([0, 1, 4], 1)}, "out", {"W1": (8, 4, 1, 1), "W2": (6, 4, 3, 3), "W3": (5, 6, 1, 1)}),
+    ],
+)
+def test_grouped_conv_keeps_equal_groups(zeroed, side, shapes, rng):
+    """conv1 → grouped 3×3 (group=2, 8 → 8) → ReLU → 1×1 conv: both sides of the grouped conv shrink, by the
+    same count in every group. A zero input channel of a grouped conv does not make its output channel of
+    the same index zero (it mixes four inputs), so the output side must stay whole in the first case."""
+    nodes = [
+        helper.make_node("Conv", ["X", "W1"], ["H"], name="conv1"),
+        helper.make_node("Conv", ["H", "W2"], ["G"], name="grouped", group=2, pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["G"], ["R"], name="relu"),
+        helper.make_node("Conv", ["R", "W3", "B3"], ["Y"], name="conv3"),
+    ]
+    inits = {
+        "W1": rng.standard_normal((8, 4, 1, 1)).astype(np.float32),
+        "W2": rng.standard_normal((8, 4, 3, 3)).astype(np.float32),
+        "W3": rng.standard_normal((5, 8, 1, 1)).astype(np.float32),
+        "B3": rng.standard_normal(5).astype(np.float32),
+    }
+    model = _graph(nodes, [tensor_info("X", ["N", 4, 6, 6])], [tensor_info("Y", ["N", 5, 6, 6])], inits)
+    for name, (index, axis) in zeroed.items():
+        _zero_cols(model, name, index, axis=axis)
+    reference = snapshot(model)
+    assert outcome(_prune(model))["channels_removed"] == 2
+    assert {k: tuple(model.graph.initializers[k].const_value.shape) for k in shapes} == shapes
+    assert next(n for n in model.graph if n.name == "grouped").attributes["group"].value == 2
     assert_same_outputs(reference, model, rng)
 
 
