@@ -122,6 +122,8 @@ def run(args) -> dict:
     options: dict = {"profile": False, "overwrite": True, "verify_mode": args.verify_mode}
     if args.no_cache:
         options["export_cache"] = False
+    if args.no_genai:
+        options["genai"] = False
     options["export_cache_dir"] = work / "cache"
     if args.model == "smollm2":
         from prune2deploy.demo import demo_masks
@@ -199,6 +201,7 @@ def main() -> None:
     parser.add_argument("--verify-mode", default="auto", choices=["auto", "whole", "blockwise"])
     parser.add_argument("--no-cache", action="store_true", help="export even when a cached export exists")
     parser.add_argument("--make-only", action="store_true", help="only write the HF folder")
+    parser.add_argument("--no-genai", action="store_true", help="skip the genai/ output (compile and verify only)")
     args = parser.parse_args()
     if args.make_only:
         print(make_folder(args.model, Path(args.work) / f"llama-{args.model}"))
