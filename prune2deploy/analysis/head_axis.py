@@ -394,7 +394,24 @@ class _Tracer:
                 self.shape_targets.add(node)
                 self._mark(out, _Axis(0, first.space, first.sources, merged_from=data))
                 return
+        # (3) a Reshape that keeps every axis (the exporter's ``view`` after p·v): the head axis stays put
+        if self._keeps_axes(data, out, entries, first):
+            if entries[first.axis] != -1:
+                self.block.head_reshapes.append((node, first.axis, first.space))
+            self.shape_targets.add(node)
+            self._mark(out, first)
+            return
         raise _Blocked("a Reshape of a head tensor that is neither the head merge nor a recognised transpose")
+
+    def _keeps_axes(self, data: ir.Value, out: ir.Value, entries: list | None, first: _Axis) -> bool:
+        """Whether ``Reshape(data) -> out`` is the identity on every axis, its head entry ``-1`` or the head
+        count (which the rewrite then changes)."""
+        rank = _rank(data)
+        if entries is None or rank is None or _rank(out) != rank or len(entries) != rank:
+            return False
+        if entries[first.axis] not in (-1, self.width[first.space]):
+            return False
+        return all(same_dim(data.shape[i], out.shape[i]) for i in range(rank))
 
     def _visit_merged(self, node: ir.Node, first: _Axis) -> None:
         """Batch and heads folded into axis 0: only a Transpose keeping axis 0, then the restoring Reshape."""

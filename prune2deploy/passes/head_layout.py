@@ -243,6 +243,8 @@ def apply_head_layout(model: ir.Model, block: AttentionBlock, layout: HeadLayout
     if merge_entries[block.merge_entry] != -1:
         edit.set_shape_entries(block.merge, 1, {block.merge_entry: new_h * d})
     set_dim(block.merge.outputs[0], -1, new_h * d)
+    for node, entry, space in block.head_reshapes:
+        edit.set_shape_entries(node, 1, {entry: new_h if space == "q" else new_k})
 
     # The query → kv map.
     rep = uniform_group_size(layout.mapping, new_k)
