@@ -88,7 +88,7 @@ class _Tracer:
         block = self.block
         for role, split in block.splits.items():
             space = "q" if role == "q" else "kv"
-            self._mark(split.node.outputs[0], _Axis(split.head_entry, space, frozenset(role)))
+            self._mark(split.head_value, _Axis(split.head_entry, space, frozenset(role)))
             self.handled.add(split.node)
         for node in self.model.graph:
             if node in self.handled:
@@ -106,9 +106,12 @@ class _Tracer:
         maps = [[h // r.n_rep for h in range(block.num_heads)] for r in block.repeats]
         maps += [g.indices for g in block.gathers]
         if block.joins:
-            if block.num_heads != block.num_kv_heads:
+            if block.num_kv_heads == 1:  # multi-query: the one kv head broadcasts over the query heads
+                maps.append([0] * block.num_heads)
+            elif block.num_heads != block.num_kv_heads:
                 raise _Blocked("query and kv heads meet without a repeat but their counts differ")
-            maps.append(list(range(block.num_heads)))
+            else:
+                maps.append(list(range(block.num_heads)))
         if not maps:
             raise _Blocked("query heads never meet key/value heads")
         if any(m != maps[0] for m in maps):

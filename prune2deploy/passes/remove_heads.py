@@ -33,13 +33,12 @@ def removal_layout(block: AttentionBlock, keep: list[int]) -> HeadLayout:
     cols = head_columns(kv_keep, d)
 
     def take(projection):
-        weight = projection.weight_array()[:, projection.offset : projection.offset + projection.width][:, cols]
-        bias = projection.bias_array()
-        return weight, None if bias is None else bias[projection.offset : projection.offset + projection.width][cols]
+        bias = projection.role_bias()
+        return projection.role_weight()[:, cols], None if bias is None else bias[cols]
 
     (k_weight, k_bias), (v_weight, v_bias) = take(k), take(v)
     mapping = [kv_keep.index(block.kv_of(h)) for h in keep]
-    return HeadLayout(keep, k_weight, v_weight, k_bias, v_bias, mapping, d)
+    return HeadLayout(keep, k_weight, v_weight, k_bias, v_bias, mapping, d, kv_heads=kv_keep)
 
 
 class RemoveHeadsPass(P2DPass):
@@ -112,7 +111,8 @@ class RemoveHeadsPass(P2DPass):
     def _keep_all_kv(block: AttentionBlock, keep: list[int]) -> HeadLayout:
         full = removal_layout(block, list(range(block.num_heads)))
         mapping = [block.kv_of(h) for h in keep]
-        return HeadLayout(keep, full.k_weight, full.v_weight, full.k_bias, full.v_bias, mapping, block.head_dim)
+        kv = list(range(block.num_kv_heads))
+        return HeadLayout(keep, full.k_weight, full.v_weight, full.k_bias, full.v_bias, mapping, block.head_dim, kv)
 
 
 register_pass(
