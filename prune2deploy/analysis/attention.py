@@ -1,12 +1,14 @@
 """Attention blocks: where the heads are, how query heads read key/value heads, and which heads are zero.
 
 The exporter leaves no "attention" op: a block is a q/k/v projection (MatMul against a constant with an
-optional bias Add, or a GPT-2 style Gemm between flatten/unflatten Reshapes; optionally one fused projection
-and a Split), a Reshape that splits the last axis into (heads, head_dim), per-head work (RoPE, scores,
-softmax, the weighted sum of V), a Reshape that merges (heads, head_dim) back and the output projection.
-This module finds the projections by module name scope and then *proves* the
-head structure by following the head axis forward from the three split Reshapes through every op that
-reads it. Each op either maps the axis (Transpose, elementwise ops whose other operands broadcast over
+optional bias Add and scalings, or a GPT-2 style Gemm between flatten/unflatten Reshapes; optionally one
+fused projection and a Split), a Reshape that splits the last axis into (heads, head_dim) — or, for fused
+per-head layouts, into [heads, 3·head_dim], [heads + 2·kv, head_dim] or [heads, 3, head_dim] followed by
+the ops that pick the roles (``head_routes``) — per-head work (RoPE, scores, softmax, the weighted sum of
+V), a Reshape that merges (heads, head_dim) back and the output projection. Roles come from the graph:
+where each branch meets the attention MatMuls (module names are a fallback and label reports). This
+module then *proves* the head structure by following the head axis forward from the three role tensors
+through every op that reads it. Each op either maps the axis (Transpose, elementwise ops whose other operands broadcast over
 heads, batched MatMul, Slice/Concat/Split on other axes, the GQA repeat, the exporter's merge-batch-and-
 heads transpose trick) or blocks the block with the op and the reason. A block that is not proven is
 reported as unsupported and left alone: the passes built on this never guess.
@@ -26,7 +28,8 @@ uniform average over the visible positions, and the head still outputs ``mean(V)
 when every query head reading it is gone.
 
 Where the parts live: the data model in ``attention_types``, the projection finder in ``projections``,
-the head-axis proof in ``head_axis``; this module runs them per block and finds the zero heads.
+fused layouts in ``head_routes``, the head-axis proof in ``head_axis``; this module runs them per block
+and finds the zero heads.
 """
 
 from __future__ import annotations
@@ -88,6 +91,7 @@ def analyze_attention(model: ir.Model) -> AttentionAnalysis:
             continue
         found = split_reshape(node)
         if found is None:
+            _fused_split(node, candidates)
             continue
         n, d, entry = found
         projection, why = projection_behind(node.inputs[0])
@@ -212,6 +216,26 @@ def _heads_of(block: AttentionBlock, role: str) -> int | None:
     if projection.columns is not None:
         return int(projection.columns.shape[0])
     return static_dim(block.splits[role].node.outputs[0].shape[-2])
+
+
+def _fused_split(node: ir.Node, candidates: dict[str, AttentionBlock]) -> None:
+    """A Reshape ``[.., W] -> [.., a, b, c..]`` (BLOOM's ``[heads, 3, head_dim]``) is a fused head split
+    when a projection feeds it and its columns route to three branches that meet the attention MatMuls;
+    anything else is some other Reshape and is left alone."""
+    r_in, r_out = _rank(node.inputs[0]), _rank(node.outputs[0])
+    if r_in is None or r_out is None or r_out < r_in + 2:
+        return
+    projection, _ = projection_behind(node.inputs[0])
+    if projection is None or projection.split is not None:
+        return
+    try:
+        route = trace_route(node)
+    except RouteBlocked:
+        return
+    if _plain(route) or any(graph_role(s.value) is None for s in route.sources):
+        return
+    key = _block_key(node)
+    _add_routed(candidates.setdefault(key, AttentionBlock(name=key, layer=layer_of(node))), node, projection, route)
 
 
 def _add_routed(block: AttentionBlock, node: ir.Node, projection: Projection, route: Route) -> None:

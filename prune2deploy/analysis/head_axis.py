@@ -404,6 +404,12 @@ class _Tracer:
             self.shape_targets.add(node)
             self._mark(out, first)
             return
+        if out_rank == rank - 1 and first.axis < rank - 2:
+            raise _Blocked(
+                "folds the head axis into the batch axis with a target other than the exporter's"
+                " [-1, seq, head_dim] from Shape (e.g. BLOOM's baddbmm layout, where ALiBi is added per folded"
+                " row): that layout is not followed yet, so this block's heads stay"
+            )
         raise _Blocked("a Reshape of a head tensor that is neither the head merge nor a recognised transpose")
 
     def _keeps_axes(self, data: ir.Value, out: ir.Value, entries: list | None, first: _Axis) -> bool:

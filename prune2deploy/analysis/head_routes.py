@@ -151,7 +151,16 @@ def _step(node: ir.Node, index: int, routed: RoutedValue) -> list[RoutedValue] |
         ]
     if not axes or op not in ("Slice", "Gather", "GatherND"):
         return None
-    head = axes[0]  # only selections of the head (first column-carrying) axis route roles
+    if op == "Gather":  # a Gather of any column axis but head_dim (BLOOM picks q/k/v off a [.., 3, ..] axis)
+        picked = const_array(node.inputs[1])
+        axis = int_attr(node, "axis", 0) % rank
+        if axis not in axes[:-1] or picked is None or picked.ndim > 1 or len(set(picked.reshape(-1))) != picked.size:
+            return None
+        k = axes.index(axis)
+        chosen = np.take(routed.index, picked.astype(np.int64) % routed.index.shape[k], axis=k)
+        new_axes = list(axes) if picked.ndim == 1 else [a if a < axis else a - 1 for a in axes if a != axis]
+        return [RoutedValue(node.outputs[0], new_axes, chosen)]
+    head = axes[0]  # Slice and GatherND route roles off the head (first column-carrying) axis
     n = routed.index.shape[0]
     if op == "Slice":
         starts, ends = _ints(node.inputs[1]), _ints(node.inputs[2])
@@ -164,13 +173,6 @@ def _step(node: ir.Node, index: int, routed: RoutedValue) -> list[RoutedValue] |
             return None
         picked = np.arange(n)[slice(starts[0], ends[0])]
         return [RoutedValue(node.outputs[0], list(axes), routed.index[picked])]
-    if op == "Gather":
-        picked = const_array(node.inputs[1])
-        if int_attr(node, "axis", 0) % rank != head or picked is None or picked.ndim > 1:
-            return None
-        chosen = np.take(routed.index, picked.astype(np.int64) % n, axis=0)
-        new_axes = list(axes) if picked.ndim == 1 else [a - 1 for a in axes[1:]]
-        return [RoutedValue(node.outputs[0], new_axes, chosen)]
     picked = const_array(node.inputs[1])  # GatherND(x, [[i], ..]) on axis 0 == Gather(x, [i, ..], axis=0)
     if int_attr(node, "batch_dims", 0) or head != 0 or picked is None or picked.ndim != 2 or picked.shape[1] != 1:
         return None
@@ -256,7 +258,8 @@ def plan_route(route: Route, survivors: np.ndarray) -> list[tuple]:
             if sizes != [o.index.shape[k] for o in outs]:
                 actions.append(("split", node, np.asarray(sizes, dtype=np.int64)))
             continue
-        keep = keeps[0]
+        k = routed.axes.index(int_attr(node, "axis", 0) % rank) if node.op_type == "Gather" else 0
+        keep = keeps[k]
         new_pos = np.cumsum(keep) - 1
         n = len(keep)
         if node.op_type == "Slice":

@@ -1,8 +1,9 @@
 """Finding the q/k/v projections behind the Reshapes that split the last axis into (heads, head_dim).
 
 A projection is ``MatMul(x, W) [+ b]`` or a GPT-2 style ``Reshape(Gemm(x2d, W[, b]), [.., out])``, each
-optionally followed by a Split of fused q/k/v; its role (q, k, v or fused qkv) comes from the module name
-scope. See :mod:`prune2deploy.analysis.attention` for how the blocks are then proven.
+optionally followed by a Split of fused q/k/v; its role comes from the graph (``head_routes.graph_role``),
+the module name scope (``role_of``) only where the graph does not say. See
+:mod:`prune2deploy.analysis.attention` for how the blocks are then proven.
 """
 
 from __future__ import annotations

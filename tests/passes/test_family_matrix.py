@@ -32,7 +32,8 @@ EXPECTED = {
     "gptneox": None,  # fused QKV interleaved per head ([heads, 3·head_dim] then Split), partial rotary
     "falcon": None,  # fused multi-query QKV ([heads + 2, head_dim], Slice / GatherND of the head axis)
     "olmo2": "normalises over all 64 channels of every head between the projection and the head split",
-    "bloom": "Softmax with no recognised q/k/v head-split Reshapes around it",
+    # q/k/v are found (Gather off the fused [heads, 3, head_dim]); the batch×heads fold with ALiBi is not
+    "bloom": "(Reshape): folds the head axis into the batch axis with a target other than the exporter's",
 }
 
 
