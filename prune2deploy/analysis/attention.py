@@ -8,16 +8,17 @@ the ops that pick the roles (``head_routes``) — per-head work (RoPE, scores, s
 V), a Reshape that merges (heads, head_dim) back and the output projection. Roles come from the graph:
 where each branch meets the attention MatMuls (module names are a fallback and label reports). This
 module then *proves* the head structure by following the head axis forward from the three role tensors
-through every op that reads it. Each op either maps the axis (Transpose, elementwise ops whose other operands broadcast over
-heads, batched MatMul, Slice/Concat/Split on other axes, the GQA repeat, the exporter's merge-batch-and-
-heads transpose trick) or blocks the block with the op and the reason. A block that is not proven is
-reported as unsupported and left alone: the passes built on this never guess.
+through every op that reads it. Each op either maps the axis (Transpose, elementwise ops whose other
+operands broadcast over heads, batched MatMul, Slice/Concat/Split on other axes, the GQA repeat, a single
+kv head broadcast over the query heads, the exporter's merge-batch-and-heads transpose trick) or blocks
+the block with the op and the reason. A block that is not proven is reported as unsupported and left
+alone: the passes built on this never guess.
 
 Two head spaces exist per block: query heads (H) and key/value heads (K). They meet at a GQA repeat
 (``Unsqueeze → Expand → Reshape``: query head ``h`` reads kv head ``h // (H / K)``), at a ``Gather`` over
-the kv-head axis (an explicit map, what the head passes write for uneven groups) or, for MHA, directly at
-the score and value MatMuls (identity map). Those meeting points are where a pass rewrites the
-q-head → kv-head map; K and V must be mapped the same way.
+the kv-head axis (an explicit map, what the head passes write for uneven groups) or, for MHA and
+multi-query, directly at the score and value MatMuls (identity map; every head reads kv head 0). Those
+meeting points are where a pass rewrites the q-head → kv-head map; K and V must be mapped the same way.
 
 When is a head's contribution zero? The block's output is ``Σ_h O_h · (P_h · V_{map(h)})`` where ``O_h``
 are the output projection's rows of head ``h`` and ``P_h`` is the head's attention matrix. The term is
