@@ -229,12 +229,24 @@ class _Tracer:
             sources |= info.sources
         if len(aligned) != 1 or len(spaces) != 1:
             raise _Blocked("operands carry heads on different axes or from different head spaces")
-        out_axis = aligned.pop()
+        out_axis, space = aligned.pop(), spaces.pop()
         for i, value in enumerate(node.inputs):
             if i in traced or value is None:
                 continue
-            self._broadcasts(value, out_rank, out_axis)
-        self._mark(node.outputs[0], _Axis(out_axis, spaces.pop(), sources))
+            if not self._per_head_constant(node, i, out_rank, out_axis, space):
+                self._broadcasts(value, out_rank, out_axis)
+        self._mark(node.outputs[0], _Axis(out_axis, space, sources))
+
+    def _per_head_constant(self, node: ir.Node, index: int, out_rank: int, out_axis: int, space: str) -> bool:
+        """A constant with one entry per head on the head axis (per-head slopes, temperatures, biases):
+        head ``h`` reads only entry ``h``, so the rewrite slices the constant with the heads."""
+        value = node.inputs[index]
+        array = const_array(value)
+        local = out_axis - (out_rank - array.ndim) if array is not None else -1
+        if array is None or local < 0 or array.shape[local] != self.width[space] or self.width[space] == 1:
+            return False
+        self.block.head_constants.append((node, index, local, space))
+        return True
 
     @staticmethod
     def _broadcasts(value: ir.Value, out_rank: int, out_axis: int) -> None:

@@ -164,6 +164,8 @@ def _check_layout(block: AttentionBlock, layout: HeadLayout) -> None:
     """Refuses a layout that cannot describe this block (a caller bug must not produce a wrong graph)."""
     if not block.supported:
         raise ValueError(f"{block.name} is not a supported attention block: {block.reasons}")
+    if layout.kv_heads is None and any(space == "kv" for *_, space in block.head_constants):
+        raise ValueError(f"{block.name}: per-kv-head constants cannot follow new (pooled) kv heads")
     heads = layout.q_heads
     if not heads or len(set(heads)) != len(heads) or not all(0 <= h < block.num_heads for h in heads):
         raise ValueError(f"{block.name}: query heads {heads} are not distinct heads of 0..{block.num_heads - 1}")
@@ -294,6 +296,9 @@ def apply_head_layout(model: ir.Model, block: AttentionBlock, layout: HeadLayout
     set_dim(block.merge.outputs[0], -1, new_h * d)
     for node, entry, space in block.head_reshapes:
         edit.set_shape_entries(node, 1, {entry: new_h if space == "q" else new_k})
+    for node, index, axis, space in block.head_constants:
+        heads = layout.q_heads if space == "q" else layout.kv_heads
+        edit.set_input(node, index, np.take(const_array(node.inputs[index]), heads, axis=axis))
 
     # The query → kv map.
     rep = uniform_group_size(layout.mapping, new_k)

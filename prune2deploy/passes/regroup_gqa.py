@@ -180,6 +180,9 @@ class RegroupGQAPass(P2DPass):
                     " change the kv head count inside it; only remove-heads rewrites such blocks"
                 )
                 continue
+            if any(space == "kv" for *_, space in block.head_constants):
+                skipped[block.name] = "a constant with one entry per kv head cannot be pooled with the kv heads"
+                continue
             if block.num_heads % groups:
                 skipped[block.name] = f"{groups} kv heads do not divide {block.num_heads} query heads"
                 continue

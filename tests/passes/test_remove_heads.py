@@ -290,3 +290,19 @@ def test_multi_query_keeps_its_kv_head_until_every_query_head_goes():
     assert _remove(model)["heads_removed"] == 3
     assert _counts(model) == {"block": (1, 1)}
     assert_same_outputs(reference, model, rng)
+
+
+def test_per_head_constant_is_sliced_with_the_head():
+    """A per-head constant on the scores (one temperature per head, like ALiBi slopes) keeps the head axis;
+    removing head 1 slices its entry out, and the outputs stay exact (a wrong slice would change them)."""
+    rng = np.random.default_rng(2)
+    model = fused_attention_model("interleaved", rng, head_scale=True)
+    temperature = next(n for n in model.graph if n.name == "per_head").inputs[1].const_value.numpy().copy()
+    (block,) = blocks_by_name(model).values()
+    assert [(n.name, i, axis, space) for n, i, axis, space in block.head_constants] == [("per_head", 1, 1, "q")]
+    zero_heads(model, {"block": [1]})
+    reference = snapshot(model)
+    assert _remove(model)["heads_removed"] == 1
+    sliced = next(n for n in model.graph if n.name == "per_head").inputs[1].const_value.numpy()
+    np.testing.assert_array_equal(sliced, temperature[:, [0, 2, 3]])
+    assert_same_outputs(reference, model, rng)
