@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from prune2deploy.analysis.head_routes import Route
 from prune2deploy.graph.constants import const_array
 from prune2deploy.graph.scopes import module_of
 
@@ -46,6 +47,10 @@ class Projection:
     split_index: int = 0
     transposed: bool = False  # Gemm transB=1: the weight is stored [out, in]
     unflatten: ir.Node | None = None  # Gemm's [N, out] -> [.., out] Reshape (its target carries the width)
+    #: a fused layout followed by the graph (head_routes): this role's ``[heads, head_dim]`` weight columns
+    columns: np.ndarray | None = None
+    #: Mul/Div by a constant scalar between the projection and the head split (their outputs change width)
+    scales: list[ir.Node] = field(default_factory=list)
 
     @property
     def module(self) -> str:
@@ -59,6 +64,20 @@ class Projection:
     def bias_array(self) -> np.ndarray | None:
         return None if self.bias is None else const_array(self.bias)
 
+    def role_columns(self) -> np.ndarray:
+        """This role's weight columns, head-major (``[heads * head_dim]``), whatever the fused layout."""
+        if self.columns is not None:
+            return self.columns.reshape(-1)
+        return np.arange(self.offset, self.offset + self.width)
+
+    def role_weight(self) -> np.ndarray:
+        """This role's ``[in, heads * head_dim]`` weight, head-major."""
+        return self.weight_array()[:, self.role_columns()]
+
+    def role_bias(self) -> np.ndarray | None:
+        bias = self.bias_array()
+        return None if bias is None else bias[self.role_columns()]
+
 
 @dataclass
 class SplitReshape:
@@ -66,7 +85,13 @@ class SplitReshape:
 
     role: str
     node: ir.Node
-    head_entry: int  # index of the head count in the target shape (its value may be -1)
+    head_entry: int  # index of the head count in the target shape (its value may be -1); the head axis
+    #: where the role's head tensor starts when it is not the Reshape's output (a routed fused layout)
+    value: ir.Value | None = None
+
+    @property
+    def head_value(self) -> ir.Value:
+        return self.node.outputs[0] if self.value is None else self.value
 
 
 @dataclass
@@ -126,11 +151,16 @@ class AttentionBlock:
     merge: ir.Node | None = None
     merge_entry: int = -1
     tensors: list[HeadTensor] = field(default_factory=list)
+    #: identity Reshapes of head tensors whose target names the head count: (node, entry, "q" | "kv")
+    head_reshapes: list[tuple[ir.Node, int, str]] = field(default_factory=list)
+    #: per-head constants of elementwise ops (sliced with the heads): (node, input index, axis, "q" | "kv")
+    head_constants: list[tuple[ir.Node, int, int, str]] = field(default_factory=list)
     cache_inputs: dict[str, ir.Value] = field(default_factory=dict)  # "k"/"v" -> past graph input
     cache_outputs: dict[str, ir.Value] = field(default_factory=dict)  # "k"/"v" -> present graph output
     reasons: list[str] = field(default_factory=list)
     zero_heads: dict[int, str] = field(default_factory=dict)  # query head -> why its contribution is zero
     v_zero_blocked: str = ""
+    route: Route | None = None  # the fused q/k/v routing when the roles share one head split
 
     @property
     def supported(self) -> bool:
@@ -152,7 +182,7 @@ class AttentionBlock:
             "head_dim": self.head_dim,
             "gqa": "repeat" if self.repeats else "gather" if self.gathers else "mha" if self.joins else "",
             "kv_map": self.kv_map,
-            "fused_qkv": any(p.split is not None for p in self.projections.values()),
+            "fused_qkv": any(p.split is not None or p.columns is not None for p in self.projections.values()),
             "biases": sorted(r for r, p in self.projections.items() if p.bias is not None),
             "kv_cache": bool(self.cache_inputs),
             "zero_heads": {str(h): why for h, why in sorted(self.zero_heads.items())},

@@ -88,7 +88,7 @@ class _Tracer:
         block = self.block
         for role, split in block.splits.items():
             space = "q" if role == "q" else "kv"
-            self._mark(split.node.outputs[0], _Axis(split.head_entry, space, frozenset(role)))
+            self._mark(split.head_value, _Axis(split.head_entry, space, frozenset(role)))
             self.handled.add(split.node)
         for node in self.model.graph:
             if node in self.handled:
@@ -106,9 +106,12 @@ class _Tracer:
         maps = [[h // r.n_rep for h in range(block.num_heads)] for r in block.repeats]
         maps += [g.indices for g in block.gathers]
         if block.joins:
-            if block.num_heads != block.num_kv_heads:
+            if block.num_kv_heads == 1:  # multi-query: the one kv head broadcasts over the query heads
+                maps.append([0] * block.num_heads)
+            elif block.num_heads != block.num_kv_heads:
                 raise _Blocked("query and kv heads meet without a repeat but their counts differ")
-            maps.append(list(range(block.num_heads)))
+            else:
+                maps.append(list(range(block.num_heads)))
         if not maps:
             raise _Blocked("query heads never meet key/value heads")
         if any(m != maps[0] for m in maps):
@@ -226,12 +229,24 @@ class _Tracer:
             sources |= info.sources
         if len(aligned) != 1 or len(spaces) != 1:
             raise _Blocked("operands carry heads on different axes or from different head spaces")
-        out_axis = aligned.pop()
+        out_axis, space = aligned.pop(), spaces.pop()
         for i, value in enumerate(node.inputs):
             if i in traced or value is None:
                 continue
-            self._broadcasts(value, out_rank, out_axis)
-        self._mark(node.outputs[0], _Axis(out_axis, spaces.pop(), sources))
+            if not self._per_head_constant(node, i, out_rank, out_axis, space):
+                self._broadcasts(value, out_rank, out_axis)
+        self._mark(node.outputs[0], _Axis(out_axis, space, sources))
+
+    def _per_head_constant(self, node: ir.Node, index: int, out_rank: int, out_axis: int, space: str) -> bool:
+        """A constant with one entry per head on the head axis (per-head slopes, temperatures, biases):
+        head ``h`` reads only entry ``h``, so the rewrite slices the constant with the heads."""
+        value = node.inputs[index]
+        array = const_array(value)
+        local = out_axis - (out_rank - array.ndim) if array is not None else -1
+        if array is None or local < 0 or array.shape[local] != self.width[space] or self.width[space] == 1:
+            return False
+        self.block.head_constants.append((node, index, local, space))
+        return True
 
     @staticmethod
     def _broadcasts(value: ir.Value, out_rank: int, out_axis: int) -> None:
@@ -394,7 +409,30 @@ class _Tracer:
                 self.shape_targets.add(node)
                 self._mark(out, _Axis(0, first.space, first.sources, merged_from=data))
                 return
+        # (3) a Reshape that keeps every axis (the exporter's ``view`` after p·v): the head axis stays put
+        if self._keeps_axes(data, out, entries, first):
+            if entries[first.axis] != -1:
+                self.block.head_reshapes.append((node, first.axis, first.space))
+            self.shape_targets.add(node)
+            self._mark(out, first)
+            return
+        if out_rank == rank - 1 and first.axis < rank - 2:
+            raise _Blocked(
+                "folds the head axis into the batch axis with a target other than the exporter's"
+                " [-1, seq, head_dim] from Shape (e.g. BLOOM's baddbmm layout, where ALiBi is added per folded"
+                " row): that layout is not followed yet, so this block's heads stay"
+            )
         raise _Blocked("a Reshape of a head tensor that is neither the head merge nor a recognised transpose")
+
+    def _keeps_axes(self, data: ir.Value, out: ir.Value, entries: list | None, first: _Axis) -> bool:
+        """Whether ``Reshape(data) -> out`` is the identity on every axis, its head entry ``-1`` or the head
+        count (which the rewrite then changes)."""
+        rank = _rank(data)
+        if entries is None or rank is None or _rank(out) != rank or len(entries) != rank:
+            return False
+        if entries[first.axis] not in (-1, self.width[first.space]):
+            return False
+        return all(same_dim(data.shape[i], out.shape[i]) for i in range(rank))
 
     def _visit_merged(self, node: ir.Node, first: _Axis) -> None:
         """Batch and heads folded into axis 0: only a Transpose keeping axis 0, then the restoring Reshape."""

@@ -1,8 +1,9 @@
 """Finding the q/k/v projections behind the Reshapes that split the last axis into (heads, head_dim).
 
 A projection is ``MatMul(x, W) [+ b]`` or a GPT-2 style ``Reshape(Gemm(x2d, W[, b]), [.., out])``, each
-optionally followed by a Split of fused q/k/v; its role (q, k, v or fused qkv) comes from the module name
-scope. See :mod:`prune2deploy.analysis.attention` for how the blocks are then proven.
+optionally followed by a Split of fused q/k/v; its role comes from the graph (``head_routes.graph_role``),
+the module name scope (``role_of``) only where the graph does not say. See
+:mod:`prune2deploy.analysis.attention` for how the blocks are then proven.
 """
 
 from __future__ import annotations
@@ -54,9 +55,17 @@ def projection_behind(value: ir.Value) -> tuple[Projection | None, str]:
     """Walks back from a split Reshape's input to the projection.
 
     Recognised: ``MatMul(x, W) [+ b]`` and ``Reshape(Gemm(x2d, W[, b]), [.., out])`` (GPT-2 style), each
-    optionally followed by a Split of fused q/k/v along the last axis.
+    optionally followed by a Split of fused q/k/v along the last axis, and by Mul/Div by constant scalars
+    (a q scaling before the head split: it scales every column alike, so heads stay separable).
     """
     node = value.producer()
+    scales = []
+    while node is not None and node.op_type in ("Mul", "Div") and _scalar_index(node) is not None:
+        data = node.inputs[1 - _scalar_index(node)]
+        if not _single_reader(data):
+            return None, f"{node.name}: the projection output it scales has other readers"
+        scales.append(node)
+        value, node = data, data.producer()
     split, split_index = None, 0
     if node is not None and node.op_type == "Split":
         split, split_index = node, list(node.outputs).index(value)
@@ -100,7 +109,14 @@ def projection_behind(value: ir.Value) -> tuple[Projection | None, str]:
     if not _single_reader(node.outputs[0]):
         return None, f"{node.name}: the projection output has other readers"
     projection = Projection(
-        role="", matmul=node, weight=weight, bias_add=bias_add, bias=bias, transposed=transposed, unflatten=unflatten
+        role="",
+        matmul=node,
+        weight=weight,
+        bias_add=bias_add,
+        bias=bias,
+        transposed=transposed,
+        unflatten=unflatten,
+        scales=scales,
     )
     if split is not None:
         sizes = _split_sizes(split)
@@ -111,6 +127,15 @@ def projection_behind(value: ir.Value) -> tuple[Projection | None, str]:
     else:
         projection.width = int(projection.weight_array().shape[1])
     return projection, ""
+
+
+def _scalar_index(node: ir.Node) -> int | None:
+    """Which input of a Mul/Div is a constant scalar (a Div only by one: ``c / x`` is not a scaling)."""
+    for i in (1, 0) if node.op_type == "Mul" else (1,):
+        array = const_array(node.inputs[i])
+        if array is not None and array.size == 1 and node.inputs[1 - i] is not None:
+            return i
+    return None
 
 
 def _split_sizes(node: ir.Node) -> list[int] | None:

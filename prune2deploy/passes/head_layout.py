@@ -23,6 +23,7 @@ import numpy as np
 import onnx_ir as ir
 
 from prune2deploy.analysis.attention import AttentionBlock, Projection
+from prune2deploy.analysis.head_routes import plan_route
 from prune2deploy.graph.constants import const_array
 from prune2deploy.graph.dims import set_dim, shape_entries
 from prune2deploy.graph.initializers import NameCounter, add_initializer
@@ -42,6 +43,8 @@ class HeadLayout:
         k_bias, v_bias: new biases (``None`` when the block has none).
         mapping: new query head ``i`` reads new kv head ``mapping[i]``.
         head_dim: unchanged head width (gives the kv head count from the new columns).
+        kv_heads: the original kv heads the new K/V columns are, when they are a subset (head removal);
+            ``None`` when they are new (pooled) heads. A routed fused layout only takes a removal.
     """
 
     q_heads: list[int]
@@ -51,6 +54,7 @@ class HeadLayout:
     v_bias: np.ndarray | None
     mapping: list[int]
     head_dim: int
+    kv_heads: list[int] | None = None
 
     @property
     def num_kv_heads(self) -> int:
@@ -160,6 +164,8 @@ def _check_layout(block: AttentionBlock, layout: HeadLayout) -> None:
     """Refuses a layout that cannot describe this block (a caller bug must not produce a wrong graph)."""
     if not block.supported:
         raise ValueError(f"{block.name} is not a supported attention block: {block.reasons}")
+    if layout.kv_heads is None and any(space == "kv" for *_, space in block.head_constants):
+        raise ValueError(f"{block.name}: per-kv-head constants cannot follow new (pooled) kv heads")
     heads = layout.q_heads
     if not heads or len(set(heads)) != len(heads) or not all(0 <= h < block.num_heads for h in heads):
         raise ValueError(f"{block.name}: query heads {heads} are not distinct heads of 0..{block.num_heads - 1}")
@@ -169,6 +175,52 @@ def _check_layout(block: AttentionBlock, layout: HeadLayout) -> None:
         raise ValueError(f"{block.name}: new K and V weights differ in shape")
     if len(layout.mapping) != len(heads) or not all(0 <= m < layout.num_kv_heads for m in layout.mapping):
         raise ValueError(f"{block.name}: query → kv map {layout.mapping} does not fit {layout.num_kv_heads} kv heads")
+
+
+def _apply_route(edit: _Editor, block: AttentionBlock, layout: HeadLayout) -> None:
+    """Keeps the surviving columns of a routed fused projection and renumbers every routing constant.
+
+    Raises:
+        ValueError: the layout is not a head removal (a fused per-head layout cannot take new kv heads).
+        RouteBlocked: the kept columns do not form whole slabs of the layout; nothing was changed.
+    """
+    q, k, v = (block.projections[r] for r in "qkv")
+    kv_heads, heads = layout.kv_heads, layout.q_heads
+    if kv_heads is None or heads != sorted(heads) or layout.mapping != [kv_heads.index(block.kv_of(h)) for h in heads]:
+        raise ValueError(f"{block.name}: a fused per-head q/k/v layout only takes head removal, not {layout}")
+    removed = [q.columns[h] for h in range(block.num_heads) if h not in heads]
+    removed += [p.columns[g] for g in range(block.num_kv_heads) if g not in kv_heads for p in (k, v)]
+    survivors = np.setdiff1d(np.arange(block.route.width), np.concatenate(removed) if removed else [])
+    actions = plan_route(block.route, survivors)  # may refuse: before any change
+    edit.set_weight(q, q.weight_array()[:, survivors])
+    _set_width(q, len(survivors))
+    if q.bias is not None:
+        edit.set_input(q.bias_add, list(q.bias_add.inputs).index(q.bias), q.bias_array()[survivors])
+    for kind, node_or_value, *rest in actions:
+        if kind == "dim":
+            set_dim(node_or_value, *rest)
+        elif kind == "entries":
+            edit.set_shape_entries(node_or_value, 1, rest[0])
+        elif kind == "input":
+            edit.set_input(node_or_value, *rest)
+        elif kind == "split":
+            _set_split_sizes(edit, node_or_value, rest[0])
+
+
+def _set_width(projection: Projection, width: int) -> None:
+    """The projection's output width, after its bias Add and scalings too."""
+    set_dim(projection.matmul.outputs[0], -1, width)
+    for node in ([projection.bias_add] if projection.bias_add is not None else []) + projection.scales:
+        set_dim(node.outputs[0], -1, width)
+
+
+def _set_split_sizes(edit: _Editor, split: ir.Node, sizes: np.ndarray) -> None:
+    if len(split.inputs) > 1 and split.inputs[1] is not None:
+        edit.set_input(split, 1, sizes)
+    else:
+        split.resize_inputs(2)
+        split.replace_input_with(1, edit.const(sizes, "split"))
+        split.attributes.pop("num_outputs", None)
 
 
 def apply_head_layout(model: ir.Model, block: AttentionBlock, layout: HeadLayout, *, tag: str = "heads") -> dict:
@@ -183,14 +235,16 @@ def apply_head_layout(model: ir.Model, block: AttentionBlock, layout: HeadLayout
     new_h, new_k = len(layout.q_heads), layout.num_kv_heads
     q_cols = head_columns(layout.q_heads, d)
     q, k, v, o = (block.projections[r] for r in "qkvo")
-    q_weight = q.weight_array()[:, q.offset : q.offset + q.width][:, q_cols]
-    q_bias = None if q.bias is None else q.bias_array()[q.offset : q.offset + q.width][q_cols]
+    q_weight = q.role_weight()[:, q_cols]
+    q_bias = None if q.bias is None else q.role_bias()[q_cols]
     if (layout.k_bias is None) != (k.bias is None) or (layout.v_bias is None) != (v.bias is None):
         raise ValueError("the new layout's biases do not match the block's")
 
     new_parts = {"q": (q_weight, q_bias), "k": (layout.k_weight, layout.k_bias), "v": (layout.v_weight, layout.v_bias)}
     fused = q.split is not None
-    if fused:
+    if block.route is not None:
+        _apply_route(edit, block, layout)
+    elif fused:
         # One weight for all roles: rebuild it in Split order and rewrite the Split sizes.
         order = sorted("qkv", key=lambda r: block.projections[r].offset)
         weight = np.concatenate([new_parts[r][0] for r in order], axis=1)
@@ -208,9 +262,7 @@ def apply_head_layout(model: ir.Model, block: AttentionBlock, layout: HeadLayout
             split.resize_inputs(2)
             split.replace_input_with(1, edit.const(sizes, "split"))
             split.attributes.pop("num_outputs", None)
-        set_dim(q.matmul.outputs[0], -1, weight.shape[1])
-        if q.bias_add is not None:
-            set_dim(q.bias_add.outputs[0], -1, weight.shape[1])
+        _set_width(q, weight.shape[1])
         for role in "qkv":
             proj = block.projections[role]
             set_dim(proj.split.outputs[proj.split_index], -1, new_parts[role][0].shape[1])
@@ -219,10 +271,9 @@ def apply_head_layout(model: ir.Model, block: AttentionBlock, layout: HeadLayout
             proj = block.projections[role]
             weight, bias = new_parts[role]
             edit.set_weight(proj, weight)
-            set_dim(proj.matmul.outputs[0], -1, weight.shape[1])
+            _set_width(proj, weight.shape[1])
             if proj.bias is not None:
                 edit.set_input(proj.bias_add, list(proj.bias_add.inputs).index(proj.bias), bias)
-                set_dim(proj.bias_add.outputs[0], -1, weight.shape[1])
     edit.set_weight(o, o.weight_array()[head_columns(layout.q_heads, d)])
     # Gemm projections: the [N, out] -> [.., out] Reshape after them carries the (fused) width.
     for proj in {id(p.unflatten): p for p in (q, k, v)}.values():
@@ -234,7 +285,7 @@ def apply_head_layout(model: ir.Model, block: AttentionBlock, layout: HeadLayout
             set_dim(proj.unflatten.outputs[0], -1, width)
 
     # Head counts baked into the split / merge Reshape targets (-1 stays -1).
-    for role, split in block.splits.items():
+    for role, split in block.splits.items() if block.route is None else ():
         entries = shape_entries(split.node.inputs[1])
         count = new_h if role == "q" else new_k
         if entries[split.head_entry] != -1:
@@ -243,6 +294,11 @@ def apply_head_layout(model: ir.Model, block: AttentionBlock, layout: HeadLayout
     if merge_entries[block.merge_entry] != -1:
         edit.set_shape_entries(block.merge, 1, {block.merge_entry: new_h * d})
     set_dim(block.merge.outputs[0], -1, new_h * d)
+    for node, entry, space in block.head_reshapes:
+        edit.set_shape_entries(node, 1, {entry: new_h if space == "q" else new_k})
+    for node, index, axis, space in block.head_constants:
+        heads = layout.q_heads if space == "q" else layout.kv_heads
+        edit.set_input(node, index, np.take(const_array(node.inputs[index]), heads, axis=axis))
 
     # The query → kv map.
     rep = uniform_group_size(layout.mapping, new_k)
@@ -270,7 +326,8 @@ def apply_head_layout(model: ir.Model, block: AttentionBlock, layout: HeadLayout
             gathers += 1
     for gather in block.gathers:
         edit.set_input(gather.node, 1, np.asarray(layout.mapping, dtype=np.int64))
-    if block.joins and not (rep == 1 and new_h == new_k):
+    broadcast = block.num_kv_heads == new_k == 1  # multi-query: the single kv head broadcasts over heads
+    if block.joins and not (rep == 1 and new_h == new_k) and not broadcast:
         for join in block.joins:
             data = join.node.inputs[join.index]
             new = edit.gather(data, layout.mapping, join.axis, join.node, like=data)

@@ -41,11 +41,10 @@ def _per_query_kv(block: AttentionBlock, role: str) -> tuple[np.ndarray, np.ndar
     """``[H, in, d]`` weights and ``[H, d]`` biases of the kv head each query head reads."""
     projection = block.projections[role]
     d = block.head_dim
-    weight = projection.weight_array()[:, projection.offset : projection.offset + projection.width]
+    weight = projection.role_weight()
     per_kv = weight.reshape(weight.shape[0], block.num_kv_heads, d).transpose(1, 0, 2)
     index = [block.kv_of(h) for h in range(block.num_heads)]
-    bias = projection.bias_array()
-    per_kv_bias = None if bias is None else bias[projection.offset : projection.offset + projection.width]
+    per_kv_bias = projection.role_bias()
     per_kv_bias = None if per_kv_bias is None else per_kv_bias.reshape(block.num_kv_heads, d)[index]
     return per_kv[index], per_kv_bias
 
@@ -74,9 +73,7 @@ def permutation_layout(block: AttentionBlock, order: list[int]) -> HeadLayout:
     k, v = block.projections["k"], block.projections["v"]
 
     def full(projection):
-        weight = projection.weight_array()[:, projection.offset : projection.offset + projection.width]
-        bias = projection.bias_array()
-        return weight, None if bias is None else bias[projection.offset : projection.offset + projection.width]
+        return projection.role_weight(), projection.role_bias()
 
     (k_weight, k_bias), (v_weight, v_bias) = full(k), full(v)
     mapping = [block.kv_of(h) for h in order]
@@ -176,6 +173,15 @@ class RegroupGQAPass(P2DPass):
                 continue
             if not block.supported:
                 skipped[block.name] = "; ".join(block.reasons)
+                continue
+            if block.route is not None:
+                skipped[block.name] = (
+                    "q, k and v share one per-head fused layout (one head split for all roles): regrouping would"
+                    " change the kv head count inside it; only remove-heads rewrites such blocks"
+                )
+                continue
+            if any(space == "kv" for *_, space in block.head_constants):
+                skipped[block.name] = "a constant with one entry per kv head cannot be pooled with the kv heads"
                 continue
             if block.num_heads % groups:
                 skipped[block.name] = f"{groups} kv heads do not divide {block.num_heads} query heads"

@@ -15,6 +15,7 @@ import logging
 import onnx_ir as ir
 
 from prune2deploy.analysis.attention import AttentionBlock, analyze_attention
+from prune2deploy.analysis.head_routes import RouteBlocked
 from prune2deploy.passes.base import P2DPass, P2DResult
 from prune2deploy.passes.head_layout import HeadLayout, apply_head_layout, head_columns
 from prune2deploy.passes.registry import PassOption, PassSpec, register_pass
@@ -33,13 +34,12 @@ def removal_layout(block: AttentionBlock, keep: list[int]) -> HeadLayout:
     cols = head_columns(kv_keep, d)
 
     def take(projection):
-        weight = projection.weight_array()[:, projection.offset : projection.offset + projection.width][:, cols]
-        bias = projection.bias_array()
-        return weight, None if bias is None else bias[projection.offset : projection.offset + projection.width][cols]
+        bias = projection.role_bias()
+        return projection.role_weight()[:, cols], None if bias is None else bias[cols]
 
     (k_weight, k_bias), (v_weight, v_bias) = take(k), take(v)
     mapping = [kv_keep.index(block.kv_of(h)) for h in keep]
-    return HeadLayout(keep, k_weight, v_weight, k_bias, v_bias, mapping, d)
+    return HeadLayout(keep, k_weight, v_weight, k_bias, v_bias, mapping, d, kv_heads=kv_keep)
 
 
 class RemoveHeadsPass(P2DPass):
@@ -83,7 +83,11 @@ class RemoveHeadsPass(P2DPass):
             layout = removal_layout(block, keep)
             if block.cache_inputs and not self.allow_cache_change and layout.num_kv_heads != block.num_kv_heads:
                 layout = self._keep_all_kv(block, keep)
-            changes = apply_head_layout(model, block, layout, tag="rh")
+            try:
+                changes = apply_head_layout(model, block, layout, tag="rh")
+            except RouteBlocked as exc:  # raised before any change: the block stays as it was
+                unsupported[block.name] = f"{exc}; its zero heads {sorted(block.zero_heads)} stay"
+                continue
             changes["removed_heads"] = sorted(set(range(block.num_heads)) - set(keep))
             changes["why"] = {str(h): block.zero_heads[h] for h in changes["removed_heads"]}
             changes["kept_zero_heads"] = sorted(set(keep) & set(block.zero_heads))  # min_heads
@@ -112,7 +116,8 @@ class RemoveHeadsPass(P2DPass):
     def _keep_all_kv(block: AttentionBlock, keep: list[int]) -> HeadLayout:
         full = removal_layout(block, list(range(block.num_heads)))
         mapping = [block.kv_of(h) for h in keep]
-        return HeadLayout(keep, full.k_weight, full.v_weight, full.k_bias, full.v_bias, mapping, block.head_dim)
+        kv = list(range(block.num_kv_heads))
+        return HeadLayout(keep, full.k_weight, full.v_weight, full.k_bias, full.v_bias, mapping, block.head_dim, kv)
 
 
 register_pass(

@@ -9,6 +9,7 @@ import pytest
 from prune2deploy.analysis.attention import analyze_attention
 from prune2deploy.analysis.scopes import layer_of
 from tests.fixtures.exports import fresh
+from tests.fixtures.graphs import fused_attention_model
 from tests.fixtures.zeroing import blocks_by_name, zero_heads
 
 LLAMA = [f"model.layers.{i}.self_attn" for i in range(2)]
@@ -185,3 +186,50 @@ def test_attention_without_head_splits_is_reported():
     model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
     (block,) = analyze_attention(model).blocks
     assert not block.supported and "lonely_softmax" in block.reasons[0]
+
+
+def _head_columns(start: int, stride: int, heads: int, d: int) -> list[list[int]]:
+    return [[start + h * stride + j for j in range(d)] for h in range(heads)]
+
+
+@pytest.mark.parametrize("order", ["qkv", "kvq"])
+def test_fused_interleaved_roles_come_from_the_graph(order):
+    """[heads, 3·head_dim] then Split: each role's columns follow from the graph, whatever the role order
+    inside a head; module names (``block.fused``) say nothing."""
+    (block,) = analyze_attention(fused_attention_model("interleaved", np.random.default_rng(0), order=order)).blocks
+    assert block.supported, block.reasons
+    assert (block.num_heads, block.num_kv_heads, block.head_dim, block.kv_map) == (4, 4, 4, [0, 1, 2, 3])
+    for role in "qkv":
+        columns = block.projections[role].columns.tolist()
+        assert columns == _head_columns(order.index(role) * 4, 12, 4, 4), role
+    assert block.summary()["fused_qkv"] and block.route is not None
+
+
+def test_fused_multi_query_one_kv_head_broadcasts():
+    """[heads + 2, head_dim]: q is a Slice of the head axis, k and v one head each (GatherND)."""
+    (block,) = analyze_attention(fused_attention_model("multi-query", np.random.default_rng(0))).blocks
+    assert block.supported, block.reasons
+    assert (block.num_heads, block.num_kv_heads, block.kv_map) == (4, 1, [0, 0, 0, 0])
+    assert block.projections["q"].columns.tolist() == _head_columns(0, 4, 4, 4)
+    assert block.projections["k"].columns.tolist() == [list(range(16, 20))]
+    assert block.projections["v"].columns.tolist() == [list(range(20, 24))]
+    assert len(block.joins) == 2 and not block.repeats
+
+
+def test_scaling_between_projection_and_head_split():
+    (block,) = analyze_attention(fused_attention_model("scaled", np.random.default_rng(0))).blocks
+    assert block.supported, block.reasons
+    assert [n.name for n in block.projections["q"].scales] == ["pre_scale"]
+
+
+def test_fused_columns_read_before_the_role_split_are_refused():
+    """A reader of the fused [heads, 3·head_dim] tensor other than the role split mixes roles: refused."""
+    model = fused_attention_model("interleaved", np.random.default_rng(0))
+    heads = next(n for n in model.graph if n.name == "heads_t").outputs[0]
+    spy = ir.node("ReduceSum", [heads], attributes={"keepdims": 0}, name="spy")
+    spy.outputs[0].name = "spy_out"
+    model.graph.append(spy)
+    model.graph.outputs.append(spy.outputs[0])
+    (block,) = analyze_attention(model).blocks
+    assert not block.supported
+    assert any("spy (ReduceSum) reads fused q/k/v columns before they are split by role" in r for r in block.reasons)

@@ -28,11 +28,12 @@ EXPECTED = {
     "roberta": None,
     "distilbert": None,
     "vit": None,
-    "phi": "(Reshape): a Reshape of a head tensor that is neither the head merge nor a recognised transpose",
-    "olmo2": "splits heads but the projection is not MatMul(x, constant weight) [+ bias] or Gemm",
-    "gptneox": "query_key_value' is not q, k or v by name",
-    "falcon": "query_key_value' is not q, k or v by name",
-    "bloom": "Softmax with no recognised q/k/v head-split Reshapes around it",
+    "phi": None,  # partial rotary: Slice/Concat of head_dim keep the head axis; the view after p·v is identity
+    "gptneox": None,  # fused QKV interleaved per head ([heads, 3·head_dim] then Split), partial rotary
+    "falcon": None,  # fused multi-query QKV ([heads + 2, head_dim], Slice / GatherND of the head axis)
+    "olmo2": "normalises over all 64 channels of every head between the projection and the head split",
+    # q/k/v are found (Gather off the fused [heads, 3, head_dim]); the batch×heads fold with ALiBi is not
+    "bloom": "(Reshape): folds the head axis into the batch axis with a target other than the exporter's",
 }
 
 

@@ -13,7 +13,7 @@ from prune2deploy.passes.head_layout import apply_head_layout
 from prune2deploy.passes.regroup_gqa import RegroupGQAPass, permutation_layout, similarity_groups
 from prune2deploy.verify import EXACT_TOLERANCE, verify_models
 from tests.fixtures.exports import fresh
-from tests.fixtures.graphs import clone, decoder_feeds, run
+from tests.fixtures.graphs import clone, decoder_feeds, fused_attention_model, run
 from tests.fixtures.results import outcome
 from tests.fixtures.zeroing import blocks_by_name
 
@@ -185,4 +185,15 @@ def test_bad_layout_is_refused_before_any_edit():
     before = ir.to_proto(model).SerializeToString()
     with pytest.raises(ValueError, match="does not fit"):
         apply_head_layout(model, block, layout)
+    assert ir.to_proto(model).SerializeToString() == before
+
+
+def test_per_head_fused_layout_is_refused():
+    """GPT-NeoX-style [heads, 3·head_dim] ties every kv head to its query head inside one projection: pooling
+    kv heads would have to change that layout, so the block is refused by name and left unchanged."""
+    model = fused_attention_model("interleaved", np.random.default_rng(0))
+    before = ir.to_proto(model).SerializeToString()
+    record = _regroup(model, 2)
+    assert record["blocks_changed"] == 0
+    assert "share one per-head fused layout" in record["refused"]["block"]
     assert ir.to_proto(model).SerializeToString() == before

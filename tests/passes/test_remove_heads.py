@@ -10,7 +10,7 @@ import pytest
 from prune2deploy.passes.remove_heads import RemoveHeadsPass
 from prune2deploy.verify import EXACT_TOLERANCE, verify_models
 from tests.fixtures.exports import fresh
-from tests.fixtures.graphs import clone, decoder_feeds, run
+from tests.fixtures.graphs import assert_same_outputs, clone, decoder_feeds, fused_attention_model, run, snapshot
 from tests.fixtures.results import outcome
 from tests.fixtures.zeroing import blocks_by_name, zero_heads
 
@@ -260,3 +260,49 @@ def test_composes_with_remove_channels():
     assert channels["channels_removed"] == 40 and record["heads_removed"] == 3
     assert _counts(model) == {LLAMA[0]: (3, 2), LLAMA[1]: (2, 1)}
     _assert_exact(reference, model)
+
+
+@pytest.mark.parametrize(
+    ("layout", "counts", "fused_width"),
+    [("interleaved", (3, 3), 36), ("scaled", (3, 3), 36), ("multi-query", (3, 1), 20)],
+)
+def test_fused_layouts_lose_a_head_exactly(layout, counts, fused_width):
+    """Per-head interleaved, scaled before the split, multi-query: the head's q (and, without a shared kv
+    head, k/v) columns leave the one fused weight; Reshape/Slice/GatherND constants are renumbered."""
+    rng = np.random.default_rng(0)
+    model = fused_attention_model(layout, rng)
+    zero_heads(model, {"block": [1]})
+    reference = snapshot(model)
+    assert _remove(model)["heads_removed"] == 1
+    assert _counts(model) == {"block": counts}
+    fused = next(n for n in model.graph if n.name == "fused_mm")
+    assert fused.inputs[1].const_value.shape == (16, fused_width)
+    assert_same_outputs(reference, model, rng)
+
+
+def test_multi_query_keeps_its_kv_head_until_every_query_head_goes():
+    """All four heads read the one kv head: zero V makes every head zero, min_heads keeps one, and the kv
+    head stays with it."""
+    rng = np.random.default_rng(1)
+    model = fused_attention_model("multi-query", rng)
+    zero_heads(model, {"block": [0]}, where="v")
+    reference = snapshot(model)
+    assert _remove(model)["heads_removed"] == 3
+    assert _counts(model) == {"block": (1, 1)}
+    assert_same_outputs(reference, model, rng)
+
+
+def test_per_head_constant_is_sliced_with_the_head():
+    """A per-head constant on the scores (one temperature per head, like ALiBi slopes) keeps the head axis;
+    removing head 1 slices its entry out, and the outputs stay exact (a wrong slice would change them)."""
+    rng = np.random.default_rng(2)
+    model = fused_attention_model("interleaved", rng, head_scale=True)
+    temperature = next(n for n in model.graph if n.name == "per_head").inputs[1].const_value.numpy().copy()
+    (block,) = blocks_by_name(model).values()
+    assert [(n.name, i, axis, space) for n, i, axis, space in block.head_constants] == [("per_head", 1, 1, "q")]
+    zero_heads(model, {"block": [1]})
+    reference = snapshot(model)
+    assert _remove(model)["heads_removed"] == 1
+    sliced = next(n for n in model.graph if n.name == "per_head").inputs[1].const_value.numpy()
+    np.testing.assert_array_equal(sliced, temperature[:, [0, 2, 3]])
+    assert_same_outputs(reference, model, rng)
