@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from pathlib import Path
 from typing import Any
@@ -49,16 +50,18 @@ def write_lm_outputs(
         say("writing hf/ (transformers checkpoint) and reloading it")
         sections["hf"] = write_hf_checkpoint(sliced, tokenizer, out_dir / "hf", reference=module)
     if genai:
-        from prune2deploy.outputs.genai import write_genai_folder
+        from prune2deploy.outputs.genai import check_genai_folder, write_genai_folder
 
-        say("writing genai/ (GroupQueryAttention decoder) and checking it against the masked model")
+        say("writing genai/ (GroupQueryAttention decoder)")
         try:
-            section = write_genai_folder(
-                sliced, tokenizer, out_dir / "genai", reference=module, context_length=context_length,
-                tolerance=tolerance,
-            )  # fmt: skip
+            section = write_genai_folder(sliced, tokenizer, out_dir / "genai", context_length=context_length)
             section["written"] = True
         except UnsupportedModelError as exc:
             section = {"written": False, "reason": str(exc)}
+        del sliced  # the checks load the written decoder; the sliced weights are not needed any more
+        gc.collect()
+        if section["written"]:
+            say("checking genai/ against the masked model (ONNX Runtime, then onnxruntime-genai)")
+            section = check_genai_folder(out_dir / "genai", module, section, tolerance=tolerance)
         sections["genai"] = section
     return sections
