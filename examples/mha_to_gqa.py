@@ -31,13 +31,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common.py beside this file
 
-from _common import llm_source, load_tokenizer, say  # noqa: E402
+import torch
+from _common import llm_source, load_tokenizer, say
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
-
-from prune2deploy import api  # noqa: E402
-from prune2deploy.quality import lm_quality  # noqa: E402
+from prune2deploy import api
+from prune2deploy.quality import lm_quality
 
 PROMPT = "Once upon a time"
 

@@ -27,9 +27,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common.py beside this file
 
-from _common import llm_source, say  # noqa: E402
+from _common import llm_source, say
 
-from prune2deploy import api  # noqa: E402
+from prune2deploy import api
 
 PROMPT = "The capital of France is"
 
@@ -70,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"   genai/: per-layer [query heads, kv heads] {genai['per_layer_heads'][:3]}…, "
           f"intermediate {genai['per_layer_intermediate'][:3]}…")  # fmt: skip
     for row in report.get("speedup") or []:
-        print(f"   CPU prefill batch {row['batch']} seq {row['seq']}: {row['measured']:.2f}× (ideal {row['ideal']:.2f}×)")
+        print(
+            f"   CPU prefill batch {row['batch']} seq {row['seq']}: {row['measured']:.2f}× (ideal {row['ideal']:.2f}×)"
+        )
 
     print(f"3. generate from {compiled.out_dir}/genai")
     result = api.generate(compiled.out_dir, args.prompt, max_new_tokens=new_tokens)

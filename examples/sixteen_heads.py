@@ -29,13 +29,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common.py beside this file
 
-import torch  # noqa: E402
-from _common import bundled_folder, evaluation_text, say  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-from transformers import AutoModel, AutoTokenizer  # noqa: E402
+import torch
+from _common import bundled_folder, evaluation_text, say
+from safetensors.torch import save_file
+from transformers import AutoModel, AutoTokenizer
 
-from prune2deploy import api  # noqa: E402
-from prune2deploy.quality import encoder_quality  # noqa: E402
+from prune2deploy import api
+from prune2deploy.quality import encoder_quality
 
 
 def sentences(text: str) -> list[str]:
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"1. head importance (Michel et al.) of MiniLM-L6 on {len(scoring)} sentences")
     importance = head_importance(model, tokenizer, scoring)
     layers, heads = importance.shape
-    order = sorted(((float(importance[i, h]), i, h) for i in range(layers) for h in range(heads)))
+    order = sorted((float(importance[i, h]), i, h) for i in range(layers) for h in range(heads))
     left = {i: heads for i in range(layers)}
     removed = []
     for _, i, h in order:
@@ -130,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print("2. compile with the masks (remove-heads)")
     timing = {"profile": not args.quick, "profile_batches": [1], "profile_seqs": [128], "profile_budget_s": 10.0}
-    compiled = api.compile("minilm-l6", out / "compiled", api.CompileOptions(masks=masks_path, overwrite=True, **timing),
-                           progress=say)  # fmt: skip
+    options = api.CompileOptions(masks=masks_path, overwrite=True, **timing)
+    compiled = api.compile("minilm-l6", out / "compiled", options, progress=say)
     report = compiled.report
     record = next(p["record"] for p in report["passes"] if p["pass"] == "remove-heads")
     print(f"   {api.verdict_line(report['verification'])}")

@@ -29,10 +29,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common.py beside this file
 
-from _common import llm_source, load_tokenizer, say  # noqa: E402
+from _common import llm_source, load_tokenizer, say
 
-from prune2deploy import api  # noqa: E402
-from prune2deploy.quality import lm_quality  # noqa: E402
+from prune2deploy import api
+from prune2deploy.quality import lm_quality
 
 #: Targets of the prediction: two Ampere data-centre GPUs, Hopper, Ada, and Turing (no sparse tensor cores).
 GPUS = ["a100", "h100", "l4", "jetson-orin-nano", "t4"]
