@@ -123,7 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"   masks applied: {report['input']['masks_applied']}; channels removed: {channels['channels_removed']}")
     print(f"   params {ref['params']:,} → {new['params']:,}, FLOPs {ref['flops']:,} → {new['flops']:,}")
     for row in report.get("speedup") or []:
-        print(f"   CPU batch {row['batch']} seq {row['seq']}: {row['measured']:.2f}× (ideal {row['ideal']:.2f}×)")
+        print(
+            f"   CPU batch {row['batch']} seq {row['seq']}: {row['measured']:.2f}×"
+            f" (95% CI {row['ci'][0]:.2f}–{row['ci'][1]:.2f}; ideal {row['ideal']:.2f}×)"
+        )
     files = sorted(p.name for p in result.out_dir.iterdir())
     print(f"   output folder (self-contained, movable): {files}")
     (out / "summary.json").write_text(

@@ -139,7 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     ref, new = report["model"]["reference"], report["model"]["compiled"]
     print(f"   params {ref['params']:,} → {new['params']:,}, FLOPs {ref['flops']:,} → {new['flops']:,}")
     for row in report.get("speedup") or []:
-        print(f"   CPU batch {row['batch']} seq {row['seq']}: {row['measured']:.2f}× (ideal {row['ideal']:.2f}×)")
+        print(
+            f"   CPU batch {row['batch']} seq {row['seq']}: {row['measured']:.2f}×"
+            f" (95% CI {row['ci'][0]:.2f}–{row['ci'][1]:.2f}; ideal {row['ideal']:.2f}×)"
+        )
 
     print("3. embeddings against the dense model (cosine of mean-pooled embeddings, evaluation text)")
     dense = api.compile("minilm-l6", out / "dense", api.CompileOptions(overwrite=True, profile=False), progress=say)
