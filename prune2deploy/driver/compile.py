@@ -145,7 +145,13 @@ def compile_model(
         timings["verify_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        approximate = [r["pass"] for r in pipeline.records() if r["modified"] and not r["exact"]]
+        # genai/ and hf/ are fp32 builds of the masked module: a precision change is theirs to make, not a
+        # different model, but any other approximate change (pooled K/V, dropped layers, imposed 2:4) is.
+        approximate = [
+            r["pass"]
+            for r in pipeline.records()
+            if r["modified"] and not r["exact"] and r["pass"] != "convert-precision"
+        ]
         lm_sections = _lm_outputs(loaded, options, staging, say, approximate=approximate)
         if lm_sections:
             timings["lm_outputs_s"] = time.perf_counter() - t0
@@ -271,7 +277,7 @@ def _lm_outputs(
 
     Both are built from the masked transformers module, which carries what the exact passes remove (zero
     neurons, heads, layers) but not the changes of approximate passes (``approximate``: regroup-gqa's pooled
-    K/V, a depth plan, imposed 2:4, precision). Such outputs would silently be a different model than
+    K/V, a depth plan, imposed 2:4). Such outputs would silently be a different model than
     ``model.onnx``, so they are not written and the report says why.
     """
     genai = options.genai if options.genai is not None else loaded.causal_lm
