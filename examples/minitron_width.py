@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     source = llm_source(args.quick, out)
-    samples, seq_len, new_tokens = (4, 32, 12) if args.quick else (32, 128, 32)
+    samples, seq_len, new_tokens = (4, 32, 12) if args.quick else (24, 128, 32)
 
     print(f"1. Minitron activation importance for {source}: -{args.mlp:.0%} MLP neurons, -{args.heads:.0%} heads")
     pruned = api.prune(

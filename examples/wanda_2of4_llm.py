@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     source = llm_source(args.quick, out)
-    samples, seq_len, seq = (4, 32, 32) if args.quick else (32, 128, 128)
+    samples, seq_len, seq = (4, 32, 32) if args.quick else (24, 128, 128)
 
     print(f"1. Wanda 2:4 masks for {source}")
     pruned = api.prune(
