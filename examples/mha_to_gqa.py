@@ -18,7 +18,7 @@ Full mode: SmolLM2-135M, which already has 3 kv heads for 9 query heads, regroup
 multi-head Llama (8 query heads, 8 kv heads, built in code, see ``_common.py``) regrouped to 2 kv heads, few
 tokens and repetitions; at this size decode time is dominated by per-step overheads, not the cache.
 
-Run: ``python examples/mha_to_gqa.py --out build/gqa`` (about 6 minutes on 2 cores).
+Run: ``python examples/mha_to_gqa.py --out build/gqa`` (loads and exports SmolLM2: several minutes).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ outside this example, so the text of the pruned, undistilled model is worse than
 ``--quick`` runs the same steps on a tiny random-weight Llama with SmolLM2's head layout (built in code,
 see ``_common.py``) with little calibration and no timing; its text is gibberish (random weights).
 
-Run: ``python examples/minitron_width.py --out build/minitron`` (about 5 minutes on 2 cores).
+Run: ``python examples/minitron_width.py --out build/minitron`` (loads and exports SmolLM2: several minutes).
 """
 
 from __future__ import annotations

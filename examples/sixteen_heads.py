@@ -15,7 +15,7 @@ dense model's on the bundled evaluation text.
 
 ``--quick``: the same on the same model with fewer scoring sentences and no timing (MiniLM is small).
 
-Run: ``python examples/sixteen_heads.py --out build/heads`` (about 2 minutes on 2 cores).
+Run: ``python examples/sixteen_heads.py --out build/heads`` (about 4 minutes on a busy 2-core machine).
 """
 
 from __future__ import annotations
