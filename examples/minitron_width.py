@@ -15,7 +15,8 @@ outside this example, so the text of the pruned, undistilled model is worse than
 ``--quick`` runs the same steps on a tiny random-weight Llama with SmolLM2's head layout (built in code,
 see ``_common.py``) with little calibration and no timing; its text is gibberish (random weights).
 
-Run: ``python examples/minitron_width.py --out build/minitron`` (loads and exports SmolLM2: several minutes).
+Run: ``python examples/minitron_width.py --out build/minitron`` (5 min 21 s, 5.2 GB peak RSS on a busy 2-core
+machine, with the dense export already cached).
 """
 
 from __future__ import annotations
