@@ -18,7 +18,13 @@ Full mode: SmolLM2-135M, which already has 3 kv heads for 9 query heads, regroup
 multi-head Llama (8 query heads, 8 kv heads, built in code, see ``_common.py``) regrouped to 2 kv heads, few
 tokens and repetitions; at this size decode time is dominated by per-step overheads, not the cache.
 
-Run: ``python examples/mha_to_gqa.py --out build/gqa`` (loads and exports SmolLM2: several minutes).
+Measured on SmolLM2 (full mode): the KV cache shrinks 3× (46,080 → 15,360 bytes/token) but, without the
+uptraining, mean-pooled MQA ruins this small model (perplexity 57 → 15,000 on the evaluation text): regroup
+to GQA first, then train. On CPU the decode speed barely moves (1.07×: at this size the weights, not the cache,
+are what each step reads).
+
+Run: ``python examples/mha_to_gqa.py --out build/gqa`` (6 min, 5.6 GB peak RSS on a busy 2-core machine, with
+SmolLM2's dense export already cached).
 """
 
 from __future__ import annotations
