@@ -145,7 +145,14 @@ def compile_model(
         timings["verify_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        lm_sections = _lm_outputs(loaded, options, staging, say)
+        # genai/ and hf/ are fp32 builds of the masked module: a precision change is theirs to make, not a
+        # different model, but any other approximate change (pooled K/V, dropped layers, imposed 2:4) is.
+        approximate = [
+            r["pass"]
+            for r in pipeline.records()
+            if r["modified"] and not r["exact"] and r["pass"] != "convert-precision"
+        ]
+        lm_sections = _lm_outputs(loaded, options, staging, say, approximate=approximate)
         if lm_sections:
             timings["lm_outputs_s"] = time.perf_counter() - t0
 
@@ -263,11 +270,28 @@ _DEFAULT_MAX_BATCH = 8
 _DEFAULT_MAX_SEQ = 2048
 
 
-def _lm_outputs(loaded: Any, options: CompileOptions, staging: Path, say: Progress) -> dict[str, Any]:
-    """``genai/`` (on by default for causal LMs with a torch module) and ``hf/`` (on request)."""
+def _lm_outputs(
+    loaded: Any, options: CompileOptions, staging: Path, say: Progress, *, approximate: Sequence[str] = ()
+) -> dict[str, Any]:
+    """``genai/`` (on by default for causal LMs with a torch module) and ``hf/`` (on request).
+
+    Both are built from the masked transformers module, which carries what the exact passes remove (zero
+    neurons, heads, layers) but not the changes of approximate passes (``approximate``: regroup-gqa's pooled
+    K/V, a depth plan, imposed 2:4). Such outputs would silently be a different model than
+    ``model.onnx``, so they are not written and the report says why.
+    """
     genai = options.genai if options.genai is not None else loaded.causal_lm
     if not (genai or options.hf_checkpoint):
         return {}
+    if approximate:
+        reason = (
+            f"genai/ and hf/ are built from the masked transformers module, which does not carry the changes of "
+            f"the approximate pass(es) {', '.join(approximate)} that model.onnx has; they would be a different "
+            "model than model.onnx, so they are not written (compile without those passes for genai/ and hf/)"
+        )
+        wanted = {"genai": genai, "hf": options.hf_checkpoint}
+        log.warning(reason)
+        return {key: {"written": False, "reason": reason} for key, on in wanted.items() if on}
     if not loaded.causal_lm:
         reason = (
             "genai/ and hf/ are built from a transformers causal LM (model folder, GGUF, bundled name or module); "

@@ -211,3 +211,15 @@ def test_encoder_writes_no_genai_and_says_why_for_hf(tmp_path):
     result = api.compile(tiny_bert(), tmp_path / "out", CompileOptions(hf_checkpoint=True, **FAST))
     assert "genai" not in result.report and not (tmp_path / "out" / "genai").exists()
     assert not result.report["hf"]["written"] and "causal LM" in result.report["hf"]["reason"]
+
+
+def test_approximate_pass_writes_no_genai_and_says_why(tmp_path):
+    """genai/ is built from the masked module, which lacks regroup-gqa's pooled K/V: writing it would deploy
+    a different model than model.onnx (found by examples/mha_to_gqa.py), so it is refused with the reason."""
+    options = CompileOptions(kv_heads=1, hf_checkpoint=True, **FAST)
+    result = api.compile(_llama(), tmp_path / "out", options)
+    for key in ("genai", "hf"):
+        section = result.report[key]
+        assert not section["written"] and "regroup-gqa" in section["reason"]
+        assert not (tmp_path / "out" / key).exists()
+    assert next(p for p in result.report["passes"] if p["pass"] == "regroup-gqa")["modified"]
