@@ -66,6 +66,10 @@ class _CoreOptions(BaseModel):
         verify_mode: ``whole`` (both models whole on ONNX Runtime, one after the other), ``blockwise`` (one
             decoder block at a time, fed the reference's activations) or ``auto`` (blockwise when two fp32
             copies would not fit in the memory available).
+        quality_windows: how much of the bundled evaluation text the report's ``quality`` section uses
+            (compiled vs masked reference, and vs the dense model when masks were applied): windows of 128
+            tokens for causal LMs (KL, top-1 agreement, perplexity), 8 sentences each for encoders (embedding
+            cosine); 0 turns the section off. Information only: the verdict stays verification's.
         external_data_threshold: weight bytes above which ``model.onnx``/``reference.onnx`` keep their
             weights in a ``.data`` file beside them (0: always).
     """
@@ -110,6 +114,7 @@ class _CoreOptions(BaseModel):
     export_cache_dir: Path | None = None
     verify_mode: Literal["auto", "whole", "blockwise"] = "auto"
     external_data_threshold: int = Field(1 << 30, ge=0)
+    quality_windows: int = Field(4, ge=0, le=1000)
 
     @pydantic.field_validator("shapes")
     @classmethod

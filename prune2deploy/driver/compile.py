@@ -20,6 +20,7 @@ from typing import Any
 import onnx_ir as ir
 
 from prune2deploy.driver.outdir import OutputFolder
+from prune2deploy.driver.quality import quality_section
 from prune2deploy.driver.report import (
     groups_summary,
     model_summary,
@@ -115,9 +116,8 @@ def compile_model(
         pipeline = run_pipeline(compiled, [p for p in passes if p.name != "fuse-ort"], progress=say)
         # Probe and profile within the sequence lengths the model accepts (its position table): a default
         # longer than that is lowered, an explicit one is an error.
-        seqs = fit_seqs(
-            sequence_limit(reference), options.profile_seqs, explicit="profile_seqs" in options.model_fields_set
-        )
+        limit = sequence_limit(reference)
+        seqs = fit_seqs(limit, options.profile_seqs, explicit="profile_seqs" in options.model_fields_set)
         if seqs != list(options.profile_seqs):
             options = options.replace(profile_seqs=seqs)
         batch0, seq0 = options.profile_batches[0], options.profile_seqs[0]
@@ -145,6 +145,19 @@ def compile_model(
         timings["verify_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
+        quality = quality_section(
+            loaded,
+            source,
+            reference_path,
+            model_path,
+            options,
+            max_seq=limit.max_seq if limit else None,
+            verify_mode=verification.mode,
+            progress=say,
+        )
+        timings["quality_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
         lm_sections = _lm_outputs(loaded, options, staging, say)
         if lm_sections:
             timings["lm_outputs_s"] = time.perf_counter() - t0
@@ -161,6 +174,7 @@ def compile_model(
             "per_layer": compare_layers(ref_cost, new_cost),
             "groups": groups_summary(records),
             "verification": verification.as_dict(),
+            "quality": quality,
             "timings": timings,
             **lm_sections,
         }
