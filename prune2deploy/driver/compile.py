@@ -156,6 +156,12 @@ def compile_model(
         timings["verify_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
+        lm_sections = _lm_outputs(loaded, options, staging, say)
+        if lm_sections:
+            timings["lm_outputs_s"] = time.perf_counter() - t0
+
+        # After the LM outputs: they load the tokenizer with the module when the export came from the cache.
+        t0 = time.perf_counter()
         quality = quality_section(
             loaded,
             source,
@@ -167,11 +173,6 @@ def compile_model(
             progress=say,
         )
         timings["quality_s"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        lm_sections = _lm_outputs(loaded, options, staging, say)
-        if lm_sections:
-            timings["lm_outputs_s"] = time.perf_counter() - t0
 
         records = pipeline.records()
         report: dict[str, Any] = {
