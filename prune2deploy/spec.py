@@ -54,8 +54,8 @@ class _CoreOptions(BaseModel):
         export_batch / export_seq: example input shape for the torch exporter (batch ≥ 2: batch 1 is
             specialised).
         portable: keep standard ONNX ops in ``model.onnx``: asking for ``fuse-ort`` as well is an error. (fuse-ort
-            is opt-in for now: onnxscript's fusions break some exported graphs, e.g. GPT-2's Gemm, so it is not
-            yet on by default.)
+            is opt-in for now: onnxscript's fusions break some exported graphs, e.g. GPT-2's Gemm; the driver then
+            falls back to the unfused graph and says so. See BENCHMARKS.md §11 for why it is not yet default.)
         genai: write ``genai/`` (onnxruntime-genai package) for causal LMs; None: on for causal-LM sources
             given as a model folder, GGUF, bundled name or module.
         hf_checkpoint: write ``hf/``, a physically smaller transformers checkpoint (causal LMs).
