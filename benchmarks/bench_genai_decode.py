@@ -14,7 +14,7 @@ genai/ is built from a torch model, so G = 1 is regrouped in torch here the way 
 by default (adjacent kv heads, K and V weights mean-pooled); decode cost depends only on the shapes.
 onnxruntime-genai itself (``--genai-rss``) is run in a subprocess per folder at batch 8 with max_length
 past + 16 (its cache buffer is allocated for max_length: ``past_present_share_buffer``): its peak RSS
-and its decode tokens/s over 16 new tokens after a short prompt.
+and its median decode step (ms) over 16 new tokens after a 16-token prompt.
 
     PYTHONPATH=. python benchmarks/bench_genai_decode.py --out /tmp/bench-genai-decode --threads 2 --genai-rss
 """
