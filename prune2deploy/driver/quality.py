@@ -129,7 +129,7 @@ def _measure(
     else:
         count = windows * _SENTENCES_PER_WINDOW
         if tokenizer is not None:
-            text = "sentences of the bundled evaluation text (prune2deploy/data/evaluation.txt)"
+            text = "bundled evaluation text (prune2deploy/data/evaluation.txt)"
             batches = None
         elif vocab:
             text = _RANDOM_TEXT.format(vocab=vocab)
