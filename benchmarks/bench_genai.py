@@ -1,12 +1,14 @@
 """SmolLM2-135M through genai/: greedy tokens vs transformers on the masked model, tokens/s vs genai's builder.
 
-Side by side in one run (2 cores, batch 1, 64 new tokens, onnxruntime-genai CPU):
+Side by side in one run (2 cores, batch 1, 64 new tokens, onnxruntime-genai CPU; ``--rounds`` rounds in
+which every folder generates once, in turn; median, min and max over the rounds):
   ours    — genai/ built by prune2deploy from the masked model (50% MLP neurons by magnitude + the first
             query head of every GQA group masked on o_proj), and a non-uniform variant (MLP widths per layer)
   builder — onnxruntime-genai's model builder on the same pruning written as an HF folder (our hf/ output,
             i.e. the model sliced by hand), and on the dense model.
 
     PYTHONPATH=. python benchmarks/bench_genai.py --out build/bench-genai
+    PYTHONPATH=. python benchmarks/bench_genai.py --out build/bench-genai --time-only   # re-time only
 """
 
 from __future__ import annotations
@@ -63,9 +65,18 @@ def hf_greedy(module, ids, n):
     return out[0, len(ids) :].tolist()
 
 
-def tok_s(folder: Path, ids, n=64, repeats=3) -> float:
-    genai_tokens(folder, ids, 8)  # warm-up (session creation, allocator)
-    return statistics.median(genai_tokens(folder, ids, n, min_new_tokens=n)[1] for _ in range(repeats))
+def tok_s(folders: dict[str, Path], ids, n=64, rounds=5) -> dict[str, dict]:
+    """tokens/s of each folder, side by side: every round runs each folder once, in turn (load shifts on a
+    shared machine hit all of them alike); median, min and max over the rounds."""
+    for folder in folders.values():
+        genai_tokens(folder, ids, 8)  # warm-up (session creation, allocator)
+    samples: dict[str, list[float]] = {name: [] for name in folders}
+    for _ in range(rounds):
+        for name, folder in folders.items():
+            samples[name].append(genai_tokens(folder, ids, n, min_new_tokens=n)[1])
+    return {
+        name: {"median": statistics.median(v), "min": min(v), "max": max(v), "rounds": v} for name, v in samples.items()
+    }
 
 
 def builder(hf: Path, out: Path) -> float:
@@ -78,9 +89,17 @@ def builder(hf: Path, out: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path("build/bench-genai"))
+    parser.add_argument("--rounds", type=int, default=5, help="timing rounds (each runs every folder once)")
+    parser.add_argument(
+        "--time-only", action="store_true", help="reuse the folders and results.json of an earlier run in --out"
+    )
     args = parser.parse_args()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
+    if args.time_only:
+        results = json.loads((out / "results.json").read_text())
+        ids = load_hf_model("smollm2-135m").tokenizer(PROMPT)["input_ids"]
+        return report(results, out, ids, args.rounds)
     loaded = load_hf_model("smollm2-135m")
     dense, tokenizer = loaded.module, loaded.tokenizer
     ids = tokenizer(PROMPT)["input_ids"]
@@ -117,12 +136,16 @@ def main() -> None:
     )
     results["nonuniform_hf"] = write_hf_checkpoint(nu_sliced, tokenizer, out / "hf_nonuniform").get("reason")
 
-    rates = {}
-    for name in ("builder_dense", "builder_pruned", "ours", "ours_nonuniform"):
-        rates[name] = tok_s(out / name, ids)
+    report(results, out, ids, args.rounds)
+
+
+def report(results: dict, out: Path, ids, rounds: int) -> None:
+    names = ("builder_dense", "builder_pruned", "ours", "ours_nonuniform")
+    rates = tok_s({name: out / name for name in names}, ids, rounds=rounds)
     results["tokens_per_s_64"] = rates
-    results["ours_vs_builder_pruned"] = rates["ours"] / rates["builder_pruned"]
-    results["ours_vs_builder_dense"] = rates["ours"] / rates["builder_dense"]
+    results["ours_vs_builder_pruned"] = rates["ours"]["median"] / rates["builder_pruned"]["median"]
+    results["ours_vs_builder_dense"] = rates["ours"]["median"] / rates["builder_dense"]["median"]
+    results["ours_nonuniform_vs_builder_dense"] = rates["ours_nonuniform"]["median"] / rates["builder_dense"]["median"]
     print(json.dumps(results, indent=2))
     (out / "results.json").write_text(json.dumps(results, indent=2))
 

@@ -57,7 +57,7 @@ def regroup(proto_bytes: bytes, groups: int, grouping: str = "adjacent", method:
         "k_error": float(np.mean([b["k_weight_rel_error"] for b in blocks])) if blocks else 0.0,
         "v_error": float(np.mean([b["v_weight_rel_error"] for b in blocks])) if blocks else 0.0,
         "permuted_blocks": sum(bool(b.get("permuted")) for b in blocks),
-        "skipped": record["skipped"],
+        "skipped": dict(result.refused),  # where regrouping was refused, and why
     }
     return ir.to_proto(model).SerializeToString(), summary
 

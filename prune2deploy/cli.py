@@ -138,6 +138,7 @@ def _compile_options(args: argparse.Namespace):
         "passes": args.passes.split(",") if args.passes else None,
         "verify_mode": args.verify_mode,
         "export_cache_dir": args.export_cache_dir,
+        "quality_windows": args.quality_windows,
     }
     for spec in api.pass_specs().values():
         for key, option in spec.options.items():
@@ -228,6 +229,29 @@ def _add_pass_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, dest=_switch_dest(name), action="store_true", help=text)
 
 
+def _quality_line(section: dict[str, Any] | None) -> str:
+    """One line of the report's quality section: each comparison's numbers and the text, or why none."""
+    if not section:
+        return ""
+    if not section.get("computed"):
+        return f"not measured: {section.get('reason')}"
+    parts = []
+    for c in section["comparisons"]:
+        if "kl_mean" in c:
+            parts.append(
+                f"vs {c['reference']}: KL {c['kl_mean']:.3g}, top-1 {100 * c['top1_agreement']:.1f}%, "
+                f"ppl {c['ppl_candidate']:.2f} (ref {c['ppl_reference']:.2f})"
+            )
+        else:
+            parts.append(f"vs {c['reference']}: embedding cosine {c['cosine_mean']:.5f} (min {c['cosine_min']:.5f})")
+    unit = (
+        f"{section['windows']}×{section['window']} tokens"
+        if "window" in section
+        else f"{section['sentences']} sentences"
+    )
+    return "; ".join(parts) + f"  [{unit} of {section['text']}]"
+
+
 def _print_compile(report: dict[str, Any], out_dir: Path) -> None:
     ref, new = report["model"]["reference"], report["model"]["compiled"]
     print(f"compiled → {out_dir}/model.onnx")
@@ -282,6 +306,9 @@ def _print_compile(report: dict[str, Any], out_dir: Path) -> None:
         if "greedy_tokens_equal" in tokens:
             line += f"  greedy tokens equal: {tokens['greedy_tokens_equal']}"
         print(line)
+    quality = _quality_line(report.get("quality"))
+    if quality:
+        print(f"  quality {quality}")
     from prune2deploy import api
 
     ver = report["verification"]
@@ -947,6 +974,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="refuse profiling shapes estimated to need more memory than this (default: half of this machine's)",
     )
     c.add_argument("--no-profile", action="store_true", help="skip latency measurement")
+    c.add_argument(
+        "--quality-windows",
+        type=_non_negative_int,
+        metavar="N",
+        help="report quality (compiled vs reference, and vs dense when masks were applied) on N windows of the "
+        "bundled evaluation text: 128 tokens each for LMs (KL, top-1, perplexity), 8 sentences for encoders "
+        "(embedding cosine); 0 turns it off (default 4)",
+    )
     c.add_argument(
         "--genai",
         action=argparse.BooleanOptionalAction,

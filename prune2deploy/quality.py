@@ -213,21 +213,42 @@ def _mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return (hidden.astype(np.float64) * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1.0)
 
 
+def _cosines(a: np.ndarray, b: np.ndarray) -> list[float]:
+    denom = np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+    return ((a * b).sum(axis=1) / denom).tolist()
+
+
 def encoder_quality(
     reference,
     candidate,
     *,
-    tokenizer,
+    tokenizer=None,
     sentences: Sequence[str] | None = None,
     batch: int = 8,
     max_length: int = 128,
     max_sentences: int | None = 64,
+    token_batches: Sequence[np.ndarray] | None = None,
 ) -> EncoderQuality:
     """Cosine similarity of mean-pooled embeddings (sentence-transformers' pooling) per sentence.
 
     ``sentences`` default to the sentences of the bundled evaluation text. Padding is masked out of the
-    pooling, so batching does not change the result.
+    pooling, so batching does not change the result. ``token_batches`` ([B, L] token ids, no padding)
+    replace the text for models without a tokenizer.
     """
+    if token_batches is not None:
+        ref_fn, cand_fn = as_model_fn(reference), as_model_fn(candidate)
+        cosines = []
+        for ids in token_batches:
+            ids = np.asarray(ids, dtype=np.int64)
+            mask = np.ones_like(ids)
+            a, b = _mean_pool(ref_fn(ids, mask), mask), _mean_pool(cand_fn(ids, mask), mask)
+            cosines.extend(_cosines(a, b))
+        if not cosines:
+            raise BadInputError("no token batches to embed")
+        values = np.asarray(cosines)
+        return EncoderQuality(cosine_mean=float(values.mean()), cosine_min=float(values.min()), sentences=len(values))
+    if tokenizer is None:
+        raise BadInputError("encoder quality on text needs the model's tokenizer (or token_batches)")
     if sentences is None:
         from prune2deploy.pruning.calibration import bundled_text
 
@@ -247,7 +268,6 @@ def encoder_quality(
         )
         ids, mask = enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
         a, b = _mean_pool(ref_fn(ids, mask), mask), _mean_pool(cand_fn(ids, mask), mask)
-        denom = np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
-        cosines.extend(((a * b).sum(axis=1) / denom).tolist())
+        cosines.extend(_cosines(a, b))
     values = np.asarray(cosines)
     return EncoderQuality(cosine_mean=float(values.mean()), cosine_min=float(values.min()), sentences=len(values))

@@ -54,8 +54,8 @@ class _CoreOptions(BaseModel):
         export_batch / export_seq: example input shape for the torch exporter (batch ≥ 2: batch 1 is
             specialised).
         portable: keep standard ONNX ops in ``model.onnx``: asking for ``fuse-ort`` as well is an error. (fuse-ort
-            is opt-in for now: onnxscript's fusions break some exported graphs, e.g. GPT-2's Gemm, so it is not
-            yet on by default.)
+            is opt-in for now: onnxscript's fusions break some exported graphs, e.g. GPT-2's Gemm; the driver then
+            falls back to the unfused graph and says so. See BENCHMARKS.md §11 for why it is not yet default.)
         genai: write ``genai/`` (onnxruntime-genai package) for causal LMs; None: on for causal-LM sources
             given as a model folder, GGUF, bundled name or module.
         hf_checkpoint: write ``hf/``, a physically smaller transformers checkpoint (causal LMs).
@@ -66,6 +66,10 @@ class _CoreOptions(BaseModel):
         verify_mode: ``whole`` (both models whole on ONNX Runtime, one after the other), ``blockwise`` (one
             decoder block at a time, fed the reference's activations) or ``auto`` (blockwise when two fp32
             copies would not fit in the memory available).
+        quality_windows: how much of the bundled evaluation text the report's ``quality`` section uses
+            (compiled vs masked reference, and vs the dense model when masks were applied): windows of 128
+            tokens for causal LMs (KL, top-1 agreement, perplexity), 8 sentences each for encoders (embedding
+            cosine); 0 turns the section off. Information only: the verdict stays verification's.
         external_data_threshold: weight bytes above which ``model.onnx``/``reference.onnx`` keep their
             weights in a ``.data`` file beside them (0: always).
     """
@@ -110,6 +114,7 @@ class _CoreOptions(BaseModel):
     export_cache_dir: Path | None = None
     verify_mode: Literal["auto", "whole", "blockwise"] = "auto"
     external_data_threshold: int = Field(1 << 30, ge=0)
+    quality_windows: int = Field(4, ge=0, le=1000)
 
     @pydantic.field_validator("shapes")
     @classmethod

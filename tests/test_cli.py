@@ -34,6 +34,9 @@ def test_compile_inspect_verify_predict(tiny_onnx, tmp_path, capsys):
     assert main(["compile", str(model), "--masks", str(masks), "--out", str(out), "--no-profile", "--quiet"]) == 0
     text = capsys.readouterr().out
     assert "verification PASSED" in text and f"channels_removed={2 * 96 - sum(kept.values())}" in text
+    quality = next(line for line in text.splitlines() if line.strip().startswith("quality "))
+    assert "vs masked reference: KL" in quality and "vs dense (before the masks)" in quality  # the .onnx is dense
+    assert "random token ids" in quality  # a bare .onnx has no tokenizer
     assert sha256_file(model) == digest
 
     assert main(["inspect", str(out / "model.onnx"), "--json"]) == 0

@@ -20,6 +20,7 @@ from typing import Any
 import onnx_ir as ir
 
 from prune2deploy.driver.outdir import OutputFolder
+from prune2deploy.driver.quality import quality_section
 from prune2deploy.driver.report import (
     groups_summary,
     model_summary,
@@ -115,16 +116,21 @@ def compile_model(
         pipeline = run_pipeline(compiled, [p for p in passes if p.name != "fuse-ort"], progress=say)
         # Probe and profile within the sequence lengths the model accepts (its position table): a default
         # longer than that is lowered, an explicit one is an error.
-        seqs = fit_seqs(
-            sequence_limit(reference), options.profile_seqs, explicit="profile_seqs" in options.model_fields_set
-        )
+        limit = sequence_limit(reference)
+        seqs = fit_seqs(limit, options.profile_seqs, explicit="profile_seqs" in options.model_fields_set)
         if seqs != list(options.profile_seqs):
             options = options.replace(profile_seqs=seqs)
         batch0, seq0 = options.profile_batches[0], options.profile_seqs[0]
         new_cost = model_cost(compiled, batch=batch0, seq=seq0)
+        unfused = None
         if fusions:
+            # The unfused graph is kept (a clone sharing its tensors) for the fall-back below: a fused graph that
+            # ONNX Runtime cannot load or that fails verification is replaced by it, and the report says why.
+            unfused = compiled.clone()
             fused = run_pipeline(compiled, fusions, progress=say)
             pipeline.passes.extend(fused.passes)
+            if not any(r.modified for r in fused.passes):
+                unfused = None
         timings["passes_s"] = time.perf_counter() - t0
         _check_requested_passes(options, pipeline)
 
@@ -139,9 +145,14 @@ def compile_model(
 
         t0 = time.perf_counter()
         user_feeds = [load_feeds(path) for path in options.feeds]
-        verification = _verify(
-            reference, compiled, reference_path, model_path, pipeline.exact, user_feeds, options, say
-        )
+
+        def verify(model: ir.Model):
+            return _verify(reference, model, reference_path, model_path, pipeline.exact, user_feeds, options, say)
+
+        if unfused is None:
+            verification = verify(compiled)
+        else:
+            verification, compiled = _verify_fused(verify, compiled, unfused, pipeline, model_path, options, say)
         timings["verify_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -156,6 +167,20 @@ def compile_model(
         if lm_sections:
             timings["lm_outputs_s"] = time.perf_counter() - t0
 
+        # After the LM outputs: they load the tokenizer with the module when the export came from the cache.
+        t0 = time.perf_counter()
+        quality = quality_section(
+            loaded,
+            source,
+            reference_path,
+            model_path,
+            options,
+            max_seq=limit.max_seq if limit else None,
+            verify_mode=verification.mode,
+            progress=say,
+        )
+        timings["quality_s"] = time.perf_counter() - t0
+
         records = pipeline.records()
         report: dict[str, Any] = {
             **report_header(loaded, options),
@@ -168,6 +193,7 @@ def compile_model(
             "per_layer": compare_layers(ref_cost, new_cost),
             "groups": groups_summary(records),
             "verification": verification.as_dict(),
+            "quality": quality,
             "timings": timings,
             **lm_sections,
         }
@@ -359,6 +385,41 @@ def _verify(reference, compiled, reference_path: Path, model_path: Path, exact: 
     return verify_models(
         reference_path, model_path, exact=exact, tolerance=options.tolerance, user_feeds=user_feeds, probe=reference
     )
+
+
+def _verify_fused(verify, fused: ir.Model, unfused: ir.Model, pipeline, model_path: Path, options, say):
+    """Verifies the fused model.onnx; where ONNX Runtime cannot load it or it fails, falls back to the unfused.
+
+    onnxscript's fusions are pattern rewrites of an exported graph; on some graphs they produce one ONNX
+    Runtime refuses (GPT-2's Gemm after the attention fusion: "Input 0 expected to have rank 2"). That is a
+    per-model fact, not a reason to fail the compile: the unfused graph is written and verified instead, and
+    the fuse-ort pass's entry in the report says what failed (``record.fell_back``, ``refused.model``).
+
+    Returns:
+        (verification, the model now in model.onnx).
+    """
+    try:
+        verification = verify(fused)
+        failure = (
+            None
+            if verification.passed
+            else ("; ".join(verification.problems) or f"differs from the masked reference by {verification.worst:.3g}")
+        )
+    except BadInputError as exc:  # ONNX Runtime cannot load the fused graph
+        failure = str(exc)
+    if failure is None:
+        return verification, fused
+    log.warning("the ORT-fused model.onnx failed (%s); writing the unfused graph instead", failure)
+    say("fused graph failed to load or verify; falling back to the unfused graph")
+    result = next(r for r in pipeline.passes if r.name == "fuse-ort")
+    result.record["fell_back"] = True
+    result.refused["model"] = f"fused graph failed, model.onnx is the unfused graph: {failure[:500]}"
+    result.modified = False
+    result.exact = True
+    from prune2deploy.frontends.onnx import save_onnx
+
+    save_onnx(unfused, model_path, external_threshold=options.external_data_threshold)
+    return verify(unfused), unfused
 
 
 def _engine_problem(check: dict[str, Any]) -> str:

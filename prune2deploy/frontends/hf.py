@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from prune2deploy.errors import BadInputError, UnsupportedModelError
 
@@ -23,6 +24,7 @@ __all__ = [
     "checkpoint_dtype",
     "is_hf_folder",
     "load_hf_model",
+    "load_tokenizer",
 ]
 
 log = logging.getLogger(__name__)
@@ -191,3 +193,30 @@ def load_hf_model(path: Path | str, *, task: str | None = None, dtype: str = "fl
     module.eval()
     log.info("loaded %s (%s, %s)", path, type(module).__name__, task)
     return HFModel(module=module, tokenizer=tokenizer, task=task, source=path, gguf_file=gguf_file)
+
+
+def load_tokenizer(path: Path | str) -> Any:
+    """The tokenizer of a model folder, a ``.gguf`` file or a bundled name, without loading the weights.
+
+    For what needs only text → ids (quality on the evaluation text); None, with a log line, when the
+    checkpoint has none.
+    """
+    import transformers
+
+    if isinstance(path, str) and path in BUNDLED_MODELS:
+        path = bundled_model_path(path)
+    path = Path(path)
+    gguf_file = None
+    if path.is_file() and path.suffix == ".gguf":
+        path, gguf_file = path.parent, path.name
+    elif path.is_dir() and not (path / "config.json").exists():
+        ggufs = sorted(path.glob("*.gguf"))
+        gguf_file = ggufs[0].name if len(ggufs) == 1 else None
+    with _offline():
+        try:
+            return transformers.AutoTokenizer.from_pretrained(
+                str(path), **({"gguf_file": gguf_file} if gguf_file else {})
+            )
+        except Exception as exc:
+            log.info("%s: no tokenizer loaded (%s)", path, exc)
+            return None

@@ -336,6 +336,35 @@ def _verification(verification: dict[str, Any] | None) -> str | None:
     return "".join(parts)
 
 
+def _quality(section: dict[str, Any] | None) -> str | None:
+    """Compiled vs reference (and vs dense) on the evaluation text: information beside the verdict."""
+    if not section:
+        return None
+    if not section.get("computed"):
+        return f'<p class="muted">not measured: {_e(section.get("reason", ""))}</p>'
+    unit = (
+        f"{section['windows']} windows of {section['window']} tokens"
+        if "window" in section
+        else f"{section['sentences']} sentences"
+    )
+    parts = [f"<p>{_e(unit)} of the {_e(section.get('text', ''))}; information, not the verification verdict.</p>"]
+    rows = section.get("comparisons") or []
+    if section.get("kind") == "lm":
+        columns = ["kl_mean", "kl_max", "top1_agreement", "ppl_reference", "ppl_candidate"]
+    else:
+        columns = ["cosine_mean", "cosine_min"]
+    header = ["compiled vs", "KL mean", "KL max", "top-1", "ppl (reference)", "ppl (compiled)"]
+    parts.append(
+        _table(
+            header if section.get("kind") == "lm" else ["compiled vs", "cosine mean", "cosine min"],
+            ([r.get("reference"), *(r.get(c) for c in columns)] for r in rows),
+        )
+    )
+    if section.get("dense_skipped"):
+        parts.append(f'<p class="muted">no dense comparison: {_e(section["dense_skipped"])}</p>')
+    return "".join(parts)
+
+
 def _per_layer(rows: list[dict[str, Any]]) -> str | None:
     from prune2deploy.profiling.report_plots import MAX_LAYERS, per_layer_png
 
@@ -622,6 +651,7 @@ def render_html(report: dict[str, Any]) -> str:
         _section("passes", "Passes", _passes(report.get("passes") or [])),
         _section("groups", "Channel groups", _groups(report.get("groups"))),
         _section("verification", "Verification", _verification(report.get("verification"))),
+        _section("quality", "Quality on text", _quality(report.get("quality"))),
         _section("per-layer", "Per-layer size", _per_layer(report.get("per_layer") or [])),
         _section("latency", "Measured latency", _latency(report.get("latency") or [])),
         _section("speedup", "Speedup against ideal", _speedup(report.get("speedup") or [], _gap(report))),
@@ -629,9 +659,8 @@ def render_html(report: dict[str, Any]) -> str:
     ]
     if report.get("ops"):
         sections.append(_section("ops", "Time per op type (ONNX Runtime profiler)", _ops(report["ops"])))
-    for key, heading in (("sparsity", "Sparsity"), ("quality", "Quality")):
-        if report.get(key):
-            sections.append(_section(key, heading, _json_block(report[key])))
+    if report.get("sparsity"):
+        sections.append(_section("sparsity", "Sparsity", _json_block(report["sparsity"])))
     sections.append(_section("options", "Options", _json_block(report.get("options", {}))))
     extra = {k: v for k, v in report.items() if k not in _KNOWN}
     if extra:

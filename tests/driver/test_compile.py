@@ -34,3 +34,33 @@ def test_half_precision_engine_is_reported_as_approximate(tmp_path):
     assert not check["exact"] and check["passed"]  # approximate: its error is reported, not held to 1e-4
     assert 0 < check["worst"] < 5e-2
     assert result.report["engine"]["info"]["precision"]["source"] == "converted by convert-precision"
+
+
+def test_fused_graph_that_ort_cannot_load_falls_back_to_the_unfused_one(tmp_path):
+    from prune2deploy.passes.registry import default_passes
+    from tests.fixtures.models import tiny_gpt2
+
+    # onnxscript's attention fusion leaves GPT-2's c_proj Gemm with a rank-3 input: ORT refuses the graph.
+    options = CompileOptions(passes=[*default_passes(), "fuse-ort"], profile=False, genai=False)
+    result = api.compile(tiny_gpt2(), tmp_path / "out", options)
+    entry = next(p for p in result.report["passes"] if p["pass"] == "fuse-ort")
+    assert entry["record"]["fell_back"] and not entry["modified"]
+    assert "model.onnx is the unfused graph" in entry["refused"]["model"] and "Gemm" in entry["refused"]["model"]
+    assert result.passed and result.report["verification"]["worst"] < 1e-4
+    import onnx
+
+    ops = {n.domain for n in onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False).graph.node}
+    assert "com.microsoft" not in ops  # the file on disk is the unfused graph
+
+
+def test_fused_graph_that_verifies_is_kept(tmp_path):
+    from prune2deploy.passes.registry import default_passes
+
+    options = CompileOptions(passes=[*default_passes(), "fuse-ort"], profile=False, genai=False)
+    result = api.compile(tiny_llama(), tmp_path / "out", options)
+    entry = next(p for p in result.report["passes"] if p["pass"] == "fuse-ort")
+    assert entry["modified"] and "fell_back" not in entry["record"] and result.passed
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False).graph.node}
+    assert "SkipSimplifiedLayerNormalization" in ops

@@ -132,7 +132,33 @@ _FULL_REPORT = {
         for name, mm, total in (("reference", 3.0, 4.0), ("compiled", 1.5, 2.5))
     },
     "sparsity": {"two_four": {"eligible_layers": 12, "sparse_tactics": 0}},
-    "quality": {"top1_agreement": 0.98, "kl": 0.012},
+    "quality": {
+        "computed": True,
+        "kind": "lm",
+        "text": "bundled evaluation text (prune2deploy/data/evaluation.txt)",
+        "window": 128,
+        "windows": 4,
+        "comparisons": [
+            {
+                "candidate": "compiled",
+                "reference": "masked reference",
+                "kl_mean": 1e-9,
+                "kl_max": 3e-9,
+                "top1_agreement": 1.0,
+                "ppl_reference": 12.5,
+                "ppl_candidate": 12.5,
+            },
+            {
+                "candidate": "compiled",
+                "reference": "dense (before the masks)",
+                "kl_mean": 0.0123,
+                "kl_max": 0.4,
+                "top1_agreement": 0.9375,
+                "ppl_reference": 11.9,
+                "ppl_candidate": 12.5,
+            },
+        ],
+    },
 }
 
 MINIMAL_REPORT = {

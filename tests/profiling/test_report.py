@@ -118,13 +118,13 @@ def test_html_has_every_section_and_decodable_plots(full_report):
         "passes",
         "groups",
         "verification",
+        "quality",
         "per-layer",
         "latency",
         "speedup",
         "predictions",
         "ops",
         "sparsity",
-        "quality",
         "options",
     ]
     assert list(parsed.images) == PLOT_IDS
@@ -137,6 +137,7 @@ def test_html_has_every_section_and_decodable_plots(full_report):
     assert "1,000,000 → 600,000" in page and "-40.0%" in page
     assert "Best measured speedup: <strong>1.50×</strong>" in page
     assert page.count('<span class="bad">approximate</span>') == 1  # the regroup-gqa pass
+    assert "dense (before the masks)" in page and "0.0123" in page and "0.9375" in page  # the quality table
 
 
 def test_html_escapes_report_text(full_report):
@@ -197,7 +198,7 @@ def test_minimal_report_says_what_was_not_computed():
     page = render_html(MINIMAL)
     parsed = _parse(page)
     assert parsed.images == {}
-    assert page.count("Not computed for this run.") == 7  # passes … predictions
+    assert page.count("Not computed for this run.") == 8  # passes … predictions, quality
     assert "sparsity" not in parsed.sections
 
 
