@@ -39,7 +39,7 @@ class FuseOrtPass(P2DPass):
     def call(self, model: ir.Model) -> P2DResult:
         from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
-        backup = ir.to_proto(model)
+        backup = model.graph.clone()  # shares the tensors: a whole-model protobuf copy would double memory
         try:
             _, counts = optimize_for_ort(model)
         except Exception as exc:  # a fusion that cannot run leaves the graph as it was
@@ -67,9 +67,8 @@ class FuseOrtPass(P2DPass):
         return self.result(model, modified=bool(fused), fusions=fused, fused_ops=ops)
 
     @staticmethod
-    def _restore(model: ir.Model, proto) -> None:
-        restored = ir.from_proto(proto)
-        model.graph = restored.graph  # onnx_ir models hold their graph by attribute
+    def _restore(model: ir.Model, backup: ir.Graph) -> None:
+        model.graph = backup  # onnx_ir models hold their graph by attribute
 
 
 register_pass(
