@@ -54,17 +54,31 @@ def _anchor(node: ir.Node, weight: ir.Value) -> ir.Value | None:
 
 
 def _generator(value: ir.Value, seed: int, anchor: ir.Value | None) -> list[ir.Node]:
-    """Nodes that make N(0, 0.02²) values (the usual init scale) of the value's shape and dtype.
+    """Nodes that make values of the weight's shape and dtype: one N(0, 0.02²) row, expanded to all rows.
 
-    ONNX Runtime schedules a node with no inputs at the very start, so a plain ``RandomNormal`` per weight
-    would make every weight at once (measured: 5.6 GB for a 1B model). The shape is therefore computed from
-    ``anchor`` (``shape + 0·min(Shape(anchor))``): each weight is made only once its reader's other input
-    exists and is freed after its last reader, so a probe holds about one weight at a time.
+    ONNX Runtime schedules a node with no inputs at the very start, so a full-size generator per weight
+    would make every weight at once (measured: 5.6 GB for a 1B model). The full size is therefore only made
+    by an ``Expand`` whose shape is computed from ``anchor`` (``shape + 0·min(Shape(anchor))``): each weight
+    exists once its reader's other input does and is freed after its last reader, so a probe holds about
+    one weight at a time, in one buffer (a random row of the last dim is enough for shapes: activations stay
+    non-degenerate along the channels).
     """
     tensor = value.const_value
     dims = np.array([int(d) for d in tensor.shape.numpy()], dtype=np.int64)
     tag = f"p2d_probe_{value.name}"
-    nodes = [ir.node("Constant", [], attributes={"value": ir.tensor(dims, name=f"{tag}_dims")})]
+    row = [int(dims[-1])]
+    nodes = [
+        ir.node(
+            "RandomNormal",
+            [],
+            attributes={"shape": row, "dtype": int(ir.DataType.FLOAT), "scale": 0.02, "seed": float(seed)},
+        )
+    ]
+    cast_after = tensor.dtype == ir.DataType.BFLOAT16  # Expand has no bf16 kernel on every ORT build
+    if tensor.dtype != ir.DataType.FLOAT and not cast_after:
+        nodes.append(ir.node("Cast", [nodes[-1].outputs[0]], attributes={"to": int(tensor.dtype)}))
+    small = nodes[-1].outputs[0]
+    nodes.append(ir.node("Constant", [], attributes={"value": ir.tensor(dims, name=f"{tag}_dims")}))
     shape = nodes[-1].outputs[0]
     if anchor is not None:
         nodes.append(ir.node("Shape", [anchor]))
@@ -73,15 +87,8 @@ def _generator(value: ir.Value, seed: int, anchor: ir.Value | None) -> list[ir.N
         nodes.append(ir.node("Sub", [low, low]))
         nodes.append(ir.node("Add", [shape, nodes[-1].outputs[0]]))
         shape = nodes[-1].outputs[0]
-    nodes.append(ir.node("ConstantOfShape", [shape], attributes={"value": ir.tensor(np.ones(1, np.float32))}))
-    nodes.append(
-        ir.node(
-            "RandomNormalLike",
-            [nodes[-1].outputs[0]],
-            attributes={"dtype": int(ir.DataType.FLOAT), "scale": 0.02, "seed": float(seed)},
-        )
-    )
-    if tensor.dtype != ir.DataType.FLOAT:
+    nodes.append(ir.node("Expand", [small, shape]))
+    if cast_after:
         nodes.append(ir.node("Cast", [nodes[-1].outputs[0]], attributes={"to": int(tensor.dtype)}))
     for index, node in enumerate(nodes):
         node.name = f"{tag}_{index}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes
 from onnx_ir.passes.common import DeduplicateHashedInitializersPass
@@ -26,7 +27,9 @@ def unshare_initializers(model: ir.Model) -> int:
     """Gives every reader of a shared float initializer (rank ≥ 1) its own initializer. Returns those made.
 
     The new initializers are read-only views of the same buffer, not copies (a tied 128k-token embedding is
-    1 GB): passes never write a constant in place — they register new arrays (``graph.initializers``) — and
+    1 GB) — for tensors held as arrays or mapped from external data, what compile works on; a tensor still in
+    protobuf form decodes to a new array on every read, so its readers get a decoded copy. Passes never
+    write a constant in place — they register new arrays (``graph.initializers``) — and
     the buffer is marked read-only so that one that tried would fail loudly instead of changing the other
     reader's weights.
     """
@@ -58,12 +61,40 @@ def unshare_initializers(model: ir.Model) -> int:
     return copies
 
 
+def _rejoin_views(graph: ir.Graph) -> int:
+    """Initializers that still view the same memory (what un-sharing made and no pass replaced) become one.
+
+    They are equal by construction, so no hashing or byte comparison is needed: for a tied embedding the
+    comparison alone would read 2 × 1 GB into fresh buffers.
+    """
+    # Each array is kept alive while the loop runs: a tensor in protobuf form decodes to a fresh array per
+    # read, and a freed array's address can be handed to the next one — equal keys for different contents.
+    first: dict[tuple, tuple[ir.Value, np.ndarray]] = {}
+    joined = 0
+    for name, value in list(graph.initializers.items()):
+        tensor = value.const_value
+        if tensor is None or value.dtype not in _FLOAT or value.is_graph_output():
+            continue
+        array = tensor.numpy()
+        key = (array.__array_interface__["data"][0], array.shape, array.strides, array.dtype.str)
+        kept, _ = first.setdefault(key, (value, array))
+        if kept is not value:
+            value.replace_all_uses_with(kept)
+            graph.initializers.pop(name)
+            joined += 1
+    return joined
+
+
 def reshare_initializers(model: ir.Model) -> None:
     """De-duplicates equal initializers again (any size).
 
-    The hashed variant keeps one digest per tensor (equal digests are confirmed byte for byte); the plain one
-    keys a dict by every tensor's bytes, i.e. holds a second copy of all weights (7 GB of the 1B model's peak).
+    Views of one buffer are joined first (:func:`_rejoin_views`); the rest goes through onnx_ir's hashed
+    pass, which keeps one digest per tensor (equal digests are confirmed byte for byte) — the plain one keys a
+    dict by every tensor's bytes, i.e. holds a second copy of all weights (7 GB of the 1B model's peak).
     """
+    joined = _rejoin_views(model.graph)
+    if joined:
+        log.info("re-joined %d views of shared initializers", joined)
     DeduplicateHashedInitializersPass(size_limit=1 << 62)(model)
 
 

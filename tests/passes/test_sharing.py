@@ -1,0 +1,69 @@
+"""Un-sharing gives each reader a read-only view of one buffer; re-sharing joins them without copies."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from onnx import helper
+
+from prune2deploy.passes.sharing import reshare_initializers, unshare_initializers
+from tests.fixtures.graphs import helper_model, tensor_info
+
+
+def _tied(rng, tmp_path=None):
+    """Two MatMuls reading one weight, held as numpy (or, with ``tmp_path``, as mapped external data) — the
+    forms compile's tensors have (a model read from a file, or built by a pass)."""
+    nodes = [
+        helper.make_node("MatMul", ["X", "W"], ["A"], name="first"),
+        helper.make_node("MatMul", ["X", "W"], ["B"], name="second"),
+        helper.make_node("Add", ["A", "B"], ["Y"], name="add"),
+    ]
+    weight = rng.standard_normal((8, 8)).astype(np.float32)
+    model = helper_model(nodes, [tensor_info("X", ["batch", 8])], [tensor_info("Y", ["batch", 8])], {"W": weight})
+    if tmp_path is None:
+        value = model.graph.initializers["W"]
+        value.const_value = ir.tensor(weight, name="W")
+        return model
+    ir.save(model, str(tmp_path / "tied.onnx"), external_data="tied.onnx.data", size_threshold_bytes=0)
+    return ir.load(str(tmp_path / "tied.onnx"))
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_unshared_readers_view_one_read_only_buffer_and_rejoin(rng, tmp_path, external):
+    model = _tied(rng, tmp_path if external else None)
+    assert unshare_initializers(model) == 1
+    arrays = [v.const_value.numpy() for v in model.graph.initializers.values()]
+    assert len(arrays) == 2 and np.shares_memory(arrays[0], arrays[1])
+    with pytest.raises(ValueError, match="read-only"):
+        arrays[1][0, 0] = 1.0  # a pass writing in place would change the other reader: it fails instead
+    readers = [node.inputs[1] for node in model.graph if node.op_type == "MatMul"]
+    assert readers[0] is not readers[1]
+    reshare_initializers(model)
+    assert len(model.graph.initializers) == 1
+    readers = [node.inputs[1] for node in model.graph if node.op_type == "MatMul"]
+    assert readers[0] is readers[1]
+
+
+def test_a_replaced_view_is_not_rejoined(rng):
+    model = _tied(rng)
+    unshare_initializers(model)
+    copy = next(v for name, v in model.graph.initializers.items() if name != "W")
+    from prune2deploy.graph.initializers import replace_const
+
+    replace_const(copy, copy.const_value.numpy() * 2)  # what a pass does: new contents, new buffer
+    reshare_initializers(model)
+    assert len(model.graph.initializers) == 2
+
+
+def test_distinct_tensors_decoded_per_read_are_never_joined(rng):
+    """Protobuf-held tensors decode to a fresh array per read; a freed array's address may be reused by the
+    next one, which must not make two different weights look like views of one buffer."""
+    nodes = [helper.make_node("MatMul", ["X", f"W{i}"], [f"Y{i}"], name=f"m{i}") for i in range(6)]
+    weights = {f"W{i}": rng.standard_normal((8, 8)).astype(np.float32) for i in range(6)}
+    outputs = [tensor_info(f"Y{i}", ["batch", 8]) for i in range(6)]
+    model = helper_model(nodes, [tensor_info("X", ["batch", 8])], outputs, weights)
+    reshare_initializers(model)
+    assert sorted(model.graph.initializers) == sorted(weights)
+    for name, array in weights.items():
+        np.testing.assert_array_equal(model.graph.initializers[name].const_value.numpy(), array)
