@@ -154,6 +154,7 @@ def _measure(
     comparisons = [
         {"candidate": "compiled", "reference": "masked reference", **measure(str(reference_path))},
     ]
+    gc.collect()  # the reference's session (held in closures) is gone before the dense model's is made
     dense, why = _dense(loaded, source, options)
     if dense is not None:
         comparisons.append({"candidate": "compiled", "reference": "dense (before the masks)", **measure(dense)})
