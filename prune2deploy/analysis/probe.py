@@ -21,7 +21,7 @@ from collections.abc import Iterable
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["WEIGHT_MIN_ELEMENTS", "weightless_model"]
+__all__ = ["WEIGHT_MIN_ELEMENTS", "probe_session", "weightless_model"]
 
 log = logging.getLogger(__name__)
 
@@ -134,3 +134,22 @@ def weightless_model(model: ir.Model, *, keep: Iterable[str] = (), seed: int = 0
         generated += 1
     log.debug("probe copy: %d weights generated in the graph", generated)
     return copy
+
+
+def probe_session(model: ir.Model, outputs: Iterable[str]):
+    """An ONNX Runtime session of the weightless copy of ``model`` with ``outputs`` exposed as graph outputs.
+
+    The one place a probe serializes a model: the copy holds no large weights (a few kilobytes to a few MB
+    for any model size), so bytes are safe here where a whole model's protobuf message would not be.
+    """
+    import onnx
+
+    from prune2deploy.ort_session import make_session
+
+    proto = ir.to_proto(weightless_model(model))
+    present = {o.name for o in proto.graph.output}
+    for name in outputs:
+        if name and name not in present:
+            proto.graph.output.append(onnx.ValueInfoProto(name=name))
+            present.add(name)
+    return make_session(proto.SerializeToString())

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from prune2deploy.analysis.probe import weightless_model
+from prune2deploy.analysis.probe import probe_session
 from prune2deploy.errors import BadInputError
 from prune2deploy.feeds import feed_specs, random_feeds
 
@@ -135,23 +135,11 @@ def _feeds(model: ir.Model, inputs: Mapping[str, tuple[int, ...]], seed: int) ->
     return feeds
 
 
-def _cpu_session(model: bytes):
-    """An ONNX Runtime CPU session with the options every part of the tool uses (``ort_session``)."""
-    from prune2deploy.ort_session import make_session
-
-    return make_session(model)
-
-
 def _run_for_shapes(
     model: ir.Model, inputs: Mapping[str, tuple[int, ...]], names: Sequence[str], seed: int
 ) -> tuple[dict, dict]:
     """Runs the model once in ONNX Runtime with ``names`` exposed as outputs; returns their shapes/dtypes."""
-    proto = ir.to_proto(weightless_model(model))
-    present = {o.name for o in proto.graph.output}
-    for name in names:
-        if name not in present:
-            proto.graph.output.append(onnx.ValueInfoProto(name=name))
-    session = _cpu_session(proto.SerializeToString())
+    session = probe_session(model, names)
     outputs = [o.name for o in session.get_outputs()]
     arrays = session.run(outputs, _feeds(model, inputs, seed))
     shapes = {name: tuple(int(d) for d in a.shape) for name, a in zip(outputs, arrays, strict=True)}
@@ -279,15 +267,8 @@ def sequence_limit(model: ir.Model, *, max_bytes: int = PROBE_MAX_BYTES) -> Sequ
     if size > max_bytes:
         log.info("not probing sequence bounds of a model with %d bytes of weights", size)
         return None
-    proto = ir.to_proto(weightless_model(model))
-    present = {o.name for o in proto.graph.output}
-    names = []
-    for _node, probe, _axis, _rows in candidates:
-        if probe.name and probe.name not in present and probe.name not in names:
-            proto.graph.output.append(onnx.ValueInfoProto(name=probe.name))
-        names.append(probe.name)
     try:
-        session = _cpu_session(proto.SerializeToString())
+        session = probe_session(model, [probe.name for _node, probe, _axis, _rows in candidates])
         outputs = [o.name for o in session.get_outputs()]
         runs = []
         for seq in (2, 3):
