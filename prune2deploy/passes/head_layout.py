@@ -255,13 +255,7 @@ def apply_head_layout(model: ir.Model, block: AttentionBlock, layout: HeadLayout
             )
         # The Split's outputs are in offset order, so its sizes follow ``order`` too.
         sizes = np.asarray([new_parts[r][0].shape[1] for r in order], dtype=np.int64)
-        split = q.split
-        if len(split.inputs) > 1 and split.inputs[1] is not None:
-            edit.set_input(split, 1, sizes)
-        else:
-            split.resize_inputs(2)
-            split.replace_input_with(1, edit.const(sizes, "split"))
-            split.attributes.pop("num_outputs", None)
+        _set_split_sizes(edit, q.split, sizes)
         _set_width(q, weight.shape[1])
         for role in "qkv":
             proj = block.projections[role]
