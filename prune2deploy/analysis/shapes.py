@@ -25,6 +25,7 @@ import onnx_ir as ir
 from prune2deploy.analysis.probe import probe_session
 from prune2deploy.errors import BadInputError
 from prune2deploy.feeds import feed_specs, random_feeds
+from prune2deploy.frontends.onnx import weight_bytes
 
 __all__ = [
     "PROBE_MAX_BYTES",
@@ -184,8 +185,7 @@ def concrete_shapes(
     missing = [v.name for node in model.graph for v in node.outputs if v.name and v.name not in known]
     source = "inference"
     if missing and fallback:
-        values = model.graph.initializers.values()
-        size = sum(v.const_value.nbytes for v in values if v.const_value is not None)
+        size = weight_bytes(model)
         if size <= fallback_max_bytes:
             log.info("shape inference left %d values unknown; running ONNX Runtime for them", len(missing))
             try:
@@ -263,7 +263,7 @@ def sequence_limit(model: ir.Model, *, max_bytes: int = PROBE_MAX_BYTES) -> Sequ
     candidates = _bounded_candidates(model)
     if not candidates:
         return None
-    size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    size = weight_bytes(model)
     if size > max_bytes:
         log.info("not probing sequence bounds of a model with %d bytes of weights", size)
         return None
