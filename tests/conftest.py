@@ -15,9 +15,12 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 if "P2D_CACHE_DIR" not in os.environ:  # exports cached by compile go to a throw-away folder, not ~/.cache
+    import atexit
+    import shutil
     import tempfile
 
     os.environ["P2D_CACHE_DIR"] = tempfile.mkdtemp(prefix="p2d-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["P2D_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture

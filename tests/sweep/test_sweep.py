@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 
 import pytest
 
@@ -24,10 +25,13 @@ QUALITY = {"window": 16, "windows": 2}
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+def cluster(tmp_path_factory):
+    """A local Ray cluster whose session files (logs, sockets, spilled objects) live in the test's folder."""
+    temp_dir = tmp_path_factory.mktemp("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=str(temp_dir))
     yield
     ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
