@@ -19,7 +19,7 @@ import onnx_ir as ir
 
 __all__ = ["FAMILIES", "fresh", "module", "run"]
 
-_VERSION = 1
+_VERSION = 2
 _COMMON = {"vocab_size": 128, "num_hidden_layers": 2}
 
 
@@ -53,6 +53,20 @@ def _decoder(name: str):
         return t.FalconForCausalLM(config)
     if name == "bloom":  # ALiBi, fused QKV interleaved per head
         return t.BloomForCausalLM(t.BloomConfig(vocab_size=128, hidden_size=64, n_layer=2, n_head=4))
+    if name == "opt":  # q scaled by head_dim**-0.5 between the projection and the head split; LayerNorm
+        config = t.OPTConfig(
+            vocab_size=128,
+            hidden_size=64,
+            num_hidden_layers=2,
+            ffn_dim=96,
+            num_attention_heads=4,
+            word_embed_proj_dim=64,
+            max_position_embeddings=64,
+        )
+        return t.OPTForCausalLM(config)
+    if name == "mpt":  # ALiBi as a per-head [heads, 1, positions] bias, fused QKV chunked [3, heads, head_dim]
+        config = t.MptConfig(d_model=64, n_heads=4, n_layers=2, vocab_size=128, max_seq_len=64, expansion_ratio=2)
+        return t.MptForCausalLM(config)
     if name == "gpt2":  # Conv1D, learned positions (64 rows)
         config = t.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64)
         return t.GPT2LMHeadModel(config)
@@ -77,7 +91,7 @@ def _encoder(name: str):
     raise KeyError(name)
 
 
-DECODERS = ("llama", "qwen2", "phi", "qwen3", "olmo2", "gptneox", "falcon", "bloom", "gpt2")
+DECODERS = ("llama", "qwen2", "phi", "qwen3", "olmo2", "gptneox", "falcon", "bloom", "gpt2", "opt", "mpt")
 ENCODERS = ("bert", "roberta", "distilbert", "vit")
 FAMILIES = DECODERS + ENCODERS
 

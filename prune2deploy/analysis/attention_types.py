@@ -153,7 +153,8 @@ class AttentionBlock:
     tensors: list[HeadTensor] = field(default_factory=list)
     #: identity Reshapes of head tensors whose target names the head count: (node, entry, "q" | "kv")
     head_reshapes: list[tuple[ir.Node, int, str]] = field(default_factory=list)
-    #: per-head constants of elementwise ops (sliced with the heads): (node, input index, axis, "q" | "kv")
+    #: per-head operands of elementwise ops, constant (sliced with the heads) or computed (gathered):
+    #: (node, input index, axis, "q" | "kv")
     head_constants: list[tuple[ir.Node, int, int, str]] = field(default_factory=list)
     cache_inputs: dict[str, ir.Value] = field(default_factory=dict)  # "k"/"v" -> past graph input
     cache_outputs: dict[str, ir.Value] = field(default_factory=dict)  # "k"/"v" -> present graph output

@@ -238,12 +238,21 @@ class _Tracer:
         self._mark(node.outputs[0], _Axis(out_axis, space, sources))
 
     def _per_head_constant(self, node: ir.Node, index: int, out_rank: int, out_axis: int, space: str) -> bool:
-        """A constant with one entry per head on the head axis (per-head slopes, temperatures, biases):
-        head ``h`` reads only entry ``h``, so the rewrite slices the constant with the heads."""
+        """An operand without heads of its own but one entry per head on the head axis: per-head slopes,
+        temperatures, biases, or a computed per-head tensor such as MPT's ALiBi bias sliced to the sequence
+        length. Elementwise broadcasting makes head ``h`` of the output read only entry ``h``, whatever
+        computed the operand, so the rewrite takes the kept heads' entries: a constant is sliced, a computed
+        operand gets a Gather of the kept heads in front of this node."""
         value = node.inputs[index]
         array = const_array(value)
-        local = out_axis - (out_rank - array.ndim) if array is not None else -1
-        if array is None or local < 0 or array.shape[local] != self.width[space] or self.width[space] == 1:
+        rank = array.ndim if array is not None else _rank(value)
+        if rank is None or self.width[space] == 1:
+            return False
+        local = out_axis - (out_rank - rank)
+        if local < 0:
+            return False
+        width = array.shape[local] if array is not None else static_dim(value.shape[local])
+        if width != self.width[space]:
             return False
         self.block.head_constants.append((node, index, local, space))
         return True

@@ -292,7 +292,12 @@ def apply_head_layout(model: ir.Model, block: AttentionBlock, layout: HeadLayout
         edit.set_shape_entries(node, 1, {entry: new_h if space == "q" else new_k})
     for node, index, axis, space in block.head_constants:
         heads = layout.q_heads if space == "q" else layout.kv_heads
-        edit.set_input(node, index, np.take(const_array(node.inputs[index]), heads, axis=axis))
+        operand = node.inputs[index]
+        array = const_array(operand)
+        if array is not None:
+            edit.set_input(node, index, np.take(array, heads, axis=axis))
+        else:  # computed per head (MPT's sliced ALiBi bias): this node reads the kept heads' entries
+            node.replace_input_with(index, edit.gather(operand, heads, axis, node, like=operand))
 
     # The query → kv map.
     rep = uniform_group_size(layout.mapping, new_k)

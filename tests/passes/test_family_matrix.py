@@ -31,6 +31,8 @@ EXPECTED = {
     "phi": None,  # partial rotary: Slice/Concat of head_dim keep the head axis; the view after p·v is identity
     "gptneox": None,  # fused QKV interleaved per head ([heads, 3·head_dim] then Split), partial rotary
     "falcon": None,  # fused multi-query QKV ([heads + 2, head_dim], Slice / GatherND of the head axis)
+    "opt": None,  # q scaled by a constant between the projection and the head split
+    "mpt": None,  # ALiBi: a per-head bias sliced to the sequence length, gathered with the kept heads
     "olmo2": "normalises over all 64 channels of every head between the projection and the head split",
     # q/k/v are found (Gather off the fused [heads, 3, head_dim]); the batch×heads fold with ALiBi is not
     "bloom": "(Reshape): folds the head axis into the batch axis with a target other than the exporter's",
@@ -78,7 +80,7 @@ def test_family_heads_and_mlp_channels(name):
     zeroed = _zero_mlp_channels(model, rng)
     assert zeroed > 0
     reference = ir.to_proto(model).SerializeToString()
-    result = run_pipeline(model, build_passes(CompileOptions(profile=False)))
+    result = run_pipeline(model, build_passes(CompileOptions(profile=False, portable=True)))
     records = {r.name: r for r in result.passes}
     assert records["remove-channels"].record["channels_removed"] >= zeroed
     heads = records["remove-heads"]
