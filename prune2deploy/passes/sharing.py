@@ -95,7 +95,20 @@ def reshare_initializers(model: ir.Model) -> None:
     joined = _rejoin_views(model.graph)
     if joined:
         log.info("re-joined %d views of shared initializers", joined)
+    _make_contiguous(model.graph)
     DeduplicateHashedInitializersPass(size_limit=1 << 62)(model)
+
+
+def _make_contiguous(graph: ir.Graph) -> None:
+    """onnx_ir's hashing pass reads each array's buffer, which must be C-contiguous; a rewrite may leave a
+    strided view (onnxscript's ORT fusions do on SmolLM2). Only those are copied."""
+    for value in graph.initializers.values():
+        tensor = value.const_value
+        if not isinstance(tensor, ir.Tensor):  # mapped or protobuf-backed tensors are contiguous
+            continue
+        array = tensor.numpy()  # in memory already (numpy or torch): a view, not a copy
+        if not array.flags.c_contiguous:
+            value.const_value = ir.tensor(np.ascontiguousarray(array), dtype=tensor.dtype, name=tensor.name)
 
 
 class UnshareInitializersPass(ir.passes.InPlacePass):
