@@ -940,7 +940,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--passes",
         help=f"comma-separated pipeline from {', '.join(api.pass_specs())} "
-        f"(default: {','.join(api.CompileOptions().passes)}; run in that order)",
+        f"(default: {','.join(api.CompileOptions(portable=True).passes)}; run in that order; fuse-ort joins "
+        "them for --engine onnxruntime in fp32 unless --portable)",
     )
     _add_pass_flags(c)
     c.add_argument("--engine", choices=list(api.engine_names()), help="engine to build (default onnxruntime)")
@@ -989,7 +990,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="write OUT/genai/ for onnxruntime-genai (default: on for causal LMs from a model folder, GGUF or name)",
     )
     c.add_argument(
-        "--portable", action="store_true", help="standard ONNX ops only in model.onnx (no ONNX Runtime fusions)"
+        "--portable",
+        action="store_true",
+        help="standard ONNX ops only in model.onnx (no fuse-ort, which ONNX Runtime compiles run by default)",
     )
     c.add_argument(
         "--hf-checkpoint",

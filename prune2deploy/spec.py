@@ -53,9 +53,11 @@ class _CoreOptions(BaseModel):
         keep_reference: also write the masked reference as ``reference.onnx``.
         export_batch / export_seq: example input shape for the torch exporter (batch ≥ 2: batch 1 is
             specialised).
-        portable: keep standard ONNX ops in ``model.onnx``: asking for ``fuse-ort`` as well is an error. (fuse-ort
-            is opt-in for now: onnxscript's fusions break some exported graphs, e.g. GPT-2's Gemm; the driver then
-            falls back to the unfused graph and says so. See BENCHMARKS.md §11 for why it is not yet default.)
+        portable: keep standard ONNX ops in ``model.onnx``: asking for ``fuse-ort`` as well is an error. Without
+            it, an fp32 compile for the ONNX Runtime engine runs ``fuse-ort`` (com.microsoft RMSNorm, rotary,
+            attention kernels); where onnxscript's fusions give a graph ONNX Runtime cannot load or that fails
+            verification (GPT-2's Gemm), or verification must go block by block, the driver keeps the unfused
+            graph and the report says why.
         genai: write ``genai/`` (onnxruntime-genai package) for causal LMs; None: on for causal-LM sources
             given as a model folder, GGUF, bundled name or module.
         hf_checkpoint: write ``hf/``, a physically smaller transformers checkpoint (causal LMs).
@@ -130,7 +132,9 @@ class _CoreOptions(BaseModel):
         for name in self.passes:
             get_pass(name)  # unknown names are errors
         values = self.model_dump()
-        wanted = set(self.passes) | {name for name, spec in registry.items() if spec.enabled_by(values)}
+        wanted = set(self.passes) | {
+            name for name, spec in registry.items() if spec.enabled_by(values) or (spec.auto and spec.auto(values))
+        }
         if "fuse-ort" in wanted:  # fused ops are ONNX Runtime's (com.microsoft): not portable, not for other engines
             if self.portable:
                 raise ConfigError("--portable keeps standard ONNX ops in model.onnx; drop fuse-ort (--fuse-ort)")

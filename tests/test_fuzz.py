@@ -186,7 +186,7 @@ def _run(model: bytes, feeds: dict[str, np.ndarray]) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def options():
-    return CompileOptions()
+    return CompileOptions(portable=True)  # the structural passes; fusion is tested on real exports
 
 
 @settings(

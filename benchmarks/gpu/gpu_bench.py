@@ -346,6 +346,7 @@ def prepare_models(plan: Plan, work: Path, weights: str, notes: list[str]) -> di
     options = CompileOptions(
         masks=masks_path,
         passes=["remove-channels", "remove-heads"],
+        portable=True,  # the torch engine runs standard ONNX ops, not ONNX Runtime's fused kernels
         profile=False,
         keep_reference=False,
         gpus=[GPU],

@@ -123,6 +123,18 @@ def compile_model(
         batch0, seq0 = options.profile_batches[0], options.profile_seqs[0]
         new_cost = model_cost(compiled, batch=batch0, seq=seq0)
         unfused = None
+        if fusions and _blockwise(reference, compiled, options):
+            # Block-by-block verification cuts the graph at each layer's residual output, which the fused
+            # SkipRMSNorm kernels compute inside themselves: the fused graph could not be verified.
+            skipped = fusions[0].result(
+                compiled,
+                modified=False,
+                refused={"model": "verification goes block by block here, which needs the unfused layer boundaries"},
+                skipped=True,
+            )
+            skipped.name = "fuse-ort"
+            pipeline.passes.append(skipped)
+            fusions = []
         if fusions:
             # The unfused graph is kept (a clone sharing its tensors) for the fall-back below: a fused graph that
             # ONNX Runtime cannot load or that fails verification is replaced by it, and the report says why.
@@ -367,6 +379,12 @@ def _release(model: ir.Model) -> None:
     for value in model.graph.initializers.values():
         if isinstance(value.const_value, ir.ExternalTensor):
             value.const_value.release()
+
+
+def _blockwise(reference: ir.Model, compiled: ir.Model, options: CompileOptions) -> bool:
+    from prune2deploy.verify import choose_mode
+
+    return choose_mode(reference, compiled, options.verify_mode) == "blockwise"
 
 
 def _verify(reference, compiled, reference_path: Path, model_path: Path, exact: bool, user_feeds, options, say):

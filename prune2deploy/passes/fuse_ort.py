@@ -6,7 +6,8 @@ the record of what fired and the head-size constraint check, and the driver veri
 against the masked reference like any other pass's output (ORT's fused kernels differ from the unfused
 graph only by float rounding, so the pass is exact at the compile tolerance).
 
-Not for TensorRT or ``--portable``: those keep standard ONNX ops.
+On by itself for ``--engine onnxruntime`` in fp32 (:attr:`PassSpec.auto`); not for TensorRT, the torch engine or
+``--portable``: those keep standard ONNX ops.
 """
 
 from __future__ import annotations
@@ -77,8 +78,15 @@ register_pass(
         order=80,
         exactness="yes",
         summary="ONNX Runtime fusions after pruning (RMSNorm, SkipRMSNorm, rotary, attention), verified like any "
-        "pass; opt-in (--fuse-ort) for --engine onnxruntime",
-        switch=("--fuse-ort", "fuse for ONNX Runtime after pruning (com.microsoft RMSNorm, rotary, attention)"),
+        "pass; on by itself for --engine onnxruntime in fp32 (--portable keeps standard ONNX ops)",
+        switch=(
+            "--fuse-ort",
+            "require the ONNX Runtime fusions (com.microsoft RMSNorm, rotary, attention): on by default for "
+            "--engine onnxruntime in fp32; with this flag, --portable or another engine is an error",
+        ),
+        auto=lambda values: (
+            values.get("engine") == "onnxruntime" and not values.get("portable") and values.get("precision") == "fp32"
+        ),
         build=lambda o: FuseOrtPass(),
     )
 )

@@ -61,6 +61,9 @@ class PassSpec:
         default: part of the default pipeline (the exact structural passes, which do nothing where
             nothing is zero).
         switch: a CLI flag that only switches the pass on (``--sparse-2-4``), with its help text.
+        auto: core option values → whether the pass joins the pipeline by itself for them (fuse-ort: the
+            ONNX Runtime engine in fp32, unless ``portable``). Unlike an option that ``enables`` it, this is
+            not a request: a pass that joined this way may find nothing to change.
         check: options → None, or raises :class:`ConfigError` when the options cannot work together.
     """
 
@@ -72,6 +75,7 @@ class PassSpec:
     options: Mapping[str, PassOption] = field(default_factory=dict)
     default: bool = False
     switch: tuple[str, str] | None = None
+    auto: Callable[[Mapping[str, Any]], bool] | None = None
     check: Callable[[Any], None] | None = None
 
     def enabled_by(self, values: Mapping[str, Any]) -> bool:

@@ -64,3 +64,19 @@ def test_fused_graph_that_verifies_is_kept(tmp_path):
 
     ops = {n.op_type for n in onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False).graph.node}
     assert "SkipSimplifiedLayerNormalization" in ops
+
+
+def test_blockwise_verification_keeps_the_graph_unfused_and_says_why(tmp_path):
+    # By default (ONNX Runtime, fp32) fuse-ort runs; a block-by-block verification needs each layer's residual
+    # output, which SkipRMSNorm computes inside itself, so the driver leaves the graph unfused.
+    options = CompileOptions(profile=False, genai=False, verify_mode="blockwise")
+    assert "fuse-ort" in options.passes
+    result = api.compile(tiny_llama(), tmp_path / "out", options)
+    entry = next(p for p in result.report["passes"] if p["pass"] == "fuse-ort")
+    assert entry["record"]["skipped"] and not entry["modified"]
+    assert "block by block" in entry["refused"]["model"]
+    assert result.passed and result.report["verification"]["mode"] == "blockwise"
+    import onnx
+
+    ops = {n.domain for n in onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False).graph.node}
+    assert "com.microsoft" not in ops

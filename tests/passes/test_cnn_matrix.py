@@ -197,7 +197,7 @@ def compiled():
         if (name, mask) not in cache:
             model = cf.fresh(name, mask)
             reference = ir.to_proto(model).SerializeToString()
-            result = run_pipeline(model, build_passes(CompileOptions(profile=False)))
+            result = run_pipeline(model, build_passes(CompileOptions(profile=False, portable=True)))
             cache[(name, mask)] = (reference, model, result)
         return cache[(name, mask)]
 

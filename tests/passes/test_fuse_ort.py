@@ -1,5 +1,6 @@
 """fuse-ort: onnxscript's ORT fusions on an exported Llama agree with the unfused graph to the exact
-tolerance; a head size ORT's CPU attention does not take keeps the graph unfused and says why."""
+tolerance; a head size ORT's CPU attention does not take keeps the graph unfused and says why; the pass is
+the ONNX Runtime engine's default in fp32 and refused where its kernels cannot run."""
 
 from __future__ import annotations
 
@@ -70,9 +71,11 @@ def test_head_size_not_multiple_of_8_stays_unfused():
     np.testing.assert_array_equal(_run(model, feeds), want)
 
 
-def test_fuse_ort_is_opt_in_and_refused_where_its_kernels_cannot_run():
-    assert "fuse-ort" not in CompileOptions().passes
-    assert "fuse-ort" in CompileOptions(passes=["remove-channels", "fuse-ort"]).passes
+def test_fuse_ort_is_default_for_onnxruntime_in_fp32_and_refused_where_its_kernels_cannot_run():
+    assert "fuse-ort" in CompileOptions().passes
+    assert "fuse-ort" in CompileOptions(passes=["remove-channels"]).passes
+    for other in ({"portable": True}, {"engine": "tensorrt"}, {"engine": "torch"}):
+        assert "fuse-ort" not in CompileOptions(**other).passes
     with pytest.raises(ConfigError, match="portable"):
         CompileOptions(passes=["fuse-ort"], portable=True)
     with pytest.raises(ConfigError, match="engine tensorrt cannot run"):

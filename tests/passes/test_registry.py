@@ -49,7 +49,11 @@ def test_option_keys_may_not_collide():
 
 def test_options_switch_their_passes_on_and_keep_order():
     options = CompileOptions(passes=["remove-channels"], kv_heads=1, drop_layers=[0])
-    assert options.passes == ["remove-layers", "remove-channels", "regroup-gqa"]
+    # fuse-ort joins by itself for the ONNX Runtime engine in fp32; --portable (or another engine) keeps it out.
+    assert options.passes == ["remove-layers", "remove-channels", "regroup-gqa", "fuse-ort"]
+    assert "fuse-ort" not in CompileOptions(portable=True).passes
+    assert "fuse-ort" not in CompileOptions(engine="torch").passes
+    assert "fuse-ort" not in CompileOptions(precision="fp16", passes=["convert-precision"]).passes
     passes = build_passes(options)
     assert [p.name for p in passes] == options.passes
     assert passes[2].groups == 1 and passes[0].layers == [0]
@@ -82,7 +86,7 @@ def test_pipeline_returns_each_pass_result(rng):
     w2[:, :4] = 0  # fc2 (transB) reads four hidden channels with zero weights
     model.graph.initializers["W2"].const_value = ir.tensor(w2, name="W2")
     ShapeInferencePass()(model)
-    options = CompileOptions(passes=["remove-channels", "sparsify-2:4"], sparsity="check")
+    options = CompileOptions(passes=["remove-channels", "sparsify-2:4"], sparsity="check", portable=True)
     result = run_pipeline(model, build_passes(options))
     assert [r.name for r in result.passes] == ["remove-channels", "sparsify-2:4"]
     channels, sparsify = result.passes
