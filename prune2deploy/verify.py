@@ -19,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from prune2deploy.feeds import random_feeds
-from prune2deploy.ort_session import make_session
+from prune2deploy.ort_session import make_session, release_memory
 
 __all__ = [
     "EXACT_TOLERANCE",
@@ -442,9 +442,11 @@ def verify_models(
     ref_inputs = sorted(i.name for i in ref_runner.session.get_inputs())
     names = ref_runner.names
     del ref_runner
+    release_memory()  # the reference's weights leave before the compiled model's arrive
     new_runner, new_outs = _run_all(compiled, sets, "compiled model", input_model=compiled_is_input)
     new_inputs, new_names = sorted(i.name for i in new_runner.session.get_inputs()), new_runner.names
     del new_runner
+    release_memory()
     if ref_inputs != new_inputs or sorted(names) != sorted(new_names):
         from prune2deploy.errors import BadInputError
 
@@ -599,6 +601,7 @@ def verify_blockwise(
                     raise VerificationError(f"block {index} of the {role} on {label} failed: {exc}") from exc
             outs[role] = results
             del session
+            release_memory()
         block = {"block": index, "input": start, "outputs": {}}
         for ref_out, new_out in zip(outs["reference"], outs["compiled model"], strict=True):
             _keep_worst(block["outputs"], compare_outputs(ref_out, new_out))

@@ -375,10 +375,15 @@ def _size(nbytes: int) -> str:
 
 
 def _release(model: ir.Model) -> None:
-    """Unmaps the memory-mapped weights of ``model`` (they are mapped again if read later)."""
+    """Unmaps the memory-mapped weights of ``model`` (they are mapped again if read later).
+
+    A mapping that arrays still view stays mapped: a rewrite may have made a new tensor as a view of a mapped
+    weight (onnxscript's ORT fusions do), and closing the map under it would be an error (``BufferError``).
+    """
     for value in model.graph.initializers.values():
         if isinstance(value.const_value, ir.ExternalTensor):
-            value.const_value.release()
+            with contextlib.suppress(BufferError):
+                value.const_value.release()
 
 
 def _blockwise(reference: ir.Model, compiled: ir.Model, options: CompileOptions) -> bool:

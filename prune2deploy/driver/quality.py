@@ -17,7 +17,6 @@ masks the input already is the reference, and there is no dense model to compare
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from prune2deploy.driver.source import Progress, Source
+from prune2deploy.ort_session import release_memory
 
 __all__ = ["QUALITY_WINDOW", "quality_section"]
 
@@ -154,7 +154,7 @@ def _measure(
     comparisons = [
         {"candidate": "compiled", "reference": "masked reference", **measure(str(reference_path))},
     ]
-    gc.collect()  # the reference's session (held in closures) is gone before the dense model's is made
+    release_memory()  # the reference's session (held in closures) is gone before the dense model's is made
     dense, why = _dense(loaded, source, options)
     if dense is not None:
         comparisons.append({"candidate": "compiled", "reference": "dense (before the masks)", **measure(dense)})
@@ -185,7 +185,7 @@ def _memo(path: str) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
 
     def release() -> None:
         state["run"] = None
-        gc.collect()
+        release_memory()
 
     cached.release = release  # type: ignore[attr-defined]
     return cached

@@ -175,3 +175,24 @@ def test_save_is_self_contained_for_external_inputs(tmp_path, threshold):
     assert _locations(tmp_path / "b" / "m.onnx") <= {"m.onnx.data"}
     out = _run(tmp_path / "b" / "m.onnx", {"x": np.ones((2, 4), np.float32)})
     np.testing.assert_array_equal(out, np.ones((2, 4), np.float32) @ np.arange(16, dtype=np.float32).reshape(4, 4))
+
+
+def test_release_keeps_a_mapping_that_an_array_still_views(tmp_path):
+    # A fusion can make a new tensor as a view of a mapped weight (seen at 1B): unmapping must leave it alone.
+    import numpy as np
+    import onnx_ir as ir
+
+    from prune2deploy.driver.compile import _release
+    from prune2deploy.frontends.onnx import load_onnx, save_onnx
+
+    x = ir.Value(name="x", shape=ir.Shape([4096]), type=ir.TensorType(ir.DataType.FLOAT))
+    w = ir.Value(name="w", shape=ir.Shape([4096]), type=ir.TensorType(ir.DataType.FLOAT))
+    w.const_value = ir.tensor(np.arange(4096, dtype=np.float32), name="w")  # large enough to go to .data
+    node = ir.node("Add", [x, w])
+    graph = ir.Graph([x], [node.outputs[0]], nodes=[node], initializers=[w], opset_imports={"": 18})
+    save_onnx(ir.Model(graph, ir_version=10), tmp_path / "m.onnx", external_threshold=0)
+    model = load_onnx(tmp_path / "m.onnx")
+    assert isinstance(model.graph.initializers["w"].const_value, ir.ExternalTensor)
+    view = model.graph.initializers["w"].const_value.numpy()[::-1]
+    _release(model)  # no BufferError
+    np.testing.assert_array_equal(view[:3], [4095, 4094, 4093])
