@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import mmap
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -185,10 +186,14 @@ def test_as_row_drops_raw_times():
 
 
 def test_peak_memory_sees_an_allocation():
+    # An anonymous mapping of its own: always fresh pages. A heap allocation (np.ones) may reuse pages an
+    # earlier test freed but the allocator kept resident, and then RSS does not move (seen on CI).
+    size = 64 * 1024 * 1024
     with PeakMemory(interval_s=0.001) as memory:
-        block = np.ones(64 * 1024 * 1024 // 8)  # 64 MiB (above glibc's mmap threshold: fresh pages), all touched
+        block = mmap.mmap(-1, size)
+        block.write(b"\x01" * size)  # every page touched
         time.sleep(0.2)  # held long enough for the sampling thread to see it on a busy machine
-    assert block.sum() == block.size
+    block.close()
     assert memory.peak_rss_mb >= memory.start_rss_mb + 60
     assert memory.increase_mb == pytest.approx(memory.peak_rss_mb - memory.start_rss_mb)
 
