@@ -117,7 +117,7 @@ def as_model_fn(model) -> ModelFn:
     if isinstance(model, (str, Path, bytes)):
         from prune2deploy.ort_session import make_session
 
-        return _onnx_fn(make_session(Path(model) if not isinstance(model, bytes) else model))
+        return _onnx_fn(make_session(Path(model) if not isinstance(model, bytes) else model, prepack=False))
     session = getattr(model, "session", model)
     if hasattr(session, "get_inputs") and hasattr(session, "run"):
         return _onnx_fn(session)

@@ -403,7 +403,7 @@ def _run_all(
     from prune2deploy.errors import BadInputError, VerificationError
 
     try:
-        runner = _SessionRunner(make_session(_session_source(model)))
+        runner = _SessionRunner(make_session(_session_source(model), prepack=False))
     except Exception as exc:
         if role == "reference" or input_model:
             raise BadInputError(f"ONNX Runtime cannot load the {role}: {str(exc)[:300]}") from exc
@@ -589,7 +589,7 @@ def verify_blockwise(
             part = segment(model, inputs=inputs, outputs=ends)
             load_to_model(part)  # bytes carry no folder for external data: this block's weights, inline
             upcast_to_fp32(part)
-            session = make_session(ir.to_proto(part).SerializeToString())
+            session = make_session(ir.to_proto(part).SerializeToString(), prepack=False)
             wanted = {i.name for i in session.get_inputs()}
             del part
             results = []

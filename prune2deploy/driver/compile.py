@@ -31,6 +31,7 @@ from prune2deploy.driver.report import (
 )
 from prune2deploy.driver.source import Progress, input_record, load_source
 from prune2deploy.errors import BadInputError, EngineUnavailable, P2DError, VerificationError
+from prune2deploy.ort_session import release_memory
 from prune2deploy.spec import CompileOptions
 
 __all__ = [
@@ -122,7 +123,7 @@ def compile_model(
             options = options.replace(profile_seqs=seqs)
         batch0, seq0 = options.profile_batches[0], options.profile_seqs[0]
         new_cost = model_cost(compiled, batch=batch0, seq=seq0)
-        unfused = None
+        unfused = fused = None
         if fusions and _blockwise(reference, compiled, options):
             # Block-by-block verification cuts the graph at each layer's residual output, which the fused
             # SkipRMSNorm kernels compute inside themselves: the fused graph could not be verified.
@@ -158,22 +159,29 @@ def compile_model(
         t0 = time.perf_counter()
         user_feeds = [load_feeds(path) for path in options.feeds]
 
+        exact = pipeline.exact
+
         def verify(model: ir.Model):
-            return _verify(reference, model, reference_path, model_path, pipeline.exact, user_feeds, options, say)
+            return _verify(reference, model, reference_path, model_path, exact, user_feeds, options, say)
 
         if unfused is None:
             verification = verify(compiled)
         else:
             verification, compiled = _verify_fused(verify, compiled, unfused, pipeline, model_path, options, say)
         timings["verify_s"] = time.perf_counter() - t0
+        # model.onnx is written and verified: what follows reads files. The compiled graph's own tensors (the
+        # passes' new weights, 3 GB at 1B) are freed and the reference's mapped pages unmapped before the LM
+        # outputs load the torch module beside them.
+        records = pipeline.records()
+        del compiled, unfused, fused, pipeline  # the pass results hold the model too
+        _release(reference)
+        release_memory()
 
         t0 = time.perf_counter()
         # genai/ and hf/ are fp32 builds of the masked module: a precision change is theirs to make, not a
         # different model, but any other approximate change (pooled K/V, dropped layers, imposed 2:4) is.
         approximate = [
-            r["pass"]
-            for r in pipeline.records()
-            if r["modified"] and not r["exact"] and r["pass"] != "convert-precision"
+            r["pass"] for r in records if r["modified"] and not r["exact"] and r["pass"] != "convert-precision"
         ]
         lm_sections = _lm_outputs(loaded, options, staging, say, approximate=approximate)
         if lm_sections:
@@ -198,7 +206,6 @@ def compile_model(
         )
         timings["quality_s"] = time.perf_counter() - t0
 
-        records = pipeline.records()
         report: dict[str, Any] = {
             **report_header(loaded, options),
             "passes": records,
@@ -223,7 +230,7 @@ def compile_model(
                 reference_path,
                 reference,
                 user_feeds,
-                pipeline.exact,
+                exact,
                 loaded.extra.get("max_positions"),
             )
         if options.profile:
@@ -628,7 +635,7 @@ def _verify_engine(
         return None
     from prune2deploy.ort_session import make_session
 
-    session = make_session(reference_path)
+    session = make_session(reference_path, prepack=False)
     names = [o.name for o in session.get_outputs()]
 
     class _Reference:

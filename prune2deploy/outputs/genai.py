@@ -314,7 +314,7 @@ def check_decoder(decoder_path: Path, reference: Any, *, prompt: int = 7, steps:
     from prune2deploy.ort_session import make_session
 
     reference = getattr(reference, "module", reference)
-    session = make_session(Path(decoder_path))
+    session = make_session(Path(decoder_path), prepack=False)
     inputs = {i.name: i for i in session.get_inputs()}
     vocab = int(reference.config.get_text_config(decoder=True).vocab_size)
     gen = torch.Generator().manual_seed(0)

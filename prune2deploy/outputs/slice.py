@@ -169,6 +169,8 @@ def _head_plan(attn: Any, heads: int, kv_heads: int, d: int, where: str, padded:
 def slice_causal_lm(module: Any) -> SliceResult:
     """Returns a copy of ``module`` with its zero heads and MLP neurons physically removed (exact).
 
+    The copy's untouched tensors are ``module``'s own (shared, not copied): convert or modify neither in place.
+
     Args:
         module: a transformers Llama-style causal LM (or an HFModel holding one) whose pruning is in zeros
             (masks already applied).
@@ -188,7 +190,11 @@ def slice_causal_lm(module: Any) -> SliceResult:
     act = str(getattr(text, "hidden_act", "")).lower()
     dense = LayerWidths(-1, heads, kv_heads, int(layers[0].mlp.down_proj.in_features))
 
-    sliced = copy.deepcopy(module)
+    # The copy shares every tensor with ``module`` (embeddings, norms, lm_head and each projection nothing
+    # is cut from): only the sliced projections are new. A full deep copy would hold the model twice at its
+    # peak (9.8 GB for a 1B fp32 model). Neither module is modified in place afterwards.
+    shared = {id(t): t for t in (*module.parameters(), *module.buffers())}
+    sliced = copy.deepcopy(module, memo=shared)
     widths: list[LayerWidths] = []
     padded: dict[str, str] = {}
     with torch.no_grad():

@@ -1,0 +1,49 @@
+"""slice_causal_lm: the sliced copy computes what the masked model does and shares what it did not cut."""
+
+from __future__ import annotations
+
+import torch
+
+from prune2deploy.outputs.slice import slice_causal_lm
+
+
+def _masked_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+    )  # fmt: skip
+    module = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # layer 0: half the MLP neurons zero; layer 1 keeps everything
+        layer = module.model.layers[0].mlp
+        layer.gate_proj.weight[::2] = 0
+        layer.up_proj.weight[::2] = 0
+        layer.down_proj.weight[:, ::2] = 0
+    return module
+
+
+def test_sliced_copy_is_exact_and_shares_untouched_tensors():
+    module = _masked_llama()
+    before = {name: p.detach().clone() for name, p in module.named_parameters()}
+    result = slice_causal_lm(module)
+    sliced = result.module
+
+    assert [w.intermediate for w in result.layers] == [24, 48]
+    assert sliced.model.layers[0].mlp.down_proj.in_features == 24
+    # What was not cut is the masked model's own storage, not a copy (a copy would hold a 1B model twice).
+    assert sliced.model.embed_tokens.weight.data_ptr() == module.model.embed_tokens.weight.data_ptr()
+    assert sliced.lm_head.weight.data_ptr() == module.lm_head.weight.data_ptr()
+    assert sliced.model.layers[1].mlp.up_proj.weight.data_ptr() == module.model.layers[1].mlp.up_proj.weight.data_ptr()
+    # The masked model itself is left as it was: same widths, same values.
+    assert module.model.layers[0].mlp.down_proj.in_features == 48
+    assert module.config.intermediate_size == 48
+    for name, p in module.named_parameters():
+        assert torch.equal(p, before[name]), name
+
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = module(input_ids=ids, use_cache=False).logits
+        got = sliced(input_ids=ids, use_cache=False).logits
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
