@@ -10,7 +10,7 @@ in the checkpoint itself (gate/up rows and down columns), so ``compile`` finds t
 Never run in CI: the 1B folder is 4.9 GB, the 3B one 6.4 GB.
 
 Each step's time comes from the compile's progress lines; the peak RSS of each step is sampled every
-50 ms by a thread (and the whole run's from ``getrusage``). Prints one JSON line and writes it to
+20 ms by a child process (``RssSampler``), and the whole run's from ``getrusage``. Prints one JSON line and writes it to
 ``<work>/<model>-result.json``.
 """
 
@@ -21,7 +21,6 @@ import json
 import resource
 import shutil
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -38,12 +37,54 @@ def _rss() -> int:
         return int(handle.read().split()[1]) * resource.getpagesize()
 
 
-def _anon() -> int:
-    """Resident anonymous memory: RSS less the file-backed pages (memory-mapped weights, which the kernel can
-    drop and re-read; they count in RSS but are not memory the process holds on its own)."""
-    with open("/proc/self/statm") as handle:
-        fields = handle.read().split()
-    return (int(fields[1]) - int(fields[2])) * resource.getpagesize()
+#: The sampler runs in a process of its own: a thread of the compiling process needs the GIL, which a long C
+#: call (serialising a graph, creating an ONNX Runtime session) can hold for seconds, so a thread misses the
+#: highest points. It reads ``/proc/<pid>/statm`` every 20 ms and answers each newline on stdin with the peak
+#: RSS and peak anonymous RSS (bytes) since the previous one.
+_SAMPLER = """
+import os, select, sys
+pid, page = int(sys.argv[1]), os.sysconf("SC_PAGE_SIZE")
+peak = anon = 0
+while True:
+    try:
+        with open(f"/proc/{pid}/statm") as handle:
+            fields = handle.read().split()
+    except OSError:
+        break
+    rss = int(fields[1]) * page
+    peak, anon = max(peak, rss), max(anon, rss - int(fields[2]) * page)
+    if select.select([sys.stdin], [], [], 0.02)[0]:
+        if not sys.stdin.readline():
+            break
+        print(peak, anon, flush=True)
+        peak = anon = 0
+"""
+
+
+class RssSampler:
+    """Peak RSS and anonymous RSS of this process between marks, sampled by a child process."""
+
+    def __init__(self) -> None:
+        import os
+        import subprocess
+
+        self._child = subprocess.Popen(
+            [sys.executable, "-c", _SAMPLER, str(os.getpid())],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def mark(self) -> tuple[int, int]:
+        """(peak RSS, peak anonymous RSS) in bytes since the previous mark; starts the next interval."""
+        self._child.stdin.write("\n")
+        self._child.stdin.flush()
+        peak, anon = self._child.stdout.readline().split()
+        return int(peak), int(anon)
+
+    def close(self) -> None:
+        self._child.stdin.close()
+        self._child.wait(timeout=10)
 
 
 def make_folder(name: str, folder: Path, seed: int = 0) -> Path:
@@ -135,38 +176,33 @@ def run(args) -> dict:
         source = make_folder(args.model, work / f"llama-{args.model}")
         print(f"folder ready in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     phases: list[dict] = []
-    state = {"label": "start", "peak": 0, "anon": 0, "t": time.perf_counter()}
+    sampler = RssSampler()
+    state = {"label": "start", "t": time.perf_counter()}
     start = state["t"]
-    stop = threading.Event()
     overall = {"anon": 0}
-
-    def sample() -> None:
-        while not stop.wait(0.05):
-            state["peak"] = max(state["peak"], _rss())
-            state["anon"] = max(state["anon"], _anon())
-            overall["anon"] = max(overall["anon"], state["anon"])
 
     def progress(line: str) -> None:
         now = time.perf_counter()
+        peak, anon = sampler.mark()
+        overall["anon"] = max(overall["anon"], anon)
         phases.append(
             {
                 "step": state["label"],
                 "s": round(now - state["t"], 2),
-                "peak_rss_gb": round(state["peak"] / 1e9, 2),
-                "peak_anon_gb": round(state["anon"] / 1e9, 2),
+                "peak_rss_gb": round(peak / 1e9, 2),
+                "peak_anon_gb": round(anon / 1e9, 2),
             }
         )
         step = phases[-1]
         done = f"[previous step: {step['s']} s, peak RSS {step['peak_rss_gb']} GB, anon {step['peak_anon_gb']} GB]"
         print(f"{line}   {done}", file=sys.stderr, flush=True)
-        state.update(label=line.split("] ", 1)[-1], peak=_rss(), anon=_anon(), t=now)
+        state.update(label=line.split("] ", 1)[-1], t=now)
 
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
     base_rss = _rss()
+    sampler.mark()
     result = api.compile(source, out, CompileOptions(**options), progress=progress)
     progress("[done] done")
-    stop.set()
+    sampler.close()
     report = result.report
     data_bytes = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
     summary = {

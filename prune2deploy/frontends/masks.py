@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -61,6 +62,9 @@ def _suggest(name: str, known: list[str]) -> str:
 def apply_masks_torch(module, masks: Mapping[str, np.ndarray], *, source: str = "mask file"):
     """Returns a copy of ``module`` whose parameters are multiplied by their masks.
 
+    The copy shares the storage of every parameter no mask names with ``module``: neither is to be changed
+    in place afterwards (the outputs built from it, genai/ and hf/, copy what they change).
+
     Raises:
         MaskError: a mask names a parameter the module does not have, or has another shape.
     """
@@ -80,12 +84,16 @@ def apply_masks_torch(module, masks: Mapping[str, np.ndarray], *, source: str = 
                 f"{source}: mask '{name}' has shape {tuple(mask.shape)} but the parameter is "
                 f"{tuple(params[name].shape)}. Masks use the parameter's own layout."
             )
-    masked = copy.deepcopy(module)
-    masked_params = dict(masked.named_parameters())
+    # A deep copy of a 1B model would hold its 4.9 GB twice. The memo makes the copy's masked parameters new
+    # tensors (weight × mask) and every other parameter and buffer the input's own, so the copy costs only
+    # the masked tensors and the input is left as it was; tied parameters stay tied (one memo entry each).
+    memo: dict[int, Any] = {id(tensor): tensor for tensor in (*module.parameters(), *module.buffers())}
     with torch.no_grad():
         for name, mask in masks.items():
-            param = masked_params[name]
-            param.mul_(torch.from_numpy(np.ascontiguousarray(mask)).to(param.dtype))
+            param = params[name]
+            product = param.detach() * torch.from_numpy(np.ascontiguousarray(mask)).to(param.dtype)
+            memo[id(param)] = torch.nn.Parameter(product, requires_grad=param.requires_grad)
+    masked = copy.deepcopy(module, memo)
     log.info("applied %d masks", len(masks))
     return masked
 

@@ -7,7 +7,7 @@ import onnx_ir as ir
 import pytest
 
 from prune2deploy.errors import MaskError
-from prune2deploy.frontends.masks import apply_masks_onnx
+from prune2deploy.frontends.masks import apply_masks_onnx, apply_masks_torch
 from tests.fixtures.models import tiny_llama
 
 
@@ -43,3 +43,24 @@ def test_transposed_linear_weight_and_errors(tiny_llama_onnx):
         apply_masks_onnx(model, {"model.layers.0.mlp.up_proj.weight": mask.T})
     with pytest.raises(MaskError, match="matches no tensor"):
         apply_masks_onnx(model, {"model.layers.9.mlp.up_proj.weight": mask})
+
+
+def test_torch_masks_copy_only_what_they_mask():
+    """The masked copy is the input with masked weights replaced: unmasked tensors are shared (a 1B model is
+    not held twice), tied ones stay tied, and the input keeps its values."""
+    import torch
+
+    module = tiny_llama(tie_word_embeddings=True)
+    name = "model.layers.0.mlp.up_proj.weight"
+    before = dict(module.named_parameters())[name].detach().clone()
+    mask = np.ones(tuple(before.shape), dtype=np.float32)
+    mask[::2] = 0
+    masked = apply_masks_torch(module, {name: mask})
+    params, masked_params = dict(module.named_parameters()), dict(masked.named_parameters())
+    assert torch.equal(params[name], before)  # the input is not modified
+    assert torch.equal(masked_params[name], before * torch.from_numpy(mask))
+    assert masked_params[name].data_ptr() != params[name].data_ptr()
+    other = "model.layers.0.mlp.down_proj.weight"
+    assert masked_params[other].data_ptr() == params[other].data_ptr()
+    assert masked.lm_head.weight is masked.model.embed_tokens.weight
+    assert masked is not module and masked.model.layers[0].mlp is not module.model.layers[0].mlp
