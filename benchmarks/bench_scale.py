@@ -39,26 +39,57 @@ def _rss() -> int:
 
 #: The sampler runs in a process of its own: a thread of the compiling process needs the GIL, which a long C
 #: call (serialising a graph, creating an ONNX Runtime session) can hold for seconds, so a thread misses the
-#: highest points. It reads ``/proc/<pid>/statm`` every 20 ms and answers each newline on stdin with the peak
-#: RSS and peak anonymous RSS (bytes) since the previous one.
+#: highest points. Every 20 ms it reads ``/proc/<pid>/statm`` of the compiling process and of its descendants
+#: (summed: the export of a large checkpoint runs in a child process) and answers each newline on stdin with
+#: the peak RSS and peak anonymous RSS (bytes) since the previous one. The sampler itself is not counted.
 _SAMPLER = """
 import os, select, sys
-pid, page = int(sys.argv[1]), os.sysconf("SC_PAGE_SIZE")
+root, page = int(sys.argv[1]), os.sysconf("SC_PAGE_SIZE")
+
+def tree(pid):
+    # the process and its descendants (the compile exports large checkpoints in a child process)
+    pids = [pid]
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as handle:
+            for child in handle.read().split():
+                if int(child) != os.getpid():
+                    pids += tree(int(child))
+    return pids
+
 peak = anon = 0
 while True:
+    rss = shared = 0
     try:
-        with open(f"/proc/{pid}/statm") as handle:
-            fields = handle.read().split()
-    except OSError:
-        break
-    rss = int(fields[1]) * page
-    peak, anon = max(peak, rss), max(anon, rss - int(fields[2]) * page)
+        for pid in tree(root):
+            with open(f"/proc/{pid}/statm") as handle:
+                fields = handle.read().split()
+            rss, shared = rss + int(fields[1]) * page, shared + int(fields[2]) * page
+    except (FileNotFoundError, ProcessLookupError):  # a child ended between the listing and the read
+        if not os.path.exists(f"/proc/{root}"):
+            break
+        continue
+    peak, anon = max(peak, rss), max(anon, rss - shared)
     if select.select([sys.stdin], [], [], 0.02)[0]:
         if not sys.stdin.readline():
             break
         print(peak, anon, flush=True)
         peak = anon = 0
 """
+
+
+def mapped_files(min_bytes: int = 100_000_000) -> dict[str, float]:
+    """Resident bytes (GB) of each file this process maps, from ``/proc/self/smaps``: which weight files are
+    held when a step's RSS exceeds its anonymous memory."""
+    resident: dict[str, int] = {}
+    path = None
+    with open("/proc/self/smaps") as handle:
+        for line in handle:
+            fields = line.split()
+            if not fields[0].endswith(":"):  # a mapping's header: address perms offset dev inode [path]
+                path = fields[5] if len(fields) > 5 and fields[5].startswith("/") else None
+            elif fields[0] == "Rss:" and path is not None:
+                resident[path] = resident.get(path, 0) + int(fields[1]) * 1024
+    return {name: round(size / 1e9, 2) for name, size in resident.items() if size >= min_bytes}
 
 
 class RssSampler:
@@ -193,6 +224,8 @@ def run(args) -> dict:
                 "peak_anon_gb": round(anon / 1e9, 2),
             }
         )
+        if args.mappings:
+            phases[-1]["mapped_gb"] = mapped_files()
         step = phases[-1]
         done = f"[previous step: {step['s']} s, peak RSS {step['peak_rss_gb']} GB, anon {step['peak_anon_gb']} GB]"
         print(f"{line}   {done}", file=sys.stderr, flush=True)
@@ -212,7 +245,8 @@ def run(args) -> dict:
         "dtype": report["input"].get("dtype", "float32"),
         "wall_s": round(time.perf_counter() - start, 1),
         "timings": {k: round(v, 1) for k, v in report["timings"].items()},
-        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 2),
+        "peak_rss_gb": max(step["peak_rss_gb"] for step in phases),  # the compile and its children
+        "peak_rss_self_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 2),
         "peak_anon_gb": round(overall["anon"] / 1e9, 2),
         "rss_before_compile_gb": round(base_rss / 1e9, 2),
         "verification": {
@@ -237,6 +271,9 @@ def main() -> None:
     parser.add_argument("--verify-mode", default="auto", choices=["auto", "whole", "blockwise"])
     parser.add_argument("--no-cache", action="store_true", help="export even when a cached export exists")
     parser.add_argument("--make-only", action="store_true", help="only write the HF folder")
+    parser.add_argument(
+        "--mappings", action="store_true", help="record the resident bytes of each mapped file per step"
+    )
     parser.add_argument("--no-genai", action="store_true", help="skip the genai/ output (compile and verify only)")
     args = parser.parse_args()
     if args.make_only:

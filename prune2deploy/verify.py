@@ -10,6 +10,7 @@ this machine (the torch engine on CPU), not only ONNX Runtime.
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -557,6 +558,7 @@ def verify_blockwise(
     user_feeds: Sequence[Mapping[str, np.ndarray]] = (),
     seed: int = 0,
     progress=None,
+    scratch: Path | None = None,
 ) -> Verification:
     """Reference and compiled model one block at a time, in fp32.
 
@@ -564,7 +566,8 @@ def verify_blockwise(
     first block starts at the graph inputs, the last ends at the graph outputs). Both are fed the
     *reference's* activation at the block's input, so each block's error is its own; the verdict holds
     every block and the final outputs to the tolerance. Only one block's weights (in fp32) are in memory
-    at a time.
+    at a time. Each block is written to a temporary folder in ``scratch`` (the system's temporary folder
+    by default) for ONNX Runtime to read, and deleted after.
 
     Raises:
         BlockwiseUnavailable: see :func:`block_cuts`.
@@ -587,11 +590,18 @@ def verify_blockwise(
         outs: dict[str, list[dict[str, np.ndarray]]] = {}
         for role, model in (("reference", reference), ("compiled model", compiled)):
             part = segment(model, inputs=inputs, outputs=ends)
-            load_to_model(part)  # bytes carry no folder for external data: this block's weights, inline
+            load_to_model(part)  # this block's weights, read into memory (the part is saved on its own)
             upcast_to_fp32(part)
-            session = make_session(ir.to_proto(part).SerializeToString(), prepack=False)
+            # Saved to a scratch file with its weights beside it, then freed, before ONNX Runtime reads it: as
+            # bytes, the part, its protobuf and the serialized string were three more copies of the block's
+            # fp32 weights beside the session's own (the embedding block of a 3B model: 1.6 GB each).
+            with tempfile.TemporaryDirectory(prefix="p2d-block-", dir=scratch) as folder:
+                path = Path(folder) / "block.onnx"
+                ir.save(part, path, external_data="block.onnx.data")
+                del part
+                release_memory()
+                session = make_session(path, prepack=False)
             wanted = {i.name for i in session.get_inputs()}
-            del part
             results = []
             for (label, feeds), carried in zip(sets, entering, strict=True):
                 given = {k: v for k, v in {**feeds, **carried}.items() if k in wanted}

@@ -351,18 +351,27 @@ def _lm_outputs(
         return {key: {"written": False, "reason": reason} for key, on in wanted.items() if on}
     from prune2deploy.outputs.lm import write_lm_outputs
 
-    module, tokenizer = loaded.masked_module()
-    half = str(getattr(module, "dtype", "")).removeprefix("torch.") in ("bfloat16", "float16")
-    if half:
-        # The genai/hf checks hold the outputs to the masked model within a tight tolerance; half-precision
-        # rounding differs between torch and ONNX Runtime kernels by far more, so both are built and checked
-        # from an fp32 copy (the checkpoint's values, exactly representable in fp32).
-        import copy
+    half = False
 
-        module = copy.deepcopy(module).float()
+    def masked_module() -> tuple[Any, Any]:
+        """The masked module for the LM outputs, which then hold the compile's only reference to it (freed
+        when they are done with it; a cached export re-loads it from the checkpoint when asked again)."""
+        nonlocal half
+        module, tokenizer = loaded.masked_module()
+        if loaded.module_loader is not None:
+            loaded.module = None
+        half = str(getattr(module, "dtype", "")).removeprefix("torch.") in ("bfloat16", "float16")
+        if half:
+            # The genai/hf checks hold the outputs to the masked model within a tight tolerance; half-precision
+            # rounding differs between torch and ONNX Runtime kernels by far more, so both are built and
+            # checked from an fp32 copy (the checkpoint's values, exactly representable in fp32).
+            import copy
+
+            module = copy.deepcopy(module).float()
+        return module, tokenizer
+
     sections = write_lm_outputs(
-        module,
-        tokenizer,
+        masked_module,
         staging,
         genai=genai,
         hf_checkpoint=options.hf_checkpoint,
@@ -387,10 +396,15 @@ def _release(model: ir.Model) -> None:
     A mapping that arrays still view stays mapped: a rewrite may have made a new tensor as a view of a mapped
     weight (onnxscript's ORT fusions do), and closing the map under it would be an error (``BufferError``).
     """
+    viewed = []
     for value in model.graph.initializers.values():
         if isinstance(value.const_value, ir.ExternalTensor):
-            with contextlib.suppress(BufferError):
+            try:
                 value.const_value.release()
+            except BufferError:
+                viewed.append(value.name)
+    if viewed:
+        log.debug("still mapped (an array views them): %s", ", ".join(viewed))
 
 
 def _blockwise(reference: ir.Model, compiled: ir.Model, options: CompileOptions) -> bool:
@@ -408,7 +422,13 @@ def _verify(reference, compiled, reference_path: Path, model_path: Path, exact: 
         say("verifying against the masked reference, block by block")
         try:
             return verify_blockwise(
-                reference, compiled, exact=exact, tolerance=options.tolerance, user_feeds=user_feeds, progress=say
+                reference,
+                compiled,
+                exact=exact,
+                tolerance=options.tolerance,
+                user_feeds=user_feeds,
+                progress=say,
+                scratch=reference_path.parent,  # the staging folder: beside the outputs, removed with it
             )
         except BlockwiseUnavailable as exc:
             if options.verify_mode == "blockwise":

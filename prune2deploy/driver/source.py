@@ -139,7 +139,7 @@ def _hf_reference(
     """
     from prune2deploy.frontends import hf, masks
     from prune2deploy.frontends import torch as torch_frontend
-    from prune2deploy.frontends.onnx import load_onnx, save_onnx
+    from prune2deploy.frontends.onnx import load_onnx
 
     cache = export_cache_path(where, dtype, options) if options.export_cache else None
     if cache is not None and (cache / "model.onnx").is_file():
@@ -148,6 +148,16 @@ def _hf_reference(
         task = (cache / "task").read_text().strip() if (cache / "task").is_file() else "causal-lm"
         applied = masks.apply_masks_onnx(model, mask_tensors, source=mask_source) if mask_tensors else 0
         return model, task, applied, None, None, None
+    if cache is not None and _checkpoint_bytes(where) > KEEP_MODULE_MAX_BYTES:
+        # The exporter keeps references to the module's tensors after it returns (the checkpoint's mapped
+        # pages, 4.9 GB at 1B, stayed resident through the passes); a child process returns all of its
+        # memory when it ends. Its module would not be kept anyway at this size (re-loaded for genai/, hf/).
+        say(f"loading {name} ({dtype}) and exporting it to ONNX (dynamo, opset 18) in a child process")
+        task, max_positions = _export_in_child(name, dtype, options.export_batch, options.export_seq, cache)
+        say(f"cached the export in {cache}")
+        model = load_onnx(cache / "model.onnx")
+        applied = masks.apply_masks_onnx(model, mask_tensors, source=mask_source) if mask_tensors else 0
+        return model, task, applied, None, None, max_positions
     say(f"loading {name} ({dtype})")
     loaded = hf.load_hf_model(name, dtype=dtype)
     module = loaded.module
@@ -175,19 +185,30 @@ def _hf_reference(
     del module, loaded.module
     if cache is None:
         return model, loaded.task, len(mask_tensors or {}), kept, tokenizer, max_positions
-    import gc
+    _write_cache(model, loaded.task, cache)
+    del model
+    say(f"cached the export in {cache}")
+    model = load_onnx(cache / "model.onnx")
+    applied = masks.apply_masks_onnx(model, mask_tensors, source=mask_source) if mask_tensors else 0
+    return model, loaded.task, applied, kept, tokenizer, max_positions
+
+
+def _write_cache(model: ir.Model, task: str, cache: Path) -> None:
+    """Writes an export into ``cache`` atomically (a scratch folder renamed; a concurrent writer's copy wins).
+
+    Above the size threshold the cached export keeps its weights in model.onnx.data: reading it back maps
+    them, and the exporter's torch tensors can be freed.
+    """
     import shutil
     import tempfile
+
+    from prune2deploy.frontends.onnx import save_onnx
 
     cache.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=cache.parent))
     try:
-        # Above the size threshold the cached export keeps its weights in model.onnx.data: reading it back
-        # maps them, and the exporter's torch tensors are freed.
         save_onnx(model, scratch / "model.onnx")
-        (scratch / "task").write_text(loaded.task + "\n")
-        del model
-        gc.collect()
+        (scratch / "task").write_text(task + "\n")
         try:
             scratch.rename(cache)
         except OSError:  # another compile cached it meanwhile
@@ -195,10 +216,38 @@ def _hf_reference(
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
-    say(f"cached the export in {cache}")
-    model = load_onnx(cache / "model.onnx")
-    applied = masks.apply_masks_onnx(model, mask_tensors, source=mask_source) if mask_tensors else 0
-    return model, loaded.task, applied, kept, tokenizer, max_positions
+
+
+def _checkpoint_bytes(where: Path) -> int:
+    """Bytes of a checkpoint's weight files (a GGUF file, or a folder's safetensors/bin shards)."""
+    if where.is_file():
+        return where.stat().st_size
+    return sum(p.stat().st_size for p in where.glob("*") if p.suffix in (".safetensors", ".bin", ".pt", ".gguf"))
+
+
+def _export_in_child(name, dtype: str, batch: int, seq: int, cache: Path) -> tuple[str, int | None]:
+    """Runs :func:`_export_to_cache` in a fresh (spawned) process; its errors are raised here as they were."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_export_to_cache, name, dtype, batch, seq, cache).result()
+
+
+def _export_to_cache(name, dtype: str, batch: int, seq: int, cache: Path) -> tuple[str, int | None]:
+    """Loads the unmasked checkpoint, exports it and writes the cache; returns (task, max positions)."""
+    from prune2deploy.frontends import hf
+    from prune2deploy.frontends import torch as torch_frontend
+
+    loaded = hf.load_hf_model(name, dtype=dtype)
+    module = loaded.module
+    module.config.use_cache = False
+    vocab = getattr(module.config, "vocab_size", 100)
+    spec = torch_frontend.hf_export_spec(loaded.task, batch=batch, seq=seq, vocab_size=vocab)
+    model = torch_frontend.export_module(module, spec)
+    check_finite_weights(model, str(name))
+    _write_cache(model, loaded.task, cache)
+    return loaded.task, getattr(module.config, "max_position_embeddings", None)
 
 
 def _module_bytes(module: Any) -> int:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,14 @@ import onnx_ir as ir
 from prune2deploy.errors import UnsupportedModelError
 from prune2deploy.outputs.slice import SliceResult
 
-__all__ = ["build_genai_decoder", "check_decoder", "check_genai_folder", "write_genai_folder"]
+__all__ = [
+    "DecoderReference",
+    "build_genai_decoder",
+    "check_decoder",
+    "check_genai_folder",
+    "reference_outputs",
+    "write_genai_folder",
+]
 
 log = logging.getLogger(__name__)
 
@@ -307,20 +315,52 @@ def _genai_config(sliced: SliceResult, context_length: int, filename: str) -> di
     }
 
 
-def check_decoder(decoder_path: Path, reference: Any, *, prompt: int = 7, steps: int = 4) -> dict[str, Any]:
-    """Prefill + ``steps`` decode steps of the ONNX decoder against the masked torch model's logits."""
+@dataclass(frozen=True)
+class DecoderReference:
+    """What the masked model computes on the check inputs: all a ``genai/`` check needs of it.
+
+    Taken before the folder is written, so that the masked torch module (4.9 GB at 1B parameters, beside the
+    sliced one and then beside ONNX Runtime's copy of the decoder) can be freed first.
+    """
+
+    ids: np.ndarray  # [1, prompt + steps] token ids fed to the decoder's prefill and decode steps
+    logits: np.ndarray  # the masked model's logits on ``ids``, float32
+    prompt: int
+    steps: int
+    greedy_prompt: list[int]  # the prompt of the onnxruntime-genai check
+    greedy_tokens: list[int]  # transformers' greedy continuation of it
+
+
+def reference_outputs(
+    reference: Any, *, prompt: int = 7, steps: int = 4, greedy_prompt: int = 8, new_tokens: int = 12
+) -> DecoderReference:
+    """Runs the masked model once on the check inputs (fixed seeds): logits for the ONNX Runtime check, and
+    greedy tokens for the onnxruntime-genai one."""
     import torch
 
+    reference = getattr(reference, "module", reference)
+    vocab = int(reference.config.get_text_config(decoder=True).vocab_size)
+    ids = torch.randint(0, vocab, (1, prompt + steps), generator=torch.Generator().manual_seed(0))
+    start = torch.randint(0, vocab, (1, greedy_prompt), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = reference(input_ids=ids, use_cache=False).logits.float().numpy()
+        greedy = reference.generate(
+            input_ids=start, attention_mask=torch.ones_like(start), max_new_tokens=new_tokens, do_sample=False,
+            min_new_tokens=new_tokens, pad_token_id=0,
+        )[0, greedy_prompt:].tolist()  # fmt: skip
+    return DecoderReference(ids.numpy(), logits, prompt, steps, start[0].tolist(), greedy)
+
+
+def check_decoder(decoder_path: Path, reference: DecoderReference | Any) -> dict[str, Any]:
+    """Prefill + decode steps of the ONNX decoder against the masked model's logits (``reference``: its
+    :func:`reference_outputs`, or the masked module itself)."""
     from prune2deploy.ort_session import make_session
 
-    reference = getattr(reference, "module", reference)
+    if not isinstance(reference, DecoderReference):
+        reference = reference_outputs(reference)
     session = make_session(Path(decoder_path), prepack=False)
     inputs = {i.name: i for i in session.get_inputs()}
-    vocab = int(reference.config.get_text_config(decoder=True).vocab_size)
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (1, prompt + steps), generator=gen)
-    with torch.no_grad():
-        want = reference(input_ids=ids, use_cache=False).logits.float().numpy()
+    want, ids = reference.logits, reference.ids
     dtype = np.float16 if "float16" in next(v.type for k, v in inputs.items() if k.startswith("past")) else np.float32
     feeds: dict[str, np.ndarray] = {}
     for name, arg in inputs.items():
@@ -329,9 +369,8 @@ def check_decoder(decoder_path: Path, reference: Any, *, prompt: int = 7, steps:
     names = [o.name for o in session.get_outputs()]
     got = []
     position = 0
-    for length in [prompt] + [1] * steps:
-        chunk = ids[:, position : position + length].numpy()
-        feeds["input_ids"] = chunk
+    for length in [reference.prompt] + [1] * reference.steps:
+        feeds["input_ids"] = ids[:, position : position + length]
         feeds["attention_mask"] = np.ones((1, position + length), dtype=np.int64)
         out = dict(zip(names, session.run(names, feeds), strict=True))
         got.append(out["logits"].astype(np.float32))
@@ -346,8 +385,8 @@ def check_decoder(decoder_path: Path, reference: Any, *, prompt: int = 7, steps:
         "max_abs_diff": diff,
         "max_rel_diff": diff / scale,
         "top1_agreement": float((want.argmax(-1) == got_all.argmax(-1)).mean()),
-        "prefill_tokens": prompt,
-        "decode_steps": steps,
+        "prefill_tokens": reference.prompt,
+        "decode_steps": reference.steps,
     }
 
 
@@ -394,13 +433,16 @@ def write_genai_folder(
 
 
 def check_genai_folder(
-    out: Path, reference: Any, section: dict[str, Any], *, tolerance: float = 1e-4
+    out: Path, reference: DecoderReference | Any, section: dict[str, Any], *, tolerance: float = 1e-4
 ) -> dict[str, Any]:
     """Checks a written ``genai/`` folder against the masked model and adds the results to ``section``.
 
-    Separate from writing so that a caller can free the sliced module first: at 1B parameters it is 3.3 GB,
+    ``reference`` is the masked model's :func:`reference_outputs` (or the module itself): separate from
+    writing so that a caller can free the masked and sliced modules first — at 1B parameters 4.9 and 3.3 GB,
     held for nothing while ONNX Runtime and onnxruntime-genai each load the decoder again.
     """
+    if not isinstance(reference, DecoderReference):
+        reference = reference_outputs(reference)
     check = check_decoder(out / "model.onnx", reference)
     check["tolerance"] = max(tolerance, CROSS_RUNTIME_TOLERANCE)
     check["passed"] = check["max_rel_diff"] <= check["tolerance"]
@@ -413,24 +455,14 @@ def check_genai_folder(
             "reason": "onnxruntime-genai is not installed (pip install onnxruntime-genai)",
         }
         return section
-    section["genai"] = _check_genai_tokens(out, reference)
-    return section
-
-
-def _check_genai_tokens(folder: Path, reference: Any, *, prompt: int = 8, new_tokens: int = 12) -> dict[str, Any]:
-    import torch
-
-    reference = getattr(reference, "module", reference)
-    vocab = int(reference.config.get_text_config(decoder=True).vocab_size)
-    gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, vocab, (1, prompt), generator=gen)
-    with torch.no_grad():
-        want = reference.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
-            min_new_tokens=new_tokens, pad_token_id=0,
-        )[0, prompt:].tolist()  # fmt: skip
     from prune2deploy.generate import genai_tokens
 
-    got, _ = genai_tokens(folder, ids[0].tolist(), new_tokens, min_new_tokens=new_tokens)
-    return {"checked": True, "greedy_tokens_equal": got == want, "tokens_compared": len(want), "matching": sum(
-        a == b for a, b in zip(got, want, strict=False))}  # fmt: skip
+    want = reference.greedy_tokens
+    got, _ = genai_tokens(out, reference.greedy_prompt, len(want), min_new_tokens=len(want))
+    section["genai"] = {
+        "checked": True,
+        "greedy_tokens_equal": got == want,
+        "tokens_compared": len(want),
+        "matching": sum(a == b for a, b in zip(got, want, strict=False)),
+    }
+    return section

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from prune2deploy import api
+from prune2deploy.errors import P2DError
 from prune2deploy.feeds import random_feeds
 from prune2deploy.frontends.onnx import save_onnx
 from prune2deploy.graph.scopes import module_of
@@ -196,3 +197,28 @@ def test_release_keeps_a_mapping_that_an_array_still_views(tmp_path):
     view = model.graph.initializers["w"].const_value.numpy()[::-1]
     _release(model)  # no BufferError
     np.testing.assert_array_equal(view[:3], [4095, 4094, 4093])
+
+
+def test_large_checkpoint_exports_in_a_child_process(tmp_path, rng, monkeypatch):
+    """Above the keep-module size the export runs in a spawned process and is read back from the cache: the
+    same verified compile (masks applied to the ONNX weights), and the child's errors reach the caller."""
+    from prune2deploy.driver import source
+
+    monkeypatch.setenv("P2D_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(source, "KEEP_MODULE_MAX_BYTES", 0)
+    module = tiny_llama()
+    module.save_pretrained(tmp_path / "hf")
+    masks, kept = llama_mlp_masks(module, 0.5, rng)
+    save_masks(masks, tmp_path / "m.safetensors")
+    lines: list[str] = []
+    options = CompileOptions(masks=tmp_path / "m.safetensors", **FAST)
+    result = api.compile(tmp_path / "hf", tmp_path / "out", options, progress=lines.append)
+    assert any("in a child process" in line for line in lines)
+    assert len(list((tmp_path / "cache" / "exports").iterdir())) == 1
+    check = result.report["verification"]
+    assert check["exact"] and check["passed"]
+    assert pass_record(result.report, "remove-channels")["channels_removed"] == sum(96 - k for k in kept.values())
+
+    (tmp_path / "hf" / "model.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(P2DError, match="could not load the model"):
+        api.compile(tmp_path / "hf", tmp_path / "out2", CompileOptions(**FAST))

@@ -24,7 +24,10 @@ def _masked_llama():
     return module
 
 
-def test_sliced_copy_is_exact_and_shares_untouched_tensors():
+def test_sliced_copy_is_exact_and_shares_untouched_tensors(monkeypatch):
+    from prune2deploy.outputs import slice as slicing
+
+    monkeypatch.setattr(slicing, "_SHARE_MIN_BYTES", 1024)  # this model's projections are 2–6 KB
     module = _masked_llama()
     before = {name: p.detach().clone() for name, p in module.named_parameters()}
     result = slice_causal_lm(module)
@@ -36,6 +39,9 @@ def test_sliced_copy_is_exact_and_shares_untouched_tensors():
     assert sliced.model.embed_tokens.weight.data_ptr() == module.model.embed_tokens.weight.data_ptr()
     assert sliced.lm_head.weight.data_ptr() == module.lm_head.weight.data_ptr()
     assert sliced.model.layers[1].mlp.up_proj.weight.data_ptr() == module.model.layers[1].mlp.up_proj.weight.data_ptr()
+    # Smaller tensors are copied: shared, they would keep a memory-mapped checkpoint shard resident.
+    norm, masked_norm = sliced.model.layers[1].input_layernorm.weight, module.model.layers[1].input_layernorm.weight
+    assert norm.data_ptr() != masked_norm.data_ptr() and torch.equal(norm, masked_norm)
     # The masked model itself is left as it was: same widths, same values.
     assert module.model.layers[0].mlp.down_proj.in_features == 48
     assert module.config.intermediate_size == 48
