@@ -148,7 +148,7 @@ def _hf_reference(
         task = (cache / "task").read_text().strip() if (cache / "task").is_file() else "causal-lm"
         applied = masks.apply_masks_onnx(model, mask_tensors, source=mask_source) if mask_tensors else 0
         return model, task, applied, None, None, None
-    if cache is not None and _checkpoint_bytes(where) > KEEP_MODULE_MAX_BYTES:
+    if cache is not None and _checkpoint_bytes(where) > KEEP_MODULE_MAX_BYTES and _may_spawn():
         # The exporter keeps references to the module's tensors after it returns (the checkpoint's mapped
         # pages, 4.9 GB at 1B, stayed resident through the passes); a child process returns all of its
         # memory when it ends. Its module would not be kept anyway at this size (re-loaded for genai/, hf/).
@@ -229,9 +229,23 @@ def _export_in_child(name, dtype: str, batch: int, seq: int, cache: Path) -> tup
     """Runs :func:`_export_to_cache` in a fresh (spawned) process; its errors are raised here as they were."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_export_to_cache, name, dtype, batch, seq, cache).result()
+    try:
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return pool.submit(_export_to_cache, name, dtype, batch, seq, cache).result()
+    except BrokenProcessPool as exc:
+        raise RuntimeError(
+            f"{name}: the export process ended without a result ({exc}); the usual cause is the kernel "
+            "stopping it for memory. The export needs about 1.2x the checkpoint's bytes of memory."
+        ) from exc
+
+
+def _may_spawn() -> bool:
+    """A daemonic process (a multiprocessing pool's worker) may not start children: it exports in-process."""
+    import multiprocessing
+
+    return not multiprocessing.current_process().daemon
 
 
 def _export_to_cache(name, dtype: str, batch: int, seq: int, cache: Path) -> tuple[str, int | None]:

@@ -222,3 +222,28 @@ def test_large_checkpoint_exports_in_a_child_process(tmp_path, rng, monkeypatch)
     (tmp_path / "hf" / "model.safetensors").write_bytes(b"not a checkpoint")
     with pytest.raises(P2DError, match="could not load the model"):
         api.compile(tmp_path / "hf", tmp_path / "out2", CompileOptions(**FAST))
+
+
+def test_an_export_process_that_dies_is_an_internal_error_that_says_so(tmp_path, monkeypatch):
+    import concurrent.futures
+    from concurrent.futures.process import BrokenProcessPool
+
+    from prune2deploy.driver import source
+
+    class KilledPool:  # what a pool reports when the kernel stops its process
+        def __init__(self, **_):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *_):
+            return False
+
+        def submit(self, *_):
+            raise BrokenProcessPool("A process in the process pool was terminated abruptly")
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", KilledPool)
+    with pytest.raises(RuntimeError, match="stopping it for memory") as caught:
+        source._export_in_child(tmp_path / "hf", "float32", 1, 8, tmp_path / "cache")
+    assert not isinstance(caught.value, P2DError)  # exit code 3, not a user error
