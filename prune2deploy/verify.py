@@ -575,6 +575,7 @@ def verify_blockwise(
     from onnx_ir.external_data import load_to_model
 
     from prune2deploy.errors import VerificationError
+    from prune2deploy.frontends.onnx import save_onnx
     from prune2deploy.graph.segments import segment, upcast_to_fp32
 
     cuts = block_cuts(reference, compiled)
@@ -597,7 +598,7 @@ def verify_blockwise(
             # fp32 weights beside the session's own (the embedding block of a 3B model: 1.6 GB each).
             with tempfile.TemporaryDirectory(prefix="p2d-block-", dir=scratch) as folder:
                 path = Path(folder) / "block.onnx"
-                ir.save(part, path, external_data="block.onnx.data")
+                save_onnx(part, path, external_threshold=0)
                 del part
                 release_memory()
                 session = make_session(path, prepack=False)

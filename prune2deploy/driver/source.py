@@ -138,7 +138,6 @@ def _hf_reference(
     a tensor the ONNX graph does not reveal) the masks are applied in torch before the export.
     """
     from prune2deploy.frontends import hf, masks
-    from prune2deploy.frontends import torch as torch_frontend
     from prune2deploy.frontends.onnx import load_onnx
 
     cache = export_cache_path(where, dtype, options) if options.export_cache else None
@@ -163,14 +162,8 @@ def _hf_reference(
     module = loaded.module
     if mask_tensors and cache is None:
         module = masks.apply_masks_torch(module, mask_tensors, source=mask_source)
-    module.config.use_cache = False
-    vocab = getattr(module.config, "vocab_size", 100)
-    spec = torch_frontend.hf_export_spec(
-        loaded.task, batch=options.export_batch, seq=options.export_seq, vocab_size=vocab
-    )
     say("exporting to ONNX (dynamo, opset 18)")
-    model = torch_frontend.export_module(module, spec)
-    check_finite_weights(model, str(name))
+    model = _export_hf_module(module, loaded.task, name, options.export_batch, options.export_seq)
     max_positions = getattr(module.config, "max_position_embeddings", None)
     kept = tokenizer = None
     size = _module_bytes(module)
@@ -251,17 +244,23 @@ def _may_spawn() -> bool:
 def _export_to_cache(name, dtype: str, batch: int, seq: int, cache: Path) -> tuple[str, int | None]:
     """Loads the unmasked checkpoint, exports it and writes the cache; returns (task, max positions)."""
     from prune2deploy.frontends import hf
-    from prune2deploy.frontends import torch as torch_frontend
 
     loaded = hf.load_hf_model(name, dtype=dtype)
-    module = loaded.module
+    model = _export_hf_module(loaded.module, loaded.task, name, batch, seq)
+    _write_cache(model, loaded.task, cache)
+    return loaded.task, getattr(loaded.module.config, "max_position_embeddings", None)
+
+
+def _export_hf_module(module: Any, task: str, name: Any, batch: int, seq: int) -> ir.Model:
+    """A transformers module exported for ``task`` (no KV cache), its weights checked finite."""
+    from prune2deploy.frontends import torch as torch_frontend
+
     module.config.use_cache = False
     vocab = getattr(module.config, "vocab_size", 100)
-    spec = torch_frontend.hf_export_spec(loaded.task, batch=batch, seq=seq, vocab_size=vocab)
+    spec = torch_frontend.hf_export_spec(task, batch=batch, seq=seq, vocab_size=vocab)
     model = torch_frontend.export_module(module, spec)
     check_finite_weights(model, str(name))
-    _write_cache(model, loaded.task, cache)
-    return loaded.task, getattr(module.config, "max_position_embeddings", None)
+    return model
 
 
 def _module_bytes(module: Any) -> int:

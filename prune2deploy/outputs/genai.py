@@ -351,13 +351,10 @@ def reference_outputs(
     return DecoderReference(ids.numpy(), logits, prompt, steps, start[0].tolist(), greedy)
 
 
-def check_decoder(decoder_path: Path, reference: DecoderReference | Any) -> dict[str, Any]:
-    """Prefill + decode steps of the ONNX decoder against the masked model's logits (``reference``: its
-    :func:`reference_outputs`, or the masked module itself)."""
+def check_decoder(decoder_path: Path, reference: DecoderReference) -> dict[str, Any]:
+    """Prefill + decode steps of the ONNX decoder against the masked model's logits (:func:`reference_outputs`)."""
     from prune2deploy.ort_session import make_session
 
-    if not isinstance(reference, DecoderReference):
-        reference = reference_outputs(reference)
     session = make_session(Path(decoder_path), prepack=False)
     inputs = {i.name: i for i in session.get_inputs()}
     want, ids = reference.logits, reference.ids
