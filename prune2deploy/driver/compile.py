@@ -47,6 +47,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+#: Passes that finish the graph for ONNX Runtime: run after the cost is taken (the cost model counts standard
+#: ops), and undone together when the finished graph does not load or verify (:func:`_verify_fused`).
+_FINISHING_PASSES = ("fuse-ort", "pack-matmuls")
+
 
 @dataclass
 class CompileResult:
@@ -113,8 +117,8 @@ def compile_model(
         passes = build_passes(options)
         # Fusion runs last and on its own: the cost model counts FLOPs of standard ops, so the compiled
         # model's cost is taken before its attention and norms become com.microsoft kernels.
-        fusions = [p for p in passes if p.name == "fuse-ort"]
-        pipeline = run_pipeline(compiled, [p for p in passes if p.name != "fuse-ort"], progress=say)
+        fusions = [p for p in passes if p.name in _FINISHING_PASSES]
+        pipeline = run_pipeline(compiled, [p for p in passes if p.name not in _FINISHING_PASSES], progress=say)
         # Probe and profile within the sequence lengths the model accepts (its position table): a default
         # longer than that is lowered, an explicit one is an error.
         limit = sequence_limit(reference)
@@ -127,14 +131,15 @@ def compile_model(
         if fusions and _blockwise(reference, compiled, options):
             # Block-by-block verification cuts the graph at each layer's residual output, which the fused
             # SkipRMSNorm kernels compute inside themselves: the fused graph could not be verified.
-            skipped = fusions[0].result(
-                compiled,
-                modified=False,
-                refused={"model": "verification goes block by block here, which needs the unfused layer boundaries"},
-                skipped=True,
-            )
-            skipped.name = "fuse-ort"
-            pipeline.passes.append(skipped)
+            for finishing in fusions:
+                pipeline.passes.append(
+                    finishing.result(
+                        compiled,
+                        modified=False,
+                        refused={"model": "verification goes block by block here, which needs the unfused graph"},
+                        skipped=True,
+                    )
+                )
             fusions = []
         if fusions:
             # The unfused graph is kept (a clone sharing its tensors) for the fall-back below: a fused graph that
@@ -351,26 +356,15 @@ def _lm_outputs(
         return {key: {"written": False, "reason": reason} for key, on in wanted.items() if on}
     from prune2deploy.outputs.lm import write_lm_outputs
 
-    half = False
-
     def masked_module() -> tuple[Any, Any]:
         """The masked module for the LM outputs, which then hold the compile's only reference to it (freed
         when they are done with it; a cached export re-loads it from the checkpoint when asked again)."""
-        nonlocal half
         module, tokenizer = loaded.masked_module()
         if loaded.module_loader is not None:
             loaded.module = None
-        half = str(getattr(module, "dtype", "")).removeprefix("torch.") in ("bfloat16", "float16")
-        if half:
-            # The genai/hf checks hold the outputs to the masked model within a tight tolerance; half-precision
-            # rounding differs between torch and ONNX Runtime kernels by far more, so both are built and
-            # checked from an fp32 copy (the checkpoint's values, exactly representable in fp32).
-            import copy
-
-            module = copy.deepcopy(module).float()
         return module, tokenizer
 
-    sections = write_lm_outputs(
+    return write_lm_outputs(
         masked_module,
         staging,
         genai=genai,
@@ -379,11 +373,6 @@ def _lm_outputs(
         tolerance=options.tolerance,
         progress=say,
     )
-    if half:
-        for section in sections.values():
-            if isinstance(section, dict):
-                section["precision_note"] = "built in fp32 from a half-precision checkpoint"
-    return sections
 
 
 def _size(nbytes: int) -> str:
@@ -466,11 +455,11 @@ def _verify_fused(verify, fused: ir.Model, unfused: ir.Model, pipeline, model_pa
         return verification, fused
     log.warning("the ORT-fused model.onnx failed (%s); writing the unfused graph instead", failure)
     say("fused graph failed to load or verify; falling back to the unfused graph")
-    result = next(r for r in pipeline.passes if r.name == "fuse-ort")
-    result.record["fell_back"] = True
-    result.refused["model"] = f"fused graph failed, model.onnx is the unfused graph: {failure[:500]}"
-    result.modified = False
-    result.exact = True
+    for result in (r for r in pipeline.passes if r.name in _FINISHING_PASSES and r.modified):
+        result.record["fell_back"] = True
+        result.refused["model"] = f"fused graph failed, model.onnx is the unfused graph: {failure[:500]}"
+        result.modified = False
+        result.exact = True
     from prune2deploy.frontends.onnx import save_onnx
 
     save_onnx(unfused, model_path, external_threshold=options.external_data_threshold)

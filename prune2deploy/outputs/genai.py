@@ -166,13 +166,13 @@ def build_genai_decoder(sliced: SliceResult, *, context_length: int | None = Non
         UnsupportedModelError: the architecture has something this builder does not emit (non-SiLU MLP,
             per-head norms, sliding-window layers, partial rotary, head_dim % 8 != 0).
     """
-    import torch
-
     module = sliced.module
     d = sliced.head_dim
     _check_supported(module, d)
     config = module.config.get_text_config(decoder=True)
-    dtype = np.float16 if next(module.parameters()).dtype == torch.float16 else np.float32
+    # fp32 for ONNX Runtime's and onnxruntime-genai's CPU kernels (the builder's -e cpu writes fp32 too); the
+    # weights of a half-precision model are upcast one tensor at a time while the file is written
+    dtype = np.float32
     io_type = ir.DataType.from_numpy(np.dtype(dtype))
     length = int(context_length or getattr(config, "max_position_embeddings", 4096))
     eps = float(getattr(config, "rms_norm_eps", 1e-6))
@@ -192,8 +192,9 @@ def build_genai_decoder(sliced: SliceResult, *, context_length: int | None = Non
     cos, sin = _rotary_caches(module, d, length, dtype)
     cos_cache, sin_cache = g.const("cos_cache", cos), g.const("sin_cache", sin)
 
-    hidden = g.op("Gather", g.const("model.embed_tokens.weight", _np(module.model.embed_tokens.weight, dtype)),
-                  input_ids, name="/model/embed_tokens/Gather")  # fmt: skip
+    embed = module.model.embed_tokens.weight
+    table = g.lazy_const("model.embed_tokens.weight", lambda: _np(embed, dtype), tuple(embed.shape), dtype)
+    hidden = g.op("Gather", table, input_ids, name="/model/embed_tokens/Gather")
     residual = hidden
     layers = list(module.model.layers)
     x = g.op("SimplifiedLayerNormalization", hidden, g.const("model.layers.0.input_layernorm.weight",
@@ -419,8 +420,7 @@ def write_genai_folder(
         "per_layer_heads": [[w.num_heads, w.kv_heads] for w in sliced.layers],
         "per_layer_intermediate": [w.intermediate for w in sliced.layers],
         "padded": dict(sliced.padded),
-        "kv_cache_bytes_per_token": sum(2 * w.kv_heads * sliced.head_dim for w in sliced.layers)
-        * (2 if next(module.parameters()).dtype.itemsize == 2 else 4),
+        "kv_cache_bytes_per_token": sum(2 * w.kv_heads * sliced.head_dim for w in sliced.layers) * 4,  # fp32
         "context_length": length,
         "files": sorted(p.name for p in out.iterdir()),
     }

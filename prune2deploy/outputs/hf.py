@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from prune2deploy.outputs.fp32 import computing_in_fp32
 from prune2deploy.outputs.slice import SliceResult
 
 __all__ = ["check_hf_checkpoint", "write_hf_checkpoint"]
@@ -80,7 +81,9 @@ def check_hf_checkpoint(folder: Path, reference: Any, *, seq: int = 16, new_toke
     vocab = int(reference.config.get_text_config(decoder=True).vocab_size)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (2, seq), generator=gen)
-    with torch.no_grad():
+    # Half-precision models are compared in fp32: the narrower GEMMs round differently in bf16, which would
+    # flip near-tied greedy tokens without either model being wrong.
+    with torch.no_grad(), computing_in_fp32(reference), computing_in_fp32(loaded):
         want = reference(input_ids=ids, use_cache=False).logits.float().numpy()
         got = loaded(input_ids=ids, use_cache=False).logits.float().numpy()
         kwargs = {"max_new_tokens": new_tokens, "do_sample": False, "pad_token_id": 0}

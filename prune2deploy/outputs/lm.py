@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from prune2deploy.errors import UnsupportedModelError
+from prune2deploy.outputs.fp32 import computing_in_fp32, is_half_precision
 
 __all__ = ["write_lm_outputs"]
 
@@ -50,15 +51,21 @@ def write_lm_outputs(
             if wanted:
                 sections[key] = {"written": False, "reason": reason}
         return sections
+    half = is_half_precision(module)
     if hf_checkpoint:
         from prune2deploy.outputs.hf import write_hf_checkpoint
 
         say("writing hf/ (transformers checkpoint) and reloading it")
         sections["hf"] = write_hf_checkpoint(sliced, tokenizer, out_dir / "hf", reference=module)
+        if half:
+            sections["hf"]["precision_note"] = (
+                f"written in the checkpoint's {str(module.dtype).removeprefix('torch.')}; checked in fp32"
+            )
     if genai:
         from prune2deploy.outputs.genai import check_genai_folder, reference_outputs, write_genai_folder
 
-        expected = reference_outputs(module)
+        with computing_in_fp32(module):  # the fp32 decoder is checked against the masked model in fp32
+            expected = reference_outputs(module)
         del module  # the masked model's last use: the sliced copy shares only what slicing left unchanged
         gc.collect()
         say("writing genai/ (GroupQueryAttention decoder)")
@@ -72,5 +79,7 @@ def write_lm_outputs(
         if section["written"]:
             say("checking genai/ against the masked model (ONNX Runtime, then onnxruntime-genai)")
             section = check_genai_folder(out_dir / "genai", expected, section, tolerance=tolerance)
+            if half:
+                section["precision_note"] = "fp32 decoder built from a half-precision checkpoint (upcast per tensor)"
         sections["genai"] = section
     return sections

@@ -144,6 +144,34 @@ def test_genai_folder_of_masked_llama_generates_transformers_tokens(tmp_path):
     assert _genai_greedy(folder, prompt, 24) == _hf_greedy(masked, prompt, 24)
 
 
+def test_bf16_checkpoint_gets_an_fp32_genai_decoder_and_a_bf16_hf_checkpoint(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from prune2deploy.outputs.fp32 import computing_in_fp32
+
+    module = _llama().to(torch.bfloat16)
+    masks = _masks(module, mlp_keep=[48, 48], heads_removed=[[0, 3], [0, 3]])
+    result, masked = _compile(tmp_path, module, masks, hf_checkpoint=True)
+    genai, hf = result.report["genai"], result.report["hf"]
+    # the decoder is fp32 (CPU kernels), checked against the masked bf16 model computed in fp32
+    assert genai["written"] and genai["check"]["passed"] and genai["check"]["max_rel_diff"] < 1e-5
+    assert genai["genai"]["greedy_tokens_equal"] and "fp32 decoder" in genai["precision_note"]
+    weights = [
+        v.const_value.dtype for v in ir.load(str(tmp_path / "out" / "genai" / "model.onnx")).graph.initializers.values()
+    ]
+    assert ir.DataType.BFLOAT16 not in weights and ir.DataType.FLOAT in weights
+    # hf/ stays bf16 and computes what the masked model does (compared in fp32)
+    assert hf["written"] and hf["check"]["greedy_tokens_equal"] and hf["check"]["max_rel_diff"] < 1e-5
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out" / "hf")).eval()
+    assert loaded.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+    # the masked module is left as it was: bf16, its tensors restored after the fp32 forwards
+    assert all(p.dtype == torch.bfloat16 for p in masked.parameters())
+    prompt = [5, 17, 33, 90, 4, 61, 7]
+    with computing_in_fp32(masked):
+        want = _hf_greedy(masked, prompt, 16)
+    assert _genai_greedy(tmp_path / "out" / "genai", prompt, 16) == want
+
+
 def test_hf_checkpoint_round_trips_through_transformers(tmp_path):
     from transformers import AutoModelForCausalLM
 

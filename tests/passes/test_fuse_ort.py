@@ -53,9 +53,28 @@ def test_fusions_fire_and_match_the_unfused_graph():
     ops = _ops(model)
     assert ops[("com.microsoft", "SkipSimplifiedLayerNormalization")] == 4
     assert ops[("com.microsoft", "MultiHeadAttention")] == 2
-    assert ("", "Softmax") not in ops and ("", "ReduceMean") not in ops
+    # the rotary is fused too (transformers 5's broadcast angles are rewritten into the form onnxscript's
+    # cos/sin-cache rule reads), and no GroupQueryAttention, whose sequence lengths would ignore the mask
+    assert ops[("com.microsoft", "RotaryEmbedding")] == 4 and result.record["fusions"]["cos_sin_cache"] == 4
+    assert ("com.microsoft", "GroupQueryAttention") not in ops
+    assert ("", "Softmax") not in ops and ("", "ReduceMean") not in ops and ("", "Neg") not in ops
     got = _run(model, feeds)
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+def test_fused_graph_follows_a_padded_attention_mask():
+    model = _llama(64, 4)
+    reference = ir.to_proto(model).SerializeToString()
+    ids = np.random.default_rng(0).integers(0, 128, (3, 9)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[1, :4] = 0  # left padding
+    mask[2, -3:] = 0  # right padding
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    want = make_session(reference).run(["logits"], feeds)[0]
+    assert FuseOrtPass()(model).modified
+    got = _run(model, feeds)
+    keep = mask.astype(bool)  # padded positions' logits are whatever the mask leaves; compare the real ones
+    assert np.abs(got - want)[keep].max() <= 1e-4 * np.abs(want).max()
 
 
 def test_head_size_not_multiple_of_8_stays_unfused():

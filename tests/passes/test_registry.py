@@ -25,6 +25,7 @@ def test_registry_lists_every_pass_in_pipeline_order():
         "sparsify-2:4",
         "convert-precision",
         "fuse-ort",
+        "pack-matmuls",
     )
     assert default_passes() == ("remove-layers", "remove-channels", "remove-heads", "prune-hidden")
     orders = [get_pass(name).order for name in pass_names()]
