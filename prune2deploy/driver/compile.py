@@ -331,13 +331,20 @@ def _lm_outputs(
     """``genai/`` (on by default for causal LMs with a torch module) and ``hf/`` (on request).
 
     Both are built from the masked transformers module, which carries what the exact passes remove (zero
-    neurons, heads, layers) but not the changes of approximate passes (``approximate``: regroup-gqa's pooled
-    K/V, a depth plan, imposed 2:4). Such outputs would silently be a different model than
-    ``model.onnx``, so they are not written and the report says why.
+    neurons, heads, layers) but not the changes of approximate passes (``approximate``). regroup-gqa's pooled
+    K/V are repeated on the sliced module (and genai/ checked against ``model.onnx``); after the others (a
+    depth plan, imposed 2:4) the outputs would silently be a different model than ``model.onnx``, so they
+    are not written and the report says why.
     """
     genai = options.genai if options.genai is not None else loaded.causal_lm
     if not (genai or options.hf_checkpoint):
         return {}
+    regroup = None
+    if "regroup-gqa" in approximate:
+        # The one approximate pass the LM outputs repeat in torch (outputs/regroup.py): its decode speed-up is
+        # genai/'s. The decoder is then checked against model.onnx as well as against the torch model.
+        regroup = {"kv_heads": options.kv_heads, "grouping": options.gqa_grouping, "method": options.gqa_method}
+        approximate = [name for name in approximate if name != "regroup-gqa"]
     if approximate:
         reason = (
             f"genai/ and hf/ are built from the masked transformers module, which does not carry the changes of "
@@ -372,6 +379,8 @@ def _lm_outputs(
         context_length=options.genai_context_length,
         tolerance=options.tolerance,
         progress=say,
+        regroup=regroup,
+        compiled_model=staging / "model.onnx",
     )
 
 

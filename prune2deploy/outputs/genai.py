@@ -35,6 +35,7 @@ from prune2deploy.outputs.slice import SliceResult
 __all__ = [
     "DecoderReference",
     "build_genai_decoder",
+    "check_against_compiled",
     "check_decoder",
     "check_genai_folder",
     "reference_outputs",
@@ -429,20 +430,60 @@ def write_genai_folder(
     return check_genai_folder(out, reference, section, tolerance=tolerance)
 
 
+def check_against_compiled(decoder_path: Path, compiled_path: Path, ids: np.ndarray) -> dict[str, Any]:
+    """Prefill logits of the decoder against the compiled ``model.onnx`` on the same ids (both ONNX Runtime).
+
+    For genai/ built after an approximate pass repeated in torch (``outputs.regroup``): the decoder is then
+    checked against the torch model it was built from *and* against the graph the compile verified, so a
+    torch-side repetition that differs from the pass cannot go unnoticed.
+    """
+    from prune2deploy.ort_session import make_session
+
+    compiled = make_session(Path(compiled_path), prepack=False)
+    names = {i.name for i in compiled.get_inputs()}
+    if names != {"input_ids", "attention_mask"}:
+        return {"checked": False, "reason": f"model.onnx takes {sorted(names)}, not input_ids and attention_mask"}
+    mask = np.ones_like(ids)
+    want = compiled.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0].astype(np.float32)
+    del compiled
+    decoder = make_session(Path(decoder_path), prepack=False)
+    inputs = {i.name: i for i in decoder.get_inputs()}
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    for name, arg in inputs.items():
+        if name.startswith("past_key_values."):
+            feeds[name] = np.zeros((ids.shape[0], arg.shape[1], 0, arg.shape[3]), dtype=np.float32)
+    got = decoder.run(["logits"], feeds)[0].astype(np.float32)
+    scale = float(np.abs(want).max()) or 1.0
+    diff = float(np.abs(want - got).max())
+    return {"checked": True, "max_rel_diff": diff / scale, "tokens": int(ids.shape[1])}
+
+
 def check_genai_folder(
-    out: Path, reference: DecoderReference | Any, section: dict[str, Any], *, tolerance: float = 1e-4
+    out: Path,
+    reference: DecoderReference | Any,
+    section: dict[str, Any],
+    *,
+    tolerance: float = 1e-4,
+    compiled_model: Path | None = None,
 ) -> dict[str, Any]:
     """Checks a written ``genai/`` folder against the masked model and adds the results to ``section``.
 
     ``reference`` is the masked model's :func:`reference_outputs` (or the module itself): separate from
     writing so that a caller can free the masked and sliced modules first — at 1B parameters 4.9 and 3.3 GB,
-    held for nothing while ONNX Runtime and onnxruntime-genai each load the decoder again.
+    held for nothing while ONNX Runtime and onnxruntime-genai each load the decoder again. With
+    ``compiled_model`` the decoder is also compared with that graph (:func:`check_against_compiled`).
     """
     if not isinstance(reference, DecoderReference):
         reference = reference_outputs(reference)
     check = check_decoder(out / "model.onnx", reference)
     check["tolerance"] = max(tolerance, CROSS_RUNTIME_TOLERANCE)
     check["passed"] = check["max_rel_diff"] <= check["tolerance"]
+    if compiled_model is not None:
+        against = check_against_compiled(out / "model.onnx", compiled_model, reference.ids[:, : reference.prompt])
+        check["vs_model_onnx"] = against
+        if against["checked"]:
+            check["passed"] = check["passed"] and against["max_rel_diff"] <= check["tolerance"]
+            check["max_rel_diff"] = max(check["max_rel_diff"], against["max_rel_diff"])
     section["check"] = check
     try:
         import onnxruntime_genai  # noqa: F401

@@ -25,6 +25,8 @@ def write_lm_outputs(
     context_length: int | None = None,
     tolerance: float = 1e-4,
     progress: Any = None,
+    regroup: dict[str, Any] | None = None,
+    compiled_model: Path | None = None,
 ) -> dict[str, Any]:
     """Slices the masked module once and writes the requested folders; returns their report sections.
 
@@ -32,6 +34,10 @@ def write_lm_outputs(
     reference the compile keeps to the module and can free it as soon as it has what it needs of it: the
     sliced copy, hf/'s check and the masked model's outputs on genai/'s check inputs. At 1B parameters that
     is 4.9 GB not held beside the sliced module, the written decoder and ONNX Runtime's copy of it.
+
+    ``regroup`` (``kv_heads``, ``grouping``, ``method`` of the ``regroup-gqa`` pass) repeats that pass on the
+    sliced model (:mod:`prune2deploy.outputs.regroup`): both folders are then the regrouped model, genai/ is
+    checked against it and against ``compiled_model`` (the compile's ``model.onnx``), hf/ against it.
 
     A folder that cannot be written (an architecture the slicer or the decoder builder does not cover,
     per-layer widths a transformers config cannot express) gets ``written: False`` and the reason; the
@@ -42,9 +48,14 @@ def write_lm_outputs(
     say = progress or (lambda _msg: None)
     sections: dict[str, Any] = {}
     module, tokenizer = load_module()
+    regrouped = None
     try:
         say("slicing the masked model physically (torch)")
         sliced = slice_causal_lm(module)
+        if regroup is not None:
+            from prune2deploy.outputs.regroup import regroup_sliced
+
+            regrouped = regroup_sliced(sliced, **regroup)
     except UnsupportedModelError as exc:
         reason = str(exc)
         for key, wanted in (("genai", genai), ("hf", hf_checkpoint)):
@@ -56,7 +67,12 @@ def write_lm_outputs(
         from prune2deploy.outputs.hf import write_hf_checkpoint
 
         say("writing hf/ (transformers checkpoint) and reloading it")
-        sections["hf"] = write_hf_checkpoint(sliced, tokenizer, out_dir / "hf", reference=module)
+        # after regrouping, the model to compare with is the regrouped one (the masked module is not it)
+        reference = module if regrouped is None else sliced.module
+        sections["hf"] = write_hf_checkpoint(sliced, tokenizer, out_dir / "hf", reference=reference)
+        del reference
+        if regrouped is not None:
+            sections["hf"]["regrouped"] = regrouped
         if half:
             sections["hf"]["precision_note"] = (
                 f"written in the checkpoint's {str(module.dtype).removeprefix('torch.')}; checked in fp32"
@@ -64,9 +80,10 @@ def write_lm_outputs(
     if genai:
         from prune2deploy.outputs.genai import check_genai_folder, reference_outputs, write_genai_folder
 
-        with computing_in_fp32(module):  # the fp32 decoder is checked against the masked model in fp32
-            expected = reference_outputs(module)
-        del module  # the masked model's last use: the sliced copy shares only what slicing left unchanged
+        target = module if regrouped is None else sliced.module
+        with computing_in_fp32(target):  # the fp32 decoder is checked against the masked model in fp32
+            expected = reference_outputs(target)
+        del module, target  # the masked model's last use: the sliced copy shares only what slicing left unchanged
         gc.collect()
         say("writing genai/ (GroupQueryAttention decoder)")
         try:
@@ -78,7 +95,15 @@ def write_lm_outputs(
         gc.collect()
         if section["written"]:
             say("checking genai/ against the masked model (ONNX Runtime, then onnxruntime-genai)")
-            section = check_genai_folder(out_dir / "genai", expected, section, tolerance=tolerance)
+            section = check_genai_folder(
+                out_dir / "genai",
+                expected,
+                section,
+                tolerance=tolerance,
+                compiled_model=compiled_model if regrouped is not None else None,
+            )
+            if regrouped is not None:
+                section["regrouped"] = regrouped
             if half:
                 section["precision_note"] = "fp32 decoder built from a half-precision checkpoint (upcast per tensor)"
         sections["genai"] = section

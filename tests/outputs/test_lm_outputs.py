@@ -241,13 +241,37 @@ def test_encoder_writes_no_genai_and_says_why_for_hf(tmp_path):
     assert not result.report["hf"]["written"] and "causal LM" in result.report["hf"]["reason"]
 
 
-def test_approximate_pass_writes_no_genai_and_says_why(tmp_path):
-    """genai/ is built from the masked module, which lacks regroup-gqa's pooled K/V: writing it would deploy
-    a different model than model.onnx (found by examples/mha_to_gqa.py), so it is refused with the reason."""
+def test_regroup_gqa_is_repeated_in_torch_for_genai_and_hf(tmp_path):
+    """regroup-gqa is approximate and genai/ is built from the torch module: the pooling is repeated on the
+    sliced module (outputs/regroup.py), and the decoder is checked against model.onnx itself, so genai/ and
+    hf/ are the model the compile wrote (the decode speed-up of regrouping is genai/'s)."""
     options = CompileOptions(kv_heads=1, hf_checkpoint=True, **FAST)
+    result = api.compile(_llama(), tmp_path / "out", options)
+    assert next(p for p in result.report["passes"] if p["pass"] == "regroup-gqa")["modified"]
+    genai, hf = result.report["genai"], result.report["hf"]
+    assert genai["written"] and genai["check"]["passed"] and genai["genai"]["greedy_tokens_equal"]
+    against = genai["check"]["vs_model_onnx"]
+    assert against["checked"] and against["max_rel_diff"] < 1e-5
+    assert genai["regrouped"]["layers"] == {"model.layers.0": [2, 1], "model.layers.1": [2, 1]}
+    assert _gqa_heads(tmp_path / "out" / "genai" / "model.onnx") == [(6, 1), (6, 1)]
+    assert hf["written"] and hf["check"]["greedy_tokens_equal"] and hf["check"]["max_rel_diff"] < 1e-5
+    config = json.loads((tmp_path / "out" / "hf" / "config.json").read_text())
+    assert config["num_key_value_heads"] == 1
+
+
+def test_regroup_gqa_with_similarity_grouping_writes_no_genai_and_says_why(tmp_path):
+    options = CompileOptions(kv_heads=1, gqa_grouping="similarity", **FAST)
+    result = api.compile(_llama(), tmp_path / "out", options)
+    section = result.report["genai"]
+    assert not section["written"] and "similarity grouping" in section["reason"]
+    assert not (tmp_path / "out" / "genai").exists()
+
+
+def test_depth_plan_writes_no_genai_and_says_why(tmp_path):
+    """Other approximate passes are not repeated in torch: genai/ would be a different model than model.onnx."""
+    options = CompileOptions(drop_layers=[1], hf_checkpoint=True, **FAST)
     result = api.compile(_llama(), tmp_path / "out", options)
     for key in ("genai", "hf"):
         section = result.report[key]
-        assert not section["written"] and "regroup-gqa" in section["reason"]
+        assert not section["written"] and "remove-layers" in section["reason"]
         assert not (tmp_path / "out" / key).exists()
-    assert next(p for p in result.report["passes"] if p["pass"] == "regroup-gqa")["modified"]
