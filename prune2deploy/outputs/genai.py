@@ -437,12 +437,22 @@ def check_against_compiled(decoder_path: Path, compiled_path: Path, ids: np.ndar
     checked against the torch model it was built from *and* against the graph the compile verified, so a
     torch-side repetition that differs from the pass cannot go unnoticed.
     """
+    import onnx
+
     from prune2deploy.ort_session import make_session
 
-    compiled = make_session(Path(compiled_path), prepack=False)
-    names = {i.name for i in compiled.get_inputs()}
+    # The graph's signature first (no weights read): a bf16/fp16 graph cannot even be loaded on ONNX Runtime's
+    # CPU provider, which lacks their kernels, and a graph without these inputs cannot be fed the same ids.
+    graph = onnx.load(str(compiled_path), load_external_data=False).graph
+    names = {i.name for i in graph.input} - {i.name for i in graph.initializer}
+    logits = next((o.type.tensor_type.elem_type for o in graph.output if o.name == "logits"), None)
+    del graph
     if names != {"input_ids", "attention_mask"}:
         return {"checked": False, "reason": f"model.onnx takes {sorted(names)}, not input_ids and attention_mask"}
+    if logits != onnx.TensorProto.FLOAT:
+        kind = onnx.TensorProto.DataType.Name(logits).lower() if logits is not None else "no"
+        return {"checked": False, "reason": f"model.onnx computes {kind} logits, which ONNX Runtime's CPU cannot run"}
+    compiled = make_session(Path(compiled_path), prepack=False)
     mask = np.ones_like(ids)
     want = compiled.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0].astype(np.float32)
     del compiled

@@ -259,6 +259,13 @@ def test_regroup_gqa_is_repeated_in_torch_for_genai_and_hf(tmp_path):
     assert config["num_key_value_heads"] == 1
 
 
+def test_regroup_gqa_of_a_bf16_checkpoint_checks_genai_against_the_torch_model_only(tmp_path):
+    result = api.compile(_llama().to(torch.bfloat16), tmp_path / "out", CompileOptions(kv_heads=1, **FAST))
+    check = result.report["genai"]["check"]
+    assert result.report["genai"]["written"] and check["passed"]
+    assert not check["vs_model_onnx"]["checked"] and "bfloat16" in check["vs_model_onnx"]["reason"]
+
+
 def test_regroup_gqa_with_similarity_grouping_writes_no_genai_and_says_why(tmp_path):
     options = CompileOptions(kv_heads=1, gqa_grouping="similarity", **FAST)
     result = api.compile(_llama(), tmp_path / "out", options)
