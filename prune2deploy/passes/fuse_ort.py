@@ -31,6 +31,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
+from prune2deploy.graph.initializers import add_initializer, unique_name
 from prune2deploy.passes.base import P2DPass, P2DResult
 from prune2deploy.passes.registry import PassSpec, register_pass
 
@@ -155,14 +156,6 @@ def _fuse_for_ort(model: ir.Model) -> dict[str, int]:
     return counts
 
 
-def _int64(model: ir.Model, name: str, values: list[int]) -> ir.Value:
-    array = np.asarray(values, dtype=np.int64)
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.INT64),
-                     const_value=ir.tensor(array, name=name))  # fmt: skip
-    model.graph.register_initializer(value)
-    return value
-
-
 def _rotary_angles_as_matmul(model: ir.Model) -> int:
     """``Mul(Cast(Unsqueeze(Range, [0, 2])), inv_freq[E])`` → ``Transpose(MatMul(inv_freq[1, E, 1],
     Cast(Unsqueeze(Range, [0, 1]))), [0, 2, 1])``: the same [1, S, E] angles, in the form onnxscript's
@@ -186,13 +179,19 @@ def _rotary_angles_as_matmul(model: ir.Model) -> int:
             continue
         frequencies = inv_freq.const_value.numpy().astype(np.float32).reshape(1, -1, 1)
         tag = node.name or f"rotary_angles_{changed}"
-        column = ir.Value(name=f"{tag}__inv_freq_3d", shape=ir.Shape(frequencies.shape),
-                          type=ir.TensorType(ir.DataType.FLOAT),
-                          const_value=ir.tensor(frequencies, name=f"{tag}__inv_freq_3d"))  # fmt: skip
-        model.graph.register_initializer(column)
+        column = add_initializer(model.graph, unique_name(model.graph, f"{tag}__inv_freq_3d"), frequencies)
         seq = positions.shape[0] if positions.shape is not None and len(positions.shape) == 1 else None
         built = [
-            ir.node("Unsqueeze", [positions, _int64(model, f"{tag}__axes", [0, 1])], name=f"{tag}/positions"),
+            ir.node(
+                "Unsqueeze",
+                [
+                    positions,
+                    add_initializer(
+                        model.graph, unique_name(model.graph, f"{tag}__axes"), np.asarray([0, 1], np.int64)
+                    ),
+                ],
+                name=f"{tag}/positions",
+            ),
         ]
         built.append(ir.node("Cast", [built[-1].outputs[0]], attributes={"to": ir.DataType.FLOAT}, name=f"{tag}/cast"))
         built.append(ir.node("MatMul", [column, built[-1].outputs[0]], name=f"{tag}/matmul"))

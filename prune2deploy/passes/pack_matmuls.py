@@ -27,6 +27,7 @@ from collections import defaultdict
 import numpy as np
 import onnx_ir as ir
 
+from prune2deploy.graph.initializers import add_initializer, unique_name
 from prune2deploy.passes.base import P2DPass, P2DResult
 from prune2deploy.passes.registry import PassSpec, register_pass
 
@@ -85,22 +86,11 @@ class PackMatMulsPass(P2DPass):
         sizes = [int(w.const_value.shape[1]) for w in weights]
         array = np.concatenate([w.const_value.numpy() for w in weights], axis=1)
         name = f"{nodes[0].name}__packed{len(nodes)}"
-        packed_weight = ir.Value(
-            name=f"{name}.weight",
-            shape=ir.Shape(array.shape),
-            type=ir.TensorType(weights[0].const_value.dtype),
-            const_value=ir.tensor(array, name=f"{name}.weight"),
-        )
-        model.graph.register_initializer(packed_weight)
+        graph = model.graph
+        packed_weight = add_initializer(graph, unique_name(graph, f"{name}.weight"), array)
         x = nodes[0].inputs[0]
         matmul = ir.node("MatMul", [x, packed_weight], name=name)
-        split_sizes = ir.Value(
-            name=f"{name}.split",
-            shape=ir.Shape([len(sizes)]),
-            type=ir.TensorType(ir.DataType.INT64),
-            const_value=ir.tensor(np.asarray(sizes, dtype=np.int64), name=f"{name}.split"),
-        )
-        model.graph.register_initializer(split_sizes)
+        split_sizes = add_initializer(graph, unique_name(graph, f"{name}.split"), np.asarray(sizes, dtype=np.int64))
         split = ir.node("Split", [matmul.outputs[0], split_sizes], attributes={"axis": -1}, num_outputs=len(nodes),
                         name=f"{name}/Split")  # fmt: skip
         matmul.outputs[0].name = f"{name}/output"
