@@ -179,7 +179,10 @@ def _step(node: ir.Node, index: int, routed: RoutedValue) -> list[RoutedValue] |
     return [RoutedValue(node.outputs[0], list(axes), routed.index[picked[:, 0].astype(np.int64) % n])]
 
 
-_PASS = {"Transpose", "Reshape", "Mul", "Div", "Add", "Sub", "Neg", "Slice", "Concat", "Split", "Cast", "Unsqueeze"}
+# Ops a role's tensor passes through on its way to the attention MatMuls. Expand is repeat_kv's broadcast:
+# transformers 5.25's Falcon repeats its one kv head (Unsqueeze, Expand, Reshape) before the scores.
+_PASS = {"Transpose", "Reshape", "Mul", "Div", "Add", "Sub", "Neg", "Slice", "Concat", "Split", "Cast"}
+_PASS |= {"Unsqueeze", "Expand"}
 
 
 def graph_role(value: ir.Value, *, limit: int = 200) -> str | None:
