@@ -38,6 +38,8 @@ __all__ = [
     "check_against_compiled",
     "check_decoder",
     "check_genai_folder",
+    "check_memory_shortfall",
+    "decoder_bytes",
     "reference_outputs",
     "write_genai_folder",
 ]
@@ -158,6 +160,42 @@ def _check_supported(module: Any, head_dim: int) -> None:
                 raise UnsupportedModelError(f"layer {i}: per-head {extra} is not supported by this decoder builder")
         if getattr(config, "layer_types", None) and config.layer_types[i] != "full_attention":
             raise UnsupportedModelError(f"layer {i}: {config.layer_types[i]} layers are not supported")
+
+
+def decoder_bytes(sliced: SliceResult) -> int:
+    """Bytes of the fp32 decoder :func:`build_genai_decoder` writes for ``sliced`` (weights only).
+
+    Tied embedding and lm_head count twice: the decoder holds a Gather table and an lm_head MatMul weight.
+    """
+    return 4 * sum(p.numel() for _, p in sliced.module.named_parameters(remove_duplicate=False))
+
+
+def check_memory_shortfall(sliced: SliceResult, *, available: int | None = None, total: int | None = None) -> str:
+    """Why genai/ cannot be checked on this machine ('' when it can), decided before it is written.
+
+    The check loads the fp32 decoder into ONNX Runtime and then into onnxruntime-genai (one at a time, weights
+    not pre-packed), so it needs about the decoder's bytes once plus a fifth for arenas and activations. It
+    runs after the masked and sliced modules are freed, so what the sliced copy holds now counts as free then.
+    A decoder that cannot be checked here could not run here either (it is a CPU model), so it is not written:
+    an 8B model's decoder is ~21 GB after half its MLP is pruned.
+    """
+    import psutil
+
+    memory = psutil.virtual_memory()
+    available = memory.available if available is None else available
+    total = memory.total if total is None else total
+    weights = decoder_bytes(sliced)
+    needed = int(weights * 1.2)
+    held = sum(p.numel() * p.element_size() for p in sliced.module.parameters())
+    budget = min(int(total * 0.9), available + held)
+    if needed <= budget:
+        return ""
+    return (
+        f"genai/'s fp32 decoder would be {weights / 1e9:.1f} GB; checking it (ONNX Runtime, then onnxruntime-genai) "
+        f"needs about {needed / 1e9:.1f} GB and this machine has about {budget / 1e9:.1f} GB for it "
+        f"({available / 1e9:.1f} GB available now of {total / 1e9:.1f} GB): compile with --no-genai, or on a "
+        "machine with more memory"
+    )
 
 
 def build_genai_decoder(sliced: SliceResult, *, context_length: int | None = None) -> ir.Model:

@@ -63,6 +63,14 @@ def write_lm_outputs(
                 sections[key] = {"written": False, "reason": reason}
         return sections
     half = is_half_precision(module)
+    if genai:
+        from prune2deploy.outputs.genai import check_memory_shortfall
+
+        shortfall = check_memory_shortfall(sliced)
+        if shortfall:
+            log.warning(shortfall)
+            sections["genai"] = {"written": False, "reason": shortfall}
+            genai = False
     if hf_checkpoint:
         from prune2deploy.outputs.hf import write_hf_checkpoint
 

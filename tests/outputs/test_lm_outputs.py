@@ -282,3 +282,33 @@ def test_depth_plan_writes_no_genai_and_says_why(tmp_path):
         section = result.report[key]
         assert not section["written"] and "remove-layers" in section["reason"]
         assert not (tmp_path / "out" / key).exists()
+
+
+def test_decoder_bytes_are_the_written_decoders_weights():
+    """The memory guard's estimate is the decoder's own weights: all of them but the rotary caches."""
+    from prune2deploy.outputs.genai import build_genai_decoder, decoder_bytes
+    from prune2deploy.outputs.slice import slice_causal_lm
+
+    for module in (_llama(), _llama(tie_word_embeddings=True)):
+        decoder = build_genai_decoder(slice_causal_lm(module))
+        weights = {name: v.const_value.nbytes for name, v in decoder.graph.initializers.items()}
+        caches = weights.pop("cos_cache") + weights.pop("sin_cache")
+        floats = sum(n for n in weights.values() if n > 64)  # not the int64 shape constants
+        assert caches > 0 and floats == decoder_bytes(slice_causal_lm(module))
+
+
+def test_genai_that_cannot_be_checked_in_memory_is_not_written_and_hf_still_is(tmp_path, monkeypatch):
+    """An 8B decoder (~21 GB fp32) does not fit a 24 GiB machine's check: refused before minutes of writing."""
+    import collections
+
+    import psutil
+
+    memory = collections.namedtuple("Memory", "available total")
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(available=10_000, total=1 << 34))
+    module = _llama()
+    masks = _masks(module, mlp_keep=[48, 48], heads_removed=[[0, 3], [0, 3]])
+    result, _ = _compile(tmp_path, module, masks, hf_checkpoint=True, verify_mode="whole")
+    genai, hf = result.report["genai"], result.report["hf"]
+    assert not genai["written"] and "--no-genai" in genai["reason"] and "fp32 decoder" in genai["reason"]
+    assert not (tmp_path / "out" / "genai").exists()
+    assert hf["written"] and hf["check"]["greedy_tokens_equal"]
