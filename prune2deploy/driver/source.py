@@ -311,15 +311,13 @@ def check_finite_weights(model: ir.Model, source: str) -> None:
     Raises:
         BadInputError: naming the first few tensors and how many values are not finite.
     """
-    import numpy as np
-
     bad = []
     for value in model.graph.initializers.values():
         tensor = value.const_value
         if tensor is None or not value.dtype or not value.dtype.is_floating_point():
             continue
         array = tensor.numpy()
-        count = int(array.size - np.count_nonzero(np.isfinite(array.astype(np.float32, copy=False))))
+        count = _nonfinite_count(array)
         if count:
             bad.append(f"'{value.name}' ({count} of {array.size})")
     if bad:
@@ -328,6 +326,32 @@ def check_finite_weights(model: ir.Model, source: str) -> None:
             + (f" and {len(bad) - 5} more tensors" if len(bad) > 5 else "")
             + ". Fix the checkpoint (a diverged training run or a broken conversion) before compiling"
         )
+
+
+#: Exponent bits by dtype name: a float is NaN or Inf exactly when all of them are set (IEEE 754; bfloat16
+#: has fp32's 8-bit exponent in 16 bits).
+_EXPONENT_BITS = {"float16": 0x7C00, "bfloat16": 0x7F80, "float32": 0x7F800000, "float64": 0x7FF0000000000000}
+
+
+def _nonfinite_count(array: Any, chunk: int = 1 << 24) -> int:
+    """How many values of ``array`` are NaN or Inf, read from their exponent bits ``chunk`` values at a time.
+
+    This scans every weight of the checkpoint: testing the bits of an unsigned view needs no float32 copy
+    (an 8B bf16 model's 16 GB were upcast tensor by tensor, 44 s of its export) and reads the exporter's
+    transposed views as they are. Other float types (float8) are upcast.
+    """
+    import numpy as np
+
+    mask = _EXPONENT_BITS.get(str(array.dtype))
+    if mask is None or array.ndim == 0:
+        return int(array.size - np.count_nonzero(np.isfinite(array.astype(np.float32, copy=False))))
+    unsigned = {2: np.uint16, 4: np.uint32, 8: np.uint64}[array.dtype.itemsize]
+    step = max(1, chunk * array.shape[0] // max(1, array.size))
+    count = 0
+    for start in range(0, array.shape[0], step):
+        bits = array[start : start + step].view(unsigned)
+        count += int(np.count_nonzero((bits & unsigned(mask)) == unsigned(mask)))
+    return count
 
 
 def options_export_spec(module: Any, options: Any) -> Any:

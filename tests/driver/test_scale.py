@@ -181,6 +181,61 @@ def test_save_is_self_contained_for_external_inputs(tmp_path, threshold):
     np.testing.assert_array_equal(out, np.ones((2, 4), np.float32) @ np.arange(16, dtype=np.float32).reshape(4, 4))
 
 
+def _weights_model(weights: dict[str, np.ndarray]) -> ir.Model:
+    """Adds of one input and each weight (the weights' own shapes), outputs named after the weights."""
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT))
+    values, nodes = [], []
+    for name, array in weights.items():
+        w = ir.Value(name=name, const_value=ir.Tensor(array, name=name))
+        w.shape, w.type = ir.Shape(array.shape), ir.TensorType(w.const_value.dtype)
+        node = ir.node("Add", [x, w], num_outputs=1)
+        node.outputs[0].name = f"y_{name}"
+        values.append(w)
+        nodes.append(node)
+    graph = ir.Graph([x], [n.outputs[0] for n in nodes], nodes=nodes, initializers=values, opset_imports={"": 18})
+    return ir.Model(graph, ir_version=10)
+
+
+def test_strided_weights_are_written_as_their_values(tmp_path):
+    """The exporter leaves transposed MatMul weights as numpy views; they are written contiguous (by torch,
+    through an integer view of their bits) and the in-memory model is left as it was."""
+    import ml_dtypes
+
+    from prune2deploy.frontends.onnx import save_onnx
+
+    base = np.random.default_rng(0).normal(size=(48, 40))
+    weights = {
+        "bf16_t": base.astype(ml_dtypes.bfloat16).T,
+        "fp32_t": base.astype(np.float32).T,
+        "fp16_step": base.astype(np.float16)[::2, ::3],
+        "fp32_reversed": base.astype(np.float32)[::-1],  # negative strides: numpy's copy
+    }
+    model = _weights_model(weights)
+    before = {name: v.const_value for name, v in model.graph.initializers.items()}
+    save_onnx(model, tmp_path / "m.onnx", external_threshold=0)
+    assert {name: v.const_value for name, v in model.graph.initializers.items()} == before
+    loaded = ir.load(tmp_path / "m.onnx")
+    for name, array in weights.items():
+        got = loaded.graph.initializers[name].const_value.numpy()
+        assert got.dtype == array.dtype and got.shape == array.shape
+        np.testing.assert_array_equal(got.view(np.uint8), np.ascontiguousarray(array).view(np.uint8))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32", "float64"])
+def test_nonfinite_weights_are_counted_from_their_bits_in_strided_views(dtype):
+    import ml_dtypes
+
+    from prune2deploy.driver.source import check_finite_weights
+    from prune2deploy.errors import BadInputError
+
+    kind = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+    array = np.random.default_rng(1).normal(size=(64, 24)).astype(kind)
+    check_finite_weights(_weights_model({"w": array.T, "big": np.full((3, 2), 6.5e4, dtype=kind)}), "m.onnx")
+    array[5, 7], array[63, 0], array[0, 23] = np.nan, np.inf, -np.inf
+    with pytest.raises(BadInputError, match=r"'w' \(3 of 1536\)"):
+        check_finite_weights(_weights_model({"w": array.T}), "m.onnx")
+
+
 def test_release_keeps_a_mapping_that_an_array_still_views(tmp_path):
     # A fusion can make a new tensor as a view of a mapped weight (seen at 1B): unmapping must leave it alone.
     import numpy as np
