@@ -186,7 +186,14 @@ def concrete_shapes(
     source = "inference"
     if missing and fallback:
         size = weight_bytes(model)
-        if size <= fallback_max_bytes:
+        if any(dtype == ir.DataType.BFLOAT16 for dtype in dtypes.values()):
+            # ONNX Runtime's CPU provider has no bf16 kernels for most ops (Mul, Add): the run cannot load
+            log.info(
+                "%d values have unknown shapes; ONNX Runtime's CPU cannot run this bf16 graph to find them, "
+                "so their nodes are costed as lower bounds",
+                len(missing),
+            )
+        elif size <= fallback_max_bytes:
             log.info("shape inference left %d values unknown; running ONNX Runtime for them", len(missing))
             try:
                 ran_shapes, ran_dtypes = _run_for_shapes(model, inputs, missing, seed)

@@ -38,3 +38,31 @@ def test_onnxruntime_fallback_for_data_dependent_shapes():
     skipped = model_cost(model, batch=3, fallback_max_bytes=-1)
     assert skipped.unknown == ("idx", "Y")
     assert not skipped.nodes[1].shapes_known
+
+
+def test_bf16_graph_is_not_run_on_onnxruntime_for_shapes():
+    """ORT's CPU has no bf16 Mul: the shape run would fail on every bf16 LLM (logged as a warning twice per
+    compile); it is not tried, and the unknown shapes stay lower bounds."""
+    import logging
+
+    nodes = [
+        helper.make_node("NonZero", ["X"], ["idx"], name="nz"),
+        helper.make_node("Cast", ["idx"], ["Y"], name="cast", to=TensorProto.BFLOAT16),
+    ]
+    x = helper.make_tensor_value_info("X", TensorProto.BFLOAT16, ["batch", 4])
+    y = helper.make_tensor_value_info("Y", TensorProto.BFLOAT16, [2, "nnz"])
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    logger = logging.getLogger("prune2deploy.analysis.shapes")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        info = concrete_shapes(helper_model(nodes, [x], [y], {}), batch=3)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert (info.source, info.unknown) == ("inference", ("idx", "Y"))
+    assert any("cannot run this bf16 graph" in r.getMessage() for r in records)
+    assert not [r for r in records if r.levelno >= logging.WARNING]
