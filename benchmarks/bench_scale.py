@@ -4,10 +4,11 @@
     python benchmarks/bench_scale.py --model smollm2 --work /tmp/p2d-scale
 
 Models: ``smollm2`` (the bundled SmolLM2-135M, fp32, 50% of every MLP's neurons masked by magnitude),
-``0.5b``, ``1b`` (Llama-3.2-1B-shaped, fp32) and ``3b`` (Llama-3.2-3B-shaped, bf16): random weights
+``0.5b``, ``1b`` (Llama-3.2-1B-shaped, fp32), ``3b`` (Llama-3.2-3B-shaped, bf16) and ``8b`` (Llama-3.1-8B-shaped,
+bf16, untied lm_head; 16 GB): random weights
 (normal, std 0.02) written shard by shard straight to safetensors, with half of every MLP's neurons zeroed
 in the checkpoint itself (gate/up rows and down columns), so ``compile`` finds them with no mask file.
-Never run in CI: the 1B folder is 4.9 GB, the 3B one 6.4 GB.
+Never run in CI: the 1B folder is 4.9 GB, the 3B one 6.4 GB, the 8B one 16 GB.
 
 Each step's time comes from the compile's progress lines; the peak RSS of each step is sampled every
 20 ms by a child process (``RssSampler``), and the whole run's from ``getrusage``. Prints one JSON line and writes it to
@@ -29,6 +30,7 @@ SHAPES = {
     "0.5b": (1024, 24, 16, 8, 4096, 128256, "float32", True),
     "1b": (2048, 16, 32, 8, 8192, 128256, "float32", True),
     "3b": (3072, 28, 24, 8, 8192, 128256, "bfloat16", True),
+    "8b": (4096, 32, 32, 8, 14336, 128256, "bfloat16", False),  # Llama-3.1-8B: lm_head of its own
 }
 
 
@@ -160,6 +162,8 @@ def make_folder(name: str, folder: Path, seed: int = 0) -> Path:
         {"model.embed_tokens.weight": rand(vocab, hidden), "model.norm.weight": torch.ones(hidden, dtype=torch_dtype)},
         "embed.safetensors",
     )
+    if not tie:
+        write({"lm_head.weight": rand(vocab, hidden)}, "lm_head.safetensors")
     for i in range(layers):
         p = f"model.layers.{i}."
         keep = torch.ones(mlp, dtype=torch_dtype)
