@@ -30,7 +30,7 @@ from prune2deploy.driver.report import (
     write_manifest,
 )
 from prune2deploy.driver.source import Progress, input_record, load_source
-from prune2deploy.errors import BadInputError, EngineUnavailable, P2DError, VerificationError
+from prune2deploy.errors import BadInputError, EngineUnavailable, P2DError, UnsupportedModelError, VerificationError
 from prune2deploy.ort_session import release_memory
 from prune2deploy.spec import CompileOptions
 
@@ -188,7 +188,7 @@ def compile_model(
         approximate = [
             r["pass"] for r in records if r["modified"] and not r["exact"] and r["pass"] != "convert-precision"
         ]
-        lm_sections = _lm_outputs(loaded, options, staging, say, approximate=approximate)
+        lm_sections = _lm_outputs(loaded, options, staging, say, approximate=approximate, records=records)
         if lm_sections:
             timings["lm_outputs_s"] = time.perf_counter() - t0
         if loaded.module is not None and loaded.module_loader is not None:
@@ -325,16 +325,28 @@ _DEFAULT_MAX_BATCH = 8
 _DEFAULT_MAX_SEQ = 2048
 
 
+def _not_written(reason: str, *, genai: bool, hf: bool) -> dict[str, Any]:
+    """The report sections of the LM folders that were asked for and are not written, with the reason."""
+    return {key: {"written": False, "reason": reason} for key, on in (("genai", genai), ("hf", hf)) if on}
+
+
 def _lm_outputs(
-    loaded: Any, options: CompileOptions, staging: Path, say: Progress, *, approximate: Sequence[str] = ()
+    loaded: Any,
+    options: CompileOptions,
+    staging: Path,
+    say: Progress,
+    *,
+    approximate: Sequence[str] = (),
+    records: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Any]:
     """``genai/`` (on by default for causal LMs with a torch module) and ``hf/`` (on request).
 
     Both are built from the masked transformers module, which carries what the exact passes remove (zero
     neurons, heads, layers) but not the changes of approximate passes (``approximate``). regroup-gqa's pooled
-    K/V are repeated on the sliced module (and genai/ checked against ``model.onnx``); after the others (a
-    depth plan, imposed 2:4) the outputs would silently be a different model than ``model.onnx``, so they
-    are not written and the report says why.
+    K/V are repeated on the sliced module, with the query-head permutations of similarity grouping taken
+    from the pass's record (``records``), and so is remove-layers' depth plan (the layers its record lists);
+    genai/ is then checked against ``model.onnx``. After the others (imposed 2:4) the outputs would silently
+    be a different model than ``model.onnx``, so they are not written and the report says why.
     """
     genai = options.genai if options.genai is not None else loaded.causal_lm
     if not (genai or options.hf_checkpoint):
@@ -344,23 +356,35 @@ def _lm_outputs(
         # The one approximate pass the LM outputs repeat in torch (outputs/regroup.py): its decode speed-up is
         # genai/'s. The decoder is then checked against model.onnx as well as against the torch model.
         regroup = {"kv_heads": options.kv_heads, "grouping": options.gqa_grouping, "method": options.gqa_method}
+        if options.gqa_grouping == "similarity":
+            record = next(r["record"] for r in records if r["pass"] == "regroup-gqa")
+            regroup["orders"] = {name: block["order"] for name, block in record.get("per_block", {}).items()}
         approximate = [name for name in approximate if name != "regroup-gqa"]
+    drop_layers: list[int] = []
+    if "remove-layers" in approximate:
+        # A depth plan: the module loses the same decoder layers (outputs/depth.py), checked against model.onnx.
+        from prune2deploy.outputs.depth import layer_indices
+
+        record = next(r["record"] for r in records if r["pass"] == "remove-layers")
+        try:
+            drop_layers = layer_indices(record.get("layers_removed", []))
+        except UnsupportedModelError as exc:
+            return _not_written(str(exc), genai=genai, hf=options.hf_checkpoint)
+        approximate = [name for name in approximate if name != "remove-layers"]
     if approximate:
         reason = (
             f"genai/ and hf/ are built from the masked transformers module, which does not carry the changes of "
             f"the approximate pass(es) {', '.join(approximate)} that model.onnx has; they would be a different "
             "model than model.onnx, so they are not written (compile without those passes for genai/ and hf/)"
         )
-        wanted = {"genai": genai, "hf": options.hf_checkpoint}
         log.warning(reason)
-        return {key: {"written": False, "reason": reason} for key, on in wanted.items() if on}
+        return _not_written(reason, genai=genai, hf=options.hf_checkpoint)
     if not loaded.causal_lm:
         reason = (
             "genai/ and hf/ are built from a transformers causal LM (model folder, GGUF, bundled name or module); "
             f"this input is {loaded.kind}" + (f" ({loaded.task})" if loaded.task else "")
         )
-        wanted = {"genai": genai, "hf": options.hf_checkpoint}
-        return {key: {"written": False, "reason": reason} for key, on in wanted.items() if on}
+        return _not_written(reason, genai=genai, hf=options.hf_checkpoint)
     from prune2deploy.outputs.lm import write_lm_outputs
 
     def masked_module() -> tuple[Any, Any]:
@@ -380,6 +404,7 @@ def _lm_outputs(
         tolerance=options.tolerance,
         progress=say,
         regroup=regroup,
+        drop_layers=drop_layers,
         compiled_model=staging / "model.onnx",
     )
 

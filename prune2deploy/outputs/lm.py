@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ def write_lm_outputs(
     tolerance: float = 1e-4,
     progress: Any = None,
     regroup: dict[str, Any] | None = None,
+    drop_layers: Sequence[int] = (),
     compiled_model: Path | None = None,
 ) -> dict[str, Any]:
     """Slices the masked module once and writes the requested folders; returns their report sections.
@@ -35,9 +36,11 @@ def write_lm_outputs(
     sliced copy, hf/'s check and the masked model's outputs on genai/'s check inputs. At 1B parameters that
     is 4.9 GB not held beside the sliced module, the written decoder and ONNX Runtime's copy of it.
 
-    ``regroup`` (``kv_heads``, ``grouping``, ``method`` of the ``regroup-gqa`` pass) repeats that pass on the
-    sliced model (:mod:`prune2deploy.outputs.regroup`): both folders are then the regrouped model, genai/ is
-    checked against it and against ``compiled_model`` (the compile's ``model.onnx``), hf/ against it.
+    ``regroup`` (``kv_heads``, ``grouping``, ``method`` of the ``regroup-gqa`` pass, and for similarity grouping
+    the ``orders`` its record holds) repeats that pass on the sliced model (:mod:`prune2deploy.outputs.regroup`);
+    ``drop_layers`` (decoder-layer indices, the depth plan of ``remove-layers``) deletes those layers from it
+    (:mod:`prune2deploy.outputs.depth`). Both folders are then that changed model: genai/ is checked against
+    it and against ``compiled_model`` (the compile's ``model.onnx``), hf/ against it.
 
     A folder that cannot be written (an architecture the slicer or the decoder builder does not cover,
     per-layer widths a transformers config cannot express) gets ``written: False`` and the reason; the
@@ -48,20 +51,28 @@ def write_lm_outputs(
     say = progress or (lambda _msg: None)
     sections: dict[str, Any] = {}
     module, tokenizer = load_module()
-    regrouped = None
+    regrouped = dropped = None
     try:
         say("slicing the masked model physically (torch)")
         sliced = slice_causal_lm(module)
-        if regroup is not None:
+        if regroup is not None:  # before the depth plan: the pass's names are the original layers'
             from prune2deploy.outputs.regroup import regroup_sliced
 
             regrouped = regroup_sliced(sliced, **regroup)
+        if drop_layers:
+            from prune2deploy.outputs.depth import drop_sliced_layers
+
+            dropped = drop_sliced_layers(sliced, drop_layers)
+            if regrouped is not None:
+                gone = {f"model.layers.{i}" for i in dropped["layers_dropped"]}
+                regrouped["layers"] = {k: v for k, v in regrouped["layers"].items() if k not in gone}
     except UnsupportedModelError as exc:
         reason = str(exc)
         for key, wanted in (("genai", genai), ("hf", hf_checkpoint)):
             if wanted:
                 sections[key] = {"written": False, "reason": reason}
         return sections
+    in_torch = regrouped is not None or dropped is not None  # approximate passes repeated on the module
     half = is_half_precision(module)
     if genai:
         from prune2deploy.outputs.genai import check_memory_shortfall
@@ -75,12 +86,11 @@ def write_lm_outputs(
         from prune2deploy.outputs.hf import write_hf_checkpoint
 
         say("writing hf/ (transformers checkpoint) and reloading it")
-        # after regrouping, the model to compare with is the regrouped one (the masked module is not it)
-        reference = module if regrouped is None else sliced.module
+        # after regrouping or a depth plan, the model to compare with is the changed one (not the masked module)
+        reference = sliced.module if in_torch else module
         sections["hf"] = write_hf_checkpoint(sliced, tokenizer, out_dir / "hf", reference=reference)
         del reference
-        if regrouped is not None:
-            sections["hf"]["regrouped"] = regrouped
+        _note_torch_changes(sections["hf"], regrouped, dropped)
         if half:
             sections["hf"]["precision_note"] = (
                 f"written in the checkpoint's {str(module.dtype).removeprefix('torch.')}; checked in fp32"
@@ -88,7 +98,7 @@ def write_lm_outputs(
     if genai:
         from prune2deploy.outputs.genai import check_genai_folder, reference_outputs, write_genai_folder
 
-        target = module if regrouped is None else sliced.module
+        target = sliced.module if in_torch else module
         with computing_in_fp32(target):  # the fp32 decoder is checked against the masked model in fp32
             expected = reference_outputs(target)
         del module, target  # the masked model's last use: the sliced copy shares only what slicing left unchanged
@@ -108,11 +118,18 @@ def write_lm_outputs(
                 expected,
                 section,
                 tolerance=tolerance,
-                compiled_model=compiled_model if regrouped is not None else None,
+                compiled_model=compiled_model if in_torch else None,
             )
-            if regrouped is not None:
-                section["regrouped"] = regrouped
+            _note_torch_changes(section, regrouped, dropped)
             if half:
                 section["precision_note"] = "fp32 decoder built from a half-precision checkpoint (upcast per tensor)"
         sections["genai"] = section
     return sections
+
+
+def _note_torch_changes(section: dict[str, Any], regrouped: dict | None, dropped: dict | None) -> None:
+    """Says in a folder's report section which approximate passes were repeated on the torch module."""
+    if regrouped is not None:
+        section["regrouped"] = regrouped
+    if dropped is not None:
+        section["depth_plan"] = dropped

@@ -8,9 +8,12 @@ projections exactly as :func:`prune2deploy.passes.regroup_gqa.regroup_layout` do
 (each query head brings the kv head it reads; a group's pool is the float64 mean, or the first, over its
 query heads), and the caller checks the written decoder against ``model.onnx`` itself.
 
-Similarity grouping (a permutation of query heads chosen from the graph's weights) and layers whose slicing
-kept zero heads to even out the kv groups (the graph removes them with a Gather instead, so head indices
-differ) are refused with the reason.
+Similarity grouping permutes each layer's query heads so that every cluster is contiguous. The clusters are
+not recomputed here (a tie broken differently by float noise would give another model): the pass's record
+carries each block's permutation (``order``), and this module applies exactly that one — q_proj's output
+rows (and bias) and o_proj's input columns move together, which is exact — before pooling adjacent groups.
+Layers whose slicing kept zero heads to even out the kv groups (the graph removes them with a Gather
+instead, so head indices differ) are refused with the reason.
 """
 
 from __future__ import annotations
@@ -46,20 +49,66 @@ def _groups_of(kv_heads: int | Mapping[Any, int], layer: int) -> int | None:
     return None
 
 
-def regroup_sliced(
-    sliced: SliceResult, kv_heads: int | Mapping[Any, int], *, grouping: str = "adjacent", method: str = "mean"
-) -> dict[str, Any]:
-    """Pools the sliced module's K/V heads in place; returns the per-layer kv heads before and after.
+def _order_of(orders: Mapping[str, list[int]], layer: int) -> list[int] | None:
+    for key in (f"model.layers.{layer}.self_attn", f"model.layers.{layer}"):
+        if key in orders:
+            return [int(h) for h in orders[key]]
+    return None
 
-    Raises:
-        UnsupportedModelError: similarity grouping, or a layer where slicing kept zero heads (``padded``).
+
+def _permuted_linear(old: Any, index: Any, *, rows: bool) -> Any:
+    """A new Linear with ``old``'s rows (output features) or columns taken in ``index`` order.
+
+    New modules rather than in-place copies: the sliced module may share a large weight with the masked
+    one (slicing shares what it leaves unchanged), which may be the caller's own module.
     """
     import torch
 
-    if grouping != "adjacent":
+    weight = old.weight.detach()
+    weight = weight[index] if rows else weight[:, index]
+    bias = None if old.bias is None else (old.bias.detach()[index] if rows else old.bias.detach())
+    new = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if bias is not None:
+            new.bias.copy_(bias)
+    return new
+
+
+def _permute_query_heads(attn: Any, order: list[int], head_dim: int) -> None:
+    """Query heads in ``order``: q_proj's rows (and bias) and o_proj's columns move together (exact)."""
+    import torch
+
+    index = torch.tensor([h * head_dim + j for h in order for j in range(head_dim)], dtype=torch.long)
+    attn.q_proj = _permuted_linear(attn.q_proj, index, rows=True)
+    attn.o_proj = _permuted_linear(attn.o_proj, index, rows=False)
+
+
+def regroup_sliced(
+    sliced: SliceResult,
+    kv_heads: int | Mapping[Any, int],
+    *,
+    grouping: str = "adjacent",
+    method: str = "mean",
+    orders: Mapping[str, list[int]] | None = None,
+) -> dict[str, Any]:
+    """Pools the sliced module's K/V heads in place; returns the per-layer kv heads before and after.
+
+    ``orders`` (block or layer name → query-head permutation, from the pass's record) is required for
+    similarity grouping: exactly the layers it names are regrouped, with its permutation.
+
+    Raises:
+        UnsupportedModelError: similarity grouping without the pass's permutations, a permutation that does
+            not fit the sliced layer, or a layer where slicing kept zero heads (``padded``).
+    """
+    import torch
+
+    if grouping not in ("adjacent", "similarity"):
+        raise UnsupportedModelError(f"regroup-gqa grouping {grouping!r} cannot be repeated on the torch module")
+    if grouping == "similarity" and orders is None:
         raise UnsupportedModelError(
-            f"regroup-gqa with {grouping} grouping permutes query heads by the graph's weights; genai/ and hf/ "
-            "follow adjacent grouping only (use --gqa-grouping adjacent, or --no-genai)"
+            "regroup-gqa with similarity grouping permutes query heads by the graph's weights, and the pass's "
+            "permutations were not given: genai/ and hf/ cannot repeat it (use --gqa-grouping adjacent, or --no-genai)"
         )
     uneven = [where for where in sliced.padded if ".kv" in where]
     if uneven:
@@ -74,10 +123,23 @@ def regroup_sliced(
         for i, (layer, widths) in enumerate(zip(layers, sliced.layers, strict=True)):
             groups = _groups_of(kv_heads, i)
             heads, kv = widths.num_heads, widths.kv_heads
-            if groups is None or groups == kv or heads % groups:
+            order = None
+            if grouping == "similarity":
+                order = _order_of(orders or {}, i)
+                if order is None or groups is None:
+                    continue  # the pass did not regroup this block
+                if sorted(order) != list(range(heads)) or heads % groups:
+                    raise UnsupportedModelError(
+                        f"model.layers.{i}: the pass's query-head permutation ({len(order)} heads) does not fit "
+                        f"the sliced layer's {heads} query heads in {groups} groups"
+                    )
+            elif groups is None or groups == kv or heads % groups:
                 continue  # as the pass: not named, already grouped so, or G does not divide the query heads
             attn = layer.self_attn
             kv_of = [h // (heads // kv) for h in range(heads)]
+            if order is not None:
+                _permute_query_heads(attn, order, d)
+                kv_of = [kv_of[h] for h in order]  # query head at new position p is old head order[p]
             for name in ("k_proj", "v_proj"):
                 old = getattr(attn, name)
                 weight = old.weight.detach().float().numpy().reshape(kv, d, -1)[kv_of]  # [H, d, in]

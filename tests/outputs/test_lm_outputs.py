@@ -266,22 +266,80 @@ def test_regroup_gqa_of_a_bf16_checkpoint_checks_genai_against_the_torch_model_o
     assert not check["vs_model_onnx"]["checked"] and "bfloat16" in check["vs_model_onnx"]["reason"]
 
 
-def test_regroup_gqa_with_similarity_grouping_writes_no_genai_and_says_why(tmp_path):
-    options = CompileOptions(kv_heads=1, gqa_grouping="similarity", **FAST)
-    result = api.compile(_llama(), tmp_path / "out", options)
-    section = result.report["genai"]
-    assert not section["written"] and "similarity grouping" in section["reason"]
-    assert not (tmp_path / "out" / "genai").exists()
+def test_regroup_gqa_with_similarity_grouping_repeats_the_pass_permutation_for_genai_and_hf(tmp_path):
+    """Similarity grouping permutes query heads by the graph's weights: genai/ and hf/ apply the pass's own
+    permutation (its record) before pooling, and the decoder matches model.onnx (adjacent pooling would not)."""
+    options = CompileOptions(kv_heads=2, gqa_grouping="similarity", hf_checkpoint=True, **FAST)
+    result = api.compile(_llama(num_key_value_heads=6), tmp_path / "out", options)
+    record = next(p for p in result.report["passes"] if p["pass"] == "regroup-gqa")["record"]
+    assert any(block["permuted"] for block in record["per_block"].values())  # else this tests adjacent grouping
+    genai, hf = result.report["genai"], result.report["hf"]
+    assert genai["written"] and genai["check"]["passed"] and genai["genai"]["greedy_tokens_equal"]
+    assert genai["check"]["vs_model_onnx"]["checked"] and genai["check"]["vs_model_onnx"]["max_rel_diff"] < 1e-5
+    assert genai["regrouped"]["layers"] == {"model.layers.0": [6, 2], "model.layers.1": [6, 2]}
+    assert _gqa_heads(tmp_path / "out" / "genai" / "model.onnx") == [(6, 2), (6, 2)]
+    assert hf["written"] and hf["check"]["greedy_tokens_equal"] and hf["check"]["max_rel_diff"] < 1e-5
 
 
-def test_depth_plan_writes_no_genai_and_says_why(tmp_path):
-    """Other approximate passes are not repeated in torch: genai/ would be a different model than model.onnx."""
+def test_similarity_regrouping_without_the_pass_permutations_is_refused():
+    from prune2deploy.errors import UnsupportedModelError
+    from prune2deploy.outputs.regroup import regroup_sliced
+    from prune2deploy.outputs.slice import slice_causal_lm
+
+    with pytest.raises(UnsupportedModelError, match="permutations were not given"):
+        regroup_sliced(slice_causal_lm(_llama()), 1, grouping="similarity")
+
+
+def test_depth_plan_is_repeated_in_torch_for_genai_and_hf(tmp_path):
+    """A depth plan drops non-zero layers (approximate): the module loses the same layers, renumbered (its
+    cache slots), and the decoder is checked against model.onnx, so genai/ and hf/ are the shallower model."""
     options = CompileOptions(drop_layers=[1], hf_checkpoint=True, **FAST)
+    result = api.compile(_llama(num_hidden_layers=3), tmp_path / "out", options)
+    record = next(p for p in result.report["passes"] if p["pass"] == "remove-layers")["record"]
+    assert record["approximate_layers"] == ["model.layers.1"]
+    genai, hf = result.report["genai"], result.report["hf"]
+    assert genai["written"] and genai["check"]["passed"] and genai["genai"]["greedy_tokens_equal"]
+    assert genai["check"]["vs_model_onnx"]["checked"] and genai["check"]["vs_model_onnx"]["max_rel_diff"] < 1e-5
+    assert genai["depth_plan"] == {"layers_dropped": [1], "layers_before": 3, "layers_after": 2}
+    assert _gqa_heads(tmp_path / "out" / "genai" / "model.onnx") == [(6, 2), (6, 2)]
+    assert hf["written"] and hf["check"]["greedy_tokens_equal"] and hf["check"]["max_rel_diff"] < 1e-5
+    assert json.loads((tmp_path / "out" / "hf" / "config.json").read_text())["num_hidden_layers"] == 2
+
+
+def test_depth_plan_and_regrouping_are_both_repeated(tmp_path):
+    options = CompileOptions(drop_layers=[0], kv_heads=1, **FAST)
+    result = api.compile(_llama(num_hidden_layers=3), tmp_path / "out", options)
+    genai = result.report["genai"]
+    assert genai["written"] and genai["check"]["passed"] and genai["check"]["vs_model_onnx"]["max_rel_diff"] < 1e-5
+    assert genai["regrouped"]["layers"] == {"model.layers.1": [2, 1], "model.layers.2": [2, 1]}
+    assert _gqa_heads(tmp_path / "out" / "genai" / "model.onnx") == [(6, 1), (6, 1)]
+
+
+def test_imposed_2_4_writes_no_genai_and_says_why(tmp_path):
+    """Other approximate passes are not repeated in torch: genai/ would be a different model than model.onnx."""
+    from prune2deploy.passes.registry import default_passes
+
+    options = CompileOptions(passes=[*default_passes(), "sparsify-2:4"], hf_checkpoint=True, **FAST)
     result = api.compile(_llama(), tmp_path / "out", options)
     for key in ("genai", "hf"):
         section = result.report[key]
-        assert not section["written"] and "remove-layers" in section["reason"]
+        assert not section["written"] and "sparsify-2:4" in section["reason"]
         assert not (tmp_path / "out" / key).exists()
+
+
+def test_a_depth_plan_outside_the_decoder_layers_is_refused():
+    from prune2deploy.errors import UnsupportedModelError
+    from prune2deploy.outputs.depth import drop_sliced_layers, layer_indices
+    from prune2deploy.outputs.slice import slice_causal_lm
+
+    assert layer_indices(["model.layers.3", "model.layers.1", "model.layers.3"]) == [1, 3]
+    with pytest.raises(UnsupportedModelError, match=r"transformer\.h\.0"):
+        layer_indices(["transformer.h.0"])
+    sliced = slice_causal_lm(_llama())
+    with pytest.raises(UnsupportedModelError, match="every decoder layer"):
+        drop_sliced_layers(sliced, [0, 1])
+    with pytest.raises(UnsupportedModelError, match=r"\[5\]"):
+        drop_sliced_layers(sliced, [5])
 
 
 def test_decoder_bytes_are_the_written_decoders_weights():
