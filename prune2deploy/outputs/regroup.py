@@ -4,9 +4,9 @@
 are built from the torch module rather than from the graph, would be another model unless the module is
 regrouped the same way. That is the whole point of regrouping for serving: the decode speed-up is in
 genai/'s GroupQueryAttention, which reads the smaller cache. This module pools each layer's key/value
-projections exactly as :func:`prune2deploy.passes.regroup_gqa.regroup_layout` does for adjacent grouping
-(each query head brings the kv head it reads; a group's pool is the float64 mean, or the first, over its
-query heads), and the caller checks the written decoder against ``model.onnx`` itself.
+projections with the pass's own pooling (:func:`prune2deploy.passes.regroup_gqa.pool_groups`: each query
+head brings the kv head it reads; a group's pool is the float64 mean, or the first, over its query heads),
+and the caller checks the written decoder against ``model.onnx`` itself.
 
 Similarity grouping permutes each layer's query heads so that every cluster is contiguous. The clusters are
 not recomputed here (a tie broken differently by float noise would give another model): the pass's record
@@ -26,18 +26,11 @@ import numpy as np
 
 from prune2deploy.errors import UnsupportedModelError
 from prune2deploy.outputs.slice import LayerWidths, SliceResult
+from prune2deploy.passes.regroup_gqa import group_members, pool_groups
 
 __all__ = ["regroup_sliced"]
 
 log = logging.getLogger(__name__)
-
-
-def _pool(per_query: np.ndarray, groups: int, method: str) -> np.ndarray:
-    """[H, ...] per-query-head tensors → [G, ...]: adjacent groups of H/G, mean (float64) or first."""
-    members = per_query.reshape(groups, per_query.shape[0] // groups, *per_query.shape[1:])
-    if method == "first":
-        return members[:, 0]
-    return members.astype(np.float64).mean(axis=1).astype(per_query.dtype)
 
 
 def _groups_of(kv_heads: int | Mapping[Any, int], layer: int) -> int | None:
@@ -137,20 +130,21 @@ def regroup_sliced(
                 continue  # as the pass: not named, already grouped so, or G does not divide the query heads
             attn = layer.self_attn
             kv_of = [h // (heads // kv) for h in range(heads)]
-            if order is not None:
+            members = group_members(order if order is not None else list(range(heads)), groups)
+            if order is not None:  # query head at new position p is old head order[p]: groups become adjacent
                 _permute_query_heads(attn, order, d)
-                kv_of = [kv_of[h] for h in order]  # query head at new position p is old head order[p]
             for name in ("k_proj", "v_proj"):
                 old = getattr(attn, name)
                 weight = old.weight.detach().float().numpy().reshape(kv, d, -1)[kv_of]  # [H, d, in]
-                pooled = _pool(weight, groups, method).reshape(groups * d, -1)
+                pooled = pool_groups(weight, members, method).reshape(groups * d, -1)
                 new = torch.nn.Linear(
                     pooled.shape[1], pooled.shape[0], bias=old.bias is not None, dtype=old.weight.dtype
                 )
                 new.weight.copy_(torch.from_numpy(np.ascontiguousarray(pooled)))
                 if old.bias is not None:
                     bias = old.bias.detach().float().numpy().reshape(kv, d)[kv_of]
-                    new.bias.copy_(torch.from_numpy(np.ascontiguousarray(_pool(bias, groups, method).reshape(-1))))
+                    pooled_bias = pool_groups(bias, members, method).reshape(-1)
+                    new.bias.copy_(torch.from_numpy(np.ascontiguousarray(pooled_bias)))
                 setattr(attn, name, new)
             attn.num_key_value_groups = heads // groups
             if hasattr(attn, "num_key_value_heads"):

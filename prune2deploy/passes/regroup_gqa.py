@@ -29,7 +29,14 @@ from prune2deploy.passes.base import P2DPass, P2DResult
 from prune2deploy.passes.head_layout import HeadLayout, apply_head_layout
 from prune2deploy.passes.registry import PassOption, PassSpec, register_pass
 
-__all__ = ["RegroupGQAPass", "permutation_layout", "regroup_layout", "similarity_groups"]
+__all__ = [
+    "RegroupGQAPass",
+    "group_members",
+    "permutation_layout",
+    "pool_groups",
+    "regroup_layout",
+    "similarity_groups",
+]
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +75,23 @@ def similarity_groups(features: np.ndarray, groups: int) -> list[list[int]]:
     return result
 
 
+def group_members(order: list[int], groups: int) -> list[list[int]]:
+    """The query heads of each of ``groups`` groups: consecutive runs of ``order`` (a permutation of heads)."""
+    size = len(order) // groups
+    return [list(order[g * size : (g + 1) * size]) for g in range(groups)]
+
+
+def pool_groups(per_query: np.ndarray, members: list[list[int]], method: str) -> np.ndarray:
+    """``[H, ...]`` per-query-head tensors → ``[G, ...]``: each group's float64 mean (or its first head).
+
+    The one pooling rule: the pass and the LM outputs' repeat of it on the torch module
+    (:mod:`prune2deploy.outputs.regroup`) both call it, so they compute the same bits.
+    """
+    if method == "first":
+        return np.stack([per_query[m[0]] for m in members])
+    return np.stack([per_query[m].astype(np.float64).mean(axis=0).astype(per_query.dtype) for m in members])
+
+
 def permutation_layout(block: AttentionBlock, order: list[int]) -> HeadLayout:
     """Query heads in ``order`` (a permutation), same kv heads: exact, with a Gather where groups break."""
     k, v = block.projections["k"], block.projections["v"]
@@ -95,14 +119,10 @@ def regroup_layout(
         order = [h for group in similarity_groups(features, groups) for h in group]
     else:
         order = list(range(heads))
-    members = [order[g * size : (g + 1) * size] for g in range(groups)]
+    members = group_members(order, groups)
 
     def pool(per_q: np.ndarray | None) -> np.ndarray | None:
-        if per_q is None:
-            return None
-        if method == "first":
-            return np.stack([per_q[m[0]] for m in members])
-        return np.stack([per_q[m].astype(np.float64).mean(axis=0).astype(per_q.dtype) for m in members])
+        return None if per_q is None else pool_groups(per_q, members, method)
 
     k_new, v_new = pool(k_per_q), pool(v_per_q)  # [G, in, d]
     kb_new, vb_new = pool(k_bias), pool(v_bias)  # [G, d]
