@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from prune2deploy.errors import UnsupportedModelError
-from prune2deploy.outputs.slice import LayerWidths, SliceResult
+from prune2deploy.outputs.slice import LayerWidths, SliceResult, restricted_linear
 from prune2deploy.passes.regroup_gqa import group_members, pool_groups
 
 __all__ = ["regroup_sliced"]
@@ -49,32 +49,13 @@ def _order_of(orders: Mapping[str, list[int]], layer: int) -> list[int] | None:
     return None
 
 
-def _permuted_linear(old: Any, index: Any, *, rows: bool) -> Any:
-    """A new Linear with ``old``'s rows (output features) or columns taken in ``index`` order.
-
-    New modules rather than in-place copies: the sliced module may share a large weight with the masked
-    one (slicing shares what it leaves unchanged), which may be the caller's own module.
-    """
-    import torch
-
-    weight = old.weight.detach()
-    weight = weight[index] if rows else weight[:, index]
-    bias = None if old.bias is None else (old.bias.detach()[index] if rows else old.bias.detach())
-    new = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
-    with torch.no_grad():
-        new.weight.copy_(weight)
-        if bias is not None:
-            new.bias.copy_(bias)
-    return new
-
-
 def _permute_query_heads(attn: Any, order: list[int], head_dim: int) -> None:
     """Query heads in ``order``: q_proj's rows (and bias) and o_proj's columns move together (exact)."""
     import torch
 
     index = torch.tensor([h * head_dim + j for h in order for j in range(head_dim)], dtype=torch.long)
-    attn.q_proj = _permuted_linear(attn.q_proj, index, rows=True)
-    attn.o_proj = _permuted_linear(attn.o_proj, index, rows=False)
+    attn.q_proj = restricted_linear(attn.q_proj, rows=index)
+    attn.o_proj = restricted_linear(attn.o_proj, cols=index)
 
 
 def regroup_sliced(

@@ -26,7 +26,7 @@ from typing import Any
 
 from prune2deploy.errors import UnsupportedModelError
 
-__all__ = ["LayerWidths", "SliceResult", "slice_causal_lm"]
+__all__ = ["LayerWidths", "SliceResult", "restricted_linear", "slice_causal_lm"]
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +119,11 @@ def _decoder_layers(module: Any) -> list[Any]:
     return list(layers)
 
 
-def _linear(old: Any, rows: Any | None = None, cols: Any | None = None) -> Any:
-    """A new nn.Linear holding ``old``'s weight restricted to ``rows`` (outputs) and ``cols`` (inputs)."""
+def restricted_linear(old: Any, rows: Any | None = None, cols: Any | None = None) -> Any:
+    """A new nn.Linear holding ``old``'s weight restricted to ``rows`` (outputs) and ``cols`` (inputs).
+
+    Index tensors may also reorder (the regrouping's query-head permutation). A new module, never an
+    in-place change: ``old`` may be the masked module's own (slicing shares what it leaves unchanged)."""
     import torch
 
     weight = old.weight.detach()
@@ -216,10 +219,10 @@ def slice_causal_lm(module: Any) -> SliceResult:
             if len(q_keep) < n_heads or len(kv_keep) < n_kv:
                 q_cols = torch.tensor([h * d + j for h in q_keep for j in range(d)])
                 kv_cols = torch.tensor([g * d + j for g in kv_keep for j in range(d)])
-                attn.q_proj = _linear(attn.q_proj, rows=q_cols)
-                attn.k_proj = _linear(attn.k_proj, rows=kv_cols)
-                attn.v_proj = _linear(attn.v_proj, rows=kv_cols)
-                attn.o_proj = _linear(attn.o_proj, cols=q_cols)
+                attn.q_proj = restricted_linear(attn.q_proj, rows=q_cols)
+                attn.k_proj = restricted_linear(attn.k_proj, rows=kv_cols)
+                attn.v_proj = restricted_linear(attn.v_proj, rows=kv_cols)
+                attn.o_proj = restricted_linear(attn.o_proj, cols=q_cols)
             attn.num_key_value_groups = len(q_keep) // len(kv_keep)
             for name in ("num_heads", "num_attention_heads"):
                 if hasattr(attn, name):
@@ -241,9 +244,9 @@ def slice_causal_lm(module: Any) -> SliceResult:
                 keep = torch.tensor([0])
                 padded[f"model.layers.{i}.mlp"] = "every neuron is zero; one is kept"
             if keep.numel() < dead.numel():
-                mlp.gate_proj = _linear(gate, rows=keep)
-                mlp.up_proj = _linear(up, rows=keep)
-                mlp.down_proj = _linear(down, cols=keep)
+                mlp.gate_proj = restricted_linear(gate, rows=keep)
+                mlp.up_proj = restricted_linear(up, rows=keep)
+                mlp.down_proj = restricted_linear(down, cols=keep)
             if hasattr(mlp, "intermediate_size"):
                 mlp.intermediate_size = int(keep.numel())
             widths.append(LayerWidths(i, len(q_keep), len(kv_keep), int(keep.numel())))
