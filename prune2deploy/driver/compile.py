@@ -325,11 +325,6 @@ _DEFAULT_MAX_BATCH = 8
 _DEFAULT_MAX_SEQ = 2048
 
 
-def _not_written(reason: str, *, genai: bool, hf: bool) -> dict[str, Any]:
-    """The report sections of the LM folders that were asked for and are not written, with the reason."""
-    return {key: {"written": False, "reason": reason} for key, on in (("genai", genai), ("hf", hf)) if on}
-
-
 def _lm_outputs(
     loaded: Any,
     options: CompileOptions,
@@ -348,6 +343,8 @@ def _lm_outputs(
     genai/ is then checked against ``model.onnx``. After the others (imposed 2:4) the outputs would silently
     be a different model than ``model.onnx``, so they are not written and the report says why.
     """
+    from prune2deploy.outputs.lm import not_written, write_lm_outputs
+
     genai = options.genai if options.genai is not None else loaded.causal_lm
     if not (genai or options.hf_checkpoint):
         return {}
@@ -369,7 +366,7 @@ def _lm_outputs(
         try:
             drop_layers = layer_indices(record.get("layers_removed", []))
         except UnsupportedModelError as exc:
-            return _not_written(str(exc), genai=genai, hf=options.hf_checkpoint)
+            return not_written(str(exc), genai=genai, hf=options.hf_checkpoint)
         approximate = [name for name in approximate if name != "remove-layers"]
     if approximate:
         reason = (
@@ -378,14 +375,13 @@ def _lm_outputs(
             "model than model.onnx, so they are not written (compile without those passes for genai/ and hf/)"
         )
         log.warning(reason)
-        return _not_written(reason, genai=genai, hf=options.hf_checkpoint)
+        return not_written(reason, genai=genai, hf=options.hf_checkpoint)
     if not loaded.causal_lm:
         reason = (
             "genai/ and hf/ are built from a transformers causal LM (model folder, GGUF, bundled name or module); "
             f"this input is {loaded.kind}" + (f" ({loaded.task})" if loaded.task else "")
         )
-        return _not_written(reason, genai=genai, hf=options.hf_checkpoint)
-    from prune2deploy.outputs.lm import write_lm_outputs
+        return not_written(reason, genai=genai, hf=options.hf_checkpoint)
 
     def masked_module() -> tuple[Any, Any]:
         """The masked module for the LM outputs, which then hold the compile's only reference to it (freed

@@ -11,9 +11,14 @@ from typing import Any
 from prune2deploy.errors import UnsupportedModelError
 from prune2deploy.outputs.fp32 import computing_in_fp32, is_half_precision
 
-__all__ = ["write_lm_outputs"]
+__all__ = ["not_written", "write_lm_outputs"]
 
 log = logging.getLogger(__name__)
+
+
+def not_written(reason: str, *, genai: bool, hf: bool) -> dict[str, Any]:
+    """The report sections of the LM folders that were asked for and are not written, with the reason."""
+    return {key: {"written": False, "reason": reason} for key, on in (("genai", genai), ("hf", hf)) if on}
 
 
 def write_lm_outputs(
@@ -55,23 +60,16 @@ def write_lm_outputs(
     try:
         say("slicing the masked model physically (torch)")
         sliced = slice_causal_lm(module)
-        if regroup is not None:  # before the depth plan: the pass's names are the original layers'
-            from prune2deploy.outputs.regroup import regroup_sliced
-
-            regrouped = regroup_sliced(sliced, **regroup)
-        if drop_layers:
+        if drop_layers:  # the graph's order: remove-layers runs before regroup-gqa
             from prune2deploy.outputs.depth import drop_sliced_layers
 
             dropped = drop_sliced_layers(sliced, drop_layers)
-            if regrouped is not None:
-                gone = {f"model.layers.{i}" for i in dropped["layers_dropped"]}
-                regrouped["layers"] = {k: v for k, v in regrouped["layers"].items() if k not in gone}
+        if regroup is not None:  # layers keep their original indices (the pass's names) in sliced.layers
+            from prune2deploy.outputs.regroup import regroup_sliced
+
+            regrouped = regroup_sliced(sliced, **regroup)
     except UnsupportedModelError as exc:
-        reason = str(exc)
-        for key, wanted in (("genai", genai), ("hf", hf_checkpoint)):
-            if wanted:
-                sections[key] = {"written": False, "reason": reason}
-        return sections
+        return not_written(str(exc), genai=genai, hf=hf_checkpoint)
     in_torch = regrouped is not None or dropped is not None  # approximate passes repeated on the module
     half = is_half_precision(module)
     if genai:

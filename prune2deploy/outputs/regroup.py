@@ -94,7 +94,8 @@ def regroup_sliced(
     layers = sliced.module.model.layers
     changed: dict[str, list[int]] = {}
     with torch.no_grad():
-        for i, (layer, widths) in enumerate(zip(layers, sliced.layers, strict=True)):
+        for position, (layer, widths) in enumerate(zip(layers, sliced.layers, strict=True)):
+            i = widths.index  # the layer's original index (the pass's names), also after a depth plan
             groups = _groups_of(kv_heads, i)
             heads, kv = widths.num_heads, widths.kv_heads
             order = None
@@ -130,7 +131,7 @@ def regroup_sliced(
             attn.num_key_value_groups = heads // groups
             if hasattr(attn, "num_key_value_heads"):
                 attn.num_key_value_heads = groups
-            sliced.layers[i] = LayerWidths(widths.index, heads, groups, widths.intermediate)
+            sliced.layers[position] = LayerWidths(i, heads, groups, widths.intermediate)
             changed[f"model.layers.{i}"] = [kv, groups]
     if sliced.uniform:
         config = sliced.module.config
