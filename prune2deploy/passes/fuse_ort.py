@@ -240,7 +240,7 @@ register_pass(
     PassSpec(
         name="fuse-ort",
         order=80,
-        exactness="yes",
+        exactness="yes (verified)",
         summary="ONNX Runtime fusions after pruning (RMSNorm, SkipRMSNorm, rotary, attention), verified like any "
         "pass; on by itself for --engine onnxruntime in fp32 (--portable keeps standard ONNX ops)",
         switch=(
@@ -252,5 +252,8 @@ register_pass(
             values.get("engine") == "onnxruntime" and not values.get("portable") and values.get("precision") == "fp32"
         ),
         build=lambda o: FuseOrtPass(),
+        stage="finishing",
+        engines=("onnxruntime",),
+        in_torch="own-way",
     )
 )

@@ -115,7 +115,7 @@ register_pass(
     PassSpec(
         name="pack-matmuls",
         order=85,
-        exactness="yes",
+        exactness="yes (verified)",
         summary="one MatMul for the projections that read one activation (Q/K/V, gate/up), split after: fewer, "
         "wider GEMMs (--pack-matmuls; off by default: no measurable gain on SmolLM2 with 2 CPU threads)",
         switch=(
@@ -124,5 +124,7 @@ register_pass(
             "runs after fuse-ort)",
         ),
         build=lambda o: PackMatMulsPass(),
+        stage="finishing",
+        in_torch="own-way",
     )
 )

@@ -334,5 +334,7 @@ register_pass(
         summary="fp16/bf16 ONNX (--precision), for TensorRT 11 / RTX",
         build=lambda o: ConvertPrecisionPass(o.precision),
         check=_check,
+        stage="precision",
+        in_torch="own-way",
     )
 )

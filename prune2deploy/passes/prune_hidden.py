@@ -365,5 +365,6 @@ register_pass(
             )
         },
         build=lambda o: PruneHiddenPass(channels=o.drop_hidden),
+        in_torch="carried",
     )
 )

@@ -14,11 +14,38 @@ import importlib
 import pkgutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from prune2deploy.errors import ConfigError
 
-__all__ = ["PassOption", "PassSpec", "default_passes", "get_pass", "load_passes", "pass_names", "register_pass"]
+__all__ = [
+    "STAGES",
+    "TORCH_REPEATS",
+    "PassOption",
+    "PassSpec",
+    "default_passes",
+    "get_pass",
+    "load_passes",
+    "pass_names",
+    "passes_in_stage",
+    "register_pass",
+]
+
+#: What kind of change a pass makes; the driver, the CLI and the report ask this instead of a pass's name.
+#: ``structural``: removes channels, heads or layers (shapes change: "was anything pruned?" looks here);
+#: ``sparsity``: zeroes values in place for sparse tensor cores (shapes stay); ``precision``: changes tensor
+#: types; ``finishing``: rewrites the finished graph for one runtime after its cost is taken (the cost model
+#: counts standard ops), undone together when the finished graph does not load or verify.
+Stage = Literal["structural", "sparsity", "precision", "finishing"]
+STAGES: tuple[str, ...] = ("structural", "sparsity", "precision", "finishing")
+
+#: How an output built from the masked torch module (genai/, hf/, …) repeats what the pass did to the graph.
+#: ``carried``: the masked module already computes it (an exact removal of zeros; slicing removes them);
+#: ``repeat``: :attr:`PassSpec.torch_plan` turns the pass's record into the writers' instructions;
+#: ``own-way``: a graph-only change each writer makes its own way or not at all (precision, fusion);
+#: ``cannot``: the writers would build a different model than ``model.onnx``, so they are not written.
+TorchRepeat = Literal["carried", "repeat", "own-way", "cannot"]
+TORCH_REPEATS: tuple[str, ...] = ("carried", "repeat", "own-way", "cannot")
 
 
 @dataclass(frozen=True)
@@ -65,6 +92,18 @@ class PassSpec:
             ONNX Runtime engine in fp32, unless ``portable``). Unlike an option that ``enables`` it, this is
             not a request: a pass that joined this way may find nothing to change.
         check: options → None, or raises :class:`ConfigError` when the options cannot work together.
+        stage: what kind of change the pass makes (:data:`STAGES`).
+        engines: the engines that can run the graph it writes; None: every engine. A pass that joined by
+            itself (``auto``) is left out for other engines; one the user asked for is an error there.
+        sparse_weights: its output's weights are laid out for sparse tensor cores (the engine builds with
+            sparse tactics).
+        in_torch: how output writers built from the torch module repeat a run that was not exact
+            (:data:`TORCH_REPEATS`; an exact run is carried by the masked module). The default, ``cannot``,
+            is the safe one: a new approximate pass turns genai/ and hf/ off, with the pass named, until it
+            says how they repeat it.
+        torch_plan: for ``in_torch == "repeat"``: (options, the pass's record) → keyword arguments for the
+            output writers (plain data); raises :class:`~prune2deploy.errors.UnsupportedModelError` when
+            this run's change cannot be repeated (the writers then say why they were not written).
     """
 
     name: str
@@ -77,6 +116,28 @@ class PassSpec:
     switch: tuple[str, str] | None = None
     auto: Callable[[Mapping[str, Any]], bool] | None = None
     check: Callable[[Any], None] | None = None
+    stage: Stage = "structural"
+    engines: tuple[str, ...] | None = None
+    sparse_weights: bool = False
+    in_torch: TorchRepeat = "cannot"
+    torch_plan: Callable[[Any, Mapping[str, Any]], dict[str, Any]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise RuntimeError(f"pass {self.name}: stage '{self.stage}' is not one of {STAGES}")
+        if self.in_torch not in TORCH_REPEATS:
+            raise RuntimeError(f"pass {self.name}: in_torch '{self.in_torch}' is not one of {TORCH_REPEATS}")
+        if (self.in_torch == "repeat") != (self.torch_plan is not None):
+            raise RuntimeError(f"pass {self.name}: in_torch 'repeat' and torch_plan go together")
+
+    @property
+    def structural(self) -> bool:
+        """Whether the pass removes structure (channels, heads, layers): what "nothing was pruned" asks."""
+        return self.stage == "structural"
+
+    def runs_on(self, engine: str) -> bool:
+        """Whether ``engine`` can run the graph this pass writes."""
+        return self.engines is None or engine in self.engines
 
     def enabled_by(self, values: Mapping[str, Any]) -> bool:
         """Whether options given a non-default value switch this pass on."""
@@ -123,6 +184,11 @@ def pass_names() -> tuple[str, ...]:
 def default_passes() -> tuple[str, ...]:
     """The default pipeline: the exact structural passes."""
     return tuple(name for name, spec in load_passes().items() if spec.default)
+
+
+def passes_in_stage(*stages: str) -> tuple[str, ...]:
+    """The registered passes of the given stages, in pipeline order."""
+    return tuple(name for name, spec in load_passes().items() if spec.stage in stages)
 
 
 def get_pass(name: str) -> PassSpec:

@@ -236,6 +236,19 @@ class RegroupGQAPass(P2DPass):
         )
 
 
+def _torch_plan(options: Any, record: Mapping[str, Any]) -> dict[str, Any]:
+    """The writers pool K/V on the sliced torch module the same way (``pool_groups``); similarity grouping's
+    query-head permutations come from this run's record, since they depend on the weights."""
+    regroup: dict[str, Any] = {
+        "kv_heads": options.kv_heads,
+        "grouping": options.gqa_grouping,
+        "method": options.gqa_method,
+    }
+    if options.gqa_grouping == "similarity":
+        regroup["orders"] = {name: block["order"] for name, block in record.get("per_block", {}).items()}
+    return {"regroup": regroup}
+
+
 def _check(options: Any) -> None:
     if options.kv_heads is None:
         raise ConfigError("the regroup-gqa pass needs kv_heads (--regroup-gqa N): kv heads per layer after regrouping")
@@ -270,5 +283,7 @@ register_pass(
         },
         build=lambda o: RegroupGQAPass(o.kv_heads, grouping=o.gqa_grouping, method=o.gqa_method),
         check=_check,
+        in_torch="repeat",
+        torch_plan=_torch_plan,
     )
 )

@@ -525,5 +525,6 @@ register_pass(
             )
         },
         build=lambda o: RemoveChannelsPass(multiple_of=o.multiple_of),
+        in_torch="carried",
     )
 )

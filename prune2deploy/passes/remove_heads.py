@@ -137,5 +137,6 @@ register_pass(
             )
         },
         build=lambda o: RemoveHeadsPass(min_heads=o.min_heads),
+        in_torch="carried",
     )
 )

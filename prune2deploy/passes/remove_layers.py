@@ -20,7 +20,8 @@ an infinite or NaN activation is NaN in the reference but the removed block yiel
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
@@ -158,6 +159,11 @@ def _span(found: list[Layer]) -> str:
     return f"{found[0].name} … {found[-1].name}" if len(found) > 1 else found[0].name
 
 
+def _torch_plan(options: Any, record: Mapping[str, Any]) -> dict[str, Any]:
+    """A depth plan is repeated on the torch module: the writers drop the same layer scopes."""
+    return {"drop_layer_scopes": list(record.get("layers_removed", []))}
+
+
 def _layer_list(text: str) -> list[int | str]:
     """``"3,7"`` or ``"model.layers.3"``: indices stay ints, scope names stay strings."""
     return [int(x) if x.strip().isdigit() else x.strip() for x in text.split(",") if x.strip()]
@@ -181,5 +187,7 @@ register_pass(
             )
         },
         build=lambda o: RemoveLayersPass(layers=o.drop_layers),
+        in_torch="repeat",
+        torch_plan=_torch_plan,
     )
 )

@@ -265,5 +265,8 @@ register_pass(
         },
         switch=("--sparse-2-4", "append the sparsify-2:4 pass"),
         build=lambda o: SparsifyNMPass(n=2, m=4, mode=o.sparsity, skip=("*lm_head*",)),
+        stage="sparsity",
+        sparse_weights=True,
+        in_torch="cannot",
     )
 )

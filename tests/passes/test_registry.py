@@ -116,3 +116,57 @@ def test_refusals_are_one_mapping(rng):
     result = get_pass("sparsify-2:4").build(CompileOptions(sparsity="impose"))(model)
     assert isinstance(result.refused, dict) and all(isinstance(v, str) for v in result.refused.values())
     assert np.isfinite(result.record["sparse_flops_fraction"])
+
+
+def test_pass_kinds_are_declared_on_the_registry():
+    """Driver, CLI and report ask these instead of spelling pass names."""
+    from prune2deploy.passes.registry import load_passes, passes_in_stage
+
+    specs = load_passes()
+    assert passes_in_stage("finishing") == ("fuse-ort", "pack-matmuls")
+    assert [n for n, s in specs.items() if s.structural] == [
+        "remove-layers",
+        "remove-channels",
+        "remove-heads",
+        "prune-hidden",
+        "regroup-gqa",
+    ]
+    assert [n for n, s in specs.items() if s.sparse_weights] == ["sparsify-2:4"]
+    assert specs["fuse-ort"].runs_on("onnxruntime") and not specs["fuse-ort"].runs_on("tensorrt")
+    assert specs["sparsify-2:4"].runs_on("tensorrt")
+    assert {n for n, s in specs.items() if s.in_torch == "repeat"} == {"remove-layers", "regroup-gqa"}
+    assert specs["sparsify-2:4"].in_torch == "cannot"
+
+
+def test_torch_plans_turn_records_into_writer_instructions():
+    from types import SimpleNamespace
+
+    depth = get_pass("remove-layers").torch_plan
+    assert depth(None, {"layers_removed": ["model.layers.3", "model.layers.7"]}) == {
+        "drop_layer_scopes": ["model.layers.3", "model.layers.7"]
+    }
+    regroup = get_pass("regroup-gqa").torch_plan
+    options = SimpleNamespace(kv_heads=1, gqa_grouping="similarity", gqa_method="mean")
+    plan = regroup(options, {"per_block": {"model.layers.0": {"order": [2, 0, 1]}}})
+    assert plan == {
+        "regroup": {"kv_heads": 1, "grouping": "similarity", "method": "mean", "orders": {"model.layers.0": [2, 0, 1]}}
+    }
+
+
+def test_a_spec_must_say_how_to_repeat_what_it_repeats():
+    with pytest.raises(RuntimeError, match="in_torch 'repeat' and torch_plan go together"):
+        PassSpec(name="x", order=1, exactness="no", summary="", build=lambda o: None, in_torch="repeat")
+    with pytest.raises(RuntimeError, match="stage 'fusing'"):
+        PassSpec(name="x", order=1, exactness="no", summary="", build=lambda o: None, stage="fusing")
+
+
+def test_readme_pass_table_is_the_registry():
+    """The README's pass table lists every registered pass, in pipeline order, with its exactness."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\s*\| `([a-z0-9:-]+)` \| ([^|]+) \|", readme, flags=re.M)
+    assert [name for name, _ in rows] == list(pass_names())
+    for name, exactness in rows:
+        assert exactness.replace("`", "").strip() == get_pass(name).exactness.replace("`", "").strip(), name
