@@ -206,36 +206,78 @@ def plan_from_dict(data: Any, where: str = "plan") -> Plan:
     criterion = f.get(data, "criterion", "criterion", str)
     if criterion not in CRITERIA:
         raise f.fail("criterion", f"must be one of {list(CRITERIA)}, got '{criterion}'")
-    ratios_raw = f.get(data, "ratios", "ratios", dict)
-    ratios = {}
-    for key, value in ratios_raw.items():
-        if key not in STRUCTURE_KEYS:
-            raise f.fail(f"ratios.{key}", f"is not a structure; use one of {list(STRUCTURE_KEYS)}")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-            raise f.fail(f"ratios.{key}", f"must be a number in [0, 1), got {value!r}")
-        ratios[key] = float(value)
+    # Fields are checked in the file's order, so that a plan with several errors reports the first one.
+    ratios = _ratios(f, data)
     per_layer = f.get(data, "per_layer", "per_layer", bool, required=False, default=True)
     round_to = f.get(data, "round_to", "round_to", int, required=False)
     if round_to is not None and round_to < 1:
         raise f.fail("round_to", f"must be a positive integer, got {round_to}")
-    nm_raw = f.get(data, "nm", "nm", list, required=False)
-    nm = None
-    if nm_raw is not None:
-        if len(nm_raw) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in nm_raw):
-            raise f.fail("nm", f"must be [N, M] with two integers, got {nm_raw!r}")
-        if not 0 < nm_raw[0] < nm_raw[1]:
-            raise f.fail("nm", f"needs 0 < N < M, got {nm_raw[0]}:{nm_raw[1]}")
-        nm = (int(nm_raw[0]), int(nm_raw[1]))
+    nm = _nm_pattern(f, data)
     grouping = f.get(data, "head_grouping", "head_grouping", str, required=False, default="free")
     if grouping not in HEAD_GROUPINGS:
         raise f.fail("head_grouping", f"must be one of {list(HEAD_GROUPINGS)}, got '{grouping}'")
     model = f.get(data, "model", "model", dict, required=False, default={})
     num_layers = model.get("num_layers") if isinstance(model.get("num_layers"), int) else None
+    calibration = _calibration(f, data)
+    dropped = _dropped_layers(f, data, num_layers)
+    hidden = f.selection(data, "hidden", "hidden", model.get("hidden_size"))
+    layers = _layer_choices(f, data, model, num_layers)
+    return Plan(
+        method=method,
+        criterion=criterion,
+        ratios=ratios,
+        per_layer=per_layer,
+        round_to=round_to,
+        nm=nm,
+        head_grouping=grouping,
+        calibration=calibration,
+        model=model,
+        hidden=hidden,
+        dropped_layers=dropped,
+        layers=layers,
+        masks=f.get(data, "masks", "masks", dict, required=False),
+        sparsity=f.get(data, "sparsity", "sparsity", dict, required=False),
+        options=f.get(data, "options", "options", dict, required=False, default={}),
+        version=version,
+    )
+
+
+def _ratios(f: _Fields, data: dict) -> dict[str, float]:
+    """The pruned fraction per structure: known structure names, each a number in [0, 1)."""
+    ratios = {}
+    for key, value in f.get(data, "ratios", "ratios", dict).items():
+        if key not in STRUCTURE_KEYS:
+            raise f.fail(f"ratios.{key}", f"is not a structure; use one of {list(STRUCTURE_KEYS)}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            raise f.fail(f"ratios.{key}", f"must be a number in [0, 1), got {value!r}")
+        ratios[key] = float(value)
+    return ratios
+
+
+def _nm_pattern(f: _Fields, data: dict) -> tuple[int, int] | None:
+    """The N:M pattern as a pair of integers with 0 < N < M, or None when the plan has none."""
+    nm_raw = f.get(data, "nm", "nm", list, required=False)
+    if nm_raw is None:
+        return None
+    if len(nm_raw) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in nm_raw):
+        raise f.fail("nm", f"must be [N, M] with two integers, got {nm_raw!r}")
+    if not 0 < nm_raw[0] < nm_raw[1]:
+        raise f.fail("nm", f"needs 0 < N < M, got {nm_raw[0]}:{nm_raw[1]}")
+    return (int(nm_raw[0]), int(nm_raw[1]))
+
+
+def _calibration(f: _Fields, data: dict) -> dict | None:
+    """The calibration record; its hash must be a full SHA-256, since it is how runs are compared."""
     calibration = f.get(data, "calibration", "calibration", dict, required=False)
     if calibration is not None:
         sha = f.get(calibration, "sha256", "calibration.sha256", str)
         if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
             raise f.fail("calibration.sha256", "must be 64 lowercase hex digits")
+    return calibration
+
+
+def _dropped_layers(f: _Fields, data: dict, num_layers: int | None) -> list[int]:
+    """The dropped layer indices, sorted; inside the model and never all of it, where its depth is known."""
     dropped = f.int_list(data, "dropped_layers", "dropped_layers") if data.get("dropped_layers") else []
     if num_layers is not None:
         for i, index in enumerate(dropped):
@@ -243,10 +285,17 @@ def plan_from_dict(data: Any, where: str = "plan") -> Plan:
                 raise f.fail(f"dropped_layers[{i}]", f"is {index} but the model has {num_layers} layers")
         if len(dropped) >= num_layers:
             raise f.fail("dropped_layers", "drops every layer")
-    hidden = f.selection(data, "hidden", "hidden", model.get("hidden_size"))
-    layers_raw = f.get(data, "layers", "layers", list, required=False, default=[])
+    return sorted(dropped)
+
+
+def _layer_choices(f: _Fields, data: dict, model: dict, num_layers: int | None) -> list[LayerChoice]:
+    """Each layer's MLP, head and KV-head selections, checked against the model's widths.
+
+    A layer may appear once; under grouped-query attention the query and KV choices must agree
+    (:func:`_check_gqa`), since a KV head cannot go while a query head still reads it.
+    """
     layers, seen = [], set()
-    for i, entry in enumerate(layers_raw):
+    for i, entry in enumerate(f.get(data, "layers", "layers", list, required=False, default=[])):
         path = f"layers[{i}]"
         index = f.get(entry, "layer", f"{path}.layer", int)
         if index in seen or index < 0 or (num_layers is not None and index >= num_layers):
@@ -261,27 +310,7 @@ def plan_from_dict(data: Any, where: str = "plan") -> Plan:
         if choice.heads is not None and choice.kv_heads is not None:
             _check_gqa(f, path, choice)
         layers.append(choice)
-    masks = f.get(data, "masks", "masks", dict, required=False)
-    sparsity = f.get(data, "sparsity", "sparsity", dict, required=False)
-    options = f.get(data, "options", "options", dict, required=False, default={})
-    return Plan(
-        method=method,
-        criterion=criterion,
-        ratios=ratios,
-        per_layer=per_layer,
-        round_to=round_to,
-        nm=nm,
-        head_grouping=grouping,
-        calibration=calibration,
-        model=model,
-        hidden=hidden,
-        dropped_layers=sorted(dropped),
-        layers=layers,
-        sparsity=sparsity,
-        masks=masks,
-        options=options,
-        version=version,
-    )
+    return layers
 
 
 def _check_gqa(f: _Fields, path: str, choice: LayerChoice) -> None:

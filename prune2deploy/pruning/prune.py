@@ -190,46 +190,10 @@ def prune_module(
     scorer = _Scorer(criterion, structure, stats)
     masks: dict[str, torch.Tensor] = {}
     choices = {layer.index: LayerChoice(layer.index) for layer in structure.layers}
-
-    ratio = structures.get("mlp", 0.0)
-    if ratio > 0:
-        scores = {layer.index: scorer.mlp(layer) for layer in structure.layers}
-        width = structure.layers[0].intermediate
-        counts = _counts(scores, ratio, per_layer, round_to, width)
-        for layer in structure.layers:
-            sel = Selection.from_kept(top_units(scores[layer.index], counts[layer.index]), width)
-            choices[layer.index].mlp = sel
-            family_masks(structure, structure.mlp_family(layer), sel.removed, masks)
-
-    ratio = structures.get("heads", 0.0)
-    if ratio > 0:
-        scores = {layer.index: scorer.heads(layer) for layer in structure.layers}
-        width = structure.layers[0].num_heads
-        counts = _counts(scores, ratio, per_layer, None, width)
-        for layer in structure.layers:
-            kept, kv_removed = select_heads(scores[layer.index], counts[layer.index], layer.num_kv_heads, head_grouping)
-            choice = choices[layer.index]
-            choice.heads = Selection.from_kept(kept, width)
-            family_masks(structure, structure.head_family(layer), choice.heads.removed, masks)
-            if layer.num_kv_heads < layer.num_heads:
-                kv_kept = [g for g in range(layer.num_kv_heads) if g not in kv_removed]
-                choice.kv_heads = Selection.from_kept(kv_kept, layer.num_kv_heads)
-                family_masks(structure, structure.kv_family(layer), kv_removed, masks)
-
-    hidden = None
-    ratio = structures.get("hidden", 0.0)
-    if ratio > 0:
-        scores = scorer.hidden()
-        hidden = Selection.from_kept(top_units(scores, kept_count(structure.hidden, ratio, round_to)), structure.hidden)
-        family_masks(structure, structure.hidden_family(), hidden.removed, masks)
-
-    dropped: list[int] = []
-    ratio = structures.get("layers", 0.0)
-    if ratio > 0:
-        n_drop = min(structure.num_layers - 1, round_half_up(structure.num_layers * ratio))
-        order = torch.sort(stats.layers, stable=True).indices[:n_drop]
-        dropped = sorted(int(i) for i in order)
-
+    _choose_mlp(structure, scorer, structures.get("mlp", 0.0), per_layer, round_to, choices, masks)
+    _choose_heads(structure, scorer, structures.get("heads", 0.0), per_layer, head_grouping, choices, masks)
+    hidden = _choose_hidden(structure, scorer, structures.get("hidden", 0.0), round_to, masks)
+    dropped = _choose_dropped_layers(structure, stats, structures.get("layers", 0.0))
     sparsity = _weight_sparsity(criterion, structure, stats, structures.get("unstructured", 0.0), nm, masks)
 
     masks = {name: mask.contiguous() for name, mask in masks.items() if bool((mask == 0).any())}
@@ -257,6 +221,92 @@ def prune_module(
     if stats.layers is not None:
         plan.options["block_importance"] = [round(float(v), 6) for v in stats.layers]
     return plan, masks
+
+
+def _choose_mlp(
+    structure: ModelStructure,
+    scorer: _Scorer,
+    ratio: float,
+    per_layer: bool,
+    round_to: int | None,
+    choices: dict[int, LayerChoice],
+    masks: dict[str, torch.Tensor],
+) -> None:
+    """Keeps the best-scoring MLP neurons of every layer; records the choice and masks the rest.
+
+    Every layer has the same intermediate width, so one kept count per layer (or one global ranking)
+    decides the widths, rounded to ``round_to`` for kernels that prefer aligned sizes.
+    """
+    if ratio <= 0:
+        return
+    scores = {layer.index: scorer.mlp(layer) for layer in structure.layers}
+    width = structure.layers[0].intermediate
+    counts = _counts(scores, ratio, per_layer, round_to, width)
+    for layer in structure.layers:
+        sel = Selection.from_kept(top_units(scores[layer.index], counts[layer.index]), width)
+        choices[layer.index].mlp = sel
+        family_masks(structure, structure.mlp_family(layer), sel.removed, masks)
+
+
+def _choose_heads(
+    structure: ModelStructure,
+    scorer: _Scorer,
+    ratio: float,
+    per_layer: bool,
+    head_grouping: str,
+    choices: dict[int, LayerChoice],
+    masks: dict[str, torch.Tensor],
+) -> None:
+    """Keeps the best query heads of every layer, and the KV heads that a kept query head still reads.
+
+    Head counts are never rounded (a head is already a unit of ``head_dim`` channels). Under grouped-query
+    attention a KV head is removed only when ``head_grouping`` removes its whole group of query heads, so
+    it is masked as its own family.
+    """
+    if ratio <= 0:
+        return
+    scores = {layer.index: scorer.heads(layer) for layer in structure.layers}
+    width = structure.layers[0].num_heads
+    counts = _counts(scores, ratio, per_layer, None, width)
+    for layer in structure.layers:
+        kept, kv_removed = select_heads(scores[layer.index], counts[layer.index], layer.num_kv_heads, head_grouping)
+        choice = choices[layer.index]
+        choice.heads = Selection.from_kept(kept, width)
+        family_masks(structure, structure.head_family(layer), choice.heads.removed, masks)
+        if layer.num_kv_heads < layer.num_heads:
+            kv_kept = [g for g in range(layer.num_kv_heads) if g not in kv_removed]
+            choice.kv_heads = Selection.from_kept(kv_kept, layer.num_kv_heads)
+            family_masks(structure, structure.kv_family(layer), kv_removed, masks)
+
+
+def _choose_hidden(
+    structure: ModelStructure,
+    scorer: _Scorer,
+    ratio: float,
+    round_to: int | None,
+    masks: dict[str, torch.Tensor],
+) -> Selection | None:
+    """Keeps the best hidden (residual-stream) channels: one choice for the whole model, as every layer
+    reads and writes the same stream; None when hidden channels are not pruned."""
+    if ratio <= 0:
+        return None
+    kept = top_units(scorer.hidden(), kept_count(structure.hidden, ratio, round_to))
+    hidden = Selection.from_kept(kept, structure.hidden)
+    family_masks(structure, structure.hidden_family(), hidden.removed, masks)
+    return hidden
+
+
+def _choose_dropped_layers(structure: ModelStructure, stats: Statistics, ratio: float) -> list[int]:
+    """The least important blocks to drop (depth pruning; the plan names them, no mask is written).
+
+    At least one layer always stays; equal importances are ordered by layer index (a stable sort), so
+    the same scores always give the same plan.
+    """
+    if ratio <= 0:
+        return []
+    n_drop = min(structure.num_layers - 1, round_half_up(structure.num_layers * ratio))
+    order = torch.sort(stats.layers, stable=True).indices[:n_drop]
+    return sorted(int(i) for i in order)
 
 
 def _weight_sparsity(criterion, structure, stats, ratio, nm, masks) -> dict | None:
@@ -337,26 +387,14 @@ def prune_model(
         ConfigError: an invalid option (before anything is loaded).
         OutputExistsError: ``out_dir`` is not empty and ``overwrite`` is False.
     """
-    from safetensors.torch import save
-
-    from prune2deploy.frontends.hf import HFModel, load_hf_model
-
     structures = {k: float(v) for k, v in structures.items()}
     validate_options(criterion, structures, round_to=round_to, nm=nm, head_grouping=head_grouping)
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, overwrite)
-    if isinstance(source, nn.Module):
-        module, label = source, type(source).__name__
-        task = task or ("causal-lm" if hasattr(source, "lm_head") else "encoder")
-    else:
-        loaded = source if isinstance(source, HFModel) else load_hf_model(source, task=task)
-        module, tokenizer, task = loaded.module, tokenizer or loaded.tokenizer, task or loaded.task
-        label = str(source) if not isinstance(source, HFModel) else str(loaded.source)
-    names = _names(structures, nm)
-    check_criterion(criterion, names, task=task)
-    needs_data = criterion != "magnitude" or structures.get("layers", 0) > 0
+    module, tokenizer, task, label = _load_source(source, tokenizer, task)
+    check_criterion(criterion, _names(structures, nm), task=task)
     calib = None
-    if needs_data:
+    if criterion != "magnitude" or structures.get("layers", 0) > 0:  # only magnitude scores need no data
         vocab = getattr(getattr(module, "config", None), "vocab_size", None)
         calib = load_calibration(
             calibration, tokenizer=tokenizer, num_samples=num_samples, seq_len=seq_len, vocab_size=vocab
@@ -376,11 +414,7 @@ def prune_model(
         batch_agg=batch_agg,
     )
     plan.model["source"] = label
-    data = save(masks, metadata={"format": "pt", "producer": "prune2deploy", "criterion": criterion})
-    masks_path, plan_path = out_dir / MASKS_FILE, out_dir / PLAN_FILE
-    atomic_write_bytes(masks_path, data)
-    plan.masks = {"file": MASKS_FILE, "sha256": hashlib.sha256(data).hexdigest(), "tensors": len(masks)}
-    dump_plan(plan, plan_path)
+    masks_path, plan_path = _write_outputs(plan, masks, out_dir, criterion)
     zeros = sum(int((m == 0).sum()) for m in masks.values())
     summary = {
         "method": plan.method,
@@ -391,3 +425,30 @@ def prune_model(
     }
     log.info("pruned %s with %s: %s", label, criterion, summary)
     return PruneResult(out_dir=out_dir, masks_path=masks_path, plan_path=plan_path, plan=plan, summary=summary)
+
+
+def _load_source(source, tokenizer, task: str | None) -> tuple[nn.Module, Any, str, str]:
+    """The module, its tokenizer, its task and a label for the plan, from whatever ``source`` is.
+
+    A module handed in directly has no loader to say its task: a language-model head means causal-lm.
+    """
+    from prune2deploy.frontends.hf import HFModel, load_hf_model
+
+    if isinstance(source, nn.Module):
+        task = task or ("causal-lm" if hasattr(source, "lm_head") else "encoder")
+        return source, tokenizer, task, type(source).__name__
+    loaded = source if isinstance(source, HFModel) else load_hf_model(source, task=task)
+    label = str(source) if not isinstance(source, HFModel) else str(loaded.source)
+    return loaded.module, tokenizer or loaded.tokenizer, task or loaded.task, label
+
+
+def _write_outputs(plan: Plan, masks: dict[str, torch.Tensor], out_dir: Path, criterion: str) -> tuple[Path, Path]:
+    """Writes the masks, then the plan that names them by digest (so a plan never points at other masks)."""
+    from safetensors.torch import save
+
+    data = save(masks, metadata={"format": "pt", "producer": "prune2deploy", "criterion": criterion})
+    masks_path, plan_path = out_dir / MASKS_FILE, out_dir / PLAN_FILE
+    atomic_write_bytes(masks_path, data)
+    plan.masks = {"file": MASKS_FILE, "sha256": hashlib.sha256(data).hexdigest(), "tensors": len(masks)}
+    dump_plan(plan, plan_path)
+    return masks_path, plan_path
