@@ -341,6 +341,42 @@ def export_decoder(
             "example_batch, example_seq and example_past must each be ≥ 2 "
             "(torch.export specialises dims whose example size is 0 or 1)"
         )
+    dims = _decoder_dims(module)
+    with_positions = "position_ids" in inspect.signature(type(module).forward).parameters
+    trace = _trace_inputs(module, dims, (example_batch, example_seq, example_past), with_positions)
+    clone = _cache_export_module(module, dims.num_layers, with_positions)
+    start = time.perf_counter()
+    onnx_model = _run_exporter(module, clone, trace, opset_version=opset_version, optimize=optimize)
+    _name_total_dim(onnx_model)
+    log.info(
+        "exported %s with KV cache in %.1f s (%d layers, %d kv heads x %d)",
+        type(module).__name__,
+        time.perf_counter() - start,
+        dims.num_layers,
+        dims.kv_heads,
+        dims.head_dim,
+    )
+    if path is not None:
+        _save_model(onnx_model, path)
+    return onnx_model
+
+
+@dataclass(frozen=True)
+class _DecoderDims:
+    """The config sizes the tracing example needs: one cache tensor pair per layer, tokens below vocab."""
+
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+
+
+def _decoder_dims(module: Any) -> _DecoderDims:
+    """Reads layer count, KV heads, head size and vocabulary from the model's (text) config.
+
+    Configs without ``num_key_value_heads`` are multi-head attention (one KV head per query head); those
+    without ``head_dim`` split the hidden size evenly across heads.
+    """
     config = _text_config(module.config)
     try:
         num_layers = int(config.num_hidden_layers)
@@ -350,19 +386,37 @@ def export_decoder(
         raise UnsupportedModelError(f"{type(module).__name__}: config is not a decoder config ({exc})") from exc
     kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
-    with_positions = "position_ids" in inspect.signature(type(module).forward).parameters
+    return _DecoderDims(num_layers=num_layers, kv_heads=kv_heads, head_dim=head_dim, vocab=vocab)
+
+
+@dataclass
+class _TraceInputs:
+    """The tracing example and how the exporter should name and generalise its dims."""
+
+    args: tuple
+    dynamic_shapes: dict[str, Any]
+    input_names: list[str]
+    output_names: list[str]
+
+
+def _trace_inputs(module: Any, dims: _DecoderDims, sizes: tuple[int, int, int], with_positions: bool) -> _TraceInputs:
+    """A seeded example of ``sizes`` = (batch, seq, past) and the dynamic dims that free it.
+
+    The past tensors take the module's dtype so that a half-precision model traces in half precision.
+    """
+    import torch
 
     dtype = next(module.parameters()).dtype
     gen = torch.Generator().manual_seed(0)
-    b, s, p = example_batch, example_seq, example_past
+    b, s, p = sizes
     args: list[torch.Tensor] = [
-        torch.randint(0, vocab, (b, s), generator=gen),
+        torch.randint(0, dims.vocab, (b, s), generator=gen),
         torch.ones(b, p + s, dtype=torch.long),
     ]
     if with_positions:
         args.append(torch.arange(p, p + s).expand(b, s).contiguous())
-    past_names = [f"past_key_values.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
-    args += [torch.randn(b, kv_heads, p, head_dim, generator=gen).to(dtype) for _ in past_names]
+    past_names = [f"past_key_values.{i}.{kind}" for i in range(dims.num_layers) for kind in ("key", "value")]
+    args += [torch.randn(b, dims.kv_heads, p, dims.head_dim, generator=gen).to(dtype) for _ in past_names]
 
     batch = torch.export.Dim("batch")
     seq = torch.export.Dim("seq")
@@ -375,21 +429,26 @@ def export_decoder(
     dynamic_shapes["past"] = tuple({0: batch, 2: past} for _ in past_names)
     input_names = ["input_ids", "attention_mask", *(["position_ids"] if with_positions else []), *past_names]
     output_names = ["logits", *(n.replace("past_key_values", "present") for n in past_names)]
+    return _TraceInputs(tuple(args), dynamic_shapes, input_names, output_names)
 
-    clone = _cache_export_module(module, num_layers, with_positions)
-    start = time.perf_counter()
+
+def _run_exporter(module: Any, clone: Any, trace: _TraceInputs, *, opset_version: int, optimize: bool) -> ir.Model:
+    """Runs torch's dynamo exporter on the cache module; any failure becomes an UnsupportedModelError
+    naming the model, since an export failure means this architecture is not supported as it is."""
+    import torch
+
     try:
         with torch.no_grad(), warnings.catch_warnings():
             # "axis name X will not be used": emitted for every Dim that several inputs share
             warnings.filterwarnings("ignore", message=r".*axis name.*will not be used", category=UserWarning)
             program = torch.onnx.export(
                 clone,
-                tuple(args),
+                trace.args,
                 dynamo=True,
                 opset_version=opset_version,
-                dynamic_shapes=dynamic_shapes,
-                input_names=input_names,
-                output_names=output_names,
+                dynamic_shapes=trace.dynamic_shapes,
+                input_names=trace.input_names,
+                output_names=trace.output_names,
                 optimize=optimize,
                 verbose=False,
             )
@@ -397,19 +456,7 @@ def export_decoder(
         raise UnsupportedModelError(
             f"{type(module).__name__}: KV-cache export failed ({type(exc).__name__}: {str(exc)[:2000]})"
         ) from exc
-    onnx_model = program.model
-    _name_total_dim(onnx_model)
-    log.info(
-        "exported %s with KV cache in %.1f s (%d layers, %d kv heads x %d)",
-        type(module).__name__,
-        time.perf_counter() - start,
-        num_layers,
-        kv_heads,
-        head_dim,
-    )
-    if path is not None:
-        _save_model(onnx_model, path)
-    return onnx_model
+    return program.model
 
 
 def _name_total_dim(model: ir.Model) -> None:
