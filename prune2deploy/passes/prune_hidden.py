@@ -111,14 +111,7 @@ class PruneHiddenPass(P2DPass):
             )
         width = stream.width
         zero = set(stream.zero_channels())
-        if self.channels is None:
-            drop = sorted(zero)
-        else:
-            bad = [c for c in self.channels if not 0 <= c < width]
-            if bad:
-                raise BadInputError(f"prune-hidden: channels {bad[:5]} out of range for hidden width {width}")
-            drop = list(self.channels)
-        drop = drop[: max(0, width - self.min_width)]
+        drop = self._channels_to_drop(width, zero)
         if not drop:
             return self.result(
                 model, modified=False, width_before=width, width_after=width, removed=0, zero_channels=len(zero)
@@ -143,41 +136,7 @@ class PruneHiddenPass(P2DPass):
                 zero_channels=len(zero),
             )
 
-        scales: dict[tuple[int, int], float] = {}
-        norms = {"rms_folded": 0, "rms_mean_scaled": 0, "rms_uncorrected": 0}
-        for node in means:
-            if not rescale:
-                norms["rms_uncorrected"] += 1
-            elif self._fold_rms(model, node, stream, width, len(keep), scales):
-                norms["rms_folded"] += 1
-            else:
-                self._scale_mean(model, node, len(keep) / width)
-                norms["rms_mean_scaled"] += 1
-        fills = self._output_fills(stream, drop)
-        for key, use in stream.consts.items():
-            self._slice_const(model, use, keep, scales.get(key, 1.0))
-        for node in stream.transposes:  # a constant sliced under a Transpose: its output narrows too
-            perm = node.attributes.get("perm")
-            perm = [int(p) for p in perm.value] if perm is not None else [1, 0]
-            stored = node.inputs[0].const_value.shape
-            node.outputs[0].shape = ir.Shape([stored[p] for p in perm])
-        for value in stream.values:
-            dims = list(value.shape)
-            dims[-1] = len(keep)
-            value.shape = ir.Shape(dims)
-        outputs = list(stream.outputs)
-        layernorms_rescaled = 0
-        if rescale:
-            for node, kind in stream.reductions:
-                if kind != "layernorm":
-                    continue
-                old, new = self._rescale_layernorm(model, node, len(keep) / width)
-                layernorms_rescaled += 1
-                outputs = [new if v is old else v for v in outputs]
-        restored = [v.name for v in outputs]
-        for value in outputs:
-            self._restore_output(model, value, keep, width, fills[value.name])
-
+        norms, layernorms_rescaled, restored = self._rewrite(model, stream, drop, keep, means, rescale)
         reasons = []
         if not all_zero:
             reasons.append(f"{len(dropped - zero)} dropped channels are not zero in the stream")
@@ -207,6 +166,88 @@ class PruneHiddenPass(P2DPass):
             layernorms_rescaled=layernorms_rescaled,
             outputs_restored=restored,
         )
+
+    def _rewrite(
+        self, model: ir.Model, stream: HiddenStream, drop: list[int], keep: np.ndarray, means, rescale: bool
+    ) -> tuple[dict[str, int], int, list[str]]:
+        """Narrows the stream to ``keep``: norms corrected first (folding changes how constants are sliced),
+        then constants and values, then graph outputs padded back to the full width.
+
+        Returns the RMSNorm correction counts, the number of LayerNorms rescaled and the restored outputs.
+        """
+        width = stream.width
+        scales, norms = self._correct_rms_norms(model, stream, means, len(keep), rescale)
+        fills = self._output_fills(stream, drop)
+        self._narrow_stream(model, stream, keep, scales)
+        outputs = list(stream.outputs)
+        layernorms_rescaled = 0
+        if rescale:
+            outputs, layernorms_rescaled = self._rescale_layernorms(model, stream, len(keep) / width, outputs)
+        restored = [v.name for v in outputs]
+        for value in outputs:
+            self._restore_output(model, value, keep, width, fills[value.name])
+        return norms, layernorms_rescaled, restored
+
+    def _channels_to_drop(self, width: int, zero: set[int]) -> list[int]:
+        """The plan's channels (checked against the width) or the zero ones, leaving ``min_width`` kept."""
+        if self.channels is None:
+            drop = sorted(zero)
+        else:
+            bad = [c for c in self.channels if not 0 <= c < width]
+            if bad:
+                raise BadInputError(f"prune-hidden: channels {bad[:5]} out of range for hidden width {width}")
+            drop = list(self.channels)
+        return drop[: max(0, width - self.min_width)]
+
+    def _correct_rms_norms(
+        self, model: ir.Model, stream: HiddenStream, means: list[ir.Node], kept: int, rescale: bool
+    ) -> tuple[dict[tuple[int, int], float], dict[str, int]]:
+        """Corrects every RMSNorm's mean for the narrower width (module docstring), or counts it uncorrected.
+
+        Returns the scale factors for the norm weights whose eps was folded (applied when those constants
+        are sliced) and the count of each kind of correction, for the record.
+        """
+        scales: dict[tuple[int, int], float] = {}
+        norms = {"rms_folded": 0, "rms_mean_scaled": 0, "rms_uncorrected": 0}
+        for node in means:
+            if not rescale:
+                norms["rms_uncorrected"] += 1
+            elif self._fold_rms(model, node, stream, stream.width, kept, scales):
+                norms["rms_folded"] += 1
+            else:
+                self._scale_mean(model, node, kept / stream.width)
+                norms["rms_mean_scaled"] += 1
+        return scales, norms
+
+    def _narrow_stream(
+        self, model: ir.Model, stream: HiddenStream, keep: np.ndarray, scales: dict[tuple[int, int], float]
+    ) -> None:
+        """Slices every constant that carries the hidden width and gives every stream value the new width."""
+        for key, use in stream.consts.items():
+            self._slice_const(model, use, keep, scales.get(key, 1.0))
+        for node in stream.transposes:  # a constant sliced under a Transpose: its output narrows too
+            perm = node.attributes.get("perm")
+            perm = [int(p) for p in perm.value] if perm is not None else [1, 0]
+            stored = node.inputs[0].const_value.shape
+            node.outputs[0].shape = ir.Shape([stored[p] for p in perm])
+        for value in stream.values:
+            dims = list(value.shape)
+            dims[-1] = len(keep)
+            value.shape = ir.Shape(dims)
+
+    def _rescale_layernorms(
+        self, model: ir.Model, stream: HiddenStream, ratio: float, outputs: list[ir.Value]
+    ) -> tuple[list[ir.Value], int]:
+        """Replaces every LayerNorm by its rescaled decomposition; a graph output it produced is replaced by
+        the new norm's output. Returns the outputs and the number of norms rescaled."""
+        count = 0
+        for node, kind in stream.reductions:
+            if kind != "layernorm":
+                continue
+            old, new = self._rescale_layernorm(model, node, ratio)
+            count += 1
+            outputs = [new if v is old else v for v in outputs]
+        return outputs, count
 
     # -- constants --------------------------------------------------------------------------------------------
     def _new_initializer(self, model: ir.Model, array: np.ndarray, base: str) -> ir.Value:

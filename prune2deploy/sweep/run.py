@@ -290,118 +290,153 @@ def run_sweep(
         ray.init(address=address, **kwargs)
         started_ray = True
     try:
-        return _run(ray, spec, variants, out_dir, cache, key, fixed, previous, address, max_parallel, say)
+        run = _SweepRun(ray, spec, variants, out_dir, key=key, address=address, say=say)
+        return run.run(previous, cache=cache, fixed=fixed, max_parallel=max_parallel)
     finally:
         if started_ray:
             ray.shutdown()
 
 
-def _run(ray, spec, variants, out_dir, cache, key, fixed, previous, address, max_parallel, say) -> SweepResult:
-    from prune2deploy.sweep.tracking import MLflowHook
+class _SweepRun:
+    """One sweep's driver loop: resume what finished, export once, score and submit, collect as tasks end.
 
-    start = time.perf_counter()
-    executor = _executor(ray, address)
-    cluster = ray.cluster_resources()
-    node_cpus = [w["cpus"] for w in executor["workers"] if w["cpus"]]
-    result = SweepResult(out_dir, {})
-    entries: dict[str, dict[str, Any]] = {}
-    todo: list[Variant] = []
-    for variant in variants:
-        old = previous.get(variant.id)
-        if _finished(old, out_dir):
-            entries[variant.id] = {**old, "resumed": True}
-            result.skipped.append(variant.id)
-        else:
-            todo.append(variant)
-    if result.skipped:
-        say(f"resuming: {len(result.skipped)} of {len(variants)} variants already finished")
-    model = _Model(spec.model, say)
-    export: dict[str, Any] = {"key": key, "onnx": None, "exported": False, "seconds": 0.0}
-    hook = MLflowHook.from_env(spec.name or "prune2deploy-sweep")
-    state = {"exports": 0}
+    ``sweep.json`` is rewritten after every finished variant (:meth:`finish`), so that an interrupted sweep
+    loses at most the variants in flight.
+    """
 
-    def save() -> None:
-        ordered = [entries[v.id] for v in variants if v.id in entries]
-        result.record = write_sweep(
-            out_dir,
-            spec=spec,
-            executor=executor,
-            exports=state["exports"],
-            export=export,
-            variants=ordered,
-            timings={"total_s": time.perf_counter() - start, "model_load_s": model.load_s},
-        )
+    def __init__(self, ray, spec: SweepSpec, variants: list[Variant], out_dir: Path, *, key, address, say) -> None:
+        from prune2deploy.sweep.tracking import MLflowHook
 
-    def finish(variant: Variant, entry: dict[str, Any]) -> None:
-        entry = _entry(variant, **{k: v for k, v in entry.items() if k != "id"})
-        entry["resumed"] = False
-        if hook is not None:
-            entry["mlflow_run_id"] = hook.log_variant(entry, out_dir)
-        entries[variant.id] = entry
-        (result.failed if entry["error"] else result.ran).append(variant.id)
-        status = f"failed: {entry['error'][:200]}" if entry["error"] else "done"
-        say(f"variant {variant.id}: {status}")
-        save()
+        self.start = time.perf_counter()
+        self.ray = ray
+        self.spec = spec
+        self.variants = variants
+        self.out_dir = out_dir
+        self.key = key
+        self.say = say
+        self.executor = _executor(ray, address)
+        self.cluster = ray.cluster_resources()
+        self.node_cpus = [w["cpus"] for w in self.executor["workers"] if w["cpus"]]
+        self.result = SweepResult(out_dir, {})
+        self.entries: dict[str, dict[str, Any]] = {}
+        self.model = _Model(spec.model, say)
+        self.export: dict[str, Any] = {"key": key, "onnx": None, "exported": False, "seconds": 0.0}
+        self.exports = 0
+        self.hook = MLflowHook.from_env(spec.name or "prune2deploy-sweep")
+        self.quality = None  # the quality inputs, put into Ray's object store once for every task
+        self.in_flight: dict[Any, tuple[Variant, float]] = {}
 
-    if todo:
+    def run(self, previous: dict[str, dict[str, Any]], *, cache: Path, fixed, max_parallel: int | None) -> SweepResult:
+        todo = self.resume(previous)
+        if todo:
+            dense = self.export_dense(cache, fixed)
+            remote = self.ray.remote(run_variant)
+            limit = max_parallel or len(todo)
+            for variant in todo:
+                while len(self.in_flight) >= limit:
+                    self.collect(block=True)
+                self.collect(block=False)
+                self.submit(variant, remote, dense)
+            while self.in_flight:
+                self.collect(block=True)
+        self.save()
+        return self.result
+
+    def resume(self, previous: dict[str, dict[str, Any]]) -> list[Variant]:
+        """Keeps the entries of variants that already finished with their report on disk; returns the rest."""
+        todo: list[Variant] = []
+        for variant in self.variants:
+            old = previous.get(variant.id)
+            if _finished(old, self.out_dir):
+                self.entries[variant.id] = {**old, "resumed": True}
+                self.result.skipped.append(variant.id)
+            else:
+                todo.append(variant)
+        if self.result.skipped:
+            self.say(f"resuming: {len(self.result.skipped)} of {len(self.variants)} variants already finished")
+        return todo
+
+    def export_dense(self, cache: Path, fixed) -> Path:
+        """The dense ONNX every variant compiles from: exported once, or found in the export cache."""
         cached = dense_export(
-            spec.model,
-            model,
-            key=key,
+            self.spec.model,
+            self.model,
+            key=self.key,
             cache_dir=cache,
             export_batch=fixed.export_batch,
             export_seq=fixed.export_seq,
         )
-        export.update(onnx=str(cached.onnx), exported=cached.exported, seconds=round(cached.seconds, 3))
-        state["exports"] = int(cached.exported)
-        say(f"dense export {'done' if cached.exported else 'from the cache'}: {cached.onnx}")
-        quality = None
-        remote = ray.remote(run_variant)
-        in_flight: dict[Any, tuple[Variant, float]] = {}
-        limit = max_parallel or len(todo)
+        self.export.update(onnx=str(cached.onnx), exported=cached.exported, seconds=round(cached.seconds, 3))
+        self.exports = int(cached.exported)
+        self.say(f"dense export {'done' if cached.exported else 'from the cache'}: {cached.onnx}")
+        return cached.onnx
 
-        def collect(block: bool) -> None:
-            if not in_flight:
-                return
-            done, _ = ray.wait(list(in_flight), num_returns=1, timeout=None if block else 0)
-            for ref in done:
-                variant, prune_s = in_flight.pop(ref)
-                try:
-                    entry = ray.get(ref)
-                except Exception as exc:  # the worker died (OOM, node lost): record, go on
-                    entry = {"error": f"{type(exc).__name__}: {str(exc)[:2000]}"}
-                entry.setdefault("timings", {})["prune_s"] = prune_s
-                finish(variant, entry)
+    def submit(self, variant: Variant, remote, dense: Path) -> None:
+        """Scores the variant's masks here and submits its compile as a Ray task with its resources.
 
-        for variant in todo:
-            while len(in_flight) >= limit:
-                collect(block=True)
-            collect(block=False)
-            t0 = time.perf_counter()
+        A failure to score or place the variant is that variant's error; the sweep goes on.
+        """
+        t0 = time.perf_counter()
+        try:
+            compile_data = {"keep_reference": False, **variant.compile}
+            resources = task_resources(variant.compile_options().to_dict(), self.cluster, self.node_cpus)
+            plan = _score(variant, self.model, mask_folder(variant, self.out_dir / PRUNE_DIR, self.key))
+            if self.quality is None:
+                loaded = self.model()
+                vocab = getattr(getattr(loaded.module, "config", None), "vocab_size", None)
+                inputs = quality_input(loaded.task, loaded.tokenizer, vocab, self.spec.quality.model_dump())
+                self.quality = self.ray.put(inputs)
+        except Exception as exc:  # scoring or placement failed for this variant only
+            log.info("variant %s not submitted", variant.id, exc_info=True)
+            self.finish(variant, {"error": f"{type(exc).__name__}: {exc}", "timings": {}})
+            return
+        prune_s = time.perf_counter() - t0
+        job = {
+            "id": variant.id,
+            "dense": str(dense),
+            "out": str(self.out_dir / variant.id),
+            "plan": str(plan) if plan else None,
+            "compile": compile_data,
+        }
+        self.say(f"submitting {variant.id} ({', '.join(f'{k}={v}' for k, v in resources.items())})")
+        ref = remote.options(max_retries=0, **resources).remote(job, self.quality)
+        self.in_flight[ref] = (variant, prune_s)
+
+    def collect(self, block: bool) -> None:
+        """Records one finished task (waiting for one when ``block``); a lost worker is its variant's error."""
+        if not self.in_flight:
+            return
+        done, _ = self.ray.wait(list(self.in_flight), num_returns=1, timeout=None if block else 0)
+        for ref in done:
+            variant, prune_s = self.in_flight.pop(ref)
             try:
-                compile_data = {"keep_reference": False, **variant.compile}
-                resources = task_resources(variant.compile_options().to_dict(), cluster, node_cpus)
-                plan = _score(variant, model, mask_folder(variant, out_dir / PRUNE_DIR, key))
-                if quality is None:
-                    loaded = model()
-                    vocab = getattr(getattr(loaded.module, "config", None), "vocab_size", None)
-                    quality = ray.put(quality_input(loaded.task, loaded.tokenizer, vocab, spec.quality.model_dump()))
-            except Exception as exc:  # scoring or placement failed for this variant only
-                log.info("variant %s not submitted", variant.id, exc_info=True)
-                finish(variant, {"error": f"{type(exc).__name__}: {exc}", "timings": {}})
-                continue
-            prune_s = time.perf_counter() - t0
-            job = {
-                "id": variant.id,
-                "dense": str(cached.onnx),
-                "out": str(out_dir / variant.id),
-                "plan": str(plan) if plan else None,
-                "compile": compile_data,
-            }
-            say(f"submitting {variant.id} ({', '.join(f'{k}={v}' for k, v in resources.items())})")
-            ref = remote.options(max_retries=0, **resources).remote(job, quality)
-            in_flight[ref] = (variant, prune_s)
-        while in_flight:
-            collect(block=True)
-    save()
-    return result
+                entry = self.ray.get(ref)
+            except Exception as exc:  # the worker died (OOM, node lost): record, go on
+                entry = {"error": f"{type(exc).__name__}: {str(exc)[:2000]}"}
+            entry.setdefault("timings", {})["prune_s"] = prune_s
+            self.finish(variant, entry)
+
+    def finish(self, variant: Variant, entry: dict[str, Any]) -> None:
+        """Records a variant's entry (and its MLflow run) and rewrites ``sweep.json``."""
+        entry = _entry(variant, **{k: v for k, v in entry.items() if k != "id"})
+        entry["resumed"] = False
+        if self.hook is not None:
+            entry["mlflow_run_id"] = self.hook.log_variant(entry, self.out_dir)
+        self.entries[variant.id] = entry
+        (self.result.failed if entry["error"] else self.result.ran).append(variant.id)
+        status = f"failed: {entry['error'][:200]}" if entry["error"] else "done"
+        self.say(f"variant {variant.id}: {status}")
+        self.save()
+
+    def save(self) -> None:
+        """Writes ``sweep.json`` and ``sweep.html`` with every entry so far, in the sweep file's order."""
+        ordered = [self.entries[v.id] for v in self.variants if v.id in self.entries]
+        self.result.record = write_sweep(
+            self.out_dir,
+            spec=self.spec,
+            executor=self.executor,
+            exports=self.exports,
+            export=self.export,
+            variants=ordered,
+            timings={"total_s": time.perf_counter() - self.start, "model_load_s": self.model.load_s},
+        )
