@@ -332,6 +332,103 @@ def _node_sparsity(node: ir.Node, n: int, m: int, detect: bool) -> str | None:
     return f"{n}:{m}" if is_nm(weight, n=n, m=m, axis=verdict.axis) else None
 
 
+class _Sizes:
+    """Concrete shapes and sizes of values, from one shape inference."""
+
+    def __init__(self, info: ShapeInfo) -> None:
+        self.info = info
+
+    def shape_of(self, value: ir.Value | None) -> tuple[int, ...] | None:
+        return None if value is None or not value.name else self.info.shapes.get(value.name)
+
+    def size_of(self, value: ir.Value) -> tuple[int, int, bool, bool]:
+        """(bytes, elements, is float, known) of one value."""
+        shape = self.shape_of(value)
+        dtype = self.info.dtypes.get(value.name) or value.dtype
+        if shape is None or dtype is None:
+            return 0, 0, False, False
+        elements = math.prod(shape)
+        return math.ceil(elements * dtype.itemsize), elements, _is_float(dtype), True
+
+
+@dataclass
+class _Traffic:
+    """Bytes one node moves (module docstring): activations read, outputs written, weights read, and the
+    float part of each (elements and bytes, for the cost model's precision scaling)."""
+
+    read: int = 0
+    written: int = 0
+    weights: int = 0
+    float_elements: int = 0
+    float_bytes: int = 0
+    weight_float_elements: int = 0
+    weight_float_bytes: int = 0
+    known: bool = True
+
+
+def _traffic(node: ir.Node, sizes: _Sizes) -> _Traffic:
+    """Each distinct input counts once (a value read twice by one kernel is read once); constant
+    initializers count as weights, everything else as activations."""
+    t = _Traffic()
+    seen: set[str] = set()
+    for value in node.inputs:
+        if value is None or value.name in seen:
+            continue
+        seen.add(value.name)
+        nbytes, elements, is_float, ok = sizes.size_of(value)
+        t.known &= ok
+        is_weight = value.const_value is not None and value.is_initializer()
+        if is_weight:
+            t.weights += nbytes
+            if is_float:
+                t.weight_float_elements += elements
+                t.weight_float_bytes += nbytes
+        else:
+            t.read += nbytes
+            if is_float:
+                t.float_elements += elements
+                t.float_bytes += nbytes
+    for value in node.outputs:
+        if not value.name:
+            continue
+        nbytes, elements, is_float, ok = sizes.size_of(value)
+        t.known &= ok
+        t.written += nbytes
+        if is_float:
+            t.float_elements += elements
+            t.float_bytes += nbytes
+    return t
+
+
+def _node_cost(node: ir.Node, index: int, sizes: _Sizes, *, n: int, m: int, detect_sparsity: bool) -> NodeCost:
+    """One node's FLOPs, traffic and N:M tag; a view ("free" kind) moves nothing, and a node whose shapes
+    are unknown is costed as a lower bound with ``shapes_known`` False."""
+    kind = _kind(node.op_type)
+    traffic = _traffic(node, sizes) if kind != "free" else _Traffic()
+    known = traffic.known
+    out_shape = sizes.shape_of(node.outputs[0]) if node.outputs else None
+    flops = _flops(node, kind, sizes.shape_of, out_shape)
+    if flops is None:
+        flops, known = 0, False
+    sparsity = _node_sparsity(node, n, m, detect_sparsity) if kind in ("matmul", "conv") else None
+    return NodeCost(
+        name=node.name or f"{node.op_type}_{index}",
+        op_type=node.op_type,
+        kind=kind,
+        layer=layer_of(node),
+        flops=int(flops),
+        bytes_read=traffic.read,
+        bytes_written=traffic.written,
+        weight_bytes=traffic.weights,
+        float_elements=traffic.float_elements,
+        float_bytes=traffic.float_bytes,
+        weight_float_elements=traffic.weight_float_elements,
+        weight_float_bytes=traffic.weight_float_bytes,
+        sparsity=sparsity,
+        shapes_known=known,
+    )
+
+
 def model_cost(
     model: ir.Model,
     *,
@@ -361,73 +458,10 @@ def model_cost(
     info = shape_info or concrete_shapes(
         model, shapes=shapes, batch=batch, seq=seq, fallback=fallback, fallback_max_bytes=fallback_max_bytes
     )
-
-    def shape_of(value: ir.Value | None) -> tuple[int, ...] | None:
-        return None if value is None or not value.name else info.shapes.get(value.name)
-
-    def size_of(value: ir.Value) -> tuple[int, int, bool, bool]:
-        """(bytes, elements, is float, known) of one value."""
-        shape = shape_of(value)
-        dtype = info.dtypes.get(value.name) or value.dtype
-        if shape is None or dtype is None:
-            return 0, 0, False, False
-        elements = math.prod(shape)
-        return math.ceil(elements * dtype.itemsize), elements, _is_float(dtype), True
-
+    sizes = _Sizes(info)
     nodes: list[NodeCost] = []
     for node in model.graph:
-        kind = _kind(node.op_type)
-        known = True
-        read = written = weights = 0
-        floats = [0, 0, 0, 0]  # activation elements, activation bytes, weight elements, weight bytes
-        if kind != "free":
-            seen: set[str] = set()
-            for value in node.inputs:
-                if value is None or value.name in seen:
-                    continue
-                seen.add(value.name)
-                nbytes, elements, is_float, ok = size_of(value)
-                known &= ok
-                is_weight = value.const_value is not None and value.is_initializer()
-                if is_weight:
-                    weights += nbytes
-                else:
-                    read += nbytes
-                if is_float:
-                    floats[2 * is_weight] += elements
-                    floats[2 * is_weight + 1] += nbytes
-            for value in node.outputs:
-                if not value.name:
-                    continue
-                nbytes, elements, is_float, ok = size_of(value)
-                known &= ok
-                written += nbytes
-                if is_float:
-                    floats[0] += elements
-                    floats[1] += nbytes
-        out_shape = shape_of(node.outputs[0]) if node.outputs else None
-        flops = _flops(node, kind, shape_of, out_shape)
-        if flops is None:
-            flops, known = 0, False
-        sparsity = _node_sparsity(node, n, m, detect_sparsity) if kind in ("matmul", "conv") else None
-        nodes.append(
-            NodeCost(
-                name=node.name or f"{node.op_type}_{len(nodes)}",
-                op_type=node.op_type,
-                kind=kind,
-                layer=layer_of(node),
-                flops=int(flops),
-                bytes_read=read,
-                bytes_written=written,
-                weight_bytes=weights,
-                float_elements=floats[0],
-                float_bytes=floats[1],
-                weight_float_elements=floats[2],
-                weight_float_bytes=floats[3],
-                sparsity=sparsity,
-                shapes_known=known,
-            )
-        )
+        nodes.append(_node_cost(node, len(nodes), sizes, n=n, m=m, detect_sparsity=detect_sparsity))
     params, layer_params = param_count(model)
     inputs = {spec.name: info.shapes[spec.name] for spec in feed_specs(model)}
     explicit = bool(shapes) or shape_info is not None

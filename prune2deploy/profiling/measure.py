@@ -325,7 +325,7 @@ def compare_models(
         ``{"kind": "speedup", "engine", "model", "reference", "batch", "seq", "measured"}`` where
         ``measured`` is the reference's median over the model's.
     """
-    from prune2deploy.feeds import feed_specs, random_feeds
+    from prune2deploy.feeds import random_feeds
 
     if not models:
         raise ConfigError("no models to compare")
@@ -342,75 +342,87 @@ def compare_models(
     if reference not in models:
         raise ConfigError(f"reference model {reference!r} is not one of {names}")
 
+    timing = {
+        "warmup": warmup,
+        "min_runs": min_runs,
+        "max_runs": max_runs,
+        "budget_s": budget_s,
+        "rel_ci": rel_ci,
+        "clock": clock,
+    }
     rows: list[dict] = []
     speedups: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="p2d-measure-") as tmp, contextlib.ExitStack() as stack:
-        runners: dict[str, Runner] = {}
-        specs = {}
-        for name, source in models.items():
-            if isinstance(source, (bytes, bytearray)):
-                path = Path(tmp) / f"{name}.onnx"
-                path.write_bytes(bytes(source))
-            else:
-                path = Path(source)
-                if not path.exists():
-                    raise BadInputError(f"model {name!r}: {path} does not exist")
-            specs[name] = feed_specs(_load_ir(source if isinstance(source, (bytes, bytearray)) else path))
-            log.info("building %s on %s", name, engine.name)
-            built = engine.build(path, options)
-            runners[name] = stack.enter_context(engine.runner(built))
-
+        runners, specs = _build_runners(models, engine, options, Path(tmp), stack)
         for batch, seq in grid:
             side = {}
             for name, spec in specs.items():
                 feeds = random_feeds(spec, batch=batch, seq=seq, seed=seed, overrides=overrides)
                 side[name] = (runners[name], feeds)
             log.info("timing %s at batch=%d seq=%d", ", ".join(names), batch, seq)
-            stats = measure_side_by_side(
-                side,
-                warmup=warmup,
-                min_runs=min_runs,
-                max_runs=max_runs,
-                budget_s=budget_s,
-                rel_ci=rel_ci,
-                clock=clock,
-                batch=batch,
-            )
-            for name in names:
-                s = stats[name]
-                rows.append(
-                    {
-                        "kind": "latency",
-                        "engine": engine.name,
-                        "model": name,
-                        "batch": batch,
-                        "seq": seq,
-                        "median_ms": s.median_ms,
-                        "p90_ms": s.p90_ms,
-                        "p99_ms": s.p99_ms,
-                        "mean_ms": s.mean_ms,
-                        "std_ms": s.std_ms,
-                        "min_ms": s.min_ms,
-                        "runs": s.runs,
-                        "throughput": s.throughput,
-                        "peak_rss_mb": s.peak_rss_mb,
-                        "rel_ci": s.rel_ci,
-                        "stop_reason": s.stop_reason,
-                    }
-                )
-            ref = stats[reference]
-            for name in names:
-                if name == reference:
-                    continue
-                speedups.append(
-                    {
-                        "kind": "speedup",
-                        "engine": engine.name,
-                        "model": name,
-                        "reference": reference,
-                        "batch": batch,
-                        "seq": seq,
-                        "measured": ref.median_ms / stats[name].median_ms,
-                    }
-                )
+            stats = measure_side_by_side(side, batch=batch, **timing)
+            rows += [_latency_row(engine.name, name, batch, seq, stats[name]) for name in names]
+            speedups += [
+                {
+                    "kind": "speedup",
+                    "engine": engine.name,
+                    "model": name,
+                    "reference": reference,
+                    "batch": batch,
+                    "seq": seq,
+                    "measured": stats[reference].median_ms / stats[name].median_ms,
+                }
+                for name in names
+                if name != reference
+            ]
     return rows + speedups
+
+
+def _build_runners(
+    models: Mapping[str, Path | str | bytes],
+    engine: Engine,
+    options: BuildOptions,
+    tmp: Path,
+    stack: contextlib.ExitStack,
+) -> tuple[dict[str, Runner], dict[str, list]]:
+    """Builds every model once and opens its runner (closed by ``stack``); returns the runners and each
+    model's input specs. Serialized models are written into ``tmp`` first, as engines build from files."""
+    from prune2deploy.feeds import feed_specs
+
+    runners: dict[str, Runner] = {}
+    specs = {}
+    for name, source in models.items():
+        if isinstance(source, (bytes, bytearray)):
+            path = tmp / f"{name}.onnx"
+            path.write_bytes(bytes(source))
+        else:
+            path = Path(source)
+            if not path.exists():
+                raise BadInputError(f"model {name!r}: {path} does not exist")
+        specs[name] = feed_specs(_load_ir(source if isinstance(source, (bytes, bytearray)) else path))
+        log.info("building %s on %s", name, engine.name)
+        built = engine.build(path, options)
+        runners[name] = stack.enter_context(engine.runner(built))
+    return runners, specs
+
+
+def _latency_row(engine: str, name: str, batch: int, seq: int, s: LatencyStats) -> dict:
+    """One model's statistics at one grid point, as a ``"latency"`` row of :func:`compare_models`."""
+    return {
+        "kind": "latency",
+        "engine": engine,
+        "model": name,
+        "batch": batch,
+        "seq": seq,
+        "median_ms": s.median_ms,
+        "p90_ms": s.p90_ms,
+        "p99_ms": s.p99_ms,
+        "mean_ms": s.mean_ms,
+        "std_ms": s.std_ms,
+        "min_ms": s.min_ms,
+        "runs": s.runs,
+        "throughput": s.throughput,
+        "peak_rss_mb": s.peak_rss_mb,
+        "rel_ci": s.rel_ci,
+        "stop_reason": s.stop_reason,
+    }
