@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from prune2deploy.analysis.attention import AttentionBlock, Projection
+from prune2deploy.analysis.attention_types import AttentionBlock, Projection
 from prune2deploy.analysis.head_routes import plan_route
 from prune2deploy.graph.constants import const_array
 from prune2deploy.graph.dims import set_dim, shape_entries
@@ -231,8 +231,33 @@ def apply_head_layout(model: ir.Model, block: AttentionBlock, layout: HeadLayout
     """
     _check_layout(block, layout)
     edit = _Editor(model, tag)
-    d = block.head_dim
     new_h, new_k = len(layout.q_heads), layout.num_kv_heads
+    _install_projections(edit, block, layout)
+    _rewrite_head_counts(edit, block, layout)
+    gathers = _rewrite_kv_map(model, edit, block, layout)
+    # Static head widths of every head tensor (graph inputs/outputs of a KV cache included).
+    for tensor in block.tensors:
+        if tensor.merged:
+            continue
+        set_dim(tensor.value, tensor.axis, new_h if tensor.space == "q" else new_k)
+    edit.drop_unused()
+    return {
+        "heads_before": block.num_heads,
+        "heads_after": new_h,
+        "kv_heads_before": block.num_kv_heads,
+        "kv_heads_after": new_k,
+        "gathers": gathers,
+        "cache_changed": bool(block.cache_inputs) and new_k != block.num_kv_heads,
+    }
+
+
+def _install_projections(edit: _Editor, block: AttentionBlock, layout: HeadLayout) -> None:
+    """Installs the kept query columns, the new K/V columns and the matching output-projection rows.
+
+    Three weight layouts: a routed block (:func:`_apply_route`), one fused QKV weight cut by a Split, or a
+    weight per role. A Gemm projection's ``[N, out] -> [.., out]`` Reshape carries the new width too.
+    """
+    d = block.head_dim
     q_cols = head_columns(layout.q_heads, d)
     q, k, v, o = (block.projections[r] for r in "qkvo")
     q_weight = q.role_weight()[:, q_cols]
@@ -241,25 +266,10 @@ def apply_head_layout(model: ir.Model, block: AttentionBlock, layout: HeadLayout
         raise ValueError("the new layout's biases do not match the block's")
 
     new_parts = {"q": (q_weight, q_bias), "k": (layout.k_weight, layout.k_bias), "v": (layout.v_weight, layout.v_bias)}
-    fused = q.split is not None
     if block.route is not None:
         _apply_route(edit, block, layout)
-    elif fused:
-        # One weight for all roles: rebuild it in Split order and rewrite the Split sizes.
-        order = sorted("qkv", key=lambda r: block.projections[r].offset)
-        weight = np.concatenate([new_parts[r][0] for r in order], axis=1)
-        edit.set_weight(q, weight)
-        if q.bias is not None:
-            edit.set_input(
-                q.bias_add, list(q.bias_add.inputs).index(q.bias), np.concatenate([new_parts[r][1] for r in order])
-            )
-        # The Split's outputs are in offset order, so its sizes follow ``order`` too.
-        sizes = np.asarray([new_parts[r][0].shape[1] for r in order], dtype=np.int64)
-        _set_split_sizes(edit, q.split, sizes)
-        _set_width(q, weight.shape[1])
-        for role in "qkv":
-            proj = block.projections[role]
-            set_dim(proj.split.outputs[proj.split_index], -1, new_parts[role][0].shape[1])
+    elif q.split is not None:
+        _install_fused_qkv(edit, block, new_parts)
     else:
         for role in "qkv":
             proj = block.projections[role]
@@ -278,7 +288,31 @@ def apply_head_layout(model: ir.Model, block: AttentionBlock, layout: HeadLayout
                 edit.set_shape_entries(proj.unflatten, 1, {len(entries) - 1: width})
             set_dim(proj.unflatten.outputs[0], -1, width)
 
-    # Head counts baked into the split / merge Reshape targets (-1 stays -1).
+
+def _install_fused_qkv(edit: _Editor, block: AttentionBlock, new_parts: dict) -> None:
+    """One weight for all roles: rebuilds it in Split order and rewrites the Split sizes."""
+    q = block.projections["q"]
+    order = sorted("qkv", key=lambda r: block.projections[r].offset)
+    weight = np.concatenate([new_parts[r][0] for r in order], axis=1)
+    edit.set_weight(q, weight)
+    if q.bias is not None:
+        edit.set_input(
+            q.bias_add, list(q.bias_add.inputs).index(q.bias), np.concatenate([new_parts[r][1] for r in order])
+        )
+    # The Split's outputs are in offset order, so its sizes follow ``order`` too.
+    sizes = np.asarray([new_parts[r][0].shape[1] for r in order], dtype=np.int64)
+    _set_split_sizes(edit, q.split, sizes)
+    _set_width(q, weight.shape[1])
+    for role in "qkv":
+        proj = block.projections[role]
+        set_dim(proj.split.outputs[proj.split_index], -1, new_parts[role][0].shape[1])
+
+
+def _rewrite_head_counts(edit: _Editor, block: AttentionBlock, layout: HeadLayout) -> None:
+    """Head counts baked into constants: split / merge Reshape targets (-1 stays -1), other head-count
+    Reshapes, and per-head constants (taken at the kept heads; computed ones through a Gather)."""
+    d = block.head_dim
+    new_h, new_k = len(layout.q_heads), layout.num_kv_heads
     for role, split in block.splits.items() if block.route is None else ():
         entries = shape_entries(split.node.inputs[1])
         count = new_h if role == "q" else new_k
@@ -299,22 +333,20 @@ def apply_head_layout(model: ir.Model, block: AttentionBlock, layout: HeadLayout
         else:  # computed per head (MPT's sliced ALiBi bias): this node reads the kept heads' entries
             node.replace_input_with(index, edit.gather(operand, heads, axis, node, like=operand))
 
-    # The query → kv map.
+
+def _rewrite_kv_map(model: ir.Model, edit: _Editor, block: AttentionBlock, layout: HeadLayout) -> int:
+    """Expresses the query → kv map; returns the number of Gathers inserted.
+
+    A uniform map keeps each ``Unsqueeze → Expand → Reshape`` repeat with new counts; any other map
+    replaces the repeat by a Gather over the kv-head axis. Existing Gathers get the new map, and the MHA
+    meeting points (joins) get a Gather unless the map is the identity or a single kv head broadcasts.
+    """
+    new_h, new_k = len(layout.q_heads), layout.num_kv_heads
     rep = uniform_group_size(layout.mapping, new_k)
     gathers = 0
     for repeat in block.repeats:
         if rep is not None:
-            target = shape_entries(repeat.expand.inputs[1])
-            a = repeat.axis
-            changes = {a + 1: rep}
-            if target[a] == block.num_kv_heads and target[a] != 1:
-                changes[a] = new_k
-            edit.set_shape_entries(repeat.expand, 1, changes)
-            if shape_entries(repeat.reshape.inputs[1])[a] != -1:
-                edit.set_shape_entries(repeat.reshape, 1, {a: new_h})
-            set_dim(repeat.unsqueeze.outputs[0], a, new_k)
-            set_dim(repeat.expand.outputs[0], a, new_k)
-            set_dim(repeat.expand.outputs[0], a + 1, rep)
+            _retarget_repeat(edit, block, repeat, rep, new_h, new_k)
         else:
             old = repeat.reshape.outputs[0]
             new = edit.gather(repeat.unsqueeze.inputs[0], layout.mapping, repeat.axis, repeat.reshape, like=old)
@@ -332,18 +364,22 @@ def apply_head_layout(model: ir.Model, block: AttentionBlock, layout: HeadLayout
             new = edit.gather(data, layout.mapping, join.axis, join.node, like=data)
             join.node.replace_input_with(join.index, new)
             gathers += 1
+    return gathers
 
-    # Static head widths of every head tensor (graph inputs/outputs of a KV cache included).
-    for tensor in block.tensors:
-        if tensor.merged:
-            continue
-        set_dim(tensor.value, tensor.axis, new_h if tensor.space == "q" else new_k)
-    edit.drop_unused()
-    return {
-        "heads_before": block.num_heads,
-        "heads_after": new_h,
-        "kv_heads_before": block.num_kv_heads,
-        "kv_heads_after": new_k,
-        "gathers": gathers,
-        "cache_changed": bool(block.cache_inputs) and new_k != block.num_kv_heads,
-    }
+
+def _retarget_repeat(edit: _Editor, block: AttentionBlock, repeat, rep: int, new_h: int, new_k: int) -> None:
+    """A uniform GQA repeat with new counts: ``new_k`` kv heads, each repeated ``rep`` times.
+
+    The Expand target's kv-head entry changes only where it states the count (1 broadcasts).
+    """
+    target = shape_entries(repeat.expand.inputs[1])
+    a = repeat.axis
+    changes = {a + 1: rep}
+    if target[a] == block.num_kv_heads and target[a] != 1:
+        changes[a] = new_k
+    edit.set_shape_entries(repeat.expand, 1, changes)
+    if shape_entries(repeat.reshape.inputs[1])[a] != -1:
+        edit.set_shape_entries(repeat.reshape, 1, {a: new_h})
+    set_dim(repeat.unsqueeze.outputs[0], a, new_k)
+    set_dim(repeat.expand.outputs[0], a, new_k)
+    set_dim(repeat.expand.outputs[0], a + 1, rep)
