@@ -114,12 +114,6 @@ def _value_range(value: ir.Value, depth: int = 0) -> tuple[int, int, str] | None
     return min(b[0] for b in bounds), max(b[1] for b in bounds), bounds[0][2]
 
 
-def _id_bound(model: ir.Model, value: ir.Value) -> int | None:
-    """Vocabulary size for an input that indexes an embedding table (Gather on a constant)."""
-    found = _value_range(value)
-    return found[1] if found is not None and found[2] == "gather" else None
-
-
 def feed_specs(model: ir.Model) -> list[FeedSpec]:
     """Describes every graph input that is not an initializer."""
     specs = []

@@ -87,7 +87,7 @@ def test_prune_then_compile_round_trip(tmp_path, capsys):
     """`prune --compile`: the plan's kept MLP widths are exactly the compiled widths, verified exact."""
     import onnx_ir as ir
 
-    from prune2deploy.analysis.scopes import module_of
+    from prune2deploy.graph.scopes import module_of
     from prune2deploy.pruning.plan import load_plan
 
     tiny_llama().save_pretrained(tmp_path / "hf")

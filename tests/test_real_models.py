@@ -53,7 +53,7 @@ def test_real_model_mlp_channels(name, fraction, tmp_path, rng, request):
         CompileOptions(masks=tmp_path / "masks.safetensors", profile=False, keep_reference=False),
     )
     model = ir.load(str(tmp_path / "out" / "model.onnx"))
-    from prune2deploy.analysis.scopes import module_of
+    from prune2deploy.graph.scopes import module_of
 
     def is_mlp_reader(node) -> bool:
         module = module_of(node)

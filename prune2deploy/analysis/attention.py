@@ -44,11 +44,7 @@ import onnx_ir as ir
 from prune2deploy.analysis.attention_types import (
     AttentionAnalysis,
     AttentionBlock,
-    HeadGather,
-    HeadTensor,
-    Join,
     Projection,
-    Repeat,
     SplitReshape,
 )
 from prune2deploy.analysis.head_axis import HeadAxisBlocked, trace_heads
@@ -57,21 +53,11 @@ from prune2deploy.analysis.projections import projection_behind, role_of, split_
 from prune2deploy.graph.attributes import ints_attr
 from prune2deploy.graph.constants import const_array
 from prune2deploy.graph.dims import rank as _rank
-from prune2deploy.graph.dims import shape_entries, static_dim
+from prune2deploy.graph.dims import static_dim
 from prune2deploy.graph.scopes import layer_of, module_of
 
-__all__ = [
-    "AttentionAnalysis",
-    "AttentionBlock",
-    "HeadGather",
-    "HeadTensor",
-    "Join",
-    "Projection",
-    "Repeat",
-    "SplitReshape",
-    "analyze_attention",
-    "shape_entries",
-]
+# The result types live in attention_types; these two are re-exported because analyze_attention returns them.
+__all__ = ["AttentionAnalysis", "AttentionBlock", "analyze_attention"]
 
 log = logging.getLogger(__name__)
 

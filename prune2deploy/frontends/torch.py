@@ -10,7 +10,7 @@ import contextlib
 import copy
 import logging
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import onnx_ir as ir
@@ -158,10 +158,3 @@ def _name_outputs(model: ir.Model, names: Sequence[str]) -> None:
             continue
         value.name = name
         taken.add(name)
-
-
-def module_parameters(module) -> Mapping[str, tuple[int, ...]]:
-    """Parameter (and buffer) names and shapes, the keys a mask file may use."""
-    shapes = {name: tuple(p.shape) for name, p in module.named_parameters()}
-    shapes.update({name: tuple(b.shape) for name, b in module.named_buffers()})
-    return shapes

@@ -21,8 +21,8 @@ shows it per layer type.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from prune2deploy.errors import ConfigError
@@ -421,7 +421,3 @@ def kernels_from_cost(cost: Any, *, precision: str = "fp16", engine: str = "tens
         kernels.append(Kernel(leftover.name, "attention", "attention", leftover.flops, leftover.bytes_at(itemsize)))
     return kernels
 
-
-def scale_kernels(kernels: Sequence[Kernel], factor: float) -> list[Kernel]:
-    """Kernels with FLOPs and bytes scaled (used to re-price at another batch in tests)."""
-    return [replace(k, flops=k.flops * factor, bytes=k.bytes * factor) for k in kernels]

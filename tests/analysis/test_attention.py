@@ -7,7 +7,7 @@ import onnx_ir as ir
 import pytest
 
 from prune2deploy.analysis.attention import analyze_attention
-from prune2deploy.analysis.scopes import layer_of
+from prune2deploy.graph.scopes import layer_of
 from tests.fixtures.exports import fresh
 from tests.fixtures.graphs import fused_attention_model
 from tests.fixtures.zeroing import blocks_by_name, zero_heads

@@ -6,9 +6,9 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from prune2deploy.analysis.scopes import module_of
 from prune2deploy.errors import BadInputError
 from prune2deploy.feeds import random_feeds
+from prune2deploy.graph.scopes import module_of
 from prune2deploy.passes.prune_hidden import PruneHiddenPass
 from prune2deploy.passes.remove_layers import RemoveLayersPass
 from prune2deploy.verify import compare_outputs, verify_models
