@@ -16,6 +16,7 @@ import onnx_ir as ir
 from prune2deploy.analysis.slots import RuleContext, Slot
 from prune2deploy.graph.attributes import int_attr, ints_attr
 from prune2deploy.graph.constants import const_value_array
+from prune2deploy.graph.op_categories import ACTIVATIONS, ELEMENTWISE_BINARY, ELEMENTWISE_UNARY
 
 __all__ = ["RULES", "axis_rule"]
 
@@ -34,15 +35,9 @@ def axis_rule(*op_types: str) -> Callable[[Rule], Rule]:
 
 # -- elementwise ------------------------------------------------------------------------------------------
 
-_UNARY = [
-    "Relu", "LeakyRelu", "Gelu", "Erf", "Tanh", "Sigmoid", "HardSigmoid", "HardSwish", "Elu", "Selu", "Celu",
-    "Softplus", "Softsign", "Mish", "Exp", "Log", "Neg", "Abs", "Sqrt", "Reciprocal", "Sin", "Cos", "Floor", "Ceil",
-    "Round", "Sign", "Identity", "Cast", "Dropout", "Clip", "IsNaN", "IsInf", "Not", "ThresholdedRelu", "PRelu"
-]  # fmt: skip
-_BINARY = [
-    "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Where", "Equal", "Less", "Greater", "LessOrEqual",
-    "GreaterOrEqual", "And", "Or", "Xor", "Mod"
-]  # fmt: skip
+# Identity is a view, but as a one-operand op it maps every axis to itself like the unary ops.
+_UNARY = sorted(ELEMENTWISE_UNARY | ACTIVATIONS | {"Identity"})
+_BINARY = sorted(ELEMENTWISE_BINARY)
 
 
 @axis_rule(*_UNARY)

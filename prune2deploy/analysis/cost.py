@@ -36,6 +36,19 @@ from prune2deploy.analysis.nm import NM_OPS, is_nm, nm_eligibility
 from prune2deploy.analysis.shapes import PROBE_MAX_BYTES, ShapeInfo, concrete_shapes
 from prune2deploy.feeds import feed_specs
 from prune2deploy.graph import scopes
+from prune2deploy.graph.op_categories import (
+    ACTIVATIONS,
+    CONTRIB_ACTIVATIONS,
+    CONVS,
+    DATA_MOVEMENT,
+    ELEMENTWISE_BINARY,
+    ELEMENTWISE_UNARY,
+    MATMULS,
+    NORMALIZATIONS,
+    POOLS,
+    REDUCTIONS,
+    VIEWS,
+)
 
 __all__ = [
     "FLOPS_PER_ELEMENT",
@@ -68,24 +81,8 @@ FLOPS_PER_ELEMENT: dict[str, int] = {
     "GroupNormalization": 8,
 }
 
-_MATMUL_OPS = frozenset({"MatMul", "Gemm"})
-_CONV_OPS = frozenset({"Conv", "ConvTranspose"})
-_FREE_OPS = frozenset({"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Shape", "Size", "Constant"})
-_DATA_OPS = frozenset(
-    {
-        "Transpose", "Gather", "GatherND", "GatherElements", "Concat", "Slice", "Split", "Expand", "Tile",
-        "Pad", "ScatterND", "ScatterElements", "DepthToSpace", "SpaceToDepth", "Resize", "ConstantOfShape",
-        "Range", "Trilu", "NonZero",
-    }
-)  # fmt: skip
-_REDUCE_OPS = frozenset(
-    {
-        "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
-        "ReduceSumSquare", "ReduceLogSum", "ReduceLogSumExp", "ArgMax", "ArgMin", "GlobalAveragePool",
-        "GlobalMaxPool", "CumSum", "TopK",
-    }
-)  # fmt: skip
-_POOL_OPS = frozenset({"MaxPool", "AveragePool", "LpPool"})
+# FLOPS_PER_ELEMENT prices exactly the table's normalizations (tested).
+_ELEMENTWISE = ELEMENTWISE_UNARY | ACTIVATIONS | CONTRIB_ACTIVATIONS | ELEMENTWISE_BINARY
 
 
 @dataclass(frozen=True)
@@ -256,33 +253,22 @@ def param_count(model: ir.Model) -> tuple[int, dict[str, int]]:
 
 
 def _kind(op_type: str) -> str:
-    if op_type in _MATMUL_OPS:
+    """How the cost model prices ``op_type``, from its category in :mod:`prune2deploy.graph.op_categories`."""
+    if op_type in MATMULS:
         return "matmul"
-    if op_type in _CONV_OPS:
+    if op_type in CONVS:
         return "conv"
-    if op_type in FLOPS_PER_ELEMENT:
+    if op_type in NORMALIZATIONS:
         return "normalization"
-    if op_type in _REDUCE_OPS:
+    if op_type in REDUCTIONS:
         return "reduction"
-    if op_type in _POOL_OPS:
+    if op_type in POOLS:
         return "pool"
-    if op_type in _FREE_OPS:
+    if op_type in VIEWS:
         return "free"
-    if op_type in _DATA_OPS:
+    if op_type in DATA_MOVEMENT:
         return "data"
     return "elementwise" if op_type in _ELEMENTWISE else "other"
-
-
-_ELEMENTWISE = frozenset(
-    {
-        "Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Reciprocal", "Neg", "Abs", "Exp", "Log", "Relu",
-        "LeakyRelu", "PRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Erf", "Gelu", "FastGelu",
-        "Elu", "Selu", "Celu", "Mish", "Softplus", "Softsign", "Clip", "Max", "Min", "Mean", "Sum", "Where",
-        "Cast", "CastLike", "Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "And", "Or", "Xor",
-        "Not", "IsNaN", "IsInf", "Sin", "Cos", "Tan", "Floor", "Ceil", "Round", "Sign", "Mod", "BitShift",
-        "QuickGelu", "BiasGelu", "Dropout",
-    }
-)  # fmt: skip
 
 
 def _flops(node: ir.Node, kind: str, shape_of, out_shape) -> int | None:

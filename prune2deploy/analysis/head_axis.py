@@ -21,21 +21,20 @@ from prune2deploy.graph.attributes import int_attr, ints_attr
 from prune2deploy.graph.constants import const_array
 from prune2deploy.graph.dims import rank as _rank
 from prune2deploy.graph.dims import same_dim, shape_entries, static_dim
+from prune2deploy.graph.op_categories import ACTIVATIONS, ELEMENTWISE_BINARY, ELEMENTWISE_UNARY, REDUCTIONS
 
 __all__ = ["HeadAxisBlocked", "trace_heads"]
 
 _INT64_MAX = np.iinfo(np.int64).max
 _INT64_MIN = np.iinfo(np.int64).min
 
-_UNARY = {
-    "Neg", "Sqrt", "Exp", "Log", "Cast", "IsNaN", "IsInf", "Relu", "Tanh", "Sigmoid", "Erf", "Reciprocal",
-    "Identity", "Abs", "Not", "Sin", "Cos", "Softplus", "Gelu", "Dropout",
-}  # fmt: skip
-_REDUCE = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2", "ReduceSumSquare"}
-_NARY = {
-    "Add", "Sub", "Mul", "Div", "Where", "Pow", "Max", "Min", "Equal", "Less", "Greater", "LessOrEqual",
-    "GreaterOrEqual", "And", "Or", "Xor",
-}  # fmt: skip
+# The head axis passes through a one-operand op unchanged. PRelu and CastLike are left out: their second
+# operand (the slope, the type donor) may be the traced head tensor, which the unary rule does not check.
+_UNARY = (ELEMENTWISE_UNARY | ACTIVATIONS | {"Identity"}) - {"PRelu", "CastLike"}
+# Only the Reduce* ops: they share the axes input (or attribute) and keepdims that _reduce reads;
+# ArgMax, CumSum, TopK and global pooling name their axes differently.
+_REDUCE = frozenset(op for op in REDUCTIONS if op.startswith("Reduce"))
+_NARY = ELEMENTWISE_BINARY
 
 
 def _shape_slice_of(value: ir.Value | None) -> tuple[ir.Value, int, int] | None:

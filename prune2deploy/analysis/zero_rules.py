@@ -23,10 +23,13 @@ from prune2deploy.analysis.slots import ChannelFacts, Slot
 from prune2deploy.graph.attributes import float_attr, int_attr, ints_attr
 from prune2deploy.graph.constants import all_zero, zero_channels
 from prune2deploy.graph.dims import value_dim
+from prune2deploy.graph.op_categories import ZERO_AT_ZERO
 
 __all__ = ["const_channel_values", "const_zero_mask", "why_not_constant", "zero_mask"]
 
-# Ops that move axes around: the input axis is found through the channel classes, not by alignment.
+# Ops that move axes around: the input axis is found through the channel classes, not by alignment. A
+# hand-picked subset of the table's views, data movement, pools and reductions: those whose output channel
+# is zero wherever the input channel is (a max or mean of zeros is zero; ReduceLogSum's is not).
 _LAYOUT = frozenset(
     (
         "Reshape",
@@ -50,37 +53,9 @@ _LAYOUT = frozenset(
     )
 )
 
-# f(0) == 0 for these, so a zero channel stays zero (elementwise ones, plus every layout op).
-_ZERO_PRESERVING = _LAYOUT | frozenset(
-    (
-        "Relu",
-        "LeakyRelu",
-        "Gelu",
-        "Erf",
-        "Tanh",
-        "HardSwish",
-        "Elu",
-        "Selu",
-        "Celu",
-        "Softsign",
-        "Mish",
-        "Neg",
-        "Abs",
-        "Sqrt",
-        "Sin",
-        "Floor",
-        "Ceil",
-        "Round",
-        "Sign",
-        "Identity",
-        "Cast",
-        "Dropout",
-        "ThresholdedRelu",
-        "IsNaN",
-        "IsInf",
-        "Transpose",
-    )
-)
+# A zero channel stays zero: elementwise ops with f(0) == 0 (the table's ZERO_AT_ZERO), plus every layout
+# op. Transpose has its own rule above the lookup; it is listed for completeness.
+_ZERO_PRESERVING = _LAYOUT | ZERO_AT_ZERO | {"Transpose"}
 
 
 def const_zero_mask(value: ir.Value, axis: int) -> np.ndarray:

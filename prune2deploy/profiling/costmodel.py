@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from prune2deploy.errors import ConfigError
+from prune2deploy.graph.op_categories import FUSED_ATTENTION
 from prune2deploy.profiling.roofline import PRECISIONS, GPUSpec
 
 __all__ = [
@@ -335,8 +336,6 @@ def compute_bound_batch(
 
 # -- from an exported graph's per-node costs ---------------------------------------------------------------
 
-_ATTENTION_OPS = frozenset({"Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention"})
-
 
 def _group_of(layer: str, op_kind: str) -> str:
     name = layer.lower()
@@ -398,7 +397,7 @@ def kernels_from_cost(cost: Any, *, precision: str = "fp16", engine: str = "tens
                 Kernel(f"{first.name}+{node.name}", "attention", "attention", first.flops + node.flops, fused)
             )
             continue
-        if node.op_type in _ATTENTION_OPS:
+        if node.op_type in FUSED_ATTENTION:
             kernels.append(Kernel(node.name, "attention", "attention", node.flops, moved))
             continue
         if node.op_type == "Softmax" and node.layer in open_attention:
@@ -420,4 +419,3 @@ def kernels_from_cost(cost: Any, *, precision: str = "fp16", engine: str = "tens
     for leftover in open_attention.values():  # an unpaired activation MatMul is a plain batched GEMM
         kernels.append(Kernel(leftover.name, "attention", "attention", leftover.flops, leftover.bytes_at(itemsize)))
     return kernels
-
