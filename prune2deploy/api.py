@@ -18,10 +18,12 @@ import onnx_ir as ir
 from prune2deploy.driver.compile import CompileResult, compile_model
 from prune2deploy.driver.source import Progress, Source, load_source
 from prune2deploy.errors import BadInputError, OutputExistsError
-from prune2deploy.spec import CompileOptions, load_config
+from prune2deploy.profiling.summary import pruning_notes, quality_line, quality_warning
+from prune2deploy.spec import CORE_OPTIONS, CompileOptions, load_config, with_passes
 from prune2deploy.verify import verdict_line, verification_notes
 
 __all__ = [
+    "CORE_OPTIONS",
     "CompileOptions",
     "CompileResult",
     "Source",
@@ -34,15 +36,21 @@ __all__ = [
     "load_config",
     "load_source",
     "pass_specs",
+    "plan_options",
+    "plan_passes",
     "predict",
     "predict_config",
     "profile",
     "prune",
+    "pruning_notes",
+    "quality_line",
+    "quality_warning",
     "quiet_libraries",
     "sweep",
     "verdict_line",
     "verification_notes",
     "verify",
+    "with_passes",
 ]
 
 log = logging.getLogger(__name__)
@@ -231,10 +239,74 @@ def verify(
 
 
 def prune(source: Any, out_dir: Path | str, **kwargs: Any):
-    """Scores a dense model and writes ``masks.safetensors`` + ``plan.yaml`` (see pruning.prune_model)."""
+    """Scores a dense model and writes ``masks.safetensors`` + ``plan.yaml`` (see pruning.prune_model).
+
+    The result's ``summary["structures"]`` says, per pruned structure, the fraction asked to remove and what
+    was removed in whole units (25% of 9 heads removes 2, not 2.25), with the kept widths per layer.
+    """
+    import dataclasses
+
     from prune2deploy.pruning.prune import prune_model
 
-    return prune_model(source, out_dir=out_dir, **kwargs)
+    result = prune_model(source, out_dir=out_dir, **kwargs)
+    return dataclasses.replace(result, summary={**result.summary, "structures": _removed(result.plan)})
+
+
+def _removed(plan: Any) -> dict[str, dict[str, Any]]:
+    """Structure → ``asked`` (fraction to remove), ``removed`` (fraction removed), and for widths ``kept`` /
+    ``width`` per layer (one entry for the hidden width and the layer count)."""
+    rows: dict[str, dict[str, Any]] = {}
+    for key in ("mlp", "heads", "kv_heads"):
+        chosen = [getattr(layer, key) for layer in plan.layers if getattr(layer, key) is not None]
+        kept, width = [len(s.kept) for s in chosen], [s.width for s in chosen]
+        if chosen and (key in plan.ratios or kept != width):
+            rows[key] = {
+                "asked": plan.ratios.get(key),
+                "removed": 1 - sum(kept) / sum(width),
+                "kept": kept,
+                "width": width,
+            }
+    if plan.hidden is not None:
+        kept, width = len(plan.hidden.kept), plan.hidden.width
+        rows["hidden"] = {
+            "asked": plan.ratios.get("hidden"),
+            "removed": 1 - kept / width,
+            "kept": [kept],
+            "width": [width],
+        }
+    layers = plan.model.get("num_layers")
+    if "layers" in plan.ratios and layers:
+        kept = layers - len(plan.dropped_layers)
+        rows["layers"] = {
+            "asked": plan.ratios["layers"],
+            "removed": 1 - kept / layers,
+            "kept": [kept],
+            "width": [layers],
+        }
+    if plan.sparsity:
+        rows[plan.sparsity["kind"]] = {"asked": plan.sparsity["ratio"], "removed": plan.sparsity["achieved"]}
+    return rows
+
+
+#: N:M patterns whose masks sparse tensor cores run (at most 2 of every 4 weights kept).
+def _sparse_core_pattern(nm: tuple[int, int] | None) -> bool:
+    return nm is not None and nm[1] == 4 and nm[0] <= 2
+
+
+def plan_passes(plan: Any) -> list[str]:
+    """The passes a compile of ``plan`` (a :class:`~prune2deploy.pruning.plan.Plan`) asks for besides the
+    default pipeline: for masks in a sparse-tensor-core pattern (2:4, 1:4), the pass that lays weights out
+    for sparse tensor cores (the registry's ``sparse_weights`` kind)."""
+    if not _sparse_core_pattern(tuple(plan.nm) if plan.nm else None):
+        return []
+    return [name for name, spec in pass_specs().items() if spec.sparse_weights]
+
+
+def plan_options(result: Any, **changes: Any) -> CompileOptions:
+    """The compile options for a prune result (``plan`` and the passes it needs, :func:`plan_passes`), with
+    ``changes`` (``overwrite``, ``profile`` …) applied."""
+    data = with_passes({"plan": result.plan_path, **changes}, plan_passes(result.plan))
+    return CompileOptions.from_dict(data, source="prune plan")
 
 
 def inspect(model: Path | str | ir.Model) -> dict[str, Any]:
@@ -297,8 +369,8 @@ def profile(
     for path in (model, against):
         if path is not None and not Path(path).is_file():
             raise BadInputError(f"{path}: no such ONNX file")
-    from prune2deploy.driver.compile import check_profile_memory
     from prune2deploy.frontends.onnx import load_onnx as _load
+    from prune2deploy.driver.compile import check_profile_memory
 
     for path in (model, against):
         if path is not None:

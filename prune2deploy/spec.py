@@ -11,7 +11,6 @@ keys are errors (a typo must not silently fall back to a default).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from prune2deploy.engines.registry import DEFAULT_ENGINE, engine_class, engine_names
 from prune2deploy.errors import ConfigError
+from prune2deploy.io import MAX_CONFIG_BYTES, read_config_file
 from prune2deploy.passes.registry import PassOption, PassSpec, default_passes, get_pass, load_passes, passes_in_stage
 
 __all__ = [
@@ -113,7 +113,7 @@ CORE_OPTIONS: dict[str, CoreOption] = {
         many="append", collect=dict, metavar="KEY=VALUE",
     ),
     "profile": CoreOption(
-        bool, True, "time the dense reference and the compiled model in the same run (--no-profile skips it)",
+        bool, True, "time the dense reference and the compiled model in the same run; off with --no-profile",
         flag="--no-profile",
     ),
     "profile_batches": CoreOption(
@@ -149,7 +149,8 @@ CORE_OPTIONS: dict[str, CoreOption] = {
         many="+", metavar="FILE",
     ),
     "tolerance": CoreOption(
-        float, 1e-4, "relative error allowed for an exact pipeline", flag="--tolerance", constraints={"gt": 0, "lt": 1}
+        float, 1e-4, "relative error allowed for an exact pipeline", flag="--tolerance", metavar="REL",
+        constraints={"gt": 0, "lt": 1},
     ),
     "threads": CoreOption(
         pydantic.PositiveInt | None, None, "ONNX Runtime intra-op threads for timing (default: ONNX Runtime's)",
@@ -178,7 +179,7 @@ CORE_OPTIONS: dict[str, CoreOption] = {
     ),
     "export_cache": CoreOption(
         bool, True, "reuse an earlier export of the same checkpoint and export options (HF folders; masks are then "
-        "applied to the ONNX weights); --no-export-cache exports again", flag="--no-export-cache",
+        "applied to the ONNX weights); off with --no-export-cache (export again)", flag="--no-export-cache",
     ),
     "export_cache_dir": CoreOption(
         Path | None, None, "where exports are cached (default: $P2D_CACHE_DIR, else ~/.cache/prune2deploy/exports)",
@@ -319,6 +320,8 @@ def with_passes(data: Mapping[str, Any], names: Sequence[str]) -> dict[str, Any]
     """``data`` (option key → value) asking for the passes ``names`` as well as those it asks for (the default
     pipeline when it names none): what a switch such as ``--sparse-2-4`` means."""
     data = dict(data)
+    if not names:
+        return data
     passes = data.get("passes")
     if passes is None:
         passes = list(default_passes())
@@ -378,29 +381,6 @@ CompileOptions.__doc__ = (
 )  # fmt: skip
 
 
-#: A config file larger than this is refused: option files are a few hundred bytes.
-MAX_CONFIG_BYTES = 1 << 20
-
-
-def _yaml_loader():
-    import yaml
-
-    class _NoAliasLoader(yaml.SafeLoader):
-        """SafeLoader without anchors and aliases: a 600-byte alias bomb expands to gigabytes."""
-
-        def compose_node(self, parent, index):  # type: ignore[override]
-            event = self.peek_event()
-            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
-                mark = event.start_mark
-                raise ConfigError(
-                    f"line {mark.line + 1}: YAML anchors and aliases (&name / *name) are not allowed in config "
-                    "files; write each value out"
-                )
-            return super().compose_node(parent, index)
-
-    return _NoAliasLoader
-
-
 def load_config(path: Path | str) -> dict[str, Any]:
     """Reads a YAML, TOML or JSON config; a ``compile:`` section is used when present.
 
@@ -409,34 +389,7 @@ def load_config(path: Path | str) -> dict[str, Any]:
     section that is not a mapping, and keys that are not strings.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{path}: {path.stat().st_size} bytes; config files are at most {MAX_CONFIG_BYTES} bytes")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
-    try:
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.load(text, Loader=_yaml_loader())  # a SafeLoader subclass
-            data = {} if data is None else data
-        elif path.suffix == ".toml":
-            import tomllib
-
-            data = tomllib.loads(text)
-        elif path.suffix == ".json":
-            data = json.loads(text)
-        else:
-            raise ConfigError(f"{path}: config files are .yaml, .toml or .json")
-    except ConfigError as exc:
-        if str(exc).startswith(str(path)):
-            raise
-        raise ConfigError(f"{path}: {exc}") from None
-    except Exception as exc:
-        raise ConfigError(f"{path}: cannot parse ({str(exc)[:300]})") from None
+    data = read_config_file(path, what="config")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the config must be a mapping of option names to values, not {type(data).__name__}")
     section = data.get("compile", data) if "compile" in data else data

@@ -32,7 +32,7 @@ def demo_dir(tmp_path_factory):
     """`prune2deploy demo --model minilm-l6` into a nested folder whose parents do not exist yet."""
     out = tmp_path_factory.mktemp("first-run") / "fresh" / "nested" / "demo"
     assert not out.parent.exists()
-    code = main(["demo", "--model", "minilm-l6", "--out", str(out), "--profile-budget", "3"])
+    code = main(["demo", "--model", "minilm-l6", "--out", str(out), "--budget", "3"])
     return out, code
 
 

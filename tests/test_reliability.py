@@ -344,7 +344,7 @@ def _report(exact: bool, worst: float) -> dict:
 
 
 def test_approximate_results_are_labelled_not_passed(capsys):
-    from prune2deploy.cli import _print_compile
+    from prune2deploy.cli.summary import print_compile as _print_compile
     from prune2deploy.profiling.report_html import render_html
 
     _print_compile(_report(False, 0.34), Path("o"))

@@ -1,0 +1,169 @@
+"""The console summary of a compile (``compile``, ``demo``, ``prune --compile``): report.json for people."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prune2deploy.cli.render import count, indent, table
+
+__all__ = ["print_compile"]
+
+
+def print_compile(report: dict[str, Any], out_dir: Path) -> None:
+    """What was compiled and how it went: sizes, passes, notes, outputs, quality, verdict, speed, engine."""
+    from prune2deploy import api
+
+    ref, new = report["model"]["reference"], report["model"]["compiled"]
+    shape = report["model"]["cost_shape"]
+    print(f"compiled → {out_dir}/model.onnx")
+    print(
+        f"  params {count(ref['params'])} → {count(new['params'])}   FLOPs {count(ref['flops'])} → "
+        f"{count(new['flops'])}  (batch {shape['batch']}, seq {shape['seq']})"
+    )
+    _print_passes(report["passes"])
+    _print_groups(report.get("groups") or {})
+    for note in api.pruning_notes(report):
+        print(f"  {note}")
+    _print_outputs(report)
+    _print_quality(report.get("quality"))
+    _print_verification(report["verification"], report["passes"])
+    _print_latency(report.get("latency", []), report.get("speedup", []))
+    _print_engine(report.get("engine"), out_dir)
+    _print_predictions(report.get("predictions") or [], bool(report.get("options", {}).get("gpus")))
+
+
+def _print_passes(entries: list[dict[str, Any]]) -> None:
+    for entry in entries:
+        extras = {k: v for k, v in entry["record"].items() if not isinstance(v, (dict, list))}
+        refused = f"  refused={len(entry['refused'])}" if entry["refused"] else ""
+        print(
+            f"  pass {entry['pass']:<18} exact={entry['exact']}  "
+            + "  ".join(f"{k}={v}" for k, v in extras.items())
+            + refused
+        )
+
+
+def _print_groups(groups: dict[str, Any]) -> None:
+    """How many channel groups could be pruned, and why the others could not (grouped by reason)."""
+    if not groups.get("total"):
+        return
+    blocked = groups.get("blocked") or []
+    line = f"  channel groups: {groups['prunable']} of {groups['total']} prunable"
+    if not blocked:
+        print(line)
+        return
+    reasons: dict[str, int] = {}
+    hints: dict[str, str] = {}
+    for b in blocked:
+        reasons[b["reason"]] = reasons.get(b["reason"], 0) + 1
+        hints[b["reason"]] = b.get("hint") or ""
+    print(f"{line}; {len(blocked)} not:")
+    for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:4]:
+        print(f"    {n:>3} × {reason[:100]}" + (f"\n          → {hints[reason]}" if hints[reason] else ""))
+    if len(reasons) > 4:
+        print(f"    … {len(reasons) - 4} more reasons in report.json (groups.blocked)")
+
+
+def _print_outputs(report: dict[str, Any]) -> None:
+    """genai/ and hf/: written (with their check) or why not."""
+    for key, label in (("genai", "genai/"), ("hf", "hf/")):
+        section = report.get(key)
+        if section is None:
+            continue
+        if not section.get("written"):
+            print(f"  {label:<7} not written: {section.get('reason')}")
+            continue
+        heads = sorted({tuple(h) for h in section.get("per_layer_heads", [])})
+        line = f"  {label:<7} written"
+        if heads:
+            line += f"  (heads, kv heads) per layer: {', '.join(f'{h}/{k}' for h, k in heads)}"
+        check = section.get("check") or {}
+        if "max_rel_diff" in check:
+            line += f"  max rel diff {check['max_rel_diff']:.2e}"
+        tokens = section.get("genai") or check
+        if "greedy_tokens_equal" in tokens:
+            line += f"  greedy tokens equal: {tokens['greedy_tokens_equal']}"
+        print(line)
+
+
+def _print_quality(section: dict[str, Any] | None) -> None:
+    """The quality section: vs the masked reference and vs dense, and who cost the quality when it fell."""
+    from prune2deploy import api
+
+    line = api.quality_line(section)
+    if line:
+        print(f"  quality {line}")
+    warning = api.quality_warning(section)
+    if warning:
+        print(f"  note: {warning}")
+
+
+def _print_verification(ver: dict[str, Any], passes: list[dict[str, Any]]) -> None:
+    from prune2deploy import api
+
+    approximate = [e["pass"] for e in passes if not e["exact"]]
+    line = api.verdict_line(ver)
+    if approximate and ver.get("status") == "approximate":
+        line += f" [approximate passes: {', '.join(approximate)}]"
+    print(f"  verification {line}")
+    for note in api.verification_notes(ver):
+        print(f"  note: {note}")
+
+
+def _print_latency(latency: list[dict[str, Any]], speedups: list[dict[str, Any]]) -> None:
+    """Reference vs compiled medians per measured shape, with the speedup, its 95% CI and the ideal."""
+    speed = {(s["batch"], s["seq"]): s for s in speedups}
+    reference = {(r["batch"], r["seq"]): r for r in latency if r["model"] == "reference"}
+    rows = []
+    for row in (r for r in latency if r["model"] == "compiled"):
+        ref_row = reference.get((row["batch"], row["seq"]))
+        s = speed.get((row["batch"], row["seq"]), {})
+        rows.append([
+            row["batch"], row["seq"], f"{ref_row['median_ms']:.2f}" if ref_row else "-", f"{row['median_ms']:.2f}",
+            f"{s.get('measured', 0):.2f}x", f"{s['ci'][0]:.2f}–{s['ci'][1]:.2f}x" if s.get("ci") else "-",
+            f"{s.get('ideal') or 0:.2f}x",
+        ])  # fmt: skip
+    if not rows:
+        return
+    print("  ONNX Runtime CPU latency (median ms, same run):")
+    print(indent(table(rows, ["batch", "seq", "reference", "compiled", "speedup", "95% CI", "ideal"])))
+    loose = [s for s in speedups if s.get("tight") is False]
+    if loose:
+        print(
+            f"    not tight: the time budget ran out before the medians were known to ±{loose[0]['target_ci']:.0%}"
+            " (raise --budget or use a quieter machine)"
+        )
+
+
+def _print_engine(engine: dict[str, Any] | None, out_dir: Path) -> None:
+    if not engine:
+        return
+    artifact = f"{out_dir}/{engine['artifact']}" if engine.get("artifact") else "(in memory)"
+    print(f"  engine {engine['engine']} → {artifact}")
+    shapes = engine.get("shapes") or {}
+    if shapes:
+        spans = ", ".join(f"{axis} {lo}–{hi} (opt {opt})" for axis, (lo, opt, hi) in shapes.items())
+        print(f"    accepts {spans}; change with --shapes batch=MIN:OPT:MAX seq=MIN:OPT:MAX")
+    for note in (engine.get("info") or {}).get("notes", []):
+        print(f"    note: {note}")
+    if engine.get("verification") is None:
+        print("    not run here (it needs its GPU); verified: the ONNX it was built from")
+
+
+def _print_predictions(rows: list[dict[str, Any]], asked: bool) -> None:
+    """The GPUs the user named, one row each; otherwise one line over the whole catalog."""
+    if not rows:
+        return
+    if not asked:
+        low, high = min(r["speedup"] for r in rows), max(r["speedup"] for r in rows)
+        span = f"{low:.2f}×" if high - low < 0.005 else f"{low:.2f}–{high:.2f}×"
+        print(f"  predicted speedup on {len(rows)} catalog GPUs: {span} (per GPU: report.html, or --gpu NAME)")
+        return
+    cells = [
+        [r["gpu"], r["precision"], f"{r['reference_ms']:.3f}", f"{r['compiled_ms']:.3f}", f"{r['speedup']:.2f}x",
+         r["binding"]]
+        for r in rows
+    ]  # fmt: skip
+    print(f"  predicted on GPU ({rows[0]['engine']} cost model, batch {rows[0]['batch']}, seq {rows[0]['seq']}):")
+    print(indent(table(cells, ["gpu", "precision", "reference ms", "compiled ms", "speedup", "bound"])))
