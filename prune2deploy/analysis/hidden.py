@@ -373,8 +373,8 @@ def analyze_hidden(model: ir.Model) -> HiddenStream:
         # A CNN's stream is [N, C, H, W]: its last axis is spatial, not the channels this walker narrows.
         reason = (
             f"the residual stream '{seeds[0].name}' is 4-D (a CNN's [N, C, H, W]): prune-hidden narrows the last "
-            "axis of [batch, sequence, hidden] streams; CNN residual channels (LayerNorms included) go in "
-            "remove-channels"
+            "axis of [batch, sequence, hidden] streams; CNN residual channels (LayerNorms included) are removed "
+            "as channel groups"
         )
         return HiddenStream(blocked=[("", reason)])
     width = _last_dim(seeds[0])
