@@ -130,23 +130,8 @@ def _json_block(value: Any) -> str:
 
 
 def _summary(report: dict[str, Any]) -> str:
-    items = []
-    source = report.get("input", {})
-    sha = source.get("sha256")
-    items.append(
-        f"<li>Input: <strong>{_e(_model_name(source))}</strong>"
-        + (" (bundled)" if source.get("bundled") else "")
-        + f' <code class="muted">{_e(source.get("path", "?"))}</code> ({_e(source.get("kind", "?"))})'
-        + (f', sha256 <code title="{_e(sha)}">{_e(sha[:12])}…</code>' if sha else "")
-        + "</li>"
-    )
-    tool = report.get("tool", {})
-    libraries = ", ".join(f"{_e(k)} {_e(v)}" for k, v in sorted((tool.get("libraries") or {}).items()))
-    items.append(
-        f"<li>Tool: {_e(tool.get('name', '?'))} {_e(tool.get('version', '?'))}"
-        + (f' <span class="muted">({libraries})</span>' if libraries else "")
-        + "</li>"
-    )
+    """The page's first list: input, tool, sizes, verdict, quality, groups, the best measured and predicted speed."""
+    items = [*_provenance(report)]
     model = report.get("model") or {}
     ref, new = model.get("reference") or {}, model.get("compiled") or {}
     for key, label in (("params", "Parameters"), ("flops", "FLOPs"), ("nodes", "Nodes")):
@@ -164,6 +149,7 @@ def _summary(report: dict[str, Any]) -> str:
             items.append(f"<li>Verification: {_e(verdict_line(verification))}</li>")
         else:
             items.append(f"<li>Verification (exact): {_verdict(status == 'passed', 'passed', 'FAILED').html}</li>")
+    items.extend(_summary_quality(report.get("quality")))
     groups = report.get("groups")
     if groups and "total" in groups:
         blocked = len(groups.get("blocked") or [])
@@ -172,6 +158,43 @@ def _summary(report: dict[str, Any]) -> str:
             + (f", {blocked} blocked (see below)" if blocked else "")
             + "</li>"
         )
+    items.extend(_summary_speed(report))
+    return '<ul class="summary">' + "".join(items) + "</ul>"
+
+
+def _provenance(report: dict[str, Any]) -> list[str]:
+    """The input (name, path, kind, digest) and the tool with its libraries."""
+    source = report.get("input", {})
+    sha = source.get("sha256")
+    tool = report.get("tool", {})
+    libraries = ", ".join(f"{_e(k)} {_e(v)}" for k, v in sorted((tool.get("libraries") or {}).items()))
+    return [
+        f"<li>Input: <strong>{_e(_model_name(source))}</strong>"
+        + (" (bundled)" if source.get("bundled") else "")
+        + f' <code class="muted">{_e(source.get("path", "?"))}</code> ({_e(source.get("kind", "?"))})'
+        + (f', sha256 <code title="{_e(sha)}">{_e(sha[:12])}…</code>' if sha else "")
+        + "</li>",
+        f"<li>Tool: {_e(tool.get('name', '?'))} {_e(tool.get('version', '?'))}"
+        + (f' <span class="muted">({libraries})</span>' if libraries else "")
+        + "</li>",
+    ]
+
+
+def _summary_quality(section: dict[str, Any] | None) -> list[str]:
+    """Quality vs the masked reference and vs dense in one line, and who cost it when it fell a lot."""
+    from prune2deploy.profiling.summary import quality_line, quality_warning
+
+    line = quality_line(section)
+    if not line:
+        return []
+    warning = quality_warning(section)
+    note = f'<br><strong class="bad">{_e(warning)}</strong>' if warning else ""
+    return [f'<li>Quality: {_e(line)} — <a href="#quality">details</a>{note}</li>']
+
+
+def _summary_speed(report: dict[str, Any]) -> list[str]:
+    """The best measured speedup (with its CI and the ideal) and the predicted span over the GPUs."""
+    items = []
     speedups = report.get("speedup") or []
     if speedups:
         best = max(speedups, key=lambda r: r["measured"])
@@ -197,7 +220,7 @@ def _summary(report: dict[str, Any]) -> str:
                 f"<li>Predicted speedup: <strong>{best['speedup']:.2f}×</strong> on {_e(best['gpu'])} down to "
                 f"{worst['speedup']:.2f}× on {_e(worst['gpu'])} ({_e(best['precision'])}, {_e(_shape(best))})</li>"
             )
-    return '<ul class="summary">' + "".join(items) + "</ul>"
+    return items
 
 
 def _model_name(source: dict[str, Any]) -> str:
