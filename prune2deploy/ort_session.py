@@ -7,11 +7,15 @@ engines package.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from prune2deploy.errors import BadInputError
 
-__all__ = ["make_session", "release_memory"]
+__all__ = ["SessionRunner", "make_session", "release_memory"]
 
 
 def release_memory() -> None:
@@ -40,19 +44,24 @@ def make_session(
     providers: list[str] | None = None,
     profile: bool = False,
     prepack: bool = True,
+    optimize: bool = True,
 ):
-    """Creates an InferenceSession with full graph optimisation.
+    """Creates an InferenceSession with full graph optimisation (none when ``optimize`` is False).
 
     ``threads`` fixes intra-op threads so that dense and compiled models are timed alike. ``prepack=False``
     keeps ONNX Runtime from repacking constant MatMul/Gemm weights into blocked copies of its own: faster
     kernels, but a second copy of every weight in anonymous memory (about 4.9 GB for a 1B fp32 model, beside
     the mapped originals). Sessions that run a model a few times to check it (verification, quality) turn it
-    off; sessions that are timed keep it.
+    off; sessions that are timed keep it. ``optimize=False`` runs the graph as written: verification uses it
+    to evaluate a model with its arithmetic reordered (ONNX Runtime's fusions undone), which measures how far
+    float rounding alone moves the outputs.
     """
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
     so.log_severity_level = 3
     if threads:
         so.intra_op_num_threads = threads
@@ -70,3 +79,28 @@ def make_session(
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph classes
         where = str(model) if isinstance(model, Path) else "<in-memory model>"
         raise BadInputError(f"ONNX Runtime cannot load {where}: {exc}") from exc
+
+
+class SessionRunner:
+    """Runs an ONNX Runtime session on feeds by name and returns every output (or ``outputs``) by name.
+
+    The one "session → outputs" adapter: verification's reference and compiled runs, the compile driver's
+    engine checks and the ONNX Runtime engine's runner all hold a session the same way, so that what is
+    compared is always keyed by output name in the session's own order. Feeds the session does not read are
+    dropped when ``only_known_inputs`` is set (a block of a model reads a subset of the whole model's feeds).
+    """
+
+    def __init__(self, session: Any, outputs: Sequence[str] | None = None, *, only_known_inputs: bool = False) -> None:
+        self.session = session
+        self.names = list(outputs) if outputs is not None else [o.name for o in session.get_outputs()]
+        self._known = {i.name for i in session.get_inputs()} if only_known_inputs else None
+
+    @property
+    def input_names(self) -> list[str]:
+        """The session's inputs, in its order."""
+        return [i.name for i in self.session.get_inputs()]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Outputs by name; ONNX Runtime's own errors are raised unchanged (callers say whose run failed)."""
+        given = dict(feeds) if self._known is None else {k: v for k, v in feeds.items() if k in self._known}
+        return dict(zip(self.names, self.session.run(self.names, given), strict=True))
