@@ -10,12 +10,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from prune2deploy.errors import ConfigError, P2DError
+
 __all__ = [
+    "MAX_CONFIG_BYTES",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
     "dumps_json",
     "json_safe",
+    "read_config_file",
     "sha256_file",
 ]
 
@@ -72,3 +76,81 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
             while block := handle.read(chunk):
                 digest.update(block)
     return digest.hexdigest()
+
+
+#: A config file larger than this is refused: option files are a few hundred bytes.
+MAX_CONFIG_BYTES = 1 << 20
+
+_FORMATS = {".yaml": "YAML", ".yml": "YAML", ".toml": "TOML", ".json": "JSON"}
+
+
+def read_config_file(
+    path: Path | str,
+    *,
+    what: str = "config",
+    max_bytes: int = MAX_CONFIG_BYTES,
+    default_format: str | None = None,
+    error: type[P2DError] = ConfigError,
+) -> Any:
+    """Reads a YAML, TOML or JSON file that a user hands in; the format comes from the suffix.
+
+    Every file a user gives (config, sweep, plan, model config) is read here, so that none of them skips
+    a check. Refused with ``error`` (exit code 2), naming the file: a missing file, one over ``max_bytes``,
+    bytes that are not UTF-8, YAML anchors and aliases (a 600-byte alias bomb expands to gigabytes), an
+    unknown suffix (read as ``default_format``, "YAML", "TOML" or "JSON", when given) and text that does
+    not parse. An empty YAML file is ``{}``; the caller checks the shape of what it got.
+
+    Args:
+        what: the kind of file, for the messages ("config", "sweep", "plan").
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} file {path} does not exist")
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise error(f"{path}: {size} bytes; {what} files are at most {max_bytes} bytes")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    kind = _FORMATS.get(path.suffix, default_format)
+    if kind is None:
+        raise error(f"{path}: {what} files are .yaml, .toml or .json")
+    try:
+        if kind == "YAML":
+            import yaml
+
+            data = yaml.load(text, Loader=_yaml_loader(what))  # a SafeLoader subclass
+            return {} if data is None else data
+        if kind == "TOML":
+            import tomllib
+
+            return tomllib.loads(text)
+        return json.loads(text)
+    except _RefusedYAML as exc:
+        raise error(f"{path}: {exc}") from None
+    except Exception as exc:
+        raise error(f"{path}: cannot parse (not valid {kind}: {str(exc)[:300]})") from None
+
+
+class _RefusedYAML(Exception):
+    """YAML that parses but is refused (anchors, aliases); the reader re-raises it with the file's name."""
+
+
+def _yaml_loader(what: str):
+    import yaml
+
+    class _NoAliasLoader(yaml.SafeLoader):
+        """SafeLoader without anchors and aliases: a 600-byte alias bomb expands to gigabytes."""
+
+        def compose_node(self, parent, index):  # type: ignore[override]
+            event = self.peek_event()
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+                mark = event.start_mark
+                raise _RefusedYAML(
+                    f"line {mark.line + 1}: YAML anchors and aliases (&name / *name) are not allowed in {what} "
+                    "files; write each value out"
+                )
+            return super().compose_node(parent, index)
+
+    return _NoAliasLoader

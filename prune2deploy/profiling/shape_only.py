@@ -15,13 +15,13 @@ kept MLP channels, query and kv heads per layer, dropped layers, kept hidden cha
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prune2deploy.errors import BadInputError
+from prune2deploy.io import read_config_file
 from prune2deploy.profiling.costmodel import ENGINES, Kernel
 from prune2deploy.profiling.roofline import PRECISIONS
 
@@ -72,10 +72,11 @@ def load_config(source: Path | str | dict) -> dict[str, Any]:
         path = path / "config.json"
     if not path.is_file():
         raise BadInputError(f"{path}: no such config; pass an HF config.json or a folder that holds one")
-    try:
-        return json.loads(path.read_text("utf-8"))
-    except json.JSONDecodeError as exc:
-        raise BadInputError(f"{path}: not valid JSON ({exc})") from exc
+    # A name without a known suffix is read as JSON (HF configs); label maps can make one large, hence 16 MiB.
+    data = read_config_file(path, what="model config", max_bytes=16 << 20, default_format="JSON", error=BadInputError)
+    if not isinstance(data, dict):
+        raise BadInputError(f"{path}: an HF config is a JSON object, not {type(data).__name__}")
+    return data
 
 
 def _get(config: dict, *names: str, default: Any = None) -> Any:

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from prune2deploy.errors import BadInputError, ConfigError
-from prune2deploy.io import atomic_write_text
+from prune2deploy.io import atomic_write_text, read_config_file
 
 __all__ = [
     "PLAN_VERSION",
@@ -31,6 +31,8 @@ __all__ = [
 PLAN_VERSION = 1
 STRUCTURE_KEYS = ("unstructured", "mlp", "heads", "hidden", "layers")
 HEAD_GROUPINGS = ("free", "uniform", "whole-group")
+#: A plan lists every kept and removed index of every layer: about 50 MB for a 400B-parameter model.
+MAX_PLAN_BYTES = 256 << 20
 
 
 @dataclass
@@ -116,9 +118,16 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
     }
 
 
+class _NoAliasDumper(yaml.SafeDumper):
+    """Writes a shared object out again instead of as an anchor and alias, which load_plan refuses."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
 def dump_plan(plan: Plan, path: Path) -> None:
     """Writes the plan atomically; index lists stay on one line each (flow style)."""
-    text = yaml.safe_dump(plan_to_dict(plan), sort_keys=False, default_flow_style=None, width=120)
+    text = yaml.dump(plan_to_dict(plan), Dumper=_NoAliasDumper, sort_keys=False, default_flow_style=None, width=120)
     atomic_write_text(Path(path), text)
 
 
@@ -331,10 +340,7 @@ def _check_gqa(f: _Fields, path: str, choice: LayerChoice) -> None:
 def load_plan(path: Path | str) -> Plan:
     """Reads and validates a plan YAML written by :func:`dump_plan` (or by hand)."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise BadInputError(f"{path}: plan file not found") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if not path.is_file():
+        raise BadInputError(f"{path}: plan file not found")
+    data = read_config_file(path, what="plan", max_bytes=MAX_PLAN_BYTES, default_format="YAML")
     return plan_from_dict(data, where=str(path))

@@ -29,6 +29,7 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from prune2deploy.errors import ConfigError
+from prune2deploy.io import read_config_file
 from prune2deploy.pruning.plan import HEAD_GROUPINGS, STRUCTURE_KEYS
 from prune2deploy.spec import CompileOptions
 
@@ -317,26 +318,7 @@ def parse_sweep(data: Any, *, where: str = "sweep") -> SweepSpec:
 def load_sweep(path: Path | str) -> SweepSpec:
     """Reads and validates a sweep file (.yaml, .yml, .toml or .json)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep file {path} does not exist")
-    text = path.read_text()
-    try:
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
-        elif path.suffix == ".toml":
-            import tomllib
-
-            data = tomllib.loads(text)
-        elif path.suffix == ".json":
-            data = json.loads(text)
-        else:
-            raise ConfigError(f"{path}: sweep files are .yaml, .toml or .json")
-    except ConfigError:
-        raise
-    except Exception as exc:
-        raise ConfigError(f"{path}: cannot parse ({exc})") from exc
+    data = read_config_file(path, what="sweep")  # size, UTF-8 and alias checks, as for config files
     spec = parse_sweep(data, where=str(path))
     changes: dict[str, Any] = {"name": spec.name or path.stem}
     beside = path.parent / spec.model

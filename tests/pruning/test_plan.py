@@ -91,3 +91,22 @@ def test_missing_and_invalid_files(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_plan(tmp_path / "list.yaml")
+
+
+def test_plan_files_are_read_with_the_config_files_checks(plan_file, tmp_path):
+    """A plan is a file a user hands in: YAML anchors and aliases (an alias bomb) and non-UTF-8 bytes are
+    refused like in config files, with exit code 2 and the file's name."""
+    _, plan_path = plan_file
+    bomb = tmp_path / "bomb.yaml"
+    lines = ["a: &a [x, x, x, x, x, x, x, x]"]
+    lines += [f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 8)}]" for i in range(8)]
+    bomb.write_text(plan_path.read_text() + "\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match="anchors and aliases") as info:
+        load_plan(bomb)
+    assert info.value.exit_code == 2 and str(bomb) in str(info.value)
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(plan_path.read_bytes() + b"\nnote: \xff\xfe\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_plan(binary)
+    assert load_plan(plan_path).criterion == "wanda"  # the plan itself still reads
+    assert "&" not in plan_path.read_text()  # dump_plan never writes anchors, even for shared objects

@@ -110,3 +110,28 @@ def test_variants_differing_only_in_compile_options_share_their_masks(tmp_path):
     folders = [mask_folder(v, tmp_path, "k") for v in variants]
     assert folders[0] == folders[1] != folders[2] == folders[3]
     assert folders[0].name.startswith("magnitude-") and mask_folder(variants[0], tmp_path, "other") != folders[0]
+
+
+_ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n"
+    for i in range(8)
+)
+
+
+def test_sweep_files_are_read_with_the_config_files_checks(tmp_path):
+    """A sweep file gets the guarded reader of config files: no alias bomb, no non-UTF-8, no huge file."""
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(ISSUE_EXAMPLE + _ALIAS_BOMB)
+    with pytest.raises(ConfigError, match="anchors and aliases") as info:
+        load_sweep(bomb)
+    assert info.value.exit_code == 2 and str(bomb) in str(info.value)
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"model: [\xff\xfe]\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_sweep(binary)
+    huge = tmp_path / "huge.yaml"
+    huge.write_text(ISSUE_EXAMPLE + "# padding\n" * (1 << 17))
+    with pytest.raises(ConfigError, match="at most"):
+        load_sweep(huge)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_sweep(tmp_path / "missing.yaml")
