@@ -30,6 +30,8 @@ import numpy as np
 import onnx_ir as ir
 
 from prune2deploy.errors import UnsupportedModelError
+from prune2deploy.outputs.fp32 import computing_in_fp32
+from prune2deploy.outputs.registry import OutputCheck, OutputContext, OutputSection, OutputSpec, register_output
 from prune2deploy.outputs.slice import SliceResult
 
 __all__ = [
@@ -212,74 +214,36 @@ def build_genai_decoder(sliced: SliceResult, *, context_length: int | None = Non
     # fp32 for ONNX Runtime's and onnxruntime-genai's CPU kernels (the builder's -e cpu writes fp32 too); the
     # weights of a half-precision model are upcast one tensor at a time while the file is written
     dtype = np.float32
-    io_type = ir.DataType.from_numpy(np.dtype(dtype))
     length = int(context_length or getattr(config, "max_position_embeddings", 4096))
     eps = float(getattr(config, "rms_norm_eps", 1e-6))
     g = _Graph()
-
-    batch, seq = ir.SymbolicDim("batch_size"), ir.SymbolicDim("sequence_length")
-    total, past = ir.SymbolicDim("total_sequence_length"), ir.SymbolicDim("past_sequence_length")
-    input_ids = ir.Value(name="input_ids", shape=ir.Shape([batch, seq]), type=ir.TensorType(ir.DataType.INT64))
-    mask = ir.Value(name="attention_mask", shape=ir.Shape([batch, total]), type=ir.TensorType(ir.DataType.INT64))
-    inputs, outputs = [input_ids, mask], []
+    io = _DecoderIO()
+    inputs = [io.input_ids, io.mask]
 
     one = g.const("/model/constants/INT64/[1]", np.array([1], dtype=np.int64))
-    seqlens = g.op("ReduceSum", mask, one, keepdims=0, name="/model/attn_mask/ReduceSum")
+    seqlens = g.op("ReduceSum", io.mask, one, keepdims=0, name="/model/attn_mask/ReduceSum")
     seqlens = g.op("Cast", g.op("Sub", seqlens, one, name="/model/attn_mask/Sub"), to=ir.DataType.INT32)
-    total_len = g.op("Gather", g.op("Shape", mask), g.const("/model/constants/INT64/1", np.array(1, dtype=np.int64)))
+    total_len = g.op("Gather", g.op("Shape", io.mask), g.const("/model/constants/INT64/1", np.array(1, dtype=np.int64)))
     total_len = g.op("Cast", total_len, to=ir.DataType.INT32, name="/model/attn_mask/total/Cast")
     cos, sin = _rotary_caches(module, d, length, dtype)
-    cos_cache, sin_cache = g.const("cos_cache", cos), g.const("sin_cache", sin)
+    attention = _Attention(seqlens, total_len, g.const("cos_cache", cos), g.const("sin_cache", sin), d, eps)
 
     embed = module.model.embed_tokens.weight
     table = g.lazy_const("model.embed_tokens.weight", lambda: _np(embed, dtype), tuple(embed.shape), dtype)
-    hidden = g.op("Gather", table, input_ids, name="/model/embed_tokens/Gather")
-    residual = hidden
+    residual = g.op("Gather", table, io.input_ids, name="/model/embed_tokens/Gather")
     layers = list(module.model.layers)
-    x = g.op("SimplifiedLayerNormalization", hidden, g.const("model.layers.0.input_layernorm.weight",
+    x = g.op("SimplifiedLayerNormalization", residual, g.const("model.layers.0.input_layernorm.weight",
              _np(layers[0].input_layernorm.weight, dtype)), axis=-1, epsilon=eps, stash_type=1)  # fmt: skip
+    outputs = []
     for i, layer in enumerate(layers):
-        attn, mlp = layer.self_attn, layer.mlp
-        heads, kv = attn.q_proj.out_features // d, attn.k_proj.out_features // d
-        prefix = f"model.layers.{i}"
-        qkv = _linear(g, x, [attn.q_proj, attn.k_proj, attn.v_proj], f"{prefix}.attn.qkv_proj", dtype)
-        past_k = ir.Value(name=f"past_key_values.{i}.key", shape=ir.Shape([batch, kv, past, d]),
-                          type=ir.TensorType(io_type))  # fmt: skip
-        past_v = ir.Value(name=f"past_key_values.{i}.value", shape=ir.Shape([batch, kv, past, d]),
-                          type=ir.TensorType(io_type))  # fmt: skip
-        inputs += [past_k, past_v]
-        attn_out, present_k, present_v = g.op(
-            "GroupQueryAttention", qkv, None, None, past_k, past_v, seqlens, total_len, cos_cache, sin_cache,
-            domain="com.microsoft", outputs=3, name=f"/{prefix}/attn/GroupQueryAttention",
-            num_heads=heads, kv_num_heads=kv, scale=float(attn.scaling), do_rotary=1, rotary_interleaved=0,
-            local_window_size=-1,
-        )  # fmt: skip
-        for value, kind in ((present_k, "key"), (present_v, "value")):
-            value.name = f"present.{i}.{kind}"
-            value.shape = ir.Shape([batch, kv, total, d])
-            value.type = ir.TensorType(io_type)
-            outputs.append(value)
-        attn_out = _linear(g, attn_out, [attn.o_proj], f"{prefix}.attn.o_proj", dtype)
-        x, _, _, residual = g.op(
-            "SkipSimplifiedLayerNormalization", residual, attn_out,
-            g.const(f"{prefix}.post_attention_layernorm.weight", _np(layer.post_attention_layernorm.weight, dtype)),
-            domain="com.microsoft", outputs=4, epsilon=eps, name=f"/{prefix}/post_attention_layernorm",
-        )  # fmt: skip
-        gate = _linear(g, x, [mlp.gate_proj], f"{prefix}.mlp.gate_proj", dtype)
-        up = _linear(g, x, [mlp.up_proj], f"{prefix}.mlp.up_proj", dtype)
-        act = g.op("Mul", gate, g.op("Sigmoid", gate))
-        down = _linear(g, g.op("Mul", act, up), [mlp.down_proj], f"{prefix}.mlp.down_proj", dtype)
         is_last = i == len(layers) - 1
         norm = module.model.norm if is_last else layers[i + 1].input_layernorm
         norm_name = "model.norm.weight" if is_last else f"model.layers.{i + 1}.input_layernorm.weight"
-        x, _, _, residual = g.op(
-            "SkipSimplifiedLayerNormalization", residual, down, g.const(norm_name, _np(norm.weight, dtype)),
-            domain="com.microsoft", outputs=4, epsilon=eps, name=f"/{prefix}/next_norm",
-        )  # fmt: skip
+        x, residual, past, present = _decoder_layer(g, io, attention, layer, i, x, residual, (norm_name, norm))
+        inputs += past
+        outputs += present
     logits = _linear(g, x, [module.lm_head], "lm_head", dtype)
-    logits.name = "logits"
-    logits.shape = ir.Shape([batch, seq, int(module.lm_head.out_features)])
-    logits.type = ir.TensorType(io_type)
+    io.name(logits, "logits", [io.batch, io.seq, int(module.lm_head.out_features)])
     # present values alternate key, value per layer; genai finds them by name
     graph = ir.Graph(
         inputs,
@@ -290,6 +254,79 @@ def build_genai_decoder(sliced: SliceResult, *, context_length: int | None = Non
         name="prune2deploy_genai_decoder",
     )
     return ir.Model(graph, ir_version=10, producer_name="prune2deploy")
+
+
+class _DecoderIO:
+    """The decoder's symbolic dimensions and genai's I/O names (fp32 values)."""
+
+    def __init__(self) -> None:
+        self.batch, self.seq = ir.SymbolicDim("batch_size"), ir.SymbolicDim("sequence_length")
+        self.total, self.past = ir.SymbolicDim("total_sequence_length"), ir.SymbolicDim("past_sequence_length")
+        int64 = ir.TensorType(ir.DataType.INT64)
+        self.input_ids = ir.Value(name="input_ids", shape=ir.Shape([self.batch, self.seq]), type=int64)
+        self.mask = ir.Value(name="attention_mask", shape=ir.Shape([self.batch, self.total]), type=int64)
+
+    def past_kv(self, i: int, kv: int, d: int) -> list[ir.Value]:
+        dims, fp32 = [self.batch, kv, self.past, d], ir.TensorType(ir.DataType.FLOAT)
+        return [
+            ir.Value(name=f"past_key_values.{i}.{kind}", shape=ir.Shape(dims), type=fp32) for kind in ("key", "value")
+        ]
+
+    @staticmethod
+    def name(value: ir.Value, name: str, shape: list[Any]) -> None:
+        value.name = name
+        value.shape = ir.Shape(shape)
+        value.type = ir.TensorType(ir.DataType.FLOAT)
+
+
+@dataclass(frozen=True)
+class _Attention:
+    """What every layer's GroupQueryAttention shares: sequence lengths, rotary caches, head size, norm eps."""
+
+    seqlens: ir.Value
+    total_len: ir.Value
+    cos_cache: ir.Value
+    sin_cache: ir.Value
+    head_dim: int
+    eps: float
+
+
+def _decoder_layer(
+    g: _Graph, io: _DecoderIO, shared: _Attention, layer: Any, i: int, x: ir.Value, residual: ir.Value,
+    next_norm: tuple[str, Any],
+) -> tuple[ir.Value, ir.Value, list[ir.Value], list[ir.Value]]:  # fmt: skip
+    """One layer: packed QKV, GroupQueryAttention on the un-expanded cache, SkipRMSNorm, SwiGLU, and the next
+    layer's (or the final) norm fused with the residual add. Returns (x, residual, past inputs, presents)."""
+    dtype, d, eps = np.float32, shared.head_dim, shared.eps
+    attn, mlp = layer.self_attn, layer.mlp
+    heads, kv = attn.q_proj.out_features // d, attn.k_proj.out_features // d
+    prefix = f"model.layers.{i}"
+    qkv = _linear(g, x, [attn.q_proj, attn.k_proj, attn.v_proj], f"{prefix}.attn.qkv_proj", dtype)
+    past_k, past_v = io.past_kv(i, kv, d)
+    attn_out, present_k, present_v = g.op(
+        "GroupQueryAttention", qkv, None, None, past_k, past_v, shared.seqlens, shared.total_len,
+        shared.cos_cache, shared.sin_cache, domain="com.microsoft", outputs=3,
+        name=f"/{prefix}/attn/GroupQueryAttention", num_heads=heads, kv_num_heads=kv, scale=float(attn.scaling),
+        do_rotary=1, rotary_interleaved=0, local_window_size=-1,
+    )  # fmt: skip
+    for value, kind in ((present_k, "key"), (present_v, "value")):
+        io.name(value, f"present.{i}.{kind}", [io.batch, kv, io.total, d])
+    attn_out = _linear(g, attn_out, [attn.o_proj], f"{prefix}.attn.o_proj", dtype)
+    x, _, _, residual = g.op(
+        "SkipSimplifiedLayerNormalization", residual, attn_out,
+        g.const(f"{prefix}.post_attention_layernorm.weight", _np(layer.post_attention_layernorm.weight, dtype)),
+        domain="com.microsoft", outputs=4, epsilon=eps, name=f"/{prefix}/post_attention_layernorm",
+    )  # fmt: skip
+    gate = _linear(g, x, [mlp.gate_proj], f"{prefix}.mlp.gate_proj", dtype)
+    up = _linear(g, x, [mlp.up_proj], f"{prefix}.mlp.up_proj", dtype)
+    act = g.op("Mul", gate, g.op("Sigmoid", gate))
+    down = _linear(g, g.op("Mul", act, up), [mlp.down_proj], f"{prefix}.mlp.down_proj", dtype)
+    norm_name, norm = next_norm
+    x, _, _, residual = g.op(
+        "SkipSimplifiedLayerNormalization", residual, down, g.const(norm_name, _np(norm.weight, dtype)),
+        domain="com.microsoft", outputs=4, epsilon=eps, name=f"/{prefix}/next_norm",
+    )  # fmt: skip
+    return x, residual, [past_k, past_v], [present_k, present_v]
 
 
 def _genai_config(sliced: SliceResult, context_length: int, filename: str) -> dict[str, Any]:
@@ -552,3 +589,74 @@ def check_genai_folder(
         "matching": sum(a == b for a, b in zip(got, want, strict=False)),
     }
     return section
+
+
+def _write(context: OutputContext) -> OutputSection:
+    """The genai/ writer: decoder from the sliced module, checked against the masked model (ONNX Runtime, then
+    onnxruntime-genai's greedy tokens) and, after a plan repeated in torch, against ``model.onnx``.
+
+    The masked model's outputs on the check inputs are taken first; the masked module is freed before the
+    folder is written and the sliced one before the checks load the written decoder.
+    """
+    models, say = context.torch, context.progress
+    shortfall = check_memory_shortfall(models.sliced())
+    if shortfall:
+        log.warning(shortfall)
+        return OutputSection({"written": False, "reason": shortfall})
+    target = models.target()
+    with computing_in_fp32(target):  # the fp32 decoder is checked against the masked model in fp32
+        expected = reference_outputs(target)
+    del target
+    models.release_masked()  # its last use: the sliced copy shares only what slicing left unchanged
+    say("writing genai/ (GroupQueryAttention decoder)")
+    length = context.options.genai_context_length
+    section = write_genai_folder(models.sliced(), models.tokenizer, context.folder, context_length=length)
+    section["written"] = True
+    models.release_sliced()  # the checks load the written decoder; the sliced weights are not needed any more
+    say("checking genai/ against the masked model (ONNX Runtime, then onnxruntime-genai)")
+    section = check_genai_folder(
+        context.folder,
+        expected,
+        section,
+        tolerance=context.options.tolerance,
+        compiled_model=context.model_path if models.changed else None,
+    )
+    models.note(section)
+    if models.half:
+        section["precision_note"] = "fp32 decoder built from a half-precision checkpoint (upcast per tensor)"
+    return OutputSection(section, check=_verdict(section))
+
+
+def _verdict(section: dict[str, Any]) -> OutputCheck:
+    """The decoder's logits within tolerance, and onnxruntime-genai's greedy tokens equal transformers'."""
+    check = section["check"]
+    if not check["passed"]:
+        return OutputCheck(
+            False,
+            f"genai/ decoder differs from the masked model by {check['max_rel_diff']:.3g} (relative), more than "
+            f"its tolerance {check['tolerance']:g}",
+            "This is a bug.",
+        )
+    tokens = section.get("genai", {})
+    if tokens.get("checked") and not tokens["greedy_tokens_equal"]:
+        return OutputCheck(
+            False,
+            "onnxruntime-genai's greedy tokens on genai/ differ from transformers' on the masked model "
+            f"({tokens['matching']} of {tokens['tokens_compared']} equal)",
+        )
+    return OutputCheck(True)
+
+
+register_output(
+    OutputSpec(
+        name="genai",
+        folder="genai",
+        order=20,  # last of the torch writers: it frees the masked and sliced modules
+        summary="onnxruntime-genai package: GroupQueryAttention KV-cache decoder, genai_config.json, tokenizer",
+        write=_write,
+        causal_lm=True,
+        torch_module=True,
+        option="genai",
+        default=True,
+    )
+)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from prune2deploy.outputs.fp32 import computing_in_fp32
+from prune2deploy.outputs.registry import OutputContext, OutputSection, OutputSpec, register_output
 from prune2deploy.outputs.slice import SliceResult
 
 __all__ = ["check_hf_checkpoint", "write_hf_checkpoint"]
@@ -38,16 +39,7 @@ def write_hf_checkpoint(sliced: SliceResult, tokenizer: Any, out: Path, *, refer
     """
     section: dict[str, Any] = {"path": "hf", **sliced.summary()}
     if not sliced.uniform:
-        layers = sliced.nonuniform_layers()
-        section.update(
-            written=False,
-            reason=(
-                f"per-layer widths differ ({len(layers)} layers differ from layer 0: {', '.join(layers)}); "
-                f"{type(sliced.module.config).__name__} has one num_attention_heads / num_key_value_heads / "
-                "intermediate_size for all layers, so no transformers config can describe this model"
-            ),
-            nonuniform_layers=layers,
-        )
+        section.update(written=False, reason=sliced.nonuniform_reason(), nonuniform_layers=sliced.nonuniform_layers())
         log.warning("hf checkpoint not written: %s", section["reason"])
         return section
     module = sliced.module
@@ -97,3 +89,33 @@ def check_hf_checkpoint(folder: Path, reference: Any, *, seq: int = 16, new_toke
         "tokens_compared": new_tokens,
         "params": int(sum(p.numel() for p in loaded.parameters())),
     }
+
+
+def _write(context: OutputContext) -> OutputSection:
+    """The hf/ writer: the sliced module (the plan repeated) saved and reloaded; its check is information
+    (reported numbers and greedy tokens), not a verdict."""
+    models = context.torch
+    sliced = models.sliced()
+    context.progress("writing hf/ (transformers checkpoint) and reloading it")
+    # after regrouping or a depth plan, the model to compare with is the changed one (not the masked module)
+    section = write_hf_checkpoint(sliced, models.tokenizer, context.folder, reference=models.target())
+    models.note(section)
+    if models.half:
+        dtype = str(sliced.module.dtype).removeprefix("torch.")
+        section["precision_note"] = f"written in the checkpoint's {dtype}; checked in fp32"
+    return OutputSection(section)
+
+
+register_output(
+    OutputSpec(
+        name="hf",
+        folder="hf",
+        order=10,  # before genai/, which frees the torch modules
+        summary="a physically smaller transformers checkpoint (vLLM, TensorRT-LLM, llama.cpp converters)",
+        write=_write,
+        causal_lm=True,
+        torch_module=True,
+        uniform_widths=True,
+        option="hf_checkpoint",
+    )
+)

@@ -77,19 +77,7 @@ def regroup_sliced(
     """
     import torch
 
-    if grouping not in ("adjacent", "similarity"):
-        raise UnsupportedModelError(f"regroup-gqa grouping {grouping!r} cannot be repeated on the torch module")
-    if grouping == "similarity" and orders is None:
-        raise UnsupportedModelError(
-            "regroup-gqa with similarity grouping permutes query heads by the graph's weights, and the pass's "
-            "permutations were not given: genai/ and hf/ cannot repeat it (use --gqa-grouping adjacent, or --no-genai)"
-        )
-    uneven = [where for where in sliced.padded if ".kv" in where]
-    if uneven:
-        raise UnsupportedModelError(
-            f"slicing kept zero query heads to even out kv groups ({', '.join(uneven[:3])}), where model.onnx "
-            "gathers kv heads instead: the head indices differ, so the regrouping cannot be repeated in torch"
-        )
+    _check_repeatable(sliced, grouping, orders)
     d = sliced.head_dim
     layers = sliced.module.model.layers
     changed: dict[str, list[int]] = {}
@@ -110,27 +98,7 @@ def regroup_sliced(
                     )
             elif groups is None or groups == kv or heads % groups:
                 continue  # as the pass: not named, already grouped so, or G does not divide the query heads
-            attn = layer.self_attn
-            kv_of = [h // (heads // kv) for h in range(heads)]
-            members = group_members(order if order is not None else list(range(heads)), groups)
-            if order is not None:  # query head at new position p is old head order[p]: groups become adjacent
-                _permute_query_heads(attn, order, d)
-            for name in ("k_proj", "v_proj"):
-                old = getattr(attn, name)
-                weight = old.weight.detach().float().numpy().reshape(kv, d, -1)[kv_of]  # [H, d, in]
-                pooled = pool_groups(weight, members, method).reshape(groups * d, -1)
-                new = torch.nn.Linear(
-                    pooled.shape[1], pooled.shape[0], bias=old.bias is not None, dtype=old.weight.dtype
-                )
-                new.weight.copy_(torch.from_numpy(np.ascontiguousarray(pooled)))
-                if old.bias is not None:
-                    bias = old.bias.detach().float().numpy().reshape(kv, d)[kv_of]
-                    pooled_bias = pool_groups(bias, members, method).reshape(-1)
-                    new.bias.copy_(torch.from_numpy(np.ascontiguousarray(pooled_bias)))
-                setattr(attn, name, new)
-            attn.num_key_value_groups = heads // groups
-            if hasattr(attn, "num_key_value_heads"):
-                attn.num_key_value_heads = groups
+            _regroup_layer(layer.self_attn, heads, kv, groups, order, d, method)
             sliced.layers[position] = LayerWidths(i, heads, groups, widths.intermediate)
             changed[f"model.layers.{i}"] = [kv, groups]
     if sliced.uniform:
@@ -140,3 +108,43 @@ def regroup_sliced(
             cfg.num_key_value_heads = sliced.layers[0].kv_heads
     log.info("regrouped %d layers for genai/ and hf/: %s", len(changed), changed)
     return {"grouping": grouping, "method": method, "layers": changed}
+
+
+def _check_repeatable(sliced: SliceResult, grouping: str, orders: Mapping[str, list[int]] | None) -> None:
+    if grouping not in ("adjacent", "similarity"):
+        raise UnsupportedModelError(f"regroup-gqa grouping {grouping!r} cannot be repeated on the torch module")
+    if grouping == "similarity" and orders is None:
+        raise UnsupportedModelError(
+            "regroup-gqa with similarity grouping permutes query heads by the graph's weights, and the pass's "
+            "permutations were not given: genai/ and hf/ cannot repeat it (use --gqa-grouping adjacent, or --no-genai)"
+        )
+    uneven = [where for where in sliced.padded if ".kv" in where]
+    if uneven:
+        raise UnsupportedModelError(
+            f"slicing kept zero query heads to even out kv groups ({', '.join(uneven[:3])}), where model.onnx "
+            "gathers kv heads instead: the head indices differ, so the regrouping cannot be repeated in torch"
+        )
+
+
+def _regroup_layer(attn: Any, heads: int, kv: int, groups: int, order: list[int] | None, d: int, method: str) -> None:
+    """One layer's K/V pooled into ``groups`` heads, its query heads first permuted into ``order``."""
+    import torch
+
+    kv_of = [h // (heads // kv) for h in range(heads)]
+    members = group_members(order if order is not None else list(range(heads)), groups)
+    if order is not None:  # query head at new position p is old head order[p]: groups become adjacent
+        _permute_query_heads(attn, order, d)
+    for name in ("k_proj", "v_proj"):
+        old = getattr(attn, name)
+        weight = old.weight.detach().float().numpy().reshape(kv, d, -1)[kv_of]  # [H, d, in]
+        pooled = pool_groups(weight, members, method).reshape(groups * d, -1)
+        new = torch.nn.Linear(pooled.shape[1], pooled.shape[0], bias=old.bias is not None, dtype=old.weight.dtype)
+        new.weight.copy_(torch.from_numpy(np.ascontiguousarray(pooled)))
+        if old.bias is not None:
+            bias = old.bias.detach().float().numpy().reshape(kv, d)[kv_of]
+            pooled_bias = pool_groups(bias, members, method).reshape(-1)
+            new.bias.copy_(torch.from_numpy(np.ascontiguousarray(pooled_bias)))
+        setattr(attn, name, new)
+    attn.num_key_value_groups = heads // groups
+    if hasattr(attn, "num_key_value_heads"):
+        attn.num_key_value_heads = groups

@@ -82,6 +82,17 @@ class SliceResult:
             if (w.num_heads, w.kv_heads, w.intermediate) != (first.num_heads, first.kv_heads, first.intermediate)
         }
 
+    def nonuniform_reason(self) -> str:
+        """Why no transformers config (one width per kind for all layers) describes this model; '' when one does."""
+        if self.uniform:
+            return ""
+        layers = self.nonuniform_layers()
+        return (
+            f"per-layer widths differ ({len(layers)} layers differ from layer 0: {', '.join(layers)}); "
+            f"{type(self.module.config).__name__} has one num_attention_heads / num_key_value_heads / "
+            "intermediate_size for all layers, so no transformers config can describe this model"
+        )
+
     def summary(self) -> dict[str, Any]:
         return {
             "head_dim": self.head_dim,
@@ -190,8 +201,7 @@ def slice_causal_lm(module: Any) -> SliceResult:
 
     module = getattr(module, "module", module)
     layers = _decoder_layers(module)
-    config = module.config
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    text = _text_config(module.config)
     heads = int(text.num_attention_heads)
     kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
     d = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
@@ -212,54 +222,71 @@ def slice_causal_lm(module: Any) -> SliceResult:
     padded: dict[str, str] = {}
     with torch.no_grad():
         for i, layer in enumerate(_decoder_layers(sliced)):
-            attn, mlp = layer.self_attn, layer.mlp
-            n_heads = attn.q_proj.out_features // d
-            n_kv = attn.k_proj.out_features // d
-            q_keep, kv_keep = _head_plan(attn, n_heads, n_kv, d, f"model.layers.{i}.self_attn", padded)
-            if len(q_keep) < n_heads or len(kv_keep) < n_kv:
-                q_cols = torch.tensor([h * d + j for h in q_keep for j in range(d)])
-                kv_cols = torch.tensor([g * d + j for g in kv_keep for j in range(d)])
-                attn.q_proj = restricted_linear(attn.q_proj, rows=q_cols)
-                attn.k_proj = restricted_linear(attn.k_proj, rows=kv_cols)
-                attn.v_proj = restricted_linear(attn.v_proj, rows=kv_cols)
-                attn.o_proj = restricted_linear(attn.o_proj, cols=q_cols)
-            attn.num_key_value_groups = len(q_keep) // len(kv_keep)
-            for name in ("num_heads", "num_attention_heads"):
-                if hasattr(attn, name):
-                    setattr(attn, name, len(q_keep))
-            if hasattr(attn, "num_key_value_heads"):
-                attn.num_key_value_heads = len(kv_keep)
-
-            gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
-            dead = ~down.weight.detach().any(dim=0)
-            for proj, needs_zero_act in ((gate, True), (up, False)):
-                if needs_zero_act and act not in _ZERO_AT_ZERO:
-                    continue
-                rows_zero = ~proj.weight.detach().any(dim=1)
-                if proj.bias is not None:
-                    rows_zero &= proj.bias.detach() == 0
-                dead |= rows_zero
-            keep = torch.nonzero(~dead).flatten()
-            if keep.numel() == 0:
-                keep = torch.tensor([0])
-                padded[f"model.layers.{i}.mlp"] = "every neuron is zero; one is kept"
-            if keep.numel() < dead.numel():
-                mlp.gate_proj = restricted_linear(gate, rows=keep)
-                mlp.up_proj = restricted_linear(up, rows=keep)
-                mlp.down_proj = restricted_linear(down, cols=keep)
-            if hasattr(mlp, "intermediate_size"):
-                mlp.intermediate_size = int(keep.numel())
-            widths.append(LayerWidths(i, len(q_keep), len(kv_keep), int(keep.numel())))
+            q_heads, kv = _slice_attention(layer.self_attn, d, f"model.layers.{i}.self_attn", padded)
+            intermediate = _slice_mlp(layer.mlp, act, f"model.layers.{i}.mlp", padded)
+            widths.append(LayerWidths(i, q_heads, kv, intermediate))
 
     result = SliceResult(sliced, d, dense, widths, padded)
     if result.uniform:
         first = widths[0]
         config = sliced.config
-        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-        for cfg in {id(config): config, id(text): text}.values():
+        for cfg in {id(config): config, id(_text_config(config)): _text_config(config)}.values():
             cfg.num_attention_heads = first.num_heads
             cfg.num_key_value_heads = first.kv_heads
             cfg.intermediate_size = first.intermediate
             cfg.head_dim = d  # no longer hidden_size // num_attention_heads
     log.info("sliced %s: %s", type(module).__name__, [(w.num_heads, w.kv_heads, w.intermediate) for w in widths])
     return result
+
+
+def _text_config(config: Any) -> Any:
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+def _slice_attention(attn: Any, d: int, where: str, padded: dict[str, str]) -> tuple[int, int]:
+    """Removes ``attn``'s zero query heads and the kv heads no kept query head reads; (query, kv) heads kept."""
+    import torch
+
+    n_heads = attn.q_proj.out_features // d
+    n_kv = attn.k_proj.out_features // d
+    q_keep, kv_keep = _head_plan(attn, n_heads, n_kv, d, where, padded)
+    if len(q_keep) < n_heads or len(kv_keep) < n_kv:
+        q_cols = torch.tensor([h * d + j for h in q_keep for j in range(d)])
+        kv_cols = torch.tensor([g * d + j for g in kv_keep for j in range(d)])
+        attn.q_proj = restricted_linear(attn.q_proj, rows=q_cols)
+        attn.k_proj = restricted_linear(attn.k_proj, rows=kv_cols)
+        attn.v_proj = restricted_linear(attn.v_proj, rows=kv_cols)
+        attn.o_proj = restricted_linear(attn.o_proj, cols=q_cols)
+    attn.num_key_value_groups = len(q_keep) // len(kv_keep)
+    for name in ("num_heads", "num_attention_heads"):
+        if hasattr(attn, name):
+            setattr(attn, name, len(q_keep))
+    if hasattr(attn, "num_key_value_heads"):
+        attn.num_key_value_heads = len(kv_keep)
+    return len(q_keep), len(kv_keep)
+
+
+def _slice_mlp(mlp: Any, act: str, where: str, padded: dict[str, str]) -> int:
+    """Removes ``mlp``'s zero neurons (see the module docstring for when one is zero); the width kept."""
+    import torch
+
+    gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+    dead = ~down.weight.detach().any(dim=0)
+    for proj, needs_zero_act in ((gate, True), (up, False)):
+        if needs_zero_act and act not in _ZERO_AT_ZERO:
+            continue
+        rows_zero = ~proj.weight.detach().any(dim=1)
+        if proj.bias is not None:
+            rows_zero &= proj.bias.detach() == 0
+        dead |= rows_zero
+    keep = torch.nonzero(~dead).flatten()
+    if keep.numel() == 0:
+        keep = torch.tensor([0])
+        padded[where] = "every neuron is zero; one is kept"
+    if keep.numel() < dead.numel():
+        mlp.gate_proj = restricted_linear(gate, rows=keep)
+        mlp.up_proj = restricted_linear(up, rows=keep)
+        mlp.down_proj = restricted_linear(down, cols=keep)
+    if hasattr(mlp, "intermediate_size"):
+        mlp.intermediate_size = int(keep.numel())
+    return int(keep.numel())
