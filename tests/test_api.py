@@ -191,3 +191,19 @@ def test_unknown_option_is_an_error():
 
     with pytest.raises(ConfigError, match="unknown option"):
         CompileOptions.from_dict({"pases": ["remove-channels"]})
+
+
+def test_a_prune_plan_asks_for_the_sparse_weights_pass_only_in_a_sparse_core_pattern(tmp_path):
+    """The prune → compile policy lives in the API: 2:4 and 1:4 masks ask for the registry's sparse_weights pass."""
+    from types import SimpleNamespace
+
+    from prune2deploy.pruning.plan import Plan
+
+    sparse = [name for name, spec in api.pass_specs().items() if spec.sparse_weights]
+    for nm, wanted in (((2, 4), sparse), ((1, 4), sparse), ((2, 8), []), (None, [])):
+        plan = Plan(method="m", criterion="magnitude", ratios={}, nm=nm)
+        assert api.plan_passes(plan) == wanted, nm
+    result = SimpleNamespace(plan=Plan(method="m", criterion="magnitude", ratios={}, nm=(2, 4)), plan_path=tmp_path)
+    options = api.plan_options(result, overwrite=True)
+    assert options.plan == tmp_path and options.overwrite and set(sparse) <= set(options.passes)
+    assert set(options.requested_passes) == {*CompileOptions().requested_passes, *sparse}
