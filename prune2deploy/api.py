@@ -420,10 +420,11 @@ def predict(
     past: int = 0,
     plan: Path | str | None = None,
 ) -> list[dict]:
-    """Latency per target GPU: the engine-aware cost model, with the ideal roofline as its lower bound.
+    """Latency per target GPU from the engine-aware cost model, one row per GPU in the schema of
+    :mod:`prune2deploy.profiling.prediction` (the compile report's rows for the same models, engine and shape).
 
-    ``model`` is an ONNX file (priced from its graph; with ``against``, side by side with the reference), or
-    an HF ``config.json`` / a folder holding one (priced from shapes alone: see :func:`predict_config`).
+    ``model`` is an ONNX file (priced from its graph; with ``against``, side by side with the reference, both at
+    the same fusion level), or an HF ``config.json`` / a folder holding one (shape-only: :func:`predict_config`).
     """
     from prune2deploy.profiling.roofline import load_catalog, resolve_gpus
 
@@ -437,50 +438,14 @@ def predict(
             path, gpus=gpus, precision=precision, batch=batch, seq=seq, engine=engine, decode=decode, past=past,
             plan=plan,
         )  # fmt: skip
-    from prune2deploy.analysis.cost import model_cost
     from prune2deploy.frontends.onnx import load_onnx
-    from prune2deploy.profiling.costmodel import kernels_from_cost, price
-    from prune2deploy.profiling.roofline import load_catalog, predict_table, resolve_gpus
-    from prune2deploy.profiling.roofline import predict as roofline_predict
+    from prune2deploy.profiling.prediction import compare_models, with_legacy_keys
 
-    catalog = load_catalog()
     compiled = load_onnx(path)
+    reference = load_onnx(Path(against)) if against is not None else None
     seq = _fit_seqs(path, None if seq is None else [seq], 128, model=compiled)[0]
-    new_cost = model_cost(compiled, batch=batch, seq=seq)
-    new_kernels = kernels_from_cost(new_cost, precision=precision, engine=engine)
-    if against is None:
-        rows = []
-        for p in roofline_predict(new_cost, gpus=gpus, precision=precision, catalog=catalog):
-            pred = price(new_kernels, catalog[p.gpu], precision=precision, engine=engine)
-            rows.append(
-                {
-                    **p.as_dict(),
-                    "engine": engine,
-                    "predicted_ms": pred.latency_ms,
-                    "lower_bound_ms": pred.lower_bound_ms,
-                    "binding": pred.binding,
-                    "binding_by_group": pred.binding_by_group,
-                }
-            )
-        return rows
-    ref_cost = model_cost(load_onnx(Path(against)), batch=batch, seq=seq)
-    ref_kernels = kernels_from_cost(ref_cost, precision=precision, engine=engine)
-    rows = []
-    for r in predict_table(ref_cost, new_cost, gpus=gpus, precision=precision, catalog=catalog):
-        spec = resolve_gpus([r.gpu], catalog)[0]
-        before = price(ref_kernels, spec, precision=precision, engine=engine)
-        after = price(new_kernels, spec, precision=precision, engine=engine)
-        rows.append(
-            {
-                **r.as_dict(),
-                "engine": engine,
-                "reference_predicted_ms": before.latency_ms,
-                "predicted_ms": after.latency_ms,
-                "predicted_speedup": before.latency_ms / after.latency_ms,
-                "binding": after.binding,
-            }
-        )
-    return rows
+    rows = compare_models(reference, compiled, batch=batch, seq=seq, gpus=gpus, precision=precision, engine=engine)
+    return [with_legacy_keys(row) for row in rows]
 
 
 def predict_config(
@@ -498,42 +463,16 @@ def predict_config(
     """Shape-only prediction from an HF config (no weights, no export): a prefill of ``seq`` tokens, or one
     decode step after ``past`` tokens, per catalog GPU; for decoders also tokens/s and the batch at which the
     decode step turns compute-bound. ``plan`` (a plan YAML or :class:`~prune2deploy.pruning.plan.Plan`)
-    narrows the widths per layer."""
-    from prune2deploy.profiling.costmodel import compute_bound_batch, price
-    from prune2deploy.profiling.roofline import load_catalog, resolve_gpus
-    from prune2deploy.profiling.shape_only import load_config, model_kernels, shape_from_config
+    narrows the widths per layer. Rows: :mod:`prune2deploy.profiling.prediction`'s schema, ``source=config``."""
+    from prune2deploy.profiling.prediction import with_legacy_keys
+    from prune2deploy.profiling.shape_only import config_rows
 
     if isinstance(plan, (str, Path)):
         from prune2deploy.pruning.plan import load_plan
 
         plan = load_plan(plan)
-    shape = shape_from_config(load_config(config), plan)
-    catalog = load_catalog()
-    specs = resolve_gpus(gpus, catalog)
-    if gpus is None:
-        specs = [s for s in specs if s.supports(precision)]
-
-    def build(b: int):
-        return model_kernels(shape, batch=b, seq=seq, past=past, decode=decode, precision=precision, engine=engine)
-
-    kernels = build(batch)
-    rows = []
-    for spec in specs:
-        pred = price(kernels, spec, precision=precision, engine=engine)
-        tokens = batch * (1 if decode else seq)
-        row = {
-            "gpu": spec.key,
-            "engine": engine,
-            "precision": precision,
-            "batch": batch,
-            "seq": None if decode else seq,
-            "past": past if decode else None,
-            "mode": "decode" if decode else "prefill",
-            "params": shape.params,
-            **pred.as_dict(),
-            "tokens_per_s": tokens * 1000 / pred.latency_ms if shape.family != "resnet" else None,
-        }
-        if decode and shape.family == "decoder":
-            row["compute_bound_batch"] = compute_bound_batch(build, spec, precision=precision, engine=engine)
-        rows.append(row)
-    return rows
+    rows = config_rows(
+        config, plan=plan, gpus=gpus, precision=precision, batch=batch, seq=seq, engine=engine, decode=decode,
+        past=past,
+    )  # fmt: skip
+    return [with_legacy_keys(row) for row in rows]

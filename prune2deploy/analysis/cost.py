@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
+from prune2deploy.analysis.contrib_cost import CONTRIB_FLOPS, CONTRIB_KINDS, contrib_flops
 from prune2deploy.analysis.nm import NM_OPS, is_nm, nm_eligibility
 from prune2deploy.analysis.shapes import PROBE_MAX_BYTES, ShapeInfo, concrete_shapes
 from prune2deploy.feeds import feed_specs
@@ -389,11 +390,15 @@ def _traffic(node: ir.Node, sizes: _Sizes) -> _Traffic:
 def _node_cost(node: ir.Node, index: int, sizes: _Sizes, *, n: int, m: int, detect_sparsity: bool) -> NodeCost:
     """One node's FLOPs, traffic and N:M tag; a view ("free" kind) moves nothing, and a node whose shapes
     are unknown is costed as a lower bound with ``shapes_known`` False."""
-    kind = _kind(node.op_type)
+    contrib = node.domain == "com.microsoft"  # fused ops: the FLOPs of the subgraph they replace
+    kind = CONTRIB_KINDS.get(node.op_type, _kind(node.op_type)) if contrib else _kind(node.op_type)
     traffic = _traffic(node, sizes) if kind != "free" else _Traffic()
     known = traffic.known
     out_shape = sizes.shape_of(node.outputs[0]) if node.outputs else None
-    flops = _flops(node, kind, sizes.shape_of, out_shape)
+    if contrib and node.op_type in CONTRIB_FLOPS:
+        flops = contrib_flops(node, sizes.shape_of, out_shape)
+    else:
+        flops = _flops(node, kind, sizes.shape_of, out_shape)
     if flops is None:
         flops, known = 0, False
     sparsity = _node_sparsity(node, n, m, detect_sparsity) if kind in ("matmul", "conv") else None

@@ -242,7 +242,7 @@ def compile_model(
             check_profile_memory(reference, options.profile_batches, options.profile_seqs, options.memory_limit_gib)
             say("profiling reference vs compiled on ONNX Runtime CPU")
             report.update(profile_section(reference_path, model_path, options, ref_cost.flops / max(new_cost.flops, 1)))
-        report["predictions"] = predictions(ref_cost, new_cost, options)
+        report["predictions"] = predictions(ref_cost, new_cost, options, reference=reference, model_path=model_path)
         _release(reference)
         if not options.keep_reference:
             for path in (reference_path, staging / "reference.onnx.data"):

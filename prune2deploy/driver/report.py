@@ -115,53 +115,36 @@ def profile_section(reference_path: Path, model_path: Path, options: Any, ideal:
     return latency_sections(rows, ideal=ideal)
 
 
-def predictions(ref_cost: Any, new_cost: Any, options: Any) -> list[dict[str, Any]]:
-    """Per-GPU predictions of the reference and the compiled model: the engine-aware cost model, with the
-    ideal roofline as ``lower_bound_ms`` and the binding resource per layer type."""
-    from prune2deploy.profiling.costmodel import kernels_from_cost, price
-    from prune2deploy.profiling.roofline import load_catalog, predict_table, resolve_gpus
+def predictions(
+    ref_cost: Any, new_cost: Any, options: Any, *, reference: Any = None, model_path: Path | None = None
+) -> list[dict[str, Any]]:
+    """Per-GPU predictions of the compiled model against the reference: the rows of
+    :mod:`prune2deploy.profiling.prediction` (the same as ``prune2deploy predict model.onnx --against
+    reference.onnx`` with the compile's engine, precision and shape), each with ``measured_ms`` (None here).
+
+    ``ref_cost`` / ``new_cost`` are the unfused graphs' costs. Given the reference graph and the written
+    ``model_path``, a model.onnx that carries fuse-ort's kernels is priced as written, against a copy of the
+    reference fused the same way (its tensors shared), as ``predict`` does.
+    """
+    from prune2deploy.analysis.contrib_cost import fused_op_counts
+    from prune2deploy.frontends.onnx import load_onnx
+    from prune2deploy.profiling.prediction import Priced, compare_costs, compare_models, costmodel_engine
 
     precision = options.precision if options.precision != "fp32" else "fp16"
-    engine = costmodel_engine(getattr(options, "engine", "tensorrt"))
-    rows = predict_table(
-        ref_cost,
-        new_cost,
-        gpus=options.gpus or None,
-        precision=precision,
-        batch=new_cost.batch or 1,
-        seq=new_cost.seq or 128,
-    )
-    catalog = load_catalog()
-    specs = {s.key: s for s in resolve_gpus([r.gpu for r in rows], catalog)}
-    ref_kernels = kernels_from_cost(ref_cost, precision=precision, engine=engine)
-    new_kernels = kernels_from_cost(new_cost, precision=precision, engine=engine)
-    out = []
-    for r in rows:
-        before = price(ref_kernels, specs[r.gpu], precision=precision, engine=engine)
-        after = price(new_kernels, specs[r.gpu], precision=precision, engine=engine)
-        out.append(
-            {
-                "gpu": r.gpu,
-                "precision": r.precision,
-                "engine": engine,
-                "batch": r.batch,
-                "seq": r.seq,
-                "reference_ms": before.latency_ms,
-                "compiled_ms": after.latency_ms,
-                "speedup": before.latency_ms / after.latency_ms if after.latency_ms else r.speedup,
-                "lower_bound_ms": r.compiled_ms,
-                "reference_lower_bound_ms": r.reference_ms,
-                "ideal_speedup": r.speedup,
-                "binding": after.binding,
-                "binding_by_group": after.binding_by_group,
-                "measured_ms": None,
-            }
-        )
-    return out
+    where = {"gpus": options.gpus or None, "precision": precision, "engine": costmodel_engine(options.engine)}
+    written = load_onnx(model_path) if reference is not None and model_path is not None else None
+    if written is not None and fused_op_counts(written):
+        rows = compare_models(
+            reference.clone(), written, batch=new_cost.batch or 1, seq=new_cost.seq or 128, reference_cost=ref_cost,
+            **where,
+        )  # fmt: skip
+    else:
+        rows = compare_costs(Priced(ref_cost, {}), Priced(new_cost, {}), **where)
+    return [{**row, "measured_ms": None} for row in rows]
 
 
 def costmodel_engine(engine: str | None) -> str:
-    """The cost model's engine profile for a compile engine name."""
-    if engine in ("tensorrt", "tensorrt-rtx", None):
-        return "tensorrt"
-    return "torch" if engine == "torch" else "onnxruntime"
+    """The cost model's engine profile for a compile engine name (see :mod:`prune2deploy.profiling.prediction`)."""
+    from prune2deploy.profiling.prediction import costmodel_engine as profile
+
+    return profile(engine)

@@ -35,6 +35,7 @@ import onnx_ir as ir
 
 from prune2deploy.analysis.cost import ModelCost, NodeCost, model_cost
 from prune2deploy.errors import ConfigError
+from prune2deploy.graph.op_categories import FUSED_ATTENTION
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -351,7 +352,8 @@ def predict_cost(
 
     def node_time(node: NodeCost) -> tuple[float, float]:
         nonlocal sparse_used, total_bytes
-        gemm = node.kind in ("matmul", "conv")
+        # fused attention (com.microsoft) runs its QKᵀ and weighted sum on tensor cores, as the MatMuls it replaces
+        gemm = node.kind in ("matmul", "conv") or node.op_type in FUSED_ATTENTION
         sparse = gemm and use_sparse and _implies_2of4(node.sparsity)
         sparse_used |= sparse
         factor = _sparse_weight_factor(itemsize) if sparse else 1.0

@@ -25,7 +25,7 @@ from prune2deploy.io import read_config_file
 from prune2deploy.profiling.costmodel import ENGINES, Kernel
 from prune2deploy.profiling.roofline import PRECISIONS
 
-__all__ = ["LayerShape", "ModelShape", "load_config", "model_kernels", "shape_from_config"]
+__all__ = ["LayerShape", "ModelShape", "config_rows", "load_config", "model_kernels", "shape_from_config"]
 
 _GATED_ACTS = ("silu", "swish", "gelu_pytorch_tanh", "gelu_tanh")
 _ENCODERS = ("bert", "roberta", "distilbert", "electra", "xlm-roberta", "deberta", "deberta-v2")
@@ -267,3 +267,46 @@ def _resnet_kernels(config: dict, batch: int, side: int, e: float, engine: str, 
     kernels.append(Kernel("pool", "pointwise", "head", batch * widths[-1] * 49, batch * widths[-1] * 50 * e))
     kernels.append(_gemm("fc", "head", batch, config.get("num_labels", 1000), widths[-1], e))
     return kernels
+
+
+# -- rows --------------------------------------------------------------------------------------------------
+
+
+def config_rows(
+    config: Path | str | dict,
+    *,
+    plan: Any = None,
+    gpus: list[str] | None = None,
+    precision: str = "fp16",
+    batch: int = 1,
+    seq: int = 128,
+    engine: str = "tensorrt",
+    decode: bool = False,
+    past: int = 0,
+) -> list[dict[str, Any]]:
+    """Prediction rows (:mod:`prune2deploy.profiling.prediction`'s schema, ``source=config``) of a config's
+    prefill of ``seq`` tokens or decode step after ``past``, per GPU, with tokens/s and (decoders, decode) the
+    batch at which the step turns compute-bound. ``plan``: a :class:`~prune2deploy.pruning.plan.Plan` or dict."""
+    from prune2deploy.profiling.costmodel import compute_bound_batch, price
+    from prune2deploy.profiling.prediction import row_from_prediction, target_gpus
+
+    shape = shape_from_config(load_config(config), plan)
+
+    def build(b: int) -> list[Kernel]:
+        return model_kernels(shape, batch=b, seq=seq, past=past, decode=decode, precision=precision, engine=engine)
+
+    kernels = build(batch)
+    tokens = batch * (1 if decode else seq)
+    rows = []
+    for spec in target_gpus(gpus, precision):
+        pred = price(kernels, spec, precision=precision, engine=engine)
+        row = row_from_prediction(
+            pred, gpu=spec.key, engine=engine, precision=precision, batch=batch, seq=None if decode else seq,
+            source="config", mode="decode" if decode else "prefill", past=past if decode else None,
+            params=shape.params, gflops=sum(k.flops for k in kernels) / 1e9,
+        )  # fmt: skip
+        row["tokens_per_s"] = tokens * 1000 / pred.latency_ms if shape.family != "resnet" else None
+        if decode and shape.family == "decoder":
+            row["compute_bound_batch"] = compute_bound_batch(build, spec, precision=precision, engine=engine)
+        rows.append(row)
+    return rows
