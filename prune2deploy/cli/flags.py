@@ -7,6 +7,7 @@ pass's registration): their type, default, help, metavar and the flag itself are
 from __future__ import annotations
 
 import argparse
+import types
 import typing
 from collections.abc import Callable, Mapping
 from typing import Annotated, Any
@@ -85,17 +86,18 @@ def _flag_kwargs(option: Any) -> dict[str, Any]:
     if choices is not None:
         kwargs["choices"] = list(choices)
     else:
-        kwargs["type"] = option.parse or _validator(element, {} if many else dict(option.constraints))
+        kwargs["type"] = option.parse or _validator(element)
     if option.metavar:
         kwargs["metavar"] = option.metavar
     return kwargs
 
 
-def _validator(kind: Any, constraints: Mapping[str, Any]) -> Callable[[str], Any]:
-    """An argparse type from a pydantic type and its constraints: the message says what was wrong."""
+def _validator(kind: Any) -> Callable[[str], Any]:
+    """An argparse type that reads a flag's text as ``kind`` (int, float, Path …), ranges left out: those are
+    checked with the options, in messages that name the option (exit code 2 from ``main``, like a config file's)."""
     import pydantic
 
-    adapter = pydantic.TypeAdapter(Annotated[kind, pydantic.Field(**constraints)] if constraints else kind)
+    adapter = pydantic.TypeAdapter(_plain(kind))
 
     def parse(text: str) -> Any:
         try:
@@ -104,6 +106,16 @@ def _validator(kind: Any, constraints: Mapping[str, Any]) -> Callable[[str], Any
             raise argparse.ArgumentTypeError(f"{exc.errors()[0]['msg']}, not '{text}'") from None
 
     return parse
+
+
+def _plain(kind: Any) -> Any:
+    """``kind`` without its constraints: ``PositiveInt`` → ``int``, ``PositiveFloat | None`` → ``float | None``."""
+    if typing.get_origin(kind) is Annotated:
+        return _plain(typing.get_args(kind)[0])
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        plain = tuple(_plain(k) for k in typing.get_args(kind))
+        return typing.Union[plain]  # noqa: UP007 (built from a tuple)
+    return kind
 
 
 def option_values(args: argparse.Namespace, options: Mapping[str, Any]) -> dict[str, Any]:
