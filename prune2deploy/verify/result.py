@@ -30,8 +30,8 @@ __all__ = [
 EXACT_TOLERANCE = 1e-4
 
 #: How many times its measured rounding noise floor an fp32 comparison may differ before it fails. Correct
-#: compiles of SmolLM2 measured 0.5–2.6 times the fp64-measured floor and up to 7.8 times the weaker
-#: optimization-level floor; one wrong MLP channel of the same model 50–600 times (docs/exactness.md).
+#: SmolLM2 compiles measured 0.5–6.6 times the floor (fused graphs the most), one wrong MLP channel of the
+#: same model 51–300 times it; 20 sits between the two, about 3× from each (docs/exactness.md).
 NOISE_FACTOR = 20.0
 
 
