@@ -310,41 +310,20 @@ def plan_options(result: Any, **changes: Any) -> CompileOptions:
 
 
 def inspect(model: Path | str | ir.Model) -> dict[str, Any]:
-    """Coupled channel groups of an ONNX model: tensors, width, zero channels, prunable or why not."""
-    from prune2deploy.analysis.channels import analyze_channels
-    from prune2deploy.analysis.cost import param_count
+    """Coupled channel groups of an ONNX model: tensors, width, zero channels, prunable or why not; layers and
+    attention heads in numeric layer order; for a graph fused for ONNX Runtime, ``fused`` names the fused ops
+    and the counts they hide are marked (see :mod:`prune2deploy.analysis.inspect`)."""
+    from prune2deploy.analysis.inspect import inspect_model
     from prune2deploy.frontends.onnx import load_onnx
-
-    ir_model = model if isinstance(model, ir.Model) else load_onnx(Path(model))
-    analysis = analyze_channels(ir_model)
-    total, _ = param_count(ir_model)
-    # Batch and sequence axes also meet contractions (attention's QKᵀ); they have no static width and are
-    # not channels, so they are left out of what a person reads.
-    groups = [g.summary() for g in analysis.groups if g.width > 0]
     from prune2deploy.passes.sparsify_nm import SparsifyNMPass
 
-    check = SparsifyNMPass(mode="check", compute_cost=True)  # check mode reads, never writes
-    record = check(ir_model).record
+    ir_model = model if isinstance(model, ir.Model) else load_onnx(Path(model))
+    record = SparsifyNMPass(mode="check", compute_cost=True)(ir_model).record  # check mode reads, never writes
     sparsity = {k: v for k, v in record.items() if k != "weights"}
-    sparsity["weights"] = [
-        {k: w[k] for k in ("node", "initializer", "op", "shape", "eligible", "reason", "already_nm")}
-        for w in record["weights"]
-    ]
-    from prune2deploy.analysis.attention import analyze_attention
-    from prune2deploy.analysis.summary import layer_summary
-
-    return {
-        "model": str(model) if not isinstance(model, ir.Model) else "<in-memory>",
-        "layers": layer_summary(ir_model),
-        "attention": analyze_attention(ir_model).summary(),
-        "sparsity_2_4": sparsity,
-        "params": total,
-        "nodes": len(ir_model.graph),
-        "groups": groups,
-        "prunable": sum(g["prunable"] for g in groups),
-        "zero_channels": sum(g["zero_channels"] for g in groups if g["prunable"]),
-        "zero_weight_nonzero_bias": sum(g.get("zero_weight_nonzero_bias", 0) for g in groups),
-    }
+    keys = ("node", "initializer", "op", "shape", "eligible", "reason", "already_nm")
+    sparsity["weights"] = [{k: w[k] for k in keys} for w in record["weights"]]
+    name = str(model) if not isinstance(model, ir.Model) else "<in-memory>"
+    return inspect_model(ir_model, name=name, sparsity_2_4=sparsity)
 
 
 def profile(

@@ -86,7 +86,8 @@ def test_report_predictions_equal_predict_on_its_files(tmp_path):
     keys = ("compiled_ms", "reference_ms", "speedup", "lower_bound_ms", "ideal_speedup", "binding", "fusion_level")
     for ours, theirs in zip(rows, again, strict=True):
         for key in keys:
-            assert ours[key] == (pytest.approx(theirs[key], rel=1e-9) if isinstance(theirs[key], float) else theirs[key])
+            want = theirs[key]
+            assert ours[key] == (pytest.approx(want, rel=1e-9) if isinstance(want, float) else want), key
         assert ours["fused_ops"] == theirs["fused_ops"]
     assert result.report["predictions"][0]["ideal_speedup"] == pytest.approx(1.0, rel=1e-6)  # nothing pruned
     assert all(r["speedup"] == pytest.approx(1.0, rel=1e-6) for r in rows)
