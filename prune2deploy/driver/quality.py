@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from prune2deploy.driver.fp32 import Fp32Copies, Fp32Unavailable
 from prune2deploy.driver.source import Progress, Source
 from prune2deploy.ort_session import release_memory
 
@@ -48,6 +49,7 @@ def quality_section(
     max_seq: int | None,
     verify_mode: str,
     progress: Progress | None = None,
+    fp32: Fp32Copies | None = None,
 ) -> dict[str, Any]:
     """Compiled vs reference (and vs dense when known) on the evaluation text; never raises for the model.
 
@@ -58,6 +60,8 @@ def quality_section(
         options: compile options (``quality_windows``: 0 turns the section off).
         max_seq: the model's sequence limit (windows are shortened to it), None when unbounded.
         verify_mode: ``blockwise`` means two fp32 copies do not fit: quality is then skipped.
+        fp32: runs half-precision graphs as fp32 copies (ONNX Runtime's CPU lacks their kernels); without
+            it, quality of a half-precision graph is skipped.
     """
     windows = options.quality_windows
     if windows == 0:
@@ -68,7 +72,7 @@ def quality_section(
             "reason": "two fp32 copies of the model do not fit in memory (verification ran block by block); "
             "quality needs both whole models",
         }
-    if loaded.extra.get("dtype") in ("bfloat16", "float16"):
+    if loaded.extra.get("dtype") in ("bfloat16", "float16") and fp32 is None:
         return {
             "computed": False,
             "reason": f"{loaded.extra['dtype']} graph: ONNX Runtime's CPU provider lacks half-precision kernels "
@@ -80,8 +84,12 @@ def quality_section(
         return {"computed": False, "reason": "the model's outputs are neither logits nor last_hidden_state"}
     start = time.perf_counter()
     say(f"measuring quality on the evaluation text ({windows} windows)")
+    fp32 = fp32 or Fp32Copies(Path(model_path).parent / "fp32", refused="no fp32 copies were asked for")
     try:
-        section = _measure(kind, loaded, source, reference_path, model_path, options, windows, max_seq)
+        runnable = (str(fp32.runnable(reference_path)), str(fp32.runnable(model_path)))
+        section = _measure(kind, loaded, source, runnable, options, windows, max_seq, fp32)
+    except Fp32Unavailable as exc:
+        return {"computed": False, "kind": kind, "reason": f"{loaded.extra.get('dtype')} graph: {exc}"}
     except Exception as exc:  # information, not the verdict: why it is missing goes into the report
         log.warning("quality not measured: %s", exc)
         return {"computed": False, "kind": kind, "reason": f"{type(exc).__name__}: {exc}"}
@@ -100,14 +108,15 @@ def _kind(loaded: Source) -> str | None:
 
 
 def _measure(
-    kind: str, loaded: Source, source: Any, reference_path: Path, model_path: Path, options: Any, windows: int,
-    max_seq: int | None,
+    kind: str, loaded: Source, source: Any, paths: tuple[str, str], options: Any, windows: int,
+    max_seq: int | None, fp32: Fp32Copies,
 ) -> dict[str, Any]:  # fmt: skip
     from prune2deploy.quality import encoder_quality, lm_quality
 
     tokenizer = _tokenizer(loaded)
     vocab = _vocab_size(loaded, source)
-    compiled = _memo(str(model_path))
+    reference_path, model_path = paths
+    compiled = _memo(model_path)
     section: dict[str, Any] = {"computed": True, "kind": kind}
     if kind == "lm":
         window = min(QUALITY_WINDOW, max_seq or QUALITY_WINDOW)
@@ -152,10 +161,14 @@ def _measure(
     measure(compiled)
     compiled.release()
     comparisons = [
-        {"candidate": "compiled", "reference": "masked reference", **measure(str(reference_path))},
+        {"candidate": "compiled", "reference": "masked reference", **measure(reference_path)},
     ]
     release_memory()  # the reference's session (held in closures) is gone before the dense model's is made
     dense, why = _dense(loaded, source, options)
+    if isinstance(dense, str):
+        dense = str(fp32.runnable(dense))
+    if fp32.made:
+        section["precision"] = "fp32 copies of the half-precision graphs (ONNX Runtime's CPU lacks their kernels)"
     if dense is not None:
         comparisons.append({"candidate": "compiled", "reference": "dense (before the masks)", **measure(dense)})
     else:

@@ -52,10 +52,13 @@ def model_summary(cost: Any) -> dict[str, int]:
 
 
 def groups_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Channel groups: how many, how many prunable and changed, and each blocked one with its reason."""
+    """Channel groups: how many, how many prunable and changed, and each blocked one with its reason.
+
+    From the record that carries the channel-group counts (the pass that removes channels group by group).
+    """
     for entry in records:
-        if entry["pass"] == "remove-channels":
-            record = entry["record"]
+        record = entry["record"]
+        if "groups_total" in record:
             return {
                 "total": record["groups_total"],
                 "prunable": record["groups_prunable"],

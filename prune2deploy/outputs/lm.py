@@ -1,133 +1,139 @@
-"""The causal-LM outputs of a compile: ``genai/`` and ``hf/``, both from one physical slicing of the model."""
+"""The masked torch module of a causal LM, sliced once for every output writer built from it (genai/, hf/, …).
+
+Writers built from the torch module must write the model in ``model.onnx``. The masked module carries what
+the exact passes removed (zero neurons, heads, layers: slicing removes them too), and the approximate
+passes that can be repeated in torch arrive as a plan (their registrations' ``torch_plan``): ``regroup``
+pools K/V the pass's way (:mod:`prune2deploy.outputs.regroup`), ``drop_layer_scopes`` deletes the depth
+plan's layers (:mod:`prune2deploy.outputs.depth`). A writer then checks its folder against ``model.onnx``
+as well (:attr:`TorchModels.changed`).
+
+Memory: this object holds the compile's only reference to the module, so that a writer can free the masked
+module (:meth:`TorchModels.release_masked`) as soon as it has what it needs of it, and the sliced one before
+its checks load the written folder (at 1B parameters 4.9 and 3.3 GB). A released module is loaded (and
+sliced) again if a later writer asks for it.
+"""
 
 from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from prune2deploy.errors import UnsupportedModelError
-from prune2deploy.outputs.fp32 import computing_in_fp32, is_half_precision
+from prune2deploy.outputs.fp32 import is_half_precision
+from prune2deploy.outputs.slice import SliceResult
 
-__all__ = ["not_written", "write_lm_outputs"]
+__all__ = ["PLAN_KEYS", "TorchModels"]
 
 log = logging.getLogger(__name__)
 
-
-def not_written(reason: str, *, genai: bool, hf: bool) -> dict[str, Any]:
-    """The report sections of the LM folders that were asked for and are not written, with the reason."""
-    return {key: {"written": False, "reason": reason} for key, on in (("genai", genai), ("hf", hf)) if on}
+#: What a pass's ``torch_plan`` may ask of the torch module, and the writers understand.
+PLAN_KEYS = ("regroup", "drop_layer_scopes")
 
 
-def write_lm_outputs(
-    load_module: Callable[[], tuple[Any, Any]],
-    out_dir: Path,
-    *,
-    genai: bool,
-    hf_checkpoint: bool,
-    context_length: int | None = None,
-    tolerance: float = 1e-4,
-    progress: Any = None,
-    regroup: dict[str, Any] | None = None,
-    drop_layers: Sequence[int] = (),
-    compiled_model: Path | None = None,
-) -> dict[str, Any]:
-    """Slices the masked module once and writes the requested folders; returns their report sections.
+class TorchModels:
+    """The masked module (loaded on first use), its sliced copy with the plan repeated, and the tokenizer.
 
-    ``load_module`` returns (masked module, tokenizer). It is a callable so that this function holds the only
-    reference the compile keeps to the module and can free it as soon as it has what it needs of it: the
-    sliced copy, hf/'s check and the masked model's outputs on genai/'s check inputs. At 1B parameters that
-    is 4.9 GB not held beside the sliced module, the written decoder and ONNX Runtime's copy of it.
-
-    ``regroup`` (``kv_heads``, ``grouping``, ``method`` of the ``regroup-gqa`` pass, and for similarity grouping
-    the ``orders`` its record holds) repeats that pass on the sliced model (:mod:`prune2deploy.outputs.regroup`);
-    ``drop_layers`` (decoder-layer indices, the depth plan of ``remove-layers``) deletes those layers from it
-    (:mod:`prune2deploy.outputs.depth`). Both folders are then that changed model: genai/ is checked against
-    it and against ``compiled_model`` (the compile's ``model.onnx``), hf/ against it.
-
-    A folder that cannot be written (an architecture the slicer or the decoder builder does not cover,
-    per-layer widths a transformers config cannot express) gets ``written: False`` and the reason; the
-    rest of the compile is unaffected.
+    Args:
+        load: () → (masked module, tokenizer); called again after :meth:`release_masked` if needed.
+        plan: the merged ``torch_plan`` of the approximate passes to repeat (keys in :data:`PLAN_KEYS`).
+        progress: one line per long step.
     """
-    from prune2deploy.outputs.slice import slice_causal_lm
 
-    say = progress or (lambda _msg: None)
-    sections: dict[str, Any] = {}
-    module, tokenizer = load_module()
-    regrouped = dropped = None
-    try:
-        say("slicing the masked model physically (torch)")
+    def __init__(
+        self,
+        load: Callable[[], tuple[Any, Any]],
+        plan: Mapping[str, Any] | None = None,
+        *,
+        progress: Callable[[str], None] | None = None,
+    ) -> None:
+        self._load = load
+        self._say = progress or (lambda _msg: None)
+        self._module: Any = None
+        self._sliced: SliceResult | None = None
+        self._error: UnsupportedModelError | None = None
+        self.tokenizer: Any = None
+        self.half = False
+        self.regrouped: dict[str, Any] | None = None
+        self.dropped: dict[str, Any] | None = None
+        plan = dict(plan or {})
+        unknown = sorted(set(plan) - set(PLAN_KEYS))
+        self._regroup = plan.get("regroup")
+        self._drop_layers: list[int] = []
+        try:
+            if unknown:
+                raise UnsupportedModelError(
+                    f"a pass asks the torch module for {', '.join(unknown)}, which the writers cannot repeat"
+                )
+            if plan.get("drop_layer_scopes"):
+                from prune2deploy.outputs.depth import layer_indices
+
+                self._drop_layers = layer_indices(plan["drop_layer_scopes"])
+        except UnsupportedModelError as exc:
+            self._error = exc
+
+    @property
+    def changed(self) -> bool:
+        """Whether approximate passes were repeated on the sliced module (then it, not the masked module, is
+        the model to match, and a writer checks its folder against ``model.onnx`` too)."""
+        return self.regrouped is not None or self.dropped is not None
+
+    def masked(self) -> Any:
+        """The masked module (loaded if it is not held)."""
+        if self._module is None:
+            self._module, self.tokenizer = self._load()
+            self.half = is_half_precision(self._module)
+        return self._module
+
+    def sliced(self) -> SliceResult:
+        """The sliced copy with the plan repeated, made once.
+
+        Raises:
+            UnsupportedModelError: the architecture cannot be sliced, or the plan cannot be repeated on it.
+        """
+        if self._error is not None:
+            raise self._error
+        if self._sliced is None:
+            try:
+                self._sliced = self._slice()
+            except UnsupportedModelError as exc:
+                self._error = exc
+                raise
+        return self._sliced
+
+    def _slice(self) -> SliceResult:
+        from prune2deploy.outputs.slice import slice_causal_lm
+
+        module = self.masked()
+        self._say("slicing the masked model physically (torch)")
         sliced = slice_causal_lm(module)
-        if drop_layers:  # the graph's order: remove-layers runs before regroup-gqa
+        if self._drop_layers:  # the graph's order: remove-layers runs before regroup-gqa
             from prune2deploy.outputs.depth import drop_sliced_layers
 
-            dropped = drop_sliced_layers(sliced, drop_layers)
-        if regroup is not None:  # layers keep their original indices (the pass's names) in sliced.layers
+            self.dropped = drop_sliced_layers(sliced, self._drop_layers)
+        if self._regroup is not None:  # layers keep their original indices (the pass's names) in sliced.layers
             from prune2deploy.outputs.regroup import regroup_sliced
 
-            regrouped = regroup_sliced(sliced, **regroup)
-    except UnsupportedModelError as exc:
-        return not_written(str(exc), genai=genai, hf=hf_checkpoint)
-    in_torch = regrouped is not None or dropped is not None  # approximate passes repeated on the module
-    half = is_half_precision(module)
-    if genai:
-        from prune2deploy.outputs.genai import check_memory_shortfall
+            self.regrouped = regroup_sliced(sliced, **self._regroup)
+        return sliced
 
-        shortfall = check_memory_shortfall(sliced)
-        if shortfall:
-            log.warning(shortfall)
-            sections["genai"] = {"written": False, "reason": shortfall}
-            genai = False
-    if hf_checkpoint:
-        from prune2deploy.outputs.hf import write_hf_checkpoint
+    def target(self) -> Any:
+        """The torch model a folder must compute: the sliced one after a repeated plan, else the masked one."""
+        return self.sliced().module if self.changed else self.masked()
 
-        say("writing hf/ (transformers checkpoint) and reloading it")
-        # after regrouping or a depth plan, the model to compare with is the changed one (not the masked module)
-        reference = sliced.module if in_torch else module
-        sections["hf"] = write_hf_checkpoint(sliced, tokenizer, out_dir / "hf", reference=reference)
-        del reference
-        _note_torch_changes(sections["hf"], regrouped, dropped)
-        if half:
-            sections["hf"]["precision_note"] = (
-                f"written in the checkpoint's {str(module.dtype).removeprefix('torch.')}; checked in fp32"
-            )
-    if genai:
-        from prune2deploy.outputs.genai import check_genai_folder, reference_outputs, write_genai_folder
-
-        target = sliced.module if in_torch else module
-        with computing_in_fp32(target):  # the fp32 decoder is checked against the masked model in fp32
-            expected = reference_outputs(target)
-        del module, target  # the masked model's last use: the sliced copy shares only what slicing left unchanged
+    def release_masked(self) -> None:
+        """Drops the masked module (the sliced copy shares only what slicing left unchanged)."""
+        self._module = None
         gc.collect()
-        say("writing genai/ (GroupQueryAttention decoder)")
-        try:
-            section = write_genai_folder(sliced, tokenizer, out_dir / "genai", context_length=context_length)
-            section["written"] = True
-        except UnsupportedModelError as exc:
-            section = {"written": False, "reason": str(exc)}
-        del sliced  # the checks load the written decoder; the sliced weights are not needed any more
+
+    def release_sliced(self) -> None:
+        self._sliced = None
         gc.collect()
-        if section["written"]:
-            say("checking genai/ against the masked model (ONNX Runtime, then onnxruntime-genai)")
-            section = check_genai_folder(
-                out_dir / "genai",
-                expected,
-                section,
-                tolerance=tolerance,
-                compiled_model=compiled_model if in_torch else None,
-            )
-            _note_torch_changes(section, regrouped, dropped)
-            if half:
-                section["precision_note"] = "fp32 decoder built from a half-precision checkpoint (upcast per tensor)"
-        sections["genai"] = section
-    return sections
 
-
-def _note_torch_changes(section: dict[str, Any], regrouped: dict | None, dropped: dict | None) -> None:
-    """Says in a folder's report section which approximate passes were repeated on the torch module."""
-    if regrouped is not None:
-        section["regrouped"] = regrouped
-    if dropped is not None:
-        section["depth_plan"] = dropped
+    def note(self, section: dict[str, Any]) -> None:
+        """Says in a folder's report section which approximate passes were repeated on the torch module."""
+        if self.regrouped is not None:
+            section["regrouped"] = self.regrouped
+        if self.dropped is not None:
+            section["depth_plan"] = self.dropped

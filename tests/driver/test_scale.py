@@ -241,7 +241,7 @@ def test_release_keeps_a_mapping_that_an_array_still_views(tmp_path):
     import numpy as np
     import onnx_ir as ir
 
-    from prune2deploy.driver.compile import _release
+    from prune2deploy.driver.verification import release_mapped as _release
     from prune2deploy.frontends.onnx import load_onnx, save_onnx
 
     x = ir.Value(name="x", shape=ir.Shape([4096]), type=ir.TensorType(ir.DataType.FLOAT))

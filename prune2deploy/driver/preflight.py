@@ -1,0 +1,71 @@
+"""What the compile checks and settles before it loads anything: the plan's options, GPUs, the engine, inputs."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+from prune2deploy.errors import BadInputError, P2DError
+
+__all__ = ["check_before_loading", "input_paths", "resolve_plan"]
+
+
+def check_before_loading(options: Any) -> None:
+    """What can be checked without the model, checked before the minutes of loading and exporting it:
+    target GPU names and the engine's availability."""
+    from prune2deploy.profiling.roofline import load_catalog, resolve_gpus
+
+    if options.gpus:
+        resolve_gpus(options.gpus, load_catalog())
+    if options.engine != "onnxruntime":
+        from prune2deploy.driver.engine import check_engine_available
+
+        check_engine_available(options)
+
+
+def input_paths(source: Any, options: Any) -> list[Path]:
+    """Every file or folder this compile reads: the output may not be, contain or lie inside one."""
+    paths: list[Path] = []
+    if isinstance(source, (str, Path)):
+        from prune2deploy.frontends.hf import BUNDLED_MODELS, bundled_model_path
+
+        if str(source) in BUNDLED_MODELS:
+            with contextlib.suppress(P2DError):  # a missing bundled package is reported by the loader
+                paths.append(bundled_model_path(str(source)))
+        else:
+            paths.append(Path(source))
+    paths += [p for p in (options.masks, options.plan) if p is not None]
+    paths += list(options.feeds)
+    return paths
+
+
+def resolve_plan(options: Any) -> Any:
+    """A plan brings its mask file (next to it), its depth plan and its hidden-channel plan.
+
+    The plan's layer and hidden-channel lists are pass options: giving them switches their passes on.
+    """
+    if options.plan is None:
+        return options
+    from prune2deploy.pruning.plan import load_plan
+
+    plan = load_plan(options.plan)
+    changes: dict[str, Any] = {}
+    if options.masks is None and plan.masks and plan.masks.get("file"):
+        changes["masks"] = options.plan.parent / plan.masks["file"]
+        expected = plan.masks.get("sha256")
+        if expected and changes["masks"].is_file():
+            from prune2deploy.io import sha256_file
+
+            found = sha256_file(changes["masks"])
+            if found != expected:
+                raise BadInputError(
+                    f"{changes['masks']}: sha256 {found[:12]}… is not the {str(expected)[:12]}… that the plan "
+                    f"{options.plan} records for it; the mask file was replaced or edited after pruning. "
+                    "Re-run `prune2deploy prune`, or pass --masks explicitly to use this file anyway"
+                )
+    if plan.dropped_layers:
+        changes["drop_layers"] = list(plan.dropped_layers)
+    if plan.hidden is not None and list(plan.hidden.removed):
+        changes["drop_hidden"] = [int(c) for c in plan.hidden.removed]
+    return options.replace(**changes) if changes else options

@@ -1,0 +1,51 @@
+"""The output step's policy: how approximate runs reach the writers built from the torch module."""
+
+from __future__ import annotations
+
+import pytest
+
+from prune2deploy.driver.writers import torch_plan
+from prune2deploy.passes import registry as passes
+from prune2deploy.spec import CompileOptions
+
+
+def _entry(name: str, *, modified: bool = True, exact: bool = False, **record) -> dict:
+    return {"pass": name, "modified": modified, "exact": exact, "record": record, "refused": {}}
+
+
+@pytest.fixture
+def new_approximate_pass(monkeypatch):
+    """A pass registered without saying how the torch module repeats it: ``in_torch`` defaults to cannot."""
+    passes.load_passes()
+    spec = passes.PassSpec(
+        name="smooth-weights", order=95, exactness="no", summary="a new approximate pass", build=lambda o: None
+    )
+    monkeypatch.setitem(passes._REGISTRY, spec.name, spec)
+    return spec
+
+
+def test_a_new_approximate_pass_keeps_torch_writers_from_writing_and_is_named(new_approximate_pass):
+    assert new_approximate_pass.in_torch == "cannot"
+    plan = torch_plan([_entry("remove-channels", exact=True), _entry("smooth-weights")], CompileOptions())
+    reason = plan.refusal(["hf", "genai"])
+    assert plan.cannot == ["smooth-weights"] and "approximate pass(es) smooth-weights" in reason
+    assert reason.startswith("hf/ and genai/ are built from the masked transformers module")
+    assert plan.refusal(["genai"]).startswith("genai/ is built from") and "it is not written" in plan.refusal(["genai"])
+    # a run that changed nothing, or was exact, asks nothing of the torch module
+    quiet = torch_plan([_entry("smooth-weights", modified=False), _entry("smooth-weights", exact=True)], None)
+    assert quiet.refusal(["genai"]) == "" and quiet.plan == {}
+
+
+def test_repeated_passes_merge_their_torch_plans_and_own_way_passes_ask_nothing():
+    options = CompileOptions(kv_heads=1, drop_layers=[1])
+    records = [
+        _entry("remove-layers", layers_removed=["model.layers.1"]),
+        _entry("regroup-gqa", per_block={}),
+        _entry("convert-precision"),
+    ]
+    plan = torch_plan(records, options)
+    assert plan.refusal(["genai"]) == "" and plan.cannot == []
+    assert plan.plan == {
+        "drop_layer_scopes": ["model.layers.1"],
+        "regroup": {"kv_heads": 1, "grouping": "adjacent", "method": "mean"},
+    }
