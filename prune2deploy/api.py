@@ -349,7 +349,7 @@ def profile(
         if path is not None and not Path(path).is_file():
             raise BadInputError(f"{path}: no such ONNX file")
     from prune2deploy.frontends.onnx import load_onnx as _load
-    from prune2deploy.driver.compile import check_profile_memory
+    from prune2deploy.profiling.memory_estimate import check_profile_memory
 
     for path in (model, against):
         if path is not None:
