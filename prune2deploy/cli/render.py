@@ -5,15 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from prune2deploy.units import count
+
 __all__ = ["count", "indent", "percent", "table"]
-
-
-def count(n: float) -> str:
-    """A count with a unit: ``1.23M``, ``45.60k``, ``812``."""
-    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.2f}{unit}"
-    return f"{n:.0f}"
 
 
 def percent(fraction: float) -> str:

@@ -14,6 +14,8 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from prune2deploy.units import number
+
 __all__ = ["render_html"]
 
 log = logging.getLogger(__name__)
@@ -57,16 +59,8 @@ def _e(value: Any) -> str:
 
 
 def _num(value: Any) -> str:
-    """Integers with separators, floats to 4 significant digits, booleans as yes/no, None as a dash."""
-    if value is None:
-        return "—"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return _e(value)
+    """:func:`prune2deploy.units.number`, escaped: separators, 4 significant digits, yes/no, a dash for None."""
+    return _e(number(value, dash="—"))
 
 
 def _pct_change(before: float | None, after: float | None) -> str:

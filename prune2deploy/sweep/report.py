@@ -19,6 +19,7 @@ from typing import Any
 from prune2deploy import __version__
 from prune2deploy.errors import BadInputError, P2DError
 from prune2deploy.io import atomic_write_json, atomic_write_text
+from prune2deploy.units import number
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -157,15 +158,7 @@ def _svg(variants: list[dict[str, Any]]) -> str | None:
 
 
 def _fmt(value: Any) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
+    return number(value, dash="–")
 
 
 _STYLE = """
