@@ -1,6 +1,7 @@
 """The compile pipeline: the selected passes, in registry order, inside one onnx_ir PassManager.
 
-un-share constants → the selected passes → re-share equal constants → remove unused nodes and opsets.
+un-share constants (when a pass slices them) → the selected passes → re-share equal constants → remove unused
+nodes and opsets.
 
 Each pass returns a :class:`~prune2deploy.passes.base.P2DResult`; the pipeline hands them all back in a
 :class:`PipelineResult`, so the report renders every pass the same way and exactness is judged per pass
@@ -73,13 +74,12 @@ def run_pipeline(model: ir.Model, passes: Sequence[P2DPass], *, progress: Any = 
     as itself, not wrapped in onnx_ir's PassError, so the CLI gives it its exit code.
     """
     results: list[P2DResult] = []
-    steps: list[onnx_ir.passes.PassBase] = [UnshareInitializersPass()]
-    for pass_ in passes:
-        steps.append(_Announced(pass_, progress) if progress else pass_)
+    steps = [_Announced(pass_, progress) if progress else pass_ for pass_ in passes]
+    unshare = [UnshareInitializersPass()] if any(p.unshare_constants for p in passes) else []
     manager = onnx_ir.passes.PassManager(
         [
-            steps[0],
-            *(_Collected(step, results) for step in steps[1:]),
+            *unshare,
+            *(_Collected(step, results) for step in steps),
             ReshareInitializersPass(),
             RemoveUnusedNodesPass(),
             RemoveUnusedOpsetsPass(),

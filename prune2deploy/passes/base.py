@@ -60,6 +60,11 @@ class P2DPass(onnx_ir.passes.InPlacePass):
     """
 
     name: ClassVar[str] = "p2d-pass"
+    #: Whether the pipeline gives each reader of a shared constant its own initializer before this pass runs.
+    #: Channel analysis needs it (a shared tensor couples its readers' groups); a rewrite that does not slice
+    #: constants must not get it: onnxscript's optimizer folds ``Transpose`` of a single-use initializer, so
+    #: a tied embedding's un-shared lm_head copy would be stored a second time, transposed.
+    unshare_constants: ClassVar[bool] = True
 
     def result(
         self,

@@ -52,6 +52,7 @@ class FuseOrtPass(P2DPass):
     """
 
     name = "fuse-ort"
+    unshare_constants = False  # rewrites only: un-shared copies would be folded into new tensors
 
     def call(self, model: ir.Model) -> P2DResult:
         backup = model.graph.clone()  # shares the tensors: a whole-model protobuf copy would double memory

@@ -52,6 +52,7 @@ class PackMatMulsPass(P2DPass):
     """Concatenates the constant weights of MatMuls that share their first input (``min_group`` or more)."""
 
     name = "pack-matmuls"
+    unshare_constants = False  # concatenates weights into new tensors; never slices a shared one
 
     def __init__(self, min_group: int = 2) -> None:
         super().__init__()

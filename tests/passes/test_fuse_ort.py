@@ -99,3 +99,31 @@ def test_fuse_ort_is_default_for_onnxruntime_in_fp32_and_refused_where_its_kerne
         CompileOptions(passes=["fuse-ort"], portable=True)
     with pytest.raises(ConfigError, match="engine tensorrt cannot run"):
         CompileOptions(passes=["fuse-ort"], engine="tensorrt")
+
+
+def test_fusion_keeps_a_tied_embedding_stored_once():
+    """The tied lm_head reads the embedding through a Transpose; un-sharing it for a rewrite let onnxscript's
+    optimizer fold that Transpose into a second, transposed copy (SmolLM2: 494 MB for 379 MB of weights)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from prune2deploy.pipeline import run_pipeline
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, use_cache=False, tie_word_embeddings=True,
+    )  # fmt: skip
+    model = export_module(LlamaForCausalLM(config).eval(), hf_export_spec("causal-lm", batch=2, seq=8, vocab_size=512))
+    feeds = random_feeds(model, batch=2, seq=5)
+    want = _run(model, feeds)
+
+    def stored(m: ir.Model) -> int:
+        return sum(v.const_value.nbytes for v in m.graph.initializers.values() if v.const_value is not None)
+
+    before = stored(model)
+    result = run_pipeline(model, [FuseOrtPass()])
+    assert result.passes[0].modified
+    assert stored(model) <= before  # the embedding (512 x 64 floats = 131 kB) is not stored twice
+    assert [v.shape for v in model.graph.initializers.values() if v.const_value.nbytes >= 512 * 64 * 4] == [(512, 64)]
+    np.testing.assert_allclose(_run(model, feeds), want, rtol=1e-4, atol=1e-5)
