@@ -154,8 +154,8 @@ def speedup_rows(report: dict, *, digits: int = 3, runs: bool = True, percent: b
         row = [str(s["batch"]), str(s["seq"]), f"{ref['median_ms']:.1f}", f"{new['median_ms']:.1f}"]
         if runs:
             row.append(f"{ref['runs']}/{new['runs']}")
-        row += [f"{s['measured']:.{digits}f}x", f"{s['ideal']:.{digits}f}x"]
+        row += [f"{s['measured']:.{digits}f}x", f"{s['ideal_speedup']:.{digits}f}x"]
         if percent:
-            row.append(f"{100 * s['measured'] / s['ideal']:.0f}%")
+            row.append(f"{100 * s['measured'] / s['ideal_speedup']:.0f}%")
         rows.append(row)
     return rows

@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in report.get("speedup") or []:
         print(
             f"   CPU batch {row['batch']} seq {row['seq']}: {row['measured']:.2f}×"
-            f" (95% CI {row['ci'][0]:.2f}–{row['ci'][1]:.2f}; ideal {row['ideal']:.2f}×)"
+            f" (95% CI {row['ci'][0]:.2f}–{row['ci'][1]:.2f}; ideal {row['ideal_speedup']:.2f}×)"
         )
     files = sorted(p.name for p in result.out_dir.iterdir())
     print(f"   output folder (self-contained, movable): {files}")

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in report.get("speedup") or []:
         print(
             f"   CPU prefill batch {row['batch']} seq {row['seq']}: {row['measured']:.2f}×"
-            f" (95% CI {row['ci'][0]:.2f}–{row['ci'][1]:.2f}; ideal {row['ideal']:.2f}×)"
+            f" (95% CI {row['ci'][0]:.2f}–{row['ci'][1]:.2f}; ideal {row['ideal_speedup']:.2f}×)"
         )
 
     print(f"3. generate from {compiled.out_dir}/genai")

@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in report.get("speedup") or []:
         print(
             f"   CPU batch {row['batch']} seq {row['seq']}: {row['measured']:.2f}×"
-            f" (95% CI {row['ci'][0]:.2f}–{row['ci'][1]:.2f}; ideal {row['ideal']:.2f}×)"
+            f" (95% CI {row['ci'][0]:.2f}–{row['ci'][1]:.2f}; ideal {row['ideal_speedup']:.2f}×)"
         )
 
     print("3. embeddings against the dense model (cosine of mean-pooled embeddings, evaluation text)")

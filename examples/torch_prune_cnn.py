@@ -173,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"   CPU batch 1, {size}×{size}: {lat['reference']['median_ms']:.2f} ms → "
             f"{lat['compiled']['median_ms']:.2f} ms, {speed['measured']:.2f}× "
-            f"(95% CI {speed['ci'][0]:.2f}–{speed['ci'][1]:.2f}; ideal {speed['ideal']:.2f}×, {speed['runs']} runs)"
+            f"(95% CI {speed['ci'][0]:.2f}–{speed['ci'][1]:.2f}; ideal {speed['ideal_speedup']:.2f}×, "
+            f"{speed['runs']} runs)"
         )
         for row in report["predictions"]:
             print(f"   predicted {row['gpu']}: {row['speedup']:.2f}× ({row['precision']})")

@@ -122,12 +122,12 @@ def _print_latency(latency: list[dict[str, Any]], speedups: list[dict[str, Any]]
         rows.append([
             row["batch"], row["seq"], f"{ref_row['median_ms']:.2f}" if ref_row else "-", f"{row['median_ms']:.2f}",
             f"{s.get('measured', 0):.2f}x", f"{s['ci'][0]:.2f}–{s['ci'][1]:.2f}x" if s.get("ci") else "-",
-            f"{s.get('ideal') or 0:.2f}x",
+            f"{s['ideal_speedup']:.2f}x" if s.get("ideal_speedup") else "-",
         ])  # fmt: skip
     if not rows:
         return
     print("  ONNX Runtime CPU latency (median ms, same run):")
-    print(indent(table(rows, ["batch", "seq", "reference", "compiled", "speedup", "95% CI", "ideal"])))
+    print(indent(table(rows, ["batch", "seq", "reference", "compiled", "speedup", "95% CI", "ideal (FLOP ratio)"])))
     loose = [s for s in speedups if s.get("tight") is False]
     if loose:
         print(

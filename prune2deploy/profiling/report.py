@@ -94,8 +94,9 @@ def latency_sections(
 
     Args:
         rows: latency and speedup rows; models must be named ``"reference"`` and ``"compiled"``.
-        ideal: the speedup the cost model promises (reference FLOPs / compiled FLOPs), one number for
-            every shape or one per (batch, seq); None leaves ``ideal`` null.
+        ideal: the ideal speedup, reference FLOPs / compiled FLOPs (the one meaning of "ideal", as in the
+            predictions' ``ideal_speedup``), one number for every shape or one per (batch, seq); written as
+            each speedup row's ``ideal_speedup``; None leaves it null.
         target_ci: the relative half width of the medians' 95 % CI that the measurement aimed for; each
             speedup row says whether both medians reached it (``tight``) and its own 95 % CI (``ci``).
 
@@ -128,7 +129,7 @@ def latency_sections(
                     "batch": entry["batch"],
                     "seq": entry.get("seq"),
                     "measured": entry["measured"],
-                    "ideal": expected,
+                    "ideal_speedup": expected,
                     **_speedup_ci(
                         by_shape.get((key[0], "reference", *key[1:])), by_shape.get((key[0], "compiled", *key[1:])),
                         target_ci,

@@ -135,10 +135,10 @@ def speedup_png(rows: Sequence[dict[str, Any]]) -> bytes | None:
     labels = [f"{r['engine']}\n{_shape_label(r)}" for r in rows]
     figure = _figure(max(6.0, 0.9 * len(rows) + 3), 3.6)
     axes = figure.subplots()
-    ideal = [r["ideal"] if r.get("ideal") is not None else np.nan for r in rows]
+    ideal = [r["ideal_speedup"] if r.get("ideal_speedup") is not None else np.nan for r in rows]
     series = [("measured", [r["measured"] for r in rows], _COMPILED)]
     if not np.all(np.isnan(ideal)):
-        series.append(("ideal", ideal, _IDEAL))
+        series.append(("ideal (FLOP ratio)", ideal, _IDEAL))
     _grouped_bars(axes, labels, series)
     axes.axhline(1.0, color="black", linestyle="--", linewidth=1)
     axes.set_ylabel("speedup (x)")

@@ -160,6 +160,32 @@ def test_ops_section_compares_models_per_op_type(full_report):
     assert "Slowest nodes: compiled" in section
 
 
+def _section(page: str, name: str) -> str:
+    section = page[page.index(f'<section id="{name}">') :]
+    return section[: section.index("</section>")]
+
+
+def test_speedup_heading_states_the_order_that_holds(full_report):
+    """Issue 25 item 9: "predicted < measured < ideal" was printed whatever the numbers were."""
+    page = render_html(full_report)  # measured 1.50, predicted 1.60 on every GPU, ideal 1.67
+    assert "<h3>Why measured 1.50× &lt; predicted 1.60× &lt; ideal 1.67×</h3>" in page
+    assert "speedup 1.60× on every GPU;" in page and "predicted &lt; measured &lt; ideal" not in page
+    full_report["speedup"][0]["measured"] = 1.9  # above the FLOP ratio (caches)
+    full_report["predictions"][1]["speedup"] = 1.2
+    page = render_html(full_report)
+    assert "<h3>Why predicted 1.60× &lt; ideal 1.67× &lt; measured 1.90×</h3>" in page
+    assert "exceeds the ideal 1.67× here" in page and "speedup 1.20–1.60× (median 1.60×)" in page
+    assert "ideal (FLOP ratio) 1.67×" in _section(page, "summary")
+    full_report["speedup"][0]["measured"] = 1.668
+    assert "<h3>Why predicted 1.60× &lt; measured 1.67× ≈ ideal 1.67×</h3>" in render_html(full_report)
+
+
+def test_prediction_table_calls_the_roofline_a_lower_bound(full_report):
+    section = _section(render_html(full_report), "predictions")
+    assert '<th class="">lower bound ms</th>' in section and "ideal ms" not in section
+    assert "roofline lower bound in the table" in section and "ideal roofline" not in section
+
+
 def test_latency_sections_from_compare_models_rows_validate():
     rows = [
         {"kind": "latency", "engine": "onnxruntime", "model": m, "batch": 2, "seq": 16, "median_ms": ms,
@@ -174,7 +200,7 @@ def test_latency_sections_from_compare_models_rows_validate():
     assert [r["model"] for r in sections["latency"]] == ["reference", "compiled"]
     assert all("kind" not in r for r in sections["latency"])
     assert sections["speedup"] == [
-        {"engine": "onnxruntime", "batch": 2, "seq": 16, "measured": 1.5, "ideal": 1.8, "runs": 10,
+        {"engine": "onnxruntime", "batch": 2, "seq": 16, "measured": 1.5, "ideal_speedup": 1.8, "runs": 10,
          "target_ci": 0.02, "tight": True, "ci": [1.5, 1.5]}
     ]  # fmt: skip
     loose = [{**r, "rel_ci": 0.25, "stop_reason": "budget"} if r["kind"] == "latency" else r for r in rows]
