@@ -77,6 +77,29 @@ def test_full_and_minimal_reports_are_valid(full_report):
     validate_report(MINIMAL)
 
 
+def test_prediction_and_verification_keys_are_in_the_schema(full_report):
+    """The prediction row schema (profiling/prediction.py) and Verification.as_dict's precision/bound/floors."""
+    from prune2deploy.verify.result import Verification
+
+    props = report_schema()["properties"]
+    row_keys = set(props["predictions"]["items"]["properties"])
+    assert {"compiled_ms", "reference_ms", "speedup", "ideal_speedup", "lower_bound_ms", "lower_bound_speedup",
+            "fusion_level", "fusion_speedup", "fused_ops", "gflops", "source"} <= row_keys  # fmt: skip
+    assert not row_keys & {"predicted_ms", "latency_ms", "reference_predicted_ms", "predicted_speedup"}
+    ver = Verification(exact=True, tolerance=1e-4, precision="fp32", floors={"logits": 3e-6})
+    ver.outputs = {"logits": {"max_abs": 1e-6, "max_rel": 2e-6, "scale": 1.0, "cosine": 1.0}}
+    full_report["verification"] = ver.as_dict()
+    assert set(ver.as_dict()) <= set(props["verification"]["properties"])
+    full_report["predictions"][0].update(
+        ideal_speedup=1.67, lower_bound_speedup=None, fusion_level="reference fused here", fusion_speedup=1.84,
+        fused_ops={"MultiHeadAttention": 2}, source="graph", kernels=120, ms_by_group={"mlp": 0.3},
+    )  # fmt: skip
+    validate_report(full_report)
+    full_report["predictions"][0]["fusion_level"] = "fused"
+    with pytest.raises(BadInputError, match=r"predictions\[0\]\.fusion_level"):
+        validate_report(full_report)
+
+
 def test_compare_models_rows_fit_the_latency_schema(full_report):
     full_report["latency"][0].update(kind="latency", std_ms=0.1, min_ms=3.0, rel_ci=0.01, stop_reason="stable")
     validate_report(full_report)
