@@ -112,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     for row in predictions:
         sparse = "sparse tensor cores" if row["sparse_used"] else "no sparse tensor cores: dense kernels"
         print(
-            f"   {row['gpu']:<22} {row['reference_predicted_ms']:8.3f} ms → {row['predicted_ms']:8.3f} ms  "
-            f"{row['predicted_speedup']:.2f}×  ({sparse}; batch {batch}, seq {pseq}, bound: {row['binding']})"
+            f"   {row['gpu']:<22} {row['reference_ms']:8.3f} ms → {row['compiled_ms']:8.3f} ms  "
+            f"{row['speedup']:.2f}×  ({sparse}; batch {batch}, seq {pseq}, bound: {row['binding']})"
         )
     summary = {
         "source": source,

@@ -418,13 +418,12 @@ def predict(
             plan=plan,
         )  # fmt: skip
     from prune2deploy.frontends.onnx import load_onnx
-    from prune2deploy.profiling.prediction import compare_models, with_legacy_keys
+    from prune2deploy.profiling.prediction import compare_models
 
     compiled = load_onnx(path)
     reference = load_onnx(Path(against)) if against is not None else None
     seq = _fit_seqs(path, None if seq is None else [seq], 128, model=compiled)[0]
-    rows = compare_models(reference, compiled, batch=batch, seq=seq, gpus=gpus, precision=precision, engine=engine)
-    return [with_legacy_keys(row) for row in rows]
+    return compare_models(reference, compiled, batch=batch, seq=seq, gpus=gpus, precision=precision, engine=engine)
 
 
 def predict_config(
@@ -443,15 +442,13 @@ def predict_config(
     decode step after ``past`` tokens, per catalog GPU; for decoders also tokens/s and the batch at which the
     decode step turns compute-bound. ``plan`` (a plan YAML or :class:`~prune2deploy.pruning.plan.Plan`)
     narrows the widths per layer. Rows: :mod:`prune2deploy.profiling.prediction`'s schema, ``source=config``."""
-    from prune2deploy.profiling.prediction import with_legacy_keys
     from prune2deploy.profiling.shape_only import config_rows
 
     if isinstance(plan, (str, Path)):
         from prune2deploy.pruning.plan import load_plan
 
         plan = load_plan(plan)
-    rows = config_rows(
+    return config_rows(
         config, plan=plan, gpus=gpus, precision=precision, batch=batch, seq=seq, engine=engine, decode=decode,
         past=past,
     )  # fmt: skip
-    return [with_legacy_keys(row) for row in rows]

@@ -52,27 +52,45 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(dumps_json(rows, indent=2))
         return 0
-    if rows and "mode" in rows[0]:
+    if rows and rows[0].get("source") == "config":
         _print_shape_only(rows)
     elif args.against:
-        cells = [
-            [r["gpu"], r["precision"], f"{r['reference_predicted_ms']:.3f}", f"{r['predicted_ms']:.3f}",
-             f"{r['predicted_speedup']:.2f}x", f"{r['speedup']:.2f}x", r["binding"]]
-            for r in rows
-        ]  # fmt: skip
-        print(table(cells, ["gpu", "precision", "reference ms", "compiled ms", "speedup", "ideal speedup", "bound"]))
+        _print_against(rows)
     else:
         cells = [
-            [r["gpu"], r["precision"], f"{r['predicted_ms']:.3f}", f"{r['lower_bound_ms']:.3f}",
-             f"{r['latency_ms']:.3f}", r["binding"]]
+            [r["gpu"], r["precision"], f"{r['compiled_ms']:.3f}", f"{r['lower_bound_ms']:.3f}", r["binding"]]
             for r in rows
-        ]  # fmt: skip
-        print(table(cells, ["gpu", "precision", "predicted ms", "ideal ms", "unfused roofline ms", "bound"]))
+        ]
+        print(table(cells, ["gpu", "precision", "compiled ms", "lower bound ms", "bound"]))
     print(
-        f"predicted by the {args.engine} cost model (docs/cost-model.md); ideal = roofline lower bound; "
+        f"predicted by the {args.engine} cost model (docs/cost-model.md); ideal = FLOP ratio; lower bound = roofline; "
         "gpus.toml for sources"
     )
     return 0
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _print_against(rows: list[dict[str, Any]]) -> None:
+    """Side by side with the reference: the predicted speedup from pruning, the FLOP ratio and, where the
+    reference had to be fused like the compiled graph, what fusion alone adds (never counted in speedup)."""
+    fused = any("fusion_speedup" in r for r in rows)
+    cells = []
+    for r in rows:
+        cell = [
+            r["gpu"], r["precision"], f"{r['compiled_ms']:.3f}", f"{r['reference_ms']:.3f}", _ratio(r["speedup"]),
+            _ratio(r.get("ideal_speedup")), f"{r['lower_bound_ms']:.3f}", r["binding"],
+        ]  # fmt: skip
+        if fused:
+            cell += [_ratio(r.get("fusion_speedup")), r.get("fusion_level", "")]
+        cells.append(cell)
+    heads = ["gpu", "precision", "compiled ms", "reference ms", "speedup", "ideal (FLOP ratio)"]
+    heads += ["lower bound ms", "bound", *(["fusion speedup", "fusion level"] if fused else [])]
+    print(table(cells, heads))
+    if fused:
+        print("fusion speedup: what ONNX Runtime fusion alone adds (unfused / fused reference), not in speedup")
 
 
 def _print_shape_only(rows: list[dict[str, Any]]) -> None:
@@ -82,12 +100,12 @@ def _print_shape_only(rows: list[dict[str, Any]]) -> None:
     print(f"{first['params'] / 1e9:.2f}B parameters, batch {first['batch']}, {where}, {first['engine']}")
     cells = [
         [
-            r["gpu"], r["precision"], f"{r['latency_ms']:.3f}", f"{r['lower_bound_ms']:.3f}",
+            r["gpu"], r["precision"], f"{r['compiled_ms']:.3f}", f"{r['lower_bound_ms']:.3f}",
             "" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.0f}", r["binding"],
             ", ".join(f"{g}: {b}" for g, b in r["binding_by_group"].items() if g in ("attention", "mlp", "conv")),
             "" if r.get("compute_bound_batch") is None else str(r.get("compute_bound_batch")),
         ]
         for r in rows
     ]  # fmt: skip
-    heads = ["gpu", "precision", "predicted ms", "ideal ms", "tokens/s", "bound", "by layer type", "compute-bound at"]
-    print(table(cells, heads))
+    heads = ["gpu", "precision", "predicted ms", "lower bound ms", "tokens/s", "bound", "by layer type"]
+    print(table(cells, [*heads, "compute-bound at"]))

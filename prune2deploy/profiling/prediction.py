@@ -48,10 +48,7 @@ for a decode step, ``compute_bound_batch``.
 "Ideal" means one thing: ``ideal_speedup`` is the FLOP ratio, the speedup if time followed arithmetic
 alone. It is engine- and GPU-independent and, since fused ops are costed as the subgraph they replace
 (:mod:`prune2deploy.analysis.contrib_cost`), the same for a fused and an unfused graph. The report's measured
-``speedup`` section compares against the same FLOP ratio. The roofline is called ``lower_bound_ms``.
-
-Legacy keys kept for callers written before this schema (to be removed): ``predicted_ms`` and ``latency_ms``
-(= ``compiled_ms``), ``reference_predicted_ms`` (= ``reference_ms``), ``predicted_speedup`` (= ``speedup``).
+``speedup`` rows carry the same FLOP ratio, under the same name. The roofline is called ``lower_bound_ms``.
 """
 
 from __future__ import annotations
@@ -69,7 +66,6 @@ from prune2deploy.profiling.costmodel import CostPrediction, kernels_from_cost, 
 from prune2deploy.profiling.roofline import GPUSpec, load_catalog, resolve_gpus
 
 __all__ = [
-    "LEGACY_KEYS",
     "Priced",
     "compare_costs",
     "compare_models",
@@ -77,18 +73,9 @@ __all__ = [
     "price_cost",
     "row_from_prediction",
     "target_gpus",
-    "with_legacy_keys",
 ]
 
 log = logging.getLogger(__name__)
-
-#: Legacy key → the schema key it repeats (kept for the CLI until it reads the schema's keys).
-LEGACY_KEYS = {
-    "predicted_ms": "compiled_ms",
-    "latency_ms": "compiled_ms",
-    "reference_predicted_ms": "reference_ms",
-    "predicted_speedup": "speedup",
-}
 
 #: What ``fusion_level`` says.
 AS_GIVEN = "as given"
@@ -123,11 +110,6 @@ def row_from_prediction(pred: CostPrediction, **fields: Any) -> dict[str, Any]:
         "ms_by_group": pred.ms_by_group,
         "sparse_used": pred.sparse_used,
     }
-
-
-def with_legacy_keys(row: dict[str, Any]) -> dict[str, Any]:
-    """``row`` with :data:`LEGACY_KEYS` added beside the schema keys they repeat."""
-    return {**row, **{old: row[new] for old, new in LEGACY_KEYS.items() if new in row}}
 
 
 @dataclass

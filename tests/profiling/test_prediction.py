@@ -93,11 +93,10 @@ def test_report_predictions_equal_predict_on_its_files(tmp_path):
     assert all(r["speedup"] == pytest.approx(1.0, rel=1e-6) for r in rows)
 
 
-def test_predict_rows_keep_the_legacy_keys_beside_the_schema(tiny_llama_onnx):
+def test_predict_rows_carry_the_schema_keys_only(tiny_llama_onnx):
     rows = api.predict(tiny_llama_onnx, against=tiny_llama_onnx, gpus=["a100"], seq=16)
     row = rows[0]
-    assert row["predicted_ms"] == row["compiled_ms"] == row["latency_ms"]
-    assert row["predicted_speedup"] == row["speedup"] == pytest.approx(1.0)
-    assert row["reference_predicted_ms"] == row["reference_ms"]
+    assert not {"predicted_ms", "latency_ms", "reference_predicted_ms", "predicted_speedup"} & set(row)
+    assert row["speedup"] == pytest.approx(1.0) and row["reference_ms"] == pytest.approx(row["compiled_ms"])
     assert row["ideal_speedup"] == 1.0 and row["fusion_level"] == "as given" and "fusion_speedup" not in row
     assert row["lower_bound_ms"] <= row["compiled_ms"]
