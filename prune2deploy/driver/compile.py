@@ -459,7 +459,8 @@ def _raise_failures(run: CompileRun, report_path: Path) -> None:
     verification = run.verification
     if not verification.passed:
         what = "; ".join(verification.problems) or (
-            f"by {verification.worst:.3g} (relative), more than the exact tolerance {run.options.tolerance:g}"
+            f"by {verification.worst:.3g} (relative, compared in {verification.precision}), more than its bound "
+            f"{verification.bound():.3g} (tolerance {run.options.tolerance:g}; docs/exactness.md)"
         )
         raise VerificationError(
             f"compiled model differs from the masked reference: {what}; see {report_path}. "
@@ -469,7 +470,8 @@ def _raise_failures(run: CompileRun, report_path: Path) -> None:
     if problem:
         raise VerificationError(
             f"the {run.options.engine} engine's outputs differ from the masked reference: {problem}"
-            f" (exact tolerance {run.options.tolerance:g}); see {report_path}."
+            f" (bound: the tolerance {run.options.tolerance:g} or the reference's fp32 noise, docs/exactness.md); see "
+            f"{report_path}."
         )
 
 

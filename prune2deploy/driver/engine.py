@@ -151,29 +151,28 @@ def _verify_engine(
     Exact only when the pipeline was exact and the engine runs fp32; half precision is reported as
     approximate (its error, not a verdict).
     """
-    from prune2deploy.verify import OutputRunner, feed_sets, verify_runners
+    from prune2deploy.ort_session import SessionRunner, make_session
+    from prune2deploy.verify import OutputRunner, feed_sets, noise_floors, verify_runners
 
     if not engine.available().can_run:
         return None
-    from prune2deploy.ort_session import make_session
-
-    session = make_session(reference_path, prepack=False)
-    names = [o.name for o in session.get_outputs()]
-
-    class _Reference:
-        def run(self, feeds):
-            return dict(zip(names, session.run(names, dict(feeds)), strict=True))
-
+    exact = exact and options.precision == "fp32"
+    sets = feed_sets(reference, user_feeds=user_feeds)
+    # Engines run in fp32 here: an exact verdict is bounded by the reference's own rounding noise
+    # (docs/exactness.md), measured first so that one reference session exists at a time.
+    floors = noise_floors(reference_path, sets)[0] if exact else None
+    reference_runner = SessionRunner(make_session(reference_path, prepack=False))
     try:
         with engine.runner(built) as runner:
             runner_: OutputRunner = runner
             result = verify_runners(
-                _Reference(),
+                reference_runner,
                 runner_,
-                feed_sets(reference, user_feeds=user_feeds),
-                exact=exact and options.precision == "fp32",
+                sets,
+                exact=exact,
                 tolerance=options.tolerance,
-                outputs=names,
+                outputs=reference_runner.names,
+                floors=floors,
             )
     except EngineUnavailable as exc:  # built here, runs elsewhere (a GPU engine)
         log.info("engine %s not verified here: %s", engine.name, exc)
