@@ -5,6 +5,15 @@ the error (verify.py measures it). In check mode nothing changes and the pass is
 weights are eligible, which already are N:M and how much of the model's GEMM work that covers, which is
 the first thing to look at when "2:4 gave no speedup".
 
+``auto`` (the compile's default) checks when the input is already an N:M checkpoint and imposes
+otherwise. The input counts as N:M when at least one eligible weight (not skipped, not all zero) is
+exactly N:M: dense or unstructured-sparse weights are never N:M in every one of their thousands of groups
+by chance, while a 2:4 producer's (SparseGPT, Wanda 2:4, ModelOpt, compressed-tensors) all are. With
+``require`` (the compile's pass), a weight of such a checkpoint that is not N:M fails the compile (exit 1)
+with the weights named: re-masking a nearly-2:4 checkpoint by magnitude would silently replace the
+producer's choice; ``sparsity: impose`` asks for exactly that. An explicit ``check`` only reports (the
+record's ``violations`` per weight).
+
 Criteria for which N of every M to keep:
 
 - ``magnitude``: the largest ``|W|``.
@@ -25,9 +34,9 @@ import onnx_ir as ir
 
 from prune2deploy.analysis.cost import SPARSITY_KEY, model_cost
 from prune2deploy.analysis.nm import NM_OPS, nm_eligibility, nm_mask, nm_violations
-from prune2deploy.errors import ConfigError
+from prune2deploy.errors import ConfigError, VerificationError
 from prune2deploy.graph.initializers import add_initializer, replace_const, unique_name
-from prune2deploy.graph.scopes import name_scopes
+from prune2deploy.graph.scopes import module_of, name_scopes
 from prune2deploy.passes.base import P2DPass, P2DResult
 from prune2deploy.passes.registry import PassOption, PassSpec, register_pass
 
@@ -35,7 +44,7 @@ __all__ = ["SparsifyNMPass"]
 
 log = logging.getLogger(__name__)
 
-_MODES = ("check", "impose")
+_MODES = ("check", "impose", "auto")
 _CRITERIA = ("magnitude", "wanda")
 
 
@@ -62,12 +71,14 @@ class SparsifyNMPass(P2DPass):
         cost_batch: int = 1,
         cost_seq: int = 128,
         compute_cost: bool = True,
+        require: bool = False,
     ) -> None:
         """Configures the pass.
 
         Args:
             n: Non-zeros kept per group. m: Group size along K.
-            mode: ``"check"`` only reports; ``"impose"`` zeros the weights.
+            mode: ``"check"`` only reports; ``"impose"`` zeros the weights; ``"auto"`` checks an input that
+                already is N:M and imposes otherwise (module docstring).
             criterion: ``"magnitude"`` or ``"wanda"`` (needs ``norms``).
             norms: Activation value name (the node's data input) -> 1-D per-input-feature L2 norms.
             min_k: Leave weights with K below this dense (small K gains little and hurts accuracy most).
@@ -75,6 +86,8 @@ class SparsifyNMPass(P2DPass):
                 (``"*lm_head"`` keeps the LM head dense).
             cost_batch: Batch at which the FLOPs fraction is computed. cost_seq: Its sequence length.
             compute_cost: Compute the FLOPs fraction (one shape inference; a small ORT run at most).
+            require: When ``auto`` chose check (the input is an N:M checkpoint), a checked weight that is not
+                N:M raises VerificationError naming it. An explicit ``check`` only reports.
         """
         super().__init__()
         if not (isinstance(n, int) and isinstance(m, int) and 0 < n < m):
@@ -89,6 +102,7 @@ class SparsifyNMPass(P2DPass):
         self.norms = dict(norms or {})
         self.min_k, self.skip = min_k, tuple(skip)
         self.cost_batch, self.cost_seq, self.compute_cost = cost_batch, cost_seq, compute_cost
+        self.require = require
         self.name = f"sparsify-{n}:{m}"  # type: ignore[misc]
 
     def __repr__(self) -> str:
@@ -145,6 +159,7 @@ class SparsifyNMPass(P2DPass):
         """
         tag = f"{self.n}:{self.m}"
         records: list[dict[str, Any]] = []
+        candidates: list[tuple[ir.Node, ir.Value, int, np.ndarray, dict[str, Any]]] = []
         planned: dict[ir.Value, list[tuple[ir.Node, int, np.ndarray, dict[str, Any]]]] = {}
         for node in model.graph:
             if node.op_type not in NM_OPS or node.domain not in ("", "ai.onnx"):
@@ -176,26 +191,34 @@ class SparsifyNMPass(P2DPass):
             record["violations"] = nm_violations(array, n=self.n, m=self.m, axis=verdict.axis)
             record["already_nm"] = record["violations"] == 0
             record["skipped"] = self._skipped(node, weight, verdict.k)
-            if self.mode == "check" or record["skipped"]:
-                continue
+            if not record["skipped"]:
+                record["module"] = module_of(node)  # for messages: the torch module, not an ONNX value name
+                candidates.append((node, weight, verdict.axis, array, record))
+        mode, why = self._resolve_mode(candidates)
+        for node, weight, axis, array, record in candidates:
             if record["already_nm"]:
-                node.metadata_props[SPARSITY_KEY] = tag
+                if self.mode != "check":  # auto or impose: engines and the cost model find the tag
+                    node.metadata_props[SPARSITY_KEY] = tag
                 continue
-            scores = self._scores(node, array, verdict.axis)
+            if mode == "check":
+                continue
+            scores = self._scores(node, array, axis)
             if isinstance(scores, str):
                 record["skipped"] = scores
                 log.warning("%s: %s left dense: %s", self.name, node.name, scores)
                 continue
-            mask = nm_mask(scores, n=self.n, m=self.m, axis=verdict.axis)
+            mask = nm_mask(scores, n=self.n, m=self.m, axis=axis)
             masked = np.where(mask, array, np.zeros((), dtype=array.dtype))
             planned.setdefault(weight, []).append((node, NM_OPS[node.op_type], masked, record))
 
+        if mode == "check" and self.mode == "auto" and self.require:
+            self._require_nm([record for *_, record in candidates], why)
         for weight, uses in planned.items():
             self._apply(model, weight, uses, tag)
 
         eligible = [r for r in records if r["eligible"]]
         refused = {}
-        if self.mode == "impose":
+        if mode == "impose":
             refused = {(r["initializer"] or r["node"]): r["skipped"] for r in records if r["skipped"]}
         return self.result(
             model,
@@ -206,7 +229,9 @@ class SparsifyNMPass(P2DPass):
             refused=refused,
             n=self.n,
             m=self.m,
-            mode=self.mode,
+            mode=mode,
+            mode_asked=self.mode,
+            mode_reason=why,
             criterion=self.criterion,
             weights=records,
             nodes=len(records),
@@ -215,6 +240,34 @@ class SparsifyNMPass(P2DPass):
             made_nm=sum(r["made_nm"] for r in records),
             copied=sum(r["copied"] for r in records),
             sparse_flops_fraction=self._fraction(model),
+        )
+
+    def _resolve_mode(self, candidates: list[tuple[Any, ...]]) -> tuple[str, str]:
+        """(check | impose, why) for this run: ``auto`` checks an input that already is N:M (module docstring)."""
+        tag = f"{self.n}:{self.m}"
+        if self.mode != "auto":
+            return self.mode, f"{self.mode} was asked for"
+        already = [record for *_, array, record in candidates if record["already_nm"] and np.any(array)]
+        if already:
+            return "check", (
+                f"auto: {len(already)} of {len(candidates)} checked weights were already {tag} "
+                f"(e.g. {_named(already[0])}): the input is a {tag} checkpoint, so {tag} is checked, not imposed"
+            )
+        return "impose", f"auto: no weight was already {tag}, so {tag} is imposed by {self.criterion}"
+
+    def _require_nm(self, checked: list[dict[str, Any]], why: str) -> None:
+        """A checked weight that is not N:M fails the compile: exit 1, the weights named."""
+        tag = f"{self.n}:{self.m}"
+        bad = [r for r in checked if not r["already_nm"]]
+        if not bad:
+            return
+        named = ", ".join(f"{_named(r)} ({r['violations']} groups)" for r in bad[:5])
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise VerificationError(
+            f"{self.name}: {len(bad)} of {len(checked)} checked weights are not {tag}: {named}{more} "
+            f"(groups of {self.m} along K with more than {self.n} non-zeros). {why[0].upper()}{why[1:]}. Set "
+            f"sparsity: impose (--sparsity impose) to re-mask them by {self.criterion}, which is approximate, "
+            "or fix the checkpoint"
         )
 
     def _apply(
@@ -252,6 +305,11 @@ class SparsifyNMPass(P2DPass):
         return cost.sparse_flops_fraction
 
 
+def _named(record: dict[str, Any]) -> str:
+    """A weight as a user knows it: its torch module (``model.layers.0.mlp.up_proj``), else the ONNX names."""
+    return record.get("module") or record["initializer"] or record["node"]
+
+
 register_pass(
     PassSpec(
         name="sparsify-2:4",
@@ -260,11 +318,15 @@ register_pass(
         summary="2:4 along K on eligible MatMul/Gemm/Conv weights (--sparse-2-4)",
         options={
             "sparsity": PassOption(
-                Literal["impose", "check"], "impose", "sparsify-2:4 imposes 2:4 on eligible weights or only checks them"
+                Literal["auto", "impose", "check"],
+                "auto",
+                "auto: check a 2:4 checkpoint (a weight that is not 2:4 fails the compile) and impose 2:4 by "
+                "magnitude on any other; impose: always; check: only report which weights are 2:4",
+                flag="--sparsity",
             )
         },
         switch=("--sparse-2-4", "append the sparsify-2:4 pass"),
-        build=lambda o: SparsifyNMPass(n=2, m=4, mode=o.sparsity, skip=("*lm_head*",)),
+        build=lambda o: SparsifyNMPass(n=2, m=4, mode=o.sparsity, skip=("*lm_head*",), require=True),
         stage="sparsity",
         sparse_weights=True,
         in_torch="cannot",
