@@ -11,7 +11,6 @@ from typing import Any
 import onnx_ir as ir
 
 from prune2deploy.errors import BadInputError
-from prune2deploy.io import sha256_file
 
 __all__ = ["Progress", "Source", "check_finite_weights", "input_record", "load_source", "options_export_spec"]
 
@@ -83,6 +82,10 @@ def load_source(source: Any, options: Any, *, progress: Progress | None = None) 
         )
     text = str(source)
     path = Path(text)
+    if path.is_file() and path.suffix not in (".onnx", ".gguf"):
+        from prune2deploy.frontends.pickles import check_not_pickle
+
+        check_not_pickle(path)  # never unpickled: refused with how to pass the module through the API
     if path.suffix == ".onnx" or (path.is_file() and path.suffix != ".gguf"):
         say(f"loading {path}")
         model = load_onnx(path)
@@ -94,6 +97,10 @@ def load_source(source: Any, options: Any, *, progress: Progress | None = None) 
         where = hf.bundled_model_path(text) if bundled else path
         dtype = "float32" if path.suffix == ".gguf" else hf.checkpoint_dtype(where)
         keep = options.genai is not False or options.hf_checkpoint  # genai/ or hf/ are built from the module
+        attached = hf.attached_masks(where)  # torch.nn.utils.prune / ModelOpt masks saved beside the weights
+        if attached:
+            mask_tensors = masks.combine_masks(mask_tensors, attached)
+            mask_source = " and ".join(filter(None, [mask_source, f"masks attached in {where}"]))
         model, task, applied, module, tokenizer, max_positions = _hf_reference(
             text if bundled else path, where, dtype, mask_tensors, mask_source, options, say, keep_module=keep
         )
@@ -141,7 +148,7 @@ def _hf_reference(
     from prune2deploy.frontends.onnx import load_onnx
 
     cache = export_cache_path(where, dtype, options) if options.export_cache else None
-    if cache is not None and (cache / "model.onnx").is_file():
+    if cache is not None and _intact_cache_entry(cache):
         say(f"using the cached export {cache}")
         model = load_onnx(cache / "model.onnx")
         task = (cache / "task").read_text().strip() if (cache / "task").is_file() else "causal-lm"
@@ -192,6 +199,7 @@ def _write_cache(model: ir.Model, task: str, cache: Path) -> None:
     Above the size threshold the cached export keeps its weights in model.onnx.data: reading it back maps
     them, and the exporter's torch tensors can be freed.
     """
+    import json
     import shutil
     import tempfile
 
@@ -202,6 +210,7 @@ def _write_cache(model: ir.Model, task: str, cache: Path) -> None:
     try:
         save_onnx(model, scratch / "model.onnx")
         (scratch / "task").write_text(task + "\n")
+        (scratch / _DIGEST_FILE).write_text(json.dumps(_entry_digest(scratch), indent=1) + "\n")
         try:
             scratch.rename(cache)
         except OSError:  # another compile cached it meanwhile
@@ -209,6 +218,55 @@ def _write_cache(model: ir.Model, task: str, cache: Path) -> None:
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
+
+
+#: A cache entry's record of its own files: name → sha256, written last (before the entry is renamed into place).
+_DIGEST_FILE = "digest.json"
+
+
+def _entry_digest(folder: Path) -> dict[str, str]:
+    """sha256 of every file of a cache entry but the digest itself (model.onnx, its .data, task)."""
+    from prune2deploy.io import sha256_file
+
+    return {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != _DIGEST_FILE}
+
+
+def _intact_cache_entry(cache: Path) -> bool:
+    """Whether ``cache`` holds an export whose files are those written with it; a damaged entry is discarded.
+
+    The cache key binds an entry to its checkpoint (the checkpoint's hash), and the digest binds the files to
+    the export that was written: a replaced, truncated or edited model.onnx (or .data) would otherwise become
+    the reference a compile is verified against. An entry without a digest (or an unreadable one) is not
+    trusted either. Discarding renames the entry away first, so a concurrent compile never reads half of it.
+    """
+    import json
+    import shutil
+    import tempfile
+
+    if not (cache / "model.onnx").is_file():
+        return False
+    try:
+        recorded = json.loads((cache / _DIGEST_FILE).read_text())
+    except (OSError, ValueError):
+        recorded, why = None, f"it has no readable {_DIGEST_FILE}"
+    if recorded is not None:
+        actual = _entry_digest(cache)
+        if recorded == actual:
+            return True
+        changed = (
+            sorted(k for k in {*recorded, *actual} if recorded.get(k) != actual.get(k))
+            if isinstance(recorded, dict)
+            else [_DIGEST_FILE]
+        )
+        why = f"{', '.join(changed)} changed since it was written"
+    log.warning("discarding the cached export %s (%s); exporting the checkpoint again", cache, why)
+    try:
+        trash = Path(tempfile.mkdtemp(prefix=f".{cache.name}.discard-", dir=cache.parent))
+        cache.rename(trash / cache.name)
+        shutil.rmtree(trash, ignore_errors=True)
+    except OSError:  # another compile discarded (or replaced) it meanwhile
+        pass
+    return False
 
 
 def _checkpoint_bytes(where: Path) -> int:
@@ -279,8 +337,11 @@ def export_cache_path(where: Path, dtype: str, options: Any) -> Path:
     from importlib import metadata
 
     from prune2deploy import __version__
+    from prune2deploy.driver.outdir import check_not_input
 
     root = options.export_cache_dir or os.environ.get("P2D_CACHE_DIR") or Path.home() / ".cache" / "prune2deploy"
+    flag = "--export-cache-dir" if options.export_cache_dir else "the export cache (P2D_CACHE_DIR or ~/.cache)"
+    check_not_input(Path(root) / "exports", [where], flag=flag)  # the cache writes there
     parts = {
         "checkpoint": _checkpoint_hash(Path(where)),
         "dtype": dtype,
@@ -298,10 +359,12 @@ _HASHES: dict[tuple, str] = {}
 
 def _checkpoint_hash(path: Path) -> str:
     """sha256 of the folder (or file), remembered per (path, sizes, mtimes) for this process."""
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    from prune2deploy.frontends.hf import checkpoint_files, checkpoint_sha256
+
+    files = checkpoint_files(path) if path.is_dir() else [path]  # only what the loader reads
     stamp = (str(path.resolve()), tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
     if stamp not in _HASHES:
-        _HASHES[stamp] = sha256_file(path)
+        _HASHES[stamp] = checkpoint_sha256(path)
     return _HASHES[stamp]
 
 
@@ -390,5 +453,10 @@ def input_record(loaded: Source) -> dict[str, Any]:
         record["bundled"] = loaded.extra["bundled"]
     if loaded.extra.get("dtype"):
         record["dtype"] = loaded.extra["dtype"]
+    if loaded.kind == "hf" and loaded.path is not None and loaded.path.is_dir():
+        from prune2deploy.frontends.hf import checkpoint_format
+
+        if fmt := checkpoint_format(loaded.path):  # a pruning tool's layout read (docs/inputs.md)
+            record["format"] = fmt
     loaded.extra["input_record"] = dict(record)
     return record

@@ -20,7 +20,7 @@ from prune2deploy.errors import BadInputError, MaskError
 from prune2deploy.graph.initializers import replace_const
 from prune2deploy.graph.scopes import module_of
 
-__all__ = ["apply_masks_onnx", "apply_masks_torch", "load_masks"]
+__all__ = ["apply_masks_onnx", "apply_masks_torch", "combine_masks", "load_masks"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,28 @@ def load_masks(path: Path) -> dict[str, np.ndarray]:
     if not masks:
         raise MaskError(f"{path}: the mask file holds no tensors")
     return masks
+
+
+def combine_masks(given: Mapping[str, np.ndarray] | None, attached: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A mask file's masks and the masks a checkpoint carries (attached by the pruning tool), as one set.
+
+    A parameter named by both keeps what both keep (the product): the file prunes further, never revives.
+
+    Raises:
+        MaskError: the two masks of one parameter have different shapes.
+    """
+    combined = dict(attached)
+    for name, mask in (given or {}).items():
+        if name in combined:
+            if tuple(mask.shape) != tuple(combined[name].shape):
+                raise MaskError(
+                    f"mask '{name}' has shape {tuple(mask.shape)} but the checkpoint's attached mask is "
+                    f"{tuple(combined[name].shape)}. Masks use the parameter's own layout."
+                )
+            combined[name] = (np.asarray(mask) != 0) & (np.asarray(combined[name]) != 0)
+        else:
+            combined[name] = mask
+    return combined
 
 
 def _suggest(name: str, known: list[str]) -> str:
