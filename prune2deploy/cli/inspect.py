@@ -36,10 +36,14 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(dumps_json(info, indent=2))
         return 0
+    cut = info.get("groups_at_fused_ops")
     print(
         f"{info['model']}: {count(info['params'])} parameters, {info['nodes']} nodes, "
         f"{len(info['groups'])} channel groups, {info['prunable']} prunable"
+        + (f", {cut} cut at a fused op" if cut is not None else "")
     )
+    if info.get("fused"):
+        print(f"note: {info['fused']['note']}")
     _print_groups(info)
     _print_layers(info.get("layers", []))
     _print_attention(info.get("attention", []))
@@ -75,31 +79,45 @@ def _print_groups(info: dict[str, Any]) -> None:
         )
 
 
+def _or_dash(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+def _fused_cell(row: dict[str, Any]) -> str:
+    """The fused ops that hide what a row counts (``hidden_by_fused``), or ``-``."""
+    return ", ".join(row.get("hidden_by_fused") or []) or "-"
+
+
 def _print_layers(layers: list[dict[str, Any]]) -> None:
+    fused = any(layer.get("hidden_by_fused") for layer in layers)
     rows = []
     for layer in layers:
         subs = " ".join(f"{b['kind']}{'=0' if b['zero'] else ''}" for b in layer["sub_blocks"])
         why = layer["blocked_by"] or next((b["blocked_by"] for b in layer["sub_blocks"] if b["blocked_by"]), "")
         rows.append([
-            layer["layer"], subs, "yes" if layer["removable"] else "no", layer["hidden_width"],
-            layer["zero_hidden_channels"], why[:60],
+            layer["layer"], subs or "-", "yes" if layer["removable"] else "no", _or_dash(layer["hidden_width"]),
+            layer["zero_hidden_channels"], *([_fused_cell(layer)] if fused else []), why[:60],
         ])  # fmt: skip
     if rows:
         print("\nlayers (residual blocks):")
-        print(table(rows, ["layer", "sub-blocks", "removable", "hidden", "zero hidden", "why not"]))
+        heads = ["layer", "sub-blocks", "removable", "hidden", "zero hidden"]
+        print(table(rows, [*heads, *(["hidden by fused"] if fused else []), "why not"]))
 
 
 def _print_attention(blocks: list[dict[str, Any]]) -> None:
+    fused = any(block.get("hidden_by_fused") for block in blocks)
     rows = []
     for block in blocks:
         why = "; ".join(block["reasons"])[:60] if not block["supported"] else ""
         rows.append([
-            block["layer"] or block["block"], block["heads"], block["kv_heads"], block["head_dim"],
-            block["gqa"] or "-", ",".join(block["zero_heads"]) or "-", "yes" if block["supported"] else "no", why,
+            block["layer"] or block["block"], block["heads"], *([block.get("heads_from") or "-"] if fused else []),
+            block["kv_heads"], block["head_dim"], block["gqa"] or "-", ",".join(block["zero_heads"]) or "-",
+            *([_fused_cell(block)] if fused else []), "yes" if block["supported"] else "no", why,
         ])  # fmt: skip
     if rows:
         print("\nattention:")
-        print(table(rows, ["layer", "heads", "kv heads", "head_dim", "kv map", "zero heads", "ok", "why not"]))
+        heads = ["layer", "heads", *(["heads from"] if fused else []), "kv heads", "head_dim", "kv map", "zero heads"]
+        print(table(rows, [*heads, *(["hidden by fused"] if fused else []), "ok", "why not"]))
 
 
 def _print_sparsity(sp: dict[str, Any]) -> None:
