@@ -44,12 +44,20 @@ def _print_passes(entries: list[dict[str, Any]]) -> None:
         )
 
 
+#: The groups that are neither prunable nor blocked: axes without a static width (not channels).
+_UNSIZED = "without a static width (batch/sequence axes, not channels)"
+
+
 def _print_groups(groups: dict[str, Any]) -> None:
-    """How many channel groups could be pruned, and why the others could not (grouped by reason)."""
+    """How many channel groups could be pruned, and why the others could not (grouped by reason); the counts
+    add up to the total (prunable + blocked + axes without a static width)."""
     if not groups.get("total"):
         return
     blocked = groups.get("blocked") or []
+    unsized = groups["total"] - groups["prunable"] - len(blocked)
     line = f"  channel groups: {groups['prunable']} of {groups['total']} prunable"
+    if unsized:
+        line += f", {unsized} {_UNSIZED}"
     if not blocked:
         print(line)
         return

@@ -148,9 +148,11 @@ def _summary(report: dict[str, Any]) -> str:
     groups = report.get("groups")
     if groups and "total" in groups:
         blocked = len(groups.get("blocked") or [])
+        unsized = groups["total"] - (groups.get("prunable") or 0) - blocked
         items.append(
             f"<li>Channel groups: {_num(groups.get('prunable'))} of {_num(groups['total'])} prunable"
             + (f", {blocked} blocked (see below)" if blocked else "")
+            + (f", {unsized} {_e(_UNSIZED)}" if unsized > 0 else "")
             + "</li>"
         )
     items.extend(_summary_speed(report))
@@ -280,16 +282,26 @@ def _refusals(refused: dict[str, str], shown: int = 5) -> str:
     return "; ".join(items) + (f"; … {more} more in report.json" if more > 0 else "")
 
 
+#: Channel groups neither prunable nor blocked: axes without a static width (not channels).
+_UNSIZED = "without a static width (batch/sequence axes, not channels)"
+
+
 def _groups(groups: dict[str, Any] | None) -> str | None:
     if not groups:
         return None
-    parts = [f"<p>{_num(groups.get('prunable'))} of {_num(groups.get('total'))} channel groups are prunable.</p>"]
     blocked = groups.get("blocked") or []
+    unsized = (groups.get("total") or 0) - (groups.get("prunable") or 0) - len(blocked)
+    parts = [
+        f"<p>{_num(groups.get('prunable'))} of {_num(groups.get('total'))} channel groups are prunable"
+        + (f"; {unsized} {'is' if unsized == 1 else 'are'} {_e(_UNSIZED)}" if unsized > 0 else "")
+        + ".</p>"
+    ]
     if blocked:
         by_reason: dict[str, list[dict[str, Any]]] = {}
         for b in blocked:
             by_reason.setdefault(b.get("reason") or "", []).append(b)
-        parts.append(f"<p>The other {len(blocked)} groups are left as they are, for these reasons:</p>")
+        other = "The other" if unsized <= 0 else "The remaining"
+        parts.append(f"<p>{other} {len(blocked)} groups are left as they are, for these reasons:</p>")
         parts.append(
             _table(
                 ["groups", "reason", "what it means", "for example"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -86,6 +87,12 @@ def test_compile_without_masks_says_nothing_was_pruned_and_prints_named_gpus(tin
     text = capsys.readouterr().out
     assert "nothing was pruned: no zero channels/heads found; did you mean --masks or --plan?" in text
     assert "channel groups:" in text and " not:" in text  # the unprunable groups, with their reasons
+    groups = json.loads((tmp_path / "o" / "report.json").read_text())["groups"]
+    unsized = groups["total"] - groups["prunable"] - len(groups["blocked"])
+    line = next(x for x in text.splitlines() if x.startswith("  channel groups:"))
+    named = [groups["prunable"], *([unsized] if unsized else []), len(groups["blocked"])]
+    assert [int(n) for n in re.findall(r"(\d+) (?:of|without|not)\b", line)] == named  # they add up to the total
+    assert f"of {groups['total']} prunable" in line and (not unsized or "without a static width" in line)
     rows = [
         line.split()[0] for line in text.splitlines() if line.startswith("    l4") or "jetson-orin-nano-8gb" in line
     ]

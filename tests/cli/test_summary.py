@@ -62,3 +62,24 @@ def test_nothing_pruned_reads_the_registry_and_2_4_weights_are_not_nothing():
     notes = pruning_notes(sparse)
     assert notes[0].startswith("2:4: 28 of 28 eligible weights are 2:4 (0 made so here)")
     assert notes[1].startswith("no channel, head or layer removed: the zeros are 2:4") and len(notes) == 2
+
+
+def test_channel_group_counts_add_up_and_the_ideal_is_the_flop_ratio(capsys):
+    """Issue 25 item 9: "30 of 63 prunable; 32 not" left one group unnamed (an axis without a static width)."""
+    blocked = [{"group": f"g{i}", "reason": "Reshape creates this axis", "hint": ""} for i in range(32)]
+    report = _report(
+        [{"pass": "remove-channels", "modified": True, "record": {}}], (100, 60),
+        groups={"total": 63, "prunable": 30, "changed": 30, "blocked": blocked},
+        latency=[{"engine": "onnxruntime", "model": m, "batch": 1, "seq": 8, "median_ms": ms}
+                 for m, ms in (("reference", 3.0), ("compiled", 2.0))],
+        speedup=[{"engine": "onnxruntime", "batch": 1, "seq": 8, "measured": 1.5, "ideal_speedup": 1.8}],
+    )  # fmt: skip
+    print_compile(report, Path("o"))
+    text = capsys.readouterr().out
+    line = "  channel groups: 30 of 63 prunable, 1 without a static width (batch/sequence axes, not channels); 32 not:"
+    assert line in text.splitlines()
+    assert "ideal (FLOP ratio)" in text and "1.50x" in text and "1.80x" in text
+    page = render_html(report)
+    assert "30 of 63 channel groups are prunable; 1 is without a static width" in page
+    assert "The remaining 32 groups are left as they are" in page
+    assert "<li>Channel groups: 30 of 63 prunable, 32 blocked (see below), 1 without a static width" in page
