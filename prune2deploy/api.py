@@ -146,16 +146,18 @@ def generate(
     max_new_tokens: int = 64,
     engine: str = "auto",
     do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 50,
-    top_p: float = 1.0,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
     seed: int | None = None,
     chat: bool = False,
     threads: int | None = None,
 ):
     """Text from a compiled causal LM's ``genai/`` folder: onnxruntime-genai when installed, else the ONNX
     Runtime greedy loop on its decoder. Returns a :class:`~prune2deploy.generate.TextGeneration` (text, new
-    tokens, tokens/s, engine)."""
+    tokens, tokens/s, engine). Sampling options (temperature 1, top-k 50, top-p 1 when not given) need
+    ``do_sample``; values out of range, an empty prompt or one longer than the model's context are a
+    BadInputError."""
     from prune2deploy.generate import generate_text
 
     return generate_text(
@@ -343,32 +345,27 @@ def profile(
     ``seqs`` default to 128, lowered to the model's sequence bound (position table); given lengths beyond
     it are an error.
     """
+    from prune2deploy.frontends.onnx import load_onnx
     from prune2deploy.profiling.measure import compare_models
-
-    for path in (model, against):
-        if path is not None and not Path(path).is_file():
-            raise BadInputError(f"{path}: no such ONNX file")
-    from prune2deploy.frontends.onnx import load_onnx as _load
     from prune2deploy.profiling.memory_estimate import check_profile_memory
 
-    for path in (model, against):
-        if path is not None:
-            check_profile_memory(_load(Path(path)), list(batches), list(seqs), memory_limit_gib)
     models = {"compiled": Path(model)}
     if against is not None:
         models = {"reference": Path(against), **models}
-    seqs = _fit_seqs(Path(model), seqs, 128)
+    loaded = {name: load_onnx(path) for name, path in models.items()}  # each checked and read once
+    seqs = _fit_seqs(Path(model), seqs, 128, model=loaded["compiled"])  # the default lengths when none given
+    for ir_model in loaded.values():
+        check_profile_memory(ir_model, list(batches), list(seqs), memory_limit_gib)
     grid = [(b, s) for b in batches for s in seqs]
     rows = compare_models(
         models, grid, threads=threads, reference="reference" if against else None, budget_s=budget_s, min_runs=5
     )
     if ops:
         from prune2deploy.feeds import random_feeds
-        from prune2deploy.frontends.onnx import load_onnx
         from prune2deploy.profiling.ort_ops import ort_op_breakdown
 
         for name, path in models.items():
-            feeds = random_feeds(load_onnx(path), batch=grid[0][0], seq=grid[0][1])
+            feeds = random_feeds(loaded[name], batch=grid[0][0], seq=grid[0][1])
             rows.append({"kind": "ops", "model": name, **ort_op_breakdown(path, feeds, threads=threads)})
     return rows
 

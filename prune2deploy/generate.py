@@ -26,7 +26,16 @@ from prune2deploy.errors import BadInputError
 from prune2deploy.frontends.decoder import DecoderSignature, decoder_signature
 from prune2deploy.ort_session import make_session
 
-__all__ = ["DecodeLatency", "TextGeneration", "decode_latency", "genai_tokens", "generate", "generate_text", "left_pad"]
+__all__ = [
+    "DecodeLatency",
+    "TextGeneration",
+    "check_generate_options",
+    "decode_latency",
+    "genai_tokens",
+    "generate",
+    "generate_text",
+    "left_pad",
+]
 
 log = logging.getLogger(__name__)
 
@@ -247,11 +256,17 @@ def genai_tokens(
 
     ``min_new_tokens`` suppresses EOS until that many tokens exist (as transformers' ``min_new_tokens``).
     """
+    from prune2deploy.ort_session import disable_telemetry
+
+    disable_telemetry()  # before the import: onnxruntime-genai writes its event store when it loads
     try:
         import onnxruntime_genai as og
     except ImportError as exc:
         raise BadInputError("onnxruntime-genai is not installed: pip install onnxruntime-genai") from exc
-    model = og.Model(str(folder))
+    try:
+        model = og.Model(str(folder))
+    except RuntimeError as exc:  # a genai_config.json or model file it cannot read
+        raise BadInputError(f"{folder}: onnxruntime-genai cannot load this folder: {exc}") from exc
     params = og.GeneratorParams(model)
     options: dict[str, Any] = {"do_sample": do_sample, "max_length": len(prompt_ids) + max_new_tokens}
     if min_new_tokens:
@@ -272,6 +287,84 @@ def genai_tokens(
     return new, len(new) / elapsed if elapsed > 0 else 0.0
 
 
+def check_generate_options(
+    *,
+    max_new_tokens: int,
+    do_sample: bool,
+    temperature: float | None,
+    top_k: int | None,
+    top_p: float | None,
+    seed: int | None,
+    threads: int | None,
+) -> None:
+    """Refuses a value that is out of range, or a sampling option that greedy decoding would ignore."""
+    import math
+
+    def whole(value: Any) -> bool:
+        return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+    if not whole(max_new_tokens) or max_new_tokens < 1:
+        raise BadInputError(f"--max-new-tokens must be a whole number of at least 1, not {max_new_tokens!r}")
+    if threads is not None and (not whole(threads) or threads < 1):
+        raise BadInputError(f"--threads must be a whole number of at least 1, not {threads!r}")
+    if temperature is not None and not (isinstance(temperature, (int, float)) and math.isfinite(temperature)):
+        raise BadInputError(f"--temperature must be a finite number, not {temperature!r}")
+    if temperature is not None and temperature <= 0:
+        raise BadInputError(
+            f"--temperature must be above 0 (greedy decoding is the default, without --sample), not {temperature}"
+        )
+    if top_k is not None and (not whole(top_k) or top_k < 1):
+        raise BadInputError(f"--top-k must be a whole number of at least 1, not {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise BadInputError(f"--top-p is a probability: above 0 and at most 1, not {top_p!r}")
+    given = [name for name, value in (("--temperature", temperature), ("--top-k", top_k), ("--top-p", top_p),
+                                      ("--seed", seed)) if value is not None]  # fmt: skip
+    if given and not do_sample:
+        verb = "takes" if len(given) == 1 else "take"
+        raise BadInputError(f"{', '.join(given)} {verb} effect only when sampling: add --sample (greedy otherwise)")
+
+
+def _genai_config(folder: Path) -> dict[str, Any]:
+    """genai_config.json's ``model`` section, or a BadInputError that names the file and what is wrong."""
+    path = folder / "genai_config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise BadInputError(f"{path}: not readable JSON ({exc}); re-compile the model to write it again") from exc
+    model = config.get("model") if isinstance(config, dict) else None
+    if not isinstance(model, dict) or not isinstance(model.get("decoder", {}), dict):
+        raise BadInputError(
+            f"{path}: not an onnxruntime-genai config (no 'model' mapping with a 'decoder'); re-compile the model"
+        )
+    return model
+
+
+def _context_length(config: dict[str, Any]) -> int | None:
+    value = config.get("context_length")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _prompt_ids(tokenizer: Any, prompt: str, *, chat: bool, folder: Path) -> list[int]:
+    """The prompt's token ids; with ``chat``, wrapped in the tokenizer's chat template as one user turn."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise BadInputError("the prompt is empty; give the text to continue")
+    if chat:
+        try:
+            # return_dict: transformers 5 returns a BatchEncoding by default, 4 a list; ask for one shape
+            encoded = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=True
+            )
+        except ValueError as exc:  # no chat template
+            raise BadInputError(f"{folder}: the tokenizer has no chat template ({exc}); drop --chat") from exc
+        ids = encoded["input_ids"]
+    else:
+        ids = tokenizer(prompt)["input_ids"]
+    ids = list(ids[0] if len(ids) and isinstance(ids[0], (list, tuple)) else ids)
+    if not ids:
+        raise BadInputError("the prompt gives no tokens; give the text to continue")
+    return [int(i) for i in ids]
+
+
 def generate_text(
     out_dir: Path | str,
     prompt: str,
@@ -279,9 +372,9 @@ def generate_text(
     max_new_tokens: int = 64,
     engine: str = "auto",
     do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 50,
-    top_p: float = 1.0,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
     seed: int | None = None,
     chat: bool = False,
     threads: int | None = None,
@@ -292,14 +385,24 @@ def generate_text(
         out_dir: a compile output (holding ``genai/``) or the ``genai/`` folder itself.
         engine: ``genai`` (onnxruntime-genai), ``onnxruntime`` (this module's greedy loop on the decoder
             graph), or ``auto`` (genai when installed).
-        do_sample, temperature, top_k, top_p, seed: sampling (onnxruntime-genai only); greedy otherwise.
+        do_sample, temperature, top_k, top_p, seed: sampling (onnxruntime-genai only; temperature 1, top-k 50,
+            top-p 1 when not given); greedy otherwise, where giving any of them is an error.
         chat: wrap the prompt in the tokenizer's chat template as one user turn.
+
+    Raises:
+        BadInputError: an option out of range, an empty prompt, a prompt plus ``max_new_tokens`` longer than
+            the model's context, no genai/ folder, or a genai_config.json that cannot be read.
     """
+    check_generate_options(
+        max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+        seed=seed, threads=threads,
+    )  # fmt: skip
     folder = Path(out_dir)
     if not (folder / "genai_config.json").is_file():
         folder = folder / "genai"
     if not (folder / "genai_config.json").is_file():
         raise BadInputError(f"{out_dir}: no genai/ folder (compile a causal LM without --no-genai)")
+    config = _genai_config(folder)
     if engine == "auto":
         try:
             import onnxruntime_genai  # noqa: F401
@@ -317,17 +420,20 @@ def generate_text(
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
     except Exception as exc:
         raise BadInputError(f"{folder}: no usable tokenizer files ({exc})") from exc
-    if chat:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-        ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
-    else:
-        ids = tokenizer(prompt)["input_ids"]
-    config = json.loads((folder / "genai_config.json").read_text())["model"]
+    ids = _prompt_ids(tokenizer, prompt, chat=chat, folder=folder)
+    context = _context_length(config)
+    if context is not None and len(ids) + max_new_tokens > context:
+        raise BadInputError(
+            f"the prompt has {len(ids)} tokens and --max-new-tokens is {max_new_tokens}: together more than the "
+            f"model's context of {context} tokens (genai_config.json: context_length). Shorten the prompt or lower "
+            "--max-new-tokens" + (f" (at most {context - len(ids)} here)" if len(ids) < context else "")
+        )
     eos = config.get("eos_token_id")
     if engine == "genai":
         new, rate = genai_tokens(
-            folder, ids, max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-            seed=seed,
+            folder, ids, max_new_tokens, do_sample=do_sample, seed=seed,
+            temperature=1.0 if temperature is None else temperature, top_k=50 if top_k is None else top_k,
+            top_p=1.0 if top_p is None else top_p,
         )  # fmt: skip
         label = "onnxruntime-genai"
     else:

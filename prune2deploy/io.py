@@ -10,13 +10,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from prune2deploy.errors import ConfigError, P2DError
+from prune2deploy.errors import BadInputError, ConfigError, P2DError
 
 __all__ = [
     "MAX_CONFIG_BYTES",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "check_not_input",
     "dumps_json",
     "json_safe",
     "read_config_file",
@@ -35,9 +36,33 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as exc:  # a full disk: a write error names no file, so name the one being written
+        Path(tmp).unlink(missing_ok=True)
+        if exc.filename in (None, tmp):
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def check_not_input(out_dir: Path | str, inputs: Any, *, flag: str = "--out") -> None:
+    """Refuses an output that is, contains or lies inside an input: ``--overwrite`` would destroy it.
+
+    Every command that writes runs its output folder through this (compile, prune, sweep; the export cache
+    with ``flag="--export-cache-dir"``), so none writes into what it reads. ``inputs`` may hold None.
+    """
+    target = Path(os.path.abspath(out_dir)).resolve()
+    for given in inputs:
+        if given is None:
+            continue
+        path = Path(os.path.abspath(given)).resolve()
+        if target == path or path.is_relative_to(target) or target.is_relative_to(path):
+            how = "is" if target == path else ("contains" if path.is_relative_to(target) else "lies inside")
+            raise BadInputError(
+                f"{flag} {out_dir} {how} the input {given}; writing there would overwrite or corrupt the input. "
+                f"Choose a {flag} folder outside every input (model, masks, plan, feeds, config)."
+            )
 
 
 def atomic_write_text(path: Path, text: str) -> None:

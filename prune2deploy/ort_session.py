@@ -15,7 +15,24 @@ import numpy as np
 
 from prune2deploy.errors import BadInputError
 
-__all__ = ["SessionRunner", "make_session", "release_memory"]
+__all__ = ["SessionRunner", "disable_telemetry", "make_session", "release_memory"]
+
+
+def disable_telemetry() -> None:
+    """Keeps ONNX Runtime and onnxruntime-genai from writing their telemetry event store.
+
+    Both write ``~/.cache/Microsoft/DeveloperTools/.onnxruntime/`` (a device id and ``onnxruntime.db`` /
+    ``onnxruntime-genai.db``) when they are *imported* (measured: onnxruntime 1.32, onnxruntime-genai 0.18),
+    so ``onnxruntime.disable_telemetry_events()`` comes too late; ``ORT_DISABLE_TELEMETRY=1``, read at load,
+    stops both. Set only when the user has not set it (``ORT_DISABLE_TELEMETRY=0`` keeps telemetry on); the
+    CLI calls this first thing, and every place that imports either library calls it before the import.
+    """
+    import os
+    import sys
+
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    if os.environ["ORT_DISABLE_TELEMETRY"] != "0" and "onnxruntime" in sys.modules:  # imported already
+        getattr(sys.modules["onnxruntime"], "disable_telemetry_events", lambda: None)()
 
 
 def release_memory() -> None:
@@ -56,6 +73,7 @@ def make_session(
     to evaluate a model with its arithmetic reordered (ONNX Runtime's fusions undone), which measures how far
     float rounding alone moves the outputs.
     """
+    disable_telemetry()
     import onnxruntime as ort
 
     so = ort.SessionOptions()

@@ -588,20 +588,6 @@ def test_stale_staging_of_a_killed_compile_is_removed(tmp_path):
     assert _leftovers(tmp_path) == [live.name]
 
 
-@pytest.mark.parametrize("kind", ["file", "symlink"])
-def test_overwriting_a_file_or_symlink_leaves_no_backup(tmp_path, kind):
-    model = mlp(tmp_path / "m.onnx")
-    out = tmp_path / "out"
-    if kind == "file":
-        out.write_text("old")
-    else:
-        (tmp_path / "target").mkdir()
-        out.symlink_to(tmp_path / "target")
-    assert _compile(model, "--out", out, "--overwrite") == 0
-    assert (out / "model.onnx").is_file() and not out.is_symlink()
-    assert _leftovers(tmp_path) == []
-
-
 # -- 13. resource bounds -----------------------------------------------------------------------------------------------
 
 
@@ -632,3 +618,261 @@ def test_outputs_follow_the_umask(tmp_path):
     assert out.stat().st_mode & 0o777 == 0o755
     modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
     assert set(modes.values()) == {0o644}, modes
+
+
+# -- 15. round 3 (issue 29): invalid ONNX, the export cache, --overwrite, every writer's guard, generate ---------
+
+
+def test_onnx_rejected_by_the_checker_is_refused(tmp_path, capsys):
+    """Two initializers named w1 (the second all zero): ONNX Runtime ran the first, the loader kept the zeros,
+    and the compile of a zero network said PASSED."""
+    path = mlp(tmp_path / "dup.onnx")
+    proto = onnx.load(str(path))
+    proto.graph.initializer.append(numpy_helper.from_array(np.zeros((8, 16), np.float32), "w1"))
+    onnx.save(proto, str(path))
+    assert _compile(path, "--out", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "checker rejects" in err and "not unique" in err
+    assert not (tmp_path / "out").exists()
+    assert main(["inspect", str(path)]) == 2 and main(["verify", str(path), "--reference", str(path)]) == 2
+
+
+def test_ort_contrib_ops_in_the_default_domain_pass_the_check(tmp_path):
+    """A graph fused for ONNX Runtime (SimplifiedLayerNormalization is ORT's op in ONNX's domain) still loads,
+    and the schemas lent to the checker are gone afterwards."""
+    from onnx import defs
+
+    from prune2deploy.frontends.onnx import load_onnx
+
+    graph = helper.make_graph(
+        [helper.make_node("SimplifiedLayerNormalization", ["x", "scale"], ["y"], axis=-1, epsilon=1e-5)],
+        "rms",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])],
+        [numpy_helper.from_array(np.ones(8, np.float32), "scale")],
+    )
+    model = load_onnx(_save(graph, tmp_path / "rms.onnx"))
+    assert [n.op_type for n in model.graph] == ["SimplifiedLayerNormalization"]
+    assert not defs.has("SimplifiedLayerNormalization")
+
+
+def _hf_folder(folder: Path) -> Path:
+    from tests.fixtures.models import tiny_llama
+
+    tiny_llama().save_pretrained(folder)
+    return folder
+
+
+def test_tampered_export_cache_is_discarded_and_re_exported(tmp_path, capsys):
+    hf = _hf_folder(tmp_path / "hf")
+    cache = tmp_path / "cache"
+    args = ["--export-cache-dir", cache, "--no-genai"]
+    assert _compile(hf, *args, "--out", tmp_path / "o1") == 0
+    (entry,) = (cache / "exports").iterdir()
+    assert json.loads((entry / "digest.json").read_text())["model.onnx"] == sha256_file(entry / "model.onnx")
+    proto = onnx.load(str(entry / "model.onnx"))
+    for tensor in proto.graph.initializer:  # the weights replaced with zeros: a zero network as the reference
+        tensor.CopyFrom(numpy_helper.from_array(np.zeros_like(numpy_helper.to_array(tensor)), tensor.name))
+    onnx.save(proto, str(entry / "model.onnx"))
+    capsys.readouterr()
+    assert _compile(hf, *args, "--out", tmp_path / "o2") == 0
+    err = capsys.readouterr().err
+    assert "discarding the cached export" in err and "model.onnx changed" in err
+    (entry,) = (cache / "exports").iterdir()  # exported again, with a digest that holds
+    assert json.loads((entry / "digest.json").read_text())["model.onnx"] == sha256_file(entry / "model.onnx")
+    reference = onnx.load(str(tmp_path / "o2" / "reference.onnx"))
+    assert any(np.abs(numpy_helper.to_array(t)).max() > 0 for t in reference.graph.initializer if t.dims)
+
+
+def test_export_cache_entry_without_a_digest_is_not_trusted(tmp_path):
+    from prune2deploy.driver.source import _intact_cache_entry
+
+    entry = tmp_path / "exports" / "key"
+    entry.mkdir(parents=True)
+    mlp(entry / "model.onnx")
+    assert not _intact_cache_entry(entry) and not entry.exists()
+
+
+def _previous_output(tmp_path: Path) -> Path:
+    out = tmp_path / "out"
+    assert _compile(mlp(tmp_path / "m.onnx"), "--out", out) == 0
+    return out
+
+
+@pytest.mark.parametrize("kind", ["checkout", "file", "symlink", "foreign-manifest", "output-plus-user-file"])
+def test_overwrite_replaces_only_an_output_of_this_tool(tmp_path, kind, capsys):
+    model = mlp(tmp_path / "m.onnx")
+    out = tmp_path / "out"
+    if kind == "checkout":
+        (out / ".git").mkdir(parents=True)
+        (out / "main.py").write_text("print('mine')\n")
+    elif kind == "file":
+        out.write_text("a file")
+    elif kind == "symlink":
+        (tmp_path / "target").mkdir()
+        (tmp_path / "target" / "notes.txt").write_text("mine")
+        out.symlink_to(tmp_path / "target")
+    elif kind == "foreign-manifest":
+        out.mkdir()
+        (out / "manifest.json").write_text('{"name": "my-web-app", "outputs": {}}')
+        (out / "index.html").write_text("<html>")
+    else:
+        out = _previous_output(tmp_path)
+        (out / "my-notes.txt").write_text("mine")
+    before = sha256_file(out) if out.is_dir() else out.read_bytes()
+    capsys.readouterr()
+    assert _compile(model, "--out", out, "--overwrite") == 2
+    assert "--overwrite replaces only an output folder of prune2deploy" in capsys.readouterr().err
+    assert (sha256_file(out) if out.is_dir() else out.read_bytes()) == before
+    assert out.is_symlink() == (kind == "symlink") and _leftovers(tmp_path) == []
+
+
+def test_overwrite_out_dot_is_refused_in_a_folder_of_the_users(tmp_path, monkeypatch, capsys):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "README.md").write_text("mine")
+    model = mlp(tmp_path / "m.onnx")
+    monkeypatch.chdir(work)
+    assert _compile(model, "--out", ".", "--overwrite") == 2
+    assert "without a prune2deploy manifest.json" in capsys.readouterr().err
+    assert (work / "README.md").read_text() == "mine"
+
+
+def test_overwrite_replaces_an_earlier_output_and_leaves_no_backup(tmp_path):
+    out = _previous_output(tmp_path)
+    first = json.loads((out / "manifest.json").read_text())["created"]
+    assert _compile(tmp_path / "m.onnx", "--out", out, "--overwrite") == 0
+    assert (out / "model.onnx").is_file() and json.loads((out / "manifest.json").read_text())["created"] >= first
+    assert _leftovers(tmp_path) == []
+
+
+def test_overwrite_checks_again_at_the_rename(tmp_path, monkeypatch, capsys):
+    import prune2deploy.driver.compile as driver
+
+    out = _previous_output(tmp_path)
+    original = driver.load_source
+
+    def user_file_meanwhile(*args, **kwargs):
+        (out / "added-while-compiling.txt").write_text("mine")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(driver, "load_source", user_file_meanwhile)
+    assert _compile(tmp_path / "m.onnx", "--out", out, "--overwrite") == 2
+    assert "changed while compiling" in capsys.readouterr().err
+    assert (out / "added-while-compiling.txt").read_text() == "mine" and _leftovers(tmp_path) == []
+
+
+def test_prune_sweep_and_export_cache_never_write_into_the_model(tmp_path, monkeypatch, capsys):
+    import prune2deploy.sweep.run as sweep_run
+
+    hf = _hf_folder(tmp_path / "hf")
+    before = sha256_file(hf)
+    assert main(["prune", str(hf), "--out", str(hf), "--mlp", "0.5", "--overwrite", "--quiet"]) == 2
+    assert "is the input" in capsys.readouterr().err
+    assert main(["prune", str(hf), "--out", str(hf / "masks"), "--mlp", "0.5", "--quiet"]) == 2
+    assert "lies inside the input" in capsys.readouterr().err
+
+    monkeypatch.setattr(sweep_run, "_import_ray", lambda: object())  # Ray is never started: the guard is first
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(f"model: {hf}\ngrid:\n  mlp: [0.25, 0.5]\n")
+    assert main(["sweep", str(sweep), "--out", str(hf)]) == 2
+    assert "is the input" in capsys.readouterr().err
+
+    assert _compile(hf, "--export-cache-dir", hf / "cache", "--out", tmp_path / "out") == 2
+    assert "--export-cache-dir" in capsys.readouterr().err
+    assert sha256_file(hf) == before and not (hf / "masks").exists() and not (hf / "cache").exists()
+
+
+def test_profile_without_seq_runs(tmp_path, capsys):
+    model = mlp(tmp_path / "m.onnx")
+    assert main(["profile", str(model), "--budget", "0.2", "--json"]) == 0
+    (row,) = [r for r in json.loads(capsys.readouterr().out) if r["kind"] == "latency"]
+    assert row["batch"] == 1 and row["runs"] >= 5
+
+
+def test_inspect_of_a_model_folder_says_what_it_takes(tmp_path, capsys):
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    assert main(["inspect", str(hf)]) == 2
+    err = capsys.readouterr().err
+    assert "is a model folder, not an ONNX file" in err and "prune2deploy compile" in err
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--sample", "--top-k", "-3"], "--top-k must be"),
+        (["--sample", "--top-p", "7"], "--top-p is a probability"),
+        (["--sample", "--temperature", "-1"], "--temperature must be above 0"),
+        (["--temperature", "0.5"], "only when sampling"),
+        (["--threads", "-4"], "--threads must be"),
+        (["--max-new-tokens", "-2"], "--max-new-tokens must be"),
+    ],
+)
+def test_generate_options_out_of_range_are_exit_2(tmp_path, args, expected, capsys):
+    assert main(["generate", str(tmp_path), "hi", *args]) == 2
+    assert expected in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", ['{"model": ', "[1]", '{"model": {"decoder": 3}}'])
+def test_malformed_genai_config_is_exit_2(tmp_path, text, capsys):
+    (tmp_path / "genai_config.json").write_text(text)
+    assert main(["generate", str(tmp_path), "hi"]) == 2
+    assert "genai_config.json" in capsys.readouterr().err
+
+
+def test_atomic_writes_name_the_file_on_a_full_disk(tmp_path, monkeypatch):
+    import errno
+
+    import prune2deploy.io as io_module
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(io_module.os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space left") as error:
+        io_module.atomic_write_bytes(tmp_path / "report.json", b"{}")
+    assert error.value.filename == str(tmp_path / "report.json") and list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def genai_out(tmp_path_factory):
+    """A compiled tiny Llama with genai/ (character tokenizer with a chat template)."""
+    pytest.importorskip("onnxruntime_genai")
+    from tests.outputs.test_generate_text import _char_tokenizer, _llama
+
+    tmp = tmp_path_factory.mktemp("genai")
+    module, tokenizer = _llama(), _char_tokenizer()
+    module.generation_config.eos_token_id = None
+    module.save_pretrained(str(tmp / "hf"))
+    tokenizer.save_pretrained(str(tmp / "hf"))
+    assert _compile(tmp / "hf", "--out", tmp / "out") == 0
+    return tmp / "out"
+
+
+def test_generate_chat_and_prompts_that_do_not_fit(genai_out, capsys):
+    result = api.generate(genai_out, "hi", chat=True, max_new_tokens=4)
+    assert result.prompt_tokens == 3  # "<s>" + "h" + "i" from the template
+    assert main(["generate", str(genai_out), "hi", "--chat", "--max-new-tokens", "3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["prompt_tokens"] == 3
+    for args, expected in (
+        (["a" * 300], "model's context of 128 tokens"),
+        (["hi", "--max-new-tokens", "100000"], "at most 126 here"),
+        ([""], "the prompt is empty"),
+    ):
+        assert main(["generate", str(genai_out), *args]) == 2, args
+        assert expected in capsys.readouterr().err
+
+
+def test_no_telemetry_is_written_under_home(genai_out, tmp_path):
+    """onnxruntime and onnxruntime-genai write ~/.cache/Microsoft/DeveloperTools/ on import unless told not to."""
+    model = mlp(tmp_path / "m.onnx")
+    env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"} | {"HOME": str(tmp_path / "home")}
+    code = (
+        "from prune2deploy.cli import main; "
+        f"assert main(['profile', {str(model)!r}, '--budget', '0.1', '--quiet']) == 0; "
+        f"assert main(['generate', {str(genai_out)!r}, 'hi', '--max-new-tokens', '2']) == 0"
+    )
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, timeout=300)
+    assert not (tmp_path / "home" / ".cache" / "Microsoft").exists()

@@ -82,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     import signal
     import threading
 
+    from prune2deploy.ort_session import disable_telemetry
+
+    disable_telemetry()  # before anything imports onnxruntime: it writes its event store on import
     try:
         args = build_parser().parse_args(argv)
     except P2DError as exc:  # a value a flag's own reader refuses (--shapes seq=1)

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from prune2deploy.cli.flags import HelpFormatter, positive_int
+from prune2deploy.cli.flags import HelpFormatter
 from prune2deploy.io import dumps_json
 
 __all__ = ["add_parser", "run"]
@@ -24,16 +24,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     g.add_argument("out", type=Path, help="compile output folder (or its genai/ folder)")
     g.add_argument("prompt", help="the text to continue")
-    g.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate at most")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (≥ 1)")
     g.add_argument("--engine", default="auto", choices=["auto", "genai", "onnxruntime"],
                    help="auto: onnxruntime-genai when installed, else onnxruntime")  # fmt: skip
     g.add_argument("--sample", action="store_true", help="sample instead of greedy (onnxruntime-genai)")
-    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-    g.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens")
-    g.add_argument("--top-p", type=float, default=1.0, help="sample from the tokens that make up this probability")
-    g.add_argument("--seed", type=int, help="sampling seed")
+    g.add_argument("--temperature", type=float, help="sampling temperature, above 0 (with --sample; default 1)")
+    g.add_argument("--top-k", type=int, help="sample from the k most likely tokens (with --sample; default 50)")
+    g.add_argument(
+        "--top-p", type=float, help="sample from the tokens that make up this probability, in (0, 1] (with --sample; "
+        "default 1)",
+    )  # fmt: skip
+    g.add_argument("--seed", type=int, help="sampling seed (with --sample)")
     g.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to the prompt")
-    g.add_argument("--threads", type=positive_int, help="ONNX Runtime threads (onnxruntime engine)")
+    g.add_argument("--threads", type=int, help="ONNX Runtime threads, ≥ 1 (onnxruntime engine)")
     g.add_argument("--json", action="store_true", help="print the text, tokens and speed as JSON")
     g.set_defaults(func=run)
 

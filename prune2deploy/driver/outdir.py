@@ -3,6 +3,9 @@
 So a compile's output is complete or absent, never half-written, and never written over an input:
 
 - the target may not be, contain or lie inside any input (model, masks, plan, feeds, config);
+- ``--overwrite`` replaces only an earlier output of this tool: a folder whose ``manifest.json`` was written
+  by prune2deploy and lists every file in it (besides the writers' folders, genai/ and hf/). A file, a
+  symbolic link, a code checkout or a folder with anything else is refused and left as it is;
 - a lock file beside the target (``.NAME.p2d-lock``, ``fcntl.flock``) makes a second compile to the same
   folder fail at once instead of racing the first;
 - the "does it exist" check is repeated at the final rename (``rename(2)`` refuses a non-empty folder or a
@@ -24,8 +27,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from prune2deploy.errors import BadInputError, OutputExistsError
+from prune2deploy.io import check_not_input  # the guard of every command that writes; lives low for prune
 
-__all__ = ["OutputFolder", "apply_umask", "check_not_input", "umask"]
+__all__ = ["OutputFolder", "apply_umask", "check_not_input", "foreign_contents", "umask"]
 
 _TAG = "p2d"
 
@@ -58,19 +62,66 @@ def apply_umask(root: Path) -> None:
                 os.chmod(path, (0o777 if executable else 0o666) & ~mask)
 
 
-def check_not_input(out_dir: Path, inputs: Iterable[Path | str | None]) -> None:
-    """Refuses an output that is, contains or lies inside an input: ``--overwrite`` would destroy it."""
-    target = Path(os.path.abspath(out_dir)).resolve()
-    for given in inputs:
-        if given is None:
-            continue
-        path = Path(os.path.abspath(given)).resolve()
-        if target == path or path.is_relative_to(target) or target.is_relative_to(path):
-            how = "is" if target == path else ("contains" if path.is_relative_to(target) else "lies inside")
-            raise BadInputError(
-                f"--out {out_dir} {how} the input {given}; writing there would overwrite or corrupt the input. "
-                "Choose an output folder outside every input (model, masks, plan, feeds, config)."
-            )
+#: The most bytes of a manifest.json read to decide whether a folder is an output of this tool.
+_MANIFEST_MAX_BYTES = 64 << 20
+
+
+def foreign_contents(out: Path) -> str | None:
+    """What at ``out`` this tool did not write (a phrase for a message), or None when ``--overwrite`` may replace it.
+
+    Replaceable: nothing, an empty folder, or an output folder of a compile: its ``manifest.json`` says
+    ``tool.name == "prune2deploy"`` and lists in ``outputs`` every file beside it; the only folders allowed
+    are the output writers' (genai/, hf/). The content is read, not only the name: a user's folder that
+    happens to hold a file called manifest.json is not replaced.
+    """
+    import json
+
+    out = Path(out)
+    if out.is_symlink():
+        return f"a symbolic link (to {os.readlink(out)})"
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        return "a file"
+    names = sorted(p.name for p in out.iterdir())
+    if not names:
+        return None
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    manifest = out / "manifest.json"
+    if not manifest.is_file() or manifest.is_symlink():
+        return f"a folder without a prune2deploy manifest.json (it holds {shown})"
+    try:
+        with open(manifest, "rb") as handle:
+            data = handle.read(_MANIFEST_MAX_BYTES + 1)
+        record = json.loads(data) if len(data) <= _MANIFEST_MAX_BYTES else None
+    except (OSError, ValueError):
+        record = None
+    tool = record.get("tool") if isinstance(record, dict) else None
+    listed = record.get("outputs") if isinstance(record, dict) else None
+    if not isinstance(tool, dict) or tool.get("name") != "prune2deploy" or not isinstance(listed, dict):
+        return f"a folder whose manifest.json was not written by prune2deploy (it holds {shown})"
+    from prune2deploy.outputs.registry import load_writers
+
+    folders = {spec.folder for spec in load_writers().values()}
+    others = [
+        name
+        for name in names
+        if not (
+            (name == "manifest.json" or name in listed) and (out / name).is_file() and not (out / name).is_symlink()
+        )
+        and not (name in folders and (out / name).is_dir() and not (out / name).is_symlink())
+    ]
+    if others:
+        extra = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        return f"a prune2deploy output folder with files it did not write: {extra}"
+    return None
+
+
+def _refuse_foreign(out: Path, what: str, *, when: str = "") -> OutputExistsError:
+    return OutputExistsError(
+        f"--out {out} is {what}{when}; --overwrite replaces only an output folder of prune2deploy (one whose "
+        "manifest.json lists what is in it), so it was left as it is. Choose another --out, or move it away yourself"
+    )
 
 
 def _pid_alive(pid: int) -> bool:
@@ -103,6 +154,8 @@ class OutputFolder:
             raise OutputExistsError(
                 f"output folder {self.out_dir} exists and is not empty; choose another --out or pass --overwrite"
             )
+        if self._taken() and (what := foreign_contents(self.out_dir)):
+            raise _refuse_foreign(self.out_dir, what)
         try:
             self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -174,6 +227,8 @@ class OutputFolder:
             apply_umask(self.staging)
             out = self.out_dir
             if self.overwrite and (out.exists() or out.is_symlink()):
+                if what := foreign_contents(out):  # changed since the check at the start
+                    raise _refuse_foreign(out, what, when=" (it changed while compiling)")
                 backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.{_TAG}-{os.getpid()}-", dir=out.parent))
                 backup.rmdir()
                 os.rename(out, backup)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,15 @@ import onnx_ir as ir
 
 from prune2deploy.errors import BadInputError
 
-__all__ = ["EXTERNAL_THRESHOLD", "check_external_data", "ensure_shapes", "load_onnx", "save_onnx", "weight_bytes"]
+__all__ = [
+    "EXTERNAL_THRESHOLD",
+    "check_external_data",
+    "check_onnx",
+    "ensure_shapes",
+    "load_onnx",
+    "save_onnx",
+    "weight_bytes",
+]
 
 log = logging.getLogger(__name__)
 
@@ -24,11 +33,17 @@ _MAX_PROTO = 2**31 - 1
 
 
 def load_onnx(path: Path | str) -> ir.Model:
-    """Loads an ONNX file (external data next to it is memory-mapped, not copied)."""
+    """Loads an ONNX file (external data next to it is memory-mapped, not copied).
+
+    The file must pass ONNX's checker (:func:`check_onnx`) first: ONNX Runtime and this loader may read an
+    invalid file differently (two initializers with one name: ONNX Runtime runs the first, onnx_ir keeps the
+    last), and a reference read differently from the model it stands for can make a wrong compile PASS.
+    """
     path = Path(path)
     if not path.is_file():
-        raise BadInputError(f"{path}: no such ONNX file")
+        raise BadInputError(_not_a_file(path))
     check_external_data(path)
+    check_onnx(path)
     try:
         model = ir.load(str(path))
     except Exception as exc:  # protobuf DecodeError, OSError, onnx_ir errors
@@ -40,6 +55,95 @@ def load_onnx(path: Path | str) -> ir.Model:
         raise BadInputError(f"{path}: the ONNX graph has no nodes")
     ensure_shapes(model, source=str(path))
     return model
+
+
+def _not_a_file(path: Path) -> str:
+    """Why ``path`` is not an ONNX file, and what to pass instead."""
+    if path.is_dir() and ((path / "config.json").is_file() or any(path.glob("*.gguf"))):
+        return (
+            f"{path} is a model folder, not an ONNX file; this command takes an .onnx file. Compile the folder "
+            f"first (prune2deploy compile {path} --out OUT) and pass OUT/model.onnx (or OUT/reference.onnx)"
+        )
+    if path.is_dir() and (path / "model.onnx").is_file():
+        return f"{path} is a folder; pass the ONNX file in it: {path / 'model.onnx'}"
+    if path.is_dir():
+        return f"{path} is a folder, not an ONNX file"
+    return f"{path}: no such ONNX file"
+
+
+_CHECK_LOCK = threading.Lock()
+
+
+def check_onnx(path: Path) -> None:
+    """Refuses a file that ONNX's checker rejects (``full_check``: with strict shape inference).
+
+    The check reads the file by path, so external data is checked where it lies and models over 2 GB work.
+    ONNX Runtime registers a few contrib ops in the default domain (``SimplifiedLayerNormalization``, which its
+    fusions write): while the check runs they are known to the checker with ONNX Runtime's own schemas, so a
+    graph fused for ONNX Runtime (this tool's ``model.onnx``) passes as ONNX Runtime would load it.
+    """
+    import onnx
+
+    with _CHECK_LOCK, _ort_default_domain_schemas():
+        try:
+            onnx.checker.check_model(str(path), full_check=True)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+            message = " ".join(str(exc).split())
+            raise BadInputError(
+                f"{path}: ONNX's checker rejects the model: {message[:400]}. ONNX Runtime and other tools may read "
+                "an invalid file differently, so no result on it could be trusted; fix or re-export the model."
+            ) from exc
+
+
+@contextlib.contextmanager
+def _ort_default_domain_schemas() -> Iterator[None]:
+    """ONNX Runtime's default-domain ops that ONNX lacks, registered with onnx for the duration (then removed)."""
+    from onnx import defs
+
+    try:
+        from onnxruntime.capi import onnxruntime_pybind11_state as ort_c
+    except ImportError:  # without onnxruntime its ops cannot be run either: the checker decides alone
+        yield
+        return
+    added = []
+    try:
+        for schema in ort_c.get_all_operator_schema():
+            if schema.domain == "" and not defs.has(schema.name):
+                defs.register_schema(_onnx_schema(schema))
+                added.append(schema.name)
+        yield
+    finally:
+        for name in added:
+            defs.deregister_schema(name, 1, "")
+
+
+def _onnx_schema(schema: Any) -> Any:
+    """An ``onnx.defs.OpSchema`` (since version 1) with the inputs, outputs and attributes of ONNX Runtime's."""
+    from onnx import defs
+
+    option = {0: defs.OpSchema.FormalParameterOption.Single, 1: defs.OpSchema.FormalParameterOption.Optional}
+    variadic = defs.OpSchema.FormalParameterOption.Variadic
+
+    def params(formal):
+        return [
+            defs.OpSchema.FormalParameter(
+                p.name,
+                p.typeStr,
+                param_option=option.get(int(p.option), variadic),
+                is_homogeneous=p.isHomogeneous,
+                min_arity=1,
+            )
+            for p in formal
+        ]
+
+    return defs.OpSchema(
+        schema.name, "", 1, inputs=params(schema.inputs), outputs=params(schema.outputs),
+        type_constraints=[(t.type_param_str, list(t.allowed_type_strs), "") for t in schema.type_constraints],
+        attributes=[
+            defs.OpSchema.Attribute(name, defs.OpSchema.AttrType(int(a.type)), "", required=a.required)
+            for name, a in schema.attributes.items()
+        ],
+    )  # fmt: skip
 
 
 def _external_tensors(graph) -> Iterator[tuple[str, str]]:
@@ -150,6 +254,12 @@ def save_onnx(model: ir.Model, path: Path, *, external_threshold: int | None = N
             data_path.unlink(missing_ok=True)
             ir.save(model, tmp)
         os.replace(tmp, path)
+    except OSError as exc:  # a full disk: name the file being written, not the scratch name (or none)
+        Path(tmp).unlink(missing_ok=True)
+        if exc.filename in (None, tmp, str(data_path.name)):
+            written = data_path if external else path
+            raise OSError(exc.errno, exc.strerror or str(exc), str(written)) from exc
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from prune2deploy.errors import ConfigError, P2DError
+from prune2deploy.io import check_not_input
 from prune2deploy.sweep.cache import default_cache_dir, dense_export, export_key
 from prune2deploy.sweep.report import write_sweep
 from prune2deploy.sweep.spec import SweepSpec, Variant, expand
@@ -279,6 +280,9 @@ def run_sweep(
     fixed = expand(spec, where=where)[0].compile_options()  # export options are shared by every variant
     key = export_key(spec.model, export_batch=fixed.export_batch, export_seq=fixed.export_seq)
     variants = expand(spec, source_key=key, where=where)
+    inputs = [Path(i) for i in (spec.model, where, spec.prune.get("calibration")) if i and Path(i).exists()]
+    check_not_input(out_dir, inputs)  # the guard of every command that writes
+    check_not_input(cache / "exports", inputs, flag="the export cache")  # where dense_export writes
     out_dir.mkdir(parents=True, exist_ok=True)
     previous = _previous(out_dir)
     started_ray = False
