@@ -158,6 +158,10 @@ CORE_OPTIONS: dict[str, CoreOption] = {
     ),
     "overwrite": CoreOption(bool, False, "replace an existing output folder", flag="--overwrite"),
     "keep_reference": CoreOption(bool, True, "also write the masked reference as reference.onnx"),
+    "keep_inputs": CoreOption(
+        bool, False, "copy the plan and mask file into OUT/inputs/ (the manifest names them there), so the output "
+        "folder reproduces itself", flag="--keep-inputs",
+    ),
     "export_batch": CoreOption(
         int, 2, "example batch of the torch exporter (at least 2: batch 1 is specialised)", constraints={"ge": 1}
     ),

@@ -44,8 +44,13 @@ def test_demo_through_the_cli_into_a_fresh_nested_folder(demo_dir, capsys):
     assert not list(out.parent.glob(".*")), "no staging or temporary folder is left behind"
     report = json.loads((out / "report.json").read_text())
     removed = next(p for p in report["passes"] if p["pass"] == "remove-channels")["record"]["channels_removed"]
-    assert removed == 6 * 1536 // 2  # half of every MiniLM MLP's 1536 neurons
+    assert removed == 6 * round(0.3 * 1536)  # the demo's 30% of every MiniLM MLP's 1536 neurons
     assert report["verification"]["passed"]
+    # the folder reproduces itself: the plan and masks it was compiled from are inside, named by the manifest
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["plan"] == "inputs/plan.yaml" and manifest["masks"]["path"] == "inputs/masks.safetensors"
+    assert set(manifest["outputs"]) >= {"inputs/plan.yaml", "inputs/masks.safetensors", "model.onnx"}
+    assert (out / "inputs" / "plan.yaml").is_file()
     assert report["input"]["bundled"] == "minilm-l6"
     speed = report["speedup"][0]
     assert speed["runs"] >= 5 and "tight" in speed and speed["ci"][0] <= speed["measured"] <= speed["ci"][1]

@@ -30,6 +30,7 @@ from prune2deploy.driver.preflight import check_before_loading, input_paths, res
 from prune2deploy.driver.quality import quality_section
 from prune2deploy.driver.report import (
     groups_summary,
+    keep_inputs,
     model_summary,
     predictions,
     profile_section,
@@ -433,7 +434,8 @@ def report_step(run: CompileRun) -> None:
             path.unlink(missing_ok=True)
     run.timings["total_s"] = time.perf_counter() - run.start
     write_report(run.staging, report)
-    write_manifest(run.staging, run.loaded, run.options)
+    kept = keep_inputs(run.staging, run.options) if run.options.keep_inputs else {}
+    write_manifest(run.staging, run.loaded, run.options, kept=kept)
     run.report = report
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from prune2deploy import __version__
 from prune2deploy.driver.source import Source, input_record
-from prune2deploy.io import atomic_write_json, sha256_file
+from prune2deploy.io import atomic_write_bytes, atomic_write_json, sha256_file
 
 __all__ = [
     "blocked_hint",
@@ -85,14 +85,43 @@ def blocked_hint(reason: str) -> str:
     return next((hint for start, hint in _HINTS.items() if reason.startswith(start)), "")
 
 
-def write_manifest(staging: Path, loaded: Source, options: Any) -> None:
-    outputs = {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()}
+def keep_inputs(staging: Path, options: Any) -> dict[str, str]:
+    """Copies the plan and the mask file into ``staging/inputs/``; option key → path inside the output folder.
+
+    A compile whose masks came from a temporary folder (the demo's, a notebook's) can then be repeated from
+    its output folder alone: ``compile MODEL --plan OUT/inputs/plan.yaml``.
+    """
+    kept: dict[str, str] = {}
+    for key in ("plan", "masks"):
+        source = getattr(options, key)
+        if source is None:
+            continue
+        target = staging / "inputs" / Path(source).name
+        target.parent.mkdir(exist_ok=True)
+        atomic_write_bytes(target, Path(source).read_bytes())
+        kept[key] = str(target.relative_to(staging))
+    return kept
+
+
+def write_manifest(staging: Path, loaded: Source, options: Any, *, kept: dict[str, str] | None = None) -> None:
+    """manifest.json: tool and library versions, the input as read, the options, every output file's sha256.
+
+    ``kept`` (from :func:`keep_inputs`) names the copies of the plan and masks inside the folder: the
+    manifest points there instead of at files that may be gone.
+    """
+    kept = kept or {}
+    files = [p for p in sorted(staging.iterdir()) if p.is_file()] + [staging / path for path in kept.values()]
+    outputs = {str(p.relative_to(staging)): sha256_file(p) for p in files}
+    masks = None
+    if options.masks:
+        masks = {"path": kept.get("masks", str(options.masks)), "sha256": sha256_file(options.masks)}
     manifest = {
         "tool": {"name": "prune2deploy", "version": __version__},
         "libraries": versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "input": input_record(loaded),
-        "masks": {"path": str(options.masks), "sha256": sha256_file(options.masks)} if options.masks else None,
+        "masks": masks,
+        "plan": kept.get("plan", str(options.plan)) if options.plan else None,
         "options": options.to_dict(),
         "outputs": outputs,
     }
