@@ -71,7 +71,8 @@ def foreign_contents(out: Path) -> str | None:
 
     Replaceable: nothing, an empty folder, or an output folder of a compile: its ``manifest.json`` says
     ``tool.name == "prune2deploy"`` and lists in ``outputs`` every file beside it; the only folders allowed
-    are the output writers' (genai/, hf/). The content is read, not only the name: a user's folder that
+    are the output writers' (genai/, hf/), the engine build's (engine/) and those the manifest lists files of
+    (inputs/). The content is read, not only the name: a user's folder that
     happens to hold a file called manifest.json is not replaced.
     """
     import json
@@ -102,7 +103,9 @@ def foreign_contents(out: Path) -> str | None:
         return f"a folder whose manifest.json was not written by prune2deploy (it holds {shown})"
     from prune2deploy.outputs.registry import load_writers
 
-    folders = {spec.folder for spec in load_writers().values()}
+    # The output writers' folders, the engine build's, and folders whose files the manifest lists (inputs/).
+    folders = {spec.folder for spec in load_writers().values()} | {"engine"}
+    folders |= {Path(name).parts[0] for name in listed if len(Path(name).parts) > 1}
     others = [
         name
         for name in names
