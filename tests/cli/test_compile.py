@@ -140,7 +140,7 @@ def test_every_command_and_option_is_described_and_help_shows_defaults(capsys):
         assert not undescribed, (name, undescribed)
     shown = {
         "compile": ["(default: 10.0)", "(default: remove-layers,", "(default: onnxruntime)", "(default: 4)"],
-        "demo": ["(default: 20.0)", "(default: smollm2-135m)", "(default: 0.5)"],
+        "demo": ["(default: 20.0)", "(default: smollm2-135m)", "(default: 0.3)", "(default: minitron)"],
         "prune": ["(default: magnitude)", "(default: free)", "(default: 24)", "wanda:", "whole-group:"],
         "profile": ["(default: 10.0)", "(default: 1)"],
         "verify": ["(default: 0.0001)"],
