@@ -1,4 +1,4 @@
-"""Per-token decode latency of a KV-cache decoder on ONNX Runtime CPU (issue 4's benchmark).
+"""Per-token decode latency of a KV-cache decoder on ONNX Runtime CPU (the serving benchmark).
 
 Decode latency at long context is dominated by reading the KV cache, which is what KV-head pruning and
 GQA regrouping shrink; this script gives the dense baseline and, with ``--onnx``, the compiled graph's.

@@ -1,4 +1,4 @@
-"""Compile cost against model size (issue 12): wall time and peak RSS per step, one model per process.
+"""Compile cost against model size: wall time and peak RSS per step, one model per process.
 
     python benchmarks/bench_scale.py --model 1b --work /tmp/p2d-scale     # generates the HF folder once
     python benchmarks/bench_scale.py --model smollm2 --work /tmp/p2d-scale

@@ -1,6 +1,6 @@
 """transformers families from tiny configs (2 layers, hidden 64, random weights), exported once per process.
 
-The matrix of issue 14: decoders with separate, fused (per-head interleaved, multi-query) and Conv1D
+The family matrix: decoders with separate, fused (per-head interleaved, multi-query) and Conv1D
 projections, q scaling before the head split, per-head and all-heads q/k norms, partial rotary, ALiBi;
 two encoders and a ViT. Exports go through prune2deploy's own frontend (``export_module`` +
 ``hf_export_spec``) and are cached as bytes, so a test may edit its fresh copy freely.

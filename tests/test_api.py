@@ -96,7 +96,7 @@ def test_cnn_residual_depthwise(tmp_path):
         bn.weight[:8] = 0
         bn.bias[:8] = 0
         # zero BN before the depthwise conv: the depthwise conv of a zero channel is its bias, a constant that
-        # folds exactly into the 1x1 conv after the next BN (constant channels, issue 14)
+        # folds exactly into the 1x1 conv after the next BN (constant channels)
         module.block[1].weight[8:12] = 0
         module.block[1].bias[8:12] = 0
     result = api.compile(module, tmp_path / "out", CompileOptions(**FAST))

@@ -1,4 +1,4 @@
-"""Reliability and safety (issue 10): inputs never destroyed, no traversal, no false PASS, honest exit codes.
+"""Reliability and safety: inputs never destroyed, no traversal, no false PASS, honest exit codes.
 
 Each test names the item of docs/reliability.md it proves. Models are tiny onnx.helper graphs (no export),
 so the whole file runs in seconds.
@@ -620,7 +620,7 @@ def test_outputs_follow_the_umask(tmp_path):
     assert set(modes.values()) == {0o644}, modes
 
 
-# -- 15. round 3 (issue 29): invalid ONNX, the export cache, --overwrite, every writer's guard, generate ---------
+# -- 15. round 3: invalid ONNX, the export cache, --overwrite, every writer's guard, generate ---------
 
 
 def test_onnx_rejected_by_the_checker_is_refused(tmp_path, capsys):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from prune2deploy.cli.compile import compile_options
 from prune2deploy.cli import build_parser
+from prune2deploy.cli.compile import compile_options
 from prune2deploy.driver.compile import deployment_axes
 from prune2deploy.engines.registry import engine_class
 from prune2deploy.errors import ConfigError

@@ -140,7 +140,7 @@ def _summary(report: dict[str, Any]) -> str:
         from prune2deploy.verify import verdict_line, verdict_status
 
         status = verdict_status(verification)
-        if status == "approximate":  # an error to read, never a verdict (DESIGN.md, Exactness)
+        if status == "approximate":  # an error to read, never a verdict (docs/exactness.md)
             items.append(f"<li>Verification: {_e(verdict_line(verification))}</li>")
         else:
             items.append(f"<li>Verification (exact): {_verdict(status == 'passed', 'passed', 'FAILED').html}</li>")

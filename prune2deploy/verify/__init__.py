@@ -3,7 +3,7 @@
 Both models run on the same feeds (random ones at several shapes, plus any the user gives). The error of
 each output is measured relative to its scale (max |reference|). An exact pipeline must stay within a
 bound that float rounding cannot reach on a correct compile and one wrong channel or head exceeds
-(DESIGN.md, Exactness; docs/exactness.md): compared in fp64 where ONNX Runtime's CPU kernels allow, else in
+(docs/exactness.md): compared in fp64 where ONNX Runtime's CPU kernels allow, else in
 fp32 against the reference's measured noise floor. Verification takes *runners* (anything with
 ``run(feeds) -> outputs``), so every engine that runs on this machine is checked, not only ONNX Runtime.
 

@@ -166,7 +166,7 @@ def _worst_and_cosine(verification: Mapping) -> tuple[float | None, float | None
 def verdict_line(verification: Mapping) -> str:
     """One line a person reads: PASSED only for an exact pipeline within its bound.
 
-    An approximate pipeline is labelled with its error and cosine, never PASSED (DESIGN.md, Exactness).
+    An approximate pipeline is labelled with its error and cosine, never PASSED (docs/exactness.md).
     The line names the precision and, where an fp32 noise floor raised the bound above the tolerance, the
     bound, so that a reader sees why 3e-4 passed a 1e-4 tolerance. Takes :meth:`Verification.as_dict` (or
     report.json's ``verification``, also one written before precision and bounds were recorded).

@@ -1,6 +1,6 @@
 """`benchmarks/gpu/run.sh --dry-run`: the device script's code paths at tiny sizes on a CPU, and its numbers.
 
-The device run (issue 16) spends scarce GPU minutes; this dry run is what keeps it from failing on a typo. It
+The device run spends scarce GPU minutes; this dry run is what keeps it from failing on a typo. It
 runs the real script end to end (export, compile with masks, 2:4, torch engine, timing, roofline) and checks
 that every planned row is there, with positive medians and ratios computed from the row's own numbers.
 """

@@ -169,7 +169,7 @@ def test_options_that_do_nothing_are_refused_and_budget_is_one_flag():
     assert _parse("--budget", "3").profile_budget_s == 3.0
 
 
-# -- 2:4 and fuse-ort on every engine (issue 25 item 4) ---------------------------------------------------------------
+# -- 2:4 and fuse-ort on every engine ----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,7 @@ def test_prune_then_compile_round_trip(tiny_hf, tmp_path, capsys):
     model = ir.load(str(out / "compiled" / "model.onnx"))
     widths = [n.inputs[1].shape[0] for n in model.graph if n.op_type == "MatMul" and module_of(n).endswith("down_proj")]
     assert widths == kept and all(w % 8 == 0 and w < 96 for w in widths)
-    # what was asked and what whole units removed, per structure (issue 25 item 9)
+    # what was asked and what whole units removed, per structure
     removed = 1 - sum(kept) / (96 * len(kept))
     span = f"{min(kept)}" if min(kept) == max(kept) else f"{min(kept)}–{max(kept)}"
     assert f"  mlp: asked 50%, removed {100 * removed:.0f}% (kept {span} of 96 per layer)" in text
@@ -42,7 +42,7 @@ def test_prune_prints_the_next_command_and_nm_compile_adds_sparsify(tiny_hf, tmp
     assert main([*argv, "--compile", "--no-profile"]) == 0
     text = capsys.readouterr().out
     assert "pass sparsify-2:4" in text and "2:4: " in text and "eligible weights are 2:4" in text
-    # 2:4 zeros keep every shape: said as such, not as "nothing was pruned … did you mean --masks" (issue 25 item 10)
+    # 2:4 zeros keep every shape: said as such, not as "nothing was pruned … did you mean --masks"
     assert "no channel, head or layer removed: the zeros are 2:4" in text and "nothing was pruned" not in text
     report = json.loads((out / "compiled" / "report.json").read_text())
     assert "sparsify-2:4" in report["options"]["passes"]
