@@ -18,6 +18,8 @@ from typing import Any, ClassVar
 import onnx_ir as ir
 import onnx_ir.passes
 
+from prune2deploy.errors import P2DError
+
 __all__ = ["P2DPass", "P2DResult"]
 
 
@@ -65,6 +67,16 @@ class P2DPass(onnx_ir.passes.InPlacePass):
     #: constants must not get it: onnxscript's optimizer folds ``Transpose`` of a single-use initializer, so
     #: a tied embedding's un-shared lm_head copy would be stored a second time, transposed.
     unshare_constants: ClassVar[bool] = True
+
+    def __call__(self, model_or_result: ir.Model | onnx_ir.passes.PassResult, /) -> onnx_ir.passes.PassResult:
+        """Runs the pass; bad input found by ``requires()`` keeps its own error type (and so its exit code)
+        instead of onnx_ir's generic PreconditionError."""
+        try:
+            return super().__call__(model_or_result)
+        except onnx_ir.passes.PreconditionError as exc:
+            if isinstance(exc.__cause__, P2DError):
+                raise exc.__cause__ from None
+            raise
 
     def result(
         self,

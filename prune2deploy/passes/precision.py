@@ -111,9 +111,12 @@ class ConvertPrecisionPass(P2DPass):
 
     # -- the pass -------------------------------------------------------------------------------------------
 
+    def requires(self, model: ir.Model) -> None:
+        """Every node output is typed: casts are decided from types, never guessed."""
+        _check_typed(model.graph, self.name)
+
     def call(self, model: ir.Model) -> P2DResult:
         graph = model.graph
-        _check_typed(graph, self.name)
         kept = self._kept_nodes(graph)
         self._casts: dict[tuple[int, ir.DataType], ir.Value] = {}
         self._clipped = 0
