@@ -36,3 +36,50 @@ def test_shape_ranges_come_from_the_engine():
     ranges = engine_class("tensorrt").shape_ranges(inputs, batches=[1, 8], seqs=[64, 128])
     assert ranges["input_ids"] == ((1, 1), (1, 64), (8, 128))
     assert ranges["pixels"] == ((1, 3, 16, 16), (1, 3, 16, 16), (8, 3, 16, 16))
+
+
+def test_a_registered_engine_is_built_and_checked_by_compile(mlp_path, tmp_path):
+    """docs/architecture.md "Adding an engine", exercised: a throw-away engine registered at run time is a valid
+    --engine, built by the compile, and its outputs are verified against the reference."""
+    import contextlib
+
+    from prune2deploy import api
+    from prune2deploy.engines.base import Availability, BuildResult, Engine
+    from prune2deploy.engines.onnxruntime import OrtRunner
+    from prune2deploy.engines.registry import register_engine, unregister_engine
+    from prune2deploy.ort_session import make_session
+
+    built_in: list = []
+
+    class CopyEngine(Engine):
+        """ "Builds" by taking model.onnx as it is; runs it with ONNX Runtime."""
+
+        name = "copy-engine"
+
+        @classmethod
+        def available(cls) -> Availability:
+            return Availability(True, True)
+
+        def build(self, model_path, options) -> BuildResult:
+            built_in.append(options.precision)
+            return BuildResult(engine=self.name, artifact=model_path, info={"copied": True})
+
+        @contextlib.contextmanager
+        def runner(self, built):
+            yield OrtRunner(make_session(built.artifact))
+
+    register_engine("copy-engine", CopyEngine)
+    try:
+        options = api.CompileOptions(engine="copy-engine", profile=False, quality_windows=0)
+        result = api.compile(mlp_path, tmp_path / "out", options)
+    finally:
+        unregister_engine("copy-engine")
+    engine = result.report["engine"]
+    assert built_in == ["fp32"] and engine["engine"] == "copy-engine" and engine["info"] == {"copied": True}
+    assert (tmp_path / "out" / engine["artifact"]).is_file()
+    assert engine["verification"]["passed"] and engine["verification"]["worst"] < 1e-5
+    assert "copy-engine" not in engine_names()
+    with pytest.raises(RuntimeError, match="already registered"):
+        from prune2deploy.engines.registry import register_engine
+
+        register_engine("torch", CopyEngine)

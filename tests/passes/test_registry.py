@@ -170,3 +170,42 @@ def test_readme_pass_table_is_the_registry():
     assert [name for name, _ in rows] == list(pass_names())
     for name, exactness in rows:
         assert exactness.replace("`", "").strip() == get_pass(name).exactness.replace("`", "").strip(), name
+
+
+def test_a_registered_pass_runs_in_a_compile_and_is_reported(mlp_path, tmp_path):
+    """docs/architecture.md "Adding a pass", exercised: a throw-away pass registered at run time is a valid
+    --passes name, runs at its order, and its record reaches report.json. (Its options would need its module
+    in the package: CompileOptions is built from the registry when first imported.)"""
+    from prune2deploy import api
+    from prune2deploy.passes import registry
+
+    class CountNodesPass(P2DPass):
+        name = "test-count-nodes"
+
+        def __init__(self, *, at_least: int) -> None:
+            super().__init__()
+            self.at_least = at_least
+
+        def call(self, model: ir.Model) -> P2DResult:
+            return self.result(model, modified=False, nodes=len(model.graph), at_least=self.at_least)
+
+    register_pass(
+        PassSpec(
+            name="test-count-nodes",
+            order=15,
+            exactness="yes",
+            summary="counts nodes",
+            build=lambda o: CountNodesPass(at_least=3),
+        )
+    )
+    try:
+        options = api.CompileOptions(
+            passes=["remove-channels", "test-count-nodes"], portable=True, profile=False, quality_windows=0
+        )
+        assert options.passes == ["test-count-nodes", "remove-channels"]
+        report = api.compile(mlp_path, tmp_path / "out", options).report
+    finally:
+        registry._REGISTRY.pop("test-count-nodes")
+    entry = next(p for p in report["passes"] if p["pass"] == "test-count-nodes")
+    assert entry["record"]["at_least"] == 3 and entry["record"]["nodes"] > 0 and entry["exact"]
+    assert "test-count-nodes" not in pass_names()
