@@ -100,3 +100,33 @@ def test_a_profiling_failure_keeps_the_outputs_and_says_what_to_do(tmp_path, bf1
     assert result.passed and (out / "model.onnx").is_file()
     assert result.report["genai"]["written"] and (out / "genai" / "genai_config.json").is_file()
     assert json.loads((out / "report.json").read_text())["profile"]["error"] == error
+
+
+def test_bf16_llama_with_2_4_zeros_compiles_by_default_and_up_to_the_gpu_for_tensorrt(tmp_path, capsys):
+    """The first-hour case: a bf16 Llama whose Linear weights are 2:4 compiles with the default options (exit 0,
+    the zeros found already 2:4), and `--engine tensorrt --sparse-2-4` goes as far as this machine allows: its
+    options validate (no fuse-ort) and, without TensorRT, it stops with exit 2 and the install line."""
+    from prune2deploy.cli import main
+
+    module = tiny_llama().to(torch.bfloat16)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if "layers" in name and name.endswith("proj.weight"):
+                groups = param.view(param.shape[0], -1, 4)
+                groups[:, :, 2:] = 0  # the last two of every four along K
+    module.save_pretrained(tmp_path / "hf")
+    common = ["--no-profile", "--quality-windows", "0", "--no-genai", "--quiet"]
+    assert main(["compile", str(tmp_path / "hf"), "--out", str(tmp_path / "out"), *common]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["verification"]["passed"] and report["input"]["dtype"] == "bfloat16"
+    capsys.readouterr()
+    options = CompileOptions(engine="tensorrt", passes=["sparsify-2:4"], precision="fp16")
+    assert "fuse-ort" not in options.passes and "sparsify-2:4" in options.passes
+    argv = ["compile", str(tmp_path / "hf"), "--out", str(tmp_path / "trt"), "--engine", "tensorrt", "--sparse-2-4"]
+    code = main([*argv, "--precision", "fp16", *common])
+    from prune2deploy.engines.registry import engine_class
+
+    if engine_class("tensorrt").available().can_build:
+        assert code in (0, 2)  # a GPU machine builds; a TensorRT without a GPU stops at the build with exit 2
+    else:
+        assert code == 2 and "pip install" in capsys.readouterr().err
