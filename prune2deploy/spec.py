@@ -175,8 +175,14 @@ CORE_OPTIONS: dict[str, CoreOption] = {
         "folder, GGUF, bundled name or module)", flag="--genai",
     ),
     "hf_checkpoint": CoreOption(
-        bool, False, "write OUT/hf/: a physically smaller transformers checkpoint (causal LMs; uniform per-layer "
-        "widths only)", flag="--hf-checkpoint",
+        bool, False, "write OUT/hf/: a physically smaller transformers checkpoint (causal LMs; layers whose widths "
+        "differ are padded with zero neurons/heads to the widest, exact)", flag="--hf-checkpoint",
+    ),
+    "gguf": CoreOption(
+        list[Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]], [],
+        "write OUT/gguf/model-TYPE.gguf for llama.cpp, one file per type (Llama-family causal LMs; llama "
+        "architecture when per-layer widths are uniform, deci when they differ; checked in llama.cpp when "
+        "llama-cpp-python is installed)", flag="--gguf", parse=_comma_list, metavar="TYPE[,TYPE...]",
     ),
     "genai_context_length": CoreOption(
         pydantic.PositiveInt | None, None, "context length of genai/ (default: the model's max_position_embeddings)"

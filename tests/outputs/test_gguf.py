@@ -1,0 +1,180 @@
+"""compile --gguf: tiny masked Llama / Qwen2 as GGUF files, loaded by llama.cpp (llama-cpp-python) and compared
+with the masked model: the llama architecture for uniform widths, deci for per-layer widths (one layer
+attention-free), FFN widths padded with zero neurons for the 32-value quantization blocks."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from prune2deploy import api
+from prune2deploy.errors import ConfigError
+from prune2deploy.frontends.masks import apply_masks_torch
+from prune2deploy.outputs.gguf import GGUF_TYPES, check_gguf, check_tokens, reference_logits
+from prune2deploy.spec import CompileOptions
+from tests.fixtures.zeroing import save_masks
+
+D = 32  # head_dim: attn_output rows (heads × 32) stay whole quantization blocks
+FAST = {"profile": False, "genai": False, "quality_windows": 0}
+
+
+@pytest.fixture
+def llama_cpp():
+    """llama-cpp-python (the ``gguf`` extra): CI installs it, so there a missing one fails instead of skipping."""
+    try:
+        import llama_cpp
+    except ImportError:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip("llama-cpp-python is not installed (pip install -e '.[gguf]'); CI installs it")
+    return llama_cpp
+
+
+def _llama(layers=3, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = {
+        "vocab_size": 256, "hidden_size": 128, "intermediate_size": 128, "num_hidden_layers": layers,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128, "bos_token_id": 1,
+        "eos_token_id": 2, "pad_token_id": 0, **overrides,
+    }  # fmt: skip
+    return LlamaForCausalLM(LlamaConfig(**config)).eval()
+
+
+def _masks(module, plan) -> dict[str, np.ndarray]:
+    """plan: layer → (MLP neurons kept, query heads removed); neurons by a seeded permutation, heads by o_proj."""
+    masks = {}
+    for i, (keep_n, heads) in plan.items():
+        layer = module.model.layers[i]
+        p = f"model.layers.{i}."
+        width, hidden = layer.mlp.down_proj.weight.shape[1], layer.mlp.down_proj.weight.shape[0]
+        keep = np.zeros(width, dtype=np.float32)
+        keep[:keep_n] = 1
+        keep = np.random.default_rng(i).permutation(keep)
+        masks[p + "mlp.gate_proj.weight"] = np.repeat(keep[:, None], hidden, axis=1)
+        masks[p + "mlp.up_proj.weight"] = np.repeat(keep[:, None], hidden, axis=1)
+        masks[p + "mlp.down_proj.weight"] = np.repeat(keep[None, :], hidden, axis=0)
+        o = np.ones(tuple(layer.self_attn.o_proj.weight.shape), dtype=np.float32)
+        for h in heads:
+            o[:, h * D : (h + 1) * D] = 0
+        masks[p + "self_attn.o_proj.weight"] = o
+    return masks
+
+
+def _compile(tmp_path, module, masks, **options):
+    save_masks(masks, tmp_path / "masks.safetensors")
+    opts = CompileOptions(masks=tmp_path / "masks.safetensors", **FAST, **options)
+    result = api.compile(module, tmp_path / "out", opts)
+    return result, apply_masks_torch(module, masks)
+
+
+def _metadata(path) -> dict:
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    out = {}
+    for key, field in reader.fields.items():
+        if key.startswith(("deci.", "llama.", "general.architecture")):
+            out[key] = field.contents()
+    out["tensors"] = {t.name: t.tensor_type.name for t in reader.tensors}
+    return out
+
+
+def test_nonuniform_widths_write_deci_with_an_attention_free_layer_and_padded_hf(tmp_path, llama_cpp):
+    module = _llama()
+    # layer 0: 3 q / 2 kv heads, 64 neurons; layer 1: kv group 1 gone (2 q / 1 kv), 40 neurons (padded to 64 for
+    # q8_0/q4_0); layer 2: every head pruned (attention-free in deci), 96 neurons
+    masks = _masks(module, {0: (64, [1]), 1: (40, [2, 3]), 2: (96, [0, 1, 2, 3])})
+    result, masked = _compile(tmp_path, module, masks, gguf=["f32", "q8_0", "q4_0"], hf_checkpoint=True)
+    section = result.report["gguf"]
+    assert section["written"] and section["arch"] == {"f32": "deci", "q8_0": "deci", "q4_0": "deci"}
+    f32, q8 = section["files"]["f32"], section["files"]["q8_0"]
+    # layer 0 keeps its uneven groups as one zero head (slicing's rule); layer 2 has no attention at all
+    assert f32["per_layer"] == [[4, 2, 64], [2, 1, 40], [0, 0, 96]] and f32["attention_free_layers"] == [2]
+    assert q8["per_layer"] == [[4, 2, 64], [2, 1, 64], [0, 0, 96]]
+    assert q8["padded_mlp"] == {"model.layers.1.mlp": [40, 64]} and q8["padding_params"] == 3 * 128 * 24
+    meta = _metadata(tmp_path / "out" / "gguf" / "model-f32.gguf")
+    assert meta["general.architecture"] == "deci"
+    assert meta["deci.feed_forward_length"] == [64, 40, 96]
+    assert meta["deci.attention.head_count"] == [4, 2, 0] and meta["deci.attention.head_count_kv"] == [2, 1, 0]
+    assert "blk.2.attn_q.weight" not in meta["tensors"] and meta["tensors"]["blk.0.attn_q.weight"] == "F32"
+    assert _metadata(tmp_path / "out" / "gguf" / "model-q8_0.gguf")["tensors"]["blk.1.ffn_down.weight"] == "Q8_0"
+    # llama.cpp agrees with the masked model: f32 near-exactly (a verdict), q8_0 approximately (reported)
+    check = f32["check"]
+    assert check["checked"] and check["passed"] and check["max_rel_diff"] < 1e-4
+    assert q8["check"]["top1_agreement"] >= 0.9 and "passed" not in q8["check"]
+    assert section["files"]["q4_0"]["check"]["checked"]
+    # hf/: padded to the widest layer with zero neurons/heads, exact through transformers
+    hf = result.report["hf"]
+    assert hf["written"] and hf["padding"]["shape"] == {"num_heads": 4, "kv_heads": 2, "intermediate": 96}
+    assert 0 < hf["padding"]["params_share"] < 1 and hf["check"]["max_rel_diff"] < 1e-5
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out" / "hf")).eval()
+    assert loaded.config.use_cache is True  # the input's, not the exporter's False
+    ids = torch.tensor([[5, 9, 200, 17, 3]])
+    with torch.no_grad():
+        kwargs = {"max_new_tokens": 12, "min_new_tokens": 12, "do_sample": False, "pad_token_id": 0}
+        assert torch.equal(loaded.generate(input_ids=ids, **kwargs), masked.generate(input_ids=ids, **kwargs))
+
+
+def test_uniform_widths_write_llama_in_every_type(tmp_path, llama_cpp):
+    module = _llama(layers=2)
+    masks = _masks(module, {0: (64, [0, 2]), 1: (64, [0, 2])})  # 2 q / 2 kv heads, 64 neurons in both layers
+    result, masked = _compile(tmp_path, module, masks, gguf=list(GGUF_TYPES))
+    section = result.report["gguf"]
+    assert set(section["arch"].values()) == {"llama"}
+    meta = _metadata(tmp_path / "out" / "gguf" / "model-f32.gguf")
+    assert meta["llama.feed_forward_length"] == 64 and meta["llama.attention.head_count"] == 2
+    assert meta["llama.attention.key_length"] == D
+    for kind, entry in section["files"].items():
+        assert (tmp_path / "out" / "gguf" / f"model-{kind}.gguf").is_file()
+        assert entry["check"]["checked"] and entry["padded_mlp"] == {}, kind
+    assert section["files"]["f32"]["check"]["max_rel_diff"] < 1e-4
+    assert section["files"]["q8_0"]["check"]["top1_agreement"] >= 0.9
+    assert section["files"]["f16"]["check"]["top1_agreement"] >= 0.9
+    assert section["files"]["q4_1"]["bytes"] < section["files"]["q8_0"]["bytes"] < section["files"]["f32"]["bytes"]
+    # the check is the one a user repeats: teacher-forced logits of the written file
+    tokens = check_tokens(256, 16)
+    again = check_gguf(tmp_path / "out" / "gguf" / "model-f32.gguf", tokens, reference_logits(masked, tokens))
+    assert again["max_rel_diff"] < 1e-4 and again["top1_agreement"] == 1.0
+
+
+def test_qwen2_mlp_pruning_is_written_and_pruned_heads_with_biases_are_refused(tmp_path, llama_cpp):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=256, hidden_size=128, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+    )  # fmt: skip
+    module = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():  # non-zero q/k/v biases: they must be permuted like the rows
+        for layer in module.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
+    result, _ = _compile(tmp_path / "mlp", module, _masks(module, {0: (64, []), 1: (96, [])}), gguf=["f32"])
+    entry = result.report["gguf"]["files"]["f32"]
+    assert entry["arch"] == "deci" and entry["check"]["passed"] and entry["check"]["max_rel_diff"] < 1e-4
+    result, _ = _compile(tmp_path / "heads", module, _masks(module, {0: (64, [1]), 1: (64, [1])}), gguf=["f32"])
+    section = result.report["gguf"]
+    assert not section["written"] and "q bias as hidden_size" in section["reason"]
+    assert not (tmp_path / "heads" / "out" / "gguf").exists()
+
+
+def test_gguf_types_are_validated():
+    assert CompileOptions(gguf=["q8_0", "q4_1"]).gguf == ["q8_0", "q4_1"]
+    assert CompileOptions().gguf == []
+    with pytest.raises(ConfigError, match="gguf"):
+        CompileOptions(gguf=["q4_k"])
+
+
+def test_cli_flag_takes_a_comma_list(tmp_path, capsys):
+    from prune2deploy.cli import main
+
+    code = main(["compile", "no-such-model", "--out", str(tmp_path / "o"), "--gguf", "q8_0,q3_0"])
+    assert code == 2 and "gguf" in capsys.readouterr().err
