@@ -96,6 +96,12 @@ CORE_OPTIONS: dict[str, CoreOption] = {
         Path | None, None, "plan.yaml written by `prune2deploy prune`: brings its masks (unless --masks is given) "
         "and its layer and hidden-width plans", flag="--plan", metavar="PLAN",
     ),
+    "baseline": CoreOption(
+        str | None, None, "the dense model an already-pruned input (2:4, physically smaller) came from: a model "
+        "folder, .gguf/.onnx file or bundled name, loaded like the input without masks; the report adds quality, "
+        "measured speedup and GPU predictions against it (same family and vocabulary as the input)",
+        flag="--baseline", metavar="DENSE",
+    ),
     "passes": CoreOption(
         list[str], list(default_passes()), "the pipeline: registered pass names (`prune2deploy passes`), run in "
         "pipeline order whatever order they are given in; an option given a value (--drop-layers, --regroup-gqa …) "

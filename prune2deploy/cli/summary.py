@@ -28,9 +28,11 @@ def print_compile(report: dict[str, Any], out_dir: Path) -> None:
     _print_outputs(report)
     _print_quality(report.get("quality"))
     _print_verification(report["verification"], report["passes"])
-    _print_latency(report.get("latency", []), report.get("speedup", []))
+    baseline = report.get("baseline") or {}
+    _print_latency(report.get("latency", []), report.get("speedup", []), baseline.get("speedup") or [])
     _print_engine(report.get("engine"), out_dir)
     _print_predictions(report.get("predictions") or [], bool(report.get("options", {}).get("gpus")))
+    _print_baseline(report)
 
 
 def _print_passes(entries: list[dict[str, Any]]) -> None:
@@ -119,10 +121,15 @@ def _print_verification(ver: dict[str, Any], passes: list[dict[str, Any]]) -> No
         print(f"  note: {note}")
 
 
-def _print_latency(latency: list[dict[str, Any]], speedups: list[dict[str, Any]]) -> None:
-    """Reference vs compiled medians per measured shape, with the speedup, its 95% CI and the ideal."""
+def _print_latency(
+    latency: list[dict[str, Any]], speedups: list[dict[str, Any]], over_baseline: list[dict[str, Any]] = ()
+) -> None:
+    """Reference vs compiled medians per measured shape, with the speedup, its 95% CI and the ideal; with
+    ``--baseline`` the dense baseline's median and the speedup over it side by side (timed in the same run)."""
     speed = {(s["batch"], s["seq"]): s for s in speedups}
     reference = {(r["batch"], r["seq"]): r for r in latency if r["model"] == "reference"}
+    baseline = {(r["batch"], r["seq"]): r for r in latency if r["model"] == "baseline"}
+    over = {(s["batch"], s["seq"]): s for s in over_baseline}
     rows = []
     for row in (r for r in latency if r["model"] == "compiled"):
         ref_row = reference.get((row["batch"], row["seq"]))
@@ -132,16 +139,30 @@ def _print_latency(latency: list[dict[str, Any]], speedups: list[dict[str, Any]]
             f"{s.get('measured', 0):.2f}x", f"{s['ci'][0]:.2f}–{s['ci'][1]:.2f}x" if s.get("ci") else "-",
             f"{s['ideal_speedup']:.2f}x" if s.get("ideal_speedup") else "-",
         ])  # fmt: skip
+        if baseline:
+            base, b = baseline.get((row["batch"], row["seq"])), over.get((row["batch"], row["seq"]), {})
+            rows[-1] += [f"{base['median_ms']:.2f}" if base else "-", f"{b['measured']:.2f}x" if b else "-"]
     if not rows:
         return
     print("  ONNX Runtime CPU latency (median ms, same run):")
-    print(indent(table(rows, ["batch", "seq", "reference", "compiled", "speedup", "95% CI", "ideal (FLOP ratio)"])))
+    header = ["batch", "seq", "reference", "compiled", "speedup", "95% CI", "ideal (FLOP ratio)"]
+    if baseline:
+        header += ["dense baseline", "vs baseline"]
+    print(indent(table(rows, header)))
     loose = [s for s in speedups if s.get("tight") is False]
     if loose:
         print(
             f"    not tight: the time budget ran out before the medians were known to ±{loose[0]['target_ci']:.0%}"
             " (raise --budget or use a quieter machine)"
         )
+
+
+def _print_baseline(report: dict[str, Any]) -> None:
+    """``--baseline``: size, measured and predicted speedup of the compiled model against the dense baseline."""
+    from prune2deploy.profiling.summary import baseline_lines
+
+    for line in baseline_lines(report):
+        print(f"  {line}")
 
 
 def _print_engine(engine: dict[str, Any] | None, out_dir: Path) -> None:

@@ -1,6 +1,7 @@
 """The compile driver: what ``api.compile`` does, as named steps over one :class:`CompileRun`.
 
-reference (load + export, masks, ``reference.onnx``) → passes (the pipeline, then the finishing passes where
+reference (load + export, masks, ``reference.onnx``) → baseline (``--baseline``: the dense model an already-pruned
+input came from, loaded the same way into a scratch file) → passes (the pipeline, then the finishing passes where
 verification allows them) → verify (``model.onnx`` against the masked reference; a finished graph that
 fails falls back to the unfinished one) → outputs (every enabled writer: genai/, hf/, …) → quality →
 engine → profile → report (+ manifest). The output folder is built beside the target and renamed into place
@@ -23,6 +24,7 @@ from typing import Any
 
 import onnx_ir as ir
 
+from prune2deploy.driver.baseline import Baseline, load_baseline, profile_fits
 from prune2deploy.driver.engine import EngineStep, build_engine, deployment_axes
 from prune2deploy.driver.fp32 import Fp32Copies, Fp32Unavailable
 from prune2deploy.driver.outdir import OutputFolder
@@ -98,6 +100,7 @@ class CompileRun:
     loaded: Source | None = None
     reference: ir.Model | None = None
     compiled: ir.Model | None = None  # the graph the passes change; model.onnx once verified
+    baseline: Baseline | None = None  # --baseline: the dense model, in staging/baseline.onnx
     unfinished: ir.Model | None = None  # before the finishing passes, kept for their fall-back
     results: list[Any] = field(default_factory=list)  # P2DResult of every pass that ran, in order
     skipped: list[SkippedPass] = field(default_factory=list)  # selected passes not run, and why
@@ -159,7 +162,7 @@ def compile_model(
     """
     options = resolve_plan(options or CompileOptions())
     out_dir = Path(out_dir)
-    check_before_loading(options)
+    check_before_loading(options, source)
     folder = OutputFolder(out_dir, overwrite=options.overwrite, inputs=[*input_paths(source, options), *inputs])
     run = CompileRun(source, options, folder, progress or (lambda _msg: None))  # the CLI stamps elapsed time
     try:
@@ -203,6 +206,18 @@ def reference_step(run: CompileRun) -> None:
         run.options = options = options.replace(profile_seqs=seqs)
     if options.profile:
         check_profile_memory(run.reference, options.profile_batches, options.profile_seqs, options.memory_limit_gib)
+
+
+def baseline_step(run: CompileRun) -> None:
+    """``--baseline``: the dense model an already-pruned input came from, loaded like the input without masks
+    (the export cache applies), checked to compute what the input computes, written to ``baseline.onnx`` in the
+    staging folder (removed at the end) and costed; quality, profiling and predictions compare against it."""
+    if not run.options.baseline:
+        return
+    with run.timed("baseline_s"):
+        run.baseline = load_baseline(
+            run.options.baseline, run.options, run.reference, run.staging / "baseline.onnx", run.cost_shape, run.say
+        )
 
 
 def passes_step(run: CompileRun) -> None:
@@ -336,6 +351,7 @@ def quality_step(run: CompileRun) -> None:
                 verify_mode=run.verification.mode,
                 progress=run.say,
                 fp32=run.fp32,
+                baseline=run.baseline.path if run.baseline is not None else None,
             ),
         )
     if isinstance(error, dict):
@@ -365,7 +381,8 @@ def engine_step(run: CompileRun) -> None:
 
 
 def profile_step(run: CompileRun) -> None:
-    """Reference vs compiled latency on ONNX Runtime CPU (half-precision graphs as fp32 copies)."""
+    """Reference vs compiled latency on ONNX Runtime CPU (half-precision graphs as fp32 copies); the baseline
+    beside them in the same run where the three fit in memory together."""
     if not run.options.profile:
         return
 
@@ -376,15 +393,36 @@ def profile_step(run: CompileRun) -> None:
             reason = f"{run.loaded.extra.get('dtype')} graph: ONNX Runtime's CPU lacks its kernels, and {exc}"
             log.warning("not profiled: %s", reason)
             return {"profile": {"measured": False, "reason": reason}}
-        run.say("profiling reference vs compiled on ONNX Runtime CPU")
+        baseline = _profiled_baseline(run, paths)
+        run.say("profiling reference vs compiled" + (" vs baseline" if baseline else "") + " on ONNX Runtime CPU")
         ideal = run.ref_cost.flops / max(run.new_cost.flops, 1)
-        sections = profile_section(*paths, run.options, ideal)
+        base_ideal = run.baseline.cost.flops / max(run.new_cost.flops, 1) if baseline else None
+        sections = profile_section(*paths, run.options, ideal, baseline_path=baseline, baseline_ideal=base_ideal)
         if run.fp32.made:
             sections["profile"] = {"measured": True, "precision": "fp32 copies of the half-precision graphs"}
         return sections
 
     result = _optional(run, "profile", measure, hint="compile with --no-profile to skip profiling")
     run.profile = result if isinstance(result, dict) else {"profile": {"measured": False, "error": result}}
+
+
+def _profiled_baseline(run: CompileRun, paths: tuple[Path, Path]) -> Path | None:
+    """The baseline's runnable path when it is timed beside the two models; otherwise None, and why in its record."""
+    if run.baseline is None:
+        return None
+    try:
+        path = run.fp32.runnable(run.baseline.path)
+    except Fp32Unavailable as exc:
+        run.baseline.record.update(profiled=False, reason=f"not timed: {exc}")
+        return None
+    grid = [(b, s) for b in run.options.profile_batches for s in run.options.profile_seqs]
+    why = profile_fits([*paths, path], grid, run.options.memory_limit_gib)
+    if why:
+        log.warning("%s", why)
+        run.baseline.record.update(profiled=False, reason=why)
+        return None
+    run.baseline.record["profiled"] = True
+    return path
 
 
 def _optional(run: CompileRun, step: str, work: Callable[[], dict[str, Any]], *, hint: str = "") -> dict | str:
@@ -422,10 +460,15 @@ def report_step(run: CompileRun) -> None:
     }
     if run.engine is not None:
         report["engine"] = run.engine.section
-    report.update(run.profile)
+    profile = dict(run.profile)
+    baseline_speedup = profile.pop("baseline_speedup", None)
+    report.update(profile)
     report["predictions"] = predictions(
         run.ref_cost, run.new_cost, run.options, reference=run.reference, model_path=run.model_path
     )
+    if run.baseline is not None:
+        report["baseline"] = _baseline_section(run, baseline_speedup)
+        run.baseline.remove()
     release_mapped(run.reference)
     if run.fp32 is not None:
         run.fp32.remove()
@@ -439,9 +482,33 @@ def report_step(run: CompileRun) -> None:
     run.report = report
 
 
+def _baseline_section(run: CompileRun, speedup: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """report.json's ``baseline``: where it came from, its size, the measured speedup of the compiled model over it
+    and the predictions with it as the reference (plus TensorRT's 2:4 estimate for a 2:4 input on another engine)."""
+    from prune2deploy.frontends.onnx import load_onnx
+    from prune2deploy.profiling.prediction import costmodel_engine
+
+    baseline = run.baseline
+    section = dict(baseline.record)
+    if speedup is not None:
+        section["speedup"] = speedup
+    elif run.options.profile and "profiled" not in section:
+        section.update(profiled=False, reason="profiling did not run (see profile)")
+    dense = load_onnx(baseline.path)  # mapped; a fused model.onnx prices a fused copy of it
+    rows = predictions(baseline.cost, run.new_cost, run.options, reference=dense, model_path=run.model_path)
+    if run.new_cost.sparse_flops and costmodel_engine(run.options.engine) != "tensorrt":
+        rows += predictions(
+            baseline.cost, run.new_cost, run.options, reference=dense, model_path=run.model_path, engine="tensorrt"
+        )
+    section["predictions"] = rows
+    release_mapped(dense)
+    return section
+
+
 #: The compile, in order. Each step reads what earlier ones left on the run and adds its own part.
 STEPS: tuple[Callable[[CompileRun], None], ...] = (
     reference_step,
+    baseline_step,
     passes_step,
     verify_step,
     outputs_step,

@@ -11,13 +11,17 @@ from prune2deploy.errors import BadInputError, P2DError
 __all__ = ["check_before_loading", "input_paths", "resolve_plan"]
 
 
-def check_before_loading(options: Any) -> None:
+def check_before_loading(options: Any, source: Any = None) -> None:
     """What can be checked without the model, checked before the minutes of loading and exporting it:
-    target GPU names and the engine's availability."""
+    target GPU names, the engine's availability and that ``--baseline`` is the input's dense model."""
     from prune2deploy.profiling.roofline import load_catalog, resolve_gpus
 
     if options.gpus:
         resolve_gpus(options.gpus, load_catalog())
+    if options.baseline:
+        from prune2deploy.driver.baseline import check_baseline
+
+        check_baseline(source, options)
     if options.engine != "onnxruntime":
         from prune2deploy.driver.engine import check_engine_available
 
@@ -36,6 +40,11 @@ def input_paths(source: Any, options: Any) -> list[Path]:
         else:
             paths.append(Path(source))
     paths += [p for p in (options.masks, options.plan) if p is not None]
+    if options.baseline:
+        from prune2deploy.driver.baseline import baseline_path
+
+        with contextlib.suppress(P2DError):  # a missing baseline is reported by check_before_loading
+            paths.append(baseline_path(options.baseline))
     paths += list(options.feeds)
     return paths
 

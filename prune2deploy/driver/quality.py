@@ -13,6 +13,9 @@ by a seeded generator — they still measure how far the distribution moved; the
 Where the dense model comes from: the masks were applied to something the driver read — the cached
 unmasked export (HF sources), the .onnx file itself (ONNX sources), or the module given (Python API). Without
 masks the input already is the reference, and there is no dense model to compare with; the section says why.
+An already-pruned input (2:4, physically smaller) can bring its dense model as ``--baseline``: then the section
+also compares with it (``dense baseline (--baseline)``; beside ``dense (before the masks)`` when masks were
+applied too).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from prune2deploy.driver.baseline import BASELINE_LABEL
 from prune2deploy.driver.fp32 import Fp32Copies, Fp32Unavailable
 from prune2deploy.driver.source import Progress, Source
 from prune2deploy.ort_session import release_memory
@@ -50,6 +54,7 @@ def quality_section(
     verify_mode: str,
     progress: Progress | None = None,
     fp32: Fp32Copies | None = None,
+    baseline: Path | None = None,
 ) -> dict[str, Any]:
     """Compiled vs reference (and vs dense when known) on the evaluation text; never raises for the model.
 
@@ -62,6 +67,7 @@ def quality_section(
         verify_mode: ``blockwise`` means two fp32 copies do not fit: quality is then skipped.
         fp32: runs half-precision graphs as fp32 copies (ONNX Runtime's CPU lacks their kernels); without
             it, quality of a half-precision graph is skipped.
+        baseline: the ``--baseline`` dense model as an ONNX file: compiled vs it is one more comparison.
     """
     windows = options.quality_windows
     if windows == 0:
@@ -87,7 +93,7 @@ def quality_section(
     fp32 = fp32 or Fp32Copies(Path(model_path).parent / "fp32", refused="no fp32 copies were asked for")
     try:
         runnable = (str(fp32.runnable(reference_path)), str(fp32.runnable(model_path)))
-        section = _measure(kind, loaded, source, runnable, options, windows, max_seq, fp32)
+        section = _measure(kind, loaded, source, runnable, options, windows, max_seq, fp32, baseline)
     except Fp32Unavailable as exc:
         return {"computed": False, "kind": kind, "reason": f"{loaded.extra.get('dtype')} graph: {exc}"}
     except Exception as exc:  # information, not the verdict: why it is missing goes into the report
@@ -109,7 +115,7 @@ def _kind(loaded: Source) -> str | None:
 
 def _measure(
     kind: str, loaded: Source, source: Any, paths: tuple[str, str], options: Any, windows: int,
-    max_seq: int | None, fp32: Fp32Copies,
+    max_seq: int | None, fp32: Fp32Copies, baseline: Path | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     from prune2deploy.quality import encoder_quality, lm_quality
 
@@ -171,8 +177,12 @@ def _measure(
         section["precision"] = "fp32 copies of the half-precision graphs (ONNX Runtime's CPU lacks their kernels)"
     if dense is not None:
         comparisons.append({"candidate": "compiled", "reference": "dense (before the masks)", **measure(dense)})
-    else:
+        release_memory()
+    elif baseline is None or loaded.masks_applied:  # with no masks, the baseline is the dense model
         section["dense_skipped"] = why
+    if baseline is not None:
+        base = str(fp32.runnable(baseline))
+        comparisons.append({"candidate": "compiled", "reference": BASELINE_LABEL, **measure(base)})
     section["comparisons"] = comparisons
     return section
 

@@ -128,27 +128,72 @@ def write_manifest(staging: Path, loaded: Source, options: Any, *, kept: dict[st
     atomic_write_json(staging / "manifest.json", manifest)
 
 
-def profile_section(reference_path: Path, model_path: Path, options: Any, ideal: float) -> dict[str, Any]:
+def profile_section(
+    reference_path: Path,
+    model_path: Path,
+    options: Any,
+    ideal: float,
+    *,
+    baseline_path: Path | None = None,
+    baseline_ideal: float | None = None,
+) -> dict[str, Any]:
     """Reference vs compiled latency on ONNX Runtime CPU, in one run, over the options' grid.
 
-    Both are paths: ONNX Runtime reads each model's external data beside it."""
+    All are paths: ONNX Runtime reads each model's external data beside it. With ``baseline_path`` (``--baseline``)
+    the dense baseline is timed in the same run: its rows join ``latency`` (``model: "baseline"``) and
+    ``baseline_speedup`` holds compiled vs baseline, rows like ``speedup``'s (``baseline_ideal``: baseline FLOPs /
+    compiled FLOPs)."""
     from prune2deploy.profiling.measure import compare_models
     from prune2deploy.profiling.report import latency_sections
 
     grid = [(b, s) for b in options.profile_batches for s in options.profile_seqs]
+    models = {"reference": Path(reference_path), "compiled": Path(model_path)}
+    if baseline_path is not None:
+        models["baseline"] = Path(baseline_path)
     rows = compare_models(
-        {"reference": Path(reference_path), "compiled": Path(model_path)},
+        models,
         grid,
         threads=options.threads,
         reference="reference",
         budget_s=options.profile_budget_s,
         min_runs=5,  # the median of at least five runs, whatever the budget
     )
-    return latency_sections(rows, ideal=ideal)
+    sections = latency_sections([r for r in rows if r.get("model") != "baseline"], ideal=ideal)
+    if baseline_path is not None:
+        timed = [r for r in rows if r.get("kind", "latency") == "latency" and r.get("model") == "baseline"]
+        sections["latency"] += [{k: v for k, v in r.items() if k != "kind"} for r in timed]
+        sections["baseline_speedup"] = _over_baseline(rows, baseline_ideal)
+    return sections
+
+
+def _over_baseline(rows: list[dict[str, Any]], ideal: float | None) -> list[dict[str, Any]]:
+    """Compiled vs baseline per engine and shape, as ``speedup`` rows (measured, ideal, 95 % CI, tight)."""
+    from prune2deploy.profiling.report import latency_sections
+
+    timed = [r for r in rows if r.get("kind", "latency") == "latency"]
+    compiled = {(r["engine"], r["batch"], r.get("seq")): r for r in timed if r["model"] == "compiled"}
+    pairs: list[dict[str, Any]] = []
+    for row in (r for r in timed if r["model"] == "baseline"):
+        new = compiled.get((row["engine"], row["batch"], row.get("seq")))
+        if new is None:
+            continue
+        # latency_sections names the measured pair reference/compiled: the baseline stands in as the reference.
+        speedup = {
+            "kind": "speedup", "engine": row["engine"], "model": "compiled", "reference": "reference",
+            "batch": row["batch"], "seq": row.get("seq"), "measured": row["median_ms"] / new["median_ms"],
+        }  # fmt: skip
+        pairs += [{**row, "model": "reference"}, new, speedup]
+    return latency_sections(pairs, ideal=ideal)["speedup"]
 
 
 def predictions(
-    ref_cost: Any, new_cost: Any, options: Any, *, reference: Any = None, model_path: Path | None = None
+    ref_cost: Any,
+    new_cost: Any,
+    options: Any,
+    *,
+    reference: Any = None,
+    model_path: Path | None = None,
+    engine: str | None = None,
 ) -> list[dict[str, Any]]:
     """Per-GPU predictions of the compiled model against the reference: the rows of
     :mod:`prune2deploy.profiling.prediction` (the same as ``prune2deploy predict model.onnx --against
@@ -156,14 +201,15 @@ def predictions(
 
     ``ref_cost`` / ``new_cost`` are the unfused graphs' costs. Given the reference graph and the written
     ``model_path``, a model.onnx that carries fuse-ort's kernels is priced as written, against a copy of the
-    reference fused the same way (its tensors shared), as ``predict`` does.
+    reference fused the same way (its tensors shared), as ``predict`` does. ``engine``: the cost model's engine
+    profile to price instead of the compile engine's (``tensorrt`` for the 2:4 estimate).
     """
     from prune2deploy.analysis.contrib_cost import fused_op_counts
     from prune2deploy.frontends.onnx import load_onnx
     from prune2deploy.profiling.prediction import Priced, compare_costs, compare_models, costmodel_engine
 
     precision = options.precision if options.precision != "fp32" else "fp16"
-    where = {"gpus": options.gpus or None, "precision": precision, "engine": costmodel_engine(options.engine)}
+    where = {"gpus": options.gpus or None, "precision": precision, "engine": engine or costmodel_engine(options.engine)}
     written = load_onnx(model_path) if reference is not None and model_path is not None else None
     if written is not None and fused_op_counts(written):
         rows = compare_models(

@@ -156,7 +156,15 @@ def _summary(report: dict[str, Any]) -> str:
             + "</li>"
         )
     items.extend(_summary_speed(report))
+    items.extend(_summary_baseline(report))
     return '<ul class="summary">' + "".join(items) + "</ul>"
+
+
+def _summary_baseline(report: dict[str, Any]) -> list[str]:
+    """``--baseline``: the compiled model against the dense model an already-pruned input came from."""
+    from prune2deploy.profiling.summary import baseline_lines
+
+    return [f"<li>{_e(line[0].upper() + line[1:])}</li>" for line in baseline_lines(report)]
 
 
 def _provenance(report: dict[str, Any]) -> list[str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["MASKS_COST", "pruning_notes", "quality_line", "quality_warning"]
+__all__ = ["MASKS_COST", "baseline_lines", "pruning_notes", "quality_line", "quality_warning"]
 
 #: Where the masks cost "a lot": perplexity vs dense at least this many times the dense model's, top-1
 #: agreement with the dense model below this fraction, or (encoders) embedding cosine below this.
@@ -72,6 +72,13 @@ def quality_warning(section: Mapping[str, Any] | None) -> str | None:
         cost = f"embedding cosine {dense['cosine_mean']:.3f} vs the dense model"
         faithful = masked is not None and masked.get("cosine_mean", 0) >= _FAITHFUL["cosine"]
         match = f"cosine {masked['cosine_mean']:.5f}" if faithful else ""
+    if str(dense.get("reference", "")).startswith("dense baseline"):  # --baseline: an already-pruned input
+        cost = cost.replace("vs the dense model", "vs the dense baseline")
+        if faithful:
+            return (
+                f"the pruning cost this quality, not the compile: {cost}, while the compiled model matches its input "
+                f"({match}); prune less, or with a criterion that keeps more"
+            )
     if faithful:
         return (
             f"the masks cost this quality, not the compile: {cost}, while the compiled model matches the masked "
@@ -116,3 +123,57 @@ def pruning_notes(report: Mapping[str, Any]) -> list[str]:
     else:
         notes.append("nothing was pruned: no zero channels/heads found; did you mean --masks or --plan?")
     return notes
+
+
+def baseline_lines(report: Mapping[str, Any]) -> list[str]:
+    """``--baseline``: the compiled model against the dense model an already-pruned input came from, in sentences
+    (size, measured speedup in the same run, predicted speedup per GPU; quality is in :func:`quality_line`)."""
+    section = report.get("baseline")
+    if not section:
+        return []
+    name = str(section.get("source") or section.get("path") or "?")
+    lines = []
+    base, new = section.get("model") or {}, (report.get("model") or {}).get("compiled") or {}
+    if base.get("params") and base.get("flops") and "params" in new and "flops" in new:
+        lines.append(
+            f"vs dense baseline {name}: params {_change(base['params'], new['params'])}, FLOPs "
+            f"{_change(base['flops'], new['flops'])} (ideal speedup {base['flops'] / max(new['flops'], 1):.2f}×)"
+        )
+    else:
+        lines.append(f"vs dense baseline {name}")
+    for row in section.get("speedup") or []:
+        ci = f" (95% CI {row['ci'][0]:.2f}–{row['ci'][1]:.2f}×)" if row.get("ci") else ""
+        loose = "; not tight: raise --budget" if row.get("tight") is False else ""
+        lines.append(
+            f"measured speedup vs dense baseline: {row['measured']:.2f}×{ci} on {row['engine']} CPU at batch "
+            f"{row['batch']}, seq {row.get('seq')} (same run){loose}"
+        )
+    if section.get("profiled") is False and section.get("reason"):
+        lines.append(f"baseline not timed: {section['reason']}")
+    by_engine: dict[str, list[Mapping[str, Any]]] = {}
+    for row in section.get("predictions") or []:
+        if row.get("speedup"):
+            by_engine.setdefault(str(row.get("engine")), []).append(row)
+    for engine, rows in by_engine.items():
+        low, high = min(r["speedup"] for r in rows), max(r["speedup"] for r in rows)
+        span = f"{low:.2f}×" if high - low < 0.005 else f"{low:.2f}–{high:.2f}×"
+        sparse = sum(1 for r in rows if r.get("sparse_used"))
+        lines.append(
+            f"predicted speedup vs dense baseline ({engine} cost model, {rows[0].get('precision')}): {span} on "
+            f"{len(rows)} GPU{'s' if len(rows) != 1 else ''}"
+            + (f"; 2:4 sparse tensor cores used on {sparse}" if sparse else "")
+        )
+    return lines
+
+
+def _change(before: float, after: float) -> str:
+    """``77.9k → 60.1k (-23%)``."""
+    pct = f" ({(after - before) / before:+.0%})" if before else ""
+    return f"{_short(before)} → {_short(after)}{pct}"
+
+
+def _short(value: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= size:
+            return f"{value / size:.1f}{unit}"
+    return f"{value:.0f}"
