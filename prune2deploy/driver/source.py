@@ -218,6 +218,37 @@ def _write_cache(model: ir.Model, task: str, cache: Path) -> None:
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
+    evict_cache_entries(cache.parent, keep=cache)
+
+
+#: The export cache's size budget: least recently used entries beyond it are removed after each new export
+#: (``P2D_CACHE_MAX_GB`` overrides; the newest entry always stays, however large).
+CACHE_MAX_BYTES = 20 << 30
+
+
+def evict_cache_entries(exports: Path, *, keep: Path) -> list[Path]:
+    """Removes the least recently used export-cache entries until the cache fits its budget; returns them.
+
+    Only folders this tool wrote (holding its digest file) are candidates, never ``keep``. A cache hit
+    refreshes an entry's time (:func:`_intact_cache_entry`), so what a sweep keeps re-reading stays.
+    """
+    import os
+    import shutil
+
+    budget = float(os.environ.get("P2D_CACHE_MAX_GB", CACHE_MAX_BYTES / 2**30)) * 2**30
+    entries = [e for e in exports.iterdir() if e.is_dir() and not e.is_symlink() and (e / _DIGEST_FILE).is_file()]
+    sizes = {e: sum(f.stat().st_size for f in e.iterdir() if f.is_file()) for e in entries}
+    total, removed = sum(sizes.values()), []
+    for entry in sorted(entries, key=lambda e: (e / _DIGEST_FILE).stat().st_mtime):
+        if total <= budget:
+            break
+        if entry == keep:
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        total -= sizes[entry]
+        removed.append(entry)
+        log.info("export cache over %.0f GB: removed the least recently used entry %s", budget / 2**30, entry)
+    return removed
 
 
 #: A cache entry's record of its own files: name → sha256, written last (before the entry is renamed into place).
@@ -252,6 +283,7 @@ def _intact_cache_entry(cache: Path) -> bool:
     if recorded is not None:
         actual = _entry_digest(cache)
         if recorded == actual:
+            (cache / _DIGEST_FILE).touch()  # used now: the cache's eviction removes the least recently used
             return True
         changed = (
             sorted(k for k in {*recorded, *actual} if recorded.get(k) != actual.get(k))
