@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
@@ -85,6 +85,14 @@ def _runtime_passes() -> str:
 
 
 _PRECISION_PASSES = " or ".join(passes_in_stage("precision")) or "a precision pass"
+
+
+def _matmul_nbits_block(size: int) -> int:
+    """MatMulNBits' block size: a power of two, at least 16."""
+    if size < 16 or size & (size - 1):
+        raise ValueError("a power of two, at least 16 (MatMulNBits)")
+    return size
+
 
 #: The core options, in the order reports list them; pass options follow (``passes/registry.py``).
 CORE_OPTIONS: dict[str, CoreOption] = {
@@ -192,6 +200,26 @@ CORE_OPTIONS: dict[str, CoreOption] = {
     ),
     "genai_context_length": CoreOption(
         pydantic.PositiveInt | None, None, "context length of genai/ (default: the model's max_position_embeddings)"
+    ),
+    "genai_precision": CoreOption(
+        Literal["fp32", "fp16", "int8", "int4"], "fp32", "genai/'s decoder: fp32 (CPU, exact), int8/int4 (CPU: "
+        "MatMulNBits weights, symmetric, quantized one weight at a time with ONNX Runtime's quantizer; approximate, "
+        "the error is reported), fp16 (for the CUDA provider; checked here on ONNX Runtime's CPU kernels only)",
+        flag="--genai-precision",
+    ),
+    "genai_block_size": CoreOption(
+        Annotated[int, pydantic.AfterValidator(_matmul_nbits_block)], 32, "int8/int4 genai/: weights per scale "
+        "along K (a power of two >= 16; K is zero-padded to it)", flag="--genai-block-size", metavar="N",
+    ),
+    "genai_accuracy_level": CoreOption(
+        int, 4, "int8/int4 genai/: MatMulNBits accuracy_level (4: int8 activations on CPU, 0: unset)",
+        flag="--genai-accuracy-level", metavar="0-4", constraints={"ge": 0, "le": 4},
+    ),
+    "genai_lm_head": CoreOption(
+        Literal["int8", "int4", "float"] | None, None, "genai/'s LM head and embedding table (one tensor when tied): "
+        "int8, int4 or float (the decoder's float type) (default: int8 when --genai-precision is int8/int4, else "
+        "float)", flag="--genai-lm-head",
+        choices=("int8", "int4", "float"),
     ),
     "export_cache": CoreOption(
         bool, True, "reuse an earlier export of the same checkpoint and export options (HF folders; masks are then "

@@ -49,7 +49,13 @@ __all__ = [
 #: Grid keys that are prune options (``prune2deploy prune`` flags).
 PRUNE_KEYS = ("criterion", *STRUCTURE_KEYS, "nm", "per_layer", "round_to", "head_grouping")
 #: Grid keys that are compile options: grid name → CompileOptions key.
-GRID_COMPILE_KEYS = {"regroup_gqa": "kv_heads", "engine": "engine", "precision": "precision", "gpu": "gpus"}
+GRID_COMPILE_KEYS = {
+    "regroup_gqa": "kv_heads",
+    "engine": "engine",
+    "precision": "precision",
+    "gpu": "gpus",
+    "genai_precision": "genai_precision",
+}
 #: Short names accepted in the ``compile:`` section (the CLI's flag names) → CompileOptions keys.
 COMPILE_ALIASES = {
     "batch": "profile_batches",
