@@ -58,9 +58,9 @@ GGUF_TYPES: dict[str, tuple[str, str, int]] = {
     "q5_1": ("Q5_1", "MOSTLY_Q5_1", 32),
 }
 
-#: The f32 file's logits may differ from the model's by this much (relative to the largest logit). Measured
-#: on tiny and SmolLM2-sized models: ggml's f32 kernels (rope, softmax, RMSNorm in another order) reach
-#: ~1e-5; one wrong row, head or permutation gives 1e-1 and more.
+#: The f32 file's logits may differ from the model's by at most the compile's ``tolerance`` (relative to the
+#: largest logit), and never more than this. Measured: 4e-7 on tiny Llama models (deci and llama, f32 KV
+#: cache); ggml's f32 kernels only reorder sums. One wrong row, head or permutation gives 1e-1 and more.
 EXACT_BOUND = 1e-3
 
 #: The model families llama.cpp's ``llama``/``deci`` blocks compute (pre-norm RMSNorm, rotary, SwiGLU).
@@ -429,12 +429,12 @@ def _write(context: OutputContext) -> OutputSection:
             context.progress(f"checking gguf/{path.name} in llama.cpp")
             entry["check"] = check = check_gguf(path, tokens, expected)
             if kind == "f32":
-                check["bound"] = EXACT_BOUND
-                check["passed"] = check["max_rel_diff"] <= EXACT_BOUND
+                check["bound"] = bound = min(float(context.options.tolerance), EXACT_BOUND)
+                check["passed"] = check["max_rel_diff"] <= bound
                 if not check["passed"]:
                     problems.append(
                         f"gguf/{path.name} differs from the model in llama.cpp by {check['max_rel_diff']:.3g} "
-                        f"(relative), more than {EXACT_BOUND:g}"
+                        f"(relative), more than {bound:g}"
                     )
             else:
                 check["approximate"] = f"{kind} quantization: top-1 agreement and KL are information, not a verdict"

@@ -144,8 +144,21 @@ def test_uniform_widths_write_llama_in_every_type(tmp_path, llama_cpp):
     assert again["max_rel_diff"] < 1e-4 and again["top1_agreement"] == 1.0
 
 
+def _writer_section(tmp_path, masked, kinds):
+    """The registered gguf writer on a masked module (what compile's output step does), without a compile."""
+    from prune2deploy.outputs.lm import TorchModels
+    from prune2deploy.outputs.registry import OutputContext, load_writers
+
+    context = OutputContext(
+        tmp_path / "gguf", tmp_path / "model.onnx", CompileOptions(gguf=kinds), TorchModels(lambda: (masked, None))
+    )
+    return load_writers()["gguf"].write(context)
+
+
 def test_qwen2_mlp_pruning_is_written_and_pruned_heads_with_biases_are_refused(tmp_path, llama_cpp):
     from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from prune2deploy.errors import UnsupportedModelError
 
     torch.manual_seed(0)
     config = Qwen2Config(
@@ -157,13 +170,28 @@ def test_qwen2_mlp_pruning_is_written_and_pruned_heads_with_biases_are_refused(t
         for layer in module.model.layers:
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                 proj.bias.normal_(0, 0.5)
-    result, _ = _compile(tmp_path / "mlp", module, _masks(module, {0: (64, []), 1: (96, [])}), gguf=["f32"])
-    entry = result.report["gguf"]["files"]["f32"]
-    assert entry["arch"] == "deci" and entry["check"]["passed"] and entry["check"]["max_rel_diff"] < 1e-4
-    result, _ = _compile(tmp_path / "heads", module, _masks(module, {0: (64, [1]), 1: (64, [1])}), gguf=["f32"])
-    section = result.report["gguf"]
-    assert not section["written"] and "q bias as hidden_size" in section["reason"]
-    assert not (tmp_path / "heads" / "out" / "gguf").exists()
+    masked = apply_masks_torch(module, _masks(module, {0: (64, []), 1: (96, [])}))
+    result = _writer_section(tmp_path, masked, ["f32"])
+    entry = result.section["files"]["f32"]
+    assert entry["arch"] == "deci" and entry["per_layer"] == [[4, 2, 64], [4, 2, 96]]
+    assert result.check.passed and entry["check"]["max_rel_diff"] < 1e-4
+    # pruned query heads with q biases: llama.cpp reads a q bias hidden_size wide, so it is refused with the reason
+    masked = apply_masks_torch(module, _masks(module, {0: (64, [0, 1]), 1: (64, [0, 1])}))  # kv group 0 gone
+    with pytest.raises(UnsupportedModelError, match="q bias as hidden_size"):
+        _writer_section(tmp_path / "heads", masked, ["f32"])
+
+
+def test_a_family_llama_cpp_blocks_do_not_compute_is_refused_with_the_reason(tmp_path):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from prune2deploy.errors import UnsupportedModelError
+
+    config = Qwen3Config(
+        vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, max_position_embeddings=64,
+    )  # fmt: skip
+    with pytest.raises(UnsupportedModelError, match=r"'qwen3'.*convert_hf_to_gguf"):
+        _writer_section(tmp_path, Qwen3ForCausalLM(config).eval(), ["q8_0"])
 
 
 def test_gguf_types_are_validated():
