@@ -492,8 +492,8 @@ def _baseline_section(run: CompileRun, speedup: list[dict[str, Any]] | None) -> 
     section = dict(baseline.record)
     if speedup is not None:
         section["speedup"] = speedup
-    elif run.options.profile and "profiled" not in section:
-        section.update(profiled=False, reason="profiling did not run (see profile)")
+    elif run.options.profile and section.get("profiled") is not False:  # profiling failed, or was not possible
+        section.update(profiled=False, reason="the profile step did not time it (see profile)")
     dense = load_onnx(baseline.path)  # mapped; a fused model.onnx prices a fused copy of it
     rows = predictions(baseline.cost, run.new_cost, run.options, reference=dense, model_path=run.model_path)
     if run.new_cost.sparse_flops and costmodel_engine(run.options.engine) != "tensorrt":

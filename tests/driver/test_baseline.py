@@ -16,6 +16,7 @@ from onnx import numpy_helper
 
 from prune2deploy import api
 from prune2deploy.cli import main
+from prune2deploy.driver.baseline import profile_fits
 from prune2deploy.errors import BadInputError
 from prune2deploy.profiling.report import validate_report
 from prune2deploy.spec import CompileOptions
@@ -102,6 +103,10 @@ def test_a_baseline_equal_to_the_input_agrees_and_a_2_4_input_gets_the_tensorrt_
     assert same["top1_agreement"] == 1.0 and same["kl_mean"] < 1e-8
     assert report["baseline"]["predictions"][0]["speedup"] == pytest.approx(1.0, abs=1e-6)
     assert "profiled" not in report["baseline"]  # --no-profile: nothing to say
+    # three models that would not fit together: the baseline is not timed, and the reason says why
+    why = profile_fits([tmp_path / "same" / "reference.onnx"] * 3, [(1, 128)], 1e-6)
+    assert why.startswith("the reference, the compiled model and the baseline together need about")
+    assert "--memory-limit-gib" in why and profile_fits([tmp_path / "same" / "reference.onnx"], [(1, 8)], 64) == ""
 
     # A 2:4 input: the dense export's projection weights, two of every four along K zeroed (an .onnx input).
     proto = onnx.load(str(tmp_path / "same" / "reference.onnx"))
