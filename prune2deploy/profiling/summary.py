@@ -120,6 +120,11 @@ def pruning_notes(report: Mapping[str, Any]) -> list[str]:
             "nothing was pruned: the masks zero no whole channel, head or layer (unstructured zeros leave no "
             "structure to remove; `prune2deploy inspect` shows what is zero per group)"
         )
+    elif report.get("baseline"):
+        notes.append(
+            "nothing left to remove here: no zero channels, heads or layers in the input (already pruned: see the "
+            "comparison with the dense baseline)"
+        )
     else:
         notes.append("nothing was pruned: no zero channels/heads found; did you mean --masks or --plan?")
     return notes

@@ -91,6 +91,7 @@ def test_smaller_input_against_its_dense_baseline(folders, tmp_path, capsys):
     assert any(line.startswith("measured speedup vs dense baseline") for line in lines)
     assert any(line.startswith("predicted speedup vs dense baseline") for line in lines)
     assert "vs baseline" in text and "vs dense baseline (--baseline): KL" in text
+    assert "nothing left to remove here" in text and "did you mean --masks" not in text
     html = (out / "report.html").read_text()
     assert "Vs dense baseline" in html and "Predicted speedup vs dense baseline" in html
 
