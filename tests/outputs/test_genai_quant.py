@@ -138,6 +138,8 @@ def test_int4_compile_of_nonuniform_llama_quantizes_every_projection_and_genai_g
     assert genai["weight_bytes"] == _weight_bytes(model)
     assert genai["weight_bytes"] < genai["decoder_bytes"] < genai["weight_bytes"] + 40_000
     assert genai["projection_bits_per_weight"] == 5.0  # 4 bits + one fp32 scale per 32 weights
+    weights = genai["quantized_weights"]  # each through ONNX Runtime's MatMulNBits while written
+    assert weights["passed"] and weights["weights_checked"] == 12 and 0.5 < weights["max_error_steps"] <= 1
     fp32 = decoder_bytes(slice_causal_lm(masked))
     assert genai["weight_bytes"] < 0.4 * fp32
 
@@ -163,12 +165,37 @@ def test_int8_and_int4_of_a_trained_model_agree_with_the_masked_model(tmp_path, 
     assert found["int8"]["mean_rel_diff"] < found["int4"]["mean_rel_diff"] < 0.2
 
 
-def test_a_corrupted_scale_fails_the_check(tmp_path, trained):
-    """One block's scale ×1000 in one layer: the decoder computes something else, and the verdict says so."""
+def test_a_broken_quantizer_fails_while_writing(tmp_path, trained, monkeypatch):
+    """One block's scale ×1000 from the quantizer: ONNX Runtime's MatMulNBits no longer gives the weight back."""
+    import prune2deploy.outputs.quantize as quantize
+
+    masked, reference, _ = trained
+    correct = quantize.quantize_weight
+
+    def broken(weight, quant):
+        packed, scales = correct(weight, quant)
+        scales[0, 0] *= 1000
+        return packed, scales
+
+    monkeypatch.setattr(quantize, "quantize_weight", broken)
+    precision = GenaiPrecision("int4")
+    section = write_genai_folder(slice_causal_lm(masked), None, tmp_path / "genai", precision=precision)
+    weights = section["quantized_weights"]
+    assert not weights["passed"] and weights["max_error_steps"] > 100 and weights["weights_checked"] == 11
+    section = check_genai_folder(tmp_path / "genai", reference, section, precision=precision)
+    verdict = _verdict(section)
+    assert not verdict.passed and "quantization steps" in verdict.problem and verdict.hint == "This is a bug."
+
+
+def test_a_corrupted_scale_in_a_written_folder_fails_the_check(tmp_path, trained):
+    """One block's scale ×1000 in one layer of a written folder: the decoder computes something else, and the
+    logits' bounds (the verdict for a folder whose weights were not checked while written) say so."""
     masked, reference, _ = trained
     folder = tmp_path / "genai"
     precision = GenaiPrecision("int4")
     section = write_genai_folder(slice_causal_lm(masked), None, folder, precision=precision)
+    assert section["quantized_weights"]["passed"] and section["quantized_weights"]["max_error_steps"] <= 1
+    del section["quantized_weights"]
     model = ir.load(str(folder / "model.onnx"))
     value = model.graph.initializers["model.layers.0.mlp.down_proj.MatMul.weight_scale"]
     scales = value.const_value.numpy().copy()
