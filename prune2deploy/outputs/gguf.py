@@ -101,6 +101,15 @@ def _text_config(config: Any) -> Any:
     return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
 
 
+def _rope(text: Any) -> dict[str, Any]:
+    """The rotary parameters: transformers 5's ``rope_parameters`` (theta inside), or 4's ``rope_scaling`` and
+    ``rope_theta``; ``rope_type`` and ``rope_theta`` always present."""
+    params = dict(getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {})
+    params.setdefault("rope_theta", float(getattr(text, "rope_theta", 10000.0)))
+    params["rope_type"] = params.get("rope_type", params.get("type", "default")) or "default"
+    return params
+
+
 def _refusal(config: Any, sliced: SliceResult) -> str:
     """Why llama.cpp's llama/deci blocks cannot compute this model ('' when they can)."""
     text = _text_config(config)
@@ -119,8 +128,7 @@ def _refusal(config: Any, sliced: SliceResult) -> str:
     window = getattr(text, "sliding_window", None)
     if window and getattr(text, "use_sliding_window", family == "mistral") and window < text.max_position_embeddings:
         return f"gguf/: sliding-window attention ({window} tokens) is not what llama.cpp's llama/deci blocks compute"
-    scaling = getattr(text, "rope_scaling", None) or {}
-    kind = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
+    kind = _rope(text)["rope_type"]
     if kind not in ("default", "linear", "llama3"):
         return f"gguf/: rope scaling '{kind}' is not written (default, linear and llama3 are)"
     module = sliced.module
@@ -229,10 +237,10 @@ def _attention_tensors(p: str, layer: Any, heads: int, kv: int, d: int) -> Itera
 
 def _llama3_rope_factors(text: Any, d: int) -> np.ndarray | None:
     """Llama 3.1's per-frequency rope scaling, as llama.cpp's ``rope_freqs`` tensor (None without it)."""
-    scaling = getattr(text, "rope_scaling", None) or {}
-    if scaling.get("rope_type", scaling.get("type")) != "llama3":
+    scaling = _rope(text)
+    if scaling["rope_type"] != "llama3":
         return None
-    base = float(getattr(text, "rope_theta", 10000.0))
+    base = float(scaling["rope_theta"])
     factor = float(scaling.get("factor", 8.0))
     low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
     old = float(scaling.get("original_max_position_embeddings", 8192))
@@ -269,13 +277,13 @@ def _metadata(writer: Any, layout: GGUFLayout, sliced: SliceResult, kind: str, n
     writer.add_key_length(d)
     writer.add_value_length(d)
     writer.add_rope_dimension_count(d)
-    writer.add_rope_freq_base(float(getattr(text, "rope_theta", 10000.0)))
+    rope = _rope(text)
+    writer.add_rope_freq_base(float(rope["rope_theta"]))
     writer.add_layer_norm_rms_eps(float(text.rms_norm_eps))
     writer.add_vocab_size(int(text.vocab_size))
-    scaling = getattr(text, "rope_scaling", None) or {}
-    if scaling.get("rope_type", scaling.get("type")) == "linear":
+    if rope["rope_type"] == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(float(scaling["factor"]))
+        writer.add_rope_scaling_factor(float(rope["factor"]))
     writer.add_file_type(getattr(gguf.LlamaFileType, GGUF_TYPES[kind][1]))
     if GGUF_TYPES[kind][2] > 1:
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)

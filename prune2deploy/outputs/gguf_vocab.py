@@ -6,6 +6,8 @@ Qwen2) are written as llama.cpp's ``gpt2`` model with the pre-tokenizer its rege
 pre-tokenizer is read from the tokenizer's own ``tokenizer.json``, never guessed from a model name. A
 model without a tokenizer (a module built in code), or one whose tokenizer is not byte-level BPE, gets a
 placeholder vocabulary (``<tok_N>``) that llama.cpp loads and evaluates token ids with; the report says so.
+A tokenizer that transformers read from a GGUF file (the bundled SmolLM2) is copied from that file's own
+``tokenizer.*`` fields: transformers' conversion keeps the vocabulary but not llama.cpp's pre-tokenizer name.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 __all__ = ["GGUFVocab", "vocab_of"]
@@ -78,6 +81,11 @@ def vocab_of(tokenizer: Any, vocab_size: int, config: Any) -> GGUFVocab:
     the placeholder when there is no tokenizer or it is not byte-level BPE (``note`` says why)."""
     if tokenizer is None:
         return _placeholder(vocab_size, config, "no tokenizer with the model: placeholder tokens <tok_N> (ids only)")
+    source = _source_gguf(tokenizer)
+    if source is not None:
+        copied = _from_gguf(source, vocab_size)
+        if copied is not None:
+            return copied
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return _placeholder(
@@ -94,6 +102,56 @@ def vocab_of(tokenizer: Any, vocab_size: int, config: Any) -> GGUFVocab:
             "convert_hf_to_gguf.py for its vocabulary",
         )
     return _byte_level_bpe(tokenizer, spec, vocab_size)
+
+
+def _source_gguf(tokenizer: Any) -> Path | None:
+    """The GGUF file a tokenizer was read from (a folder of one .gguf and no tokenizer.json), else None."""
+    folder = Path(str(getattr(tokenizer, "name_or_path", "") or ""))
+    if not str(folder) or not folder.is_dir() or (folder / "tokenizer.json").exists():
+        return None
+    files = sorted(folder.glob("*.gguf"))
+    return files[0] if len(files) == 1 else None
+
+
+@dataclass
+class _CopiedVocab(GGUFVocab):
+    """The input GGUF's own ``tokenizer.*`` fields, copied as they are (its pre-tokenizer name included, which
+    transformers' GGUF conversion does not keep)."""
+
+    fields: list[tuple[str, Any, Any, Any]] = field(default_factory=list)  # key, value, type, element type
+
+    def write(self, writer: Any) -> None:
+        for key, value, vtype, sub_type in self.fields:
+            writer.add_key_value(key, value, vtype, sub_type)
+
+
+def _from_gguf(path: Path, vocab_size: int) -> GGUFVocab | None:
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    fields = []
+    for key, entry in reader.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        vtype = entry.types[0]
+        sub_type = entry.types[1] if vtype == gguf.GGUFValueType.ARRAY and len(entry.types) > 1 else None
+        fields.append((key, entry.contents(), vtype, sub_type))
+    values = {key: value for key, value, _, _ in fields}
+    tokens = values.get("tokenizer.ggml.tokens") or []
+    if len(tokens) != vocab_size:
+        return None
+    special = {
+        key: int(values[f"tokenizer.ggml.{name}_token_id"])
+        for key, name in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding"))
+        if f"tokenizer.ggml.{name}_token_id" in values
+    }
+    vocab = _CopiedVocab(
+        str(values.get("tokenizer.ggml.model")), values.get("tokenizer.ggml.pre"), list(tokens),
+        list(values.get("tokenizer.ggml.token_type") or []), list(values.get("tokenizer.ggml.merges") or []),
+        None, special, values.get("tokenizer.ggml.add_bos_token"), values.get("tokenizer.chat_template"),
+        f"copied from the input GGUF {path.name}", fields,
+    )  # fmt: skip
+    return vocab
 
 
 def _byte_level(pre: Any) -> bool:
@@ -117,7 +175,7 @@ def _pre_name(pre: Any) -> tuple[str, str]:
     if regexes and r"\p{N}|" in regexes[0].replace(r"\p{N}{1,3}", "") and r"\p{L}+" in regexes[0]:
         return "qwen2", ""
     if kinds == ["ByteLevel"]:
-        return "gpt2", ""
+        return "gpt-2", ""
     return "default", f"pre-tokenizer {kinds} not recognised: llama.cpp's default splitting is used"
 
 

@@ -123,14 +123,17 @@ def test_nonuniform_widths_write_deci_with_an_attention_free_layer_and_padded_hf
 
 
 def test_uniform_widths_write_llama_in_every_type(tmp_path, llama_cpp):
-    module = _llama(layers=2)
+    # Llama 3.1's rope (theta in transformers 5's rope_parameters, per-frequency factors as rope_freqs)
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    module = _llama(layers=2, rope_theta=500000.0, rope_scaling={**rope, "original_max_position_embeddings": 16})
     masks = _masks(module, {0: (64, [0, 2]), 1: (64, [0, 2])})  # 2 q / 2 kv heads, 64 neurons in both layers
     result, masked = _compile(tmp_path, module, masks, gguf=list(GGUF_TYPES))
     section = result.report["gguf"]
     assert set(section["arch"].values()) == {"llama"}
     meta = _metadata(tmp_path / "out" / "gguf" / "model-f32.gguf")
     assert meta["llama.feed_forward_length"] == 64 and meta["llama.attention.head_count"] == 2
-    assert meta["llama.attention.key_length"] == D
+    assert meta["llama.attention.key_length"] == D and meta["llama.rope.freq_base"] == 500000.0
+    assert meta["tensors"]["rope_freqs.weight"] == "F32"
     for kind, entry in section["files"].items():
         assert (tmp_path / "out" / "gguf" / f"model-{kind}.gguf").is_file()
         assert entry["check"]["checked"] and entry["padded_mlp"] == {}, kind
