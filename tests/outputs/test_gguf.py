@@ -209,3 +209,30 @@ def test_cli_flag_takes_a_comma_list(tmp_path, capsys):
 
     code = main(["compile", "no-such-model", "--out", str(tmp_path / "o"), "--gguf", "q8_0,q3_0"])
     assert code == 2 and "gguf" in capsys.readouterr().err
+
+
+def test_a_byte_level_bpe_tokenizer_is_carried_so_llama_cpp_tokenizes_as_transformers(tmp_path, llama_cpp):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from prune2deploy.outputs.lm import TorchModels
+    from prune2deploy.outputs.registry import OutputContext, load_writers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator(["the quick brown fox jumps over the lazy dog, 1234 times!"] * 20, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    module = _llama(layers=1, vocab_size=304)  # 4 embedding rows the tokenizer never produces
+    options = CompileOptions(gguf=["q8_0"])
+    context = OutputContext(tmp_path, tmp_path / "model.onnx", options, TorchModels(lambda: (module, tokenizer)))
+    section = load_writers()["gguf"].write(context).section
+    assert section["tokenizer"]["model"] == "gpt2" and section["tokenizer"]["pre"] == "gpt-2"
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "model-q8_0.gguf"), vocab_only=True, verbose=False)
+    for text in ("the lazy fox, quick!", "brown dogs jump 12 times"):
+        want = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == want
+    assert llm.token_eos() == tokenizer.eos_token_id
