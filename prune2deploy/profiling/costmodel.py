@@ -20,9 +20,10 @@ shows it per layer type.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from prune2deploy.errors import ConfigError
@@ -36,6 +37,7 @@ __all__ = [
     "EngineProfile",
     "Kernel",
     "compute_bound_batch",
+    "explain_gain",
     "gemm_utilisation",
     "kernels_from_cost",
     "price",
@@ -75,7 +77,8 @@ FACTORS: dict[str, dict[str, Any]] = {
     "split_k": {
         "value": 256,
         "source": "cuBLAS splits K (split-K / stream-K) when M x N tiles cannot fill the SMs; one split per "
-        "256 of K at most (CUTLASS split-K examples)",
+        "256 of K at most (CUTLASS split-K examples); the split that finishes soonest is taken (TensorRT times "
+        "its tactics; cuBLAS's heuristic aims at the same), at most 16",
     },
     "sparse_gain": {
         "value": {"small_m": 64, "large_m": 16384, "max_gain": 1.3},
@@ -194,21 +197,39 @@ def _engine(name: str) -> EngineProfile:
 
 
 def gemm_utilisation(m: int, n: int, k: int, sm_count: int, *, tile: int | None = None) -> float:
-    """Share of the SMs a GEMM keeps busy: tiles of ``tile``² (split along K when too few), in whole waves.
+    """Share of the GPU's tensor-core time a GEMM uses: its MACs over the MACs of the tiles it occupies.
 
-    A decode GEMM (M = batch) has ceil(N/128) tiles; split-K multiplies them until the SMs are covered or K
-    runs out; the last wave is partly idle. Returns 1.0 without an SM count.
+    The output is cut into ``tile``² CTA tiles (a dimension of at most half a tile gets a half-wide tile, as
+    CUTLASS/cuBLAS pick 64-wide tiles there); a partial tile costs a whole one (tile quantisation); tiles run
+    in waves of ``sm_count`` (wave quantisation, the last wave partly idle); when tiles are too few to fill
+    the SMs, K is split (split-K) — the split that finishes soonest, as an autotuner or cuBLAS's heuristic
+    picks it, with at least ``FACTORS["split_k"]`` of K per split (up to 16). Returns 1.0 without an SM count.
+
+    Time is ``MACs / (peak · efficiency · utilisation)``, i.e. waves × the time of one tile's K on one SM, so
+    it never falls when M, N or K grows: a narrower layer is never priced slower (tile quantisation can make it
+    cost the same).
     """
-    if sm_count <= 0 or m <= 0 or n <= 0:
+    if sm_count <= 0 or m <= 0 or n <= 0 or k <= 0:
         return 1.0
     tile = tile or FACTORS["tile"]["value"]
-    tiles = math.ceil(m / tile) * math.ceil(n / tile)
-    split = max(1, min(math.ceil(sm_count / tiles), max(1, k // FACTORS["split_k"]["value"])))
-    work = tiles * split
-    waves = math.ceil(work / sm_count)
-    # A tile with M < 128 still costs a whole tile's tensor-core time: small M wastes the rows it lacks.
-    row_use = min(1.0, m / tile) if tiles * split <= sm_count else 1.0
-    return work / (waves * sm_count) * row_use
+    return _tile_use(m, n, k, sm_count, tile)
+
+
+@functools.lru_cache(maxsize=65536)
+def _tile_use(m: int, n: int, k: int, sm_count: int, tile: int) -> float:
+    half = tile // 2
+    tm = half if m <= half else tile
+    tn = half if n <= half else tile
+    tiles = math.ceil(m / tm) * math.ceil(n / tn)
+    k_floor = min(k, FACTORS["split_k"]["value"])
+    # Split only when the tiles cannot fill the SMs. More tiles never allow more splits, and each split's cost
+    # grows with M, N and K, so the minimum grows with them too (a narrower GEMM is never slower).
+    splits = range(1, (_MAX_SPLIT if tiles < sm_count else 1) + 1)
+    slots = min(math.ceil(tiles * s / sm_count) * max(k / s, k_floor) for s in splits)
+    return (m * n * k) / (slots * tm * tn * sm_count)
+
+
+_MAX_SPLIT = 16
 
 
 def sparse_gain(m: int) -> float:
@@ -310,6 +331,110 @@ def price(
     )
 
 
+def _rounded_down(kernel: Kernel, multiple: int) -> Kernel:
+    """``kernel`` with N and K cut to a multiple of ``multiple`` (FLOPs and bytes scaled with them)."""
+    n = max(multiple, kernel.n // multiple * multiple) if kernel.n > multiple else kernel.n
+    k = max(multiple, kernel.k // multiple * multiple) if kernel.k > multiple else kernel.k
+    if (n, k) == (kernel.n, kernel.k):
+        return kernel
+    scale = (n * k) / (kernel.n * kernel.k)
+    moved = kernel.bytes * min(1.0, max(n / kernel.n, k / kernel.k))
+    return replace(kernel, flops=kernel.flops * scale, bytes=moved, n=n, k=k, weight_bytes=kernel.weight_bytes * scale)
+
+
+def _sparse_note(
+    reference: list[Kernel], compiled: list[Kernel], gpu: GPUSpec, precision: str, ref: Any, new: Any
+) -> str | None:
+    """What 2:4 buys: eligible GEMMs, whether sparse tactics apply (sparse tensor cores at this precision, M > 64)."""
+    sparse = [k for k in compiled if k.sparse and k.kind in ("gemm", "conv")]
+    if not sparse or any(k.sparse for k in reference):
+        return None
+    gemms = sum(k.kind in ("gemm", "conv") for k in compiled)
+    head = f"2:4 on {len(sparse)} of {gemms} GEMMs ({ref.latency_ms / new.latency_ms:.2f}x, FLOPs unchanged)"
+    if not gpu.has_sparse(precision):
+        return f"{head}: {gpu.key} has no 2:4 sparse tensor cores at {precision}, dense tactics run"
+    small = FACTORS["sparse_gain"]["value"]["small_m"]
+    m = max(k.m for k in sparse)
+    if m <= small:
+        return f"{head}: M = {m} rows <= {small}, where TensorRT picks the dense tactic (no measured 2:4 gain)"
+    return f"{head}: sparse tactics at M = {m}, {sparse_gain(m):.2f}x on the GEMMs' math only (weights read dense)"
+
+
+def explain_gain(
+    reference: list[Kernel],
+    compiled: list[Kernel],
+    gpu: GPUSpec,
+    *,
+    precision: str = "fp16",
+    engine: str = "tensorrt",
+    realised_below: float = 0.5,
+) -> str | None:
+    """Why pruning buys less than its FLOP ratio on ``gpu``, or ``None`` when it buys at least
+    ``realised_below`` of it (or nothing was removed).
+
+    The prediction never rises when kernels shrink (:func:`gemm_utilisation`); it can stay flat. The causes
+    named: launch-bound (a fixed cost per kernel that pruning does not remove), tile quantisation (widths that
+    are not multiples of the 128/64 tile: the partial tile costs a whole one; the saving of rounding them down
+    and the ``prune --round-to`` that gets it), too few tiles to fill the SMs (narrowing idles SMs rather than
+    shortening the kernel), and the share of the time in parts pruning left alone.
+    """
+    ref = price(reference, gpu, precision=precision, engine=engine)
+    new = price(compiled, gpu, precision=precision, engine=engine, detail=True)
+    ref_flops, new_flops = sum(k.flops for k in reference), sum(k.flops for k in compiled)
+    sparse = _sparse_note(reference, compiled, gpu, precision, ref, new)
+    if not new_flops or ref_flops <= new_flops * 1.01:
+        return sparse
+    ideal, speedup = ref_flops / new_flops, ref.latency_ms / new.latency_ms
+    realised = (speedup - 1.0) / (ideal - 1.0)
+    if realised >= realised_below:
+        return sparse
+    causes = [sparse] if sparse else []
+    if new.launch_ms >= 0.25 * new.latency_ms:
+        causes.append(
+            f"launch-bound: {new.kernels} kernels x {_engine(engine).launch_us:g} us = {new.launch_ms:.3g} ms of "
+            f"{new.latency_ms:.3g} ms, a cost per kernel that narrower kernels keep"
+        )
+    gemms = [k for k in compiled if k.kind in ("gemm", "conv")]
+    gemm_ids = {id(k) for k in gemms}
+    odd = sorted({w for k in gemms for w in (k.n, k.k) if w > 64 and w % 64})
+    if odd:
+        for multiple in (128, 64):
+            cut = price([_rounded_down(k, multiple) if id(k) in gemm_ids else k for k in compiled], gpu,
+                        precision=precision, engine=engine)  # fmt: skip
+            saving = 1.0 - cut.latency_ms / new.latency_ms
+            if saving >= 0.01:
+                shown = ", ".join(str(w) for w in odd[:4]) + (" ..." if len(odd) > 4 else "")
+                causes.append(
+                    f"tile quantisation: widths {shown} are not multiples of {multiple}, and a partial tile costs "
+                    f"a whole one; rounding them down saves {100 * saving:.0f}% (prune --round-to {multiple})"
+                )
+                break
+    tile = FACTORS["tile"]["value"]
+    by_name = {t.name: t for t in new.detail}
+    gemm_ms = sum(by_name[k.name].ms for k in gemms if k.name in by_name)
+    few = [k for k in gemms if math.ceil(k.m / tile) * math.ceil(k.n / tile) < gpu.sm_count]
+    few_ms = sum(by_name[k.name].ms for k in few if k.name in by_name)
+    if gemm_ms and few_ms >= 0.5 * gemm_ms:
+        causes.append(
+            f"too few tiles: {len(few)} of {len(gemms)} GEMMs have fewer {tile}x{tile} output tiles than the "
+            f"{gpu.sm_count} SMs, so narrowing them idles SMs instead of shortening them"
+        )
+    ref_group: dict[str, float] = {}
+    new_group: dict[str, float] = {}
+    for kernel in reference:
+        ref_group[kernel.group] = ref_group.get(kernel.group, 0.0) + kernel.flops + kernel.bytes
+    for kernel in compiled:
+        new_group[kernel.group] = new_group.get(kernel.group, 0.0) + kernel.flops + kernel.bytes
+    same = [g for g in new.ms_by_group if abs(new_group.get(g, 0.0) - ref_group.get(g, 0.0)) <= 1e-6 * new_group[g]]
+    same_ms = sum(new.ms_by_group[g] for g in same)
+    if same and same_ms >= 0.4 * new.latency_ms:
+        causes.append(f"unpruned parts ({', '.join(sorted(same))}) take {100 * same_ms / new.latency_ms:.0f}%")
+    if not causes:
+        causes.append(f"the removed work was {new.binding}-bound")
+    head = f"{speedup:.2f}x of an ideal {ideal:.2f}x"
+    return f"{head}: " + "; ".join(causes)
+
+
 def compute_bound_batch(
     build: Any, gpu: GPUSpec, *, precision: str = "fp16", engine: str = "tensorrt", limit: int = 8192
 ) -> int | None:
@@ -357,6 +482,28 @@ def _float_scale(node: Any, itemsize: float) -> float:
     return itemsize / (node.float_bytes / node.float_elements)
 
 
+def _gemm_shape(node: Any) -> tuple[int, int, int]:
+    """M, N, K of a weight GEMM or conv from its per-node costs (which keep no axes).
+
+    FLOPs = 2·M·N·K, output elements = M·N and weights = N·K (+ N for a bias) give K = FLOPs / 2·outputs,
+    then N and M. When they do not agree (a quantised or unusual node) N ≈ K ≈ √weights is the fallback.
+    """
+    weights = node.weight_float_elements
+    elem = node.float_bytes / node.float_elements if node.float_elements and node.float_bytes else 0
+    out = node.bytes_written / elem if elem else 0
+    if node.flops and out >= 1:
+        k = max(1, round(node.flops / (2 * out)))
+        n = round(weights / k)
+        if n * k != weights and weights % (k + 1) == 0:
+            n = weights // (k + 1)  # a bias of N values rides with the weight
+        m = round(out / n) if n else 0
+        if m >= 1 and n >= 1 and abs(2 * m * n * k - node.flops) <= 0.02 * node.flops:
+            return m, n, k
+    m = max(1, round(node.flops / (2 * weights))) if node.flops else 1
+    side = max(1, round(math.sqrt(weights)))
+    return m, side, side
+
+
 def kernels_from_cost(cost: Any, *, precision: str = "fp16", engine: str = "tensorrt") -> list[Kernel]:
     """Kernels an engine launches for an exported graph, from its per-node costs.
 
@@ -375,12 +522,11 @@ def kernels_from_cost(cost: Any, *, precision: str = "fp16", engine: str = "tens
         moved = node.bytes_at(itemsize)
         weights = node.weight_float_elements
         if node.kind in ("matmul", "conv") and weights:
-            m = max(1, round(node.flops / (2 * weights))) if node.flops else 1
-            side = max(1, round(math.sqrt(weights)))
+            m, n, k = _gemm_shape(node)
             kind = "conv" if node.kind == "conv" else "gemm"
             kernels.append(
                 Kernel(
-                    node.name, kind, _group_of(node.layer, kind), node.flops, moved, m, side, side,
+                    node.name, kind, _group_of(node.layer, kind), node.flops, moved, m, n, k,
                     sparse=bool(node.sparsity), weight_bytes=weights * itemsize,
                 )
             )  # fmt: skip

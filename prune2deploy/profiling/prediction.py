@@ -40,6 +40,10 @@ With a reference (the compile report always; ``predict --against``), also:
                                was fused the same way before pricing: ``speedup`` is pruning alone)
 ``fusion_speedup`` (optional)  only with ``reference fused here``: unfused / fused reference latency on this
                                engine — what fusion alone adds, never counted in ``speedup``
+``cause``                      ``None``, or why ``speedup`` realises less than half of ``ideal_speedup``
+                               (:func:`~prune2deploy.profiling.costmodel.explain_gain`): launch-bound, tile
+                               quantisation (with the ``prune --round-to`` that recovers it), too few tiles
+                               to fill the SMs, unpruned parts. A smaller model is never predicted slower.
 =============================  ==========================================================================
 
 Shape-only rows (``source=config``) add ``mode`` (prefill/decode), ``past``, ``params``, ``tokens_per_s`` and,
@@ -62,7 +66,7 @@ import onnx_ir as ir
 
 from prune2deploy.analysis.contrib_cost import fused_op_counts
 from prune2deploy.analysis.cost import ModelCost, model_cost
-from prune2deploy.profiling.costmodel import CostPrediction, kernels_from_cost, price
+from prune2deploy.profiling.costmodel import CostPrediction, Kernel, explain_gain, kernels_from_cost, price
 from prune2deploy.profiling.roofline import GPUSpec, load_catalog, resolve_gpus
 
 __all__ = [
@@ -119,8 +123,11 @@ class Priced:
     cost: ModelCost
     fused_ops: dict[str, int]
 
+    def kernels(self, precision: str, engine: str) -> list[Kernel]:
+        return kernels_from_cost(self.cost, precision=precision, engine=engine)
+
     def predictions(self, specs: Sequence[GPUSpec], precision: str, engine: str) -> list[CostPrediction]:
-        kernels = kernels_from_cost(self.cost, precision=precision, engine=engine)
+        kernels = self.kernels(precision, engine)
         return [price(kernels, spec, precision=precision, engine=engine) for spec in specs]
 
 
@@ -152,6 +159,7 @@ def compare_costs(
             for s, p in zip(specs, after, strict=True)
         ]
     before = reference.predictions(specs, precision, engine)
+    ref_kernels, new_kernels = reference.kernels(precision, engine), compiled.kernels(precision, engine)
     unfused = unfused_reference.predictions(specs, precision, engine) if unfused_reference is not None else None
     rows = []
     for i, (spec, new, old) in enumerate(zip(specs, after, before, strict=True)):
@@ -165,6 +173,7 @@ def compare_costs(
             lower_bound_speedup=old.lower_bound_ms / new.lower_bound_ms if new.lower_bound_ms else None,
             ideal_speedup=reference.cost.flops / cost.flops if cost.flops else None,
             fusion_level=AS_GIVEN if unfused is None else FUSED_HERE,
+            cause=explain_gain(ref_kernels, new_kernels, spec, precision=precision, engine=engine),
         )
         if unfused is not None:
             row["fusion_speedup"] = unfused[i].latency_ms / old.latency_ms

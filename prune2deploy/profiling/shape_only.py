@@ -286,16 +286,20 @@ def config_rows(
 ) -> list[dict[str, Any]]:
     """Prediction rows (:mod:`prune2deploy.profiling.prediction`'s schema, ``source=config``) of a config's
     prefill of ``seq`` tokens or decode step after ``past``, per GPU, with tokens/s and (decoders, decode) the
-    batch at which the step turns compute-bound. ``plan``: a :class:`~prune2deploy.pruning.plan.Plan` or dict."""
-    from prune2deploy.profiling.costmodel import compute_bound_batch, price
+    batch at which the step turns compute-bound. ``plan``: a :class:`~prune2deploy.pruning.plan.Plan` or dict;
+    with one, the unpruned config is the reference (``reference_ms``, ``speedup``, ``ideal_speedup``, ``cause``)."""
+    from prune2deploy.profiling.costmodel import compute_bound_batch, explain_gain, price
     from prune2deploy.profiling.prediction import row_from_prediction, target_gpus
 
-    shape = shape_from_config(load_config(config), plan)
+    data = load_config(config)
+    shape = shape_from_config(data, plan)
 
-    def build(b: int) -> list[Kernel]:
-        return model_kernels(shape, batch=b, seq=seq, past=past, decode=decode, precision=precision, engine=engine)
+    def build(b: int, of: ModelShape = shape) -> list[Kernel]:
+        return model_kernels(of, batch=b, seq=seq, past=past, decode=decode, precision=precision, engine=engine)
 
     kernels = build(batch)
+    # With a plan, the unpruned config is the reference: speedup, ideal and why a gain is lost (``cause``).
+    reference = build(batch, shape_from_config(data)) if plan is not None else None
     tokens = batch * (1 if decode else seq)
     rows = []
     for spec in target_gpus(gpus, precision):
@@ -305,6 +309,16 @@ def config_rows(
             source="config", mode="decode" if decode else "prefill", past=past if decode else None,
             params=shape.params, gflops=sum(k.flops for k in kernels) / 1e9,
         )  # fmt: skip
+        if reference is not None:
+            ref = price(reference, spec, precision=precision, engine=engine)
+            ref_flops, new_flops = sum(k.flops for k in reference), sum(k.flops for k in kernels)
+            row.update(
+                reference_ms=ref.latency_ms, reference_lower_bound_ms=ref.lower_bound_ms,
+                reference_gflops=ref_flops / 1e9, speedup=ref.latency_ms / pred.latency_ms,
+                lower_bound_speedup=ref.lower_bound_ms / pred.lower_bound_ms if pred.lower_bound_ms else None,
+                ideal_speedup=ref_flops / new_flops if new_flops else None, fusion_level="as given",
+                cause=explain_gain(reference, kernels, spec, precision=precision, engine=engine),
+            )  # fmt: skip
         row["tokens_per_s"] = tokens * 1000 / pred.latency_ms if shape.family != "resnet" else None
         if decode and shape.family == "decoder":
             row["compute_bound_batch"] = compute_bound_batch(build, spec, precision=precision, engine=engine)
