@@ -20,9 +20,10 @@ shows it per layer type.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -33,11 +34,14 @@ from prune2deploy.profiling.roofline import PRECISIONS, GPUSpec
 __all__ = [
     "ENGINES",
     "FACTORS",
+    "FITTED",
     "CostPrediction",
     "EngineProfile",
     "Kernel",
     "compute_bound_batch",
     "explain_gain",
+    "factor",
+    "factors_set",
     "gemm_utilisation",
     "kernels_from_cost",
     "price",
@@ -95,6 +99,43 @@ FACTORS: dict[str, dict[str, Any]] = {
         "ResNet-50); eager PyTorch dispatch costs ~5-10 us of CPU per op, which bounds small-batch latency",
     },
 }
+
+
+#: The factors fitted on published.json rather than taken from a measurement: validation.py cross-validates
+#: them (leave one source out) and refits them on the training figures of each fold.
+FITTED = ("gemm_efficiency.int8", "gemm_efficiency.fp8", "conv_efficiency", "launch_us.tensorrt")
+
+
+def factor(name: str) -> float:
+    """A factor's value by dotted name (``conv_efficiency``, ``gemm_efficiency.int8``, ``launch_us.tensorrt``)."""
+    head, _, key = name.partition(".")
+    value = FACTORS[head]["value"]
+    return float(value[key] if key else value)
+
+
+@contextlib.contextmanager
+def factors_set(values: Mapping[str, float]) -> Iterator[None]:
+    """Prices with ``values`` (dotted names, as :func:`factor`) in place of the factors, restored on exit."""
+    saved = {name: factor(name) for name in values}
+    engines = dict(ENGINES)
+
+    def put(name: str, value: float) -> None:
+        head, _, key = name.partition(".")
+        if key:
+            FACTORS[head]["value"][key] = value
+        else:
+            FACTORS[head]["value"] = value
+        if head == "launch_us" and key in ENGINES:
+            ENGINES[key] = replace(ENGINES[key], launch_us=value)
+
+    try:
+        for name, value in values.items():
+            put(name, value)
+        yield
+    finally:
+        for name, value in saved.items():
+            put(name, value)
+        ENGINES.update(engines)
 
 
 @dataclass(frozen=True)

@@ -10,16 +10,26 @@ from __future__ import annotations
 
 import importlib.resources
 import json
+import math
 import statistics
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from prune2deploy.profiling.costmodel import price
+from prune2deploy.profiling.costmodel import FITTED, factor, factors_set, price
 from prune2deploy.profiling.roofline import GPUSpec, load_catalog
 from prune2deploy.profiling.shape_only import model_kernels, shape_from_config
 
-__all__ = ["Comparison", "compare_published", "load_published", "orderings", "summary"]
+__all__ = [
+    "Comparison",
+    "compare_published",
+    "cross_validate",
+    "fit_factors",
+    "load_published",
+    "orderings",
+    "source_group",
+    "summary",
+]
 
 
 @dataclass(frozen=True)
@@ -36,6 +46,7 @@ class Comparison:
     predicted_ms: float
     lower_bound_ms: float
     binding: str
+    source: str = ""
 
     @property
     def error(self) -> float:
@@ -58,35 +69,126 @@ def _published_ms(figure: Mapping[str, Any]) -> float:
     return 1000.0 / float(figure["value"])
 
 
+def source_group(figure: Mapping[str, Any]) -> str:
+    """The publication a figure comes from: ``source.group`` when given, else the repository of its URL
+    (``github.com/NVIDIA/TensorRT-LLM``, ``github.com/mlcommons/inference_results_v3.0`` …) or its host."""
+    source = figure["source"]
+    if source.get("group"):
+        return str(source["group"])
+    parts = source["url"].split("://", 1)[-1].split("/")
+    return "/".join(parts[:3]) if parts[0] == "github.com" else parts[0]
+
+
 def compare_published(
-    data: Mapping[str, Any] | None = None, catalog: Mapping[str, GPUSpec] | None = None
+    data: Mapping[str, Any] | None = None,
+    catalog: Mapping[str, GPUSpec] | None = None,
+    *,
+    only: set[str] | None = None,
+    _kernels: dict[str, Any] | None = None,
 ) -> list[Comparison]:
-    """Predicted vs published for every figure of ``data`` (the packaged file by default)."""
+    """Predicted vs published for every figure of ``data`` (the packaged file by default); ``only``: these ids."""
     data = data or load_published()
     catalog = catalog or load_catalog()
+    cache = _kernels if _kernels is not None else {}
     rows = []
     for fig in data["figures"]:
-        shape = shape_from_config(data["models"][fig["model"]])
-        kernels = model_kernels(
-            shape,
-            batch=fig["batch"],
-            seq=fig["seq"],
-            past=fig.get("past", 0),
-            decode=fig.get("decode", False),
-            precision=fig["precision"],
-            engine=fig["engine"],
-            sparse=fig.get("sparse", False),
-        )
-        pred = price(kernels, catalog[fig["gpu"]], precision=fig["precision"], engine=fig["engine"])
+        if only is not None and fig["id"] not in only:
+            continue
+        if fig["id"] not in cache:
+            shape = shape_from_config(data["models"][fig["model"]])
+            cache[fig["id"]] = model_kernels(
+                shape,
+                batch=fig["batch"],
+                seq=fig["seq"],
+                past=fig.get("past", 0),
+                decode=fig.get("decode", False),
+                precision=fig["precision"],
+                engine=fig["engine"],
+                sparse=fig.get("sparse", False),
+            )
+        pred = price(cache[fig["id"]], catalog[fig["gpu"]], precision=fig["precision"], engine=fig["engine"])
         per = fig["batch"] if fig["metric"] == "samples_per_s" else 1
         rows.append(
             Comparison(
                 fig["id"], fig["workload"], fig["model"], fig["gpu"], fig["precision"], fig["batch"], fig["seq"],
                 fig.get("sparse", False), _published_ms(fig), pred.latency_ms / per, pred.lower_bound_ms / per,
-                pred.binding,
+                pred.binding, source_group(fig),
             )
         )  # fmt: skip
     return rows
+
+
+#: The values each fitted factor may take (:data:`~prune2deploy.profiling.costmodel.FITTED`).
+GRIDS: dict[str, tuple[float, ...]] = {
+    "gemm_efficiency.int8": tuple(round(0.3 + 0.05 * i, 2) for i in range(13)),
+    "gemm_efficiency.fp8": tuple(round(0.3 + 0.05 * i, 2) for i in range(13)),
+    "conv_efficiency": tuple(round(0.25 + 0.05 * i, 2) for i in range(12)),
+    "launch_us.tensorrt": tuple(float(v) for v in range(1, 21)),
+}
+
+
+def _loss(rows: list[Comparison]) -> float:
+    """Median |log(predicted / published)|: symmetric in over- and under-prediction."""
+    return statistics.median(abs(math.log(r.predicted_ms / r.published_ms)) for r in rows) if rows else 0.0
+
+
+def fit_factors(
+    data: Mapping[str, Any] | None = None,
+    catalog: Mapping[str, GPUSpec] | None = None,
+    *,
+    only: set[str] | None = None,
+    passes: int = 2,
+    _kernels: dict[str, Any] | None = None,
+) -> dict[str, float]:
+    """The fitted factors' values that minimise the median |log error| on the figures ``only`` (all by default):
+    coordinate descent over :data:`GRIDS`, starting from the shipped values; a factor no training figure
+    moves keeps its shipped value."""
+    data = data or load_published()
+    catalog = catalog or load_catalog()
+    cache = _kernels if _kernels is not None else {}
+    values = {name: factor(name) for name in FITTED}
+
+    def loss(trial: dict[str, float]) -> float:
+        with factors_set(trial):
+            return _loss(compare_published(data, catalog, only=only, _kernels=cache))
+
+    best = loss(values)
+    for _ in range(passes):
+        for name in FITTED:
+            for value in GRIDS[name]:
+                trial = {**values, name: value}
+                trial_loss = loss(trial)
+                if trial_loss < best - 1e-12:
+                    best, values = trial_loss, trial
+    return values
+
+
+def cross_validate(
+    data: Mapping[str, Any] | None = None,
+    catalog: Mapping[str, GPUSpec] | None = None,
+    *,
+    by: str = "source",
+) -> tuple[list[Comparison], dict[str, dict[str, float]]]:
+    """Leave-one-group-out: each group's figures predicted with the fitted factors refit on the other groups.
+
+    ``by``: ``source`` (the publication, :func:`source_group`) or ``workload``. Returns the held-out rows (in
+    the file's order) and, per group, the factors fitted without it.
+    """
+    data = data or load_published()
+    catalog = catalog or load_catalog()
+    key = source_group if by == "source" else (lambda f: f[by])
+    groups: dict[str, set[str]] = {}
+    for fig in data["figures"]:
+        groups.setdefault(key(fig), set()).add(fig["id"])
+    everything = {fig["id"] for fig in data["figures"]}
+    cache: dict[str, Any] = {}
+    held: dict[str, Comparison] = {}
+    fitted = {}
+    for group, ids in groups.items():
+        fitted[group] = values = fit_factors(data, catalog, only=everything - ids, _kernels=cache)
+        with factors_set(values):
+            held.update((r.id, r) for r in compare_published(data, catalog, only=ids, _kernels=cache))
+    return [held[fig["id"]] for fig in data["figures"]], fitted
 
 
 def orderings(rows: list[Comparison]) -> list[dict[str, Any]]:
@@ -115,6 +217,8 @@ def summary(rows: list[Comparison]) -> dict[str, Any]:
         "gpus": sorted({r.gpu for r in rows}),
         "workloads": sorted(by_workload),
         "median_abs_error": statistics.median(errors) if errors else None,
+        "median_signed_error": statistics.median(r.error for r in rows) if rows else None,
+        "optimistic": sum(r.error < 0 for r in rows),
         "median_abs_error_by_workload": {w: statistics.median(e) for w, e in by_workload.items()},
         "orderings_held": sum(o["holds"] for o in orders),
         "orderings": len(orders),
