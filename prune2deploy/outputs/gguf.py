@@ -19,7 +19,8 @@ Exactness, and what llama.cpp's own code forces:
   biases) are permuted per head, as llama.cpp's converter does.
 - Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 quantize rows in blocks of 32 values: pruned FFN widths are padded with
   zero neurons up to a multiple of 32 (exact: a zero neuron adds zero), and any other tensor whose rows are
-  not a multiple of 32 is kept in f16 (the report names both).
+  not a multiple of 32 is kept in f16; 4- and 5-bit files keep the embedding and LM head in Q8_0, as
+  llama.cpp's own files do (the report names all of them).
 
 Each file is loaded by llama.cpp (llama-cpp-python, when installed) and its teacher-forced logits compared
 with the model the compile wrote: f32 near-exact (a verdict), the other types approximate (top-1
@@ -67,6 +68,9 @@ EXACT_BOUND = 1e-3
 _FAMILIES = ("llama", "mistral", "qwen2")
 
 _CHECK_TOKENS = 48
+
+#: Tensors a 4- or 5-bit file keeps in Q8_0.
+_EMBEDDINGS = ("token_embd.weight", "output.weight")
 
 
 @dataclass(frozen=True)
@@ -306,12 +310,17 @@ def write_gguf(sliced: SliceResult, vocab: Any, path: Path, kind: str, *, name: 
     vocab.write(writer)
     plan = []
     fallback: dict[str, str] = {}
+    q8 = gguf.GGMLQuantizationType.Q8_0
     for tensor_name, shape, make in _tensors(sliced, layout):
         if len(shape) == 1:
             tensor_type = gguf.GGMLQuantizationType.F32
         elif shape[-1] % block_size:
             tensor_type = gguf.GGMLQuantizationType.F16
-            fallback[tensor_name] = f"rows of {shape[-1]} values are not a multiple of the {block_size}-value block"
+            fallback[tensor_name] = f"f16: rows of {shape[-1]} values are not whole {block_size}-value blocks"
+        elif qname.startswith(("Q4", "Q5")) and tensor_name in _EMBEDDINGS:
+            # llama.cpp's own 4/5-bit files keep the embedding and the LM head wider (SmolLM2's Q4_1: Q8_0)
+            tensor_type = q8
+            fallback[tensor_name] = "q8_0: the embedding / LM head, as llama.cpp's 4- and 5-bit files keep them"
         else:
             tensor_type = qtype
         byte_shape = quant_shape_to_byte_shape(shape, tensor_type)
@@ -342,7 +351,7 @@ def write_gguf(sliced: SliceResult, vocab: Any, path: Path, kind: str, *, name: 
         "attention_free_layers": layout.attention_free,
         "padded_mlp": layout.padded,
         "padding_params": 3 * hidden * (sum(b.ffn for b in layout.blocks) - kept),
-        "kept_in_f16": fallback,
+        "kept_wider": fallback,
     }
     return entry
 
@@ -393,8 +402,22 @@ def _logsumexp(x: np.ndarray) -> np.ndarray:
 
 
 def check_tokens(vocab_size: int, n: int = _CHECK_TOKENS) -> list[int]:
-    """The check's input: ``n`` seeded random ids (logits are compared per position, so any ids do)."""
+    """``n`` seeded random ids: the check's input without a tokenizer (logits are compared per position)."""
     return [int(t) for t in np.random.default_rng(0).integers(0, vocab_size, size=n)]
+
+
+def text_tokens(tokenizer: Any, vocab_size: int, n: int = _CHECK_TOKENS) -> list[int] | None:
+    """The first ``n`` tokens of the bundled evaluation text (quantized types are judged on text, where the
+    next token is not a near-tie as it is after random ids); None without a usable tokenizer."""
+    if tokenizer is None:
+        return None
+    from prune2deploy.pruning.calibration import bundled_text
+
+    try:
+        ids = list(tokenizer(bundled_text("evaluation.txt"), add_special_tokens=False)["input_ids"][:n])
+    except Exception:  # a tokenizer that cannot encode plain text: the random ids do
+        return None
+    return [int(t) for t in ids] if len(ids) == n and max(ids) < vocab_size else None
 
 
 def reference_logits(module: Any, tokens: Sequence[int]) -> np.ndarray:
@@ -419,7 +442,10 @@ def _write(context: OutputContext) -> OutputSection:
         raise UnsupportedModelError(reason)
     text = _text_config(config)
     kinds = list(dict.fromkeys(context.options.gguf))
-    tokens = check_tokens(int(text.vocab_size))
+    tokens = text_tokens(models.tokenizer, int(text.vocab_size))
+    check_input = f"the first {_CHECK_TOKENS} tokens of the bundled evaluation text"
+    if tokens is None:
+        tokens, check_input = check_tokens(int(text.vocab_size)), f"{_CHECK_TOKENS} seeded random token ids"
     _, why_not = _llama_cpp()
     expected = reference_logits(models.target(), tokens) if not why_not else None
     vocab = vocab_of(models.tokenizer, int(text.vocab_size), text)
@@ -455,7 +481,7 @@ def _write(context: OutputContext) -> OutputSection:
         "differ (llama.cpp's llama builds every layer with layer 0's widths, deci each with its own)",
         "files": files,
         "tokenizer": vocab.summary(),
-        "check_input": f"{len(tokens)} seeded random token ids, teacher-forced, every position's logits",
+        "check_input": f"{check_input}, teacher-forced, every position's logits",
     }
     models.note(section)
     if models.changed:

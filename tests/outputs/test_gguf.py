@@ -137,9 +137,13 @@ def test_uniform_widths_write_llama_in_every_type(tmp_path, llama_cpp):
     for kind, entry in section["files"].items():
         assert (tmp_path / "out" / "gguf" / f"model-{kind}.gguf").is_file()
         assert entry["check"]["checked"] and entry["padded_mlp"] == {}, kind
+        if kind in ("q4_0", "q4_1", "q5_0", "q5_1"):
+            assert set(entry["kept_wider"]) == {"token_embd.weight", "output.weight"}, kind  # in Q8_0
     assert section["files"]["f32"]["check"]["max_rel_diff"] < 1e-4
     assert section["files"]["q8_0"]["check"]["top1_agreement"] >= 0.9
     assert section["files"]["f16"]["check"]["top1_agreement"] >= 0.9
+    q4_1 = _metadata(tmp_path / "out" / "gguf" / "model-q4_1.gguf")["tensors"]
+    assert q4_1["output.weight"] == "Q8_0" and q4_1["blk.0.ffn_up.weight"] == "Q4_1"
     assert section["files"]["q4_1"]["bytes"] < section["files"]["q8_0"]["bytes"] < section["files"]["f32"]["bytes"]
     # the check is the one a user repeats: teacher-forced logits of the written file
     tokens = check_tokens(256, 16)
