@@ -235,6 +235,7 @@ class TextGeneration:
     new_tokens: list[int]
     tokens_per_s: float  # new tokens / seconds of the generation loop (prefill included)
     engine: str  # "onnxruntime-genai" | "onnxruntime"
+    precision: str = "fp32"  # the decoder's weights: int4, int8 (MatMulNBits), fp16 or fp32
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -444,4 +445,19 @@ def generate_text(
         label = "onnxruntime"
     eos_ids = set(np.atleast_1d(eos).tolist()) if eos is not None else set()
     shown = [t for t in new if t not in eos_ids]
-    return TextGeneration(tokenizer.decode(shown, skip_special_tokens=True), len(ids), new, rate, label)
+    text = tokenizer.decode(shown, skip_special_tokens=True)
+    return TextGeneration(text, len(ids), new, rate, label, precision=decoder_precision(folder / "model.onnx"))
+
+
+def decoder_precision(model_path: Path) -> str:
+    """What a genai/ decoder computes in, read from its graph (weights are not loaded): the narrowest
+    MatMulNBits width, else the logits' type."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    bits = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
+    if bits:
+        return f"int{min(bits)}"
+    logits = next((o for o in graph.output if o.name == "logits"), None)
+    half = logits is not None and logits.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    return "fp16" if half else "fp32"

@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     print(result.text)
     print(
         f"· {len(result.new_tokens)} new tokens ({result.prompt_tokens} prompt) at {result.tokens_per_s:.1f} tok/s "
-        f"on {result.engine}",
+        f"on {result.engine}, {result.precision} decoder",
         file=sys.stderr,
     )
     return 0

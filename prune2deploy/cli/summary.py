@@ -88,13 +88,35 @@ def _print_outputs(report: dict[str, Any]) -> None:
         line = f"  {label:<7} written"
         if heads:
             line += f"  (heads, kv heads) per layer: {', '.join(f'{h}/{k}' for h, k in heads)}"
-        check = section.get("check") or {}
-        if "max_rel_diff" in check:
-            line += f"  max rel diff {check['max_rel_diff']:.2e}"
-        tokens = section.get("genai") or check
-        if "greedy_tokens_equal" in tokens:
-            line += f"  greedy tokens equal: {tokens['greedy_tokens_equal']}"
+        line += _check_text(section)
         print(line)
+        if section.get("warning"):
+            print(f"    warning: {section['warning']}")
+        padded = section.get("padded") or {}
+        if padded:
+            where, why = next(iter(padded.items()))
+            more = f" (and {len(padded) - 1} more places, report.json: {key}.padded)" if len(padded) > 1 else ""
+            print(f"    zero heads/neurons kept for the runtime's shapes at {where}: {why}{more}")
+
+
+def _check_text(section: dict[str, Any]) -> str:
+    """An output's check: the error and token equality for exact folders; for approximate ones (quantized
+    decoders) their error as such — KL, top-1 and token agreement — never a verdict."""
+    check = section.get("check") or {}
+    tokens = section.get("genai") or check
+    if check.get("status") == "approximate":
+        text = f"  {section.get('precision', 'quantized')} (approximate): KL {check['kl_mean']:.3g}"
+        if "top1_agreement" in check:
+            text += f", top-1 {check['top1_agreement']:.1%}"
+        if "token_agreement" in tokens:
+            text += f", greedy tokens agree {tokens['token_agreement']:.0%}"
+        return text
+    if check.get("status") == "not checked":
+        return f"  not checked: {check.get('reason')}"
+    text = f"  max rel diff {check['max_rel_diff']:.2e}" if "max_rel_diff" in check else ""
+    if "greedy_tokens_equal" in tokens:
+        text += f"  greedy tokens equal: {tokens['greedy_tokens_equal']}"
+    return text
 
 
 def _print_quality(section: dict[str, Any] | None) -> None:
