@@ -62,11 +62,23 @@ def run(args: argparse.Namespace) -> int:
             for r in rows
         ]
         print(table(cells, ["gpu", "precision", "compiled ms", "lower bound ms", "bound"]))
+    _print_causes(rows)
     print(
         f"predicted by the {args.engine} cost model (docs/cost-model.md); ideal = FLOP ratio; lower bound = roofline; "
         "gpus.toml for sources"
     )
     return 0
+
+
+def _print_causes(rows: list[dict[str, Any]]) -> None:
+    """Why a GPU realises less than half of the pruning's FLOP ratio (launch-bound, tile quantisation with
+    the --round-to that recovers it, too few tiles, untouched parts), once per distinct cause."""
+    causes: dict[str, list[str]] = {}
+    for row in rows:
+        if row.get("cause"):
+            causes.setdefault(str(row["cause"]), []).append(row["gpu"])
+    for cause, gpus in causes.items():
+        print(f"why less than half the FLOP ratio on {', '.join(gpus)}: {cause}")
 
 
 def _ratio(value: float | None) -> str:
