@@ -22,6 +22,7 @@ __all__ = [
     "json_safe",
     "read_config_file",
     "sha256_file",
+    "sha256_files",
 ]
 
 
@@ -92,11 +93,17 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file or, for a folder, of its files' names and contents in sorted order."""
     path = Path(path)
-    digest = hashlib.sha256()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return sha256_files(files, root=path if path.is_dir() else None, chunk=chunk)
+
+
+def sha256_files(files: list[Path], *, root: Path | None = None, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of ``files`` in the given order; with ``root``, each file's path below it is hashed too
+    (a renamed file is a different folder)."""
+    digest = hashlib.sha256()
     for file in files:
-        if path.is_dir():
-            digest.update(str(file.relative_to(path)).encode())
+        if root is not None:
+            digest.update(str(Path(file).relative_to(root)).encode())
         with open(file, "rb") as handle:
             while block := handle.read(chunk):
                 digest.update(block)

@@ -150,22 +150,13 @@ def checkpoint_sha256(path: Path, chunk: int = 1 << 20) -> str:
     Raises:
         BadInputError: a folder entry leaves the folder (:func:`check_folder_inside`), before any read.
     """
-    import hashlib
+    from prune2deploy.io import sha256_files
 
     path = Path(path)
-    digest = hashlib.sha256()
-    if path.is_dir():
-        check_folder_inside(path)
-        files = checkpoint_files(path)
-    else:
-        files = [path]
-    for file in files:
-        if path.is_dir():
-            digest.update(str(file.relative_to(path)).encode())
-        with open(file, "rb") as handle:
-            while block := handle.read(chunk):
-                digest.update(block)
-    return digest.hexdigest()
+    if not path.is_dir():
+        return sha256_files([path], chunk=chunk)
+    check_folder_inside(path)
+    return sha256_files(checkpoint_files(path), root=path, chunk=chunk)
 
 
 def _layout(path: Path):
