@@ -2,14 +2,14 @@
 
 Usage (after ``prune2deploy compile ... --gguf q8_0,q4_1 --out OUT``):
 
-    python benchmarks/bench_gguf.py OUT [--dense DENSE.gguf] [--threads 2] [--tokens 256]
+    python benchmarks/bench_gguf.py OUT [--dense DENSE.gguf] [--threads 1 2] [--tokens 256]
 
 - agreement: the first ``--tokens`` tokens of the bundled evaluation text, teacher-forced through ``model.onnx``
   (ONNX Runtime CPU) and through each ``OUT/gguf/model-TYPE.gguf`` (llama.cpp, f32 KV cache): top-1
   agreement and mean KL(model.onnx ‖ gguf) per position;
 - speed: prefill (64-token prompt) and decode (the next 64 tokens, one per step) tok/s of
-  ``OUT/gguf/model-q4_1.gguf`` and of ``--dense`` (default: the bundled SmolLM2-135M Q4_1 GGUF), alternating,
-  median of ``--repeats`` runs.
+  ``OUT/gguf/model-q4_1.gguf`` and of ``--dense`` (default: the bundled SmolLM2-135M Q4_1 GGUF), both loaded
+  once, alternating, median of ``--repeats`` runs, per ``--threads`` value.
 """
 
 from __future__ import annotations
@@ -59,21 +59,17 @@ def _agreement(want: np.ndarray, got: np.ndarray) -> tuple[float, float]:
     return float((want.argmax(-1) == got.argmax(-1)).mean()), float((np.exp(p) * (p - q)).sum(-1).mean())
 
 
-def _speed(path: Path, prompt: list[int], following: list[int], threads: int) -> tuple[float, float]:
+def _speed(llm: object, prompt: list[int], following: list[int]) -> tuple[float, float]:
     """(prefill tok/s, decode tok/s): the prompt in one batch, then ``following`` one token per step (the
     text's own next tokens: a decode step costs the same whichever token it is)."""
-    import llama_cpp
-
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=threads, n_threads_batch=threads, verbose=False)
+    llm.reset()
     start = time.perf_counter()
     llm.eval(prompt)
     prefill = len(prompt) / (time.perf_counter() - start)
     start = time.perf_counter()
     for token in following:
         llm.eval([token])
-    decode = len(following) / (time.perf_counter() - start)
-    llm.close()
-    return prefill, decode
+    return prefill, len(following) / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -85,7 +81,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path)
     parser.add_argument("--dense", type=Path)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, nargs="+", default=[2])
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
@@ -99,18 +95,32 @@ def main() -> None:
     print(f"| file | top-1 vs model.onnx ({len(ids)} tokens) | KL |")
     print("|---|---|---|")
     for path in sorted((args.out / "gguf").glob("*.gguf")):
-        top1, kl = _agreement(want, _gguf_logits(path, ids, args.threads))
+        top1, kl = _agreement(want, _gguf_logits(path, ids, max(args.threads)))
         print(f"| {path.name} | {top1:.3f} | {kl:.4f} |")
-    prompt, following, runs = ids[:64], ids[64:128], {"pruned": [], "dense": []}
-    for _ in range(args.repeats):
-        runs["pruned"].append(_speed(args.out / "gguf" / "model-q4_1.gguf", prompt, following, args.threads))
-        runs["dense"].append(_speed(dense, prompt, following, args.threads))
-    print(f"\n| Q4_1, {args.threads} threads | file MB | prefill tok/s | decode tok/s |")
-    print("|---|---|---|---|")
-    for name, path in (("pruned", args.out / "gguf" / "model-q4_1.gguf"), ("dense", dense)):
-        prefill = statistics.median(r[0] for r in runs[name])
-        decode = statistics.median(r[1] for r in runs[name])
-        print(f"| {name} ({path.name}) | {path.stat().st_size / 1e6:.1f} | {prefill:.0f} | {decode:.1f} |")
+    import llama_cpp
+
+    files = {"pruned": args.out / "gguf" / "model-q4_1.gguf", "dense": dense}
+    prompt, following = ids[:64], ids[64:128]
+    print("\n| Q4_1 | threads | file MB | prefill tok/s | decode tok/s |")
+    print("|---|---|---|---|---|")
+    for threads in args.threads:
+        llms = {
+            name: llama_cpp.Llama(
+                model_path=str(path), n_ctx=256, n_threads=threads, n_threads_batch=threads, verbose=False
+            )
+            for name, path in files.items()
+        }
+        runs: dict[str, list[tuple[float, float]]] = {name: [] for name in files}
+        for _ in range(args.repeats):  # alternating, so that a slow spell of the machine hits both
+            for name, llm in llms.items():
+                runs[name].append(_speed(llm, prompt, following))
+        for name, path in files.items():
+            prefill = statistics.median(r[0] for r in runs[name])
+            decode = statistics.median(r[1] for r in runs[name])
+            size = path.stat().st_size / 1e6
+            print(f"| {name} ({path.name}) | {threads} | {size:.1f} | {prefill:.0f} | {decode:.1f} |")
+        for llm in llms.values():
+            llm.close()
 
 
 if __name__ == "__main__":
