@@ -97,6 +97,36 @@ def _print_outputs(report: dict[str, Any]) -> None:
             where, why = next(iter(padded.items()))
             more = f" (and {len(padded) - 1} more places, report.json: {key}.padded)" if len(padded) > 1 else ""
             print(f"    zero heads/neurons kept for the runtime's shapes at {where}: {why}{more}")
+        if section.get("padding"):
+            pad = section["padding"]
+            shape = "/".join(str(v) for v in pad["shape"].values())
+            print(
+                f"    padded to one shape (heads/kv heads/neurons {shape}) with zero neurons/heads: "
+                f"{pad['params_share']:.1%} of its parameters, {pad['flops_share']:.1%} of its matmul FLOPs"
+            )
+    _print_gguf(report.get("gguf"))
+
+
+def _print_gguf(section: dict[str, Any] | None) -> None:
+    """gguf/: each file's architecture and llama.cpp's check (a verdict for f32, numbers for quantized types)."""
+    if section is None:
+        return
+    if not section.get("written"):
+        print(f"  {'gguf/':<7} not written: {section.get('reason')}")
+        return
+    for kind, entry in section["files"].items():
+        check = entry.get("check") or {}
+        line = f"  {'gguf/':<7} {entry['file']} ({entry['arch']}, {entry['bytes'] / 1e6:.1f} MB)"
+        if not check.get("checked"):
+            line += f"  not checked: {check.get('reason')}"
+        elif "passed" in check:
+            verdict = "PASSED" if check["passed"] else "FAILED"
+            line += f"  llama.cpp {verdict}: max rel. error {check['max_rel_diff']:.2g} (bound {check['bound']:g})"
+        else:
+            line += f"  llama.cpp ({kind}, approximate): top-1 {check['top1_agreement']:.1%}, KL {check['kl']:.3g}"
+        print(line)
+        if entry.get("padded_mlp"):
+            print(f"    {len(entry['padded_mlp'])} MLP(s) padded with zero neurons to whole 32-value blocks")
 
 
 def _check_text(section: dict[str, Any]) -> str:
