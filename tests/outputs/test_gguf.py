@@ -240,3 +240,15 @@ def test_a_byte_level_bpe_tokenizer_is_carried_so_llama_cpp_tokenizes_as_transfo
         want = tokenizer(text, add_special_tokens=False)["input_ids"]
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == want
     assert llm.token_eos() == tokenizer.eos_token_id
+
+
+def test_a_bf16_checkpoint_is_written_from_its_own_values(tmp_path, llama_cpp):
+    """bf16 weights are exact in f32: the f32 file of a bf16 checkpoint computes its fp32 forward in llama.cpp."""
+    module = _llama(layers=2).to(torch.bfloat16)
+    masked = apply_masks_torch(module, _masks(module, {0: (64, [1]), 1: (96, [])}))
+    result = _writer_section(tmp_path, masked, ["f32", "bf16"])
+    files = result.section["files"]
+    assert result.check.passed and files["f32"]["check"]["max_rel_diff"] < 1e-4
+    # the bf16 file holds the checkpoint's own values, but llama.cpp rounds activations to bf16 for its matmuls
+    assert files["bf16"]["check"]["max_rel_diff"] < 2e-2 and files["bf16"]["check"]["top1_agreement"] >= 0.9
+    assert next(masked.parameters()).dtype == torch.bfloat16  # computed in fp32 without converting the module
