@@ -252,3 +252,16 @@ def test_a_bf16_checkpoint_is_written_from_its_own_values(tmp_path, llama_cpp):
     # the bf16 file holds the checkpoint's own values, but llama.cpp rounds activations to bf16 for its matmuls
     assert files["bf16"]["check"]["max_rel_diff"] < 2e-2 and files["bf16"]["check"]["top1_agreement"] >= 0.9
     assert next(masked.parameters()).dtype == torch.bfloat16  # computed in fp32 without converting the module
+
+
+def test_a_file_llama_cpp_cannot_load_fails_the_check_and_says_so(tmp_path, llama_cpp, monkeypatch):
+    module = _llama(layers=1)
+    masked = apply_masks_torch(module, _masks(module, {0: (64, [])}))
+
+    def refuse(*_args, **_kwargs):
+        raise ValueError("Failed to load model from file")
+
+    monkeypatch.setattr(llama_cpp, "Llama", refuse)
+    result = _writer_section(tmp_path, masked, ["q8_0"])
+    assert not result.check.passed and "could not load gguf/model-q8_0.gguf" in result.check.problem
+    assert (tmp_path / "gguf" / "model-q8_0.gguf").is_file()  # kept for the user to inspect
