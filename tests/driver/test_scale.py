@@ -170,7 +170,8 @@ def test_save_is_self_contained_for_external_inputs(tmp_path, threshold):
     w.shape, w.type = ir.Shape([4, 4]), ir.TensorType(ir.DataType.FLOAT)
     node = ir.node("MatMul", [x, w], num_outputs=1)
     node.outputs[0].name = "y"
-    graph = ir.Graph([x], node.outputs, nodes=[node], initializers=[w], opset_imports={"": 18})
+    node.outputs[0].shape, node.outputs[0].type = ir.Shape([2, 4]), ir.TensorType(ir.DataType.FLOAT)
+    graph = ir.Graph([x], node.outputs, nodes=[node], initializers=[w], opset_imports={"": 18}, name="g")
     (tmp_path / "a").mkdir()
     ir.save(ir.Model(graph, ir_version=10), tmp_path / "a" / "m.onnx", external_data="w.bin", size_threshold_bytes=0)
     loaded = load_onnx(tmp_path / "a" / "m.onnx")
@@ -190,9 +191,11 @@ def _weights_model(weights: dict[str, np.ndarray]) -> ir.Model:
         w.shape, w.type = ir.Shape(array.shape), ir.TensorType(w.const_value.dtype)
         node = ir.node("Add", [x, w], num_outputs=1)
         node.outputs[0].name = f"y_{name}"
+        node.outputs[0].type = ir.TensorType(w.const_value.dtype)  # typed outputs: ONNX's checker requires them
         values.append(w)
         nodes.append(node)
-    graph = ir.Graph([x], [n.outputs[0] for n in nodes], nodes=nodes, initializers=values, opset_imports={"": 18})
+    outputs = [n.outputs[0] for n in nodes]
+    graph = ir.Graph([x], outputs, nodes=nodes, initializers=values, opset_imports={"": 18}, name="weights")
     return ir.Model(graph, ir_version=10)
 
 
@@ -248,7 +251,8 @@ def test_release_keeps_a_mapping_that_an_array_still_views(tmp_path):
     w = ir.Value(name="w", shape=ir.Shape([4096]), type=ir.TensorType(ir.DataType.FLOAT))
     w.const_value = ir.tensor(np.arange(4096, dtype=np.float32), name="w")  # large enough to go to .data
     node = ir.node("Add", [x, w])
-    graph = ir.Graph([x], [node.outputs[0]], nodes=[node], initializers=[w], opset_imports={"": 18})
+    node.outputs[0].shape, node.outputs[0].type = ir.Shape([4096]), ir.TensorType(ir.DataType.FLOAT)
+    graph = ir.Graph([x], [node.outputs[0]], nodes=[node], initializers=[w], opset_imports={"": 18}, name="g")
     save_onnx(ir.Model(graph, ir_version=10), tmp_path / "m.onnx", external_threshold=0)
     model = load_onnx(tmp_path / "m.onnx")
     assert isinstance(model.graph.initializers["w"].const_value, ir.ExternalTensor)
@@ -278,7 +282,8 @@ def test_large_checkpoint_exports_in_a_child_process(tmp_path, rng, monkeypatch)
     assert pass_record(result.report, "remove-channels")["channels_removed"] == sum(96 - k for k in kept.values())
 
     (tmp_path / "hf" / "model.safetensors").write_bytes(b"not a checkpoint")
-    with pytest.raises(P2DError, match="could not load the model"):
+    # a broken weights file is bad input, found before a child process starts (or inside it, as it was)
+    with pytest.raises(P2DError, match=r"could not load the model|not a readable safetensors file"):
         api.compile(tmp_path / "hf", tmp_path / "out2", CompileOptions(**FAST))
 
 
