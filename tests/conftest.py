@@ -23,6 +23,18 @@ if "P2D_CACHE_DIR" not in os.environ:  # exports cached by compile go to a throw
     atexit.register(shutil.rmtree, os.environ["P2D_CACHE_DIR"], ignore_errors=True)
 
 
+#: Session fixtures that load or export SmolLM2 (about a minute each): their tests share one xdist worker.
+_SMOLLM2_FIXTURES = {"smollm2", "smollm2_onnx", "smollm2_kv"}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Under ``pytest -n 2 --dist loadgroup`` (README command 2), every test that uses SmolLM2 runs on one
+    worker, so the real model is loaded and exported once per run instead of once per worker."""
+    for item in items:
+        if _SMOLLM2_FIXTURES & set(getattr(item, "fixturenames", ())) or "smollm2" in item.nodeid:
+            item.add_marker(pytest.mark.xdist_group("smollm2"))
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
