@@ -621,6 +621,11 @@ def check_decoder(decoder_path: Path, reference: DecoderReference, *, prepack: b
     return {**approximate_error(want, got_all), "prefill_tokens": reference.prompt, "decode_steps": reference.steps}
 
 
+#: ONNX Runtime's CPU GroupQueryAttention refuses other head sizes at run time ("head_size shall be a multiple of
+#: 16"), after minutes of writing: checked first.
+GQA_CPU_HEAD_MULTIPLE = 16
+
+
 def write_genai_folder(
     sliced: SliceResult,
     tokenizer: Any,
@@ -637,6 +642,11 @@ def write_genai_folder(
     decode steps) and, when onnxruntime-genai is installed, genai's greedy tokens with transformers'.
     """
     precision = precision or GenaiPrecision()
+    if precision.provider == "cpu" and sliced.head_dim % GQA_CPU_HEAD_MULTIPLE:
+        raise UnsupportedModelError(
+            f"head size {sliced.head_dim} is not a multiple of {GQA_CPU_HEAD_MULTIPLE}, which ONNX Runtime's CPU "
+            "GroupQueryAttention kernel requires ('head_size shall be a multiple of 16'); genai/ cannot run it"
+        )
     module = sliced.module
     config = module.config.get_text_config(decoder=True)
     length = int(context_length or getattr(config, "max_position_embeddings", 4096))

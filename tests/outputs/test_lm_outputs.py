@@ -369,3 +369,14 @@ def test_genai_that_cannot_be_checked_in_memory_is_not_written_and_hf_still_is(t
     assert not genai["written"] and "--no-genai" in genai["reason"] and "fp32 decoder" in genai["reason"]
     assert not (tmp_path / "out" / "genai").exists()
     assert hf["written"] and hf["check"]["greedy_tokens_equal"]
+
+
+def test_a_head_size_onnx_runtimes_gqa_cannot_run_writes_no_genai_and_says_why(tmp_path):
+    """ORT's CPU GroupQueryAttention wants head sizes that are multiples of 16: a head size of 8 used to crash
+    the compile (exit 3) after the decoder was written; now genai/ is refused first, and the rest is written."""
+    from tests.fixtures.models import tiny_llama
+
+    module = tiny_llama(hidden_size=48, num_attention_heads=6, num_key_value_heads=2, head_dim=8)
+    result = api.compile(module, tmp_path / "out", CompileOptions(quality_windows=0, **FAST))
+    assert result.passed and not (tmp_path / "out" / "genai").exists()
+    assert not result.report["genai"]["written"] and "multiple of 16" in result.report["genai"]["reason"]
