@@ -15,7 +15,7 @@ from prune2deploy.errors import ConfigError
 from prune2deploy.frontends.masks import apply_masks_torch
 from prune2deploy.outputs.gguf import GGUF_TYPES, check_gguf, check_tokens, reference_logits
 from prune2deploy.spec import CompileOptions
-from tests.fixtures.zeroing import save_masks
+from tests.fixtures.zeroing import llama_width_masks, save_masks
 
 D = 32  # head_dim: attn_output rows (heads × 32) stay whole quantization blocks
 FAST = {"profile": False, "genai": False, "quality_windows": 0}
@@ -46,23 +46,8 @@ def _llama(layers=3, **overrides):
 
 
 def _masks(module, plan) -> dict[str, np.ndarray]:
-    """plan: layer → (MLP neurons kept, query heads removed); neurons by a seeded permutation, heads by o_proj."""
-    masks = {}
-    for i, (keep_n, heads) in plan.items():
-        layer = module.model.layers[i]
-        p = f"model.layers.{i}."
-        width, hidden = layer.mlp.down_proj.weight.shape[1], layer.mlp.down_proj.weight.shape[0]
-        keep = np.zeros(width, dtype=np.float32)
-        keep[:keep_n] = 1
-        keep = np.random.default_rng(i).permutation(keep)
-        masks[p + "mlp.gate_proj.weight"] = np.repeat(keep[:, None], hidden, axis=1)
-        masks[p + "mlp.up_proj.weight"] = np.repeat(keep[:, None], hidden, axis=1)
-        masks[p + "mlp.down_proj.weight"] = np.repeat(keep[None, :], hidden, axis=0)
-        o = np.ones(tuple(layer.self_attn.o_proj.weight.shape), dtype=np.float32)
-        for h in heads:
-            o[:, h * D : (h + 1) * D] = 0
-        masks[p + "self_attn.o_proj.weight"] = o
-    return masks
+    """plan: layer → (MLP neurons kept, query heads removed)."""
+    return llama_width_masks(module, plan, D)
 
 
 def _compile(tmp_path, module, masks, **options):

@@ -13,7 +13,7 @@ import torch
 from prune2deploy import api
 from prune2deploy.frontends.masks import apply_masks_torch
 from prune2deploy.spec import CompileOptions
-from tests.fixtures.zeroing import save_masks
+from tests.fixtures.zeroing import llama_width_masks, save_masks
 
 og = pytest.importorskip("onnxruntime_genai")
 
@@ -59,22 +59,9 @@ def _qwen2():
 
 
 def _masks(module, *, mlp_keep, heads_removed) -> dict[str, np.ndarray]:
-    """MLP neurons by a keep-every-k rule and query heads by their o_proj columns, per layer."""
-    masks = {}
-    for i, layer in enumerate(module.model.layers):
-        p = f"model.layers.{i}."
-        width, hidden = layer.mlp.down_proj.weight.shape[1], layer.mlp.down_proj.weight.shape[0]
-        keep = np.zeros(width, dtype=np.float32)
-        keep[: mlp_keep[i]] = 1
-        keep = np.random.default_rng(i).permutation(keep)
-        masks[p + "mlp.gate_proj.weight"] = np.repeat(keep[:, None], hidden, axis=1)
-        masks[p + "mlp.up_proj.weight"] = np.repeat(keep[:, None], hidden, axis=1)
-        masks[p + "mlp.down_proj.weight"] = np.repeat(keep[None, :], hidden, axis=0)
-        o = np.ones(tuple(layer.self_attn.o_proj.weight.shape), dtype=np.float32)
-        for h in heads_removed[i]:
-            o[:, h * D : (h + 1) * D] = 0
-        masks[p + "self_attn.o_proj.weight"] = o
-    return masks
+    """MLP neurons kept and query heads removed, per layer."""
+    plan = {i: (keep, heads) for i, (keep, heads) in enumerate(zip(mlp_keep, heads_removed, strict=True))}
+    return llama_width_masks(module, plan, D)
 
 
 def _compile(tmp_path, module, masks, **options):
