@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from prune2deploy.profiling.report_outputs import output_tables
 from prune2deploy.units import number
 
 __all__ = ["render_html"]
@@ -37,6 +38,9 @@ _KNOWN = {
     "ops",
     "sparsity",
     "quality",
+    "genai",
+    "hf",
+    "gguf",
 }
 
 _STYLE = """
@@ -122,6 +126,24 @@ def _plot(draw: Callable[..., bytes | None], *args: Any) -> bytes | None:
 
 def _json_block(value: Any) -> str:
     return f"<pre>{_e(json.dumps(value, indent=2, sort_keys=True, default=str))}</pre>"
+
+
+def _outputs(report: dict[str, Any]) -> str | None:
+    """genai/, hf/ and gguf/: one table each (see :mod:`.report_outputs`), then the writer's full record."""
+    parts = []
+    for table in output_tables(report):
+        parts.append(f"<h3>{_e(table.folder)}</h3>")
+        if table.rows:
+            parts.append(_table(table.headers, table.rows, text_cols=_text_columns(table.rows)))
+        parts.extend(f"<p>{_e(note)}</p>" for note in table.notes)
+        key = table.folder.rstrip("/")
+        parts.append(f"<details><summary>{_e(key)} in report.json</summary>{_json_block(report[key])}</details>")
+    return "".join(parts) or None
+
+
+def _text_columns(rows: list[list[Any]]) -> list[int]:
+    """Columns holding words (left-aligned and escaped as text); numbers are formatted as numbers."""
+    return [i for i in range(len(rows[0])) if any(isinstance(row[i], str) for row in rows)]
 
 
 def _summary(report: dict[str, Any]) -> str:
@@ -721,6 +743,8 @@ def render_html(report: dict[str, Any]) -> str:
         _section("speedup", "Speedup against ideal", _speedup(report.get("speedup") or [], _gap(report))),
         _section("predictions", "Predicted latency per GPU", _predictions(report.get("predictions") or [])),
     ]
+    if any(report.get(key) is not None for key in ("genai", "hf", "gguf")):
+        sections.append(_section("outputs", "Deployable outputs (genai/, hf/, gguf/)", _outputs(report)))
     if report.get("ops"):
         sections.append(_section("ops", "Time per op type (ONNX Runtime profiler)", _ops(report["ops"])))
     if report.get("sparsity"):
