@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from prune2deploy.errors import BadInputError, ConfigError, P2DError
+from prune2deploy.limits import CONFIG_BYTES, check_regular_file
 
 __all__ = [
     "MAX_CONFIG_BYTES",
@@ -110,8 +111,8 @@ def sha256_files(files: list[Path], *, root: Path | None = None, chunk: int = 1 
     return digest.hexdigest()
 
 
-#: A config file larger than this is refused: option files are a few hundred bytes.
-MAX_CONFIG_BYTES = 1 << 20
+#: A config file larger than this is refused (:data:`prune2deploy.limits.CONFIG_BYTES`, the one policy).
+MAX_CONFIG_BYTES = CONFIG_BYTES
 
 _FORMATS = {".yaml": "YAML", ".yml": "YAML", ".toml": "TOML", ".json": "JSON"}
 
@@ -136,9 +137,9 @@ def read_config_file(
         what: the kind of file, for the messages ("config", "sweep", "plan").
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise error(f"{what} file {path} does not exist")
-    size = path.stat().st_size
+    size = check_regular_file(path, what=f"{what} file").st_size  # a FIFO would block the read forever
     if size > max_bytes:
         raise error(f"{path}: {size} bytes; {what} files are at most {max_bytes} bytes")
     try:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from prune2deploy.errors import BadInputError, UnsupportedModelError
+from prune2deploy.frontends.hf_config import check_against_weights, read_hf_config
 
 __all__ = [
     "BUNDLED_MODELS",
@@ -288,14 +289,11 @@ def load_hf_model(path: Path | str, *, task: str | None = None, dtype: str = "fl
             )
             raise BadInputError(f"{path}: not a Hugging Face model folder (no config.json and no .gguf file).{hint}")
         gguf_file = ggufs[0].name
-    if task is None:
-        if gguf_file:
-            task = "causal-lm"
-        else:
-            try:
-                task = _task_from_config(json.loads((path / "config.json").read_text()))
-            except json.JSONDecodeError as exc:
-                raise BadInputError(f"{path / 'config.json'}: not valid JSON ({exc})") from exc
+    if gguf_file is None:  # before transformers builds a module from the config: numbers and weights agree
+        config = read_hf_config(path)
+        check_against_weights(path, config)
+        task = task or _task_from_config(config)
+    task = task or "causal-lm"
     if dtype == "auto":
         dtype = "float32" if gguf_file else checkpoint_dtype(path)
     torch_dtype = getattr(torch, dtype)

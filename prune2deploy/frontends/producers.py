@@ -17,7 +17,6 @@ that fit none of these layouts are left to the loader, which refuses names the m
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,7 +177,7 @@ def read_attached_masks(layout: ProducerLayout) -> dict[str, np.ndarray]:
 
 
 def read_config(folder: Path) -> dict[str, Any]:
-    try:
-        return json.loads((Path(folder) / "config.json").read_text())
-    except json.JSONDecodeError as exc:
-        raise BadInputError(f"{Path(folder) / 'config.json'}: not valid JSON ({exc})") from exc
+    """config.json as a checked JSON object (:func:`prune2deploy.frontends.hf_config.read_hf_config`)."""
+    from prune2deploy.frontends.hf_config import read_hf_config
+
+    return read_hf_config(folder)

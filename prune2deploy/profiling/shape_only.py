@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from prune2deploy.errors import BadInputError
-from prune2deploy.io import read_config_file
+from prune2deploy.frontends.hf_config import check_config_numbers
+from prune2deploy.limits import MAX_WIDTH, MODEL_NUMBERS, check_whole
 from prune2deploy.profiling.costmodel import ENGINES, Kernel
 from prune2deploy.profiling.roofline import PRECISIONS
 
@@ -64,19 +65,21 @@ class ModelShape:
 
 
 def load_config(source: Path | str | dict) -> dict[str, Any]:
-    """An HF config as a dict, from a dict, a ``config.json`` or a folder holding one (no weights needed)."""
+    """An HF config as a dict, from a dict, a ``config.json`` or a folder holding one (no weights needed).
+
+    A file is read by :func:`prune2deploy.frontends.hf_config.read_config_json` (a regular file of at most
+    16 MiB of UTF-8 JSON, an object); its numbers are checked by :func:`shape_from_config`.
+    """
+    from prune2deploy.frontends.hf_config import read_config_json
+
     if isinstance(source, dict):
         return dict(source)
     path = Path(source)
     if path.is_dir():
         path = path / "config.json"
-    if not path.is_file():
+    if not path.exists():
         raise BadInputError(f"{path}: no such config; pass an HF config.json or a folder that holds one")
-    # A name without a known suffix is read as JSON (HF configs); label maps can make one large, hence 16 MiB.
-    data = read_config_file(path, what="model config", max_bytes=16 << 20, default_format="JSON", error=BadInputError)
-    if not isinstance(data, dict):
-        raise BadInputError(f"{path}: an HF config is a JSON object, not {type(data).__name__}")
-    return data
+    return read_config_json(path, strict=False)
 
 
 def _get(config: dict, *names: str, default: Any = None) -> Any:
@@ -86,6 +89,25 @@ def _get(config: dict, *names: str, default: Any = None) -> Any:
     return default
 
 
+def _number(config: dict[str, Any], where: str, *names: str) -> int | None:
+    """The first of ``names`` present, as a whole number from 1 to :data:`prune2deploy.limits.MAX_WIDTH`
+    (names outside :data:`MODEL_NUMBERS`, such as GPT-2's ``n_embd``, get that generic range)."""
+    for name in names:
+        if config.get(name) is not None:
+            low, high, why = MODEL_NUMBERS.get(name, (1, MAX_WIDTH, "no model is wider"))
+            return check_whole(config[name], name=name, low=low, high=high, where=where, why=why)
+    return None
+
+
+def _head_dim(hidden: int, heads: int, where: str) -> int:
+    if hidden % heads:
+        raise BadInputError(
+            f"{where}: 'hidden_size' {hidden} is not a multiple of 'num_attention_heads' {heads}; give 'head_dim' "
+            "or fix one of them"
+        )
+    return hidden // heads
+
+
 def _kept(selection: Any) -> int | None:
     if selection is None:
         return None
@@ -93,28 +115,38 @@ def _kept(selection: Any) -> int | None:
     return None if kept is None else len(kept)
 
 
-def shape_from_config(config: dict[str, Any], plan: Any = None) -> ModelShape:
+def shape_from_config(config: dict[str, Any], plan: Any = None, *, where: str = "config") -> ModelShape:
     """The widths of ``config``'s model, narrowed by ``plan`` (kept channels, heads, dropped layers).
 
+    Every width is a whole number within :data:`prune2deploy.limits.MODEL_NUMBERS` (a config asking for
+    10^12 layers would otherwise build a list of 10^12 layers), heads divide the hidden size unless
+    ``head_dim`` is given, and key/value heads divide the query heads.
+
     Raises:
-        BadInputError: The config lacks a width the family needs (names the key).
+        BadInputError: The config lacks a width the family needs, or one is out of range (names the key).
     """
+    check_config_numbers(config, where=where)
     model_type = str(config.get("model_type", "")).lower()
-    if model_type == "resnet" or config.get("architectures", [""])[0].lower().startswith("resnet"):
+    if model_type == "resnet" or str((config.get("architectures") or [""])[0]).lower().startswith("resnet"):
         return ModelShape("resnet", 0, 0, 0, (), resnet=config)
     family = "encoder" if model_type in _ENCODERS else "decoder"
-    hidden = _get(config, "hidden_size", "n_embd", "d_model")
-    heads = _get(config, "num_attention_heads", "n_head")
-    n_layers = _get(config, "num_hidden_layers", "n_layer", "num_layers")
+    hidden = _number(config, where, "hidden_size", "n_embd", "d_model")
+    heads = _number(config, where, "num_attention_heads", "n_head")
+    n_layers = _number(config, where, "num_hidden_layers", "n_layer", "num_layers")
     for key, value in (("hidden_size", hidden), ("num_attention_heads", heads), ("num_hidden_layers", n_layers)):
-        if not isinstance(value, int) or value <= 0:
-            raise BadInputError(f"config has no positive integer '{key}'; shape-only prediction needs it")
-    kv_heads = _get(config, "num_key_value_heads", default=heads)
-    head_dim = _get(config, "head_dim", default=hidden // heads)
-    intermediate = _get(config, "intermediate_size", "n_inner", "ffn_dim", default=4 * hidden)
+        if value is None:
+            raise BadInputError(f"{where} has no '{key}'; shape-only prediction needs it")
+    kv_heads = _number(config, where, "num_key_value_heads") or heads
+    head_dim = _number(config, where, "head_dim") or _head_dim(hidden, heads, where)
+    if heads % kv_heads:
+        raise BadInputError(
+            f"{where}: 'num_attention_heads' {heads} is not a multiple of 'num_key_value_heads' {kv_heads}; "
+            "each key/value head serves a whole group of query heads"
+        )
+    intermediate = _number(config, where, "intermediate_size", "n_inner", "ffn_dim") or 4 * hidden
     act = str(_get(config, "hidden_act", "activation_function", default="gelu")).lower()
     gated = family == "decoder" and act in _GATED_ACTS
-    vocab = _get(config, "vocab_size", default=32000)
+    vocab = _number(config, where, "vocab_size") or 32000
     layers = [LayerShape(heads, kv_heads, intermediate) for _ in range(n_layers)]
     if plan is not None:
         get = (lambda k: plan.get(k)) if isinstance(plan, dict) else (lambda k: getattr(plan, k, None))
@@ -292,14 +324,15 @@ def config_rows(
     from prune2deploy.profiling.prediction import row_from_prediction, target_gpus
 
     data = load_config(config)
-    shape = shape_from_config(data, plan)
+    where = "config" if isinstance(config, dict) else str(config)
+    shape = shape_from_config(data, plan, where=where)
 
     def build(b: int, of: ModelShape = shape) -> list[Kernel]:
         return model_kernels(of, batch=b, seq=seq, past=past, decode=decode, precision=precision, engine=engine)
 
     kernels = build(batch)
     # With a plan, the unpruned config is the reference: speedup, ideal and why a gain is lost (``cause``).
-    reference = build(batch, shape_from_config(data)) if plan is not None else None
+    reference = build(batch, shape_from_config(data, where=where)) if plan is not None else None
     tokens = batch * (1 if decode else seq)
     rows = []
     for spec in target_gpus(gpus, precision):
