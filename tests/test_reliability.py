@@ -559,6 +559,46 @@ def test_plan_mask_hash_is_checked(tmp_path):
         resolve_plan(api.CompileOptions(plan=tmp_path / "plan.yaml"))
 
 
+def _plan_naming_masks(folder: Path, masks: dict) -> Path:
+    from prune2deploy.pruning.plan import Plan, dump_plan
+
+    folder.mkdir(parents=True, exist_ok=True)
+    plan = Plan(method="magnitude", criterion="magnitude", ratios={"mlp": 0.5})
+    plan.masks = masks
+    dump_plan(plan, folder / "plan.yaml")
+    return folder / "plan.yaml"
+
+
+def test_plan_without_mask_hash_is_refused_unless_masks_is_given(tmp_path):
+    """Binding is the default: a plan naming a mask file without its sha256 is exit 2 (a swapped file would
+    be accepted); --masks FILE is how a user says to take a file as it is."""
+    from prune2deploy.driver.compile import resolve_plan
+
+    (tmp_path / "masks.safetensors").write_bytes(b"swapped")
+    plan = _plan_naming_masks(tmp_path, {"file": "masks.safetensors", "tensors": 1})
+    with pytest.raises(BadInputError, match=r"has no masks\.sha256.*pass --masks") as info:
+        resolve_plan(api.CompileOptions(plan=plan))
+    assert info.value.exit_code == 2
+    chosen = resolve_plan(api.CompileOptions(plan=plan, masks=tmp_path / "masks.safetensors"))
+    assert chosen.masks == tmp_path / "masks.safetensors"
+
+
+def test_plan_mask_file_outside_the_plan_folder_is_refused(tmp_path):
+    """``masks.file`` is read beside the plan only: ``..`` or a symlink leading out is exit 2 before a byte of
+    it is read (an absolute path is refused when the plan is read: tests/pruning/test_plan.py)."""
+    from prune2deploy.driver.compile import resolve_plan
+
+    secret = tmp_path / "elsewhere.safetensors"
+    secret.write_bytes(b"not yours")
+    digest = sha256_file(secret)
+    (tmp_path / "plans").mkdir()
+    (tmp_path / "plans" / "link.safetensors").symlink_to(secret)
+    for name in ("../elsewhere.safetensors", "link.safetensors"):
+        plan = _plan_naming_masks(tmp_path / "plans", {"file": name, "sha256": digest})
+        with pytest.raises(BadInputError, match="outside the plan's folder"):
+            resolve_plan(api.CompileOptions(plan=plan))
+
+
 def test_manifest_hashes_the_input_as_read(tmp_path):
     model = mlp(tmp_path / "m.onnx")
     digest = sha256_file(model)

@@ -146,11 +146,26 @@ class RemoveLayersPass(P2DPass):
                 not_removed.append({"layer": str(index), "reason": f"ambiguous: {matches}; give the full scope name"})
                 continue
             planned.add(matches[0])
+        _check_keeps_a_layer(planned, found)
         return planned, not_removed
 
     @staticmethod
     def _bypass(graph: ir.Graph, block: ResidualBlock) -> None:
         replace_value(graph, block.add.outputs[0], block.residual)
+
+
+def _check_keeps_a_layer(planned: set[str], found: list[Layer]) -> None:
+    """A depth plan that drops every layer leaves embeddings feeding the head: no pruned model of the input.
+
+    Counted against the graph's own layers, so a plan (or --drop-layers) is refused whether or not it says
+    how deep the model is (``model.num_layers`` is optional in a plan).
+    """
+    layers = {layer.name for layer in found if layer.blocks}
+    if layers and layers <= planned:
+        raise BadInputError(
+            f"remove-layers: the depth plan drops all {len(layers)} layers of the model ({_span(found)}); keep at "
+            "least one layer (check the plan's dropped_layers or --drop-layers)"
+        )
 
 
 def _span(found: list[Layer]) -> str:

@@ -9,7 +9,7 @@ hand is a common input.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any
 
 import yaml
@@ -31,8 +31,10 @@ __all__ = [
 PLAN_VERSION = 1
 STRUCTURE_KEYS = ("unstructured", "mlp", "heads", "hidden", "layers")
 HEAD_GROUPINGS = ("free", "uniform", "whole-group")
-#: A plan lists every kept and removed index of every layer: about 50 MB for a 400B-parameter model.
-MAX_PLAN_BYTES = 256 << 20
+#: A plan lists every kept and removed index of every layer: about 3 MB for an 8B model (32 layers of 14,336
+#: MLP indices at ~6 bytes each) and ~47 MB for a 405B one (126 × 53,248), so 64 MiB holds every model we know
+#: of while a larger file is refused before PyYAML builds it (its objects take ~10× the file's bytes).
+MAX_PLAN_BYTES = 64 << 20
 
 
 @dataclass
@@ -175,6 +177,8 @@ class _Fields:
             raise self.fail(f"{path}.width", f"is {declared} but the model's width is {width}")
         if total is None:
             total = len(kept) + len(removed)
+        if len(kept) + len(removed) != total:  # before range(total): a width of 10**12 must not allocate
+            raise self.fail(path, f"kept and removed must together cover 0..{total - 1} exactly")
         if set(kept) & set(removed):
             raise self.fail(path, f"lists indices both kept and removed: {sorted(set(kept) & set(removed))[:8]}")
         if set(kept) | set(removed) != set(range(total)):
@@ -244,7 +248,7 @@ def plan_from_dict(data: Any, where: str = "plan") -> Plan:
         hidden=hidden,
         dropped_layers=dropped,
         layers=layers,
-        masks=f.get(data, "masks", "masks", dict, required=False),
+        masks=_masks(f, data),
         sparsity=f.get(data, "sparsity", "sparsity", dict, required=False),
         options=f.get(data, "options", "options", dict, required=False, default={}),
         version=version,
@@ -283,6 +287,26 @@ def _calibration(f: _Fields, data: dict) -> dict | None:
         if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
             raise f.fail("calibration.sha256", "must be 64 lowercase hex digits")
     return calibration
+
+
+def _masks(f: _Fields, data: dict) -> dict | None:
+    """The mask file the plan names: a relative path (it is read beside the plan, never elsewhere) and the
+    sha256 that binds it to the plan; whether the path stays inside the plan's folder is checked where the
+    file is opened (``driver/preflight.py``), since only the file system can say where symlinks lead."""
+    masks = f.get(data, "masks", "masks", dict, required=False)
+    if masks is None:
+        return None
+    name = f.get(masks, "file", "masks.file", str, required=False)
+    bad = name is not None and (not name.strip() or "\0" in name or PureWindowsPath(name).drive)
+    if bad or (name is not None and Path(name).is_absolute()):
+        raise f.fail("masks.file", f"must be a file name relative to the plan's folder, got {name!r}")
+    sha = f.get(masks, "sha256", "masks.sha256", str, required=False)
+    if sha is not None and (len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha)):
+        raise f.fail("masks.sha256", "must be 64 lowercase hex digits")
+    tensors = f.get(masks, "tensors", "masks.tensors", int, required=False)
+    if tensors is not None and tensors < 0:
+        raise f.fail("masks.tensors", f"must be a non-negative integer, got {tensors}")
+    return masks
 
 
 def _dropped_layers(f: _Fields, data: dict, num_layers: int | None) -> list[int]:

@@ -240,3 +240,20 @@ def test_parallel_blocks_are_not_dropped_by_plan():
     assert record["layers_removed"] == [] and list(record["refused"]) == ["model.layers.0"]
     assert record["exact"] and record["sub_blocks_removed"] == ["model.layers.0.self_attn"]  # exact part still runs
     _assert_same(reference, model, LLAMA_FEEDS)
+
+
+def test_depth_plan_dropping_every_layer_is_refused_by_the_models_own_depth(tmp_path):
+    """A plan without ``model.num_layers`` that drops both layers of the tiny Llama passes load_plan (it cannot
+    know the depth) and is refused by the pass, which counts the graph's layers: exit 2, nothing removed."""
+    from prune2deploy.driver.compile import resolve_plan
+    from prune2deploy.pruning.plan import Plan, dump_plan
+    from prune2deploy.spec import CompileOptions
+
+    dump_plan(Plan("depth", "magnitude", {"layers": 0.5}, dropped_layers=[0, 1]), tmp_path / "plan.yaml")
+    options = resolve_plan(CompileOptions(plan=tmp_path / "plan.yaml"))
+    assert options.drop_layers == [0, 1]
+    model = fresh("llama-gqa", unshare=True)
+    with pytest.raises(BadInputError, match=r"drops all 2 layers of the model") as info:
+        RemoveLayersPass(layers=options.drop_layers)(model)
+    assert info.value.exit_code == 2 and count_layers(model) == 2
+    assert _remove(fresh("llama-gqa", unshare=True), layers=[1])["layers_after"] == 1  # one of two still goes

@@ -110,3 +110,38 @@ def test_plan_files_are_read_with_the_config_files_checks(plan_file, tmp_path):
         load_plan(binary)
     assert load_plan(plan_path).criterion == "wanda"  # the plan itself still reads
     assert "&" not in plan_path.read_text()  # dump_plan never writes anchors, even for shared objects
+
+
+@pytest.mark.parametrize(
+    ("masks", "field"),
+    [
+        (5, "masks"),
+        ({"file": 5}, "masks.file"),
+        ({"file": "/etc/passwd", "sha256": "0" * 64}, "masks.file"),
+        ({"file": "C:/masks.safetensors"}, "masks.file"),
+        ({"file": " "}, "masks.file"),
+        ({"file": "masks.safetensors", "sha256": "ABC"}, "masks.sha256"),
+        ({"file": "masks.safetensors", "tensors": -1}, "masks.tensors"),
+    ],
+)
+def test_masks_entry_is_validated(plan_file, masks, field):
+    """``masks: 5``, a numeric or absolute file and a malformed hash are exit 2 naming the field (a number
+    used to reach ``Path / 5`` and end as an internal error)."""
+    _, path = plan_file
+    _edit(path, lambda d: d.__setitem__("masks", masks))
+    with pytest.raises(ConfigError, match=re.escape(f"field '{field}'")) as info:
+        load_plan(path)
+    assert info.value.exit_code == 2
+
+
+def test_oversized_plan_is_refused_before_parsing(tmp_path):
+    """A 200 MB plan (the red team's) is refused from its size alone: nothing of it is read."""
+    from prune2deploy.pruning.plan import MAX_PLAN_BYTES
+
+    path = tmp_path / "plan.yaml"
+    with open(path, "wb") as handle:  # sparse: 200 MB on paper, no disk used
+        handle.truncate(200 << 20)
+    assert MAX_PLAN_BYTES < 200 << 20
+    with pytest.raises(ConfigError, match=f"plan files are at most {MAX_PLAN_BYTES} bytes") as info:
+        load_plan(path)
+    assert str(path) in str(info.value) and info.value.exit_code == 2
