@@ -227,3 +227,195 @@ def test_fuzz_ran_enough_cases():
     assert _COUNTS["cases"] >= EXAMPLES * 0.9
     assert _COUNTS["changed"] >= _COUNTS["cases"] * 0.3, _COUNTS
     print(f"fuzz: {_COUNTS['cases']} cases, {_COUNTS['changed']} changed by a pass, 0 wrong")
+
+
+# -- input files: plans and sweep files ---------------------------------------------------------------------------
+#
+# A user hands in plan.yaml and sweep files, often edited by hand. Each case takes a valid file, changes one
+# place in it (a key removed, a value replaced by another JSON/YAML value, a key added) or its bytes, and reads
+# it the way compile and sweep do. Every case must be read (exit 0) or refused with a P2DError whose exit code
+# is 2 and whose message names the file: never another exception (the CLI's exit 3, a traceback).
+
+#: Cases per input kind; P2D_FUZZ_INPUT_EXAMPLES changes it for a local run.
+INPUT_EXAMPLES = int(os.environ.get("P2D_FUZZ_INPUT_EXAMPLES", "300"))
+
+_leaves = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=12)
+    | st.sampled_from(["", "../x", "/etc/passwd", "2:4", "magnitude", "masks.safetensors", "a" * 300, "l4"])
+)
+_values = st.recursive(
+    _leaves,
+    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=6), kids, max_size=3),
+    max_leaves=8,
+)
+
+
+def _paths(data, prefix=()) -> list[tuple]:
+    """Every place in a document (mapping keys and list indices), the document itself first."""
+    found = [prefix]
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else []
+    for key, value in items:
+        found += _paths(value, (*prefix, key))
+    return found
+
+
+def _mutate(document, draw):
+    """One change at one place: delete it, replace it with an arbitrary value, or add a key beside it."""
+    import copy
+
+    document = copy.deepcopy(document)
+    path = draw(st.sampled_from(_paths(document)))
+    op = draw(st.sampled_from(["replace", "delete", "add"]))
+    if not path:
+        return draw(_values) if op == "replace" else document
+    parent = document
+    for key in path[:-1]:
+        parent = parent[key]
+    if op == "replace":
+        parent[path[-1]] = draw(_values)
+    elif op == "delete":
+        del parent[path[-1]]
+    elif isinstance(parent, dict):
+        parent[draw(st.text(max_size=8))] = draw(_values)
+    else:
+        parent.append(draw(_values))
+    return document
+
+
+def _write_case(path, document, draw) -> None:
+    """The document as YAML, or (one case in five) its bytes cut or with a few bytes inserted."""
+    import yaml
+
+    text = yaml.safe_dump(document, sort_keys=False, allow_unicode=True).encode()
+    if draw(st.integers(0, 4)) == 0:
+        at = draw(st.integers(0, len(text)))
+        text = text[:at] + (draw(st.binary(max_size=4)) if draw(st.booleans()) else b"")
+    path.write_bytes(text)
+
+
+_INPUT_COUNTS = {"plan": {"read": 0, "refused": 0}, "sweep": {"read": 0, "refused": 0}}
+
+
+def _read_or_refuse(kind: str, read, path) -> None:
+    from prune2deploy.errors import P2DError
+
+    try:
+        read(path)
+    except P2DError as exc:
+        assert exc.exit_code == 2 and str(exc).strip(), (type(exc).__name__, str(exc))
+        assert "Traceback" not in str(exc)
+        _INPUT_COUNTS[kind]["refused"] += 1
+    else:
+        _INPUT_COUNTS[kind]["read"] += 1
+
+
+_FUZZ_SETTINGS = settings(
+    max_examples=INPUT_EXAMPLES,
+    derandomize=True,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large],
+)
+
+
+@pytest.fixture(scope="module")
+def plan_case(tmp_path_factory):
+    """A valid plan (widths, GQA heads, depth, hidden, calibration, masks bound by sha256) beside its masks."""
+    import hashlib
+
+    from prune2deploy.pruning.plan import LayerChoice, Plan, Selection, plan_to_dict
+
+    folder = tmp_path_factory.mktemp("plan-fuzz")
+    (folder / "masks.safetensors").write_bytes(b"masks")
+    plan = Plan(
+        method="width+depth",
+        criterion="wanda",
+        ratios={"mlp": 0.25, "heads": 0.5, "hidden": 0.25, "layers": 0.5},
+        round_to=4,
+        nm=(2, 4),
+        head_grouping="whole-group",
+        calibration={"sha256": "0" * 64, "source": "bundled"},
+        model={"num_layers": 2, "hidden_size": 8, "intermediate_size": 16, "num_heads": 4, "num_kv_heads": 2},
+        hidden=Selection.from_kept(range(6), 8),
+        dropped_layers=[1],
+        layers=[
+            LayerChoice(
+                0, Selection.from_kept(range(12), 16), Selection.from_kept([0, 1], 4), Selection.from_kept([0], 2)
+            )
+        ],
+        masks={"file": "masks.safetensors", "sha256": hashlib.sha256(b"masks").hexdigest(), "tensors": 1},
+    )
+    return folder, plan_to_dict(plan)
+
+
+def _read_plan(path) -> None:
+    from prune2deploy.driver.compile import resolve_plan
+
+    resolve_plan(CompileOptions(plan=path))  # load_plan, then the mask file's place and hash
+
+
+def test_valid_plan_and_sweep_cases_are_read(plan_case, sweep_case):
+    """The files the fuzz cases start from are valid, so the cases explore the edge of what is accepted."""
+    import yaml
+
+    from prune2deploy.driver.compile import resolve_plan
+
+    folder, document = plan_case
+    (folder / "valid.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
+    options = resolve_plan(CompileOptions(plan=folder / "valid.yaml"))
+    assert options.drop_layers == [1] and options.masks == folder / "masks.safetensors"
+    folder, document = sweep_case
+    (folder / "valid.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
+    assert len(_read_sweep(folder / "valid.yaml")) == 4
+
+
+@_FUZZ_SETTINGS
+@given(data=st.data())
+def test_mutated_plans_are_read_or_refused_with_exit_2(plan_case, data):
+    folder, document = plan_case
+    path = folder / "plan.yaml"
+    _write_case(path, _mutate(document, data.draw), data.draw)
+    _read_or_refuse("plan", _read_plan, path)
+
+
+@pytest.fixture(scope="module")
+def sweep_case(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sweep-fuzz")
+    document = {
+        "model": "tiny",
+        "name": "fuzz",
+        "grid": {"mlp": [0.25, 0.5], "criterion": ["magnitude"], "gpu": ["l4", "h100"]},
+        "prune": {"samples": 2, "seq_len": 16, "round_to": 8},
+        "compile": {"batch": [1], "seq": [16], "budget_s": 0.5},
+        "quality": {"window": 16, "windows": 2},
+    }
+    return folder, document
+
+
+def _read_sweep(path) -> list:
+    from prune2deploy.sweep.spec import expand, load_sweep
+
+    return expand(load_sweep(path), source_key="k", where=str(path))  # every variant validated, ids checked
+
+
+@_FUZZ_SETTINGS
+@given(data=st.data())
+def test_mutated_sweep_files_are_read_or_refused_with_exit_2(sweep_case, data):
+    folder, document = sweep_case
+    path = folder / "sweep.yaml"
+    _write_case(path, _mutate(document, data.draw), data.draw)
+    _read_or_refuse("sweep", _read_sweep, path)
+
+
+def test_input_fuzz_cases_were_both_read_and_refused():
+    """The mutations reach both sides of the line: many cases refused, and some still valid files."""
+    if not sum(_INPUT_COUNTS["plan"].values()) or not sum(_INPUT_COUNTS["sweep"].values()):
+        pytest.skip("the input fuzz tests did not run in this session")
+    for kind, counts in _INPUT_COUNTS.items():
+        assert counts["read"] + counts["refused"] >= INPUT_EXAMPLES * 0.9, (kind, counts)
+        assert counts["refused"] >= counts["read"] * 0.2 and counts["read"] >= 10, (kind, counts)
+    print(f"input fuzz: {_INPUT_COUNTS}")

@@ -12,7 +12,16 @@ import onnx_ir as ir
 
 from prune2deploy.errors import BadInputError
 
-__all__ = ["Progress", "Source", "check_finite_weights", "input_record", "load_source", "options_export_spec"]
+__all__ = [
+    "Progress",
+    "Source",
+    "check_finite_weights",
+    "input_record",
+    "intact_cache_entry",
+    "load_source",
+    "options_export_spec",
+    "seal_cache_entry",
+]
 
 Progress = Callable[[str], None]
 
@@ -199,7 +208,6 @@ def _write_cache(model: ir.Model, task: str, cache: Path) -> None:
     Above the size threshold the cached export keeps its weights in model.onnx.data: reading it back maps
     them, and the exporter's torch tensors can be freed.
     """
-    import json
     import shutil
     import tempfile
 
@@ -210,7 +218,7 @@ def _write_cache(model: ir.Model, task: str, cache: Path) -> None:
     try:
         save_onnx(model, scratch / "model.onnx")
         (scratch / "task").write_text(task + "\n")
-        (scratch / _DIGEST_FILE).write_text(json.dumps(_entry_digest(scratch), indent=1) + "\n")
+        seal_cache_entry(scratch)
         try:
             scratch.rename(cache)
         except OSError:  # another compile cached it meanwhile
@@ -260,6 +268,21 @@ def _entry_digest(folder: Path) -> dict[str, str]:
     from prune2deploy.io import sha256_file
 
     return {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != _DIGEST_FILE}
+
+
+def seal_cache_entry(folder: Path) -> None:
+    """Records the sha256 of every file of a cache entry in its digest file, written last (just before the
+    entry is renamed into place); :func:`intact_cache_entry` checks it on every read. Shared by the
+    compile's export cache and the sweep's (``sweep/cache.py``)."""
+    import json
+
+    (folder / _DIGEST_FILE).write_text(json.dumps(_entry_digest(folder), indent=1) + "\n")
+
+
+def intact_cache_entry(cache: Path) -> bool:
+    """Whether a cache entry sealed by :func:`seal_cache_entry` still holds what was written; a damaged (or
+    unsealed) entry is discarded with a warning naming what changed, and the caller exports again."""
+    return _intact_cache_entry(cache)
 
 
 def _intact_cache_entry(cache: Path) -> bool:

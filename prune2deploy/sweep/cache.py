@@ -5,7 +5,10 @@ it is the same for every variant of a sweep: the variants differ only in their m
 the dense ONNX's initializers (:func:`prune2deploy.frontends.masks.apply_masks_onnx`, through the exporter's
 name scopes). So a sweep exports once, into ``<cache>/exports/<key>/model.onnx``, keyed by the sha256 of
 the checkpoint's files and the export options (and the torch / transformers / prune2deploy versions, which
-change the graph); a second sweep of the same checkpoint exports nothing.
+change the graph); a second sweep of the same checkpoint exports nothing. Each entry records the sha256 of its
+files when it is written and is checked on every read, with the compile's export-cache code
+(``driver/source.py``): a replaced or edited model.onnx would otherwise be every variant's reference, so such
+an entry is discarded with a warning and the checkpoint exported again.
 """
 
 from __future__ import annotations
@@ -113,12 +116,13 @@ def dense_export(
     a crash never leaves a half export that a later sweep would trust."""
     import time
 
+    from prune2deploy.driver.source import intact_cache_entry, seal_cache_entry
     from prune2deploy.frontends.onnx import save_onnx
     from prune2deploy.frontends.torch import export_module, hf_export_spec
 
     folder = Path(cache_dir) / "exports" / key[:24]
     onnx_path = folder / "model.onnx"
-    if (folder / "export.json").is_file() and onnx_path.is_file():
+    if intact_cache_entry(folder):  # an entry whose files changed since they were written is discarded
         log.info("dense export of %s from the cache: %s", model, onnx_path)
         return CachedExport(onnx_path.resolve(), key, exported=False)
     start = time.perf_counter()
@@ -145,7 +149,8 @@ def dense_export(
                 "seconds": round(seconds, 3),
             },
         )
-        if folder.exists():  # another sweep finished the same export meanwhile: keep theirs
+        seal_cache_entry(staging)  # the sha256 of every file, checked on each read (as the compile's cache)
+        if folder.exists() and intact_cache_entry(folder):  # another sweep finished the same export: keep theirs
             shutil.rmtree(staging, ignore_errors=True)
         else:
             staging.rename(folder)

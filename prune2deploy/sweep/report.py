@@ -12,6 +12,7 @@ import functools
 import html
 import io
 import json
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,10 @@ __all__ = [
     "pareto_plot",
     "quality_loss",
     "render_sweep_html",
+    "report_href",
     "sweep_schema",
     "validate_sweep",
+    "variant_problem",
     "write_sweep",
 ]
 
@@ -62,6 +65,34 @@ def validate_sweep(record: dict[str, Any]) -> None:
     error = best_match(jsonschema.Draft202012Validator(sweep_schema()).iter_errors(record))
     if error is not None:
         raise BadInputError(f"sweep.json does not match sweep.schema.json at {error.json_path}: {error.message[:300]}")
+
+
+def variant_problem(entry: dict[str, Any]) -> str | None:
+    """Why one variant entry does not match the schema's variant (None: it does), for entries rebuilt on resume."""
+    try:
+        import jsonschema
+        from jsonschema.exceptions import best_match
+    except ImportError as exc:
+        raise P2DError("validating sweep.json needs jsonschema: pip install jsonschema") from exc
+    schema = sweep_schema()
+    validator = jsonschema.Draft202012Validator({"$defs": schema["$defs"], "$ref": "#/$defs/variant"})
+    error = best_match(validator.iter_errors(json.loads(json.dumps(entry, default=str))))
+    return None if error is None else f"{error.json_path}: {error.message[:200]}"
+
+
+#: What a link in sweep.html may be made of: a variant folder's relative path (ids are [a-z0-9._-]).
+_HREF = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*(/[A-Za-z0-9_-][A-Za-z0-9._-]*)*")
+
+
+def report_href(out: Any) -> str | None:
+    """``OUT/report.html`` for a variant folder given as a plain relative path; None (no link) otherwise.
+
+    Links are built only from what this pattern allows (no scheme, no ``..``, no leading ``/``), so a
+    tampered entry cannot make one point elsewhere (``javascript:…``, another site, a parent folder).
+    """
+    if not isinstance(out, str) or not _HREF.fullmatch(out) or ".." in out.split("/"):
+        return None
+    return f"{out}/report.html"
 
 
 def quality_loss(variant: dict[str, Any]) -> tuple[float, str] | None:
@@ -133,7 +164,7 @@ def pareto_plot(variants: list[dict[str, Any]], fmt: str = "svg") -> bytes | Non
         xs, ys, ids = zip(*points, strict=True)
         colours = ["#b3261e" if p in front else "#4a6fa5" for p in ids]
         dots = axes.scatter(xs, ys, c=colours, s=36, zorder=3)
-        dots.set_urls([f"{p}/report.html" for p in ids])
+        dots.set_urls([report_href(p) for p in ids])
         line = sorted((x, y) for x, y, p in points if p in front)
         axes.step([x for x, _ in line], [y for _, y in line], where="post", color="#b3261e", lw=1, alpha=0.7)
         for x, y, p in points:
@@ -199,7 +230,8 @@ def render_sweep_html(record: dict[str, Any]) -> str:
         m = first_measured[v["id"]]
         loss = quality_loss(v)
         ver = v.get("verification") or {}
-        link = f'<a href="{e(v["out"])}/report.html">{e(v["id"])}</a>' if not v.get("error") else e(v["id"])
+        href = None if v.get("error") else report_href(v.get("out"))
+        link = f'<a href="{e(href)}">{e(v["id"])}</a>' if href else e(v["id"])
         cells = [f'<td class="text{" front" if v["id"] in front else ""}">{link}</td>']
         cells += [f'<td class="text">{e(_fmt(grid.get(k)))}</td>' for k in grid_keys]
         params = (v.get("params") or {}).get("compiled")

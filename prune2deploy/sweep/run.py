@@ -21,7 +21,9 @@ Where tasks run is Ray's business, told by resources:
 
 Variants are independent: a failure (in scoring, in the task, or a worker lost) is that variant's ``error``
 and the others go on. ``sweep.json`` is rewritten after every variant, so an interrupted sweep resumes: a
-variant whose options hash has a finished, error-free entry with its report on disk is skipped.
+variant whose options hash has a finished, error-free entry is skipped, its numbers read again from its own
+report.json (:mod:`prune2deploy.sweep.resume`). Variants are submitted in a bounded window
+(:func:`submit_window`), never all at once.
 """
 
 from __future__ import annotations
@@ -38,10 +40,20 @@ from prune2deploy.errors import ConfigError, P2DError
 from prune2deploy.io import check_not_input
 from prune2deploy.sweep.cache import default_cache_dir, dense_export, export_key
 from prune2deploy.sweep.report import write_sweep
-from prune2deploy.sweep.spec import SweepSpec, Variant, expand
+from prune2deploy.sweep.resume import previous_entries, resumed_entry, write_quality
+from prune2deploy.sweep.spec import SweepSpec, Variant, expand, iter_variants
 from prune2deploy.sweep.task import quality_input, run_variant
 
-__all__ = ["PROFILER_RESOURCE", "SweepResult", "accelerator_type", "mask_folder", "run_sweep", "task_resources"]
+__all__ = [
+    "MAX_IN_FLIGHT",
+    "PROFILER_RESOURCE",
+    "SweepResult",
+    "accelerator_type",
+    "mask_folder",
+    "run_sweep",
+    "submit_window",
+    "task_resources",
+]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +62,8 @@ Progress = Callable[[str], None]
 #: A custom Ray resource, one unit per machine, that serialises CPU measurements on that machine.
 PROFILER_RESOURCE = "p2d_cpu_profiler"
 PRUNE_DIR = "prune"
+#: Variants submitted to Ray and not yet collected, at most (unless --max-parallel says otherwise).
+MAX_IN_FLIGHT = 64
 
 #: Catalog GPU (profiling/gpus.toml) → the accelerator_type Ray detects on such a worker (Ray's own names:
 #: the model token of the NVIDIA device name, e.g. "NVIDIA A100-SXM4-80GB" → "A100").
@@ -164,20 +178,17 @@ def _executor(ray, address: str | None) -> dict[str, Any]:
     }
 
 
-def _previous(out_dir: Path) -> dict[str, dict[str, Any]]:
-    path = out_dir / "sweep.json"
-    if not path.is_file():
-        return {}
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        log.warning("%s is unreadable; no variant is resumed from it", path)
-        return {}
-    return {v["id"]: v for v in record.get("variants", []) if isinstance(v, dict) and "id" in v}
+def submit_window(max_parallel: int | None, cluster: dict[str, float]) -> int:
+    """How many variants may be submitted and not yet collected.
 
-
-def _finished(entry: dict[str, Any] | None, out_dir: Path) -> bool:
-    return bool(entry) and entry.get("error") is None and (out_dir / entry["id"] / "report.json").is_file()
+    Ray runs only what its resources allow; everything submitted beyond that waits in its queue, with its
+    scored masks on disk and its arguments in the object store. So the driver submits in a window: two
+    tasks per CPU of the cluster (one running, the next scored and waiting), at most :data:`MAX_IN_FLIGHT`;
+    ``--max-parallel`` sets it exactly.
+    """
+    if max_parallel is not None:
+        return max_parallel
+    return max(2, min(MAX_IN_FLIGHT, 2 * int(cluster.get("CPU", 1))))
 
 
 class _Model:
@@ -277,14 +288,14 @@ def run_sweep(
     cache = Path(cache_dir or default_cache_dir()).resolve()
     if max_parallel is not None and max_parallel < 1:
         raise ConfigError(f"--max-parallel must be at least 1, got {max_parallel}")
-    fixed = expand(spec, where=where)[0].compile_options()  # export options are shared by every variant
+    fixed = next(iter_variants(spec, where=where)).compile_options()  # export options: the same for every variant
     key = export_key(spec.model, export_batch=fixed.export_batch, export_seq=fixed.export_seq)
     variants = expand(spec, source_key=key, where=where)
     inputs = [Path(i) for i in (spec.model, where, spec.prune.get("calibration")) if i and Path(i).exists()]
     check_not_input(out_dir, inputs)  # the guard of every command that writes
     check_not_input(cache / "exports", inputs, flag="the export cache")  # where dense_export writes
     out_dir.mkdir(parents=True, exist_ok=True)
-    previous = _previous(out_dir)
+    previous = previous_entries(out_dir)
     started_ray = False
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
@@ -335,7 +346,7 @@ class _SweepRun:
         if todo:
             dense = self.export_dense(cache, fixed)
             remote = self.ray.remote(run_variant)
-            limit = max_parallel or len(todo)
+            limit = submit_window(max_parallel, self.cluster)
             for variant in todo:
                 while len(self.in_flight) >= limit:
                     self.collect(block=True)
@@ -347,12 +358,12 @@ class _SweepRun:
         return self.result
 
     def resume(self, previous: dict[str, dict[str, Any]]) -> list[Variant]:
-        """Keeps the entries of variants that already finished with their report on disk; returns the rest."""
+        """Rebuilds the entries of variants that already finished from their own files; returns the rest."""
         todo: list[Variant] = []
         for variant in self.variants:
-            old = previous.get(variant.id)
-            if _finished(old, self.out_dir):
-                self.entries[variant.id] = {**old, "resumed": True}
+            entry = resumed_entry(variant, previous.get(variant.id), self.out_dir)
+            if entry is not None:
+                self.entries[variant.id] = entry
                 self.result.skipped.append(variant.id)
             else:
                 todo.append(variant)
@@ -424,6 +435,8 @@ class _SweepRun:
         """Records a variant's entry (and its MLflow run) and rewrites ``sweep.json``."""
         entry = _entry(variant, **{k: v for k, v in entry.items() if k != "id"})
         entry["resumed"] = False
+        if entry["error"] is None:  # what a resume reads back, with the variant's report.json
+            write_quality(self.out_dir, variant, entry.get("quality"))
         if self.hook is not None:
             entry["mlflow_run_id"] = self.hook.log_variant(entry, self.out_dir)
         self.entries[variant.id] = entry

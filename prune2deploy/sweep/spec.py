@@ -20,7 +20,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -36,12 +38,16 @@ from prune2deploy.spec import CompileOptions
 __all__ = [
     "COMPILE_ALIASES",
     "GRID_COMPILE_KEYS",
+    "MAX_ID_LENGTH",
+    "MAX_VARIANTS",
     "PRUNE_KEYS",
     "PruneSettings",
     "QualitySettings",
     "SweepSpec",
     "Variant",
+    "count_variants",
     "expand",
+    "iter_variants",
     "load_sweep",
     "parse_sweep",
 ]
@@ -64,6 +70,14 @@ COMPILE_ALIASES = {
     "regroup_gqa": "kv_heads",
     "budget_s": "profile_budget_s",
 }
+#: Variants one sweep may have: each is a compile of minutes, so a larger grid is a mistake (a 10^6-point grid
+#: would have been expanded, validated and submitted whole before the first compile ran). Checked from the
+#: axes' lengths before a single variant is built.
+MAX_VARIANTS = 1000
+#: A variant id names folders (``OUT/<id>/`` and the compile's ``.<id>.old.p2d-PID-XXXXXXXX`` beside it, 26
+#: bytes longer), so it must stay well under NAME_MAX (255 bytes on Linux and macOS file systems).
+MAX_ID_LENGTH = 200
+_ID_CHARS = re.compile(r"[a-z0-9][a-z0-9._-]*")
 #: Compile options the sweep sets itself (per variant); a sweep file may not set them.
 _SWEEP_OWNED = ("masks", "plan", "overwrite")
 
@@ -267,8 +281,85 @@ def _hash(payload: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def count_variants(spec: SweepSpec) -> int:
+    """How many variants the grid has: the product of its axes' lengths, computed without building one."""
+    return math.prod(len(values) for values in spec.grid.values())
+
+
+def _check_grid_size(spec: SweepSpec, where: str) -> None:
+    count = count_variants(spec)
+    if count > MAX_VARIANTS:
+        axes = " × ".join(f"{key} {len(values)}" for key, values in spec.grid.items())
+        raise ConfigError(
+            f"{where}: the grid has {count:,} variants ({axes}); a sweep runs at most {MAX_VARIANTS:,}. Narrow it: "
+            "fewer values per key (sample the ratios you care about, e.g. every other one), or split it into "
+            "several sweep files run one after another (they share the dense-export cache)"
+        )
+
+
+def _check_id(ident: str, label: str, where: str) -> None:
+    """A variant id becomes folder names: refused (before anything runs) when a file system could not hold it."""
+    if len(ident.encode()) > MAX_ID_LENGTH:
+        raise ConfigError(
+            f"{where}: variant {label}: its id is {len(ident.encode())} bytes; ids are at most {MAX_ID_LENGTH} "
+            "(they name the variant's folders, and file names end at 255 bytes). Use fewer grid keys or shorter "
+            f"values: {ident[:80]}…"
+        )
+    if not _ID_CHARS.fullmatch(ident):
+        raise ConfigError(
+            f"{where}: variant {label}: id {ident!r} may hold only a-z, 0-9, '.', '_' and '-' and must start "
+            "with a letter or digit"
+        )
+
+
+def _variant(spec: SweepSpec, point: dict[str, Any], fixed_compile: dict, source_key: str, where: str) -> Variant:
+    """One grid point, validated: prune options, compile options, GPU names and the id."""
+    label = ",".join(f"{k}={v}" for k, v in point.items())
+    prune_data = {**spec.prune, **{k: v for k, v in point.items() if k in PRUNE_KEYS}}
+    try:
+        prune = PruneSettings(**prune_data)
+    except pydantic.ValidationError as exc:
+        raise ConfigError(_describe(exc, f"{where}: variant {label}: prune")) from None
+    prune.check(f"{where}: variant {label}")
+    compile_data = dict(fixed_compile)
+    for key, value in point.items():
+        if key in GRID_COMPILE_KEYS:
+            compile_data.update(_compile_data({key: value}))
+    CompileOptions.from_dict(compile_data, source=f"{where}: variant {label}: compile")  # validates
+    if compile_data.get("gpus"):
+        compile_data["gpus"] = _catalog_gpus(compile_data["gpus"], f"{where}: variant {label}")
+    digest = _hash(
+        {
+            "source": source_key,
+            "prune": prune.model_dump(mode="json"),
+            "compile": compile_data,
+            "quality": spec.quality.model_dump(mode="json"),
+        }
+    )
+    readable = "_".join(f"{k}-{_slug(v)}" for k, v in point.items())
+    ident = f"{readable}_{digest[:8]}"
+    _check_id(ident, label, where)
+    return Variant(ident, digest, point, prune, compile_data)
+
+
+def iter_variants(spec: SweepSpec, *, source_key: str = "", where: str = "sweep") -> Iterator[Variant]:
+    """The grid's variants one at a time, in grid order, each validated as it is built.
+
+    The grid's size is checked first, from its axes' lengths (:data:`MAX_VARIANTS`), so an oversized grid is
+    refused without building any variant.
+
+    Raises:
+        ConfigError: the grid is too large, or a variant's option or id is wrong (naming the variant).
+    """
+    _check_grid_size(spec, where)
+    keys = list(spec.grid)
+    fixed_compile = _compile_data(spec.compile)
+    for values in itertools.product(*(spec.grid[k] for k in keys)):
+        yield _variant(spec, dict(zip(keys, values, strict=True)), fixed_compile, source_key, where)
+
+
 def expand(spec: SweepSpec, *, source_key: str = "", where: str = "sweep") -> list[Variant]:
-    """Every combination of the grid, validated (prune and compile options), in grid order.
+    """Every combination of the grid, validated (prune and compile options, ids), in grid order.
 
     Args:
         spec: the sweep file.
@@ -277,38 +368,9 @@ def expand(spec: SweepSpec, *, source_key: str = "", where: str = "sweep") -> li
         where: the file name, for messages.
 
     Raises:
-        ConfigError: naming the variant and the option that is wrong.
+        ConfigError: naming the variant and the option that is wrong, or the grid's size and the limit.
     """
-    keys = list(spec.grid)
-    fixed_compile = _compile_data(spec.compile)
-    variants: list[Variant] = []
-    for values in itertools.product(*(spec.grid[k] for k in keys)):
-        point = dict(zip(keys, values, strict=True))
-        label = ",".join(f"{k}={v}" for k, v in point.items())
-        prune_data = {**spec.prune, **{k: v for k, v in point.items() if k in PRUNE_KEYS}}
-        try:
-            prune = PruneSettings(**prune_data)
-        except pydantic.ValidationError as exc:
-            raise ConfigError(_describe(exc, f"{where}: variant {label}: prune")) from None
-        prune.check(f"{where}: variant {label}")
-        compile_data = dict(fixed_compile)
-        for key, value in point.items():
-            if key in GRID_COMPILE_KEYS:
-                compile_data.update(_compile_data({key: value}))
-        CompileOptions.from_dict(compile_data, source=f"{where}: variant {label}: compile")  # validates
-        if compile_data.get("gpus"):
-            compile_data["gpus"] = _catalog_gpus(compile_data["gpus"], f"{where}: variant {label}")
-        digest = _hash(
-            {
-                "source": source_key,
-                "prune": prune.model_dump(mode="json"),
-                "compile": compile_data,
-                "quality": spec.quality.model_dump(mode="json"),
-            }
-        )
-        readable = "_".join(f"{k}-{_slug(v)}" for k, v in point.items())
-        variants.append(Variant(f"{readable}_{digest[:8]}", digest, point, prune, compile_data))
-    return variants
+    return list(iter_variants(spec, source_key=source_key, where=where))
 
 
 def parse_sweep(data: Any, *, where: str = "sweep") -> SweepSpec:
@@ -327,6 +389,8 @@ def load_sweep(path: Path | str) -> SweepSpec:
     data = read_config_file(path, what="sweep")  # size, UTF-8 and alias checks, as for config files
     spec = parse_sweep(data, where=str(path))
     changes: dict[str, Any] = {"name": spec.name or path.stem}
+    if "\0" in spec.model:
+        raise ConfigError(f"{path}: 'model' holds a NUL character; give a model folder, file or bundled name")
     beside = path.parent / spec.model
     if not Path(spec.model).is_absolute() and beside.exists():  # a model path is relative to the sweep file
         changes["model"] = str(beside.resolve())

@@ -135,3 +135,31 @@ def test_sweep_files_are_read_with_the_config_files_checks(tmp_path):
         load_sweep(huge)
     with pytest.raises(ConfigError, match="does not exist"):
         load_sweep(tmp_path / "missing.yaml")
+
+
+def test_oversized_grid_is_refused_from_its_axes_before_building_a_variant(monkeypatch):
+    """A 10^6-point grid is refused from the product of its axes' lengths: no variant is built (it used to
+    expand and validate every one, then submit them all)."""
+    from prune2deploy.sweep import spec as spec_module
+
+    monkeypatch.setattr(spec_module, "_variant", lambda *a, **k: pytest.fail("a variant was built"))
+    ratios = [round(i / 100, 2) for i in range(100)]
+    spec = parse_sweep({"model": "m", "grid": {"mlp": ratios, "heads": ratios, "hidden": ratios}})
+    assert spec_module.count_variants(spec) == 10**6
+    with pytest.raises(ConfigError, match=r"1,000,000 variants \(mlp 100 × heads 100 × hidden 100\).*at most 1,000"):
+        expand(spec, where="big.yaml")
+    with pytest.raises(ConfigError, match="Narrow it"):
+        next(spec_module.iter_variants(spec))
+
+
+def test_variant_id_longer_than_a_file_name_allows_is_refused():
+    """An id names the variant's folders: one over MAX_ID_LENGTH bytes is a ConfigError naming the variant
+    and the rule, raised while expanding (before Ray starts), not a compile failure after it."""
+    from prune2deploy.sweep.spec import MAX_ID_LENGTH
+
+    long_round = 10**230
+    with pytest.raises(ConfigError, match=rf"variant mlp=0.5,round_to={long_round}: its id is \d+ bytes; ids are at "
+                       rf"most {MAX_ID_LENGTH}") as info:  # fmt: skip
+        expand(parse_sweep({"model": "m", "grid": {"mlp": [0.5], "round_to": [8, long_round]}}))
+    assert info.value.exit_code == 2
+    assert all(len(v.id) <= MAX_ID_LENGTH for v in expand(parse_sweep({"model": "m", "grid": {"round_to": [8]}})))

@@ -1,0 +1,34 @@
+"""The sweep driver's loop on a stand-in for Ray (tests/fixtures/fake_ray.py): variants are submitted in a
+bounded window, never all at once, and checks that need no cluster fail before Ray is used."""
+
+from __future__ import annotations
+
+import pytest
+
+from prune2deploy.sweep.run import MAX_IN_FLIGHT, run_sweep, submit_window
+from prune2deploy.sweep.spec import parse_sweep
+from tests.fixtures.fake_ray import FakeRay, model_folder, patch_driver
+
+NO_QUALITY = {"enabled": False}
+
+
+def _spec(tmp_path, values: int) -> object:
+    grid = {"regroup_gqa": list(range(1, values + 1))}  # compile-only variants: nothing to score
+    return parse_sweep({"model": str(model_folder(tmp_path)), "grid": grid, "quality": NO_QUALITY})
+
+
+def test_submit_window_follows_the_cluster_and_max_parallel():
+    assert submit_window(None, {"CPU": 2.0}) == 4
+    assert submit_window(None, {"CPU": 1000.0}) == MAX_IN_FLIGHT
+    assert submit_window(None, {}) == 2
+    assert submit_window(3, {"CPU": 1000.0}) == 3
+
+
+@pytest.mark.parametrize(("max_parallel", "window"), [(None, 4), (1, 1)])
+def test_variants_are_submitted_in_a_bounded_window(monkeypatch, tmp_path, max_parallel, window):
+    """Twelve variants on a 2-CPU cluster: at most 4 in flight (1 with --max-parallel 1); all twelve run."""
+    ray = FakeRay(cpus=2.0)
+    patch_driver(monkeypatch, ray, tmp_path)
+    result = run_sweep(_spec(tmp_path, 12), tmp_path / "out", cache_dir=tmp_path / "cache", max_parallel=max_parallel)
+    assert len(ray.submitted) == 12 and len(result.ran) == 12 and not result.failed
+    assert ray.max_in_flight == window
