@@ -49,6 +49,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         q.add_argument(f"--{name}", type=float, metavar="RATIO", help=f"fraction of {text} to remove")
     q.add_argument("--nm", metavar="N:M", help="N:M pattern along the input dimension, e.g. 2:4 (sparse tensor cores)")
     q.add_argument("--global", dest="global_", action="store_true", help="rank globally instead of per layer")
+    q.add_argument("--global-scale", default="standardize", choices=["standardize", "raw"],
+                   help="with --global: standardize ranks each layer's scores after removing their mean and "
+                   "dividing by their spread (FLAP), so deep layers' larger activations do not empty the first "
+                   "layers; raw ranks the scores as they are")  # fmt: skip
+    q.add_argument("--min-keep", type=float, default=0.0, metavar="FRACTION",
+                   help="with --global: the fraction of every layer's neurons/heads that always stays "
+                   "(default 0: no floor)")  # fmt: skip
     q.add_argument("--round-to", type=positive_int, metavar="K", help="round kept widths to a multiple (8, 16, 64)")
     q.add_argument("--head-grouping", default="free", choices=["free", "uniform", "whole-group"], help=_GROUPINGS)
     q.add_argument("--calibration", type=Path, help="text or token-id file (default: the bundled text)")
@@ -73,6 +80,14 @@ def _nm(text: str | None) -> tuple[int, int] | None:
     return n, m
 
 
+def _check_global(args: argparse.Namespace) -> None:
+    """--global-scale and --min-keep shape the global ranking only: without --global they would do nothing."""
+    from prune2deploy.errors import ConfigError
+
+    if not args.global_ and (args.global_scale != "standardize" or args.min_keep):
+        raise ConfigError("--global-scale and --min-keep apply to the global ranking: add --global, or drop them")
+
+
 def _print_structures(rows: dict[str, dict[str, Any]]) -> None:
     """Per structure: the ratio asked for and what was removed in whole units, with the kept widths."""
     for name, row in rows.items():
@@ -93,10 +108,12 @@ def run(args: argparse.Namespace) -> int:
     say = progress(args.quiet)
     say(f"scoring {args.model} with {args.criterion}")
     structures = {name: getattr(args, name) for name in _STRUCTURES if getattr(args, name) is not None}
+    _check_global(args)
     result = api.prune(
         args.model, args.out, criterion=args.criterion, structures=structures, per_layer=not args.global_,
         round_to=args.round_to, nm=_nm(args.nm), calibration=args.calibration, num_samples=args.samples,
         seq_len=args.seq_len, overwrite=args.overwrite, head_grouping=args.head_grouping,
+        global_scale=args.global_scale, min_keep=args.min_keep,
     )  # fmt: skip
     print(f"masks → {result.masks_path}\nplan  → {result.plan_path}")
     for key, value in result.summary.items():

@@ -36,6 +36,7 @@ from prune2deploy.pruning.plan import (
     dump_plan,
 )
 from prune2deploy.pruning.selection import (
+    GLOBAL_SCALES,
     global_keep_counts,
     kept_count,
     round_half_up,
@@ -72,6 +73,8 @@ def validate_options(
     round_to: int | None,
     nm: tuple[int, int] | None,
     head_grouping: str,
+    global_scale: str = "standardize",
+    min_keep: float = 0.0,
 ) -> None:
     """Checks every option that does not need the model, so that bad input fails before a long load."""
     for key, ratio in structures.items():
@@ -88,6 +91,16 @@ def validate_options(
         raise ConfigError(f"round_to: must be a positive integer, got {round_to!r}")
     if head_grouping not in HEAD_GROUPINGS:
         raise ConfigError(f"head_grouping: must be one of {', '.join(HEAD_GROUPINGS)}, got '{head_grouping}'")
+    if global_scale not in GLOBAL_SCALES:
+        raise ConfigError(f"global_scale: must be one of {', '.join(GLOBAL_SCALES)}, got '{global_scale}'")
+    if isinstance(min_keep, bool) or not isinstance(min_keep, (int, float)) or not 0.0 <= min_keep <= 1.0:
+        raise ConfigError(f"min_keep: must be a fraction in [0, 1], got {min_keep!r}")
+    for key in ("mlp", "heads"):
+        if structures.get(key, 0.0) + min_keep > 1.0 + 1e-9:
+            raise ConfigError(
+                f"min_keep {min_keep} keeps more of every layer than structures.{key} = {structures[key]} "
+                "leaves; lower --min-keep below 1 - the ratio"
+            )
     if not any(v > 0 for v in structures.values()) and nm is None:
         raise ConfigError("nothing to prune: give at least one structure ratio or an N:M pattern")
     check_criterion(criterion, _names(structures, nm), task=None)
@@ -133,10 +146,19 @@ class _Scorer:
         return self.stats.hidden
 
 
-def _counts(scores: dict[int, torch.Tensor], ratio: float, per_layer: bool, round_to, width: int) -> dict[int, int]:
-    if per_layer:
-        return {i: kept_count(width, ratio, round_to) for i in scores}
-    return {i: round_width(c, width, round_to) for i, c in global_keep_counts(scores, ratio).items()}
+@dataclass(frozen=True)
+class _Ranking:
+    """How kept counts are chosen: per layer, or one global ranking on a common scale with a floor."""
+
+    per_layer: bool = True
+    scale: str = "standardize"
+    min_keep: float = 0.0
+
+    def counts(self, scores: dict[int, torch.Tensor], ratio: float, round_to, width: int) -> dict[int, int]:
+        if self.per_layer:
+            return {i: kept_count(width, ratio, round_to) for i in scores}
+        kept = global_keep_counts(scores, ratio, scale=self.scale, min_keep=self.min_keep)
+        return {i: round_width(c, width, round_to) for i, c in kept.items()}
 
 
 def prune_module(
@@ -154,6 +176,8 @@ def prune_module(
     seq_agg: str = "mean",
     batch_agg: str = "l2",
     structure: ModelStructure | None = None,
+    global_scale: str = "standardize",
+    min_keep: float = 0.0,
 ) -> tuple[Plan, dict[str, torch.Tensor]]:
     """Scores and chooses structures of a loaded module; returns the plan and the masks (not written).
 
@@ -171,9 +195,15 @@ def prune_module(
         batch_size: calibration windows per forward pass.
         seq_agg, batch_agg: Minitron's aggregation over sequence and batch (mean or l2).
         structure: a precomputed :func:`detect_structure` result.
+        global_scale: with ``per_layer=False``, ``standardize`` (each layer's scores on a common scale
+            before the global ranking) or ``raw`` (see :func:`.selection.global_keep_counts`).
+        min_keep: with ``per_layer=False``, the fraction of every layer's units that always stays.
     """
     structures = {k: float(v) for k, v in structures.items()}
-    validate_options(criterion, structures, round_to=round_to, nm=nm, head_grouping=head_grouping)
+    validate_options(
+        criterion, structures, round_to=round_to, nm=nm, head_grouping=head_grouping,
+        global_scale=global_scale, min_keep=min_keep,
+    )  # fmt: skip
     names = _names(structures, nm)
     check_criterion(criterion, names, task=task)
     structure = structure or detect_structure(module)
@@ -190,8 +220,9 @@ def prune_module(
     scorer = _Scorer(criterion, structure, stats)
     masks: dict[str, torch.Tensor] = {}
     choices = {layer.index: LayerChoice(layer.index) for layer in structure.layers}
-    _choose_mlp(structure, scorer, structures.get("mlp", 0.0), per_layer, round_to, choices, masks)
-    _choose_heads(structure, scorer, structures.get("heads", 0.0), per_layer, head_grouping, choices, masks)
+    ranking = _Ranking(per_layer, global_scale, float(min_keep))
+    _choose_mlp(structure, scorer, structures.get("mlp", 0.0), ranking, round_to, choices, masks)
+    _choose_heads(structure, scorer, structures.get("heads", 0.0), ranking, head_grouping, choices, masks)
     hidden = _choose_hidden(structure, scorer, structures.get("hidden", 0.0), round_to, masks)
     dropped = _choose_dropped_layers(structure, stats, structures.get("layers", 0.0))
     sparsity = _weight_sparsity(criterion, structure, stats, structures.get("unstructured", 0.0), nm, masks)
@@ -216,6 +247,7 @@ def prune_module(
             "seq_agg": seq_agg,
             "batch_agg": batch_agg,
             "layer_criterion": "block-importance",
+            **({} if per_layer else {"global_scale": global_scale, "min_keep": float(min_keep)}),
         },
     )
     if stats.layers is not None:
@@ -227,7 +259,7 @@ def _choose_mlp(
     structure: ModelStructure,
     scorer: _Scorer,
     ratio: float,
-    per_layer: bool,
+    ranking: _Ranking,
     round_to: int | None,
     choices: dict[int, LayerChoice],
     masks: dict[str, torch.Tensor],
@@ -241,7 +273,7 @@ def _choose_mlp(
         return
     scores = {layer.index: scorer.mlp(layer) for layer in structure.layers}
     width = structure.layers[0].intermediate
-    counts = _counts(scores, ratio, per_layer, round_to, width)
+    counts = ranking.counts(scores, ratio, round_to, width)
     for layer in structure.layers:
         sel = Selection.from_kept(top_units(scores[layer.index], counts[layer.index]), width)
         choices[layer.index].mlp = sel
@@ -252,7 +284,7 @@ def _choose_heads(
     structure: ModelStructure,
     scorer: _Scorer,
     ratio: float,
-    per_layer: bool,
+    ranking: _Ranking,
     head_grouping: str,
     choices: dict[int, LayerChoice],
     masks: dict[str, torch.Tensor],
@@ -267,7 +299,7 @@ def _choose_heads(
         return
     scores = {layer.index: scorer.heads(layer) for layer in structure.layers}
     width = structure.layers[0].num_heads
-    counts = _counts(scores, ratio, per_layer, None, width)
+    counts = ranking.counts(scores, ratio, None, width)
     for layer in structure.layers:
         kept, kv_removed = select_heads(scores[layer.index], counts[layer.index], layer.num_kv_heads, head_grouping)
         choice = choices[layer.index]
@@ -374,6 +406,8 @@ def prune_model(
     batch_agg: str = "l2",
     tokenizer=None,
     task: str | None = None,
+    global_scale: str = "standardize",
+    min_keep: float = 0.0,
 ) -> PruneResult:
     """Loads ``source``, prunes it and writes ``masks.safetensors`` and ``plan.yaml`` into ``out_dir``.
 
@@ -390,7 +424,10 @@ def prune_model(
         OutputExistsError: ``out_dir`` is not empty and ``overwrite`` is False.
     """
     structures = {k: float(v) for k, v in structures.items()}
-    validate_options(criterion, structures, round_to=round_to, nm=nm, head_grouping=head_grouping)
+    validate_options(
+        criterion, structures, round_to=round_to, nm=nm, head_grouping=head_grouping,
+        global_scale=global_scale, min_keep=min_keep,
+    )  # fmt: skip
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, overwrite, (source, calibration))
     module, tokenizer, task, label = _load_source(source, tokenizer, task)
@@ -414,6 +451,8 @@ def prune_model(
         batch_size=batch_size,
         seq_agg=seq_agg,
         batch_agg=batch_agg,
+        global_scale=global_scale,
+        min_keep=min_keep,
     )
     plan.model["source"] = label
     masks_path, plan_path = _write_outputs(plan, masks, out_dir, criterion)

@@ -71,11 +71,22 @@ def test_refuses_existing_output_unless_overwrite(tiny_llama_tied32, tmp_path):
         ({"criterion": "wanda", "structures": {"heads": 0.5}, "head_grouping": "any"}, "head_grouping"),
         ({"criterion": "wanda", "structures": {}}, "nothing to prune"),
         ({"criterion": "wanda", "structures": {"mlp": 0.0}}, "nothing to prune"),
+        ({"criterion": "wanda", "structures": {"mlp": 0.5}, "global_scale": "max"}, "global_scale"),
+        ({"criterion": "wanda", "structures": {"mlp": 0.5}, "min_keep": -0.1}, "min_keep"),
+        ({"criterion": "wanda", "structures": {"mlp": 0.5}, "min_keep": 0.75}, "lower --min-keep"),
     ],
 )
 def test_bad_options_fail_before_loading(tmp_path, kwargs, message):
     with pytest.raises(ConfigError, match=message):
         prune_model(tmp_path / "no-such-model", out_dir=tmp_path / "out", **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_global_options_without_global(tmp_path, capsys):
+    from prune2deploy.cli import main
+
+    code = main(["prune", str(tmp_path / "m"), "--out", str(tmp_path / "out"), "--mlp", "0.5", "--min-keep", "0.2"])
+    assert code == 2 and "add --global" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
