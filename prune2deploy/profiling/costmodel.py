@@ -45,22 +45,26 @@ __all__ = [
     "gemm_utilisation",
     "kernels_from_cost",
     "price",
+    "sparse_eligibility",
     "sparse_gain",
+    "sparse_tactic_reason",
 ]
 
 # Each factor of the model, its value and where it comes from. docs/cost-model.md explains each one.
 FACTORS: dict[str, dict[str, Any]] = {
     "gemm_efficiency": {
-        "value": {"fp32": 0.7, "tf32": 0.7, "fp16": 0.75, "bf16": 0.75, "fp8": 0.55, "int8": 0.6},
+        "value": {"fp32": 0.7, "tf32": 0.7, "fp16": 0.75, "bf16": 0.75, "fp8": 0.55, "int8": 0.65},
         "source": "cuBLAS 4096^3 on H100 SXM: 760 TFLOP/s fp16, 797 bf16 of 989 (0.77-0.81), "
-        "https://github.com/zzc0721/torch-performance-test-data/issues/79; fp8/int8 lower (quantised epilogues, "
-        "less mature kernels): fit to TensorRT-LLM v0.5 prefill (H100/L40S fp8) and demoBERT int8 "
-        "(A100), see prune2deploy/profiling/published.json",
+        "https://github.com/zzc0721/torch-performance-test-data/issues/79. fp8 and int8 are fit on "
+        "published.json (validation.fit_factors, from validation.PRIORS): fp8 0.55 (its prior, FBGEMM's "
+        "row-scaled fp8 GEMM at 8192^3 on H100: 1125.51 TFLOP/s = 0.57, https://github.com/pytorch/FBGEMM/pull/2546; "
+        "the TensorRT-LLM v0.5 fp8 figures do not move it), int8 0.65 (demoBERT int8 on A100/A30)",
     },
     "conv_efficiency": {
-        "value": 0.45,
-        "source": "fit to MLPerf Inference ResNet-50 Offline (int8, TensorRT): A100 PCIe, A30, L4 and T4 all "
-        "reach 38-45% of the int8 tensor peak; see published.json",
+        "value": 0.5,
+        "source": "fit on published.json (validation.fit_factors): MLPerf Inference ResNet-50 (int8, TensorRT) "
+        "Offline on H100, A100 PCIe, A30, L4 and T4 reaches 37-45% of the int8 tensor peak (8.2 GFLOP a sample), "
+        "i.e. 0.5 of it once tile and wave quantisation are priced",
     },
     "attention_efficiency": {
         "value": 0.5,
@@ -92,18 +96,38 @@ FACTORS: dict[str, dict[str, Any]] = {
         "large GEMMs. At M <= 64 the engines pick the dense tactic (no gain, no loss)",
     },
     "launch_us": {
-        "value": {"tensorrt": 4.0, "onnxruntime": 5.0, "torch": 8.0, "llama.cpp": 5.0},
-        "source": "CUDA kernel launch ~2-5 us (NVIDIA 'Getting Started with CUDA Graphs', "
-        "https://developer.nvidia.com/blog/cuda-graphs/); CUDA graphs / TensorRT enqueue still leave a few us of "
-        "gap and ramp per kernel (TensorRT's 4 us is fit to the batch-1 figures of published.json: BERT-Large, "
-        "ResNet-50); eager PyTorch dispatch costs ~5-10 us of CPU per op, which bounds small-batch latency",
+        "value": {"tensorrt": 0.0, "onnxruntime": 5.0, "torch": 8.0, "llama.cpp": 5.0},
+        "source": "host-side cost per kernel launched from the CPU: CUDA kernel launch ~2-5 us (NVIDIA 'Getting "
+        "Started with CUDA Graphs', https://developer.nvidia.com/blog/cuda-graphs/); eager PyTorch dispatch "
+        "costs ~5-10 us of CPU per op, which bounds small-batch latency. TensorRT enqueues a whole engine (the "
+        "MLPerf and TensorRT-LLM harnesses replay it as a CUDA graph), so its per-kernel cost is on the GPU: "
+        "launch_cycles",
+    },
+    "launch_cycles": {
+        "value": {"tensorrt": 8000.0},
+        "source": "GPU-side cost per kernel of an engine enqueued as a whole (grid launch, CTA prologue filling "
+        "the pipeline, epilogue, the dependent kernel's wait), in SM clock cycles so that it scales with each "
+        "GPU's boost clock (gpus.toml boost_clock_mhz): MLPerf ResNet-50 SingleStream runs 1.4x faster on L4 "
+        "(2040 MHz) than on A100 (1410 MHz) although A100 has 2.6x L4's int8 peak, i.e. the same ~13,000 "
+        "cycles per kernel on both. 8000 cycles (5.7 us at 1410 MHz) is fit on published.json from a 4 us "
+        "prior (validation.PRIORS) and cross-validated; what the harness adds per query is not separated",
+    },
+    "l2_resident": {
+        "value": {"activations": 0.5, "weights": 0.75},
+        "source": "NVIDIA L2 caches are write-back and shared by all SMs (A100 whitepaper: 40 MB L2; Ada "
+        "whitepaper: 48 MB on L4's AD104), so a tensor one kernel writes and the next reads stays on chip "
+        "when it fits in a share of L2 (activations: half of it), and weights that fit in a share of L2 "
+        "(weights: three quarters, the rest holds activations) stay resident across back-to-back runs "
+        "(MLPerf SingleStream). TensorRT's docs note that on Ada and later smaller batches may improve L2 "
+        "cache throughput (https://docs.nvidia.com/deeplearning/tensorrt-rtx/latest/performance/optimization.html). "
+        "Bytes served by L2 are not priced as DRAM traffic. The shares are the model's choice, not measured",
     },
 }
 
 
 #: The factors fitted on published.json rather than taken from a measurement: validation.py cross-validates
 #: them (leave one source out) and refits them on the training figures of each fold.
-FITTED = ("gemm_efficiency.int8", "gemm_efficiency.fp8", "conv_efficiency", "launch_us.tensorrt")
+FITTED = ("gemm_efficiency.int8", "gemm_efficiency.fp8", "conv_efficiency", "launch_cycles.tensorrt")
 
 
 def factor(name: str) -> float:
@@ -125,8 +149,8 @@ def factors_set(values: Mapping[str, float]) -> Iterator[None]:
             FACTORS[head]["value"][key] = value
         else:
             FACTORS[head]["value"] = value
-        if head == "launch_us" and key in ENGINES:
-            ENGINES[key] = replace(ENGINES[key], launch_us=value)
+        if head in ("launch_us", "launch_cycles") and key in ENGINES:
+            ENGINES[key] = replace(ENGINES[key], **{head: value})
 
     try:
         for name, value in values.items():
@@ -147,7 +171,9 @@ class EngineProfile:
             norm prologue) and cost nothing of their own.
         fuse_norms: A decomposed norm (ReduceMean, Pow, Sqrt, Div, Mul …) is one kernel (one read, one write).
         fused_attention: QKᵀ, softmax and PV are one kernel (FlashAttention / FMHA / SDPA).
-        launch_us: Per-kernel cost not hidden behind the previous kernel.
+        launch_us: Per-kernel host cost not hidden behind the previous kernel (CPU-launched kernels).
+        launch_cycles: Per-kernel GPU-side cost in SM cycles (an engine enqueued as a whole): scales with the
+            GPU's boost clock.
     """
 
     name: str
@@ -155,11 +181,29 @@ class EngineProfile:
     fuse_norms: bool
     fused_attention: bool
     launch_us: float
+    launch_cycles: float = 0.0
 
+    def launch_s(self, gpu: GPUSpec) -> float:
+        """Seconds each kernel costs on ``gpu`` beyond its work: host launch plus GPU-side cycles at the boost
+        clock (at :data:`REFERENCE_CLOCK_MHZ` for a catalog entry without one)."""
+        clock = gpu.boost_clock_mhz or REFERENCE_CLOCK_MHZ
+        return self.launch_us * 1e-6 + self.launch_cycles / (clock * 1e6)
+
+
+#: The clock at which a per-kernel cost in cycles is read when a catalog entry gives no boost clock: A100's
+#: 1410 MHz (NVIDIA A100 Tensor Core GPU Architecture whitepaper), where launch_cycles was set.
+REFERENCE_CLOCK_MHZ = 1410.0
 
 ENGINES: dict[str, EngineProfile] = {
     # TensorRT / TensorRT-LLM: pointwise fusion into GEMM epilogues, norm plugins, FMHA / XQA attention.
-    "tensorrt": EngineProfile("tensorrt", True, True, True, FACTORS["launch_us"]["value"]["tensorrt"]),
+    "tensorrt": EngineProfile(
+        "tensorrt",
+        fuse_pointwise=True,
+        fuse_norms=True,
+        fused_attention=True,
+        launch_us=FACTORS["launch_us"]["value"]["tensorrt"],
+        launch_cycles=FACTORS["launch_cycles"]["value"]["tensorrt"],
+    ),
     # ONNX Runtime CUDA after its transformer fusions (SkipLayerNorm, BiasGelu, MHA/GQA with rotary);
     # the remaining pointwise ops (SwiGLU's SiLU and Mul, casts) are kernels of their own.
     "onnxruntime": EngineProfile("onnxruntime", False, True, True, FACTORS["launch_us"]["value"]["onnxruntime"]),
@@ -313,29 +357,31 @@ def price(
     gemm_eff = FACTORS["gemm_efficiency"]["value"][precision]
     conv_eff = FACTORS["conv_efficiency"]["value"]
     attn_eff = FACTORS["attention_efficiency"]["value"]
-    launch_s = profile.launch_us * 1e-6
-    use_sparse = gpu.has_sparse(precision)
+    launch_s = profile.launch_s(gpu)
     times: list[KernelTime] = []
     lower = 0.0
     sparse_used = False
-    for kern in kernels:
+    kernels = list(kernels)
+    dram = _dram_bytes(kernels, gpu)
+    for kern, dram_bytes in zip(kernels, dram, strict=True):
         if kern.kind in ("gemm", "conv"):
             util = gemm_utilisation(kern.m, kern.n, kern.k, gpu.sm_count)
             eff = conv_eff if kern.kind == "conv" else gemm_eff
             rate = gemm_peak * eff * util
             ideal_rate = gemm_peak
-            if kern.sparse and use_sparse:
+            if kern.sparse and gpu.has_sparse(precision) and kern.k % 4 == 0:
+                ideal_rate = gpu.gemm_peak(precision, sparse=True)  # the ideal never waits for a tactic
+            if kern.sparse and sparse_tactic_reason(kern, gpu, precision) is None:
                 gain = sparse_gain(kern.m)
                 sparse_used |= gain > 1.0
                 rate *= gain
-                ideal_rate = gpu.gemm_peak(precision, sparse=True)
         elif kern.kind == "attention":
             rate, ideal_rate = attn_peak * attn_eff, attn_peak
         else:
             rate, ideal_rate = vector_peak * 0.5, vector_peak
         compute = kern.flops / rate if kern.flops else 0.0
-        memory = kern.bytes / (bandwidth * bw_eff)
-        lower += max(kern.flops / ideal_rate if kern.flops else 0.0, kern.bytes / bandwidth)
+        memory = dram_bytes / (bandwidth * bw_eff)
+        lower += max(kern.flops / ideal_rate if kern.flops else 0.0, dram_bytes / bandwidth)
         body = max(compute, memory)
         binding = "launch" if launch_s > body else ("compute" if compute > memory else "memory")
         times.append(
@@ -372,6 +418,29 @@ def price(
     )
 
 
+def _dram_bytes(kernels: list[Kernel], gpu: GPUSpec) -> list[float]:
+    """Each kernel's bytes that reach DRAM: all of them, less what the GPU's L2 keeps on chip.
+
+    Weights stay resident across back-to-back runs when all of them fit in ``l2_resident.weights`` of L2;
+    a kernel's activations (its bytes less its weights) stay on chip when they fit in
+    ``l2_resident.activations`` of L2 (the producer's write-back L2 still holds them). A GPU without an
+    ``l2_mb`` in the catalog keeps nothing on chip.
+    """
+    if not gpu.l2_mb:
+        return [k.bytes for k in kernels]
+    share = FACTORS["l2_resident"]["value"]
+    l2 = gpu.l2_mb * 1e6
+    weights_resident = sum(k.weight_bytes for k in kernels) <= share["weights"] * l2
+    out = []
+    for k in kernels:
+        activations = max(0.0, k.bytes - k.weight_bytes)
+        out.append(
+            (0.0 if weights_resident else k.weight_bytes)
+            + (0.0 if activations <= share["activations"] * l2 else activations)
+        )
+    return out
+
+
 def _rounded_down(kernel: Kernel, multiple: int) -> Kernel:
     """``kernel`` with N and K cut to a multiple of ``multiple`` (FLOPs and bytes scaled with them)."""
     n = max(multiple, kernel.n // multiple * multiple) if kernel.n > multiple else kernel.n
@@ -383,22 +452,75 @@ def _rounded_down(kernel: Kernel, multiple: int) -> Kernel:
     return replace(kernel, flops=kernel.flops * scale, bytes=moved, n=n, k=k, weight_bytes=kernel.weight_bytes * scale)
 
 
+def sparse_tactic_reason(kernel: Kernel, gpu: GPUSpec, precision: str) -> str | None:
+    """Why TensorRT runs a 2:4 GEMM with its dense tactic on ``gpu``, or ``None`` when a sparse tactic applies.
+
+    The rules (docs/cost-model.md): sparse tensor cores at the precision (gpus.toml), K a multiple of 4 (2:4
+    groups run along K), and more than ``sparse_gain.small_m`` rows, below which no 2:4 gain was measured and
+    TensorRT's timing picks the dense tactic.
+    """
+    if not gpu.has_sparse(precision):
+        return f"{gpu.key} has no 2:4 sparse tensor cores at {precision}"
+    if kernel.k % 4:
+        return f"K = {kernel.k} is not a multiple of 4"
+    small = FACTORS["sparse_gain"]["value"]["small_m"]
+    if kernel.m <= small:
+        return f"M = {kernel.m} rows <= {small}, where TensorRT picks the dense tactic (no measured 2:4 gain)"
+    return None
+
+
+def sparse_eligibility(kernels: Iterable[Kernel], gpu: GPUSpec, precision: str) -> dict[str, Any]:
+    """Which GEMMs are 2:4, which of them get sparse tactics on ``gpu``, and why the others run dense.
+
+    Returns ``{"sparse_tactics": [names], "dense_tactics": {reason: [names]}, "not_2of4": [names]}``.
+    """
+    out: dict[str, Any] = {"sparse_tactics": [], "dense_tactics": {}, "not_2of4": []}
+    for kernel in kernels:
+        if kernel.kind not in ("gemm", "conv"):
+            continue
+        if not kernel.sparse:
+            out["not_2of4"].append(kernel.name)
+            continue
+        reason = sparse_tactic_reason(kernel, gpu, precision)
+        if reason is None:
+            out["sparse_tactics"].append(kernel.name)
+        else:
+            out["dense_tactics"].setdefault(reason, []).append(kernel.name)
+    return out
+
+
+def _by_group(names: list[str], groups: Mapping[str, str]) -> str:
+    counts: dict[str, int] = {}
+    for name in names:
+        counts[groups[name]] = counts.get(groups[name], 0) + 1
+    return ", ".join(f"{group} {n}" for group, n in sorted(counts.items()))
+
+
 def _sparse_note(
     reference: list[Kernel], compiled: list[Kernel], gpu: GPUSpec, precision: str, ref: Any, new: Any
 ) -> str | None:
-    """What 2:4 buys: eligible GEMMs, whether sparse tactics apply (sparse tensor cores at this precision, M > 64)."""
+    """What 2:4 buys: how many GEMMs are 2:4, which of them get sparse tactics (per layer type) and why the
+    others run dense (:func:`sparse_tactic_reason`), and which GEMMs are not 2:4."""
     sparse = [k for k in compiled if k.sparse and k.kind in ("gemm", "conv")]
     if not sparse or any(k.sparse for k in reference):
         return None
     gemms = sum(k.kind in ("gemm", "conv") for k in compiled)
+    groups = {k.name: k.group for k in compiled}
+    split = sparse_eligibility(compiled, gpu, precision)
+    parts = []
+    if split["sparse_tactics"]:
+        fast = split["sparse_tactics"]
+        m = max(k.m for k in sparse if k.name in set(fast))
+        parts.append(
+            f"sparse tactics at M = {m} on {len(fast)} ({_by_group(fast, groups)}), "
+            f"{sparse_gain(m):.2f}x on the GEMMs' math only (weights read dense)"
+        )
+    for reason, names in split["dense_tactics"].items():
+        parts.append(f"dense tactics on {len(names)} ({_by_group(names, groups)}): {reason}")
+    if split["not_2of4"]:
+        parts.append(f"not 2:4: {_by_group(split['not_2of4'], groups)}")
     head = f"2:4 on {len(sparse)} of {gemms} GEMMs ({ref.latency_ms / new.latency_ms:.2f}x, FLOPs unchanged)"
-    if not gpu.has_sparse(precision):
-        return f"{head}: {gpu.key} has no 2:4 sparse tensor cores at {precision}, dense tactics run"
-    small = FACTORS["sparse_gain"]["value"]["small_m"]
-    m = max(k.m for k in sparse)
-    if m <= small:
-        return f"{head}: M = {m} rows <= {small}, where TensorRT picks the dense tactic (no measured 2:4 gain)"
-    return f"{head}: sparse tactics at M = {m}, {sparse_gain(m):.2f}x on the GEMMs' math only (weights read dense)"
+    return f"{head}: " + "; ".join(parts)
 
 
 def explain_gain(
@@ -432,7 +554,8 @@ def explain_gain(
     causes = [sparse] if sparse else []
     if new.launch_ms >= 0.25 * new.latency_ms:
         causes.append(
-            f"launch-bound: {new.kernels} kernels x {_engine(engine).launch_us:g} us = {new.launch_ms:.3g} ms of "
+            f"launch-bound: {new.kernels} kernels x {_engine(engine).launch_s(gpu) * 1e6:.3g} us = "
+            f"{new.launch_ms:.3g} ms of "
             f"{new.latency_ms:.3g} ms, a cost per kernel that narrower kernels keep"
         )
     gemms = [k for k in compiled if k.kind in ("gemm", "conv")]

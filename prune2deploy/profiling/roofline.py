@@ -84,6 +84,8 @@ class GPUSpec:
     aliases: tuple[str, ...] = ()
     checked: tuple[str, ...] = ()
     sm_count: int = 0  # streaming multiprocessors (0: unknown); the cost model's wave quantization needs it
+    boost_clock_mhz: float = 0.0  # SM boost clock (0: unknown); the cost model's per-kernel cost is in cycles
+    l2_mb: float = 0.0  # L2 cache in MB (0: unknown); what stays on chip between kernels and between runs
 
     def supports(self, precision: str) -> bool:
         """Whether a prediction at ``precision`` is possible (fp32 always runs on CUDA cores)."""
@@ -217,6 +219,7 @@ def _parse_gpu(key: str, entry: Any, where: str) -> GPUSpec:
         raise _fail(where, key, "sm_count", f"must be a non-negative integer, got {sm_count!r}")
     if sm_count and not (isinstance(sources.get("sm_count"), str) and sources["sm_count"].strip()):
         raise _fail(where, key, "sources.sm_count", "missing: say which NVIDIA document the SM count is from")
+    optional = {name: _optional_figure(entry, sources, where, key, name) for name in ("boost_clock_mhz", "l2_mb")}
     return GPUSpec(
         key=key,
         name=entry["name"],
@@ -232,7 +235,19 @@ def _parse_gpu(key: str, entry: Any, where: str) -> GPUSpec:
         aliases=tuple(aliases),
         checked=tuple(checked),
         sm_count=sm_count,
+        **optional,
     )
+
+
+def _optional_figure(entry: dict, sources: dict, where: str, key: str, name: str) -> float:
+    """An optional positive figure (0.0 when absent); when given, it needs its source like every other."""
+    if name not in entry:
+        return 0.0
+    if not _positive(entry[name]):
+        raise _fail(where, key, name, f"must be a positive number, got {entry[name]!r}")
+    if not (isinstance(sources.get(name), str) and sources[name].strip()):
+        raise _fail(where, key, f"sources.{name}", "missing: say which NVIDIA document the figure is from")
+    return float(entry[name])
 
 
 def load_catalog(path: Path | str | None = None) -> dict[str, GPUSpec]:

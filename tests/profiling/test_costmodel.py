@@ -15,12 +15,24 @@ from prune2deploy.profiling.costmodel import gemm_utilisation, kernels_from_cost
 from prune2deploy.profiling.roofline import load_catalog
 from prune2deploy.profiling.shape_only import model_kernels, shape_from_config
 
-LAUNCH = 4e-6  # TensorRT per-kernel cost (FACTORS["launch_us"])
+CYCLES = 8000  # TensorRT per-kernel cost in SM cycles (FACTORS["launch_cycles"])
 SPEC = {  # (fp16 peak, int8 peak, bandwidth B/s, fp32 peak, SMs) from gpus.toml
     "a100-sxm-80gb": (312e12, 624e12, 2039e9, 19.5e12, 108),
     "l4": (121e12, 242.5e12, 300e9, 30.3e12, 58),
     "t4": (65e12, 130e12, 320e9, 8.1e12, 40),
 }
+CLOCK_L2 = {"a100-sxm-80gb": (1410e6, 40e6), "l4": (2040e6, 48e6), "t4": (1590e6, 4e6)}  # Hz, L2 bytes
+
+
+def _launch(gpu):
+    return CYCLES / CLOCK_L2[gpu][0]
+
+
+def _dram(activation_bytes, gpu):
+    """Activations reach DRAM only when they exceed half of L2 (FACTORS["l2_resident"])."""
+    return activation_bytes if activation_bytes > 0.5 * CLOCK_L2[gpu][1] else 0.0
+
+
 TINY = {
     "model_type": "llama",
     "hidden_size": 1024,
@@ -44,10 +56,12 @@ def _by_name(kernels, suffix):
     return k
 
 
-def _gemm_s(m, n, k, util, peak, bw, eff=0.75):
+def _gemm_s(gpu, m, n, k, util, eff=0.75):
+    """Weights resident in L2 (the MLP's 25 MB fit in 3/4 of A100's and L4's), activations from DRAM."""
+    peak, _, bw, _, _ = SPEC[gpu]
     compute = 2 * m * n * k / (peak * eff * util)
-    memory = (m * k + n * k + m * n) * 2 / (bw * 0.85)
-    return max(compute, memory) + LAUNCH
+    memory = _dram((m * k + m * n) * 2, gpu) / (bw * 0.85)
+    return max(compute, memory) + _launch(gpu)
 
 
 @pytest.mark.parametrize("gpu", ["a100-sxm-80gb", "l4"])
@@ -56,15 +70,15 @@ def test_fused_mlp_block(catalog, gpu):
     kernels = model_kernels(shape_from_config(TINY), batch=8, seq=512, precision="fp16", engine="tensorrt")
     mlp = [k for k in kernels if k.group == "mlp"]
     assert [k.name for k in mlp] == ["layers.0.gate_up", "layers.0.swiglu", "layers.0.down"]
-    peak, _, bw, fp32, sms = SPEC[gpu]
+    _, _, bw, fp32, sms = SPEC[gpu]
     # wave quantisation by hand: gate_up has 32 x 64 = 2048 tiles, down 32 x 8 = 256 (enough to fill the
     # SMs: no split-K)
     util_gate_up = {"a100-sxm-80gb": 2048 / (19 * 108), "l4": 2048 / (36 * 58)}[gpu]
     util_down = {"a100-sxm-80gb": 256 / (3 * 108), "l4": 256 / (5 * 58)}[gpu]
     assert gemm_utilisation(4096, 8192, 1024, sms) == pytest.approx(util_gate_up)
     m, inter = 4096, 4096
-    swiglu = max(m * inter / (fp32 * 0.5), 3 * m * inter * 2 / (bw * 0.85)) + LAUNCH
-    expected = _gemm_s(m, 8192, 1024, util_gate_up, peak, bw) + swiglu + _gemm_s(m, 1024, inter, util_down, peak, bw)
+    swiglu = max(m * inter / (fp32 * 0.5), _dram(3 * m * inter * 2, gpu) / (bw * 0.85)) + _launch(gpu)
+    expected = _gemm_s(gpu, m, 8192, 1024, util_gate_up) + swiglu + _gemm_s(gpu, m, 1024, inter, util_down)
     pred = price(mlp, catalog[gpu], precision="fp16", engine="tensorrt")
     assert pred.latency_ms == pytest.approx(expected * 1e3, rel=1e-9)
     assert pred.binding_by_group == {"mlp": "compute"}  # M = 4096: past the ridge on both
@@ -89,7 +103,7 @@ def test_attention_block_prefill_and_decode(catalog):
     for gpu in ("a100-sxm-80gb", "l4"):
         peak, _, bw, _, _ = SPEC[gpu]
         for kern in (pre, dec):
-            expected = max(kern.flops / (peak * 0.5), kern.bytes / (bw * 0.85)) + LAUNCH
+            expected = max(kern.flops / (peak * 0.5), _dram(kern.bytes, gpu) / (bw * 0.85)) + _launch(gpu)
             assert price([kern], catalog[gpu]).latency_ms == pytest.approx(expected * 1e3, rel=1e-9)
         assert price([dec], catalog[gpu]).binding == "memory"  # the KV cache, 268 MB, dominates
     # fp8 reads an fp8 KV cache: half the cache bytes
@@ -105,9 +119,11 @@ def test_conv_on_two_gpus(catalog, gpu):
     m, n, k = 112 * 112, 64, 147
     assert (stem.m, stem.n, stem.k, stem.flops) == (m, n, k, 2 * m * n * k)
     assert stem.bytes == 3 * 224 * 224 + n * k + m * n
-    _, int8, bw, _, _ = SPEC[gpu]
+    _, int8, _, _, _ = SPEC[gpu]
     util = {"a100-sxm-80gb": 98 / 108, "t4": 98 / 120}[gpu]
-    expected = max(2 * m * n * k / (int8 * 0.45 * util), stem.bytes / (bw * 0.85)) + LAUNCH
+    # the stem's 1 MB of activations and 9 KB of weights stay in L2 (4 MB on T4): no DRAM term
+    assert _dram(stem.bytes - stem.weight_bytes, gpu) == 0.0
+    expected = 2 * m * n * k / (int8 * 0.5 * util) + _launch(gpu)
     assert price([stem], catalog[gpu], precision="int8").latency_ms == pytest.approx(expected * 1e3, rel=1e-9)
     convs = [k for k in model_kernels(shape, batch=1, precision="int8") if k.kind == "conv"]
     assert len(convs) == 53  # stem + 16 blocks x 3 + 4 downsamples

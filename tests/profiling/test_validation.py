@@ -8,9 +8,14 @@ from prune2deploy.profiling.costmodel import ENGINES, FITTED, factor, factors_se
 from prune2deploy.profiling.roofline import load_catalog
 from prune2deploy.profiling.shape_only import model_kernels, shape_from_config
 from prune2deploy.profiling.validation import (
+    PRIORS,
     compare_published,
     cross_validate,
+    discordant_pairs,
+    exercised,
+    fit_factors,
     load_published,
+    orderings,
     source_group,
     summary,
 )
@@ -21,14 +26,20 @@ def test_factors_set_prices_with_the_trial_values_and_restores_them():
     t4 = load_catalog()["t4"]
     before = price(kernels, t4, precision="int8").latency_ms
     shipped = {name: factor(name) for name in FITTED}
-    with factors_set({"launch_us.tensorrt": 10.0, "conv_efficiency": 0.9}):
-        assert ENGINES["tensorrt"].launch_us == 10.0
+    with factors_set({"launch_cycles.tensorrt": 15900.0, "conv_efficiency": 0.9}):
+        assert ENGINES["tensorrt"].launch_cycles == 15900.0
         inside = price(kernels, t4, precision="int8")
-    assert inside.launch_ms == pytest.approx(len(kernels) * 10e-3)
-    assert {name: factor(name) for name in FITTED} == shipped and ENGINES["tensorrt"].launch_us == shipped[
-        "launch_us.tensorrt"
-    ]
+    assert inside.launch_ms == pytest.approx(len(kernels) * 10e-3)  # 15900 cycles at T4's 1590 MHz = 10 us
+    assert {name: factor(name) for name in FITTED} == shipped
+    assert ENGINES["tensorrt"].launch_cycles == shipped["launch_cycles.tensorrt"]
     assert price(kernels, t4, precision="int8").latency_ms == before
+
+
+def test_shipped_factors_are_the_fit_on_all_figures():
+    """The fitted factors ship as fit_factors() leaves them on every figure, starting from the cited priors:
+    the in-sample numbers of docs/cost-model.md are of that fit, and nothing was hand-tuned after it."""
+    assert fit_factors() == {name: factor(name) for name in FITTED}
+    assert set(PRIORS) == set(FITTED)
 
 
 def test_sources_are_publications():
@@ -37,16 +48,80 @@ def test_sources_are_publications():
     assert len(groups) >= 5
 
 
-def test_cross_validated_error_within_the_targets():
+@pytest.fixture(scope="module")
+def cv():
+    """Leave-one-source-out cross-validation, once for the module (about 40 s on 2 cores)."""
+    return cross_validate()
+
+
+def test_cross_validated_error_within_the_targets(cv):
     """Leave one publication out, refit the fitted factors on the rest, predict it: median |error| <= 20% and
     median signed error within +-10% (the shipped, in-sample factors are optimistic: signed error < 0)."""
-    held, fitted = cross_validate()
+    held, fitted = cv
     data = load_published()
     assert [r.id for r in held] == [f["id"] for f in data["figures"]]
     assert set(fitted) == {source_group(f) for f in data["figures"]}
-    cv = summary(held)
-    assert cv["median_abs_error"] <= 0.20
-    assert abs(cv["median_signed_error"]) <= 0.10
+    held_out = summary(held)
+    assert held_out["median_abs_error"] <= 0.20
+    assert abs(held_out["median_signed_error"]) <= 0.10
     in_sample = summary(compare_published())
-    assert in_sample["median_signed_error"] < 0  # the optimism the issue reports, still in the shipped factors
-    assert cv["orderings_held"] >= cv["orderings"] - 1
+    assert in_sample["median_abs_error"] <= 0.20 and abs(in_sample["median_signed_error"]) <= 0.10
+    assert held_out["orderings_held"] >= held_out["orderings"] - 1
+
+
+#: GPU pairs whose published order the model does not reproduce, with why (docs/cost-model.md). The T4 figure
+#: is MLPerf v0.7 (2020, TensorRT 7 on Turing, a 70 W card that cannot hold its 1590 MHz boost under tensor
+#: load); the model prices it at the datasheet clock, 0.55 ms against 1.09 ms published.
+KNOWN_DISCORDANT = {("cnn_single_stream", "jetson-agx-orin-64gb", "t4")}
+#: Two GPUs whose published figures differ by less than this are a tie: the same GPU's MLPerf results differ
+#: by 4-8% between software releases (A30 v1.0 vs v2.0: 0.541 vs 0.521 ms; A100 PCIe v1.0 vs v1.1: 0.500 vs
+#: 0.500; L4 v3.0 vs v3.1: 0.362 vs 0.349; published.json).
+TIE = 1.10
+
+
+def test_gpu_order_per_workload_as_published():
+    """Wherever the published set has >= 2 GPUs for one workload setting, the predicted order of every pair
+    that the publications separate by more than TIE is the published one, except the known, explained pair;
+    and that pair still disagrees (else this list and docs/cost-model.md are stale)."""
+    rows = compare_published()
+    published = {}
+    for r in rows:
+        published.setdefault((r.workload, r.model, r.precision, r.batch, r.seq, r.sparse, r.gpu), []).append(r)
+    found = set()
+    for order in orderings(rows):
+        setting = order["setting"]
+        for fast, slow in discordant_pairs(order):
+            times = [sorted(x.published_ms for x in published[(*setting, g)]) for g in (fast, slow)]
+            ratio = times[1][len(times[1]) // 2] / times[0][len(times[0]) // 2]
+            if ratio >= TIE:
+                found.add((setting[0], *sorted((fast, slow))))
+    assert found == KNOWN_DISCORDANT
+    assert len(orderings(rows)) >= 9
+
+
+def test_resnet50_batch1_order_follows_the_clock():
+    """Small-batch ResNet-50 is bound by a per-kernel cost in cycles: L4 (2040 MHz) before A100 (1410 MHz),
+    as MLPerf SingleStream publishes, although A100 has 2.6x L4's int8 peak (the catalog without clocks
+    ranked A100 first)."""
+    rows = {r.id: r for r in compare_published()}
+    l4, a100 = rows["mlperf3.1-resnet50-l4-singlestream"], rows["mlperf1.0-resnet50-a100-40gb-singlestream"]
+    assert l4.published_ms < a100.published_ms and l4.predicted_ms < a100.predicted_ms
+    kernels = model_kernels(shape_from_config({"model_type": "resnet"}), batch=1, precision="int8")
+    catalog = load_catalog()
+    on_l4, on_a100 = (price(kernels, catalog[g], precision="int8") for g in ("l4", "a100-40gb"))
+    assert on_l4.launch_ms == pytest.approx(on_a100.launch_ms * 1410 / 2040)
+    assert on_a100.launch_ms > 0.5 * on_a100.latency_ms and on_l4.launch_ms > 0.5 * on_l4.latency_ms
+
+
+def test_a_factor_no_training_figure_uses_is_not_refit(cv):
+    """Without the demoBERT figures only ResNet-50's classifier GEMM runs int8 GEMMs: the fit would follow
+    noise, so the int8 GEMM efficiency keeps its cited prior in that fold (not the shipped value, which is
+    fitted on the held-out figures themselves)."""
+    data = load_published()
+    catalog = load_catalog()
+    no_bert = {f["id"] for f in data["figures"] if f["workload"] != "bert"}
+    assert exercised("gemm_efficiency.int8", data, catalog)
+    assert not exercised("gemm_efficiency.int8", data, catalog, only=no_bert)
+    _, fitted = cv
+    assert fitted["github.com/NVIDIA/TensorRT"]["gemm_efficiency.int8"] == PRIORS["gemm_efficiency.int8"]
+    assert PRIORS["gemm_efficiency.int8"] != factor("gemm_efficiency.int8")
