@@ -32,3 +32,33 @@ def test_variants_are_submitted_in_a_bounded_window(monkeypatch, tmp_path, max_p
     result = run_sweep(_spec(tmp_path, 12), tmp_path / "out", cache_dir=tmp_path / "cache", max_parallel=max_parallel)
     assert len(ray.submitted) == 12 and len(result.ran) == 12 and not result.failed
     assert ray.max_in_flight == window
+
+
+class _UnstartedRay(FakeRay):
+    def is_initialized(self) -> bool:
+        raise AssertionError("Ray was used before the sweep file was validated")
+
+
+_RATIOS = [round(i / 100, 2) for i in range(100)]
+
+
+@pytest.mark.parametrize(
+    ("grid", "message"),
+    [
+        ({"mlp": [0.5], "round_to": [10**230]}, "its id is"),
+        ({"mlp": _RATIOS, "heads": _RATIOS, "hidden": _RATIOS}, "1,000,000 variants"),
+    ],
+)
+def test_cli_refuses_bad_ids_and_grids_with_exit_2_before_ray(monkeypatch, tmp_path, capsys, grid, message):
+    """Exit 2 before Ray is used, for an id no file system can hold (it was exit 1, after Ray started) and for
+    a grid over the limit."""
+    import json
+
+    from prune2deploy.cli import main
+
+    ray = _UnstartedRay()
+    patch_driver(monkeypatch, ray, tmp_path)
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"model": str(model_folder(tmp_path)), "grid": grid, "quality": NO_QUALITY}))
+    assert main(["sweep", str(path), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    assert message in capsys.readouterr().err and not ray.submitted
