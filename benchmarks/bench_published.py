@@ -7,7 +7,8 @@ measured on several GPUs, whether the predicted GPU order is the published one. 
 
 Beside the in-sample error (the shipped factors, several of them fitted on these same figures) it prints the
 leave-one-source-out cross-validated error: each publication's figures predicted with the fitted factors
-(costmodel.FITTED) refit on the other publications only (``--by workload``: leave one workload out).
+(costmodel.FITTED) refit on the other publications only, starting from the cited priors
+(validation.PRIORS) (``--by workload``: leave one workload out); then the shipped factors and each fold's.
 
     python benchmarks/bench_published.py [--json] [--by source|workload]
 """
@@ -29,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--by", choices=["source", "workload"], default="source", help="cross-validation groups")
     args = parser.parse_args(argv)
 
-    from prune2deploy.profiling.validation import compare_published, cross_validate, orderings, summary
+    from prune2deploy.profiling.costmodel import FITTED, factor
+    from prune2deploy.profiling.validation import PRIORS, compare_published, cross_validate, orderings, summary
 
     rows = compare_published()
     result = summary(rows)
@@ -70,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{100 * r['median_signed_error']:+.1f}%, {r['optimistic']} of {r['figures']} predicted faster than "
             f"published, GPU order held in {r['orderings_held']} of {r['orderings']}"
         )
+    print("fitted factors: " + ", ".join(f"{n} {factor(n):g} (prior {PRIORS[n]:g})" for n in FITTED))
+    for group, values in fitted.items():
+        print(f"  without {group:<44} " + ", ".join(f"{values[n]:g}" for n in FITTED))
     return 0
 
 
