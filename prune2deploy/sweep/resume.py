@@ -21,13 +21,24 @@ from prune2deploy.sweep.report import variant_problem
 from prune2deploy.sweep.spec import Variant
 from prune2deploy.sweep.task import summarize_report
 
-__all__ = ["QUALITY_DIR", "previous_entries", "quality_path", "resumed_entry", "safe_out", "write_quality"]
+__all__ = [
+    "MAX_JSON_BYTES",
+    "QUALITY_DIR",
+    "previous_entries",
+    "quality_path",
+    "resumed_entry",
+    "safe_out",
+    "write_quality",
+]
 
 log = logging.getLogger(__name__)
 
 #: ``OUT/quality/<variant id>.json``: each variant's quality record, outside its compile folder (whose
 #: manifest lists every file it holds) so that a re-run may still replace that folder.
 QUALITY_DIR = "quality"
+#: sweep.json, a report.json or a quality record larger than this is not read: 1,000 variants (the most a
+#: grid may have) make a sweep.json of a few MB, and a compile's report.json is tens of KB.
+MAX_JSON_BYTES = 64 << 20
 
 
 def previous_entries(out_dir: Path) -> dict[str, dict[str, Any]]:
@@ -40,6 +51,11 @@ def previous_entries(out_dir: Path) -> dict[str, dict[str, Any]]:
     path = out_dir / "sweep.json"
     if not path.is_file():
         return {}
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise BadInputError(
+            f"{path}: {path.stat().st_size} bytes; a sweep.json is at most {MAX_JSON_BYTES} bytes. Choose another "
+            "--out, or move the file away"
+        )
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -79,7 +95,10 @@ def write_quality(out_dir: Path, variant: Variant, quality: dict[str, Any] | Non
 
 
 def _read_json(path: Path) -> Any:
+    """The file's JSON, or None when it is missing, larger than :data:`MAX_JSON_BYTES` or not JSON."""
     try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            return None
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
