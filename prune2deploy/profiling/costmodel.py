@@ -5,8 +5,11 @@ rates. Real engines fuse: pointwise ops ride in GEMM epilogues, attention is one
 K, V, O and the KV cache (never the score matrix), and small-M GEMMs cannot fill the GPU. This module turns
 a workload into *kernels* as an engine would launch them and prices each one:
 
-``time = max(flops / (peak · gemm_efficiency · wave_utilisation), bytes / (bandwidth · bw_efficiency))
+``time = max(flops / (peak · gemm_efficiency · wave_utilisation), DRAM bytes / (bandwidth · bw_efficiency))
 + launch``
+
+``launch`` is a host cost in microseconds for engines that launch each kernel from the CPU plus, for TensorRT,
+a GPU-side cost in SM cycles at the GPU's boost clock; DRAM bytes leave out what the GPU's L2 keeps on chip.
 
 Every factor has a source in :data:`FACTORS` (and docs/cost-model.md). Two sources of kernels:
 
@@ -131,7 +134,7 @@ FITTED = ("gemm_efficiency.int8", "gemm_efficiency.fp8", "conv_efficiency", "lau
 
 
 def factor(name: str) -> float:
-    """A factor's value by dotted name (``conv_efficiency``, ``gemm_efficiency.int8``, ``launch_us.tensorrt``)."""
+    """A factor's value by dotted name (``conv_efficiency``, ``gemm_efficiency.int8``, ``launch_cycles.tensorrt``)."""
     head, _, key = name.partition(".")
     value = FACTORS[head]["value"]
     return float(value[key] if key else value)
