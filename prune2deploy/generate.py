@@ -24,6 +24,7 @@ import onnx_ir as ir
 
 from prune2deploy.errors import BadInputError
 from prune2deploy.frontends.decoder import DecoderSignature, decoder_signature
+from prune2deploy.limits import THREADS_PER_CORE, max_threads
 from prune2deploy.ort_session import make_session
 
 __all__ = [
@@ -306,8 +307,11 @@ def check_generate_options(
 
     if not whole(max_new_tokens) or max_new_tokens < 1:
         raise BadInputError(f"--max-new-tokens must be a whole number of at least 1, not {max_new_tokens!r}")
-    if threads is not None and (not whole(threads) or threads < 1):
-        raise BadInputError(f"--threads must be a whole number of at least 1, not {threads!r}")
+    if threads is not None and (not whole(threads) or not 1 <= threads <= max_threads()):
+        raise BadInputError(
+            f"--threads must be a whole number from 1 to {max_threads()} ({THREADS_PER_CORE} per core here), "
+            f"not {threads!r}"
+        )
     if temperature is not None and not (isinstance(temperature, (int, float)) and math.isfinite(temperature)):
         raise BadInputError(f"--temperature must be a finite number, not {temperature!r}")
     if temperature is not None and temperature <= 0:

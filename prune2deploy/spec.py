@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 from prune2deploy.engines.registry import DEFAULT_ENGINE, engine_class, engine_names
 from prune2deploy.errors import ConfigError
 from prune2deploy.io import MAX_CONFIG_BYTES, read_config_file
+from prune2deploy.limits import EXPORT_BATCH, EXPORT_SEQ, GENAI_CONTEXT, THREADS_PER_CORE, max_threads
 from prune2deploy.passes.registry import PassOption, PassSpec, default_passes, get_pass, load_passes, passes_in_stage
 
 __all__ = [
@@ -167,7 +168,8 @@ CORE_OPTIONS: dict[str, CoreOption] = {
         constraints={"gt": 0, "lt": 1},
     ),
     "threads": CoreOption(
-        pydantic.PositiveInt | None, None, "ONNX Runtime intra-op threads for timing (default: ONNX Runtime's)",
+        Annotated[int, pydantic.Field(ge=1, le=max_threads())] | None, None,
+        f"ONNX Runtime intra-op threads for timing, at most {THREADS_PER_CORE} per core (default: ONNX Runtime's)",
         flag="--threads", metavar="N",
     ),
     "overwrite": CoreOption(bool, False, "replace an existing output folder", flag="--overwrite"),
@@ -177,9 +179,12 @@ CORE_OPTIONS: dict[str, CoreOption] = {
         "folder reproduces itself", flag="--keep-inputs",
     ),
     "export_batch": CoreOption(
-        int, 2, "example batch of the torch exporter (at least 2: batch 1 is specialised)", constraints={"ge": 1}
+        int, 2, "example batch of the torch exporter (at least 2: batch 1 is specialised)",
+        constraints={"ge": 1, "le": EXPORT_BATCH},
     ),
-    "export_seq": CoreOption(int, 8, "example sequence length of the torch exporter", constraints={"ge": 1}),
+    "export_seq": CoreOption(
+        int, 8, "example sequence length of the torch exporter", constraints={"ge": 1, "le": EXPORT_SEQ}
+    ),
     "portable": CoreOption(
         bool, False, f"keep standard ONNX ops in model.onnx: passes that write one runtime's kernels "
         f"({_runtime_passes()}) stay out, and asking for one is an error", flag="--portable",
@@ -199,7 +204,9 @@ CORE_OPTIONS: dict[str, CoreOption] = {
         "llama-cpp-python is installed)", flag="--gguf", parse=_comma_list, metavar="TYPE[,TYPE...]",
     ),
     "genai_context_length": CoreOption(
-        pydantic.PositiveInt | None, None, "context length of genai/ (default: the model's max_position_embeddings)"
+        Annotated[int, pydantic.Field(ge=1, le=GENAI_CONTEXT)] | None, None,
+        f"context length of genai/, at most the model's max_position_embeddings and {GENAI_CONTEXT} (default: "
+        f"the model's max_position_embeddings, capped at {GENAI_CONTEXT})",
     ),
     "genai_precision": CoreOption(
         Literal["fp32", "fp16", "int8", "int4"], "fp32", "genai/'s decoder: fp32 (CPU, exact), int8/int4 (CPU: "

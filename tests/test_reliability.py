@@ -925,3 +925,85 @@ def test_no_telemetry_is_written_under_home(genai_out, tmp_path):
     )
     subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, timeout=300)
     assert not (tmp_path / "home" / ".cache" / "Microsoft").exists()
+
+
+# -- limits on sizes and numbers (issue 29 B: prune2deploy/limits.py) ------------------------------------------------
+
+
+def _external(path: Path, *, offset: int = 0, length: int = 512) -> Path:
+    """``path``'s first initializer moved to ``w1.bin`` beside it (external data)."""
+    proto = onnx.load(str(path))
+    tensor = proto.graph.initializer[0]
+    (path.parent / "w1.bin").write_bytes(tensor.raw_data or numpy_helper.to_array(tensor).tobytes())
+    tensor.ClearField("raw_data")
+    tensor.ClearField("float_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", "w1.bin"), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, str(path))
+    return path
+
+
+def test_fifo_external_data_and_offsets_beyond_the_file_are_exit_2(tmp_path, capsys):
+    """A FIFO as external data hung `compile` forever (the checker opened it and waited for a writer)."""
+    model = _external(mlp(tmp_path / "m.onnx"))
+    (tmp_path / "w1.bin").unlink()
+    os.mkfifo(tmp_path / "w1.bin")
+    code = f"from prune2deploy.cli import main; raise SystemExit(main(['inspect', {str(model)!r}]))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "is a FIFO (named pipe), not a regular file" in done.stderr
+    (tmp_path / "w1.bin").unlink()
+    model = _external(mlp(tmp_path / "m.onnx"), offset=256)
+    assert main(["inspect", str(model)]) == 2
+    err = capsys.readouterr().err
+    assert "tensor 'w1' has external data at bytes 256..768 of w1.bin, which holds 512 bytes" in err
+
+
+def test_sizes_and_numbers_beyond_the_limits_are_exit_2(tmp_path, capsys):
+    """Numbers a user hands in are checked before work starts, with the value and the limit in the message."""
+    from prune2deploy.limits import EXPORT_BATCH, max_threads
+
+    model = mlp(tmp_path / "m.onnx")
+    config = tmp_path / "c.yaml"
+    for text, expected in (("threads: 100000", "threads"), ("export_batch: 100000", "export_batch")):
+        config.write_text(text)
+        assert _compile(model, "--out", tmp_path / "out", "--config", config) == 2, text
+        assert expected in capsys.readouterr().err
+    assert _compile(model, "--out", tmp_path / "out", "--threads", "100000") == 2
+    assert f"less than or equal to {max_threads()}" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as argparse_exit:  # argparse's own exit, code 2
+        main(["profile", str(model), "--threads", "100000"])
+    assert argparse_exit.value.code == 2 and f"must be at most {max_threads()}" in capsys.readouterr().err
+    assert main(["generate", str(tmp_path), "hi", "--threads", "100000"]) == 2
+    assert "--threads must be a whole number from 1 to" in capsys.readouterr().err
+    assert EXPORT_BATCH < 100000
+
+
+def test_feeds_whose_header_claims_gigabytes_are_exit_2_before_loading(tmp_path, capsys):
+    import zipfile
+
+    from numpy.lib import format as npy
+
+    model = mlp(tmp_path / "m.onnx")
+    header = tmp_path / "x.npy"
+    with open(header, "wb") as handle:
+        npy.write_array_header_1_0(handle, {"descr": "<f4", "fortran_order": False, "shape": (1 << 28, 8)})
+    with zipfile.ZipFile(tmp_path / "feeds.npz", "w") as archive:
+        archive.writestr("x.npy", header.read_bytes() + bytes(64))
+    assert _compile(model, "--out", tmp_path / "out", "--feeds", tmp_path / "feeds.npz") == 2
+    err = capsys.readouterr().err
+    assert "feeds.npz: the feeds declare 8589934592 bytes (largest: 'x.npy'" in err and "at most" in err
+    assert main(["verify", str(model), "--reference", str(model), "--feeds", str(tmp_path / "feeds.npz")]) == 2
+
+
+def test_state_dict_pickle_says_how_to_convert_to_safetensors(tmp_path, capsys):
+    import torch
+
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    torch.save({"model.embed_tokens.weight": torch.zeros(4, 2)}, folder / "pytorch_model.bin")
+    assert _compile(folder / "pytorch_model.bin", "--out", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "save_pretrained(" in err and "safe_serialization=True" in err and "never unpickles" in err
+    assert "weights_only=False" not in err

@@ -22,6 +22,7 @@ __all__ = [
     "positive_int",
     "relative_tolerance",
     "switched_passes",
+    "thread_count",
 ]
 
 
@@ -163,6 +164,18 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
 
 positive_int = _int_at_least(1)
 non_negative_int = _int_at_least(0)
+
+
+def thread_count(text: str) -> int:
+    """An argparse type: threads from 1 to :func:`prune2deploy.limits.max_threads` (a few per core)."""
+    from prune2deploy.limits import THREADS_PER_CORE, max_threads
+
+    value = positive_int(text)
+    if value > max_threads():
+        raise argparse.ArgumentTypeError(
+            f"must be at most {max_threads()} ({THREADS_PER_CORE} per core on this machine), not {value}"
+        )
+    return value
 
 
 def positive_float(text: str) -> float:

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from prune2deploy.cli.flags import HelpFormatter, positive_float, positive_int
+from prune2deploy.cli.flags import HelpFormatter, positive_float, positive_int, thread_count
 from prune2deploy.cli.progress import progress
 from prune2deploy.cli.render import table
 from prune2deploy.io import dumps_json
@@ -33,7 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         nargs="+",
         help="sequence lengths (default 128, or the model's position-table length)",
     )
-    p.add_argument("--threads", type=positive_int, help="ONNX Runtime intra-op threads (default: ONNX Runtime's)")
+    p.add_argument("--threads", type=thread_count, help="ONNX Runtime intra-op threads (default: ONNX Runtime's)")
     p.add_argument(
         "--budget", type=positive_float, default=10.0, metavar="S", help="seconds of timing per shape at most"
     )

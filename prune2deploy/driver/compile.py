@@ -163,6 +163,7 @@ def compile_model(
     options = resolve_plan(options or CompileOptions())
     out_dir = Path(out_dir)
     check_before_loading(options, source)
+    check_inputs_before_loading(source, options)
     folder = OutputFolder(out_dir, overwrite=options.overwrite, inputs=[*input_paths(source, options), *inputs])
     run = CompileRun(source, options, folder, progress or (lambda _msg: None))  # the CLI stamps elapsed time
     try:
@@ -176,6 +177,18 @@ def compile_model(
     return CompileResult(out_dir, run.report)
 
 
+def check_inputs_before_loading(source: Any, options: Any) -> None:
+    """The limits on what the user hands in (:mod:`prune2deploy.limits`) that need no model: each feeds file's
+    declared size, and genai/'s context length against the HF folder's positions (read from its config)."""
+    from prune2deploy.frontends.hf_config import check_genai_context
+    from prune2deploy.verify import check_feeds_file
+
+    for path in options.feeds:
+        check_feeds_file(path)
+    if isinstance(source, (str, Path)) and (Path(source) / "config.json").is_file():
+        check_genai_context(Path(source), options.genai_context_length)
+
+
 def reference_step(run: CompileRun) -> None:
     """Loads the input as the masked reference, written once to ``reference.onnx`` and read back mapped.
 
@@ -186,6 +199,7 @@ def reference_step(run: CompileRun) -> None:
     """
     from prune2deploy.analysis.shapes import fit_seqs, sequence_limit
     from prune2deploy.frontends.onnx import load_onnx, save_onnx
+    from prune2deploy.verify import load_user_feeds
 
     options = run.options
     with run.timed("load_and_export_s"):
@@ -201,6 +215,7 @@ def reference_step(run: CompileRun) -> None:
         run.compiled = run.reference.clone()
     # A default sequence longer than the model's position table is lowered; an explicit one is an error.
     run.limit = sequence_limit(run.reference)
+    run.user_feeds = load_user_feeds(run.reference, options.feeds, run.limit)  # bad feeds fail before the passes
     seqs = fit_seqs(run.limit, options.profile_seqs, explicit="profile_seqs" in options.model_fields_set)
     if seqs != list(options.profile_seqs):
         run.options = options = options.replace(profile_seqs=seqs)
@@ -267,7 +282,6 @@ def verify_step(run: CompileRun) -> None:
     graph when the finished one fails); then frees the compiled graph and unmaps the reference."""
     from prune2deploy.analysis.cost import model_cost
     from prune2deploy.passes.registry import passes_in_stage
-    from prune2deploy.verify import load_feeds
 
     with run.timed("save_s"):
         _save_model(run, run.compiled)
@@ -275,7 +289,6 @@ def verify_step(run: CompileRun) -> None:
     batch, seq = run.cost_shape
     run.ref_cost = model_cost(run.reference, batch=batch, seq=seq)
     with run.timed("verify_s"):
-        run.user_feeds = [load_feeds(path) for path in run.options.feeds]
 
         def verify(model: ir.Model) -> Any:
             return verify_against_reference(

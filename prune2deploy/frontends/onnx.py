@@ -16,6 +16,7 @@ from typing import Any
 import onnx_ir as ir
 
 from prune2deploy.errors import BadInputError
+from prune2deploy.limits import check_regular_file
 
 __all__ = [
     "EXTERNAL_THRESHOLD",
@@ -146,8 +147,9 @@ def _onnx_schema(schema: Any) -> Any:
     )  # fmt: skip
 
 
-def _external_tensors(graph) -> Iterator[tuple[str, str]]:
-    """(tensor name, location) of every external tensor: initializers, Constant attributes, subgraphs."""
+def _external_tensors(graph) -> Iterator[tuple[str, dict[str, str]]]:
+    """(tensor name, external_data entries: location, offset, length) of every external tensor:
+    initializers, Constant attributes, subgraphs."""
     from onnx import AttributeProto, TensorProto
 
     def tensors(g):
@@ -168,7 +170,7 @@ def _external_tensors(graph) -> Iterator[tuple[str, str]]:
     for tensor in tensors(graph):
         if tensor.data_location == TensorProto.EXTERNAL:
             entries = {e.key: e.value for e in tensor.external_data}
-            yield tensor.name, entries.get("location", "")
+            yield tensor.name, entries
 
 
 def check_external_data(path: Path) -> None:
@@ -187,7 +189,8 @@ def check_external_data(path: Path) -> None:
             "Re-export it, or check the file was copied completely."
         ) from exc
     base = path.resolve().parent
-    for name, location in _external_tensors(proto.graph):
+    for name, entries in _external_tensors(proto.graph):
+        location = entries.get("location", "")
         where = (base / location).resolve() if location else None
         if not location or Path(location).is_absolute() or where is None or not where.is_relative_to(base):
             raise BadInputError(
@@ -195,6 +198,28 @@ def check_external_data(path: Path) -> None:
                 f"folder {base}; refusing to read it. External data must lie in the model's folder "
                 "(re-save the model with onnx.save(..., save_as_external_data=True) next to it)."
             )
+        if where.exists():  # a missing file is the checker's to report
+            info = check_regular_file(where, what=f"{path}: tensor '{name}' has external data at")
+            _check_extent(path, name, entries, info.st_size)
+
+
+def _check_extent(path: Path, name: str, entries: dict[str, str], size: int) -> None:
+    """An external tensor's ``offset`` and ``length`` lie inside its file (read with neither: a cut or edited
+    file would be read past its end, or a length of 10^15 allocated)."""
+    try:
+        offset = int(entries.get("offset", 0))
+        length = int(entries["length"]) if "length" in entries else max(size - offset, 0)
+    except ValueError:
+        raise BadInputError(
+            f"{path}: tensor '{name}' has external data offset/length {entries.get('offset')!r}/"
+            f"{entries.get('length')!r}, which are not whole numbers; re-save the model"
+        ) from None
+    if offset < 0 or length < 0 or offset + length > size:
+        raise BadInputError(
+            f"{path}: tensor '{name}' has external data at bytes {offset}..{offset + length} of "
+            f"{entries['location']}, which holds {size} bytes; the data file is cut or belongs to another model. "
+            "Copy it completely or re-save the model"
+        )
 
 
 def ensure_shapes(model: ir.Model, *, source: str = "<model>") -> None:

@@ -83,13 +83,17 @@ def check_not_pickle(path: Path) -> None:
     """Raises BadInputError when ``path`` is a torch pickle (see the module's docstring); else nothing.
 
     Reads the first four bytes and, for a zip archive, its member list (and the pickle's opcodes for the
-    message); never unpickles.
+    message); never unpickles. A state dict (``pytorch_model.bin``: only torch's and collections' globals)
+    gets the way to convert it to safetensors, which loads it with torch's ``weights_only`` loader; the advice
+    never includes ``weights_only=False``, which would run whatever the file names.
     """
     path = Path(path)
     if not path.is_file() or not is_pickle(path):
         return
     names = pickled_globals(path)
     modules = [n for n in names if not n.startswith("torch.") or n.startswith("torch.nn.")]
+    if not modules or path.name.startswith("pytorch_model"):
+        raise BadInputError(_state_dict_advice(path))
     what = f" It would import {', '.join(modules[:6])}." if modules else ""
     raise BadInputError(
         f"{path}: a torch pickle (torch.save: Torch-Pruning's and LLM-Pruner's usual output).{what} prune2deploy "
@@ -98,4 +102,18 @@ def check_not_pickle(path: Path) -> None:
         "    obj = torch.load(PATH, weights_only=False)   # LLM-Pruner: obj['model']\n"
         "    prune2deploy.api.compile(obj, OUT, CompileOptions(...))\n"
         "or save it as a model folder with obj.save_pretrained(FOLDER) (transformers models) and compile that"
+    )
+
+
+def _state_dict_advice(path: Path) -> str:
+    """How to turn a pickled state dict into safetensors (transformers reads ``pytorch_model.bin`` with
+    torch's restricted ``weights_only`` loader, so the conversion runs no code from the file)."""
+    folder = path.parent
+    return (
+        f"{path}: a torch pickle of weights (pytorch_model.bin). prune2deploy never unpickles a file; convert "
+        "the model folder to safetensors and compile the new folder:\n"
+        '    python -c "import transformers as t; t.AutoModelForCausalLM.from_pretrained('
+        f"'{folder}').save_pretrained('{folder}-safetensors', safe_serialization=True)\"\n"
+        "(AutoModel for encoders), or for a bare state dict: safetensors.torch.save_file(torch.load(PATH, "
+        "weights_only=True), 'model.safetensors') beside its config.json"
     )

@@ -30,6 +30,7 @@ import numpy as np
 import onnx_ir as ir
 
 from prune2deploy.errors import UnsupportedModelError
+from prune2deploy.limits import genai_context
 from prune2deploy.outputs.fp32 import computing_in_fp32
 from prune2deploy.outputs.quantize import BOUNDS, GenaiPrecision, OneWeightAtATime, WeightQuant, approximate_error
 from prune2deploy.outputs.registry import OutputCheck, OutputContext, OutputSection, OutputSpec, register_output
@@ -369,7 +370,7 @@ def build_genai_decoder(
     # for CUDA; the weights of a half-precision model are converted one tensor at a time while the file is written
     weights = _Weights.of(precision or GenaiPrecision(), quantized)
     dtype = weights.dtype
-    length = int(context_length or getattr(config, "max_position_embeddings", 4096))
+    length = genai_context(context_length, getattr(config, "max_position_embeddings", None))
     eps = float(getattr(config, "rms_norm_eps", 1e-6))
     g = _Graph()
     io = _DecoderIO(dtype)
@@ -649,7 +650,7 @@ def write_genai_folder(
         )
     module = sliced.module
     config = module.config.get_text_config(decoder=True)
-    length = int(context_length or getattr(config, "max_position_embeddings", 4096))
+    length = genai_context(context_length, getattr(config, "max_position_embeddings", None))
     expected = decoder_bytes(sliced, precision)
     weights = sum(p.numel() for _, p in module.named_parameters(remove_duplicate=False))  # tied: table and head
     quantized = OneWeightAtATime()

@@ -14,7 +14,14 @@ models are run on), ``precision`` (fp64 copies), ``whole`` (whole models, one af
 
 from prune2deploy.verify.blockwise import BlockwiseUnavailable, block_cuts, verify_blockwise
 from prune2deploy.verify.compare import compare_outputs
-from prune2deploy.verify.feeds import FeedSet, check_feeds, feed_sets, load_feeds
+from prune2deploy.verify.feeds import (
+    FeedSet,
+    check_feeds,
+    check_feeds_file,
+    feed_sets,
+    load_feeds,
+    load_user_feeds,
+)
 from prune2deploy.verify.result import (
     EXACT_TOLERANCE,
     NOISE_FACTOR,
@@ -42,12 +49,14 @@ __all__ = [
     "Verification",
     "block_cuts",
     "check_feeds",
+    "check_feeds_file",
     "choose_mode",
     "choose_precision",
     "compare_outputs",
     "feed_sets",
     "fp32_bytes",
     "load_feeds",
+    "load_user_feeds",
     "noise_floors",
     "verdict_line",
     "verdict_status",

@@ -84,3 +84,13 @@ def test_loading_a_folder_whose_config_asks_for_1e9_layers_fails_fast(tmp_path):
     (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": config["num_hidden_layers"] + 1}))
     with pytest.raises(BadInputError, match="but the weights hold layers 0"):
         load_hf_model(folder)
+
+
+def test_genai_context_beyond_the_positions_is_refused_before_loading(tmp_path):
+    from prune2deploy.frontends.hf_config import check_genai_context
+
+    folder = _folder(tmp_path)
+    check_genai_context(folder, 32)
+    check_genai_context(folder, None)
+    with pytest.raises(BadInputError, match="genai_context_length is 33, beyond the model's 32 positions"):
+        check_genai_context(folder, 33)

@@ -58,3 +58,51 @@ def test_load_feeds_npz_and_safetensors(tmp_path):
     (tmp_path / "bad.npz").write_text("not a file of arrays")
     with pytest.raises(BadInputError, match="cannot read feeds"):
         load_feeds(tmp_path / "bad.npz")
+
+
+def _npz_declaring(path, shape, descr="<f8"):
+    """An .npz whose member's header declares ``shape`` but holds 16 bytes of data."""
+    import io
+    import zipfile
+
+    from numpy.lib import format as npy
+
+    header = io.BytesIO()
+    npy.write_array_header_1_0(header, {"descr": descr, "fortran_order": False, "shape": shape})
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("input_ids.npy", header.getvalue() + bytes(16))
+    return path
+
+
+def test_feed_files_are_checked_before_their_data_is_read(tmp_path):
+    import os
+
+    from prune2deploy.limits import FEEDS_BYTES
+    from prune2deploy.verify.feeds import check_feeds_file
+
+    with pytest.raises(
+        BadInputError, match=f"declare {1 << 31} bytes \\(largest: 'input_ids.npy'.*at most {FEEDS_BYTES}"
+    ):
+        load_feeds(_npz_declaring(tmp_path / "claims.npz", (1 << 28,)))  # 2 GiB claimed by a 200-byte file
+    with pytest.raises(BadInputError, match="holds Python objects"):
+        load_feeds(_npz_declaring(tmp_path / "objects.npz", (2,), descr="|O"))
+    os.mkfifo(tmp_path / "fifo.npz")
+    with pytest.raises(BadInputError, match="is a FIFO"):
+        check_feeds_file(tmp_path / "fifo.npz")  # opening it would wait for a writer forever
+    np.savez_compressed(tmp_path / "ok.npz", input_ids=np.zeros((2, 8), np.int64))
+    check_feeds_file(tmp_path / "ok.npz")
+
+
+def test_token_ids_and_lengths_beyond_the_model_are_bad_input(llama):
+    from prune2deploy.analysis.shapes import SequenceLimit
+    from prune2deploy.verify.feeds import check_sequence
+
+    mask = np.ones((1, 5), np.int64)
+    for ids, shown in ((np.full((1, 5), 128, np.int64), "128..128"), (np.full((1, 5), -1, np.int64), "-1..-1")):
+        with pytest.raises(BadInputError, match=f"'input_ids' holds values {shown}, but it indexes a table of 128"):
+            check_feeds(llama, {"input_ids": ids, "attention_mask": mask})
+    check_feeds(llama, {"input_ids": np.full((1, 5), 127, np.int64), "attention_mask": mask})
+    feeds = {"input_ids": np.ones((1, 5), np.int64), "attention_mask": mask}
+    with pytest.raises(BadInputError, match="'input_ids' is 5 long on axis 1; the model accepts at most 4 positions"):
+        check_sequence(llama, feeds, SequenceLimit(4, "wpe (4 rows)"))
+    check_sequence(llama, feeds, SequenceLimit(5, "wpe (5 rows)"))
