@@ -18,7 +18,7 @@ def _gguf_file(kind: str, arch: str, size: int, check: dict, padded: int = 0) ->
         "bytes": size,
         "params": 1000,
         "per_layer": [[9, 3, 1536], [9, 3, 512]],
-        "padded_mlp": [f"blk.{i}" for i in range(padded)],
+        "padded_mlp": {f"model.layers.{i}.mlp": [500, 512] for i in range(padded)},  # as gguf.py writes it
         "padding_params": 3 * 576 * 16 * padded,
         "check": check,
     }
@@ -102,6 +102,7 @@ def test_a_report_without_outputs_has_no_outputs_section():
         (("gguf", "files", "f32", "bytes"), 0, "bytes"),
         (("hf", "padding", "params_share"), 1.5, "params_share"),
         (("gguf", "written"), "yes", "written"),
+        (("gguf", "files", "q8_0", "padded_mlp"), ["model.layers.0.mlp"], "padded_mlp"),
     ],
 )
 def test_the_schema_refuses_a_wrong_output_field(path, value, where):
