@@ -419,3 +419,150 @@ def test_input_fuzz_cases_were_both_read_and_refused():
         assert counts["read"] + counts["refused"] >= INPUT_EXAMPLES * 0.9, (kind, counts)
         assert counts["refused"] >= counts["read"] * 0.2 and counts["read"] >= 10, (kind, counts)
     print(f"input fuzz: {_INPUT_COUNTS}")
+
+
+# -- input files: predict configs, npz feeds, GGUF headers (issue 29 B: prune2deploy/limits.py) ----------------------
+#
+# Seeded mutations of a valid file of each kind, read the way the commands read them: a config by
+# `predict` (shape-only rows), feeds by `compile/verify --feeds` (load and check against a model), a GGUF
+# header before transformers builds a model from it. Every case is read or refused with exit code 2 and a
+# message; none raises anything else, and none takes more than CASE_SECONDS (SIGALRM ends a hang).
+
+#: Cases per kind; P2D_FUZZ_LIMIT_EXAMPLES changes it for a local run.
+LIMIT_EXAMPLES = int(os.environ.get("P2D_FUZZ_LIMIT_EXAMPLES", "150"))
+CASE_SECONDS = 20
+
+_NASTY = [0, -1, 1, True, False, None, "64", "", 64.5, 1e9, 10**12, 2**70, -(2**63), float("nan"), float("inf"), [], {}]
+
+
+def _read_or_refuse_within(read, path, counts: dict[str, int]) -> None:
+    """``read(path)``: accepted, or refused with exit code 2 and a message; anything else, or a run past
+    CASE_SECONDS, fails the test with the case's file."""
+    import signal
+
+    from prune2deploy.errors import P2DError
+
+    def hang(_signum, _frame):
+        raise TimeoutError(f"{path} took over {CASE_SECONDS} s")
+
+    previous = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(CASE_SECONDS)
+    try:
+        read(path)
+    except P2DError as exc:
+        assert exc.exit_code == 2 and str(exc).strip() and "Traceback" not in str(exc), (type(exc).__name__, str(exc))
+        counts["refused"] += 1
+    else:
+        counts["read"] += 1
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _assert_both_sides(kind: str, counts: dict[str, int]) -> None:
+    assert counts["read"] + counts["refused"] == LIMIT_EXAMPLES, (kind, counts)
+    assert counts["refused"] >= LIMIT_EXAMPLES // 5 and counts["read"] >= 3, (kind, counts)
+    print(f"{kind} fuzz: {counts}")
+
+
+def test_mutated_predict_configs_are_read_or_refused_with_exit_2(tmp_path):
+    import json
+
+    from prune2deploy.profiling.shape_only import config_rows
+
+    base = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 100,
+        "head_dim": 16, "max_position_embeddings": 128, "hidden_act": "silu",
+    }  # fmt: skip
+    rng = np.random.default_rng(29)
+    counts = {"read": 0, "refused": 0}
+    for case in range(LIMIT_EXAMPLES):
+        config = dict(base)
+        for _ in range(int(rng.integers(1, 3))):
+            key = str(rng.choice(sorted(config)))
+            if rng.random() < 0.2:
+                del config[key]
+            else:
+                config[key] = _NASTY[int(rng.integers(len(_NASTY)))]
+        text = json.dumps(config).encode()
+        if case % 7 == 0:  # bytes cut or garbled
+            at = int(rng.integers(len(text)))
+            text = text[:at] + bytes(rng.integers(0, 256, int(rng.integers(0, 4)), dtype=np.uint8))
+        path = tmp_path / f"config-{case}.json"
+        path.write_bytes(text)
+        _read_or_refuse_within(lambda p: config_rows(p, gpus=["h100"]), path, counts)
+    _assert_both_sides("predict config", counts)
+
+
+def _token_model() -> onnx.ModelProto:
+    """ids[batch, seq] (int64) → Gather from a 10-row table → [batch, seq, 4]: token ids have a range."""
+    table = np.arange(40, dtype=np.float32).reshape(10, 4)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["y"])],
+        "tokens",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 4])],
+        [_init("table", table)],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+
+
+def test_mutated_npz_feeds_are_read_or_refused_with_exit_2(tmp_path):
+    import io
+
+    from prune2deploy.verify.feeds import check_feeds, load_feeds
+
+    model = ir.from_proto(_token_model())
+    buffer = io.BytesIO()
+    np.savez(buffer, ids=np.arange(6, dtype=np.int64).reshape(2, 3) % 10)
+    valid = buffer.getvalue()
+    header_at = valid.index(b"{'descr'")
+    rng = np.random.default_rng(29)
+    counts = {"read": 0, "refused": 0}
+    for case in range(LIMIT_EXAMPLES):
+        data = bytearray(valid)
+        kind = case % 4
+        if kind == 0:  # the .npy header's text: shape, dtype or order changed in place
+            at = header_at + int(rng.integers(0, 70))
+            data[at] = int(rng.choice(list(b"0123456789(),'<>|iufbOV ")))
+        elif kind == 1:  # any byte
+            data[int(rng.integers(len(data)))] = int(rng.integers(256))
+        elif kind == 2:  # cut
+            data = data[: int(rng.integers(len(data)))]
+        else:  # valid file, values that may leave the table
+            buffer = io.BytesIO()
+            np.savez(buffer, ids=rng.integers(-3, 13, size=(2, int(rng.integers(1, 5)))).astype(np.int64))
+            data = bytearray(buffer.getvalue())
+        path = tmp_path / f"feeds-{case}.npz"
+        path.write_bytes(bytes(data))
+        _read_or_refuse_within(lambda p: check_feeds(model, load_feeds(p)), path, counts)
+    _assert_both_sides("npz feeds", counts)
+
+
+def test_mutated_gguf_headers_are_read_or_refused_with_exit_2(tmp_path):
+    import struct
+
+    from prune2deploy.frontends.gguf_header import check_gguf_header
+    from tests.frontends.test_gguf_header import tiny_gguf
+
+    valid = tiny_gguf(tmp_path / "valid.gguf").read_bytes()
+    check_gguf_header(tmp_path / "valid.gguf")
+    header_end = valid.index(b"blk.1.ffn_up.weight") + 64
+    rng = np.random.default_rng(29)
+    counts = {"read": 0, "refused": 0}
+    for case in range(LIMIT_EXAMPLES):
+        data = bytearray(valid)
+        kind = case % 3
+        at = int(rng.integers(4, header_end))
+        if kind == 0:  # one byte of the header
+            data[at] = int(rng.integers(256))
+        elif kind == 1:  # a 64-bit length, count or dimension replaced by a huge or small number
+            numbers = [0, 1, 2**31, 2**40, 2**63 - 1, 2**64 - 1]
+            data[at : at + 8] = struct.pack("<Q", numbers[int(rng.integers(len(numbers)))])
+        else:  # cut
+            data = data[:at]
+        path = tmp_path / f"model-{case}.gguf"
+        path.write_bytes(bytes(data))
+        _read_or_refuse_within(check_gguf_header, path, counts)
+    _assert_both_sides("GGUF header", counts)

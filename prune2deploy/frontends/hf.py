@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from prune2deploy.errors import BadInputError, UnsupportedModelError
+from prune2deploy.frontends.gguf_header import check_gguf_header
 from prune2deploy.frontends.hf_config import check_against_weights, read_hf_config
 
 __all__ = [
@@ -293,6 +294,8 @@ def load_hf_model(path: Path | str, *, task: str | None = None, dtype: str = "fl
         config = read_hf_config(path)
         check_against_weights(path, config)
         task = task or _task_from_config(config)
+    else:
+        check_gguf_header(path / gguf_file)
     task = task or "causal-lm"
     if dtype == "auto":
         dtype = "float32" if gguf_file else checkpoint_dtype(path)
