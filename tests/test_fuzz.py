@@ -268,7 +268,10 @@ def _mutate(document, draw):
     import copy
 
     document = copy.deepcopy(document)
-    path = draw(st.sampled_from(_paths(document)))
+    paths = _paths(document)
+    if draw(st.booleans()):  # half the cases change a key or its direct child, not one of many list items
+        paths = [p for p in paths if len(p) <= 2]
+    path = draw(st.sampled_from(paths))
     op = draw(st.sampled_from(["replace", "delete", "add"]))
     if not path:
         return draw(_values) if op == "replace" else document

@@ -377,6 +377,9 @@ def parse_sweep(data: Any, *, where: str = "sweep") -> SweepSpec:
     """Validates a mapping with the keys of a sweep file."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: a sweep is a mapping with model: and grid:")
+    odd = [key for key in data if not isinstance(key, str)]
+    if odd:
+        raise ConfigError(f"{where}: unknown key {odd[0]!r}; the keys of a sweep are names such as model: and grid:")
     try:
         return SweepSpec(**data)
     except pydantic.ValidationError as exc:
@@ -392,6 +395,10 @@ def load_sweep(path: Path | str) -> SweepSpec:
     if "\0" in spec.model:
         raise ConfigError(f"{path}: 'model' holds a NUL character; give a model folder, file or bundled name")
     beside = path.parent / spec.model
-    if not Path(spec.model).is_absolute() and beside.exists():  # a model path is relative to the sweep file
+    try:
+        found = not Path(spec.model).is_absolute() and beside.exists()
+    except OSError:  # a name no file system holds (too long): not a path beside the sweep file
+        found = False
+    if found:  # a model path is relative to the sweep file
         changes["model"] = str(beside.resolve())
     return spec.model_copy(update=changes)

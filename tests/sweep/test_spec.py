@@ -53,6 +53,7 @@ def test_issue_example_expands_to_four_validated_variants(tmp_path):
         ({"model": "m", "grid": {"mlp": [0.5]}, "prune": {"sample": 4}}, "unknown prune option"),
         ({"model": "m", "grid": {"mlp": [0.5]}, "compile": {"plan": "x"}}, "set by the sweep"),
         ({"model": "m", "grid": {"mlp": [0.5]}, "colour": 1}, "unknown key 'colour'"),
+        ({"model": "m", "grid": {"mlp": [0.5]}, None: None}, "unknown key None"),  # YAML "?": was exit 3
     ],
 )
 def test_bad_sweep_files_name_the_key(data, message):
@@ -163,3 +164,11 @@ def test_variant_id_longer_than_a_file_name_allows_is_refused():
         expand(parse_sweep({"model": "m", "grid": {"mlp": [0.5], "round_to": [8, long_round]}}))
     assert info.value.exit_code == 2
     assert all(len(v.id) <= MAX_ID_LENGTH for v in expand(parse_sweep({"model": "m", "grid": {"round_to": [8]}})))
+
+
+def test_model_name_longer_than_a_file_name_is_read_as_a_name(tmp_path):
+    """Looking for the model beside the sweep file must not fail on a name no file system holds (found by the
+    input fuzz: ENAMETOOLONG ended as an OSError)."""
+    path = tmp_path / "s.yaml"
+    path.write_text("model: " + "a" * 300 + "\ngrid: {mlp: [0.5]}\n")
+    assert load_sweep(path).model == "a" * 300
