@@ -64,10 +64,10 @@ FACTORS: dict[str, dict[str, Any]] = {
         "the TensorRT-LLM v0.5 fp8 figures do not move it), int8 0.65 (demoBERT int8 on A100/A30)",
     },
     "conv_efficiency": {
-        "value": 0.5,
+        "value": 0.55,
         "source": "fit on published.json (validation.fit_factors): MLPerf Inference ResNet-50 (int8, TensorRT) "
         "Offline on H100, A100 PCIe, A30, L4 and T4 reaches 37-45% of the int8 tensor peak (8.2 GFLOP a sample), "
-        "i.e. 0.5 of it once tile and wave quantisation are priced",
+        "i.e. 0.55 of it once tile and wave quantisation are priced",
     },
     "attention_efficiency": {
         "value": 0.5,
@@ -107,12 +107,12 @@ FACTORS: dict[str, dict[str, Any]] = {
         "launch_cycles",
     },
     "launch_cycles": {
-        "value": {"tensorrt": 8000.0},
+        "value": {"tensorrt": 9000.0},
         "source": "GPU-side cost per kernel of an engine enqueued as a whole (grid launch, CTA prologue filling "
         "the pipeline, epilogue, the dependent kernel's wait), in SM clock cycles so that it scales with each "
         "GPU's boost clock (gpus.toml boost_clock_mhz): MLPerf ResNet-50 SingleStream runs 1.4x faster on L4 "
         "(2040 MHz) than on A100 (1410 MHz) although A100 has 2.6x L4's int8 peak, i.e. the same ~13,000 "
-        "cycles per kernel on both. 8000 cycles (5.7 us at 1410 MHz) is fit on published.json from a 4 us "
+        "cycles per kernel on both. 9000 cycles (6.4 us at 1410 MHz) is fit on published.json from a 4 us "
         "prior (validation.PRIORS) and cross-validated; what the harness adds per query is not separated",
     },
     "l2_resident": {

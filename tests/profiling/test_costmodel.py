@@ -15,7 +15,7 @@ from prune2deploy.profiling.costmodel import gemm_utilisation, kernels_from_cost
 from prune2deploy.profiling.roofline import load_catalog
 from prune2deploy.profiling.shape_only import model_kernels, shape_from_config
 
-CYCLES = 8000  # TensorRT per-kernel cost in SM cycles (FACTORS["launch_cycles"])
+CYCLES = 9000  # TensorRT per-kernel cost in SM cycles (FACTORS["launch_cycles"])
 SPEC = {  # (fp16 peak, int8 peak, bandwidth B/s, fp32 peak, SMs) from gpus.toml
     "a100-sxm-80gb": (312e12, 624e12, 2039e9, 19.5e12, 108),
     "l4": (121e12, 242.5e12, 300e9, 30.3e12, 58),
@@ -123,7 +123,7 @@ def test_conv_on_two_gpus(catalog, gpu):
     util = {"a100-sxm-80gb": 98 / 108, "t4": 98 / 120}[gpu]
     # the stem's 1 MB of activations and 9 KB of weights stay in L2 (4 MB on T4): no DRAM term
     assert _dram(stem.bytes - stem.weight_bytes, gpu) == 0.0
-    expected = 2 * m * n * k / (int8 * 0.5 * util) + _launch(gpu)
+    expected = 2 * m * n * k / (int8 * 0.55 * util) + _launch(gpu)
     assert price([stem], catalog[gpu], precision="int8").latency_ms == pytest.approx(expected * 1e3, rel=1e-9)
     convs = [k for k in model_kernels(shape, batch=1, precision="int8") if k.kind == "conv"]
     assert len(convs) == 53  # stem + 16 blocks x 3 + 4 downsamples

