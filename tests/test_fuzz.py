@@ -569,3 +569,50 @@ def test_mutated_gguf_headers_are_read_or_refused_with_exit_2(tmp_path):
         path.write_bytes(bytes(data))
         _read_or_refuse_within(check_gguf_header, path, counts)
     _assert_both_sides("GGUF header", counts)
+
+
+@pytest.fixture(scope="module")
+def sweep_record_case(tmp_path_factory):
+    """A finished one-variant sweep folder (report.json, quality record) and the sweep.json that lists it."""
+    import json
+
+    from prune2deploy.sweep.resume import write_quality
+    from prune2deploy.sweep.spec import expand, parse_sweep
+    from tests.fixtures.fake_ray import fake_task
+
+    out = tmp_path_factory.mktemp("sweep-record-fuzz")
+    variant = expand(parse_sweep({"model": "m", "grid": {"regroup_gqa": [1]}}), source_key="k")[0]
+    entry = fake_task({"id": variant.id, "out": str(out / variant.id)})
+    write_quality(out, variant, None)
+    record = {"schema_version": 1, "variants": [{**entry, "hash": variant.hash, "out": variant.id,
+                                                  "options": variant.options(), "resumed": False}]}  # fmt: skip
+    (out / "sweep.json").write_text(json.dumps(record))
+    return out, variant, json.loads(json.dumps(record))
+
+
+def _resume(out, variant):
+    from prune2deploy.sweep.resume import previous_entries, resumed_entry
+
+    return resumed_entry(variant, previous_entries(out).get(variant.id), out)
+
+
+@_FUZZ_SETTINGS
+@given(data=st.data())
+def test_mutated_sweep_json_is_resumed_run_again_or_exit_2(sweep_record_case, data):
+    """An edited sweep.json either resumes the variant with its report's numbers, runs it again (None), or is
+    exit 2; it never raises anything else, and what it resumes never carries a link outside the folder."""
+    import json
+
+    out, variant, record = sweep_record_case
+    assert _resume(out, variant)["params"]["compiled"] == 50  # the unedited record resumes
+    (out / "sweep.json").write_text(json.dumps(_mutate(record, data.draw), default=str))
+    from prune2deploy.errors import P2DError
+
+    entry = None
+    try:
+        entry = _resume(out, variant)
+    except P2DError as exc:
+        assert exc.exit_code == 2 and str(exc).strip()
+    if entry is not None:
+        assert entry["out"] == variant.id and entry["params"] == {"reference": 100, "compiled": 50}
+    (out / "sweep.json").write_text(json.dumps(record))
