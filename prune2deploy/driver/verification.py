@@ -21,6 +21,7 @@ from typing import Any
 import onnx_ir as ir
 
 from prune2deploy.errors import BadInputError, EngineUnavailable
+from prune2deploy.graph.mapped import release_mapped
 
 __all__ = ["SkippedPass", "blockwise", "release_mapped", "verify_against_reference", "verify_finished"]
 
@@ -49,23 +50,6 @@ class SkippedPass:
             "record": {"skipped": True},
             "refused": self.refused,
         }
-
-
-def release_mapped(model: ir.Model) -> None:
-    """Unmaps the memory-mapped weights of ``model`` (they are mapped again if read later).
-
-    A mapping that arrays still view stays mapped: a rewrite may have made a new tensor as a view of a mapped
-    weight (onnxscript's ORT fusions do), and closing the map under it would be an error (``BufferError``).
-    """
-    viewed = []
-    for value in model.graph.initializers.values():
-        if isinstance(value.const_value, ir.ExternalTensor):
-            try:
-                value.const_value.release()
-            except BufferError:
-                viewed.append(value.name)
-    if viewed:
-        log.debug("still mapped (an array views them): %s", ", ".join(viewed))
 
 
 def blockwise(reference: ir.Model, compiled: ir.Model, options: Any) -> bool:

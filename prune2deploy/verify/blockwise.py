@@ -3,8 +3,10 @@
 Block ``k`` of each model computes the stream leaving layer ``k`` from the stream entering it (the first
 block starts at the graph inputs, the last ends at the graph outputs). Both are fed the *reference's*
 activation at the block's input, so each block's error is its own, and only one block's weights are in
-memory at a time. Each block gets the same verdict as a whole model: fp64 where its ops allow and its copy
-fits, else fp32 against the noise floor of the reference's block (docs/exactness.md).
+memory at a time: each block's mapped pages are unmapped after it (else every page read stays resident, and
+the last block holds both whole models: 26 GB at 8B bf16). Each block gets the same verdict as a whole model:
+fp64 where its ops allow and its copy fits, else fp32 against the noise floor of the reference's block
+(docs/exactness.md).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from prune2deploy.graph.mapped import release_mapped
 from prune2deploy.ort_session import SessionRunner, make_session, release_memory
 from prune2deploy.verify.compare import compare_outputs, keep_worst, relative_difference
 from prune2deploy.verify.feeds import FeedSet, feed_sets
@@ -168,6 +171,8 @@ def _verify_block(
     block["max_rel"] = None if any(v is None for v in values) else max(values, default=0.0)
     if exact and precision == "fp32":
         block["floors"] = _block_floors(parts[0], sets, entering, ends, outs[0], scratch, available)
+    for part in parts:  # the block's weights are the models' own mapped tensors: unmap the pages just read
+        release_mapped(part)
     return block, outs[0]
 
 
