@@ -2,6 +2,7 @@
 
     python benchmarks/bench_scale.py --model 1b --work /tmp/p2d-scale     # generates the HF folder once
     python benchmarks/bench_scale.py --model smollm2 --work /tmp/p2d-scale
+    python benchmarks/bench_scale.py --model 3b --work /tmp/p2d-scale --genai-precision int4 --gguf q8_0
 
 Models: ``smollm2`` (the bundled SmolLM2-135M, fp32, 50% of every MLP's neurons masked by magnitude),
 ``0.5b``, ``1b`` (Llama-3.2-1B-shaped, fp32), ``3b`` (Llama-3.2-3B-shaped, bf16) and ``8b`` (Llama-3.1-8B-shaped,
@@ -9,6 +10,9 @@ bf16, untied lm_head; 16 GB): random weights
 (normal, std 0.02) written shard by shard straight to safetensors, with half of every MLP's neurons zeroed
 in the checkpoint itself (gate/up rows and down columns), so ``compile`` finds them with no mask file.
 Never run in CI: the 1B folder is 4.9 GB, the 3B one 6.4 GB, the 8B one 16 GB.
+
+``--genai-precision`` and ``--gguf`` pass the compile options of those names (default: the compile's); the
+result then names them (``3b-genai-int4-gguf-q8_0-result.json``) and gives each output folder's size on disk.
 
 Each step's time comes from the compile's progress lines; the peak RSS of each step is sampled every
 20 ms by a child process (``RssSampler``), and the whole run's from ``getrusage``. Prints one JSON line and writes it to
@@ -200,6 +204,10 @@ def run(args) -> dict:
         options["export_cache"] = False
     if args.no_genai:
         options["genai"] = False
+    if args.genai_precision:
+        options["genai_precision"] = args.genai_precision
+    if args.gguf:
+        options["gguf"] = args.gguf.split(",")
     options["export_cache_dir"] = work / "cache"
     if args.model == "smollm2":
         from prune2deploy.demo import demo_masks
@@ -262,10 +270,36 @@ def run(args) -> dict:
             ),
         },
         "output_bytes": data_bytes,
+        "folder_bytes": {p.name: folder_bytes(p) for p in out.iterdir() if p.is_dir()},
+        "outputs": {name: _output_summary(report[name]) for name in ("genai", "gguf", "hf") if name in report},
         "steps": phases[1:],
     }
-    (work / f"{args.model}-result.json").write_text(json.dumps(summary, indent=2))
+    (work / f"{result_name(args)}-result.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes of the files under ``folder`` (an output folder: genai/, gguf/, hf/)."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _output_summary(section) -> dict:
+    """What an output folder's report section says about its size and checks (not its per-layer lists)."""
+    if not isinstance(section, dict):
+        return {"value": section}
+    keys = ("written", "reason", "precision", "lm_head", "decoder_bytes", "weight_bytes", "bits_per_weight",
+            "check", "genai", "quantized_weights", "warning", "files")  # fmt: skip
+    return {k: section[k] for k in keys if k in section}
+
+
+def result_name(args) -> str:
+    """``<model>[-genai-<precision>][-gguf-<types>]``: runs with other options do not overwrite each other."""
+    name = args.model
+    if args.genai_precision:
+        name += f"-genai-{args.genai_precision}"
+    if args.gguf:
+        name += f"-gguf-{args.gguf.replace(',', '-')}"
+    return name
 
 
 def main() -> None:
@@ -279,6 +313,8 @@ def main() -> None:
         "--mappings", action="store_true", help="record the resident bytes of each mapped file per step"
     )
     parser.add_argument("--no-genai", action="store_true", help="skip the genai/ output (compile and verify only)")
+    parser.add_argument("--genai-precision", choices=["fp32", "fp16", "int8", "int4"], help="genai/'s decoder")
+    parser.add_argument("--gguf", help="gguf/ types, comma-separated (e.g. q8_0)")
     args = parser.parse_args()
     if args.make_only:
         print(make_folder(args.model, Path(args.work) / f"llama-{args.model}"))
