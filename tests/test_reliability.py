@@ -997,6 +997,22 @@ def test_feeds_whose_header_claims_gigabytes_are_exit_2_before_loading(tmp_path,
     assert main(["verify", str(model), "--reference", str(model), "--feeds", str(tmp_path / "feeds.npz")]) == 2
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[1, 2]", "an HF config is a JSON object, not a list"),  # was exit 3 (AttributeError)
+        ('{"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 1e12}', "'num_hidden_layers' is 1000000000000"),
+    ],
+)
+def test_hf_config_that_is_not_a_model_is_exit_2(tmp_path, text, expected, capsys):
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text(text)
+    (folder / "model.safetensors").write_bytes(b"")
+    assert _compile(folder, "--out", tmp_path / "out") == 2
+    assert f"config.json: {expected}" in capsys.readouterr().err
+
+
 def test_state_dict_pickle_says_how_to_convert_to_safetensors(tmp_path, capsys):
     import torch
 
