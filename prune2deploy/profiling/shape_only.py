@@ -152,6 +152,11 @@ def shape_from_config(config: dict[str, Any], plan: Any = None, *, where: str = 
         get = (lambda k: plan.get(k)) if isinstance(plan, dict) else (lambda k: getattr(plan, k, None))
         for choice in get("layers") or []:
             index = choice["index"] if isinstance(choice, dict) else choice.index
+            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(layers):
+                raise BadInputError(
+                    f"the plan chooses widths for layer {index!r}, but {where} has {len(layers)} layers "
+                    f"(0..{len(layers) - 1}); the plan was made for another model"
+                )
             pick = (lambda k, c=choice: c.get(k)) if isinstance(choice, dict) else (lambda k, c=choice: getattr(c, k))
             old = layers[index]
             layers[index] = LayerShape(

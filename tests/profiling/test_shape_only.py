@@ -80,3 +80,10 @@ def test_config_file_bytes_nan_and_fifo_are_bad_input(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(BadInputError, match="is a FIFO"):
         load_config(fifo)
+
+
+def test_a_plan_for_another_model_is_bad_input():
+    plan = {"layers": [{"index": 5, "mlp": {"kept": [0, 1]}}]}
+    with pytest.raises(BadInputError, match="widths for layer 5, but config has 2 layers"):
+        shape_from_config(LLAMA, plan)
+    assert shape_from_config(LLAMA, {"layers": [{"index": 1, "mlp": {"kept": [0, 1]}}]}).layers[1].intermediate == 2
