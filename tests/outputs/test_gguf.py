@@ -93,6 +93,13 @@ def test_nonuniform_widths_write_deci_with_an_attention_free_layer_and_padded_hf
     assert check["checked"] and check["passed"] and check["max_rel_diff"] < 1e-4
     assert q8["check"]["top1_agreement"] >= 0.9 and "passed" not in q8["check"]
     assert section["files"]["q4_0"]["check"]["checked"]
+    # the real report fits the schema and report.html shows each file with its check
+    from prune2deploy.profiling.report import render_html, validate_report
+
+    validate_report(result.report)
+    page = render_html(result.report)
+    outputs = page[page.index('<section id="outputs">') :]
+    assert "model-q8_0.gguf" in outputs and "PASSED: max rel. error" in outputs and "q8_0 (approximate)" in outputs
     # hf/: padded to the widest layer with zero neurons/heads, exact through transformers
     hf = result.report["hf"]
     assert hf["written"] and hf["padding"]["shape"] == {"num_heads": 4, "kv_heads": 2, "intermediate": 96}
