@@ -357,9 +357,17 @@ def profile(
     it are an error.
     """
     from prune2deploy.frontends.onnx import load_onnx
+    from prune2deploy.limits import THREADS_PER_CORE, max_threads
     from prune2deploy.profiling.measure import compare_models
     from prune2deploy.profiling.memory_estimate import check_profile_memory
 
+    if threads is not None and (
+        isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= max_threads()
+    ):
+        raise BadInputError(
+            f"threads must be a whole number from 1 to {max_threads()} ({THREADS_PER_CORE} per core here), "
+            f"not {threads!r}"
+        )
     models = {"compiled": Path(model)}
     if against is not None:
         models = {"reference": Path(against), **models}

@@ -975,6 +975,8 @@ def test_sizes_and_numbers_beyond_the_limits_are_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as argparse_exit:  # argparse's own exit, code 2
         main(["profile", str(model), "--threads", "100000"])
     assert argparse_exit.value.code == 2 and f"must be at most {max_threads()}" in capsys.readouterr().err
+    with pytest.raises(BadInputError, match=f"threads must be a whole number from 1 to {max_threads()}"):
+        api.profile(model, threads=100000)  # the Python API too
     assert main(["generate", str(tmp_path), "hi", "--threads", "100000"]) == 2
     assert "--threads must be a whole number from 1 to" in capsys.readouterr().err
     assert EXPORT_BATCH < 100000
