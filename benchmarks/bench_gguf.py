@@ -7,14 +7,17 @@ Usage (after ``prune2deploy compile ... --gguf q8_0,q4_1 --out OUT``):
 - agreement: the first ``--tokens`` tokens of the bundled evaluation text, teacher-forced through ``model.onnx``
   (ONNX Runtime CPU) and through each ``OUT/gguf/model-TYPE.gguf`` (llama.cpp, f32 KV cache): top-1
   agreement and mean KL(model.onnx ‖ gguf) per position;
+- hf/: when ``OUT/hf`` exists, the same tokens through it in plain transformers (fp32): top-1 and KL;
 - speed: prefill (64-token prompt) and decode (the next 64 tokens, one per step) tok/s of
   ``OUT/gguf/model-q4_1.gguf`` and of ``--dense`` (default: the bundled SmolLM2-135M Q4_1 GGUF), both loaded
-  once, alternating, median of ``--repeats`` runs, per ``--threads`` value.
+  once, alternating, median and min–max of ``--repeats`` runs, per ``--threads`` value, with the load average
+  before each (the machine may be shared).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import statistics
 import time
 from pathlib import Path
@@ -50,6 +53,16 @@ def _gguf_logits(path: Path, ids: list[int], threads: int) -> np.ndarray:
     return out
 
 
+def _hf_logits(folder: Path, ids: list[int]) -> np.ndarray:
+    """hf/ in plain transformers (no prune2deploy code): the logits of ``ids`` in fp32."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].double().numpy()
+
+
 def _agreement(want: np.ndarray, got: np.ndarray) -> tuple[float, float]:
     def log_softmax(x: np.ndarray) -> np.ndarray:
         top = x.max(-1, keepdims=True)
@@ -70,6 +83,11 @@ def _speed(llm: object, prompt: list[int], following: list[int]) -> tuple[float,
     for token in following:
         llm.eval([token])
     return prefill, len(following) / (time.perf_counter() - start)
+
+
+def _spread(values: list[float], digits: int = 0) -> str:
+    """``median (min–max)``: the spread says how much a shared machine moved the numbers."""
+    return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})"
 
 
 def main() -> None:
@@ -97,13 +115,17 @@ def main() -> None:
     for path in sorted((args.out / "gguf").glob("*.gguf")):
         top1, kl = _agreement(want, _gguf_logits(path, ids, max(args.threads)))
         print(f"| {path.name} | {top1:.3f} | {kl:.4f} |")
+    if (args.out / "hf" / "config.json").is_file():
+        top1, kl = _agreement(want, _hf_logits(args.out / "hf", ids))
+        print(f"| hf/ (transformers, fp32) | {top1:.3f} | {kl:.6f} |")
     import llama_cpp
 
     files = {"pruned": args.out / "gguf" / "model-q4_1.gguf", "dense": dense}
     prompt, following = ids[:64], ids[64:128]
-    print("\n| Q4_1 | threads | file MB | prefill tok/s | decode tok/s |")
+    print("\n| Q4_1 | threads | file MB | prefill tok/s (min–max) | decode tok/s (min–max) |")
     print("|---|---|---|---|---|")
     for threads in args.threads:
+        print(f"load average before {threads} thread(s): {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
         llms = {
             name: llama_cpp.Llama(
                 model_path=str(path), n_ctx=256, n_threads=threads, n_threads_batch=threads, verbose=False
@@ -115,10 +137,11 @@ def main() -> None:
             for name, llm in llms.items():
                 runs[name].append(_speed(llm, prompt, following))
         for name, path in files.items():
-            prefill = statistics.median(r[0] for r in runs[name])
-            decode = statistics.median(r[1] for r in runs[name])
+            prefill, decode = _spread([r[0] for r in runs[name]]), _spread([r[1] for r in runs[name]])
             size = path.stat().st_size / 1e6
-            print(f"| {name} ({path.name}) | {threads} | {size:.1f} | {prefill:.0f} | {decode:.1f} |")
+            print(f"| {name} ({path.name}) | {threads} | {size:.1f} | {prefill} | {decode} |")
+        ratio = [p[1] / d[1] for p, d in zip(runs["pruned"], runs["dense"], strict=True)]
+        print(f"pruned/dense decode, {threads} thread(s), per alternating pair: {_spread(ratio, 2)}")
         for llm in llms.values():
             llm.close()
 
