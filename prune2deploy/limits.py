@@ -33,7 +33,11 @@ __all__ = [
     "MAX_WIDTH",
     "MODEL_CONFIG_BYTES",
     "MODEL_NUMBERS",
+    "PLAN_BYTES",
+    "SWEEP_RECORD_BYTES",
+    "SWEEP_VARIANTS",
     "THREADS_PER_CORE",
+    "VARIANT_ID_BYTES",
     "check_regular_file",
     "check_whole",
     "genai_context",
@@ -57,6 +61,21 @@ EXPORT_SEQ = 4096
 #: Threads per core at most: beyond a few per core a thread pool only adds switching, and 100,000 threads
 #: exhaust the process's memory for stacks.
 THREADS_PER_CORE = 4
+
+#: A plan lists every kept and removed index of every layer: about 3 MB for an 8B model (32 layers of 14,336
+#: MLP indices at ~6 bytes each) and ~47 MB for a 405B one (126 x 53,248), so 64 MiB holds every model we know
+#: of while a larger file is refused before PyYAML builds it (its objects take ~10x the file's bytes).
+PLAN_BYTES = 64 << 20
+#: Variants one sweep may have: each is a compile of minutes, so a larger grid is a mistake (a 10^6-point grid
+#: would have been expanded, validated and submitted whole before the first compile ran). Checked from the
+#: axes' lengths before a single variant is built.
+SWEEP_VARIANTS = 1000
+#: A variant id names folders (``OUT/<id>/`` and the compile's ``.<id>.old.p2d-PID-XXXXXXXX`` beside it, 26
+#: bytes longer), so it must stay well under NAME_MAX (255 bytes on Linux and macOS file systems).
+VARIANT_ID_BYTES = 200
+#: sweep.json, a report.json or a quality record larger than this is not read: 1,000 variants (the most a
+#: grid may have) make a sweep.json of a few MB, and a compile's report.json is tens of KB.
+SWEEP_RECORD_BYTES = 64 << 20
 
 #: Any other width a model config declares (GPT-2's ``n_embd``, ``ffn_dim``): no published model is this wide.
 MAX_WIDTH = 1 << 20

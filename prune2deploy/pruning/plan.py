@@ -16,6 +16,7 @@ import yaml
 
 from prune2deploy.errors import BadInputError, ConfigError
 from prune2deploy.io import atomic_write_text, read_config_file
+from prune2deploy.limits import PLAN_BYTES
 
 __all__ = [
     "PLAN_VERSION",
@@ -31,10 +32,8 @@ __all__ = [
 PLAN_VERSION = 1
 STRUCTURE_KEYS = ("unstructured", "mlp", "heads", "hidden", "layers")
 HEAD_GROUPINGS = ("free", "uniform", "whole-group")
-#: A plan lists every kept and removed index of every layer: about 3 MB for an 8B model (32 layers of 14,336
-#: MLP indices at ~6 bytes each) and ~47 MB for a 405B one (126 × 53,248), so 64 MiB holds every model we know
-#: of while a larger file is refused before PyYAML builds it (its objects take ~10× the file's bytes).
-MAX_PLAN_BYTES = 64 << 20
+#: See :data:`prune2deploy.limits.PLAN_BYTES` (one place for every limit).
+MAX_PLAN_BYTES = PLAN_BYTES
 
 
 @dataclass

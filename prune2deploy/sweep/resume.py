@@ -17,6 +17,7 @@ from typing import Any
 
 from prune2deploy.errors import BadInputError
 from prune2deploy.io import atomic_write_json
+from prune2deploy.limits import SWEEP_RECORD_BYTES
 from prune2deploy.sweep.report import variant_problem
 from prune2deploy.sweep.spec import Variant
 from prune2deploy.sweep.task import summarize_report
@@ -36,9 +37,8 @@ log = logging.getLogger(__name__)
 #: ``OUT/quality/<variant id>.json``: each variant's quality record, outside its compile folder (whose
 #: manifest lists every file it holds) so that a re-run may still replace that folder.
 QUALITY_DIR = "quality"
-#: sweep.json, a report.json or a quality record larger than this is not read: 1,000 variants (the most a
-#: grid may have) make a sweep.json of a few MB, and a compile's report.json is tens of KB.
-MAX_JSON_BYTES = 64 << 20
+#: See :data:`prune2deploy.limits.SWEEP_RECORD_BYTES` (one place for every limit).
+MAX_JSON_BYTES = SWEEP_RECORD_BYTES
 
 
 def previous_entries(out_dir: Path) -> dict[str, dict[str, Any]]:

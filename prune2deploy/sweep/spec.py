@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from prune2deploy.errors import ConfigError
 from prune2deploy.io import read_config_file
+from prune2deploy.limits import SWEEP_VARIANTS, VARIANT_ID_BYTES
 from prune2deploy.pruning.plan import HEAD_GROUPINGS, STRUCTURE_KEYS
 from prune2deploy.spec import CompileOptions
 
@@ -70,13 +71,9 @@ COMPILE_ALIASES = {
     "regroup_gqa": "kv_heads",
     "budget_s": "profile_budget_s",
 }
-#: Variants one sweep may have: each is a compile of minutes, so a larger grid is a mistake (a 10^6-point grid
-#: would have been expanded, validated and submitted whole before the first compile ran). Checked from the
-#: axes' lengths before a single variant is built.
-MAX_VARIANTS = 1000
-#: A variant id names folders (``OUT/<id>/`` and the compile's ``.<id>.old.p2d-PID-XXXXXXXX`` beside it, 26
-#: bytes longer), so it must stay well under NAME_MAX (255 bytes on Linux and macOS file systems).
-MAX_ID_LENGTH = 200
+#: See :mod:`prune2deploy.limits` (one place for every limit).
+MAX_VARIANTS = SWEEP_VARIANTS
+MAX_ID_LENGTH = VARIANT_ID_BYTES
 _ID_CHARS = re.compile(r"[a-z0-9][a-z0-9._-]*")
 #: Compile options the sweep sets itself (per variant); a sweep file may not set them.
 _SWEEP_OWNED = ("masks", "plan", "overwrite")
