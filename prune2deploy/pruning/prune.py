@@ -220,6 +220,8 @@ def prune_module(
     scorer = _Scorer(criterion, structure, stats)
     masks: dict[str, torch.Tensor] = {}
     choices = {layer.index: LayerChoice(layer.index) for layer in structure.layers}
+    if per_layer and (min_keep or global_scale != "standardize"):
+        raise ConfigError("global_scale and min_keep shape the global ranking only: pass per_layer=False (--global)")
     ranking = _Ranking(per_layer, global_scale, float(min_keep))
     _choose_mlp(structure, scorer, structures.get("mlp", 0.0), ranking, round_to, choices, masks)
     _choose_heads(structure, scorer, structures.get("heads", 0.0), ranking, head_grouping, choices, masks)

@@ -95,6 +95,8 @@ def test_min_keep_is_checked_against_the_ratio():
         prune_module(model, criterion="magnitude", structures={"mlp": 0.5}, per_layer=False, min_keep=0.6)
     with pytest.raises(ConfigError, match="global_scale"):
         prune_module(model, criterion="magnitude", structures={"mlp": 0.5}, per_layer=False, global_scale="max")
+    with pytest.raises(ConfigError, match="global ranking only"):  # per layer they would do nothing
+        prune_module(model, criterion="magnitude", structures={"mlp": 0.5}, min_keep=0.25)
 
 
 def test_depth_drops_the_lowest_block_importance():
