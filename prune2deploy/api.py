@@ -239,13 +239,18 @@ def verify(
     feeds: list[Path] | None = None,
     tolerance: float = 1e-4,
 ):
-    """Compares a compiled ONNX with its reference on ONNX Runtime CPU (random feeds + the user's)."""
+    """Compares a compiled ONNX with its reference on ONNX Runtime CPU (random feeds + the user's).
+
+    The user's feeds are checked against the reference as compile checks them (names, dtypes, token ids within
+    their table, lengths within the reference's sequence bound) before either model runs.
+    """
+    from prune2deploy.analysis.shapes import sequence_limit
     from prune2deploy.frontends.onnx import load_onnx
-    from prune2deploy.verify import load_feeds, verify_models
+    from prune2deploy.verify import load_user_feeds, verify_models
 
     reference_model = load_onnx(Path(reference))
     compiled = load_onnx(Path(model))
-    user_feeds = [load_feeds(p) for p in feeds or []]
+    user_feeds = load_user_feeds(reference_model, feeds or [], sequence_limit(reference_model)) if feeds else []
     return verify_models(
         reference_model, compiled, exact=True, tolerance=tolerance, user_feeds=user_feeds, compiled_is_input=True
     )
@@ -428,7 +433,6 @@ def predict(
     if not path.exists():
         raise BadInputError(f"{path}: no such ONNX file, config.json or model folder")
     if _is_config(path):
-        seq = 128 if seq is None else seq
         return predict_config(
             path, gpus=gpus, precision=precision, batch=batch, seq=seq, engine=engine, decode=decode, past=past,
             plan=plan,
@@ -448,13 +452,14 @@ def predict_config(
     gpus: list[str] | None = None,
     precision: str = "fp16",
     batch: int = 1,
-    seq: int = 128,
+    seq: int | None = None,
     engine: str = "tensorrt",
     decode: bool = False,
     past: int = 0,
     plan: Path | str | Any | None = None,
 ) -> list[dict]:
-    """Shape-only prediction from an HF config (no weights, no export): a prefill of ``seq`` tokens, or one
+    """Shape-only prediction from an HF config (no weights, no export): a prefill of ``seq`` tokens (default 128, or
+    the model's positions when fewer), or one
     decode step after ``past`` tokens, per catalog GPU; for decoders also tokens/s and the batch at which the
     decode step turns compute-bound. ``plan`` (a plan YAML or :class:`~prune2deploy.pruning.plan.Plan`)
     narrows the widths per layer. Rows: :mod:`prune2deploy.profiling.prediction`'s schema, ``source=config``."""

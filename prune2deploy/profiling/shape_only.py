@@ -306,6 +306,33 @@ def _resnet_kernels(config: dict, batch: int, side: int, e: float, engine: str, 
     return kernels
 
 
+def _check_within_positions(config: dict[str, Any], tokens: int, *, where: str) -> None:
+    """A prefill (or the decode step's position) beyond the config's ``max_position_embeddings``/``n_positions``
+    is a latency of a run the model cannot make (its position table or rotary range ends there).
+
+    Raises:
+        BadInputError: naming the config, the length asked for and the bound.
+    """
+    from prune2deploy.errors import BadInputError
+
+    bound = _positions(config)
+    if bound is not None and tokens > bound:
+        raise BadInputError(
+            f"{where}: the prediction asks for position {tokens}, beyond the model's positions "
+            f"(max_position_embeddings / n_positions = {bound}); give --seq (or --past + 1 with --decode) of at "
+            f"most {bound}"
+        )
+
+
+def _positions(config: dict[str, Any]) -> int | None:
+    """The config's position bound (``max_position_embeddings`` or GPT-2's ``n_positions``), if it states one."""
+    for key in ("max_position_embeddings", "n_positions"):
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
 # -- rows --------------------------------------------------------------------------------------------------
 
 
@@ -316,7 +343,7 @@ def config_rows(
     gpus: list[str] | None = None,
     precision: str = "fp16",
     batch: int = 1,
-    seq: int = 128,
+    seq: int | None = None,
     engine: str = "tensorrt",
     decode: bool = False,
     past: int = 0,
@@ -331,6 +358,10 @@ def config_rows(
     data = load_config(config)
     where = "config" if isinstance(config, dict) else str(config)
     shape = shape_from_config(data, plan, where=where)
+    if seq is None:  # 128 tokens, or the model's positions when fewer
+        seq = min(128, _positions(data) or 128) if shape.family != "resnet" else 128
+    if shape.family != "resnet":
+        _check_within_positions(data, past + 1 if decode else seq, where=where)
 
     def build(b: int, of: ModelShape = shape) -> list[Kernel]:
         return model_kernels(of, batch=b, seq=seq, past=past, decode=decode, precision=precision, engine=engine)

@@ -87,3 +87,19 @@ def test_a_plan_for_another_model_is_bad_input():
     with pytest.raises(BadInputError, match="widths for layer 5, but config has 2 layers"):
         shape_from_config(LLAMA, plan)
     assert shape_from_config(LLAMA, {"layers": [{"index": 1, "mlp": {"kept": [0, 1]}}]}).layers[1].intermediate == 2
+
+
+def test_a_prediction_beyond_the_models_positions_is_bad_input():
+    """`predict --seq` (or a decode step's position) beyond max_position_embeddings is a run the model cannot
+    make: exit 2 naming the bound, not a latency."""
+    from prune2deploy.profiling.shape_only import config_rows
+
+    config = {**LLAMA, "max_position_embeddings": 256}
+    assert config_rows(config, gpus=["a100"], seq=256)
+    bound = r"positions \(max_position_embeddings / n_positions = 256\)"
+    with pytest.raises(BadInputError, match=f"position 257, beyond the model's {bound}"):
+        config_rows(config, gpus=["a100"], seq=257)
+    with pytest.raises(BadInputError, match="position 301, beyond"):
+        config_rows(config, gpus=["a100"], decode=True, past=300)
+    assert config_rows(LLAMA, gpus=["a100"], seq=4096)  # no bound given: nothing to check
+    assert config_rows({**LLAMA, "max_position_embeddings": 64}, gpus=["a100"])[0]["seq"] == 64  # default

@@ -106,3 +106,24 @@ def test_token_ids_and_lengths_beyond_the_model_are_bad_input(llama):
     with pytest.raises(BadInputError, match="'input_ids' is 5 long on axis 1; the model accepts at most 4 positions"):
         check_sequence(llama, feeds, SequenceLimit(4, "wpe (4 rows)"))
     check_sequence(llama, feeds, SequenceLimit(5, "wpe (5 rows)"))
+
+
+def test_verify_checks_user_feeds_against_the_reference_before_running(llama, tmp_path, monkeypatch):
+    """`verify --feeds` checks token ids and lengths as compile does: an id past the vocabulary or a sequence
+    beyond the reference's position bound is exit 2 naming the file, before either model runs."""
+    import onnx_ir as ir
+
+    from prune2deploy import api
+    from prune2deploy.analysis import shapes
+    from prune2deploy.analysis.shapes import SequenceLimit
+
+    path = tmp_path / "model.onnx"
+    ir.save(llama, path)
+    mask = np.ones((1, 5), np.int64)
+    np.savez(tmp_path / "ids.npz", input_ids=np.full((1, 5), 128, np.int64), attention_mask=mask)
+    with pytest.raises(BadInputError, match=r"ids.npz \(user feeds #1\).*indexes a table of 128"):
+        api.verify(path, path, feeds=[tmp_path / "ids.npz"])
+    np.savez(tmp_path / "long.npz", input_ids=np.ones((1, 5), np.int64), attention_mask=mask)
+    monkeypatch.setattr(shapes, "sequence_limit", lambda model, **_: SequenceLimit(4, "wpe (4 rows)"))
+    with pytest.raises(BadInputError, match=r"long.npz \(user feeds #1\): input 'input_ids' is 5 long"):
+        api.verify(path, path, feeds=[tmp_path / "long.npz"])
