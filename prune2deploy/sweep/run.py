@@ -234,6 +234,7 @@ def _score(variant: Variant, model: _Model, folder: Path) -> Path | None:
         criterion=p.criterion,
         structures=p.structures(),
         per_layer=p.per_layer,
+        **({} if p.per_layer else {"global_scale": p.global_scale, "min_keep": p.min_keep}),
         round_to=p.round_to,
         nm=p.nm,
         calibration=p.calibration,

@@ -54,7 +54,16 @@ __all__ = [
 ]
 
 #: Grid keys that are prune options (``prune2deploy prune`` flags).
-PRUNE_KEYS = ("criterion", *STRUCTURE_KEYS, "nm", "per_layer", "round_to", "head_grouping")
+PRUNE_KEYS = (
+    "criterion",
+    *STRUCTURE_KEYS,
+    "nm",
+    "per_layer",
+    "global_scale",
+    "min_keep",
+    "round_to",
+    "head_grouping",
+)
 #: Grid keys that are compile options: grid name → CompileOptions key.
 GRID_COMPILE_KEYS = {
     "regroup_gqa": "kv_heads",
@@ -103,6 +112,9 @@ class PruneSettings(_Strict):
         unstructured / mlp / heads / hidden / layers: fraction of each structure to remove.
         nm: an N:M pattern (``"2:4"``), or None.
         per_layer: the same ratio in every layer (otherwise one global ranking).
+        global_scale / min_keep: with ``per_layer: false``, how layers' scores are put on one scale
+            (``standardize`` or ``raw``) and the fraction of every layer that always stays (``prune --global-scale``,
+            ``--min-keep``).
         round_to: kept MLP / hidden widths become multiples of this.
         head_grouping: free, uniform or whole-group.
         samples / seq_len / batch_size: calibration windows, their length, windows per forward pass.
@@ -117,6 +129,8 @@ class PruneSettings(_Strict):
     layers: float = Field(0.0, ge=0, lt=1)
     nm: tuple[int, int] | None = None
     per_layer: bool = True
+    global_scale: Literal["standardize", "raw"] = "standardize"
+    min_keep: float = Field(0.0, ge=0, le=1)
     round_to: pydantic.PositiveInt | None = None
     head_grouping: Literal[HEAD_GROUPINGS] = "free"  # type: ignore[valid-type]
     samples: pydantic.PositiveInt = 24
@@ -155,7 +169,11 @@ class PruneSettings(_Strict):
                 round_to=self.round_to,
                 nm=self.nm,
                 head_grouping=self.head_grouping,
+                global_scale=self.global_scale,
+                min_keep=self.min_keep,
             )
+            if self.per_layer and (self.min_keep or self.global_scale != "standardize"):
+                raise ConfigError("global_scale and min_keep shape the global ranking only: set per_layer: false")
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
 

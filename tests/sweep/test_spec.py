@@ -172,3 +172,16 @@ def test_model_name_longer_than_a_file_name_is_read_as_a_name(tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text("model: " + "a" * 300 + "\ngrid: {mlp: [0.5]}\n")
     assert load_sweep(path).model == "a" * 300
+
+
+def test_global_ranking_options_are_sweep_axes():
+    """`prune --global-scale` / `--min-keep` are grid axes too: each variant carries them to prune_model, and
+    they are refused (before anything runs) where they would do nothing (per_layer: true) or are out of range."""
+    grid = {"mlp": [0.5], "per_layer": [False], "global_scale": ["standardize", "raw"], "min_keep": [0.1]}
+    variants = expand(parse_sweep({"model": "m", "grid": grid}))
+    assert [(v.prune.global_scale, v.prune.min_keep) for v in variants] == [("standardize", 0.1), ("raw", 0.1)]
+    assert len({v.id for v in variants}) == 2
+    with pytest.raises(ConfigError, match="set per_layer: false"):
+        expand(parse_sweep({"model": "m", "grid": {"mlp": [0.5], "global_scale": ["raw"]}}))
+    with pytest.raises(ConfigError, match=r"min_keep 0\.6 keeps more of every layer"):
+        expand(parse_sweep({"model": "m", "grid": {"mlp": [0.5], "per_layer": [False], "min_keep": [0.6]}}))
