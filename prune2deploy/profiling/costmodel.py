@@ -10,6 +10,8 @@ a workload into *kernels* as an engine would launch them and prices each one:
 
 ``launch`` is a host cost in microseconds for engines that launch each kernel from the CPU plus, for TensorRT,
 a GPU-side cost in SM cycles at the GPU's boost clock; DRAM bytes leave out what the GPU's L2 keeps on chip.
+A GEMM split along K (split-K) is two kernels, the split GEMM and the reduction of its fp32 partial sums: it
+pays a second ``launch`` and the partials' DRAM traffic, and is split only where that still finishes sooner.
 
 Every factor has a source in :data:`FACTORS` (and docs/cost-model.md). Two sources of kernels:
 
@@ -51,23 +53,25 @@ __all__ = [
     "sparse_eligibility",
     "sparse_gain",
     "sparse_tactic_reason",
+    "split_counts",
 ]
 
 # Each factor of the model, its value and where it comes from. docs/cost-model.md explains each one.
 FACTORS: dict[str, dict[str, Any]] = {
     "gemm_efficiency": {
-        "value": {"fp32": 0.7, "tf32": 0.7, "fp16": 0.75, "bf16": 0.75, "fp8": 0.55, "int8": 0.65},
+        "value": {"fp32": 0.7, "tf32": 0.7, "fp16": 0.75, "bf16": 0.75, "fp8": 0.6, "int8": 0.65},
         "source": "cuBLAS 4096^3 on H100 SXM: 760 TFLOP/s fp16, 797 bf16 of 989 (0.77-0.81), "
         "https://github.com/zzc0721/torch-performance-test-data/issues/79. fp8 and int8 are fit on "
-        "published.json (validation.fit_factors, from validation.PRIORS): fp8 0.55 (its prior, FBGEMM's "
+        "published.json (validation.fit_factors, from validation.PRIORS): fp8 0.6 (its prior 0.55 is FBGEMM's "
         "row-scaled fp8 GEMM at 8192^3 on H100: 1125.51 TFLOP/s = 0.57, https://github.com/pytorch/FBGEMM/pull/2546; "
-        "the TensorRT-LLM v0.5 fp8 figures do not move it), int8 0.65 (demoBERT int8 on A100/A30)",
+        "the median error is flat from 0.4 to 0.6 and the fit's tie-break, the smaller median signed error, "
+        "takes 0.6), int8 0.65 (demoBERT int8 on A100/A30)",
     },
     "conv_efficiency": {
-        "value": 0.55,
+        "value": 0.6,
         "source": "fit on published.json (validation.fit_factors): MLPerf Inference ResNet-50 (int8, TensorRT) "
         "Offline on H100, A100 PCIe, A30, L4 and T4 reaches 37-45% of the int8 tensor peak (8.2 GFLOP a sample), "
-        "i.e. 0.55 of it once tile and wave quantisation are priced",
+        "i.e. 0.6 of it once tile and wave quantisation are priced",
     },
     "attention_efficiency": {
         "value": 0.5,
@@ -88,8 +92,23 @@ FACTORS: dict[str, dict[str, Any]] = {
     "split_k": {
         "value": 256,
         "source": "cuBLAS splits K (split-K / stream-K) when M x N tiles cannot fill the SMs; one split per "
-        "256 of K at most (CUTLASS split-K examples); the split that finishes soonest is taken (TensorRT times "
-        "its tactics; cuBLAS's heuristic aims at the same), at most 16",
+        "256 of K at most (CUTLASS split-K examples); the split that finishes soonest, its reduction kernel "
+        "included (split_k_reduction), is taken (TensorRT times its tactics; cuBLAS's heuristic aims at the "
+        "same), at most 16",
+    },
+    "split_k_reduction": {
+        "value": {"partial_bytes": 4},
+        "source": "a split-K GEMM is two kernels: the split GEMM writes fp32 partial sums to a workspace and a "
+        "reduction kernel sums them (cuBLAS's own split-K runs 'nvjet_..._splitK_TNT + "
+        "cublasLt::splitKreduce_kernel', https://github.com/Dao-AILab/quack/pull/157; CUTLASS "
+        "GemmSplitKParallel + reduction::kernel::ReduceSplitK, 'a reduction over densely packed tensors in "
+        "global memory', https://nvidia.github.io/cutlass/reduce__split__k_8h.html; 'the reduce kernel was the "
+        "dominant cost for small split-K shapes', https://github.com/facebookexperimental/triton/pull/1118). "
+        "Priced on GEMMs as one more per-kernel cost plus the partials written and read (4 bytes each, fp32 "
+        "accumulators) where they do not fit in L2's activation share. Implicit-GEMM convs keep the free split: "
+        "no source says how TensorRT's conv tactics split at batch 1, and charging them too was tried on "
+        "published.json and cross-validated worse (leave-one-source-out 17.2% / -8.8% against 14.7% / -5.4%): "
+        "a choice made on the validation figures, docs/cost-model.md",
     },
     "sparse_gain": {
         "value": {"small_m": 64, "large_m": 16384, "max_gain": 1.3},
@@ -107,12 +126,12 @@ FACTORS: dict[str, dict[str, Any]] = {
         "launch_cycles",
     },
     "launch_cycles": {
-        "value": {"tensorrt": 9000.0},
+        "value": {"tensorrt": 10000.0},
         "source": "GPU-side cost per kernel of an engine enqueued as a whole (grid launch, CTA prologue filling "
         "the pipeline, epilogue, the dependent kernel's wait), in SM clock cycles so that it scales with each "
         "GPU's boost clock (gpus.toml boost_clock_mhz): MLPerf ResNet-50 SingleStream runs 1.4x faster on L4 "
         "(2040 MHz) than on A100 (1410 MHz) although A100 has 2.6x L4's int8 peak, i.e. the same ~13,000 "
-        "cycles per kernel on both. 9000 cycles (6.4 us at 1410 MHz) is fit on published.json from a 4 us "
+        "cycles per kernel on both. 10000 cycles (7.1 us at 1410 MHz) is fit on published.json from a 4 us "
         "prior (validation.PRIORS) and cross-validated; what the harness adds per query is not separated",
     },
     "l2_resident": {
@@ -284,14 +303,17 @@ def _engine(name: str) -> EngineProfile:
         raise ConfigError(f"unknown engine '{name}'; the cost model knows {', '.join(ENGINES)}") from None
 
 
-def gemm_utilisation(m: int, n: int, k: int, sm_count: int, *, tile: int | None = None) -> float:
+def gemm_utilisation(
+    m: int, n: int, k: int, sm_count: int, *, tile: int | None = None, splits: int | None = None
+) -> float:
     """Share of the GPU's tensor-core time a GEMM uses: its MACs over the MACs of the tiles it occupies.
 
     The output is cut into ``tile``² CTA tiles (a dimension of at most half a tile gets a half-wide tile, as
     CUTLASS/cuBLAS pick 64-wide tiles there); a partial tile costs a whole one (tile quantisation); tiles run
-    in waves of ``sm_count`` (wave quantisation, the last wave partly idle); when tiles are too few to fill
-    the SMs, K is split (split-K) — the split that finishes soonest, as an autotuner or cuBLAS's heuristic
-    picks it, with at least ``FACTORS["split_k"]`` of K per split (up to 16). Returns 1.0 without an SM count.
+    in waves of ``sm_count`` (wave quantisation, the last wave partly idle). ``splits`` cuts K into that many
+    slices (split-K, at least ``FACTORS["split_k"]`` of K each); ``None`` takes the best of
+    :func:`split_counts`, as if the split were free — :func:`price` charges each split its reduction kernel
+    and picks the split that finishes soonest *with* it. Returns 1.0 without an SM count.
 
     Time is ``MACs / (peak · efficiency · utilisation)``, i.e. waves × the time of one tile's K on one SM, so
     it never falls when M, N or K grows: a narrower layer is never priced slower (tile quantisation can make it
@@ -300,20 +322,33 @@ def gemm_utilisation(m: int, n: int, k: int, sm_count: int, *, tile: int | None 
     if sm_count <= 0 or m <= 0 or n <= 0 or k <= 0:
         return 1.0
     tile = tile or FACTORS["tile"]["value"]
-    return _tile_use(m, n, k, sm_count, tile)
+    if splits is None:
+        return max(_tile_use(m, n, k, sm_count, tile, s) for s in split_counts(m, n, sm_count, tile=tile))
+    return _tile_use(m, n, k, sm_count, tile, splits)
+
+
+def split_counts(m: int, n: int, sm_count: int, *, tile: int | None = None) -> range:
+    """The K splits a GEMM may run with: 1 to 16 when its output tiles cannot fill the SMs, else 1.
+
+    More tiles never allow more splits, so the fastest choice never falls when M or N grows.
+    """
+    if sm_count <= 0 or m <= 0 or n <= 0:
+        return range(1, 2)
+    tile = tile or FACTORS["tile"]["value"]
+    half = tile // 2
+    tiles = math.ceil(m / (half if m <= half else tile)) * math.ceil(n / (half if n <= half else tile))
+    return range(1, (_MAX_SPLIT if tiles < sm_count else 1) + 1)
 
 
 @functools.lru_cache(maxsize=65536)
-def _tile_use(m: int, n: int, k: int, sm_count: int, tile: int) -> float:
+def _tile_use(m: int, n: int, k: int, sm_count: int, tile: int, splits: int) -> float:
     half = tile // 2
     tm = half if m <= half else tile
     tn = half if n <= half else tile
     tiles = math.ceil(m / tm) * math.ceil(n / tn)
     k_floor = min(k, FACTORS["split_k"]["value"])
-    # Split only when the tiles cannot fill the SMs. More tiles never allow more splits, and each split's cost
-    # grows with M, N and K, so the minimum grows with them too (a narrower GEMM is never slower).
-    splits = range(1, (_MAX_SPLIT if tiles < sm_count else 1) + 1)
-    slots = min(math.ceil(tiles * s / sm_count) * max(k / s, k_floor) for s in splits)
+    # Each split's cost grows with M, N and K, so a narrower GEMM is never slower at any split count.
+    slots = math.ceil(tiles * splits / sm_count) * max(k / splits, k_floor)
     return (m * n * k) / (slots * tm * tn * sm_count)
 
 
@@ -366,11 +401,13 @@ def price(
     sparse_used = False
     kernels = list(kernels)
     dram = _dram_bytes(kernels, gpu)
+    reductions = 0
     for kern, dram_bytes in zip(kernels, dram, strict=True):
+        memory = dram_bytes / (bandwidth * bw_eff)
+        reduce_memory, reduce_kernels = 0.0, 0
         if kern.kind in ("gemm", "conv"):
-            util = gemm_utilisation(kern.m, kern.n, kern.k, gpu.sm_count)
             eff = conv_eff if kern.kind == "conv" else gemm_eff
-            rate = gemm_peak * eff * util
+            rate = gemm_peak * eff
             ideal_rate = gemm_peak
             if kern.sparse and gpu.has_sparse(precision) and kern.k % 4 == 0:
                 ideal_rate = gpu.gemm_peak(precision, sparse=True)  # the ideal never waits for a tactic
@@ -378,19 +415,26 @@ def price(
                 gain = sparse_gain(kern.m)
                 sparse_used |= gain > 1.0
                 rate *= gain
+            if kern.kind == "gemm":
+                compute, reduce_memory, splits = _fastest_split(kern, gpu, rate, memory, launch_s)
+                reduce_kernels = int(splits > 1)
+            else:  # implicit-GEMM convs keep the free split (FACTORS["split_k_reduction"])
+                compute = kern.flops / (rate * gemm_utilisation(kern.m, kern.n, kern.k, gpu.sm_count))
         elif kern.kind == "attention":
             rate, ideal_rate = attn_peak * attn_eff, attn_peak
+            compute = kern.flops / rate if kern.flops else 0.0
         else:
             rate, ideal_rate = vector_peak * 0.5, vector_peak
-        compute = kern.flops / rate if kern.flops else 0.0
-        memory = dram_bytes / (bandwidth * bw_eff)
+            compute = kern.flops / rate if kern.flops else 0.0
+        reductions += reduce_kernels
         lower += max(kern.flops / ideal_rate if kern.flops else 0.0, dram_bytes / bandwidth)
-        body = max(compute, memory)
-        binding = "launch" if launch_s > body else ("compute" if compute > memory else "memory")
+        body = max(compute, memory) + reduce_memory
+        launch = launch_s * (1 + reduce_kernels)
+        binding = "launch" if launch > body else ("compute" if compute > memory else "memory")
         times.append(
             KernelTime(
-                kern.name, kern.kind, kern.group, (body + launch_s) * 1e3, compute * 1e3, memory * 1e3,
-                launch_s * 1e3, binding,
+                kern.name, kern.kind, kern.group, (body + launch) * 1e3, compute * 1e3,
+                (memory + reduce_memory) * 1e3, launch * 1e3, binding,
             )
         )  # fmt: skip
     by_group: dict[str, dict[str, float]] = {}
@@ -412,13 +456,43 @@ def price(
         compute_ms=sum(t.compute_ms for t in times),
         memory_ms=sum(t.memory_ms for t in times),
         launch_ms=sum(t.launch_ms for t in times),
-        kernels=len(times),
+        kernels=len(times) + reductions,
         binding=max(totals, key=totals.get) if times else "memory",
         binding_by_group=binding_by_group,
         ms_by_group={g: v["ms"] for g, v in by_group.items()},
         sparse_used=sparse_used,
         detail=times if detail else [],
     )
+
+
+def _fastest_split(kern: Kernel, gpu: GPUSpec, rate: float, memory: float, launch_s: float) -> tuple[float, float, int]:
+    """(compute seconds, reduction DRAM seconds, splits) of the K split that finishes soonest, its reduction
+    included.
+
+    A split-K GEMM writes each slice's fp32 partial sums to a workspace and a second kernel sums them
+    (cuBLAS: the GEMM plus ``cublasLt::splitKreduce_kernel``; CUTLASS: ``GemmSplitKParallel`` plus
+    ``ReduceSplitK``; FACTORS["split_k_reduction"]): one more per-kernel cost, and the partials' traffic
+    (written, then read) where they do not fit in the L2 share that keeps activations on chip. Every choice's
+    cost grows with M, N and K, so the soonest one does too (a narrower GEMM is never slower).
+    """
+    flops = kern.flops
+    if not flops:
+        return 0.0, 0.0, 1
+    share = FACTORS["l2_resident"]["value"]["activations"] * (gpu.l2_mb or 0.0) * 1e6
+    bandwidth = gpu.memory_bandwidth_gbs * 1e9 * FACTORS["bandwidth_efficiency"]["value"]
+    partial = FACTORS["split_k_reduction"]["value"]["partial_bytes"] * kern.m * kern.n
+    best: tuple[float, float, int] | None = None
+    best_time = math.inf
+    for splits in split_counts(kern.m, kern.n, gpu.sm_count):
+        compute = flops / (rate * gemm_utilisation(kern.m, kern.n, kern.k, gpu.sm_count, splits=splits))
+        reduce_memory = 0.0
+        if splits > 1 and splits * partial > share:
+            reduce_memory = 2 * splits * partial / bandwidth
+        total = max(compute, memory) + (reduce_memory + launch_s if splits > 1 else 0.0)
+        if total < best_time:
+            best_time, best = total, (compute, reduce_memory, splits)
+    assert best is not None
+    return best
 
 
 def _dram_bytes(kernels: list[Kernel], gpu: GPUSpec) -> list[float]:

@@ -11,11 +11,11 @@ import time
 import jsonschema
 import pytest
 
-from prune2deploy.profiling.costmodel import gemm_utilisation, kernels_from_cost, price, sparse_gain
+from prune2deploy.profiling.costmodel import Kernel, factor, gemm_utilisation, kernels_from_cost, price, sparse_gain
 from prune2deploy.profiling.roofline import load_catalog
 from prune2deploy.profiling.shape_only import model_kernels, shape_from_config
 
-CYCLES = 9000  # TensorRT per-kernel cost in SM cycles (FACTORS["launch_cycles"])
+CYCLES = 10000  # TensorRT per-kernel cost in SM cycles (FACTORS["launch_cycles"])
 SPEC = {  # (fp16 peak, int8 peak, bandwidth B/s, fp32 peak, SMs) from gpus.toml
     "a100-sxm-80gb": (312e12, 624e12, 2039e9, 19.5e12, 108),
     "l4": (121e12, 242.5e12, 300e9, 30.3e12, 58),
@@ -123,11 +123,46 @@ def test_conv_on_two_gpus(catalog, gpu):
     util = {"a100-sxm-80gb": 98 / 108, "t4": 98 / 120}[gpu]
     # the stem's 1 MB of activations and 9 KB of weights stay in L2 (4 MB on T4): no DRAM term
     assert _dram(stem.bytes - stem.weight_bytes, gpu) == 0.0
-    expected = 2 * m * n * k / (int8 * 0.55 * util) + _launch(gpu)
+    expected = 2 * m * n * k / (int8 * factor("conv_efficiency") * util) + _launch(gpu)
     assert price([stem], catalog[gpu], precision="int8").latency_ms == pytest.approx(expected * 1e3, rel=1e-9)
     convs = [k for k in model_kernels(shape, batch=1, precision="int8") if k.kind == "conv"]
     assert len(convs) == 53  # stem + 16 blocks x 3 + 4 downsamples
     assert sum(c.flops for c in convs) == pytest.approx(2 * 4.09e9, rel=0.01)  # ResNet-50: 4.1 GMACs
+
+
+def _split_gemm_s(m, n, k, splits, sms=108, peak=312e12, eff=0.75):
+    """One split count of an A100 fp16 GEMM by hand: waves of 128x128 tiles (64 for a dimension <= 64), each
+    SM running K / splits (at least 256 of K) per wave; operands and partials in L2 (no DRAM term)."""
+    tm, tn = (64 if m <= 64 else 128), (64 if n <= 64 else 128)
+    tiles = math.ceil(m / tm) * math.ceil(n / tn)
+    slots = math.ceil(tiles * splits / sms) * max(k / splits, min(k, 256))
+    return 2 * slots * tm * tn * sms / (peak * eff)
+
+
+def test_split_k_pays_its_reduction_kernel(catalog):
+    """A split-K GEMM is two kernels (the split GEMM, then the reduction of its fp32 partials): the split
+    that finishes soonest *with* its reduction is taken. M = 128, N = 1024 is 8 tiles on A100's 108 SMs."""
+    a100 = catalog["a100-sxm-80gb"]
+    gemm = model_kernels(shape_from_config(TINY), batch=1, seq=128, precision="fp16")
+    down = _by_name(gemm, ".down")  # K = 4096: a long K loop, worth splitting
+    assert (down.m, down.n, down.k) == (128, 1024, 4096)
+    launch = _launch("a100-sxm-80gb")
+    split = min(_split_gemm_s(128, 1024, 4096, s) + launch for s in range(2, 17))
+    assert split < _split_gemm_s(128, 1024, 4096, 1)
+    pred = price([down], a100)
+    assert pred.latency_ms == pytest.approx((split + launch) * 1e3, rel=1e-9)
+    assert pred.kernels == 2 and pred.launch_ms == pytest.approx(2 * launch * 1e3)
+    # K = 512: splitting saves less than the reduction kernel costs, so the GEMM runs whole
+    m, n, k = 128, 1024, 512
+    short = Kernel(
+        "short", "gemm", "mlp", 2.0 * m * n * k, (m * k + n * k + m * n) * 2, m, n, k, weight_bytes=n * k * 2
+    )
+    whole = _split_gemm_s(m, n, k, 1)
+    assert whole < min(_split_gemm_s(m, n, k, s) + launch for s in range(2, 17))
+    pred = price([short], a100)
+    assert pred.kernels == 1 and pred.latency_ms == pytest.approx((whole + launch) * 1e3, rel=1e-9)
+    # the free split (gemm_utilisation without splits) is what the reduction costs against
+    assert gemm_utilisation(128, 1024, 1024, 108) > gemm_utilisation(128, 1024, 1024, 108, splits=1)
 
 
 def test_sparse_gain_as_measured(catalog):

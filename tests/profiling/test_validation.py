@@ -29,7 +29,10 @@ def test_factors_set_prices_with_the_trial_values_and_restores_them():
     with factors_set({"launch_cycles.tensorrt": 15900.0, "conv_efficiency": 0.9}):
         assert ENGINES["tensorrt"].launch_cycles == 15900.0
         inside = price(kernels, t4, precision="int8")
-    assert inside.launch_ms == pytest.approx(len(kernels) * 10e-3)  # 15900 cycles at T4's 1590 MHz = 10 us
+    # 15900 cycles at T4's 1590 MHz = 10 us per kernel launched: the model's kernels (the classifier GEMM is
+    # not split along K here: at 10 us its reduction kernel would cost more than the split saves)
+    assert inside.kernels == len(kernels)
+    assert inside.launch_ms == pytest.approx(inside.kernels * 10e-3)
     assert {name: factor(name) for name in FITTED} == shipped
     assert ENGINES["tensorrt"].launch_cycles == shipped["launch_cycles.tensorrt"]
     assert price(kernels, t4, precision="int8").latency_ms == before
@@ -64,6 +67,8 @@ def test_cross_validated_error_within_the_targets(cv):
     held_out = summary(held)
     assert held_out["median_abs_error"] <= 0.20
     assert abs(held_out["median_signed_error"]) <= 0.10
+    # charging split-K its reduction kernel moved it from -9.9% to -5.4%: guard against sliding back to the edge
+    assert abs(held_out["median_signed_error"]) <= 0.07
     in_sample = summary(compare_published())
     assert in_sample["median_abs_error"] <= 0.20 and abs(in_sample["median_signed_error"]) <= 0.10
     assert held_out["orderings_held"] >= held_out["orderings"] - 1
@@ -71,8 +76,9 @@ def test_cross_validated_error_within_the_targets(cv):
 
 #: GPU pairs whose published order the model does not reproduce, with why (docs/cost-model.md). The T4 figure
 #: is MLPerf v0.7 (2020, TensorRT 7 on Turing, a 70 W card that cannot hold its 1590 MHz boost under tensor
-#: load); the model prices it at the datasheet clock, 0.55 ms against 1.09 ms published. A30 vs A100 PCIe 80GB
-#: (MLPerf v2.1, 0.479 ms, against A30's v1.0/v2.0 0.521-0.541 ms: 11% apart) are predicted equal within 0.2%:
+#: load); the model prices it at the datasheet clock, 0.58 ms against 1.09 ms published. A30 vs A100 PCIe 80GB
+#: (MLPerf v2.1, 0.479 ms, against A30's v1.0/v2.0 0.521-0.541 ms: 11% apart) are predicted equal within 0.3%
+#: (A30 0.493 ms, A100 0.494 ms):
 #: A30's 2% higher clock offsets its weights not fitting in its 24 MB L2; the model has no term that
 #: separates them further.
 KNOWN_DISCORDANT = {
@@ -115,7 +121,7 @@ def test_resnet50_batch1_order_follows_the_clock():
     kernels = model_kernels(shape_from_config({"model_type": "resnet"}), batch=1, precision="int8")
     catalog = load_catalog()
     on_l4, on_a100 = (price(kernels, catalog[g], precision="int8") for g in ("l4", "a100-40gb"))
-    assert on_l4.launch_ms == pytest.approx(on_a100.launch_ms * 1410 / 2040)
+    assert on_l4.launch_ms / on_l4.kernels == pytest.approx(on_a100.launch_ms / on_a100.kernels * 1410 / 2040)
     assert on_a100.launch_ms > 0.5 * on_a100.latency_ms and on_l4.launch_ms > 0.5 * on_l4.latency_ms
 
 
@@ -131,3 +137,19 @@ def test_a_factor_no_training_figure_uses_is_not_refit(cv):
     _, fitted = cv
     assert fitted["github.com/NVIDIA/TensorRT"]["gemm_efficiency.int8"] == PRIORS["gemm_efficiency.int8"]
     assert PRIORS["gemm_efficiency.int8"] != factor("gemm_efficiency.int8")
+
+
+def test_fit_breaks_median_ties_by_the_signed_error():
+    """The median |log error| is flat where a factor moves no figure across the median; there the value whose
+    median signed error is nearer zero wins (validation._loss), not wherever the descent passed first."""
+    from prune2deploy.profiling.validation import Comparison, _loss
+
+    def rows(ratios):
+        return [
+            Comparison(f"f{i}", "w", "m", "g", "fp16", 1, 1, False, 1.0, r, 0.1, "compute")
+            for i, r in enumerate(ratios)
+        ]
+
+    optimistic, centred = rows([1 / 1.1, 1 / 1.1, 1.1]), rows([1 / 1.1, 1.0, 1.1])
+    assert _loss(optimistic)[0] == _loss(centred)[0]  # the same median |log error| ...
+    assert _loss(centred) < _loss(optimistic)  # ... and the centred one is preferred
