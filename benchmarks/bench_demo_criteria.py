@@ -33,6 +33,33 @@ def _agreement(logits: torch.Tensor, dense: torch.Tensor, windows: torch.Tensor)
     return top1, float(torch.exp(-logp.mean()))
 
 
+def smollm2_reference(window_count: int) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SmolLM2-135M, ``window_count`` evaluation windows, its dense logits on them and the calibration set
+    ``prune`` scores on (printing the dense perplexity): what every masked variant is compared with."""
+    loaded = load_hf_model("smollm2-135m")
+    module, tokenizer = loaded.module.eval(), loaded.tokenizer
+    windows = _windows(tokenizer, window_count)
+    with torch.no_grad():
+        dense = module(windows).logits.float()
+    print(f"dense perplexity {_agreement(dense, dense, windows)[1]:.1f}")
+    calibration = load_calibration(None, tokenizer=tokenizer, seq_len=128, num_samples=24)
+    return module, windows, dense, calibration
+
+
+def masked_quality(module, masks: dict[str, torch.Tensor], dense: torch.Tensor, windows: torch.Tensor):
+    """Top-1 vs dense and perplexity of ``module`` with ``masks`` applied in place (restored afterwards)."""
+    saved = {n: p.detach().clone() for n, p in module.named_parameters() if n in masks}
+    apply_masks(module, masks)
+    try:
+        with torch.no_grad():
+            return _agreement(module(windows).logits.float(), dense, windows)
+    finally:
+        with torch.no_grad():
+            for name, param in module.named_parameters():
+                if name in saved:
+                    param.copy_(saved[name])
+
+
 def _masks(module, criterion: str, ratio: float, calibration) -> dict[str, torch.Tensor]:
     if criterion == "magnitude-demo":  # the demo's masks before: product of weight norms per neuron
         return {k: torch.from_numpy(v) for k, v in mlp_neuron_masks(module, ratio).items()}
@@ -46,25 +73,13 @@ def main() -> None:
     parser.add_argument("--ratios", default="0.1,0.2,0.3,0.5")
     parser.add_argument("--windows", type=int, default=4, help="windows of 128 tokens (the compile's default)")
     args = parser.parse_args()
-    loaded = load_hf_model("smollm2-135m")
-    module, tokenizer = loaded.module.eval(), loaded.tokenizer
-    windows = _windows(tokenizer, args.windows)
-    with torch.no_grad():
-        dense = module(windows).logits.float()
-    print(f"dense perplexity {_agreement(dense, dense, windows)[1]:.1f}")
-    calibration = load_calibration(None, tokenizer=tokenizer, seq_len=128, num_samples=24)
+    module, windows, dense, calibration = smollm2_reference(args.windows)
     print("| criterion | MLP ratio | top-1 vs dense | perplexity | seconds |\n|---|---|---|---|---|")
     for criterion in args.criteria.split(","):
         for ratio in (float(r) for r in args.ratios.split(",")):
             start = time.perf_counter()
             masks = _masks(module, criterion, ratio, calibration)
-            saved = {n: p.detach().clone() for n, p in module.named_parameters() if n in masks}
-            apply_masks(module, masks)  # in place: restored below
-            with torch.no_grad():
-                top1, ppl = _agreement(module(windows).logits.float(), dense, windows)
-                for name, param in module.named_parameters():
-                    if name in saved:
-                        param.copy_(saved[name])
+            top1, ppl = masked_quality(module, masks, dense, windows)
             print(f"| {criterion} | {ratio:.2f} | {top1:.3f} | {ppl:,.1f} | {time.perf_counter() - start:.0f} |")
 
 

@@ -13,12 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
-from benchmarks.bench_demo_criteria import _agreement, _windows
-from prune2deploy.frontends.hf import load_hf_model
-from prune2deploy.pruning.calibration import load_calibration
-from prune2deploy.pruning.masks import apply_masks
+from benchmarks.bench_demo_criteria import masked_quality, smollm2_reference
 from prune2deploy.pruning.prune import prune_module
 
 
@@ -30,20 +25,6 @@ def _options(ranking: str) -> dict:
     return {"per_layer": False, "global_scale": scale, "min_keep": float(floor or 0.0)}
 
 
-def _quality(module, masks: dict[str, torch.Tensor], dense: torch.Tensor, windows: torch.Tensor) -> tuple[float, float]:
-    """Top-1 vs dense and perplexity of ``module`` with ``masks`` applied (restored afterwards)."""
-    saved = {n: p.detach().clone() for n, p in module.named_parameters() if n in masks}
-    apply_masks(module, masks)
-    try:
-        with torch.no_grad():
-            return _agreement(module(windows).logits.float(), dense, windows)
-    finally:
-        with torch.no_grad():
-            for name, param in module.named_parameters():
-                if name in saved:
-                    param.copy_(saved[name])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--criterion", default="wanda")
@@ -52,13 +33,7 @@ def main() -> None:
     parser.add_argument("--rankings", default="per-layer,raw,standardize,standardize:0.25")
     parser.add_argument("--windows", type=int, default=4, help="windows of 128 tokens (the compile's default)")
     args = parser.parse_args()
-    loaded = load_hf_model("smollm2-135m")
-    module, tokenizer = loaded.module.eval(), loaded.tokenizer
-    windows = _windows(tokenizer, args.windows)
-    with torch.no_grad():
-        dense = module(windows).logits.float()
-    print(f"dense perplexity {_agreement(dense, dense, windows)[1]:.1f}")
-    calibration = load_calibration(None, tokenizer=tokenizer, seq_len=128, num_samples=24)
+    module, windows, dense, calibration = smollm2_reference(args.windows)
     print("| ranking | kept MLP neurons | widths min–max | widths per layer | top-1 vs dense | perplexity |")
     print("|---|---|---|---|---|---|")
     for ranking in args.rankings.split(","):
@@ -67,7 +42,7 @@ def main() -> None:
             calibration=calibration, **_options(ranking),
         )  # fmt: skip
         widths = [len(layer.mlp.kept) for layer in plan.layers]
-        top1, ppl = _quality(module, masks, dense, windows)
+        top1, ppl = masked_quality(module, masks, dense, windows)
         print(
             f"| {ranking} | {sum(widths):,} | {min(widths)}–{max(widths)} | {' '.join(map(str, widths))} "
             f"| {top1:.3f} | {ppl:,.1f} |"
