@@ -211,6 +211,9 @@ def write_padded_checkpoint(sliced: SliceResult, out: Path, *, use_cache: bool =
         cfg.num_key_value_heads = shape.groups
         cfg.intermediate_size = shape.ffn
         cfg.head_dim = d
+    # Runtimes pick the model class from ``architectures`` (vLLM, TensorRT-LLM, onnxruntime-genai's builder);
+    # module.save_pretrained sets it, a config saved on its own keeps whatever the source had (often nothing).
+    config.architectures = [type(module).__name__]
     config.save_pretrained(str(out))
     generation = getattr(module, "generation_config", None)
     if generation is not None:

@@ -68,6 +68,7 @@ def test_padded_checkpoint_loads_in_transformers_and_computes_the_masked_model(t
     assert section["check"]["max_rel_diff"] < 1e-5 and section["check"]["greedy_tokens_equal"]
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["use_cache"] is True and config["intermediate_size"] == 96 and config["head_dim"] == D
+    assert config["architectures"] == ["LlamaForCausalLM"]  # runtimes choose the model class from it
     loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=dtype).eval()
     assert loaded.dtype == dtype and loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
     ids = torch.tensor([[3, 17, 99, 4, 56, 7]])
