@@ -27,9 +27,13 @@ if "P2D_CACHE_DIR" not in os.environ:  # exports cached by compile go to a throw
 _SMOLLM2_FIXTURES = {"smollm2", "smollm2_onnx", "smollm2_kv"}
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items) -> None:
     """Under ``pytest -n 2 --dist loadgroup`` (README command 2), every test that uses SmolLM2 runs on one
-    worker, so the real model is loaded and exported once per run instead of once per worker."""
+    worker, so the real model is loaded and exported once per run instead of once per worker.
+
+    ``tryfirst``: xdist reads the ``xdist_group`` marks in its own hook of this name (it appends the group to
+    each node id); a mark added after it has no effect, and the group was split over both workers."""
     for item in items:
         if _SMOLLM2_FIXTURES & set(getattr(item, "fixturenames", ())) or "smollm2" in item.nodeid:
             item.add_marker(pytest.mark.xdist_group("smollm2"))

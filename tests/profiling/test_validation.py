@@ -57,6 +57,7 @@ def cv():
     return cross_validate()
 
 
+@pytest.mark.xdist_group("cost-model-cv")  # the one cross-validation (40-60 s) serves both tests on one worker
 def test_cross_validated_error_within_the_targets(cv):
     """Leave one publication out, refit the fitted factors on the rest, predict it: median |error| <= 20% and
     median signed error within +-10% (the shipped, in-sample factors are optimistic: signed error < 0)."""
@@ -125,6 +126,7 @@ def test_resnet50_batch1_order_follows_the_clock():
     assert on_a100.launch_ms > 0.5 * on_a100.latency_ms and on_l4.launch_ms > 0.5 * on_l4.latency_ms
 
 
+@pytest.mark.xdist_group("cost-model-cv")
 def test_a_factor_no_training_figure_uses_is_not_refit(cv):
     """Without the demoBERT figures only ResNet-50's classifier GEMM runs int8 GEMMs: the fit would follow
     noise, so the int8 GEMM efficiency keeps its cited prior in that fold (not the shipped value, which is
