@@ -9,12 +9,13 @@ independent and the file small.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes
-from onnx_ir.passes.common import DeduplicateHashedInitializersPass
 
 __all__ = ["ReshareInitializersPass", "UnshareInitializersPass", "reshare_initializers", "unshare_initializers"]
 
@@ -88,15 +89,86 @@ def _rejoin_views(graph: ir.Graph) -> int:
 def reshare_initializers(model: ir.Model) -> None:
     """De-duplicates equal initializers again (any size).
 
-    Views of one buffer are joined first (:func:`_rejoin_views`); the rest goes through onnx_ir's hashed
-    pass, which keeps one digest per tensor (equal digests are confirmed byte for byte) — the plain one keys a
-    dict by every tensor's bytes, i.e. holds a second copy of all weights (7 GB of the 1B model's peak).
+    Views of one buffer are joined first (:func:`_rejoin_views`); the rest by :func:`_join_equal`, which reads
+    only the first bytes of most tensors.
     """
     joined = _rejoin_views(model.graph)
     if joined:
         log.info("re-joined %d views of shared initializers", joined)
     _make_contiguous(model.graph)
-    DeduplicateHashedInitializersPass(size_limit=1 << 62)(model)
+    for graph in model.graphs():
+        merged = _join_equal(graph)
+        if merged:
+            log.info("de-duplicated %d equal initializers", merged)
+
+
+#: Bytes of each tensor read before deciding whether it needs a full comparison (one page).
+_PREFIX_BYTES = 4096
+
+
+def _join_equal(graph: ir.Graph) -> int:
+    """Initializers with equal dtype, shape and bytes become one. Returns how many were dropped.
+
+    Candidates are grouped by dtype, shape and their first :data:`_PREFIX_BYTES` bytes; only a group of two
+    or more is read whole (digest, then byte comparison). onnx_ir's hashed pass digests every tensor: at 8B
+    that reads all 16 GB of the mapped reference, whose pages then count in the RSS until unmapped (23 GB
+    peak); weights of different layers differ in their first bytes, so here one page each is read.
+    A mapped tensor that was read whole is unmapped again.
+    """
+    groups: dict[tuple, list[ir.Value]] = {}
+    for value in graph.initializers.values():
+        tensor = value.const_value
+        if tensor is None or value.is_graph_input() or value.is_graph_output() or tensor.dtype.is_string():
+            continue
+        groups.setdefault(_prefix_key(tensor), []).append(value)
+    dropped = 0
+    for candidates in groups.values():
+        if len(candidates) > 1:
+            dropped += _join_group(graph, candidates)
+    return dropped
+
+
+def _flat_bytes(tensor: ir.TensorProtocol) -> np.ndarray:
+    """The tensor's bytes as a flat uint8 view (a mapped tensor stays mapped: nothing is copied)."""
+    array = np.ascontiguousarray(tensor.numpy())
+    return array.reshape(-1).view(np.uint8)
+
+
+def _prefix_key(tensor: ir.TensorProtocol) -> tuple:
+    return (tensor.dtype, tuple(tensor.shape.numpy()), _flat_bytes(tensor)[:_PREFIX_BYTES].tobytes())
+
+
+def _join_group(graph: ir.Graph, candidates: list[ir.Value]) -> int:
+    """Joins the equal members of one prefix group: digest each (one at a time), confirm byte for byte."""
+    kept: dict[bytes, list[ir.Value]] = {}
+    dropped = 0
+    for value in candidates:
+        digest = hashlib.blake2b(_flat_bytes(value.const_value), digest_size=32).digest()
+        twin = next((k for k in kept.get(digest, ()) if _equal_bytes(k, value)), None)
+        if twin is None:
+            kept.setdefault(digest, []).append(value)
+        else:
+            value.replace_all_uses_with(twin)
+            graph.initializers.pop(value.name)
+            dropped += 1
+        _unmap(value)
+    for values in kept.values():
+        for value in values:
+            _unmap(value)
+    return dropped
+
+
+def _equal_bytes(a: ir.Value, b: ir.Value) -> bool:
+    return bool(np.array_equal(_flat_bytes(a.const_value), _flat_bytes(b.const_value)))
+
+
+def _unmap(value: ir.Value) -> None:
+    """Unmaps a memory-mapped tensor after a whole read (it maps again if read later); one still viewed by
+    an array stays mapped."""
+    tensor = value.const_value
+    if isinstance(tensor, ir.ExternalTensor):
+        with contextlib.suppress(BufferError):
+            tensor.release()
 
 
 def _make_contiguous(graph: ir.Graph) -> None:

@@ -88,3 +88,40 @@ def test_reshare_takes_strided_views_that_a_rewrite_left():
     reshare_initializers(model)
     assert len(model.graph.initializers) == 1
     np.testing.assert_array_equal(next(iter(model.graph.initializers.values())).const_value.numpy(), base.T)
+
+
+def _six_weights(rng, tmp_path):
+    """Six mapped (external-data) weights: W0 = W1 (equal bytes, separate copies), W2 equal to W0 in its first
+    4096+ bytes but not its last, W3-W5 unrelated."""
+    first = rng.standard_normal((64, 64)).astype(np.float32)
+    late_change = first.copy()
+    late_change[-1, -1] += 1.0
+    weights = [first, first.copy(), late_change, *(rng.standard_normal((64, 64)).astype(np.float32) for _ in range(3))]
+    nodes = [helper.make_node("MatMul", ["X", f"W{i}"], [f"Y{i}"], name=f"m{i}") for i in range(6)]
+    outputs = [tensor_info(f"Y{i}", ["batch", 64]) for i in range(6)]
+    inits = {f"W{i}": w for i, w in enumerate(weights)}
+    model = helper_model(nodes, [tensor_info("X", ["batch", 64])], outputs, inits)
+    ir.save(model, str(tmp_path / "six.onnx"), external_data="six.onnx.data", size_threshold_bytes=0)
+    return ir.load(str(tmp_path / "six.onnx")), weights
+
+
+def test_equal_mapped_weights_join_and_a_late_difference_keeps_them_apart(rng, tmp_path, monkeypatch):
+    from prune2deploy.passes import sharing
+
+    model, weights = _six_weights(rng, tmp_path)
+    whole_reads = []
+    digest = sharing.hashlib.blake2b
+    monkeypatch.setattr(
+        sharing.hashlib, "blake2b", lambda data, **kw: whole_reads.append(data.nbytes) or digest(data, **kw)
+    )
+    reshare_initializers(model)
+    assert sorted(model.graph.initializers) == ["W0", "W2", "W3", "W4", "W5"]
+    readers = {node.name: node.inputs[1].name for node in model.graph}
+    assert readers["m1"] == "W0"
+    assert len(whole_reads) == 3  # only the group whose first page agrees is read whole: W0, W1, W2
+    assert all(
+        not isinstance(v.const_value, ir.ExternalTensor) or v.const_value.raw is None
+        for name, v in model.graph.initializers.items()
+        if name in ("W0", "W2")
+    )  # unmapped after the read
+    np.testing.assert_array_equal(model.graph.initializers["W2"].const_value.numpy(), weights[2])
