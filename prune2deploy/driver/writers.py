@@ -56,6 +56,17 @@ def write_outputs(
             continue
         context = OutputContext(staging / spec.folder, staging / "model.onnx", options, models, progress)
         sections[spec.name] = _write(spec, context)
+    return _run_later_checks(sections, models)
+
+
+def _run_later_checks(sections: dict[str, OutputSection], models: Any) -> dict[str, OutputSection]:
+    """Runs the checks writers left for after the torch modules are freed (:attr:`OutputSection.later`)."""
+    pending = [name for name, section in sections.items() if section.later is not None]
+    if pending and models is not None:
+        models.release_masked()
+        models.release_sliced()
+    for name in pending:
+        sections[name] = sections[name].later()
     return sections
 
 

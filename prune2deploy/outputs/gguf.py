@@ -430,8 +430,20 @@ def reference_logits(module: Any, tokens: Sequence[int]) -> np.ndarray:
     return out[0].float().numpy()
 
 
+def _check_input(tokenizer: Any, vocab_size: int) -> tuple[list[int], str]:
+    """The check's tokens (the evaluation text, else seeded random ids) and what they are, in words."""
+    tokens = text_tokens(tokenizer, vocab_size)
+    if tokens is None:
+        return check_tokens(vocab_size), f"{_CHECK_TOKENS} seeded random token ids"
+    return tokens, f"the first {_CHECK_TOKENS} tokens of the bundled evaluation text"
+
+
 def _write(context: OutputContext) -> OutputSection:
-    """The gguf/ writer: one file per asked-for type, each checked in llama.cpp against the compile's model."""
+    """The gguf/ writer: one file per asked-for type, each checked in llama.cpp against the compile's model.
+
+    The model's logits on the check tokens are taken while the torch module is held; llama.cpp's checks run
+    after every writer is done (:attr:`OutputSection.later`), once the modules are freed.
+    """
     from prune2deploy.outputs.gguf_vocab import vocab_of
 
     models = context.torch
@@ -442,46 +454,17 @@ def _write(context: OutputContext) -> OutputSection:
         raise UnsupportedModelError(reason)
     text = _text_config(config)
     kinds = list(dict.fromkeys(context.options.gguf))
-    tokens = text_tokens(models.tokenizer, int(text.vocab_size))
-    check_input = f"the first {_CHECK_TOKENS} tokens of the bundled evaluation text"
-    if tokens is None:
-        tokens, check_input = check_tokens(int(text.vocab_size)), f"{_CHECK_TOKENS} seeded random token ids"
+    tokens, check_input = _check_input(models.tokenizer, int(text.vocab_size))
     _, why_not = _llama_cpp()
     expected = reference_logits(models.target(), tokens) if not why_not else None
     vocab = vocab_of(models.tokenizer, int(text.vocab_size), text)
     context.folder.mkdir(parents=True, exist_ok=True)
     name = str(getattr(config, "_name_or_path", "") or type(sliced.module).__name__).rstrip("/").split("/")[-1]
     files: dict[str, Any] = {}
-    problems = []
     for kind in kinds:
         path = context.folder / f"model-{kind}.gguf"
         context.progress(f"writing gguf/{path.name}")
-        entry = write_gguf(sliced, vocab, path, kind, name=f"{name} (pruned)")
-        if expected is None:
-            entry["check"] = {"checked": False, "reason": why_not}
-        else:
-            context.progress(f"checking gguf/{path.name} in llama.cpp")
-            try:
-                entry["check"] = check = check_gguf(path, tokens, expected)
-            except (ValueError, RuntimeError) as exc:  # llama-cpp-python's "Failed to load model from file"
-                entry["check"] = {"checked": False, "error": str(exc)}
-                problems.append(
-                    f"llama.cpp could not load gguf/{path.name} ({exc}); a llama.cpp without the "
-                    f"'{entry['arch']}' architecture? (llama-cpp-python >= 0.3.36 has it)"
-                )
-                files[kind] = entry
-                continue
-            if kind == "f32":
-                check["bound"] = bound = min(float(context.options.tolerance), EXACT_BOUND)
-                check["passed"] = check["max_rel_diff"] <= bound
-                if not check["passed"]:
-                    problems.append(
-                        f"gguf/{path.name} differs from the model in llama.cpp by {check['max_rel_diff']:.3g} "
-                        f"(relative), more than {bound:g}"
-                    )
-            else:
-                check["approximate"] = f"{kind} quantization: top-1 agreement and KL are information, not a verdict"
-        files[kind] = entry
+        files[kind] = write_gguf(sliced, vocab, path, kind, name=f"{name} (pruned)")
     section: dict[str, Any] = {
         "written": True,
         "path": "gguf",
@@ -495,9 +478,45 @@ def _write(context: OutputContext) -> OutputSection:
     models.note(section)
     if models.changed:
         section["compared_with"] = "the torch model with the approximate passes repeated (the model in model.onnx)"
+    if expected is None:
+        for entry in files.values():
+            entry["check"] = {"checked": False, "reason": why_not}
+        return OutputSection(section)
+    del sliced
+    bound = min(float(context.options.tolerance), EXACT_BOUND)
+    return OutputSection(section, later=lambda: _check_files(context, section, tokens, expected, bound))
+
+
+def _check_files(
+    context: OutputContext, section: dict[str, Any], tokens: list[int], expected: np.ndarray, bound: float
+) -> OutputSection:
+    """Checks every written file in llama.cpp (run after the torch modules are freed); f32 has a verdict."""
+    problems = []
+    for kind, entry in section["files"].items():
+        path = context.folder / entry["file"]
+        context.progress(f"checking gguf/{path.name} in llama.cpp")
+        try:
+            entry["check"] = check = check_gguf(path, tokens, expected)
+        except (ValueError, RuntimeError) as exc:  # llama-cpp-python's "Failed to load model from file"
+            entry["check"] = {"checked": False, "error": str(exc)}
+            problems.append(
+                f"llama.cpp could not load gguf/{path.name} ({exc}); a llama.cpp without the "
+                f"'{entry['arch']}' architecture? (llama-cpp-python >= 0.3.36 has it)"
+            )
+            continue
+        if kind == "f32":
+            check["bound"] = bound
+            check["passed"] = check["max_rel_diff"] <= bound
+            if not check["passed"]:
+                problems.append(
+                    f"gguf/{path.name} differs from the model in llama.cpp by {check['max_rel_diff']:.3g} "
+                    f"(relative), more than {bound:g}"
+                )
+        else:
+            check["approximate"] = f"{kind} quantization: top-1 agreement and KL are information, not a verdict"
     if problems:
         return OutputSection(section, check=OutputCheck(False, "; ".join(problems), "The files are in gguf/."))
-    return OutputSection(section, check=OutputCheck(True) if "f32" in files and expected is not None else None)
+    return OutputSection(section, check=OutputCheck(True) if "f32" in section["files"] else None)
 
 
 register_output(

@@ -57,6 +57,11 @@ class OutputSection:
 
     section: dict[str, Any]
     check: OutputCheck | None = None
+    #: A check that loads the written folder in its runtime, run by the driver after every writer is done and
+    #: the torch modules are freed (a runtime's copy of the weights beside them would set the compile's peak
+    #: memory: 8B, llama.cpp's 5.5 GB mapped file beside the sliced and masked modules, 24.9 GB); it returns
+    #: the finished section.
+    later: Callable[[], OutputSection] | None = None
 
     @property
     def written(self) -> bool:

@@ -49,3 +49,29 @@ def test_repeated_passes_merge_their_torch_plans_and_own_way_passes_ask_nothing(
         "drop_layer_scopes": ["model.layers.1"],
         "regroup": {"kv_heads": 1, "grouping": "adjacent", "method": "mean"},
     }
+
+
+def test_checks_left_for_later_run_after_the_torch_modules_are_freed():
+    from prune2deploy.driver.writers import _run_later_checks
+    from prune2deploy.outputs.registry import OutputCheck, OutputSection
+
+    events = []
+
+    class Models:
+        def release_masked(self):
+            events.append("masked freed")
+
+        def release_sliced(self):
+            events.append("sliced freed")
+
+    def check():
+        events.append("checked")
+        return OutputSection({"written": True, "checked": True}, check=OutputCheck(True))
+
+    sections = {"hf": OutputSection({"written": True}), "gguf": OutputSection({"written": True}, later=check)}
+    done = _run_later_checks(sections, Models())
+    assert events == ["masked freed", "sliced freed", "checked"]
+    assert done["gguf"].section["checked"] and done["gguf"].check.passed and done["hf"].later is None
+    events.clear()  # nothing left for later: the modules stay as they are
+    _run_later_checks({"hf": OutputSection({"written": True})}, Models())
+    assert events == []
