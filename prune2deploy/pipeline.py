@@ -19,6 +19,7 @@ import onnx_ir.passes
 from onnx_ir.passes.common import RemoveUnusedNodesPass, RemoveUnusedOpsetsPass
 
 from prune2deploy.errors import P2DError
+from prune2deploy.graph.mapped import release_mapped
 from prune2deploy.passes.base import P2DPass, P2DResult
 from prune2deploy.passes.registry import get_pass
 from prune2deploy.passes.sharing import ReshareInitializersPass, UnshareInitializersPass
@@ -46,7 +47,13 @@ class PipelineResult(onnx_ir.passes.PassResult):
 
 
 class _Collected(onnx_ir.passes.InPlacePass):
-    """Runs one pass inside the PassManager and keeps its typed result for the pipeline's caller."""
+    """Runs one pass inside the PassManager and keeps its typed result for the pipeline's caller.
+
+    After the pass the model's memory-mapped weights are unmapped: the pages a pass read (every MLP weight,
+    for remove-channels) would otherwise stay resident through every later pass and the save, beside the
+    new tensors the passes make (8B: 16 GB of mapped reference pages + 7.6 GB of new tensors, 23.3 GB).
+    A weight read again is mapped again.
+    """
 
     def __init__(self, inner: P2DPass, sink: list[P2DResult]) -> None:
         super().__init__()
@@ -56,6 +63,7 @@ class _Collected(onnx_ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> onnx_ir.passes.PassResult:
         result = self.inner(model)
         self.sink.append(result)
+        release_mapped(model)
         return result
 
     def __repr__(self) -> str:

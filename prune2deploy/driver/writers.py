@@ -48,15 +48,36 @@ def write_outputs(
         from prune2deploy.outputs.lm import TorchModels
 
         models = TorchModels(_masked_module(loaded), plan.plan, progress=progress)
-    sections = {}
+    refused, contexts = {}, {}
     for spec in specs:
         unmet = refusal if spec.torch_module and refusal else _unmet(spec, loaded)
         if unmet:
-            sections[spec.name] = not_written(unmet)
-            continue
-        context = OutputContext(staging / spec.folder, staging / "model.onnx", options, models, progress)
-        sections[spec.name] = _write(spec, context)
+            refused[spec.name] = not_written(unmet)
+        else:
+            contexts[spec.name] = OutputContext(
+                staging / spec.folder, staging / "model.onnx", options, models, progress
+            )
+    _take_references(specs, contexts, models)
+    sections = {
+        spec.name: refused[spec.name] if spec.name in refused else _write(spec, contexts[spec.name]) for spec in specs
+    }
     return _run_later_checks(sections, models)
+
+
+def _take_references(specs: Sequence[OutputSpec], contexts: Mapping[str, OutputContext], models: Any) -> None:
+    """Every writer's check references from the masked module first, then the module is freed (before slicing).
+
+    A writer whose references cannot be taken (a model it cannot write) is left to fail in its own ``write``.
+    """
+    takers = [spec for spec in specs if spec.references is not None and spec.name in contexts]
+    if models is None or not takers:
+        return
+    for spec in takers:
+        try:
+            spec.references(contexts[spec.name])
+        except UnsupportedModelError as exc:
+            log.debug("%s/: no references taken (%s)", spec.folder, exc)
+    models.references_taken()
 
 
 def _run_later_checks(sections: dict[str, OutputSection], models: Any) -> dict[str, OutputSection]:

@@ -827,6 +827,16 @@ def _within(check: dict[str, Any], bounds: dict[str, float]) -> bool:
                 and check["mean_rel_diff"] <= bounds["mean_rel_diff"])  # fmt: skip
 
 
+def _decoder_reference(target: Any) -> DecoderReference:
+    with computing_in_fp32(target):  # the decoder is checked against the masked model in fp32
+        return reference_outputs(target)
+
+
+def _references(context: OutputContext) -> None:
+    """The masked model's outputs on the check inputs, taken before any writer slices the module."""
+    context.torch.reference("genai", _decoder_reference)
+
+
 def _write(context: OutputContext) -> OutputSection:
     """The genai/ writer: decoder from the sliced module, checked against the masked model (ONNX Runtime, then
     onnxruntime-genai's greedy tokens) and, after a plan repeated in torch, against ``model.onnx``.
@@ -840,10 +850,7 @@ def _write(context: OutputContext) -> OutputSection:
     if shortfall:
         log.warning(shortfall)
         return OutputSection({"written": False, "reason": shortfall})
-    target = models.target()
-    with computing_in_fp32(target):  # the decoder is checked against the masked model in fp32
-        expected = reference_outputs(target)
-    del target
+    expected = models.reference("genai", _decoder_reference)  # taken before slicing (_references)
     models.release_masked()  # its last use: the sliced copy shares only what slicing left unchanged
     say(f"writing genai/ (GroupQueryAttention decoder, {precision.name})")
     length = context.options.genai_context_length
@@ -942,6 +949,7 @@ register_output(
         causal_lm=True,
         torch_module=True,
         option="genai",
+        references=_references,
         default=True,
     )
 )

@@ -438,6 +438,21 @@ def _check_input(tokenizer: Any, vocab_size: int) -> tuple[list[int], str]:
     return tokens, f"the first {_CHECK_TOKENS} tokens of the bundled evaluation text"
 
 
+def _expected_logits(models: Any, config: Any) -> tuple[list[int], str, np.ndarray | None]:
+    """The check's tokens, what they are, and the model's logits on them (None without llama.cpp), the
+    logits taken once (:meth:`TorchModels.reference`)."""
+    tokens, check_input = _check_input(models.tokenizer, int(_text_config(config).vocab_size))
+    if _llama_cpp()[0] is None:
+        return tokens, check_input, None
+    return tokens, check_input, models.reference("gguf", lambda target: reference_logits(target, tokens))
+
+
+def _references(context: OutputContext) -> None:
+    """The logits llama.cpp's checks compare with, taken before any writer slices the module."""
+    models = context.torch
+    _expected_logits(models, models.target().config)
+
+
 def _write(context: OutputContext) -> OutputSection:
     """The gguf/ writer: one file per asked-for type, each checked in llama.cpp against the compile's model.
 
@@ -452,11 +467,10 @@ def _write(context: OutputContext) -> OutputSection:
     reason = _refusal(config, sliced)
     if reason:
         raise UnsupportedModelError(reason)
-    text = _text_config(config)
     kinds = list(dict.fromkeys(context.options.gguf))
-    tokens, check_input = _check_input(models.tokenizer, int(text.vocab_size))
+    tokens, check_input, expected = _expected_logits(models, config)
     _, why_not = _llama_cpp()
-    expected = reference_logits(models.target(), tokens) if not why_not else None
+    text = _text_config(config)
     vocab = vocab_of(models.tokenizer, int(text.vocab_size), text)
     context.folder.mkdir(parents=True, exist_ok=True)
     name = str(getattr(config, "_name_or_path", "") or type(sliced.module).__name__).rstrip("/").split("/")[-1]
@@ -529,5 +543,6 @@ register_output(
         causal_lm=True,
         torch_module=True,
         option="gguf",
+        references=_references,
     )
 )

@@ -27,7 +27,15 @@ from prune2deploy.outputs.fp32 import computing_in_fp32
 from prune2deploy.outputs.registry import OutputContext, OutputSection, OutputSpec, register_output
 from prune2deploy.outputs.slice import LayerWidths, SliceResult
 
-__all__ = ["PaddedShape", "check_hf_checkpoint", "padded_shape", "write_hf_checkpoint", "write_padded_checkpoint"]
+__all__ = [
+    "HFReference",
+    "PaddedShape",
+    "check_hf_checkpoint",
+    "hf_reference",
+    "padded_shape",
+    "write_hf_checkpoint",
+    "write_padded_checkpoint",
+]
 
 log = logging.getLogger(__name__)
 
@@ -300,32 +308,56 @@ def _text_config(config: Any) -> Any:
     return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
 
 
-def check_hf_checkpoint(folder: Path, reference: Any, *, seq: int = 16, new_tokens: int = 8) -> dict[str, Any]:
-    """Reloads ``folder`` with ``AutoModelForCausalLM`` and compares logits and greedy tokens with ``reference``."""
+@dataclass(frozen=True)
+class HFReference:
+    """The model's logits on seeded ids and its greedy tokens: what a reloaded checkpoint must reproduce."""
+
+    ids: Any  # torch.LongTensor [2, seq]
+    logits: np.ndarray
+    greedy: Any  # torch.LongTensor [1, seq + new_tokens]
+    dtype: Any  # the module's torch dtype (the checkpoint is reloaded in it)
+    new_tokens: int
+
+
+def hf_reference(reference: Any, *, seq: int = 16, new_tokens: int = 8) -> HFReference:
+    """Runs ``reference`` (the masked model) on the check's seeded ids, in fp32 (half-precision GEMMs round
+    differently and would flip near-tied greedy tokens without either model being wrong)."""
+    import torch
+
+    reference = getattr(reference, "module", reference)
+    vocab = int(reference.config.get_text_config(decoder=True).vocab_size)
+    ids = torch.randint(0, vocab, (2, seq), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), computing_in_fp32(reference):
+        logits = reference(input_ids=ids, use_cache=False).logits.float().numpy()
+        greedy = reference.generate(input_ids=ids[:1], max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    return HFReference(ids, logits, greedy, next(reference.parameters()).dtype, new_tokens)
+
+
+def check_hf_checkpoint(folder: Path, reference: Any) -> dict[str, Any]:
+    """Reloads ``folder`` with ``AutoModelForCausalLM`` and compares logits and greedy tokens with
+    ``reference`` (an :class:`HFReference`, or the model to take one from)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    reference = getattr(reference, "module", reference)
-    loaded = AutoModelForCausalLM.from_pretrained(str(folder), dtype=next(reference.parameters()).dtype).eval()
-    vocab = int(reference.config.get_text_config(decoder=True).vocab_size)
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (2, seq), generator=gen)
-    # Half-precision models are compared in fp32: the narrower GEMMs round differently in bf16, which would
-    # flip near-tied greedy tokens without either model being wrong.
-    with torch.no_grad(), computing_in_fp32(reference), computing_in_fp32(loaded):
-        want = reference(input_ids=ids, use_cache=False).logits.float().numpy()
-        got = loaded(input_ids=ids, use_cache=False).logits.float().numpy()
-        kwargs = {"max_new_tokens": new_tokens, "do_sample": False, "pad_token_id": 0}
-        ref_tokens = reference.generate(input_ids=ids[:1], **kwargs)
-        new_tokens_out = loaded.generate(input_ids=ids[:1], **kwargs)
-    scale = float(np.abs(want).max()) or 1.0
+    want = reference if isinstance(reference, HFReference) else hf_reference(reference)
+    loaded = AutoModelForCausalLM.from_pretrained(str(folder), dtype=want.dtype).eval()
+    with torch.no_grad(), computing_in_fp32(loaded):
+        got = loaded(input_ids=want.ids, use_cache=False).logits.float().numpy()
+        kwargs = {"max_new_tokens": want.new_tokens, "do_sample": False, "pad_token_id": 0}
+        new_tokens_out = loaded.generate(input_ids=want.ids[:1], **kwargs)
+    scale = float(np.abs(want.logits).max()) or 1.0
     return {
-        "max_abs_diff": float(np.abs(want - got).max()),
-        "max_rel_diff": float(np.abs(want - got).max() / scale),
-        "greedy_tokens_equal": bool(torch.equal(ref_tokens, new_tokens_out)),
-        "tokens_compared": new_tokens,
+        "max_abs_diff": float(np.abs(want.logits - got).max()),
+        "max_rel_diff": float(np.abs(want.logits - got).max() / scale),
+        "greedy_tokens_equal": bool(torch.equal(want.greedy, new_tokens_out)),
+        "tokens_compared": want.new_tokens,
         "params": int(sum(p.numel() for p in loaded.parameters())),
     }
+
+
+def _references(context: OutputContext) -> None:
+    """The model's logits and greedy tokens for the reload check, taken before any writer slices the module."""
+    context.torch.reference("hf", hf_reference)
 
 
 def _write(context: OutputContext) -> OutputSection:
@@ -335,7 +367,8 @@ def _write(context: OutputContext) -> OutputSection:
     sliced = models.sliced()
     context.progress("writing hf/ (transformers checkpoint) and reloading it")
     # after regrouping or a depth plan, the model to compare with is the changed one (not the masked module)
-    section = write_hf_checkpoint(sliced, models.tokenizer, context.folder, reference=models.target())
+    reference = models.reference("hf", hf_reference)
+    section = write_hf_checkpoint(sliced, models.tokenizer, context.folder, reference=reference)
     models.note(section)
     if models.half:
         dtype = str(sliced.module.dtype).removeprefix("torch.")
@@ -353,5 +386,6 @@ register_output(
         causal_lm=True,
         torch_module=True,
         option="hf_checkpoint",
+        references=_references,
     )
 )

@@ -52,6 +52,8 @@ class TorchModels:
         self._say = progress or (lambda _msg: None)
         self._module: Any = None
         self._sliced: SliceResult | None = None
+        self._references: dict[str, Any] = {}
+        self._references_taken = False
         self._error: UnsupportedModelError | None = None
         self.tokenizer: Any = None
         self.half = False
@@ -75,9 +77,10 @@ class TorchModels:
 
     @property
     def changed(self) -> bool:
-        """Whether approximate passes were repeated on the sliced module (then it, not the masked module, is
-        the model to match, and a writer checks its folder against ``model.onnx`` too)."""
-        return self.regrouped is not None or self.dropped is not None
+        """Whether approximate passes are repeated on the sliced module (then it, not the masked module, is
+        the model to match, and a writer checks its folder against ``model.onnx`` too). Known from the plan
+        before slicing, so that references taken first are taken on the right model."""
+        return self._regroup is not None or bool(self._drop_layers)
 
     def masked(self) -> Any:
         """The masked module (loaded if it is not held)."""
@@ -108,6 +111,9 @@ class TorchModels:
         module = self.masked()
         self._say("slicing the masked model physically (torch)")
         sliced = slice_causal_lm(module)
+        del module
+        if self._references_taken:
+            self.release_masked()
         if self._drop_layers:  # the graph's order: remove-layers runs before regroup-gqa
             from prune2deploy.outputs.depth import drop_sliced_layers
 
@@ -121,6 +127,24 @@ class TorchModels:
     def target(self) -> Any:
         """The torch model a folder must compute: the sliced one after a repeated plan, else the masked one."""
         return self.sliced().module if self.changed else self.masked()
+
+    def reference(self, key: str, compute: Callable[[Any], Any]) -> Any:
+        """What a writer's check compares against, computed once on :meth:`target` and kept (``key`` names it).
+
+        The driver asks every writer for its references before any slicing (:meth:`references_taken`), so the
+        masked module is read whole while nothing else is held; a writer asking again later gets the kept
+        value.
+        """
+        if key not in self._references:
+            self._references[key] = compute(self.target())
+        return self._references[key]
+
+    def references_taken(self) -> None:
+        """Every writer's references are computed: the masked module is dropped now (its pages, all read by
+        the forward passes, would sit beside the sliced copy: at 8B 16 GB mapped + 10.4 GB sliced) and, when
+        slicing loads it again, right after slicing (a writer that asks for it later loads it again)."""
+        self._references_taken = True
+        self.release_masked()
 
     def release_masked(self) -> None:
         """Drops the masked module (the sliced copy shares only what slicing left unchanged)."""

@@ -112,6 +112,10 @@ class OutputSpec:
         uniform_widths: needs every layer to keep the same widths (one config for all layers).
         option: the compile option that switches it (True on, False off, None: ``default``); None: no option.
         default: on, when its option is unset, for every input that has what it needs.
+        references: for ``torch_module`` writers, takes what the check compares against with
+            ``context.torch.reference(key, compute)`` (the same call in ``write`` then returns it). The driver
+            calls every writer's ``references`` before any writer slices the module, then frees the masked
+            module: the forward passes read all of it, and beside the sliced copy its pages set the peak.
     """
 
     name: str
@@ -124,6 +128,7 @@ class OutputSpec:
     uniform_widths: bool = False
     option: str | None = None
     default: bool = False
+    references: Callable[[OutputContext], None] | None = None
 
     def requested(self, options: Any, *, fits: bool) -> bool:
         """Whether this compile asks for the folder: its option when given, else ``default`` where it ``fits``."""

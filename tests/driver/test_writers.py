@@ -75,3 +75,25 @@ def test_checks_left_for_later_run_after_the_torch_modules_are_freed():
     events.clear()  # nothing left for later: the modules stay as they are
     _run_later_checks({"hf": OutputSection({"written": True})}, Models())
     assert events == []
+
+
+def test_every_writers_references_are_taken_before_the_masked_module_is_freed():
+    from types import SimpleNamespace
+
+    from prune2deploy.driver.writers import _take_references
+    from prune2deploy.errors import UnsupportedModelError
+
+    events = []
+
+    def refuse(_context):
+        raise UnsupportedModelError("not this family")  # left for its own write to report
+
+    specs = [
+        SimpleNamespace(name="hf", folder="hf", references=lambda c: events.append(("hf", c))),
+        SimpleNamespace(name="gguf", folder="gguf", references=refuse),
+        SimpleNamespace(name="genai", folder="genai", references=lambda c: events.append(("genai", c))),
+        SimpleNamespace(name="skipped", folder="skipped", references=lambda c: events.append(("skipped", c))),
+    ]
+    models = SimpleNamespace(references_taken=lambda: events.append("freed"))
+    _take_references(specs, {"hf": "ctx-hf", "gguf": "ctx-gguf", "genai": "ctx-genai"}, models)
+    assert events == [("hf", "ctx-hf"), ("genai", "ctx-genai"), "freed"]  # a writer not run takes none
