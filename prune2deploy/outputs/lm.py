@@ -110,7 +110,9 @@ class TorchModels:
 
         module = self.masked()
         self._say("slicing the masked model physically (torch)")
-        sliced = slice_causal_lm(module)
+        # once the references are taken the masked module is not needed after slicing: each layer is let go
+        # as soon as its copy is made
+        sliced = slice_causal_lm(module, consume=self._references_taken)
         del module
         if self._references_taken:
             self.release_masked()

@@ -185,7 +185,7 @@ def _head_plan(attn: Any, heads: int, kv_heads: int, d: int, where: str, padded:
     return [h for g in kv_keep for h in kept[g]], kv_keep
 
 
-def slice_causal_lm(module: Any) -> SliceResult:
+def slice_causal_lm(module: Any, *, consume: bool = False) -> SliceResult:
     """Returns a copy of ``module`` with its zero heads and MLP neurons physically removed (exact).
 
     The copy's untouched tensors are ``module``'s own (shared, not copied): convert or modify neither in place.
@@ -193,6 +193,8 @@ def slice_causal_lm(module: Any) -> SliceResult:
     Args:
         module: a transformers Llama-style causal LM (or an HFModel holding one) whose pruning is in zeros
             (masks already applied).
+        consume: empty each of ``module``'s decoder layers once its copy is made, so that its pages (read for
+            the copy) are let go layer by layer; ``module`` is unusable afterwards (the caller drops it).
 
     Raises:
         UnsupportedModelError: the architecture is not Llama-style (see :func:`_decoder_layers`).
@@ -210,21 +212,26 @@ def slice_causal_lm(module: Any) -> SliceResult:
 
     # The copy shares the largest tensors with ``module`` (the embedding and lm_head, which slicing never
     # cuts): a full deep copy would hold the model twice at its peak (9.8 GB for a 1B fp32 model). Neither
-    # module is modified in place afterwards. The rest is copied, even where nothing is cut from it (a
-    # projection of an unpruned layer): shared, a view into a memory-mapped checkpoint shard keeps the whole
-    # shard mapped, with every page the masked model read resident, after the masked module is freed —
-    # 3.8 GB at 1B for 0.7 GB of attention projections.
+    # module is modified in place afterwards. The decoder layers are copied one at a time below, each after
+    # its cut (so only what is kept is copied), even where nothing is cut from it (a projection of an
+    # unpruned layer): shared, a view into a memory-mapped checkpoint shard keeps the whole shard mapped,
+    # with every page the masked model read resident, after the masked module is freed — 3.8 GB at 1B for
+    # 0.7 GB of attention projections.
     shared = {
         id(t): t for t in (*module.parameters(), *module.buffers()) if t.numel() * t.element_size() >= _SHARE_MIN_BYTES
     }
-    sliced = copy.deepcopy(module, memo=shared)
+    in_layers = {id(t): t for layer in layers for t in (*layer.parameters(), *layer.buffers())}
+    sliced = copy.deepcopy(module, memo={**in_layers, **shared})
     widths: list[LayerWidths] = []
     padded: dict[str, str] = {}
     with torch.no_grad():
-        for i, layer in enumerate(_decoder_layers(sliced)):
+        for i, (layer, original) in enumerate(zip(_decoder_layers(sliced), layers, strict=True)):
             q_heads, kv = _slice_attention(layer.self_attn, d, f"model.layers.{i}.self_attn", padded)
             intermediate = _slice_mlp(layer.mlp, act, f"model.layers.{i}.mlp", padded)
             widths.append(LayerWidths(i, q_heads, kv, intermediate))
+            _own_tensors(layer, in_layers.keys() - shared.keys())
+            if consume:
+                _empty(original)
 
     result = SliceResult(sliced, d, dense, widths, padded)
     if result.uniform:
@@ -241,6 +248,33 @@ def slice_causal_lm(module: Any) -> SliceResult:
 
 def _text_config(config: Any) -> Any:
     return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+def _own_tensors(layer: Any, borrowed: Any) -> None:
+    """Copies every tensor of ``layer`` that is still one of the masked module's (ids in ``borrowed``)."""
+    import torch
+
+    for sub in layer.modules():
+        for name, param in list(sub._parameters.items()):
+            if param is not None and id(param) in borrowed:
+                sub._parameters[name] = torch.nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
+        for name, buffer in list(sub._buffers.items()):
+            if buffer is not None and id(buffer) in borrowed:
+                sub._buffers[name] = buffer.clone()
+
+
+def _empty(layer: Any) -> None:
+    """Replaces every tensor of ``layer`` with an empty one of its dtype (its storage, often a view of a
+    mapped checkpoint shard, is freed when nothing else holds it)."""
+    import torch
+
+    for sub in layer.modules():
+        for name, param in list(sub._parameters.items()):
+            if param is not None:
+                sub._parameters[name] = torch.nn.Parameter(param.new_empty(0), requires_grad=False)
+        for name, buffer in list(sub._buffers.items()):
+            if buffer is not None:
+                sub._buffers[name] = buffer.new_empty(0)
 
 
 def _slice_attention(attn: Any, d: int, where: str, padded: dict[str, str]) -> tuple[int, int]:

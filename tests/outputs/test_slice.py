@@ -53,3 +53,18 @@ def test_sliced_copy_is_exact_and_shares_untouched_tensors(monkeypatch):
         want = module(input_ids=ids, use_cache=False).logits
         got = sliced(input_ids=ids, use_cache=False).logits
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_consumed_slicing_empties_the_masked_layers_and_computes_the_same():
+    module = _masked_llama()
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = module(input_ids=ids, use_cache=False).logits
+    kept = slice_causal_lm(module).module  # not consumed: the masked module still computes
+    sliced = slice_causal_lm(module, consume=True).module
+    assert all(p.numel() == 0 for layer in module.model.layers for p in layer.parameters())  # let go, layer by layer
+    assert module.model.embed_tokens.weight.numel() > 0  # outside the layers nothing is emptied
+    with torch.no_grad():
+        got = sliced(input_ids=ids, use_cache=False).logits
+        also = kept(input_ids=ids, use_cache=False).logits
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5) and torch.equal(got, also)
