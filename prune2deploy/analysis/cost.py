@@ -30,6 +30,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import onnx_ir as ir
 
 from prune2deploy.analysis.contrib_cost import CONTRIB_FLOPS, CONTRIB_KINDS, contrib_flops
@@ -37,6 +38,7 @@ from prune2deploy.analysis.nm import NM_OPS, is_nm, nm_eligibility
 from prune2deploy.analysis.shapes import PROBE_MAX_BYTES, ShapeInfo, concrete_shapes
 from prune2deploy.feeds import feed_specs
 from prune2deploy.graph import scopes
+from prune2deploy.graph.mapped import release_tensor
 from prune2deploy.graph.op_categories import (
     ACTIVATIONS,
     CONTRIB_ACTIVATIONS,
@@ -316,7 +318,22 @@ def _node_sparsity(node: ir.Node, n: int, m: int, detect: bool) -> str | None:
     if not verdict.eligible:
         return None
     weight = verdict.weight.const_value.numpy()
-    return f"{n}:{m}" if is_nm(weight, n=n, m=m, axis=verdict.axis) else None
+    if weight.ndim == 2 and not is_nm(_first_rows(weight, verdict.axis, m), n=n, m=m, axis=verdict.axis):
+        return None  # a dense weight shows it in its first rows: the rest is not read
+    found = is_nm(weight, n=n, m=m, axis=verdict.axis)
+    del weight
+    release_tensor(verdict.weight)  # a whole mapped weight was read: its pages need not stay resident
+    return f"{n}:{m}" if found else None
+
+
+#: Leading rows of a weight read first when looking for an N:M pattern (a few pages of it).
+_PROBE_ROWS = 16
+
+
+def _first_rows(weight: np.ndarray, axis: int, m: int) -> np.ndarray:
+    """The leading rows of a row-major 2-D ``weight`` (contiguous memory) holding whole N:M groups: along
+    ``axis`` 0 the groups run down the rows, so ``m`` × :data:`_PROBE_ROWS` of them; along 1, within a row."""
+    return weight[: m * _PROBE_ROWS] if axis % 2 == 0 else weight[:_PROBE_ROWS]
 
 
 class _Sizes:

@@ -12,7 +12,7 @@ import logging
 
 import onnx_ir as ir
 
-__all__ = ["release_mapped"]
+__all__ = ["release_mapped", "release_tensor"]
 
 log = logging.getLogger(__name__)
 
@@ -32,3 +32,13 @@ def release_mapped(model: ir.Model) -> None:
                 viewed.append(value.name)
     if viewed:
         log.debug("still mapped (an array views them): %s", ", ".join(viewed))
+
+
+def release_tensor(value: ir.Value) -> None:
+    """Unmaps ``value``'s weight if it is memory-mapped and no array views it (it maps again if read)."""
+    tensor = value.const_value
+    if isinstance(tensor, ir.ExternalTensor):
+        try:
+            tensor.release()
+        except BufferError:
+            log.debug("still mapped (an array views it): %s", value.name)

@@ -6,7 +6,7 @@ import pytest
 from prune2deploy.analysis.cost import UNSCOPED, compare_layers, layer_of, model_cost, param_count
 from prune2deploy.analysis.nm import nm_mask
 from prune2deploy.errors import BadInputError
-from tests.fixtures.graphs import conv_model, matmul_model, mlp_model
+from tests.fixtures.graphs import conv_model, helper_model, matmul_model, mlp_model, tensor_info
 
 
 def test_matmul_flops_and_bytes_by_hand(rng):
@@ -73,6 +73,27 @@ def test_sparsity_is_detected_from_weights(rng):
     assert cost.nodes[0].sparsity == "2:4"
     assert cost.sparse_flops_fraction == 1.0
     assert model_cost(model, batch=1, seq=2, detect_sparsity=False).sparse_flops_fraction == 0.0
+
+
+def _gemm_transposed(weight: np.ndarray):
+    """``Y = Gemm(X, W, transB=1)``: W is [N, K], its N:M groups run along axis 1."""
+    from onnx import helper
+
+    n, k = weight.shape
+    node = helper.make_node("Gemm", ["X", "W"], ["Y"], name="fc", transB=1)
+    return helper_model([node], [tensor_info("X", ["batch", k])], [tensor_info("Y", ["batch", n])], {"W": weight})
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_a_weight_that_breaks_the_pattern_only_in_its_last_rows_is_not_tagged(rng, transposed):
+    """The detection reads a weight's first rows first and the rest only when they fit the pattern."""
+    weight = rng.standard_normal((256, 8))
+    sparse = weight * nm_mask(np.abs(weight), axis=0)  # 2:4 along K (axis 0) everywhere
+    broken = sparse.copy()
+    broken[-4:, 0] = 1.0  # the last group of the first column: 4 of 4 non-zero
+    for w, tag in ((sparse, "2:4"), (broken, None)):
+        model = matmul_model(w) if not transposed else _gemm_transposed(w.T.copy())
+        assert model_cost(model, batch=1, seq=2).nodes[0].sparsity == tag
 
 
 def test_layers_from_name_scopes(rng):
