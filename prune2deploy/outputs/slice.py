@@ -220,16 +220,18 @@ def slice_causal_lm(module: Any, *, consume: bool = False) -> SliceResult:
     shared = {
         id(t): t for t in (*module.parameters(), *module.buffers()) if t.numel() * t.element_size() >= _SHARE_MIN_BYTES
     }
-    in_layers = {id(t): t for layer in layers for t in (*layer.parameters(), *layer.buffers())}
-    sliced = copy.deepcopy(module, memo={**in_layers, **shared})
+    memo = {id(t): t for layer in layers for t in _tensors(layer)} | shared
+    sliced = copy.deepcopy(module, memo=memo)
+    del memo  # it holds every masked tensor: kept, no layer's pages could go before the end
     widths: list[LayerWidths] = []
     padded: dict[str, str] = {}
     with torch.no_grad():
         for i, (layer, original) in enumerate(zip(_decoder_layers(sliced), layers, strict=True)):
+            borrowed = {id(t) for t in _tensors(original)} - shared.keys()
             q_heads, kv = _slice_attention(layer.self_attn, d, f"model.layers.{i}.self_attn", padded)
             intermediate = _slice_mlp(layer.mlp, act, f"model.layers.{i}.mlp", padded)
             widths.append(LayerWidths(i, q_heads, kv, intermediate))
-            _own_tensors(layer, in_layers.keys() - shared.keys())
+            _own_tensors(layer, borrowed)
             if consume:
                 _empty(original)
 
@@ -248,6 +250,10 @@ def slice_causal_lm(module: Any, *, consume: bool = False) -> SliceResult:
 
 def _text_config(config: Any) -> Any:
     return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+def _tensors(layer: Any) -> list[Any]:
+    return [*layer.parameters(), *layer.buffers()]
 
 
 def _own_tensors(layer: Any, borrowed: Any) -> None:
