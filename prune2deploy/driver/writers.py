@@ -47,7 +47,8 @@ def write_outputs(
     if torch_specs and not refusal and loaded.causal_lm:
         from prune2deploy.outputs.lm import TorchModels
 
-        models = TorchModels(_masked_module(loaded), plan.plan, progress=progress)
+        owned = loaded.kind != "torch"  # an nn.Module handed to api.compile is the caller's: never emptied
+        models = TorchModels(_masked_module(loaded), plan.plan, owned=owned, progress=progress)
     refused, contexts = {}, {}
     for spec in specs:
         unmet = refusal if spec.torch_module and refusal else _unmet(spec, loaded)

@@ -37,6 +37,8 @@ class TorchModels:
 
     Args:
         load: () → (masked module, tokenizer); called again after :meth:`release_masked` if needed.
+        owned: the loaded module is this compile's own (read from a checkpoint), not the caller's
+            ``nn.Module``: only then may slicing empty its layers as it goes (an input is never modified).
         plan: the merged ``torch_plan`` of the approximate passes to repeat (keys in :data:`PLAN_KEYS`).
         progress: one line per long step.
     """
@@ -46,9 +48,11 @@ class TorchModels:
         load: Callable[[], tuple[Any, Any]],
         plan: Mapping[str, Any] | None = None,
         *,
+        owned: bool = False,
         progress: Callable[[str], None] | None = None,
     ) -> None:
         self._load = load
+        self._owned = owned
         self._say = progress or (lambda _msg: None)
         self._module: Any = None
         self._sliced: SliceResult | None = None
@@ -110,9 +114,9 @@ class TorchModels:
 
         module = self.masked()
         self._say("slicing the masked model physically (torch)")
-        # once the references are taken the masked module is not needed after slicing: each layer is let go
-        # as soon as its copy is made
-        sliced = slice_causal_lm(module, consume=self._references_taken)
+        # once the references are taken the masked module is not needed after slicing: each layer of one read
+        # from a checkpoint is let go as soon as its copy is made (a caller's module is left as it is)
+        sliced = slice_causal_lm(module, consume=self._references_taken and self._owned)
         del module
         if self._references_taken:
             self.release_masked()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from prune2deploy.outputs.lm import TorchModels
 from tests.fixtures.models import tiny_llama
@@ -15,7 +16,7 @@ def test_references_come_first_and_the_masked_module_is_not_held_beside_the_slic
         loads.append(tiny_llama())
         return loads[-1], None
 
-    models = TorchModels(load)
+    models = TorchModels(load, owned=True)
     seen = models.reference("logits", lambda target: target)
     assert seen is loads[0] and len(loads) == 1
     models.references_taken()
@@ -30,3 +31,14 @@ def test_a_plan_makes_the_sliced_module_the_reference_before_slicing():
     assert models.changed  # known from the plan, before slicing: references are taken on the changed model
     target = models.reference("layers", lambda target: len(target.model.layers))
     assert target == 1 and models.dropped is not None
+
+
+def test_a_callers_module_is_never_emptied_by_slicing():
+    module = tiny_llama()
+    before = {name: p.detach().clone() for name, p in module.named_parameters()}
+    models = TorchModels(lambda: (module, None))  # not owned: what api.compile gets as an nn.Module
+    models.reference("x", lambda target: None)
+    models.references_taken()
+    models.sliced()
+    for name, p in module.named_parameters():
+        assert torch.equal(p, before[name]), name

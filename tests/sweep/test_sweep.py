@@ -20,6 +20,10 @@ from prune2deploy import api  # noqa: E402
 from prune2deploy.sweep.report import validate_sweep  # noqa: E402
 from prune2deploy.sweep.task import run_variant  # noqa: E402
 
+#: One worker runs this module: its Ray cluster, folder, export cache and 2-variant sweep are module fixtures,
+#: made once per worker that runs any of its tests.
+pytestmark = pytest.mark.xdist_group("sweep")
+
 FAST = {"batch": [1], "seq": [16], "budget_s": 0.3}
 QUALITY = {"window": 16, "windows": 2}
 
@@ -131,7 +135,10 @@ def test_rerun_resumes_finished_variants(two_variants, export_cache):
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/report.json")} == stamps
 
 
-def test_failing_variant_is_recorded_and_the_other_completes(cluster, tiny_folder, export_cache, tmp_path):
+def test_failing_variant_is_recorded_and_the_other_completes(
+    cluster, tiny_folder, export_cache, two_variants, tmp_path
+):  # noqa: E501
+    """(``two_variants`` first: its sweep caches the module's export, which this one must reuse.)"""
     spec = {
         "model": str(tiny_folder),
         "grid": {"criterion": ["wanda", "magnitude"], "mlp": [0.5]},
