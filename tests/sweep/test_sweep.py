@@ -137,7 +137,7 @@ def test_rerun_resumes_finished_variants(two_variants, export_cache):
 
 def test_failing_variant_is_recorded_and_the_other_completes(
     cluster, tiny_folder, export_cache, two_variants, tmp_path
-):  # noqa: E501
+):
     """(``two_variants`` first: its sweep caches the module's export, which this one must reuse.)"""
     spec = {
         "model": str(tiny_folder),
