@@ -32,6 +32,16 @@ log = logging.getLogger(__name__)
 PLAN_KEYS = ("regroup", "drop_layer_scopes")
 
 
+#: A masked module at least this large is dropped between taking the references and slicing (and loaded again
+#: to slice); a smaller one is kept: re-loading it would cost more time than its pages cost memory.
+RELEASE_BEFORE_SLICING_BYTES = 1 << 30
+
+
+def _module_bytes(module: Any) -> int:
+    module = getattr(module, "module", module)
+    return sum(t.numel() * t.element_size() for t in module.parameters())
+
+
 class TorchModels:
     """The masked module (loaded on first use), its sliced copy with the plan repeated, and the tokenizer.
 
@@ -146,11 +156,13 @@ class TorchModels:
         return self._references[key]
 
     def references_taken(self) -> None:
-        """Every writer's references are computed: the masked module is dropped now (its pages, all read by
-        the forward passes, would sit beside the sliced copy: at 8B 16 GB mapped + 10.4 GB sliced) and, when
-        slicing loads it again, right after slicing (a writer that asks for it later loads it again)."""
+        """Every writer's references are computed: a large masked module is dropped now (its pages, all read by
+        the forward passes, would sit beside the sliced copy: at 8B 16 GB mapped + 10.4 GB sliced; see
+        :data:`RELEASE_BEFORE_SLICING_BYTES`), and any is dropped right after slicing (a writer that asks for it
+        later loads it again)."""
         self._references_taken = True
-        self.release_masked()
+        if self._module is not None and _module_bytes(self._module) >= RELEASE_BEFORE_SLICING_BYTES:
+            self.release_masked()
 
     def release_masked(self) -> None:
         """Drops the masked module (the sliced copy shares only what slicing left unchanged)."""

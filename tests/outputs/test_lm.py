@@ -9,7 +9,10 @@ from prune2deploy.outputs.lm import TorchModels
 from tests.fixtures.models import tiny_llama
 
 
-def test_references_come_first_and_the_masked_module_is_not_held_beside_the_sliced_copy():
+def test_references_come_first_and_the_masked_module_is_not_held_beside_the_sliced_copy(monkeypatch):
+    from prune2deploy.outputs import lm
+
+    monkeypatch.setattr(lm, "RELEASE_BEFORE_SLICING_BYTES", 0)  # as for a model of a gigabyte or more
     loads = []
 
     def load():
@@ -42,3 +45,12 @@ def test_a_callers_module_is_never_emptied_by_slicing():
     models.sliced()
     for name, p in module.named_parameters():
         assert torch.equal(p, before[name]), name
+
+
+def test_a_small_masked_module_is_kept_for_slicing_instead_of_loaded_again():
+    loads = []
+    models = TorchModels(lambda: (loads.append(1) or tiny_llama(), None), owned=True)
+    models.reference("x", lambda target: None)
+    models.references_taken()
+    models.sliced()
+    assert len(loads) == 1
