@@ -9,13 +9,14 @@ independent and the file small.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes
+
+from prune2deploy.graph.mapped import release_tensor
 
 __all__ = ["ReshareInitializersPass", "UnshareInitializersPass", "reshare_initializers", "unshare_initializers"]
 
@@ -151,24 +152,15 @@ def _join_group(graph: ir.Graph, candidates: list[ir.Value]) -> int:
             value.replace_all_uses_with(twin)
             graph.initializers.pop(value.name)
             dropped += 1
-        _unmap(value)
+        release_tensor(value)
     for values in kept.values():
         for value in values:
-            _unmap(value)
+            release_tensor(value)
     return dropped
 
 
 def _equal_bytes(a: ir.Value, b: ir.Value) -> bool:
     return bool(np.array_equal(_flat_bytes(a.const_value), _flat_bytes(b.const_value)))
-
-
-def _unmap(value: ir.Value) -> None:
-    """Unmaps a memory-mapped tensor after a whole read (it maps again if read later); one still viewed by
-    an array stays mapped."""
-    tensor = value.const_value
-    if isinstance(tensor, ir.ExternalTensor):
-        with contextlib.suppress(BufferError):
-            tensor.release()
 
 
 def _make_contiguous(graph: ir.Graph) -> None:
