@@ -103,8 +103,10 @@ class SliceResult:
         }
 
 
-#: Tensors at least this large are shared between the masked module and its sliced copy; smaller ones are
-#: copied. 64 MiB: above every projection of a 1B–8B model, below their vocabulary embeddings (0.5–2 GB).
+#: Tensors at least this large are shared between the masked module and its sliced copy (the vocabulary
+#: embedding and lm_head, 0.5–2 GB at 1B–8B; an 8B MLP projection, 117 MB in bf16); smaller ones are copied.
+#: When slicing consumes the masked module, its decoder layers' tensors are copied whatever their size:
+#: shared, they would keep its checkpoint pages resident until slicing ends (13 GB of the 8B's 16 GB).
 _SHARE_MIN_BYTES = 64 << 20
 
 
@@ -213,16 +215,20 @@ def slice_causal_lm(module: Any, *, consume: bool = False) -> SliceResult:
     # The copy shares the largest tensors with ``module`` (the embedding and lm_head, which slicing never
     # cuts): a full deep copy would hold the model twice at its peak (9.8 GB for a 1B fp32 model). Neither
     # module is modified in place afterwards. The decoder layers are copied one at a time below, each after
-    # its cut (so only what is kept is copied), even where nothing is cut from it (a projection of an
-    # unpruned layer): shared, a view into a memory-mapped checkpoint shard keeps the whole shard mapped,
-    # with every page the masked model read resident, after the masked module is freed — 3.8 GB at 1B for
-    # 0.7 GB of attention projections.
+    # its cut (so only what is kept is copied). When ``module`` is consumed, a layer's tensors are copied even
+    # where nothing is cut from them: shared, a view into a memory-mapped checkpoint shard keeps the whole
+    # shard mapped, with every page the masked model read resident, after the masked module is freed (3.8 GB
+    # at 1B for 0.7 GB of attention projections), and held here they keep every layer's pages until the end
+    # (13 GB at 8B). A module the caller keeps stays mapped anyway: sharing then saves the copy.
+    in_layers = {id(t): t for layer in layers for t in _tensors(layer)}
     shared = {
-        id(t): t for t in (*module.parameters(), *module.buffers()) if t.numel() * t.element_size() >= _SHARE_MIN_BYTES
+        id(t): t
+        for t in (*module.parameters(), *module.buffers())
+        if (not consume or id(t) not in in_layers) and t.numel() * t.element_size() >= _SHARE_MIN_BYTES
     }
-    memo = {id(t): t for layer in layers for t in _tensors(layer)} | shared
+    memo = in_layers | shared
     sliced = copy.deepcopy(module, memo=memo)
-    del memo  # it holds every masked tensor: kept, no layer's pages could go before the end
+    del memo, in_layers  # they hold every masked tensor: kept, no layer's pages could go before the end
     widths: list[LayerWidths] = []
     padded: dict[str, str] = {}
     with torch.no_grad():

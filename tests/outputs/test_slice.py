@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from prune2deploy.outputs.slice import slice_causal_lm
@@ -68,3 +70,35 @@ def test_consumed_slicing_empties_the_masked_layers_and_computes_the_same():
         got = sliced(input_ids=ids, use_cache=False).logits
         also = kept(input_ids=ids, use_cache=False).logits
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-5) and torch.equal(got, also)
+
+
+def test_consuming_slice_copies_every_layer_tensor_and_lets_the_masked_ones_go(monkeypatch):
+    """A consumed module's layer tensors are copied whatever their size (else they stay alive, with the pages
+    of their checkpoint shard, until slicing ends: 13 GB at 8B) and dropped layer by layer; the embedding and
+    lm_head are still shared."""
+    import weakref
+
+    from prune2deploy.outputs import slice as slicing
+
+    monkeypatch.setattr(slicing, "_SHARE_MIN_BYTES", 1024)  # every projection counts as large
+    module = _masked_llama()
+    want = slice_causal_lm(copy.deepcopy(module)).module
+    untouched = module.model.layers[1].mlp.up_proj.weight
+    gone = weakref.ref(untouched)
+    first_layer = module.model.layers[0].mlp.gate_proj.weight
+    alive_at_second_layer = []
+    empty = slicing._empty
+
+    def emptying(layer):
+        empty(layer)
+        alive_at_second_layer.append(gone() is not None)
+
+    monkeypatch.setattr(slicing, "_empty", emptying)
+    del untouched
+    result = slice_causal_lm(module, consume=True)
+    sliced = result.module
+    assert sliced.model.embed_tokens.weight.data_ptr() == module.model.embed_tokens.weight.data_ptr()
+    assert first_layer.numel() > 0 and module.model.layers[0].mlp.gate_proj.weight.numel() == 0  # emptied
+    assert alive_at_second_layer == [True, False]  # layer 1's masked tensor freed as soon as layer 1 is copied
+    for (name, got), expected in zip(sliced.named_parameters(), want.parameters(), strict=True):
+        assert torch.equal(got, expected), name
