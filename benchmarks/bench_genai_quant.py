@@ -8,8 +8,9 @@ widths differ. Side by side in one run (onnxruntime-genai CPU, batch 1, 64 new t
 ``--rounds`` rounds in which every folder generates once, in turn; median, min and max):
 
   ours fp32 / int8 / int4      genai/ by ``outputs.genai.write_genai_folder`` from the sliced masked model
-                               (int4/int8: MatMulNBits, block 32, accuracy level 4, symmetric, lm_head int8)
-  ours int4, lm_head int4      the same with the builder's LM-head choice (isolates the head's cost)
+                               (int4/int8: MatMulNBits, block 32, accuracy level 4, symmetric, the LM head in
+                               the body's precision: the builder's choice)
+  ours int4, lm_head int8      the same with an int8 LM head (``--genai-lm-head int8``: isolates the head's cost)
   builder int8 / int4 (pruned) ``python -m onnxruntime_genai.models.builder -i HF -o OUT -p int4 -e cpu`` on the
                                same pruning sliced by hand (``slice_causal_lm`` → ``write_hf_checkpoint``)
   builder int8 / int4 (dense)  the builder on the dense model
@@ -56,7 +57,7 @@ OURS = (
     ("ours-fp32-pruned", "fp32", None, "pruned"),
     ("ours-int8-pruned", "int8", None, "pruned"),
     ("ours-int4-pruned", "int4", None, "pruned"),
-    ("ours-int4-head4-pruned", "int4", "int4", "pruned"),
+    ("ours-int4-head8-pruned", "int4", "int8", "pruned"),
     ("ours-int4-dense", "int4", None, "dense"),
     ("ours-int4-nonuniform", "int4", None, "nonuniform"),
 )
@@ -74,7 +75,7 @@ RATIOS = (
     ("ours-int4-pruned", "builder-int4-dense"),
     ("ours-int8-pruned", "builder-int8-pruned"),
     ("ours-int8-pruned", "builder-int8-dense"),
-    ("ours-int4-head4-pruned", "builder-int4-pruned"),
+    ("ours-int4-head8-pruned", "builder-int4-pruned"),
     ("ours-int4-dense", "builder-int4-dense"),
     ("ours-int4-nonuniform", "builder-int4-dense"),
     ("ours-int4-nonuniform", "builder-int4-nonuniform-padded"),
@@ -82,7 +83,7 @@ RATIOS = (
 #: greedy tokens of ours against the builder's on the same weights
 PAIRS = (
     ("ours-int4-pruned", "builder-int4-pruned"),
-    ("ours-int4-head4-pruned", "builder-int4-pruned"),
+    ("ours-int4-head8-pruned", "builder-int4-pruned"),
     ("ours-int8-pruned", "builder-int8-pruned"),
     ("ours-int4-dense", "builder-int4-dense"),
 )

@@ -224,8 +224,8 @@ CORE_OPTIONS: dict[str, CoreOption] = {
     ),
     "genai_lm_head": CoreOption(
         Literal["int8", "int4", "float"] | None, None, "genai/'s LM head and embedding table (one tensor when tied): "
-        "int8, int4 or float (the decoder's float type) (default: int8 when --genai-precision is int8/int4, else "
-        "float)", flag="--genai-lm-head",
+        "int8, int4 or float (the decoder's float type) (default: --genai-precision's when it is int8/int4, as "
+        "onnxruntime-genai's builder; else float)", flag="--genai-lm-head",
         choices=("int8", "int4", "float"),
     ),
     "export_cache": CoreOption(

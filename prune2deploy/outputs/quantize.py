@@ -107,11 +107,12 @@ def weight_quant(precision: str, *, block_size: int = 32, accuracy_level: int = 
 def lm_head_quant(
     precision: str, lm_head: str | None, *, block_size: int = 32, accuracy_level: int = 4
 ) -> WeightQuant | None:
-    """The LM head's quantization: ``lm_head`` as asked (``int8``, ``int4``, ``float``), else int8 when the body
-    is quantized (onnxruntime-genai's ``matmul_mixed_precision=last_matmul:int8``: the largest and most
-    output-sensitive weight) and the body's float type when it is not."""
+    """The LM head's quantization: ``lm_head`` as asked (``int8``, ``int4``, ``float``), else the body's: what
+    onnxruntime-genai's builder does unless told ``matmul_mixed_precision=last_matmul:int8``, so that a default
+    int4 folder is the builder's int4 folder of the same weights (``int8`` keeps more of the model's quality
+    for some speed: docs/genai.md)."""
     if lm_head is None:
-        lm_head = "int8" if precision in ("int8", "int4") else "float"
+        lm_head = precision if precision in ("int8", "int4") else "float"
     if lm_head == "float":
         return None
     return WeightQuant({"int8": 8, "int4": 4}[lm_head], block_size, accuracy_level)
@@ -240,7 +241,7 @@ class GenaiPrecision:
         name: ``fp32`` (CPU; the exact decoder), ``fp16`` (CUDA: every float tensor fp16, CUDA provider
             options), ``int8`` / ``int4`` (CPU: fp32 activations, MatMulNBits projections).
         block_size, accuracy_level: MatMulNBits' (onnxruntime-genai's builder defaults: 32, and 4 on CPU).
-        lm_head: ``int8``, ``int4`` or ``float``; None: int8 when the body is quantized, else float.
+        lm_head: ``int8``, ``int4`` or ``float``; None: the body's precision when it is quantized, else float.
     """
 
     name: str = "fp32"

@@ -116,14 +116,14 @@ def test_int4_compile_of_nonuniform_llama_quantizes_every_projection_and_genai_g
     result, masked = _compile(tmp_path, module, masks, genai_precision="int4", quality_windows=0)
     genai = result.report["genai"]
     assert genai["written"] and genai["per_layer_heads"] == [[4, 2], [3, 1]]
-    assert (genai["precision"], genai["projections"], genai["lm_head"]) == ("int4", "int4", "int8")
+    assert (genai["precision"], genai["projections"], genai["lm_head"]) == ("int4", "int4", "int4")  # the builder's
     assert (genai["block_size"], genai["accuracy_level"], genai["symmetric"]) == (32, 4, True)
     model = ir.load(str(tmp_path / "out" / "genai" / "model.onnx"))
     ops = _ops(model)
     assert ops["MatMulNBits"] == 2 * len(PROJECTIONS) + 1 and "MatMul" not in ops  # every projection, lm_head
     nbits = {n.name: n.attributes["bits"].value for n in model.graph if n.op_type == "MatMulNBits"}
-    assert nbits.pop("lm_head/MatMulNBits") == 8 and set(nbits.values()) == {4}
-    assert ops["GatherBlockQuantized"] == 1  # the (untied) embedding table in int8 blocks, like the head
+    assert nbits.pop("lm_head/MatMulNBits") == 4 and set(nbits.values()) == {4}
+    assert ops["GatherBlockQuantized"] == 1  # the (untied) embedding table in int4 blocks, like the head
     assert {n.attributes["K"].value for n in model.graph if "down_proj" in n.name} == {48, 64}  # pruned widths
     # approximate, reported, bounded: never "passed" as exact
     check = genai["check"]
@@ -148,8 +148,14 @@ def test_int8_and_int4_of_a_trained_model_agree_with_the_masked_model(tmp_path, 
     masked, reference, loss = trained
     assert loss < 1.0  # it learned the rule: logits are peaked
     found = {}
-    # int8 in blocks of 64: hidden 96 and the MLP's 48 are padded to the block
-    for name, precision in (("int8", GenaiPrecision("int8", block_size=64)), ("int4", GenaiPrecision("int4"))):
+    # int8 in blocks of 64: hidden 96 and the MLP's 48 are padded to the block; int4 with the builder's int4 head
+    # (the default) and with an int8 head
+    cases = (
+        ("int8", GenaiPrecision("int8", block_size=64), 8),
+        ("int4", GenaiPrecision("int4"), 4),
+        ("int4-head8", GenaiPrecision("int4", lm_head="int8"), 8),
+    )
+    for name, precision, head_bits in cases:
         section = write_genai_folder(slice_causal_lm(masked), None, tmp_path / name, precision=precision)
         section = check_genai_folder(tmp_path / name, reference, section, precision=precision)
         found[name] = section["check"]
@@ -157,12 +163,14 @@ def test_int8_and_int4_of_a_trained_model_agree_with_the_masked_model(tmp_path, 
         assert section["genai"]["checked"]
         model = ir.load(str(tmp_path / name / "model.onnx"))
         gather = next(n for n in model.graph if n.op_type == "GatherBlockQuantized")  # the tied head's blocks
-        head = f"lm_head.MatMul.weight_Q8G{precision.block_size}"  # lm_head int8 by default
+        head = f"lm_head.MatMul.weight_Q{head_bits}G{precision.block_size}"
         assert gather.inputs[0].producer().inputs[0] is model.graph.initializers[head]
         assert ("Slice" in _ops(model)) == (name == "int8")
     assert found["int8"]["top1_agreement"] == 1.0 and found["int8"]["kl_mean"] < 1e-3
-    assert found["int4"]["top1_agreement"] >= 0.9 and found["int4"]["kl_mean"] < 0.05
-    assert found["int8"]["mean_rel_diff"] < found["int4"]["mean_rel_diff"] < 0.2
+    assert found["int4-head8"]["top1_agreement"] >= 0.9 and found["int4-head8"]["kl_mean"] < 0.05
+    assert found["int4"]["top1_agreement"] >= 0.75 and found["int4"]["kl_mean"] < 0.1
+    assert found["int8"]["mean_rel_diff"] < found["int4-head8"]["mean_rel_diff"] < 0.2
+    assert found["int4-head8"]["kl_mean"] < found["int4"]["kl_mean"]  # what the int8 head buys
 
 
 def test_a_broken_quantizer_fails_while_writing(tmp_path, trained, monkeypatch):
@@ -181,7 +189,8 @@ def test_a_broken_quantizer_fails_while_writing(tmp_path, trained, monkeypatch):
     precision = GenaiPrecision("int4")
     section = write_genai_folder(slice_causal_lm(masked), None, tmp_path / "genai", precision=precision)
     weights = section["quantized_weights"]
-    assert not weights["passed"] and weights["max_error_steps"] > 100 and weights["weights_checked"] == 11
+    # measured in the stored (broken) steps, a block 1000x too coarse comes back |q| steps off: up to 8 in int4
+    assert not weights["passed"] and weights["max_error_steps"] > 4 and weights["weights_checked"] == 11
     section = check_genai_folder(tmp_path / "genai", reference, section, precision=precision)
     verdict = _verdict(section)
     assert not verdict.passed and "quantization steps" in verdict.problem and verdict.hint == "This is a bug."
@@ -246,7 +255,7 @@ def test_decoder_bytes_of_quantized_decoders_are_the_written_weights(tmp_path):
 
 def test_memory_guard_sizes_int4_by_its_real_bytes():
     """An 8B bf16 Llama-3.1 (meta tensors: shapes only): its fp32 decoder does not fit a 24 GiB machine's check,
-    its int4 one (4 + 1 bits per projection weight, int8 lm_head and embedding table) does."""
+    its int4 one (4 + 1 bits per weight; with the int8 lm_head and embedding table, 8 + 1 there) does."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -261,9 +270,10 @@ def test_memory_guard_sizes_int4_by_its_real_bytes():
     sliced.module = module
     params = sum(p.numel() for p in module.parameters())
     assert 8.0e9 < params < 8.1e9
-    fp32, int4 = decoder_bytes(sliced), decoder_bytes(sliced, GenaiPrecision("int4"))
+    fp32, int4 = decoder_bytes(sliced), decoder_bytes(sliced, GenaiPrecision("int4", lm_head="int8"))
     assert fp32 == 4 * params
     assert 5.4e9 < int4 < 5.7e9  # projections 4.36 GB (5 bits a weight), lm_head and embedding int8 0.59 GB each
+    assert 4.9e9 < decoder_bytes(sliced, GenaiPrecision("int4")) < 5.1e9  # the default int4 head: 0.33 GB each
     machine = {"available": 4 << 30, "total": 24 << 30}  # the bf16 module (16 GB) is freed before the check
     assert "--genai-precision int4" in check_memory_shortfall(sliced, **machine)
     assert check_memory_shortfall(sliced, GenaiPrecision("int4"), **machine) == ""
