@@ -197,6 +197,12 @@ CORE_OPTIONS: dict[str, CoreOption] = {
         bool, False, "write OUT/hf/: a physically smaller transformers checkpoint (causal LMs; layers whose widths "
         "differ are padded with zero neurons/heads to the widest, exact)", flag="--hf-checkpoint",
     ),
+    "hf_nemotron_nas": CoreOption(
+        bool, False, "write OUT/hf-nas/: a nemotron-nas (DeciLMForCausalLM, block_configs) checkpoint for vLLM and "
+        "TensorRT-LLM with each layer's kv heads and FFN width, attention-/FFN-free layers dropped (Llama-family "
+        "causal LMs; query heads and FFN widths padded with zero heads/neurons to the format's rules, exact; "
+        "checked with transformers and trust_remote_code)", flag="--hf-nemotron-nas",
+    ),
     "gguf": CoreOption(
         list[Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]], [],
         "write OUT/gguf/model-TYPE.gguf for llama.cpp, one file per type (Llama-family causal LMs; llama "

@@ -104,7 +104,35 @@ def _print_outputs(report: dict[str, Any]) -> None:
                 f"    padded to one shape (heads/kv heads/neurons {shape}) with zero neurons/heads: "
                 f"{pad['params_share']:.1%} of its parameters, {pad['flops_share']:.1%} of its matmul FLOPs"
             )
+    _print_hf_nas(report.get("hf_nas"))
     _print_gguf(report.get("gguf"))
+
+
+def _print_hf_nas(section: dict[str, Any] | None) -> None:
+    """hf-nas/: its layers, vLLM's reader rules and transformers' reload check (a verdict), or why not written."""
+    if section is None:
+        return
+    if not section.get("written"):
+        print(f"  {'hf-nas/':<7} not written: {section.get('reason')}")
+        return
+    free = section.get("attention_free_layers") or []
+    line = f"  {'hf-nas/':<7} written (nemotron-nas, {len(section.get('per_layer', []))} layers"
+    line += f", attention-free: {', '.join(map(str, free))})" if free else ")"
+    rules = section.get("vllm_rules") or {}
+    line += "  vLLM reader rules " + ("passed" if rules.get("passed") else "FAILED")
+    check = section.get("check") or {}
+    if check.get("error"):
+        line += f"; transformers FAILED: {check['error']}"
+    elif "passed" in check:
+        verdict = "PASSED" if check["passed"] else "FAILED"
+        line += f"; transformers {verdict}: max rel. error {check['max_rel_diff']:.2g} (bound {check['bound']:g})"
+    print(line)
+    padding = section.get("padding")
+    if padding and padding.get("params_added"):
+        print(
+            f"    padded to the format's rules with zero heads/neurons: {padding['params_share']:.1%} of its "
+            f"parameters, {padding['flops_share']:.1%} of its matmul FLOPs"
+        )
 
 
 def _print_gguf(section: dict[str, Any] | None) -> None:

@@ -221,7 +221,7 @@ def load_baseline(
 
     say(f"loading the baseline {name}")
     # Not validated again (the input's options are): no masks, and no torch module kept for genai/ or hf/.
-    plain = options.model_copy(update={"masks": None, "genai": False, "hf_checkpoint": False})
+    plain = options.model_copy(update={"masks": None, "genai": False, "hf_checkpoint": False, "hf_nemotron_nas": False})
     loaded = load_source(name, plain, progress=say)
     _check_interface(reference, loaded.model, name)
     record = {"source": name, **input_record(loaded), "kept": False}

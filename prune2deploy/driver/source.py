@@ -105,7 +105,8 @@ def load_source(source: Any, options: Any, *, progress: Progress | None = None) 
         bundled = text if text in hf.BUNDLED_MODELS else None
         where = hf.bundled_model_path(text) if bundled else path
         dtype = "float32" if path.suffix == ".gguf" else hf.checkpoint_dtype(where)
-        keep = options.genai is not False or options.hf_checkpoint  # genai/ or hf/ are built from the module
+        # genai/, hf/ and hf-nas/ are built from the module
+        keep = options.genai is not False or options.hf_checkpoint or options.hf_nemotron_nas
         attached = hf.attached_masks(where)  # torch.nn.utils.prune / ModelOpt masks saved beside the weights
         if attached:
             mask_tensors = masks.combine_masks(mask_tensors, attached)

@@ -41,7 +41,7 @@ import numpy as np
 from prune2deploy.errors import UnsupportedModelError
 from prune2deploy.outputs.fp32 import computing_in_fp32
 from prune2deploy.outputs.registry import OutputCheck, OutputContext, OutputSection, OutputSpec, register_output
-from prune2deploy.outputs.slice import SliceResult
+from prune2deploy.outputs.slice import SliceResult, attention_adds_zero
 
 __all__ = ["EXACT_BOUND", "GGUF_TYPES", "check_gguf", "gguf_layout", "write_gguf"]
 
@@ -149,16 +149,6 @@ def _refusal(config: Any, sliced: SliceResult) -> str:
     return ""
 
 
-def _attention_is_zero(attn: Any) -> bool:
-    """The attention block adds zero to the residual stream (every head was pruned)."""
-    if attn.o_proj.bias is not None and bool(attn.o_proj.bias.detach().any()):
-        return False
-    v_zero = not bool(attn.v_proj.weight.detach().any()) and (
-        attn.v_proj.bias is None or not bool(attn.v_proj.bias.detach().any())
-    )
-    return v_zero or not bool(attn.o_proj.weight.detach().any())
-
-
 def gguf_layout(sliced: SliceResult, block_size: int = 1) -> GGUFLayout:
     """The architecture and written widths of ``sliced`` for a type quantizing in blocks of ``block_size``."""
     layers = list(sliced.module.model.layers)
@@ -166,7 +156,7 @@ def gguf_layout(sliced: SliceResult, block_size: int = 1) -> GGUFLayout:
     uniform = len(set(widths)) == 1
     blocks = []
     for i, (w, (heads, kv, ffn)) in enumerate(zip(sliced.layers, widths, strict=True)):
-        if not uniform and i > 0 and _attention_is_zero(layers[i].self_attn):
+        if not uniform and i > 0 and attention_adds_zero(layers[i].self_attn):
             heads, kv = 0, 0
         blocks.append(_Block(i, heads, kv, ffn, w.intermediate))
     return GGUFLayout("llama" if uniform else "deci", blocks, block_size)

@@ -31,10 +31,14 @@ __all__ = [
     "HFReference",
     "PaddedShape",
     "check_hf_checkpoint",
+    "head_slots",
     "hf_reference",
+    "input_use_cache",
     "padded_shape",
+    "padded_tensor",
     "write_hf_checkpoint",
     "write_padded_checkpoint",
+    "write_safetensors",
 ]
 
 log = logging.getLogger(__name__)
@@ -58,7 +62,7 @@ def write_hf_checkpoint(sliced: SliceResult, tokenizer: Any, out: Path, *, refer
     module = sliced.module
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    use_cache = _input_use_cache(module.config)
+    use_cache = input_use_cache(module.config)
     if sliced.uniform:
         _save_uniform(module, out, use_cache)
     else:
@@ -74,7 +78,7 @@ def write_hf_checkpoint(sliced: SliceResult, tokenizer: Any, out: Path, *, refer
     return section
 
 
-def _input_use_cache(config: Any) -> bool:
+def input_use_cache(config: Any) -> bool:
     """The input's ``use_cache`` (the exporter sets it to False on the module for a prefill graph): from the
     checkpoint's own config.json when there is one, else the config class's default."""
     import json
@@ -144,7 +148,7 @@ def padded_shape(layers: Sequence[LayerWidths]) -> PaddedShape:
     return PaddedShape(best[1], best[2], max(w.intermediate for w in layers))
 
 
-def _head_slots(width: LayerWidths, shape: PaddedShape) -> tuple[list[int | None], list[int | None]]:
+def head_slots(width: LayerWidths, shape: PaddedShape) -> tuple[list[int | None], list[int | None]]:
     """(query head or None for each padded query slot, kv head or None for each padded kv slot) of a layer."""
     g = width.num_heads // width.kv_heads
     q_slots: list[int | None] = []
@@ -207,11 +211,11 @@ def write_padded_checkpoint(sliced: SliceResult, out: Path, *, use_cache: bool =
             tensors.append((name, lambda t=tensor: t.detach().contiguous(), tuple(tensor.shape), tensor.dtype))
             continue
         _, width = layer_of[prefix]
-        q_slots, kv_slots = _head_slots(width, shape)
+        q_slots, kv_slots = head_slots(width, shape)
         local = name[len(prefix) :]
-        make, new_shape = _padded_tensor(local, tensor, q_slots, kv_slots, shape, d)
+        make, new_shape = padded_tensor(local, tensor, q_slots, kv_slots, shape, d)
         tensors.append((name, make, new_shape, tensor.dtype))
-    _write_safetensors(out / "model.safetensors", tensors)
+    write_safetensors(out / "model.safetensors", tensors)
     config = copy.deepcopy(module.config)
     _clean_config(config, use_cache)
     for cfg in {id(config): config, id(_text_config(config)): _text_config(config)}.values():
@@ -229,7 +233,7 @@ def write_padded_checkpoint(sliced: SliceResult, out: Path, *, use_cache: bool =
     return _padding_cost(sliced, shape)
 
 
-def _padded_tensor(
+def padded_tensor(
     local: str, tensor: Any, q_slots: list, kv_slots: list, shape: PaddedShape, d: int
 ) -> tuple[Callable[[], Any], tuple[int, ...]]:
     """(() → the padded tensor, its shape) for one of a layer's tensors (``self_attn.q_proj.weight`` …)."""
@@ -276,7 +280,7 @@ def _padding_cost(sliced: SliceResult, shape: PaddedShape) -> dict[str, Any]:
 _SAFETENSORS_DTYPES = {"torch.float32": "F32", "torch.float16": "F16", "torch.bfloat16": "BF16", "torch.int64": "I64"}
 
 
-def _write_safetensors(path: Path, tensors: Sequence[tuple[str, Callable[[], Any], tuple[int, ...], Any]]) -> None:
+def write_safetensors(path: Path, tensors: Sequence[tuple[str, Callable[[], Any], tuple[int, ...], Any]]) -> None:
     """A safetensors file written one tensor at a time: the header from shapes, then each tensor's bytes."""
     import json
 
@@ -300,7 +304,7 @@ def _write_safetensors(path: Path, tensors: Sequence[tuple[str, Callable[[], Any
         for name, make, shape, _dtype in tensors:
             tensor = make()
             if tuple(tensor.shape) != tuple(shape):
-                raise RuntimeError(f"hf/: {name} is {tuple(tensor.shape)}, expected {shape}")
+                raise RuntimeError(f"{path.parent.name}/: {name} is {tuple(tensor.shape)}, expected {shape}")
             f.write(tensor.contiguous().view(torch.uint8).numpy().tobytes())
 
 
@@ -333,14 +337,19 @@ def hf_reference(reference: Any, *, seq: int = 16, new_tokens: int = 8) -> HFRef
     return HFReference(ids, logits, greedy, next(reference.parameters()).dtype, new_tokens)
 
 
-def check_hf_checkpoint(folder: Path, reference: Any) -> dict[str, Any]:
+def check_hf_checkpoint(folder: Path, reference: Any, *, trust_remote_code: bool = False) -> dict[str, Any]:
     """Reloads ``folder`` with ``AutoModelForCausalLM`` and compares logits and greedy tokens with
-    ``reference`` (an :class:`HFReference`, or the model to take one from)."""
+    ``reference`` (an :class:`HFReference`, or the model to take one from).
+
+    ``trust_remote_code`` runs the modeling code the folder carries (hf-nas/'s, written by this project).
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
     want = reference if isinstance(reference, HFReference) else hf_reference(reference)
-    loaded = AutoModelForCausalLM.from_pretrained(str(folder), dtype=want.dtype).eval()
+    loaded = AutoModelForCausalLM.from_pretrained(
+        str(folder), dtype=want.dtype, trust_remote_code=trust_remote_code
+    ).eval()
     with torch.no_grad(), computing_in_fp32(loaded):
         got = loaded(input_ids=want.ids, use_cache=False).logits.float().numpy()
         kwargs = {"max_new_tokens": want.new_tokens, "do_sample": False, "pad_token_id": 0}

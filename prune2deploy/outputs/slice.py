@@ -26,7 +26,15 @@ from typing import Any
 
 from prune2deploy.errors import UnsupportedModelError
 
-__all__ = ["LayerWidths", "SliceResult", "restricted_linear", "slice_causal_lm"]
+__all__ = [
+    "LayerWidths",
+    "SliceResult",
+    "attention_adds_zero",
+    "dead_neurons",
+    "mlp_adds_zero",
+    "restricted_linear",
+    "slice_causal_lm",
+]
 
 log = logging.getLogger(__name__)
 
@@ -312,10 +320,8 @@ def _slice_attention(attn: Any, d: int, where: str, padded: dict[str, str]) -> t
     return len(q_keep), len(kv_keep)
 
 
-def _slice_mlp(mlp: Any, act: str, where: str, padded: dict[str, str]) -> int:
-    """Removes ``mlp``'s zero neurons (see the module docstring for when one is zero); the width kept."""
-    import torch
-
+def dead_neurons(mlp: Any, act: str) -> Any:
+    """A bool tensor: which of ``mlp``'s neurons add zero for every input (see the module docstring)."""
     gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
     dead = ~down.weight.detach().any(dim=0)
     for proj, needs_zero_act in ((gate, True), (up, False)):
@@ -325,6 +331,32 @@ def _slice_mlp(mlp: Any, act: str, where: str, padded: dict[str, str]) -> int:
         if proj.bias is not None:
             rows_zero &= proj.bias.detach() == 0
         dead |= rows_zero
+    return dead
+
+
+def mlp_adds_zero(mlp: Any, act: str) -> bool:
+    """The MLP adds zero to the residual stream (every neuron was pruned; slicing kept one zero neuron)."""
+    if mlp.down_proj.bias is not None and bool(mlp.down_proj.bias.detach().any()):
+        return False
+    return bool(dead_neurons(mlp, act).all())
+
+
+def attention_adds_zero(attn: Any) -> bool:
+    """The attention block adds zero to the residual stream (every head was pruned; slicing kept one zero head)."""
+    if attn.o_proj.bias is not None and bool(attn.o_proj.bias.detach().any()):
+        return False
+    v_zero = not bool(attn.v_proj.weight.detach().any()) and (
+        attn.v_proj.bias is None or not bool(attn.v_proj.bias.detach().any())
+    )
+    return v_zero or not bool(attn.o_proj.weight.detach().any())
+
+
+def _slice_mlp(mlp: Any, act: str, where: str, padded: dict[str, str]) -> int:
+    """Removes ``mlp``'s zero neurons (see the module docstring for when one is zero); the width kept."""
+    import torch
+
+    gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+    dead = dead_neurons(mlp, act)
     keep = torch.nonzero(~dead).flatten()
     if keep.numel() == 0:
         keep = torch.tensor([0])

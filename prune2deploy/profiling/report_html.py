@@ -40,6 +40,7 @@ _KNOWN = {
     "quality",
     "genai",
     "hf",
+    "hf_nas",
     "gguf",
 }
 
@@ -129,14 +130,14 @@ def _json_block(value: Any) -> str:
 
 
 def _outputs(report: dict[str, Any]) -> str | None:
-    """genai/, hf/ and gguf/: one table each (see :mod:`.report_outputs`), then the writer's full record."""
+    """genai/, hf/, hf-nas/ and gguf/: one table each (see :mod:`.report_outputs`), then the writer's full record."""
     parts = []
     for table in output_tables(report):
         parts.append(f"<h3>{_e(table.folder)}</h3>")
         if table.rows:
             parts.append(_table(table.headers, table.rows, text_cols=_text_columns(table.rows)))
         parts.extend(f"<p>{_e(note)}</p>" for note in table.notes)
-        key = table.folder.rstrip("/")
+        key = table.folder.rstrip("/").replace("-", "_")  # hf-nas/ is report["hf_nas"]
         parts.append(f"<details><summary>{_e(key)} in report.json</summary>{_json_block(report[key])}</details>")
     return "".join(parts) or None
 
@@ -743,8 +744,8 @@ def render_html(report: dict[str, Any]) -> str:
         _section("speedup", "Speedup against ideal", _speedup(report.get("speedup") or [], _gap(report))),
         _section("predictions", "Predicted latency per GPU", _predictions(report.get("predictions") or [])),
     ]
-    if any(report.get(key) is not None for key in ("genai", "hf", "gguf")):
-        sections.append(_section("outputs", "Deployable outputs (genai/, hf/, gguf/)", _outputs(report)))
+    if any(report.get(key) is not None for key in ("genai", "hf", "hf_nas", "gguf")):
+        sections.append(_section("outputs", "Deployable outputs (genai/, hf/, hf-nas/, gguf/)", _outputs(report)))
     if report.get("ops"):
         sections.append(_section("ops", "Time per op type (ONNX Runtime profiler)", _ops(report["ops"])))
     if report.get("sparsity"):

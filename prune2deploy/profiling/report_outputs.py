@@ -1,4 +1,4 @@
-"""What the deployable-outputs part of the report says: genai/, hf/ and gguf/ as plain rows and notes.
+"""What the deployable-outputs part of the report says: genai/, hf/, hf-nas/ and gguf/ as plain rows and notes.
 
 The HTML page renders these rows (``report_html``); they are kept apart as data so that the page and its
 tests read the same wording. An output's check is information or a verdict exactly as its writer recorded
@@ -31,6 +31,8 @@ def output_tables(report: dict[str, Any]) -> list[OutputTable]:
         section = report.get(key)
         if section is not None:
             tables.append(_folder(f"{key}/", section))
+    if report.get("hf_nas") is not None:
+        tables.append(_hf_nas(report["hf_nas"]))
     if report.get("gguf") is not None:
         tables.append(_gguf(report["gguf"]))
     return tables
@@ -54,6 +56,37 @@ def _folder(folder: str, section: dict[str, Any]) -> OutputTable:
     if section.get("warning"):
         notes.append(f"warning: {section['warning']}")
     return OutputTable(folder, ["written", "precision", "check"], [row], notes)
+
+
+def _hf_nas(section: dict[str, Any]) -> OutputTable:
+    """hf-nas/: written or why not, its layers (attention-/FFN-free ones), vLLM's reader rules, the reload check
+    in transformers, and what the format's padding costs."""
+    headers = ["written", "layers", "attention-free", "FFN-free", "vLLM reader rules", "transformers check"]
+    if not section.get("written"):
+        return OutputTable("hf-nas/", headers, [], [f"not written: {section.get('reason', 'no reason given')}"])
+    rules = section.get("vllm_rules") or {}
+    check = section.get("check")
+    verdict = "" if not check or "passed" not in check else ("PASSED: " if check["passed"] else "FAILED: ")
+    row = [
+        "yes",
+        len(section.get("per_layer", [])),
+        ", ".join(str(i) for i in section.get("attention_free_layers", [])) or "none",
+        ", ".join(str(i) for i in section.get("ffn_free_layers", [])) or "none",
+        "passed" if rules.get("passed") else "; ".join(rules.get("problems", [])) or "not checked",
+        verdict + (check.get("error") or check_text(check)) if check else "pending",
+    ]
+    notes = []
+    padding = section.get("padding")
+    if padding:
+        notes.append(
+            f"padded to the format's rules (full query heads, kv heads in groups of n_heads_in_group, FFN widths in "
+            f"multiples of 256) with zero heads/neurons (exact): {padding['params_share']:.1%} of the checkpoint's "
+            f"parameters and {padding['flops_share']:.1%} of its matmul FLOPs per token"
+        )
+    notes.extend(f"{runtime}: {text}" for runtime, text in (section.get("runtimes") or {}).items())
+    if section.get("not_checked"):
+        notes.append(section["not_checked"])
+    return OutputTable("hf-nas/", headers, [row], notes)
 
 
 def _gguf(section: dict[str, Any]) -> OutputTable:

@@ -153,6 +153,14 @@ def test_every_command_and_option_is_described_and_help_shows_defaults(capsys):
         assert all(t in text for t in texts), (name, [t for t in texts if t not in text])
 
 
+def test_hf_nemotron_nas_flag_is_in_compile_help_and_sets_its_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["compile", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--hf-nemotron-nas" in text and "OUT/hf-nas/" in text and "DeciLMForCausalLM" in text
+    assert _parse("--hf-nemotron-nas").hf_nemotron_nas and not _parse().hf_nemotron_nas
+
+
 def test_options_that_do_nothing_are_refused_and_budget_is_one_flag():
     compile_ = ["compile", "m", "--out", "o"]
     for argv in (
