@@ -14,7 +14,6 @@ from prune2deploy.errors import BadInputError, ConfigError, P2DError
 from prune2deploy.limits import CONFIG_BYTES, check_regular_file
 
 __all__ = [
-    "MAX_CONFIG_BYTES",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
@@ -111,9 +110,6 @@ def sha256_files(files: list[Path], *, root: Path | None = None, chunk: int = 1 
     return digest.hexdigest()
 
 
-#: A config file larger than this is refused (:data:`prune2deploy.limits.CONFIG_BYTES`, the one policy).
-MAX_CONFIG_BYTES = CONFIG_BYTES
-
 _FORMATS = {".yaml": "YAML", ".yml": "YAML", ".toml": "TOML", ".json": "JSON"}
 
 
@@ -121,7 +117,7 @@ def read_config_file(
     path: Path | str,
     *,
     what: str = "config",
-    max_bytes: int = MAX_CONFIG_BYTES,
+    max_bytes: int = CONFIG_BYTES,
     default_format: str | None = None,
     error: type[P2DError] = ConfigError,
 ) -> Any:

@@ -21,13 +21,12 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from prune2deploy.engines.registry import DEFAULT_ENGINE, engine_class, engine_names
 from prune2deploy.errors import ConfigError
-from prune2deploy.io import MAX_CONFIG_BYTES, read_config_file
+from prune2deploy.io import read_config_file
 from prune2deploy.limits import EXPORT_BATCH, EXPORT_SEQ, GENAI_CONTEXT, THREADS_PER_CORE, max_threads
 from prune2deploy.passes.registry import PassOption, PassSpec, default_passes, get_pass, load_passes, passes_in_stage
 
 __all__ = [
     "CORE_OPTIONS",
-    "MAX_CONFIG_BYTES",
     "CompileOptions",
     "CoreOption",
     "load_config",
@@ -442,8 +441,8 @@ def load_config(path: Path | str) -> dict[str, Any]:
     """Reads a YAML, TOML or JSON config; a ``compile:`` section is used when present.
 
     Refused with a :class:`ConfigError` that names the file (and the key where there is one): a file over
-    :data:`MAX_CONFIG_BYTES`, bytes that are not UTF-8, YAML anchors/aliases, a top level or ``compile:``
-    section that is not a mapping, and keys that are not strings.
+    :data:`~prune2deploy.limits.CONFIG_BYTES`, bytes that are not UTF-8, YAML anchors/aliases, a top level or
+    ``compile:`` section that is not a mapping, and keys that are not strings.
     """
     path = Path(path)
     data = read_config_file(path, what="config")

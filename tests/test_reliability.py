@@ -419,14 +419,14 @@ def test_bad_config_files_are_exit_2_and_name_the_key(tmp_path, capsys, text, ex
 
 
 def test_config_bytes_encoding_and_size_are_checked(tmp_path, capsys):
-    from prune2deploy.spec import MAX_CONFIG_BYTES
+    from prune2deploy.limits import CONFIG_BYTES
 
     model = mlp(tmp_path / "m.onnx")
     config = tmp_path / "c.yaml"
     config.write_bytes(b"gpus: [\xff\xfe]\n")
     assert _compile(model, "--config", config, "--out", tmp_path / "out") == 2
     assert "not UTF-8" in capsys.readouterr().err
-    config.write_text("# padding\n" * (MAX_CONFIG_BYTES // 10 + 1))
+    config.write_text("# padding\n" * (CONFIG_BYTES // 10 + 1))
     assert _compile(model, "--config", config, "--out", tmp_path / "out") == 2
     assert "at most" in capsys.readouterr().err
 

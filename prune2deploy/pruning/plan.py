@@ -32,8 +32,6 @@ __all__ = [
 PLAN_VERSION = 1
 STRUCTURE_KEYS = ("unstructured", "mlp", "heads", "hidden", "layers")
 HEAD_GROUPINGS = ("free", "uniform", "whole-group")
-#: See :data:`prune2deploy.limits.PLAN_BYTES` (one place for every limit).
-MAX_PLAN_BYTES = PLAN_BYTES
 
 
 @dataclass
@@ -365,5 +363,5 @@ def load_plan(path: Path | str) -> Plan:
     path = Path(path)
     if not path.is_file():
         raise BadInputError(f"{path}: plan file not found")
-    data = read_config_file(path, what="plan", max_bytes=MAX_PLAN_BYTES, default_format="YAML")
+    data = read_config_file(path, what="plan", max_bytes=PLAN_BYTES, default_format="YAML")
     return plan_from_dict(data, where=str(path))

@@ -23,7 +23,6 @@ from prune2deploy.sweep.spec import Variant
 from prune2deploy.sweep.task import summarize_report
 
 __all__ = [
-    "MAX_JSON_BYTES",
     "QUALITY_DIR",
     "previous_entries",
     "quality_path",
@@ -37,8 +36,6 @@ log = logging.getLogger(__name__)
 #: ``OUT/quality/<variant id>.json``: each variant's quality record, outside its compile folder (whose
 #: manifest lists every file it holds) so that a re-run may still replace that folder.
 QUALITY_DIR = "quality"
-#: See :data:`prune2deploy.limits.SWEEP_RECORD_BYTES` (one place for every limit).
-MAX_JSON_BYTES = SWEEP_RECORD_BYTES
 
 
 def previous_entries(out_dir: Path) -> dict[str, dict[str, Any]]:
@@ -51,9 +48,9 @@ def previous_entries(out_dir: Path) -> dict[str, dict[str, Any]]:
     path = out_dir / "sweep.json"
     if not path.is_file():
         return {}
-    if path.stat().st_size > MAX_JSON_BYTES:
+    if path.stat().st_size > SWEEP_RECORD_BYTES:
         raise BadInputError(
-            f"{path}: {path.stat().st_size} bytes; a sweep.json is at most {MAX_JSON_BYTES} bytes. Choose another "
+            f"{path}: {path.stat().st_size} bytes; a sweep.json is at most {SWEEP_RECORD_BYTES} bytes. Choose another "
             "--out, or move the file away"
         )
     try:
@@ -95,9 +92,9 @@ def write_quality(out_dir: Path, variant: Variant, quality: dict[str, Any] | Non
 
 
 def _read_json(path: Path) -> Any:
-    """The file's JSON, or None when it is missing, larger than :data:`MAX_JSON_BYTES` or not JSON."""
+    """The file's JSON, or None when it is missing, larger than :data:`SWEEP_RECORD_BYTES` or not JSON."""
     try:
-        if path.stat().st_size > MAX_JSON_BYTES:
+        if path.stat().st_size > SWEEP_RECORD_BYTES:
             return None
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -39,8 +39,6 @@ from prune2deploy.spec import CompileOptions
 __all__ = [
     "COMPILE_ALIASES",
     "GRID_COMPILE_KEYS",
-    "MAX_ID_LENGTH",
-    "MAX_VARIANTS",
     "PRUNE_KEYS",
     "PruneSettings",
     "QualitySettings",
@@ -80,9 +78,6 @@ COMPILE_ALIASES = {
     "regroup_gqa": "kv_heads",
     "budget_s": "profile_budget_s",
 }
-#: See :mod:`prune2deploy.limits` (one place for every limit).
-MAX_VARIANTS = SWEEP_VARIANTS
-MAX_ID_LENGTH = VARIANT_ID_BYTES
 _ID_CHARS = re.compile(r"[a-z0-9][a-z0-9._-]*")
 #: Compile options the sweep sets itself (per variant); a sweep file may not set them.
 _SWEEP_OWNED = ("masks", "plan", "overwrite")
@@ -303,10 +298,10 @@ def count_variants(spec: SweepSpec) -> int:
 
 def _check_grid_size(spec: SweepSpec, where: str) -> None:
     count = count_variants(spec)
-    if count > MAX_VARIANTS:
+    if count > SWEEP_VARIANTS:
         axes = " × ".join(f"{key} {len(values)}" for key, values in spec.grid.items())
         raise ConfigError(
-            f"{where}: the grid has {count:,} variants ({axes}); a sweep runs at most {MAX_VARIANTS:,}. Narrow it: "
+            f"{where}: the grid has {count:,} variants ({axes}); a sweep runs at most {SWEEP_VARIANTS:,}. Narrow it: "
             "fewer values per key (sample the ratios you care about, e.g. every other one), or split it into "
             "several sweep files run one after another (they share the dense-export cache)"
         )
@@ -314,9 +309,9 @@ def _check_grid_size(spec: SweepSpec, where: str) -> None:
 
 def _check_id(ident: str, label: str, where: str) -> None:
     """A variant id becomes folder names: refused (before anything runs) when a file system could not hold it."""
-    if len(ident.encode()) > MAX_ID_LENGTH:
+    if len(ident.encode()) > VARIANT_ID_BYTES:
         raise ConfigError(
-            f"{where}: variant {label}: its id is {len(ident.encode())} bytes; ids are at most {MAX_ID_LENGTH} "
+            f"{where}: variant {label}: its id is {len(ident.encode())} bytes; ids are at most {VARIANT_ID_BYTES} "
             "(they name the variant's folders, and file names end at 255 bytes). Use fewer grid keys or shorter "
             f"values: {ident[:80]}…"
         )
@@ -360,7 +355,7 @@ def _variant(spec: SweepSpec, point: dict[str, Any], fixed_compile: dict, source
 def iter_variants(spec: SweepSpec, *, source_key: str = "", where: str = "sweep") -> Iterator[Variant]:
     """The grid's variants one at a time, in grid order, each validated as it is built.
 
-    The grid's size is checked first, from its axes' lengths (:data:`MAX_VARIANTS`), so an oversized grid is
+    The grid's size is checked first, from its axes' lengths (:data:`SWEEP_VARIANTS`), so an oversized grid is
     refused without building any variant.
 
     Raises:

@@ -136,12 +136,12 @@ def test_masks_entry_is_validated(plan_file, masks, field):
 
 def test_oversized_plan_is_refused_before_parsing(tmp_path):
     """A 200 MB plan (the red team's) is refused from its size alone: nothing of it is read."""
-    from prune2deploy.pruning.plan import MAX_PLAN_BYTES
+    from prune2deploy.limits import PLAN_BYTES
 
     path = tmp_path / "plan.yaml"
     with open(path, "wb") as handle:  # sparse: 200 MB on paper, no disk used
         handle.truncate(200 << 20)
-    assert MAX_PLAN_BYTES < 200 << 20
-    with pytest.raises(ConfigError, match=f"plan files are at most {MAX_PLAN_BYTES} bytes") as info:
+    assert PLAN_BYTES < 200 << 20
+    with pytest.raises(ConfigError, match=f"plan files are at most {PLAN_BYTES} bytes") as info:
         load_plan(path)
     assert str(path) in str(info.value) and info.value.exit_code == 2

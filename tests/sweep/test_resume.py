@@ -8,8 +8,9 @@ import json
 import pytest
 
 from prune2deploy.errors import BadInputError
+from prune2deploy.limits import SWEEP_RECORD_BYTES
 from prune2deploy.sweep.report import render_sweep_html, report_href
-from prune2deploy.sweep.resume import MAX_JSON_BYTES, safe_out
+from prune2deploy.sweep.resume import safe_out
 from prune2deploy.sweep.run import run_sweep
 from prune2deploy.sweep.spec import parse_sweep
 from tests.fixtures.fake_ray import FakeRay, model_folder, patch_driver
@@ -109,10 +110,10 @@ def test_oversized_sweep_json_is_exit_2_and_oversized_report_runs_again(swept):
     out, sweep = swept
     victim = json.loads((out / "sweep.json").read_text())["variants"][0]
     with open(out / victim["out"] / "report.json", "r+b") as handle:  # sparse: no disk used
-        handle.truncate(MAX_JSON_BYTES + 1)
+        handle.truncate(SWEEP_RECORD_BYTES + 1)
     again, ray = sweep()
     assert ray.submitted == [victim["id"]] and len(again.skipped) == 2
     with open(out / "sweep.json", "r+b") as handle:
-        handle.truncate(MAX_JSON_BYTES + 1)
-    with pytest.raises(BadInputError, match=f"a sweep.json is at most {MAX_JSON_BYTES} bytes"):
+        handle.truncate(SWEEP_RECORD_BYTES + 1)
+    with pytest.raises(BadInputError, match=f"a sweep.json is at most {SWEEP_RECORD_BYTES} bytes"):
         sweep()

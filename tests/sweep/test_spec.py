@@ -154,16 +154,16 @@ def test_oversized_grid_is_refused_from_its_axes_before_building_a_variant(monke
 
 
 def test_variant_id_longer_than_a_file_name_allows_is_refused():
-    """An id names the variant's folders: one over MAX_ID_LENGTH bytes is a ConfigError naming the variant
+    """An id names the variant's folders: one over VARIANT_ID_BYTES bytes is a ConfigError naming the variant
     and the rule, raised while expanding (before Ray starts), not a compile failure after it."""
-    from prune2deploy.sweep.spec import MAX_ID_LENGTH
+    from prune2deploy.limits import VARIANT_ID_BYTES
 
     long_round = 10**230
     with pytest.raises(ConfigError, match=rf"variant mlp=0.5,round_to={long_round}: its id is \d+ bytes; ids are at "
-                       rf"most {MAX_ID_LENGTH}") as info:  # fmt: skip
+                       rf"most {VARIANT_ID_BYTES}") as info:  # fmt: skip
         expand(parse_sweep({"model": "m", "grid": {"mlp": [0.5], "round_to": [8, long_round]}}))
     assert info.value.exit_code == 2
-    assert all(len(v.id) <= MAX_ID_LENGTH for v in expand(parse_sweep({"model": "m", "grid": {"round_to": [8]}})))
+    assert all(len(v.id) <= VARIANT_ID_BYTES for v in expand(parse_sweep({"model": "m", "grid": {"round_to": [8]}})))
 
 
 def test_model_name_longer_than_a_file_name_is_read_as_a_name(tmp_path):
