@@ -153,6 +153,22 @@ def test_a_uniform_plan_is_written_with_one_block_repeated_in_the_checkpoints_dt
         assert f.get_tensor("model.layers.0.mlp.up_proj.weight").dtype == dtype
 
 
+def test_the_folders_modeling_code_refuses_a_block_replaced_with_a_linear_layer(tmp_path):
+    """replace_with_linear (never written by prune2deploy; vLLM's reader ignores it) is refused by name on load,
+    not built as something else."""
+    from transformers import AutoModelForCausalLM
+
+    module = tiny_llama()
+    masked = apply_masks_torch(module, llama_width_masks(module, {0: (48, []), 1: (48, [])}, D))
+    assert _written(tmp_path, masked).check.passed
+    config_path = tmp_path / "hf-nas" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["block_configs"][1]["ffn"]["replace_with_linear"] = True
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"block_configs\[1\]: replace_with_linear is true"):
+        AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf-nas"), trust_remote_code=True)
+
+
 def test_a_folder_that_differs_or_does_not_load_fails_its_check_with_the_reason(tmp_path, monkeypatch):
     import prune2deploy.outputs.hf_nas as hf_nas
     from prune2deploy.outputs.lm import TorchModels

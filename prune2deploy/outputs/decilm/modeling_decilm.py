@@ -69,7 +69,11 @@ class DeciLMDecoderLayer(nn.Module):
         block = config.block_configs[layer_idx]
         where = f"block_configs[{layer_idx}]"
         if block.attention.replace_with_linear or block.ffn.replace_with_linear:
-            raise NotImplementedError(f"{where}: replace_with_linear is not computed by this modeling code")
+            raise ValueError(
+                f"{where}: replace_with_linear is true; prune2deploy never writes it and this modeling code does not "
+                "build a linear replacement (vLLM's reader ignores it too): set it to false, or load the folder with "
+                "the modeling code of the model that uses it"
+            )
         self.input_layernorm = self.self_attn = None
         self.post_attention_layernorm = self.mlp = None
         if not block.attention.no_op:
