@@ -41,7 +41,7 @@ import numpy as np
 from prune2deploy.errors import UnsupportedModelError
 from prune2deploy.outputs.fp32 import computing_in_fp32
 from prune2deploy.outputs.registry import OutputCheck, OutputContext, OutputSection, OutputSpec, register_output
-from prune2deploy.outputs.slice import SliceResult, attention_adds_zero
+from prune2deploy.outputs.slice import SliceResult, attention_adds_zero, text_config
 
 __all__ = ["EXACT_BOUND", "GGUF_TYPES", "check_gguf", "gguf_layout", "write_gguf"]
 
@@ -101,10 +101,6 @@ class GGUFLayout:
         return [b.index for b in self.blocks if b.heads == 0]
 
 
-def _text_config(config: Any) -> Any:
-    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-
-
 def _rope(text: Any) -> dict[str, Any]:
     """The rotary parameters: transformers 5's ``rope_parameters`` (theta inside), or 4's ``rope_scaling`` and
     ``rope_theta``; ``rope_type`` and ``rope_theta`` always present."""
@@ -116,7 +112,7 @@ def _rope(text: Any) -> dict[str, Any]:
 
 def _refusal(config: Any, sliced: SliceResult) -> str:
     """Why llama.cpp's llama/deci blocks cannot compute this model ('' when they can)."""
-    text = _text_config(config)
+    text = text_config(config)
     family = str(getattr(text, "model_type", ""))
     if family not in _FAMILIES:
         return (
@@ -206,7 +202,7 @@ def _tensors(sliced: SliceResult, layout: GGUFLayout) -> Iterator[_Tensor]:
         yield p + "ffn_down.weight", (hidden, ffn), lambda m=mlp, f=ffn: _padded(_numpy(m.down_proj.weight), cols=f)
     yield "output_norm.weight", tuple(inner.norm.weight.shape), lambda: _numpy(inner.norm.weight)
     head = module.get_output_embeddings()
-    text = _text_config(module.config)
+    text = text_config(module.config)
     if head is not None and not (getattr(text, "tie_word_embeddings", False) and head.weight is embed):
         yield "output.weight", tuple(head.weight.shape), lambda: _numpy(head.weight)
     factors = _llama3_rope_factors(text, d)
@@ -254,7 +250,7 @@ def _llama3_rope_factors(text: Any, d: int) -> np.ndarray | None:
 def _metadata(writer: Any, layout: GGUFLayout, sliced: SliceResult, kind: str, name: str) -> None:
     import gguf
 
-    text = _text_config(sliced.module.config)
+    text = text_config(sliced.module.config)
     blocks = layout.blocks
     d = sliced.head_dim
 
@@ -331,7 +327,7 @@ def write_gguf(sliced: SliceResult, vocab: Any, path: Path, kind: str, *, name: 
     finally:
         writer.close()
     kept = sum(b.ffn_kept for b in layout.blocks)
-    hidden = int(_text_config(sliced.module.config).hidden_size)
+    hidden = int(text_config(sliced.module.config).hidden_size)
     entry: dict[str, Any] = {
         "file": path.name,
         "arch": layout.arch,
@@ -431,7 +427,7 @@ def _check_input(tokenizer: Any, vocab_size: int) -> tuple[list[int], str]:
 def _expected_logits(models: Any, config: Any) -> tuple[list[int], str, np.ndarray | None]:
     """The check's tokens, what they are, and the model's logits on them (None without llama.cpp), the
     logits taken once (:meth:`TorchModels.reference`)."""
-    tokens, check_input = _check_input(models.tokenizer, int(_text_config(config).vocab_size))
+    tokens, check_input = _check_input(models.tokenizer, int(text_config(config).vocab_size))
     if _llama_cpp()[0] is None:
         return tokens, check_input, None
     return tokens, check_input, models.reference("gguf", lambda target: reference_logits(target, tokens))
@@ -460,7 +456,7 @@ def _write(context: OutputContext) -> OutputSection:
     kinds = list(dict.fromkeys(context.options.gguf))
     tokens, check_input, expected = _expected_logits(models, config)
     _, why_not = _llama_cpp()
-    text = _text_config(config)
+    text = text_config(config)
     vocab = vocab_of(models.tokenizer, int(text.vocab_size), text)
     context.folder.mkdir(parents=True, exist_ok=True)
     name = str(getattr(config, "_name_or_path", "") or type(sliced.module).__name__).rstrip("/").split("/")[-1]

@@ -25,7 +25,7 @@ import numpy as np
 from prune2deploy.errors import UnsupportedModelError
 from prune2deploy.outputs.fp32 import computing_in_fp32
 from prune2deploy.outputs.registry import OutputContext, OutputSection, OutputSpec, register_output
-from prune2deploy.outputs.slice import LayerWidths, SliceResult
+from prune2deploy.outputs.slice import LayerWidths, SliceResult, text_config
 
 __all__ = [
     "HFReference",
@@ -218,7 +218,7 @@ def write_padded_checkpoint(sliced: SliceResult, out: Path, *, use_cache: bool =
     write_safetensors(out / "model.safetensors", tensors)
     config = copy.deepcopy(module.config)
     _clean_config(config, use_cache)
-    for cfg in {id(config): config, id(_text_config(config)): _text_config(config)}.values():
+    for cfg in {id(config): config, id(text_config(config)): text_config(config)}.values():
         cfg.num_attention_heads = shape.heads
         cfg.num_key_value_heads = shape.groups
         cfg.intermediate_size = shape.ffn
@@ -258,7 +258,7 @@ def padded_tensor(
 def _padding_cost(sliced: SliceResult, shape: PaddedShape) -> dict[str, Any]:
     """What padding adds: parameters (q/k/v/o, MLP) and matmul FLOPs per token, absolute and as shares."""
     module = sliced.module
-    text = _text_config(module.config)
+    text = text_config(module.config)
     hidden, d = int(text.hidden_size), sliced.head_dim
     kept = sum(hidden * d * 2 * (w.num_heads + w.kv_heads) + 3 * hidden * w.intermediate for w in sliced.layers)
     padded = len(sliced.layers) * (hidden * d * 2 * (shape.heads + shape.groups) + 3 * hidden * shape.ffn)
@@ -306,10 +306,6 @@ def write_safetensors(path: Path, tensors: Sequence[tuple[str, Callable[[], Any]
             if tuple(tensor.shape) != tuple(shape):
                 raise RuntimeError(f"{path.parent.name}/: {name} is {tuple(tensor.shape)}, expected {shape}")
             f.write(tensor.contiguous().view(torch.uint8).numpy().tobytes())
-
-
-def _text_config(config: Any) -> Any:
-    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,13 @@ from prune2deploy.outputs.hf import (
     write_safetensors,
 )
 from prune2deploy.outputs.registry import OutputCheck, OutputContext, OutputSection, OutputSpec, register_output
-from prune2deploy.outputs.slice import LayerWidths, SliceResult, attention_adds_zero, mlp_adds_zero
+from prune2deploy.outputs.slice import (
+    LayerWidths,
+    SliceResult,
+    attention_adds_zero,
+    mlp_adds_zero,
+    text_config,
+)
 
 __all__ = [
     "NasBlock",
@@ -92,10 +98,6 @@ NOT_CHECKED = (
 )
 
 _FFN_MULTIPLE = 256
-
-
-def _text_config(config: Any) -> Any:
-    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
 
 
 def vllm_ffn_width(ffn_mult: float, hidden_size: int) -> int:
@@ -169,7 +171,7 @@ class NasBlock:
 def nas_layout(sliced: SliceResult) -> list[NasBlock]:
     """Each layer's block: attention-free and FFN-free layers no_op, widths padded to the readers' rules."""
     module = sliced.module
-    text = _text_config(module.config)
+    text = text_config(module.config)
     heads, hidden = sliced.dense.num_heads, int(text.hidden_size)
     act = str(getattr(text, "hidden_act", "silu")).lower()
     blocks = []
@@ -186,7 +188,7 @@ def nas_layout(sliced: SliceResult) -> list[NasBlock]:
 
 def _refusal(sliced: SliceResult) -> str:
     """Why a DeciLM block cannot compute this model's layers ('' when it can)."""
-    text = _text_config(sliced.module.config)
+    text = text_config(sliced.module.config)
     family = str(getattr(text, "model_type", ""))
     if family not in _FAMILIES:
         return (
@@ -221,7 +223,7 @@ def _rope(text: Any) -> tuple[float, dict[str, Any] | None]:
 
 def _config_json(sliced: SliceResult, blocks: Sequence[NasBlock], use_cache: bool) -> dict[str, Any]:
     """config.json: NVIDIA's layout (per-layer widths only in ``block_configs``; the global ones null)."""
-    text = _text_config(sliced.module.config)
+    text = text_config(sliced.module.config)
     theta, scaling = _rope(text)
     dtype = str(next(sliced.module.parameters()).dtype).removeprefix("torch.")
     config: dict[str, Any] = {
@@ -290,7 +292,7 @@ def _padding(sliced: SliceResult, blocks: Sequence[NasBlock], total: int) -> dic
     """What the format's rules add over the sliced widths: zero query heads, kv slots and neurons (exact; every
     runtime computes them), in parameters and matmul FLOPs per token, absolute and as shares."""
     module = sliced.module
-    hidden, d = int(_text_config(module.config).hidden_size), sliced.head_dim
+    hidden, d = int(text_config(module.config).hidden_size), sliced.head_dim
     kept = written = 0
     mlp: dict[str, list[int]] = {}
     heads: dict[str, list[int]] = {}

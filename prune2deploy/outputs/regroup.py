@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from prune2deploy.errors import UnsupportedModelError
-from prune2deploy.outputs.slice import LayerWidths, SliceResult, restricted_linear
+from prune2deploy.outputs.slice import LayerWidths, SliceResult, restricted_linear, text_config
 from prune2deploy.passes.regroup_gqa import group_members, pool_groups
 
 __all__ = ["regroup_sliced"]
@@ -103,7 +103,7 @@ def regroup_sliced(
             changed[f"model.layers.{i}"] = [kv, groups]
     if sliced.uniform:
         config = sliced.module.config
-        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        text = text_config(config)
         for cfg in {id(config): config, id(text): text}.values():
             cfg.num_key_value_heads = sliced.layers[0].kv_heads
     log.info("regrouped %d layers for genai/ and hf/: %s", len(changed), changed)

@@ -34,6 +34,7 @@ __all__ = [
     "mlp_adds_zero",
     "restricted_linear",
     "slice_causal_lm",
+    "text_config",
 ]
 
 log = logging.getLogger(__name__)
@@ -213,7 +214,7 @@ def slice_causal_lm(module: Any, *, consume: bool = False) -> SliceResult:
 
     module = getattr(module, "module", module)
     layers = _decoder_layers(module)
-    text = _text_config(module.config)
+    text = text_config(module.config)
     heads = int(text.num_attention_heads)
     kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
     d = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
@@ -253,7 +254,7 @@ def slice_causal_lm(module: Any, *, consume: bool = False) -> SliceResult:
     if result.uniform:
         first = widths[0]
         config = sliced.config
-        for cfg in {id(config): config, id(_text_config(config)): _text_config(config)}.values():
+        for cfg in {id(config): config, id(text_config(config)): text_config(config)}.values():
             cfg.num_attention_heads = first.num_heads
             cfg.num_key_value_heads = first.kv_heads
             cfg.intermediate_size = first.intermediate
@@ -262,7 +263,8 @@ def slice_causal_lm(module: Any, *, consume: bool = False) -> SliceResult:
     return result
 
 
-def _text_config(config: Any) -> Any:
+def text_config(config: Any) -> Any:
+    """The decoder's configuration (a multimodal config nests it; a plain one is it)."""
     return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
 
 
