@@ -11,6 +11,11 @@ bf16, untied lm_head; 16 GB): random weights
 in the checkpoint itself (gate/up rows and down columns), so ``compile`` finds them with no mask file.
 Never run in CI: the 1B folder is 4.9 GB, the 3B one 6.4 GB, the 8B one 16 GB.
 
+``--shard-gb X`` writes the same tensors as Hub checkpoints are laid out instead: ``model-0000k-of-0000N``
+shards of at most X GB in state-dict order (folder ``llama-8b-shards5``, result ``8b-shards5-result.json``
+for ``--shard-gb 5``). A real shard holds several layers, and the compile's slicing step frees a file's
+mapping only once all its tensors are copied, so this layout measures the memory a real checkpoint costs.
+
 ``--genai-precision`` and ``--gguf`` pass the compile options of those names (default: the compile's); the
 result then names them (``3b-genai-int4-gguf-q8_0-result.json``) and gives each output folder's size on disk.
 
@@ -22,11 +27,14 @@ Each step's time comes from the compile's progress lines; the peak RSS of each s
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
 import resource
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 SHAPES = {
@@ -124,16 +132,12 @@ class RssSampler:
         self._child.wait(timeout=10)
 
 
-def make_folder(name: str, folder: Path, seed: int = 0) -> Path:
-    """A Llama-shaped HF folder with random weights and half of each MLP's neurons zeroed."""
-    import torch
-    from safetensors.torch import save_file
+def _config(spec: tuple):
+    """The ``LlamaConfig`` of a ``SHAPES`` row."""
     from transformers import LlamaConfig
 
-    if (folder / "config.json").exists():
-        return folder
-    hidden, layers, heads, kv, mlp, vocab, dtype, tie = SHAPES[name]
-    config = LlamaConfig(
+    hidden, layers, heads, kv, mlp, vocab, dtype, tie = spec
+    return LlamaConfig(
         hidden_size=hidden,
         num_hidden_layers=layers,
         num_attention_heads=heads,
@@ -146,48 +150,162 @@ def make_folder(name: str, folder: Path, seed: int = 0) -> Path:
         torch_dtype=dtype,
         architectures=["LlamaForCausalLM"],
     )
+
+
+def _layer_shapes(spec: tuple) -> dict[str, tuple[int, ...]]:
+    """One decoder layer's tensor shapes by name suffix, in state-dict order (which is also the draw order)."""
+    hidden, _, heads, kv, mlp, *_ = spec
+    head_dim = hidden // heads
+    return {
+        "self_attn.q_proj.weight": (heads * head_dim, hidden),
+        "self_attn.k_proj.weight": (kv * head_dim, hidden),
+        "self_attn.v_proj.weight": (kv * head_dim, hidden),
+        "self_attn.o_proj.weight": (hidden, heads * head_dim),
+        "mlp.gate_proj.weight": (mlp, hidden),
+        "mlp.up_proj.weight": (mlp, hidden),
+        "mlp.down_proj.weight": (hidden, mlp),
+        "input_layernorm.weight": (hidden,),
+        "post_attention_layernorm.weight": (hidden,),
+    }
+
+
+def _shapes(spec: tuple) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape, in state-dict order: embed_tokens, layers 0..N-1, norm, lm_head (when untied)."""
+    hidden, layers, *_, vocab, _, tie = spec
+    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(layers):
+        shapes.update({f"model.layers.{i}.{k}": shape for k, shape in _layer_shapes(spec).items()})
+    shapes["model.norm.weight"] = (hidden,)
+    if not tie:
+        shapes["lm_head.weight"] = (vocab, hidden)
+    return shapes
+
+
+def _sizes(spec: tuple) -> dict[str, int]:
+    """Every tensor's bytes, in state-dict order."""
+    itemsize = 2 if spec[6] == "bfloat16" else 4
+    return {name: math.prod(shape) * itemsize for name, shape in _shapes(spec).items()}
+
+
+class _Draw:
+    """The random tensors of a ``SHAPES`` row: normal (std 0.02) from one seeded generator, norms at one."""
+
+    def __init__(self, spec: tuple, seed: int) -> None:
+        import torch
+
+        self.spec = spec
+        self.gen = torch.Generator().manual_seed(seed)
+        self.dtype = getattr(torch, spec[6])
+
+    def rand(self, *shape: int):
+        import torch
+
+        return (torch.randn(*shape, generator=self.gen) * 0.02).to(self.dtype)
+
+    def ones(self, n: int):
+        import torch
+
+        return torch.ones(n, dtype=self.dtype)
+
+    def layer(self, i: int) -> dict:
+        """Layer ``i``'s tensors, with a random half of its MLP neurons zeroed (gate/up rows, down columns)."""
+        import torch
+
+        mlp = self.spec[4]
+        keep = torch.ones(mlp, dtype=self.dtype)
+        keep[torch.randperm(mlp, generator=self.gen)[: mlp // 2]] = 0
+        mask = {"mlp.gate_proj.weight": keep[:, None], "mlp.up_proj.weight": keep[:, None]}
+        mask["mlp.down_proj.weight"] = keep[None, :]
+        tensors = {}
+        for key, shape in _layer_shapes(self.spec).items():  # draws in this order: q, k, v, o, gate, up, down
+            if key.endswith("layernorm.weight"):
+                tensors[key] = self.ones(*shape)
+            else:
+                tensors[key] = self.rand(*shape) * mask.get(key, 1)
+        return {f"model.layers.{i}.{k}": v for k, v in tensors.items()}
+
+
+def _write_per_layer(spec: tuple, folder: Path, seed: int) -> dict[str, str]:
+    """One file per layer (plus embed+norm and lm_head); returns the weight map."""
+    hidden, layers, *_, vocab, _, tie = spec
+    draw = _Draw(spec, seed)
+    embed = {"model.embed_tokens.weight": draw.rand(vocab, hidden), "model.norm.weight": draw.ones(hidden)}
+    index = _save(embed, folder / "embed.safetensors")
+    if not tie:
+        index |= _save({"lm_head.weight": draw.rand(vocab, hidden)}, folder / "lm_head.safetensors")
+    for i in range(layers):
+        index |= _save(draw.layer(i), folder / f"layer{i:03d}.safetensors")
+    return index
+
+
+def _state_dict(spec: tuple, seed: int) -> Iterator[tuple]:
+    """(name, tensor) in state-dict order, one layer at a time, with the per-layer layout's values: lm_head is
+    drawn right after embed_tokens there, so its generator state is kept and its draw skipped until the end."""
+    hidden, layers, *_, vocab, _, tie = spec
+    draw = _Draw(spec, seed)
+    yield "model.embed_tokens.weight", draw.rand(vocab, hidden)
+    head = draw.gen.get_state()
+    if not tie:
+        draw.rand(vocab, hidden)  # advance the generator past lm_head (dropped here, redrawn at the end)
+    for i in range(layers):
+        yield from draw.layer(i).items()
+    yield "model.norm.weight", draw.ones(hidden)
+    if not tie:
+        draw.gen.set_state(head)
+        yield "lm_head.weight", draw.rand(vocab, hidden)
+
+
+def _shard_plan(spec: tuple, max_bytes: int) -> list[list[str]]:
+    """Tensor names per shard, in state-dict order, each shard at most ``max_bytes`` (unless one tensor is more),
+    the way ``transformers`` splits a checkpoint."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, nbytes in _sizes(spec).items():
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def _write_shards(spec: tuple, folder: Path, seed: int, max_bytes: int) -> dict[str, str]:
+    """``model-0000k-of-0000N.safetensors`` shards of at most ``max_bytes``, one in memory at a time."""
+    plan = _shard_plan(spec, max_bytes)
+    tensors = _state_dict(spec, seed)
+    index: dict[str, str] = {}
+    for k, names in enumerate(plan, 1):
+        shard = dict(itertools.islice(tensors, len(names)))
+        assert list(shard) == names, f"shard {k}: drawn {list(shard)} but planned {names}"
+        index |= _save(shard, folder / f"model-{k:05d}-of-{len(plan):05d}.safetensors")
+        del shard
+    return index
+
+
+def _save(tensors: dict, path: Path) -> dict[str, str]:
+    """Write ``tensors`` to ``path``; returns their entries of the weight map."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return dict.fromkeys(tensors, path.name)
+
+
+def make_folder(name: str, folder: Path, seed: int = 0, shard_gb: float | None = None) -> Path:
+    """A Llama-shaped HF folder with random weights and half of each MLP's neurons zeroed: one file per layer,
+    or with ``shard_gb`` the same tensors in shards of at most that many GB (1e9 bytes), as on the Hub."""
+    if (folder / "config.json").exists():
+        return folder
+    spec = SHAPES[name]
     scratch = folder.with_name(folder.name + ".partial")
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
-    gen = torch.Generator().manual_seed(seed)
-    torch_dtype = getattr(torch, dtype)
-    head_dim = hidden // heads
-
-    def rand(*shape):
-        return (torch.randn(*shape, generator=gen) * 0.02).to(torch_dtype)
-
-    index: dict[str, str] = {}
-
-    def write(tensors: dict, shard: str) -> None:
-        save_file(tensors, str(scratch / shard), metadata={"format": "pt"})
-        index.update(dict.fromkeys(tensors, shard))
-
-    write(
-        {"model.embed_tokens.weight": rand(vocab, hidden), "model.norm.weight": torch.ones(hidden, dtype=torch_dtype)},
-        "embed.safetensors",
-    )
-    if not tie:
-        write({"lm_head.weight": rand(vocab, hidden)}, "lm_head.safetensors")
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        keep = torch.ones(mlp, dtype=torch_dtype)
-        keep[torch.randperm(mlp, generator=gen)[: mlp // 2]] = 0
-        write(
-            {
-                p + "self_attn.q_proj.weight": rand(heads * head_dim, hidden),
-                p + "self_attn.k_proj.weight": rand(kv * head_dim, hidden),
-                p + "self_attn.v_proj.weight": rand(kv * head_dim, hidden),
-                p + "self_attn.o_proj.weight": rand(hidden, heads * head_dim),
-                p + "mlp.gate_proj.weight": rand(mlp, hidden) * keep[:, None],
-                p + "mlp.up_proj.weight": rand(mlp, hidden) * keep[:, None],
-                p + "mlp.down_proj.weight": rand(hidden, mlp) * keep[None, :],
-                p + "input_layernorm.weight": torch.ones(hidden, dtype=torch_dtype),
-                p + "post_attention_layernorm.weight": torch.ones(hidden, dtype=torch_dtype),
-            },
-            f"layer{i:03d}.safetensors",
-        )
-    (scratch / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
-    config.save_pretrained(scratch)
+    if shard_gb is None:
+        index = {"metadata": {}, "weight_map": _write_per_layer(spec, scratch, seed)}
+    else:
+        weight_map = _write_shards(spec, scratch, seed, int(shard_gb * 1e9))
+        index = {"metadata": {"total_size": sum(_sizes(spec).values())}, "weight_map": weight_map}
+    (scratch / "model.safetensors.index.json").write_text(json.dumps(index))
+    _config(spec).save_pretrained(scratch)
     scratch.rename(folder)
     return folder
 
@@ -216,7 +334,7 @@ def run(args) -> dict:
         options["masks"] = demo_masks(source, 0.5, work / "smollm2-masks.safetensors")
     else:
         t0 = time.perf_counter()
-        source = make_folder(args.model, work / f"llama-{args.model}")
+        source = make_folder(args.model, work / f"llama-{checkpoint_name(args)}", shard_gb=args.shard_gb)
         print(f"folder ready in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     phases: list[dict] = []
     sampler = RssSampler()
@@ -251,7 +369,7 @@ def run(args) -> dict:
     report = result.report
     data_bytes = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
     summary = {
-        "model": args.model,
+        "model": checkpoint_name(args),
         "params_reference": report["model"]["reference"]["params"],
         "params_compiled": report["model"]["compiled"]["params"],
         "dtype": report["input"].get("dtype", "float32"),
@@ -292,9 +410,15 @@ def _output_summary(section) -> dict:
     return {k: section[k] for k in keys if k in section}
 
 
+def checkpoint_name(args) -> str:
+    """``<model>[-shards<X>]``: the generated folder is ``llama-<this>``, so both layouts can share ``--work``."""
+    return args.model if args.shard_gb is None else f"{args.model}-shards{args.shard_gb:g}"
+
+
 def result_name(args) -> str:
-    """``<model>[-genai-<precision>][-gguf-<types>]``: runs with other options do not overwrite each other."""
-    name = args.model
+    """``<model>[-shards<X>][-genai-<precision>][-gguf-<types>]``: runs with other options do not overwrite
+    each other."""
+    name = checkpoint_name(args)
     if args.genai_precision:
         name += f"-genai-{args.genai_precision}"
     if args.gguf:
@@ -315,9 +439,15 @@ def main() -> None:
     parser.add_argument("--no-genai", action="store_true", help="skip the genai/ output (compile and verify only)")
     parser.add_argument("--genai-precision", choices=["fp32", "fp16", "int8", "int4"], help="genai/'s decoder")
     parser.add_argument("--gguf", help="gguf/ types, comma-separated (e.g. q8_0)")
+    parser.add_argument(
+        "--shard-gb", type=float, help="write the checkpoint as shards of at most this many GB (default: per layer)"
+    )
     args = parser.parse_args()
+    if args.shard_gb is not None and (args.model == "smollm2" or args.shard_gb <= 0):
+        parser.error("--shard-gb takes a positive size and applies to the generated models, not smollm2")
     if args.make_only:
-        print(make_folder(args.model, Path(args.work) / f"llama-{args.model}"))
+        folder = Path(args.work) / f"llama-{checkpoint_name(args)}"
+        print(make_folder(args.model, folder, shard_gb=args.shard_gb))
         return
     print(json.dumps(run(args)))
 
