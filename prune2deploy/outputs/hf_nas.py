@@ -18,7 +18,8 @@ instead, and vLLM and TensorRT-LLM build each layer with its own widths from it.
 
 The folder also carries this project's ``configuration_decilm.py`` (what vLLM and TensorRT-LLM run, with
 ``trust_remote_code``, to read ``block_configs``) and ``modeling_decilm.py`` (what transformers runs). Neither
-vLLM nor TensorRT-LLM is installed here, so the folder is checked two ways: :func:`check_vllm_rules` builds, from
+vLLM nor TensorRT-LLM is installed here, so the folder is checked two ways:
+:func:`~prune2deploy.outputs.nas_rules.check_vllm_rules` builds, from
 config.json, the tensors vLLM's reader will create and compares them with the written ones; and transformers
 loads the folder with ``trust_remote_code`` (this project's modeling code) and is compared with the masked model
 (:func:`~prune2deploy.outputs.hf.check_hf_checkpoint`, after the torch modules are freed).
@@ -30,7 +31,7 @@ import json
 import logging
 import math
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ from prune2deploy.outputs.hf import (
     padded_tensor,
     write_safetensors,
 )
+from prune2deploy.outputs.nas_rules import FFN_MULTIPLE, check_vllm_rules, vllm_ffn_width
 from prune2deploy.outputs.registry import OutputCheck, OutputContext, OutputSection, OutputSpec, register_output
 from prune2deploy.outputs.slice import (
     LayerWidths,
@@ -57,11 +59,8 @@ from prune2deploy.outputs.slice import (
 
 __all__ = [
     "NasBlock",
-    "check_vllm_rules",
     "ffn_mult_for",
     "nas_layout",
-    "vllm_ffn_width",
-    "vllm_nemotron_nas_tensors",
     "write_nas_checkpoint",
 ]
 
@@ -76,9 +75,6 @@ _AUTO_MAP = {
     "AutoConfig": "configuration_decilm.DeciLMConfig",
     "AutoModelForCausalLM": "modeling_decilm.DeciLMForCausalLM",
 }
-
-#: Where the rules of :func:`check_vllm_rules` were read (the reader itself is not installed here).
-VLLM_READER = "vllm/model_executor/models/nemotron_nas.py (vllm-project/vllm 00bd1493b3e8)"
 
 RUNTIMES = {
     "vLLM": "vllm serve hf-nas --trust-remote-code: DeciLMForCausalLM (vLLM's nemotron_nas reader) builds each layer "
@@ -97,19 +93,6 @@ NOT_CHECKED = (
     "(vllm_rules); tensor parallelism additionally needs the head and kv-head counts divisible by the TP size"
 )
 
-_FFN_MULTIPLE = 256
-
-
-def vllm_ffn_width(ffn_mult: float, hidden_size: int) -> int:
-    """The FFN width vLLM's reader builds from ``ffn_mult`` (its ``_ffn_mult_to_intermediate_size``, the same in
-    TensorRT-LLM): ``int(2 * ffn_mult * hidden / 3)``, then up to a multiple of 256 unless it is one.
-
-    Written here as vLLM writes it, apart from the folder's own ``configuration_decilm.ffn_width`` (which cannot
-    import prune2deploy), so that the rule check does not share a mistake with the code it checks.
-    """
-    width = int(2 * ffn_mult * hidden_size / 3)
-    return width if width % _FFN_MULTIPLE == 0 else width + _FFN_MULTIPLE - width % _FFN_MULTIPLE
-
 
 def ffn_mult_for(width: int, hidden_size: int) -> float:
     """The shortest decimal ``ffn_mult`` for which the readers build exactly ``width`` neurons.
@@ -117,8 +100,8 @@ def ffn_mult_for(width: int, hidden_size: int) -> float:
     Any value whose ``int(2 * m * hidden / 3)`` lies in ``(width - 256, width]`` gives ``width``; the shortest one
     is what a reader of config.json sees, and it is checked in the readers' own float arithmetic.
     """
-    if width <= 0 or width % _FFN_MULTIPLE:
-        raise ValueError(f"an FFN width must be a positive multiple of {_FFN_MULTIPLE}, not {width}")
+    if width <= 0 or width % FFN_MULTIPLE:
+        raise ValueError(f"an FFN width must be a positive multiple of {FFN_MULTIPLE}, not {width}")
     exact = 3 * width / (2 * hidden_size)
     for digits in range(12):
         mult = round(exact, digits)
@@ -180,7 +163,7 @@ def nas_layout(sliced: SliceResult) -> list[NasBlock]:
         if mlp_adds_zero(layer.mlp, act):
             ffn, mult = 0, None
         else:
-            ffn = math.ceil(width.intermediate / _FFN_MULTIPLE) * _FFN_MULTIPLE
+            ffn = math.ceil(width.intermediate / FFN_MULTIPLE) * FFN_MULTIPLE
             mult = ffn_mult_for(ffn, hidden)
         blocks.append(NasBlock(position, width, heads if group else 0, group, ffn, mult))
     return blocks
@@ -370,108 +353,6 @@ def write_nas_checkpoint(sliced: SliceResult, tokenizer: Any, out: Path) -> dict
         "runtimes": dict(RUNTIMES),
         "not_checked": NOT_CHECKED,
     }
-
-
-def vllm_nemotron_nas_tensors(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-    """What vLLM's nemotron_nas reader will build from ``config`` (config.json): its parameters in the
-    checkpoint's names (before vLLM stacks q/k/v and gate/up), name → shape.
-
-    Mirrors ``DeciLMDecoderLayer`` of :data:`VLLM_READER`: a layer whose ``attention.no_op`` is false gets
-    ``num_attention_heads`` query heads and ``num_attention_heads // n_heads_in_group`` kv heads of ``head_dim``
-    (else ``hidden_size // num_attention_heads``) with an ``input_layernorm``; an FFN whose ``no_op`` is false gets
-    ``_ffn_mult_to_intermediate_size(ffn_mult)`` neurons with a ``post_attention_layernorm``; biases where
-    ``attention_bias`` / ``mlp_bias``; ``lm_head`` unless ``tie_word_embeddings``.
-    """
-    hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
-    d = int(config.get("head_dim") or hidden // heads)
-    vocab = int(config["vocab_size"])
-    attention_bias = bool(config.get("attention_bias") or config.get("bias"))
-    qkv_bias = bool(config.get("qkv_bias", attention_bias))
-    mlp_bias = bool(config.get("mlp_bias"))
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
-    if not config.get("tie_word_embeddings"):
-        shapes["lm_head.weight"] = (vocab, hidden)
-    for i, block in enumerate(config["block_configs"]):
-        p = f"model.layers.{i}."
-        attention, ffn = block["attention"], block["ffn"]
-        if not attention["no_op"]:
-            kv = heads // int(attention["n_heads_in_group"])
-            shapes[p + "input_layernorm.weight"] = (hidden,)
-            for proj, rows in (("q_proj", heads * d), ("k_proj", kv * d), ("v_proj", kv * d)):
-                shapes[f"{p}self_attn.{proj}.weight"] = (rows, hidden)
-                if qkv_bias:
-                    shapes[f"{p}self_attn.{proj}.bias"] = (rows,)
-            shapes[p + "self_attn.o_proj.weight"] = (hidden, heads * d)
-            if attention_bias:
-                shapes[p + "self_attn.o_proj.bias"] = (hidden,)
-        if not ffn["no_op"]:
-            width = vllm_ffn_width(float(ffn["ffn_mult"]), hidden)
-            shapes[p + "post_attention_layernorm.weight"] = (hidden,)
-            for proj, shape in (("gate_proj", (width, hidden)), ("up_proj", (width, hidden))):
-                shapes[f"{p}mlp.{proj}.weight"] = shape
-            shapes[p + "mlp.down_proj.weight"] = (hidden, width)
-            if mlp_bias:
-                for proj, rows in (("gate_proj", width), ("up_proj", width), ("down_proj", hidden)):
-                    shapes[f"{p}mlp.{proj}.bias"] = (rows,)
-    return shapes
-
-
-def _rule_problems(config: Mapping[str, Any]) -> list[str]:
-    """What in config.json vLLM's reader would not build as written (before any shape is compared)."""
-    problems = []
-    heads = int(config.get("num_attention_heads") or 0)
-    blocks = config.get("block_configs") or []
-    if config.get("model_type") != "nemotron-nas" or "DeciLMForCausalLM" not in (config.get("architectures") or []):
-        problems.append("config.json: model_type must be nemotron-nas and architectures DeciLMForCausalLM")
-    if len(blocks) != config.get("num_hidden_layers"):
-        problems.append(f"{len(blocks)} block_configs for num_hidden_layers={config.get('num_hidden_layers')}")
-    if str(config.get("hidden_act", "silu")) != "silu":
-        problems.append(f"hidden_act {config.get('hidden_act')}: vLLM's LlamaMLP supports silu only")
-    for i, block in enumerate(blocks):
-        attention, ffn = block.get("attention") or {}, block.get("ffn") or {}
-        where = f"block_configs[{i}]"
-        if attention.get("replace_with_linear") or ffn.get("replace_with_linear"):
-            problems.append(f"{where}: replace_with_linear, which vLLM's reader ignores (it builds a full block)")
-        if not attention.get("no_op"):
-            group = attention.get("n_heads_in_group")
-            if not group or heads % int(group):
-                problems.append(f"{where}: n_heads_in_group={group} does not divide {heads} query heads")
-        elif i == 0:
-            problems.append(f"{where}: attention no_op in layer 0 (vLLM's layer 0 starts the residual in its norm)")
-        if not ffn.get("no_op") and ffn.get("ffn_mult") is None:
-            problems.append(f"{where}: an FFN without ffn_mult (TensorRT-LLM reads the width only from ffn_mult)")
-    return problems
-
-
-def _stored_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
-    """Every tensor's shape in the folder's safetensors files (headers only; no tensor is read)."""
-    from safetensors import safe_open
-
-    shapes: dict[str, tuple[int, ...]] = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                shapes[name] = tuple(f.get_slice(name).get_shape())
-    return shapes
-
-
-def check_vllm_rules(folder: Path) -> dict[str, Any]:
-    """Checks ``folder`` against what vLLM's nemotron_nas reader will build from its config.json: the rules
-    (every attention layer with all query heads, ``n_heads_in_group`` dividing them, FFN widths from ``ffn_mult``,
-    layer 0 with attention) and, tensor by tensor, the shapes it creates against the stored ones (vLLM fails on a
-    stored tensor it has no parameter for, and leaves a parameter without a tensor uninitialised)."""
-    config = json.loads((Path(folder) / "config.json").read_text())
-    problems = _rule_problems(config)
-    if not problems:
-        want, have = vllm_nemotron_nas_tensors(config), _stored_shapes(Path(folder))
-        for name in sorted(set(want) | set(have)):
-            if name not in have:
-                problems.append(f"{name}: vLLM builds it as {list(want[name])}, the checkpoint has no such tensor")
-            elif name not in want:
-                problems.append(f"{name}: stored {list(have[name])}, but vLLM builds no such parameter")
-            elif want[name] != have[name]:
-                problems.append(f"{name}: vLLM builds {list(want[name])}, the checkpoint stores {list(have[name])}")
-    return {"reader": VLLM_READER, "passed": not problems, "problems": problems}
 
 
 def _references(context: OutputContext) -> None:

@@ -14,13 +14,8 @@ import torch
 
 from prune2deploy.errors import UnsupportedModelError
 from prune2deploy.frontends.masks import apply_masks_torch
-from prune2deploy.outputs.hf_nas import (
-    _kv_group,
-    check_vllm_rules,
-    ffn_mult_for,
-    vllm_ffn_width,
-    vllm_nemotron_nas_tensors,
-)
+from prune2deploy.outputs.hf_nas import _kv_group, ffn_mult_for
+from prune2deploy.outputs.nas_rules import check_vllm_rules, vllm_ffn_width, vllm_nemotron_nas_tensors
 from prune2deploy.outputs.slice import LayerWidths
 from prune2deploy.spec import CompileOptions
 from tests.fixtures.models import tiny_llama
