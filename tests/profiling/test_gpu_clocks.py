@@ -38,7 +38,7 @@ def test_every_clock_agrees_with_the_datasheet_fp32_figure(catalog):
 
 
 def test_l2_sizes_of_the_validated_gpus(catalog):
-    expected = {"a100-40gb": 40, "a30": 24, "l4": 48, "t4": 4, "h100-sxm": 50, "jetson-agx-orin-64gb": 4}
+    expected = {"a100-40gb": 40, "a30": 24, "l4": 48, "t4": 4, "h100-sxm": 50, "jetson-agx-orin-64gb": 4, "a2": 2}
     assert {key: catalog[key].l2_mb for key in expected} == expected
     assert all(catalog[key].sources["l2_mb"] for key in expected)
 
