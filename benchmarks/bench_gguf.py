@@ -85,6 +85,28 @@ def _speed(llm: object, prompt: list[int], following: list[int]) -> tuple[float,
     return prefill, len(following) / (time.perf_counter() - start)
 
 
+def alternate(
+    files: dict[str, Path], threads: int, repeats: int, prompt: list[int], following: list[int]
+) -> dict[str, list[tuple[float, float]]]:
+    """(prefill, decode) tok/s of each file per round: all loaded once, ``repeats`` rounds, the files alternating
+    within each round, so that a slow spell of the machine hits them all."""
+    import llama_cpp
+
+    llms = {
+        name: llama_cpp.Llama(
+            model_path=str(path), n_ctx=256, n_threads=threads, n_threads_batch=threads, verbose=False
+        )
+        for name, path in files.items()
+    }
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in files}
+    for _ in range(repeats):
+        for name, llm in llms.items():
+            runs[name].append(_speed(llm, prompt, following))
+    for llm in llms.values():
+        llm.close()
+    return runs
+
+
 def _spread(values: list[float], digits: int = 0) -> str:
     """``median (min–max)``: the spread says how much a shared machine moved the numbers."""
     return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})"
@@ -118,32 +140,19 @@ def main() -> None:
     if (args.out / "hf" / "config.json").is_file():
         top1, kl = _agreement(want, _hf_logits(args.out / "hf", ids))
         print(f"| hf/ (transformers, fp32) | {top1:.3f} | {kl:.6f} |")
-    import llama_cpp
-
     files = {"pruned": args.out / "gguf" / "model-q4_1.gguf", "dense": dense}
     prompt, following = ids[:64], ids[64:128]
     print("\n| Q4_1 | threads | file MB | prefill tok/s (min–max) | decode tok/s (min–max) |")
     print("|---|---|---|---|---|")
     for threads in args.threads:
         print(f"load average before {threads} thread(s): {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
-        llms = {
-            name: llama_cpp.Llama(
-                model_path=str(path), n_ctx=256, n_threads=threads, n_threads_batch=threads, verbose=False
-            )
-            for name, path in files.items()
-        }
-        runs: dict[str, list[tuple[float, float]]] = {name: [] for name in files}
-        for _ in range(args.repeats):  # alternating, so that a slow spell of the machine hits both
-            for name, llm in llms.items():
-                runs[name].append(_speed(llm, prompt, following))
+        runs = alternate(files, threads, args.repeats, prompt, following)
         for name, path in files.items():
             prefill, decode = _spread([r[0] for r in runs[name]]), _spread([r[1] for r in runs[name]])
             size = path.stat().st_size / 1e6
             print(f"| {name} ({path.name}) | {threads} | {size:.1f} | {prefill} | {decode} |")
         ratio = [p[1] / d[1] for p, d in zip(runs["pruned"], runs["dense"], strict=True)]
         print(f"pruned/dense decode, {threads} thread(s), per alternating pair: {_spread(ratio, 2)}")
-        for llm in llms.values():
-            llm.close()
 
 
 if __name__ == "__main__":

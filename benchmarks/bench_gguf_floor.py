@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.bench_gguf import _speed, _spread
+from benchmarks.bench_gguf import _spread, alternate
 
 _PER_LAYER_KEYS = ("feed_forward_length", "attention.head_count", "attention.head_count_kv")
 
@@ -104,20 +104,9 @@ def step_bytes(path: Path) -> int:
 
 def _time(files: dict[str, Path], threads: int, repeats: int) -> dict[str, list[float]]:
     """ms per decode step of each file, ``repeats`` rounds, the files alternating within each round."""
-    import llama_cpp
-
-    llms = {
-        name: llama_cpp.Llama(model_path=str(p), n_ctx=256, n_threads=threads, n_threads_batch=threads, verbose=False)
-        for name, p in files.items()
-    }
     ids = list(range(1000, 1128))
-    runs: dict[str, list[float]] = {name: [] for name in files}
-    for _ in range(repeats):
-        for name, llm in llms.items():
-            runs[name].append(1e3 / _speed(llm, ids[:64], ids[64:])[1])
-    for llm in llms.values():
-        llm.close()
-    return runs
+    runs = alternate(files, threads, repeats, ids[:64], ids[64:])
+    return {name: [1e3 / decode for _, decode in rounds] for name, rounds in runs.items()}
 
 
 def _report(files: dict[str, Path], runs: dict[str, list[float]], line_names: list[str]) -> None:
