@@ -429,6 +429,83 @@ def _peaks(gpu: GPUSpec, precision: str) -> tuple[float, float]:
     return gemm, attn
 
 
+@dataclass(frozen=True)
+class _Rates:
+    """What :func:`price` reads for every kernel of one call: peaks, efficiencies, per-kernel costs."""
+
+    gpu: GPUSpec
+    precision: str
+    gemm_peak: float
+    attn_peak: float
+    vector_peak: float
+    bandwidth: float
+    bw_eff: float
+    gemm_eff: float
+    conv_eff: float
+    attn_eff: float
+    launch_s: float
+    floor_s: float
+
+    @classmethod
+    def of(cls, gpu: GPUSpec, precision: str, profile: EngineProfile) -> _Rates:
+        gemm_peak, attn_peak = _peaks(gpu, precision)
+        return cls(
+            gpu, precision, gemm_peak, attn_peak, gpu.cuda_fp32_tflops * 1e12, gpu.memory_bandwidth_gbs * 1e9,
+            FACTORS["bandwidth_efficiency"]["value"], FACTORS["gemm_efficiency"]["value"][precision],
+            FACTORS["conv_efficiency"]["value"], FACTORS["attention_efficiency"]["value"], profile.launch_s(gpu),
+            profile.hidden_s(gpu, math.inf),
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _KernelPrice:
+    ms: float
+    compute_ms: float
+    memory_ms: float
+    launch_ms: float
+    binding: str
+    ideal_s: float  # the kernel's ideal roofline time (the lower bound's share)
+    reductions: int  # split-K reduction kernels it adds
+    sparse_used: bool
+
+
+def _price_kernel(kern: Kernel, dram_bytes: float, rates: _Rates) -> _KernelPrice:
+    """One kernel's time: its work (compute or DRAM, and a split GEMM's reduction), the per-kernel cost, the
+    floor of it that the work hides (FACTORS["launch_overlap"]) and the binding resource."""
+    gpu, precision = rates.gpu, rates.precision
+    memory = dram_bytes / (rates.bandwidth * rates.bw_eff)
+    reduce_memory, reduce_kernels, sparse_used = 0.0, 0, False
+    if kern.kind in ("gemm", "conv"):
+        rate = rates.gemm_peak * (rates.conv_eff if kern.kind == "conv" else rates.gemm_eff)
+        ideal_rate = rates.gemm_peak
+        if kern.sparse and gpu.has_sparse(precision) and kern.k % 4 == 0:
+            ideal_rate = gpu.gemm_peak(precision, sparse=True)  # the ideal never waits for a tactic
+        if kern.sparse and sparse_tactic_reason(kern, gpu, precision) is None:
+            gain = sparse_gain(kern.m)
+            sparse_used = gain > 1.0
+            rate *= gain
+        if kern.kind == "gemm":
+            compute, reduce_memory, splits = _fastest_split(kern, gpu, rate, memory, rates.launch_s, rates.floor_s)
+            reduce_kernels = int(splits > 1)
+        else:  # implicit-GEMM convs keep the free split (FACTORS["split_k_reduction"])
+            compute = kern.flops / (rate * gemm_utilisation(kern.m, kern.n, kern.k, gpu.sm_count))
+    elif kern.kind == "attention":
+        rate, ideal_rate = rates.attn_peak * rates.attn_eff, rates.attn_peak
+        compute = kern.flops / rate if kern.flops else 0.0
+    else:
+        rate, ideal_rate = rates.vector_peak * 0.5, rates.vector_peak
+        compute = kern.flops / rate if kern.flops else 0.0
+    ideal_s = max(kern.flops / ideal_rate if kern.flops else 0.0, dram_bytes / rates.bandwidth)
+    body = max(compute, memory) + reduce_memory
+    launch = rates.launch_s * (1 + reduce_kernels)
+    binding = "launch" if launch > body else ("compute" if compute > memory else "memory")
+    launch -= min(body, rates.floor_s)  # the floor the kernel's work hides
+    return _KernelPrice(
+        (body + launch) * 1e3, compute * 1e3, (memory + reduce_memory) * 1e3, launch * 1e3, binding, ideal_s,
+        reduce_kernels, sparse_used,
+    )  # fmt: skip
+
+
 def price(
     kernels: Iterable[Kernel],
     gpu: GPUSpec,
@@ -445,55 +522,23 @@ def price(
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown precision '{precision}'; use one of {', '.join(PRECISIONS)}")
     profile = _engine(engine)
-    gemm_peak, attn_peak = _peaks(gpu, precision)
-    vector_peak = gpu.cuda_fp32_tflops * 1e12
-    bandwidth = gpu.memory_bandwidth_gbs * 1e9
-    bw_eff = FACTORS["bandwidth_efficiency"]["value"]
-    gemm_eff = FACTORS["gemm_efficiency"]["value"][precision]
-    conv_eff = FACTORS["conv_efficiency"]["value"]
-    attn_eff = FACTORS["attention_efficiency"]["value"]
-    launch_s = profile.launch_s(gpu)
+    rates = _Rates.of(gpu, precision, profile)
+    kernels = list(kernels)
     times: list[KernelTime] = []
     lower = 0.0
     sparse_used = False
-    kernels = list(kernels)
-    dram = _dram_bytes(kernels, gpu)
     reductions = 0
-    for kern, dram_bytes in zip(kernels, dram, strict=True):
-        memory = dram_bytes / (bandwidth * bw_eff)
-        reduce_memory, reduce_kernels = 0.0, 0
-        if kern.kind in ("gemm", "conv"):
-            eff = conv_eff if kern.kind == "conv" else gemm_eff
-            rate = gemm_peak * eff
-            ideal_rate = gemm_peak
-            if kern.sparse and gpu.has_sparse(precision) and kern.k % 4 == 0:
-                ideal_rate = gpu.gemm_peak(precision, sparse=True)  # the ideal never waits for a tactic
-            if kern.sparse and sparse_tactic_reason(kern, gpu, precision) is None:
-                gain = sparse_gain(kern.m)
-                sparse_used |= gain > 1.0
-                rate *= gain
-            if kern.kind == "gemm":
-                floor = profile.hidden_s(gpu, math.inf)
-                compute, reduce_memory, splits = _fastest_split(kern, gpu, rate, memory, launch_s, floor)
-                reduce_kernels = int(splits > 1)
-            else:  # implicit-GEMM convs keep the free split (FACTORS["split_k_reduction"])
-                compute = kern.flops / (rate * gemm_utilisation(kern.m, kern.n, kern.k, gpu.sm_count))
-        elif kern.kind == "attention":
-            rate, ideal_rate = attn_peak * attn_eff, attn_peak
-            compute = kern.flops / rate if kern.flops else 0.0
-        else:
-            rate, ideal_rate = vector_peak * 0.5, vector_peak
-            compute = kern.flops / rate if kern.flops else 0.0
-        reductions += reduce_kernels
-        lower += max(kern.flops / ideal_rate if kern.flops else 0.0, dram_bytes / bandwidth)
-        body = max(compute, memory) + reduce_memory
-        launch = launch_s * (1 + reduce_kernels)
-        binding = "launch" if launch > body else ("compute" if compute > memory else "memory")
-        launch -= profile.hidden_s(gpu, body)  # the floor the kernel's work hides
+    seen: dict[tuple, _KernelPrice] = {}  # a decoder's layers repeat: price each distinct kernel once
+    for kern, dram_bytes in zip(kernels, _dram_bytes(kernels, gpu), strict=True):
+        key = (kern.kind, kern.flops, kern.m, kern.n, kern.k, kern.sparse, dram_bytes)
+        priced = seen.get(key) or seen.setdefault(key, _price_kernel(kern, dram_bytes, rates))
+        sparse_used |= priced.sparse_used
+        reductions += priced.reductions
+        lower += priced.ideal_s
         times.append(
             KernelTime(
-                kern.name, kern.kind, kern.group, (body + launch) * 1e3, compute * 1e3,
-                (memory + reduce_memory) * 1e3, launch * 1e3, binding,
+                kern.name, kern.kind, kern.group, priced.ms, priced.compute_ms, priced.memory_ms, priced.launch_ms,
+                priced.binding,
             )
         )  # fmt: skip
     by_group: dict[str, dict[str, float]] = {}
