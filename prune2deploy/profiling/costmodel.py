@@ -253,17 +253,20 @@ class EngineProfile:
         scale = FACTORS["launch_cycles_pre_ampere"]["value"] if _before_ampere(gpu) else 1.0
         return self.launch_cycles * scale / (clock * 1e6)
 
-    def hidden_s(self, gpu: GPUSpec, work_s: float) -> float:
-        """How much of the per-kernel cost a kernel of ``work_s`` seconds hides under its work."""
-        return min(work_s, self.launch_overlap * self.gpu_launch_s(gpu))
+    def floor_s(self, gpu: GPUSpec) -> float:
+        """The share of the per-kernel cost that a kernel's own work hides (``launch_overlap``)."""
+        return self.launch_overlap * self.gpu_launch_s(gpu)
 
 
 def _before_ampere(gpu: GPUSpec) -> bool:
-    """Compute capability below 8.0 (no ``cp.async``); an entry without one counts as Ampere or later."""
-    try:
-        return float(gpu.compute_capability) < 8.0
-    except (TypeError, ValueError):
-        return False
+    """Compute capability below 8.0: no ``cp.async`` (the catalog holds it as MAJOR.MINOR, checked on load)."""
+    return float(gpu.compute_capability) < 8.0
+
+
+def _with_launch(work_s: float, launch_s: float, floor_s: float) -> float:
+    """A kernel's seconds: its work, or the floor of the per-kernel cost where the work is shorter, plus the
+    rest of that cost (the gap every kernel pays)."""
+    return max(work_s, floor_s) + launch_s - floor_s
 
 
 #: The clock at which a per-kernel cost in cycles is read when a catalog entry gives no boost clock: A100's
@@ -453,7 +456,7 @@ class _Rates:
             gpu, precision, gemm_peak, attn_peak, gpu.cuda_fp32_tflops * 1e12, gpu.memory_bandwidth_gbs * 1e9,
             FACTORS["bandwidth_efficiency"]["value"], FACTORS["gemm_efficiency"]["value"][precision],
             FACTORS["conv_efficiency"]["value"], FACTORS["attention_efficiency"]["value"], profile.launch_s(gpu),
-            profile.hidden_s(gpu, math.inf),
+            profile.floor_s(gpu),
         )  # fmt: skip
 
 
@@ -499,9 +502,9 @@ def _price_kernel(kern: Kernel, dram_bytes: float, rates: _Rates) -> _KernelPric
     body = max(compute, memory) + reduce_memory
     launch = rates.launch_s * (1 + reduce_kernels)
     binding = "launch" if launch > body else ("compute" if compute > memory else "memory")
-    launch -= min(body, rates.floor_s)  # the floor the kernel's work hides
+    total = _with_launch(body, launch, rates.floor_s)
     return _KernelPrice(
-        (body + launch) * 1e3, compute * 1e3, (memory + reduce_memory) * 1e3, launch * 1e3, binding, ideal_s,
+        total * 1e3, compute * 1e3, (memory + reduce_memory) * 1e3, (total - body) * 1e3, binding, ideal_s,
         reduce_kernels, sparse_used,
     )  # fmt: skip
 
@@ -531,7 +534,9 @@ def price(
     seen: dict[tuple, _KernelPrice] = {}  # a decoder's layers repeat: price each distinct kernel once
     for kern, dram_bytes in zip(kernels, _dram_bytes(kernels, gpu), strict=True):
         key = (kern.kind, kern.flops, kern.m, kern.n, kern.k, kern.sparse, dram_bytes)
-        priced = seen.get(key) or seen.setdefault(key, _price_kernel(kern, dram_bytes, rates))
+        priced = seen.get(key)
+        if priced is None:
+            priced = seen[key] = _price_kernel(kern, dram_bytes, rates)
         sparse_used |= priced.sparse_used
         reductions += priced.reductions
         lower += priced.ideal_s
@@ -595,8 +600,7 @@ def _fastest_split(
         reduce_memory = 0.0
         if splits > 1 and splits * partial > share:
             reduce_memory = 2 * splits * partial / bandwidth
-        body = max(compute, memory) + reduce_memory
-        total = max(body, floor_s) + (launch_s if splits > 1 else 0.0)
+        total = _with_launch(max(compute, memory) + reduce_memory, launch_s * (1 + (splits > 1)), floor_s)
         if total < best_time:
             best_time, best = total, (compute, reduce_memory, splits)
     assert best is not None
@@ -695,12 +699,13 @@ def _sparse_note(
     parts = []
     if split["sparse_tactics"]:
         fast = split["sparse_tactics"]
-        m = max(k.m for k in sparse if k.name in set(fast))
+        fast_names = set(fast)
+        m = max(k.m for k in sparse if k.name in fast_names)
         parts.append(
             f"sparse tactics at M = {m} on {len(fast)} ({_by_group(fast, groups)}), "
             f"{sparse_gain(m):.2f}x on the GEMMs' math only (weights read dense)"
         )
-        hidden = [t.name for t in new.detail if t.name in set(fast) and t.binding == "launch"]
+        hidden = [t.name for t in new.detail if t.name in fast_names and t.binding == "launch"]
         if hidden:
             parts.append(
                 f"{len(hidden)} of those launch-bound: their work hides under the per-kernel cost, "

@@ -25,6 +25,7 @@ from __future__ import annotations
 import importlib.resources
 import logging
 import math
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -174,6 +175,11 @@ def _parse_gpu(key: str, entry: Any, where: str) -> GPUSpec:
     for name in _STRING_FIELDS:
         if not isinstance(entry.get(name), str) or not entry[name]:
             raise _fail(where, key, name, "missing or not a non-empty string")
+    if not re.fullmatch(r"\d+\.\d+", entry["compute_capability"]):
+        # the cost model reads the generation from it (costmodel: fewer cycles per kernel from 8.0 on)
+        raise _fail(
+            where, key, "compute_capability", f"must be MAJOR.MINOR like '8.9', got {entry['compute_capability']!r}"
+        )
     for name in _NUMBER_FIELDS:
         if name not in entry:
             raise _fail(where, key, name, "missing")

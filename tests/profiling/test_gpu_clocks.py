@@ -52,6 +52,10 @@ def test_a_clock_without_a_source_is_refused(tmp_path):
     path.write_text(_toy("l2_mb = -1\n", 'l2_mb = "x"\n'))
     with pytest.raises(ConfigError, match=r"field 'l2_mb': must be a positive number"):
         load_catalog(path)
+    # the cost model reads the GPU generation from the compute capability: a form it cannot read is refused
+    path.write_text(_toy("", "").replace('compute_capability = "8.0"', 'compute_capability = "sm_75"'))
+    with pytest.raises(ConfigError, match=r"field 'compute_capability': must be MAJOR.MINOR like '8.9', got 'sm_75'"):
+        load_catalog(path)
 
 
 def _toy(extra: str, extra_source: str) -> str:
