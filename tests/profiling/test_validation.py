@@ -11,6 +11,8 @@ from prune2deploy.profiling.roofline import load_catalog
 from prune2deploy.profiling.shape_only import model_kernels, shape_from_config
 from prune2deploy.profiling.validation import (
     PRIORS,
+    Comparison,
+    _loss,
     compare_published,
     cross_validate,
     discordant_pairs,
@@ -148,18 +150,19 @@ def test_a_factor_no_training_figure_uses_is_not_refit(cv):
     assert PRIORS["gemm_efficiency.int8"] != factor("gemm_efficiency.int8")
 
 
+def _row(i, gpu, ratio, batch=1):
+    """One figure of workload setting ``batch`` on ``gpu``, predicted at ``ratio`` times its published 1 ms."""
+    return Comparison(f"f{i}", "w", "m", gpu, "int8", batch, 1, False, 1.0, ratio, 0.1, "launch")
+
+
+def _one_per_gpu(ratios):
+    return [_row(i, f"g{i}", r) for i, r in enumerate(ratios)]
+
+
 def test_fit_breaks_ties_by_the_signed_error():
     """Where two trials have the same mean |log error|, the value whose median signed error is nearer zero
     wins (validation._loss), not wherever the descent passed first."""
-    from prune2deploy.profiling.validation import Comparison, _loss
-
-    def rows(ratios):
-        return [
-            Comparison(f"f{i}", "w", "m", f"g{i}", "fp16", 1, 1, False, 1.0, r, 0.1, "compute")
-            for i, r in enumerate(ratios)
-        ]
-
-    optimistic, centred = rows([1 / 1.1, 1 / 1.1, 1.1**2]), rows([1 / 1.1**2, 1.0, 1.1**2])
+    optimistic, centred = _one_per_gpu([1 / 1.1, 1 / 1.1, 1.1**2]), _one_per_gpu([1 / 1.1**2, 1.0, 1.1**2])
     assert _loss(optimistic)[0] == _loss(centred)[0]  # the same mean |log error| ...
     assert _loss(centred) < _loss(optimistic)  # ... and the centred one is preferred
 
@@ -167,27 +170,19 @@ def test_fit_breaks_ties_by_the_signed_error():
 def test_fit_loss_is_a_mean_so_one_gpu_moves_it():
     """A factor that prices one GPU alone (the pre-Ampere per-kernel cycles) moves the loss: a median over
     settings and GPUs stayed flat while that GPU was off (docs/cost-model.md round 5)."""
-    from prune2deploy.profiling.validation import Comparison, _loss
 
-    def rows(off):
-        ratios = [1.0, 1.0, 1.05, 0.95, off]
-        return [Comparison(f"f{i}", "w", "m", f"g{i}", "int8", 1, 1, False, 1.0, r, 0.1, "launch")
-                for i, r in enumerate(ratios)]  # fmt: skip
+    def off_by(ratio):
+        return _one_per_gpu([1.0, 1.0, 1.05, 0.95, ratio])
 
-    assert _loss(rows(1.0))[0] < _loss(rows(0.7))[0] < _loss(rows(0.5))[0]
+    assert _loss(off_by(1.0))[0] < _loss(off_by(0.7))[0] < _loss(off_by(0.5))[0]
 
 
 def test_fit_counts_a_gpu_once_per_setting():
     """Repeats of one GPU in one setting (MLPerf rounds, partners' systems) weigh once in the fit's loss: five
     figures of one GPU 50% off weigh as one GPU, not as five of seven."""
-    from prune2deploy.profiling.validation import Comparison, _loss
-
-    def row(i, gpu, ratio):
-        return Comparison(f"f{i}", "w", "m", gpu, "int8", 1, 1, False, 1.0, ratio, 0.1, "launch")
-
-    repeated = [row(i, "slow", 1.5) for i in range(5)] + [row(5, "a", 1.0), row(6, "b", 1.0)]
+    repeated = [_row(i, "slow", 1.5) for i in range(5)] + [_row(5, "a", 1.0), _row(6, "b", 1.0)]
     assert _loss(repeated)[0] == pytest.approx(math.log(1.5) / 3, abs=1e-9)  # three GPUs, one off
-    assert _loss(repeated) == _loss([row(0, "slow", 1.5), row(5, "a", 1.0), row(6, "b", 1.0)])
-    batch8 = Comparison("f9", "w", "m", "slow", "int8", 8, 1, False, 1.0, 1.5, 0.1, "compute")
+    assert _loss(repeated) == _loss([_row(0, "slow", 1.5), _row(5, "a", 1.0), _row(6, "b", 1.0)])
+    batch8 = _row(9, "slow", 1.5, batch=8)
     # a batch-8 figure of the same GPU is another setting: three groups, two of them off
     assert _loss([repeated[0], repeated[5], batch8])[0] == pytest.approx(2 * math.log(1.5) / 3, abs=1e-9)
